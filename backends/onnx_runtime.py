@@ -1,0 +1,271 @@
+"""ONNX Runtime engines: a slot-based decoder with an in-place KV cache, and a sentence encoder.
+
+KV cache design (measured, see FACTS.md and the tests): every layer owns one preallocated
+NumPy buffer per K and V of shape [max_slots, kv_heads, max_context, head_dim]. The graph's
+GroupQueryAttention receives the SAME OrtValue as past and present, so ORT writes the new
+K/V in place at position seqlens_k and attends to positions <= seqlens_k only; nothing is
+copied between steps and sequences of different lengths share a batch without padding.
+
+* prefill runs one sequence at a time on the view buffer[slot:slot+1] (GQA with a past and
+  S > 1 is only correct at batch 1);
+* decode runs the rows 0..n-1 where n = max(slots) + 1. Rows in that range that are not in
+  the batch get a dummy token written at their own current length: that position is beyond
+  what the slot has computed, so it is never read before being overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from backends.base import Capabilities, FloatArray, IntArray, read_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    if threads < 1:
+        raise ValueError(f"threads={threads} must be >= 1")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _expect_kind(manifest: dict[str, Any], kind: str, model_dir: Path) -> None:
+    if manifest.get("kind") != kind:
+        raise ValueError(
+            f"{model_dir} holds a {manifest.get('kind')!r} model; this engine needs a {kind!r}"
+        )
+
+
+class _Binding:
+    """An IOBinding whose inputs live in NumPy arrays we refill in place between runs."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.io = session.io_binding()
+        # OrtValues over NumPy memory do not own it: keep each array alive while it is bound.
+        self._keep: dict[str, tuple[npt.NDArray[Any], ort.OrtValue]] = {}
+
+    def bind(self, name: str, array: npt.NDArray[Any], *, output: bool = False) -> ort.OrtValue:
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        self._keep[name] = (array, value)
+        if output:
+            self.io.bind_ortvalue_output(name, value)
+        else:
+            self.io.bind_ortvalue_input(name, value)
+        return value
+
+
+class OnnxDecoder:
+    """DecoderStepEngine over a prepared decoder folder (model.onnx + manifest.json)."""
+
+    def __init__(
+        self, model_dir: Path, *, max_slots: int = 16, max_context: int = 2048, threads: int = 2
+    ) -> None:
+        model_dir = Path(model_dir)
+        manifest = read_manifest(model_dir)
+        _expect_kind(manifest, "decoder", model_dir)
+        limit = int(manifest["context_length"])
+        if not 1 <= max_context <= limit:
+            raise ValueError(
+                f"max_context={max_context} must be in 1..{limit} (the model's context)"
+            )
+        if max_slots < 1:
+            raise ValueError(f"max_slots={max_slots} must be >= 1")
+        self.max_slots = max_slots
+        self.max_context = max_context
+        self.vocab_size = int(manifest["vocab_size"])
+        self.capabilities = Capabilities(
+            generate=True,
+            embed=False,
+            stream=True,
+            device="cpu",
+            max_batch=max_slots,
+            context_length=max_context,
+        )
+        self._session = _session(model_dir / "model.onnx", threads)
+        self._num_layers = int(manifest["num_layers"])
+        shape = (max_slots, int(manifest["num_kv_heads"]), max_context, int(manifest["head_dim"]))
+        # np.zeros maps untouched pages lazily, so an unused capacity costs address space only.
+        self._keys = [np.zeros(shape, np.float32) for _ in range(self._num_layers)]
+        self._values = [np.zeros(shape, np.float32) for _ in range(self._num_layers)]
+        self._lengths = np.zeros(max_slots, np.int64)
+        """Tokens computed so far in each slot."""
+        self._logits = np.zeros((max_slots, self.vocab_size), np.float32)
+        self._ids = np.zeros((max_slots, 1), np.int64)
+        self._seqlens = np.zeros(max_slots, np.int32)
+        self._total = np.zeros((), np.int32)
+        self._decode_bindings: dict[int, _Binding] = {}
+        self._prefill_bindings: dict[int, _Binding] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ bindings
+    def _bind_kv(self, binding: _Binding, lo: int, hi: int) -> None:
+        for i in range(self._num_layers):
+            for kind, buffers in (("key", self._keys), ("value", self._values)):
+                # Same OrtValue as input and output: GQA then updates the cache in place.
+                value = binding.bind(f"past_key_values.{i}.{kind}", buffers[i][lo:hi])
+                binding.io.bind_ortvalue_output(f"present.{i}.{kind}", value)
+
+    def _decode_binding(self, n: int) -> _Binding:
+        binding = self._decode_bindings.get(n)
+        if binding is None:
+            binding = _Binding(self._session)
+            binding.bind("input_ids", self._ids[:n])
+            binding.bind("seqlens_k", self._seqlens[:n])
+            binding.bind("total_sequence_length", self._total)
+            binding.bind("logits", self._logits[:n], output=True)
+            self._bind_kv(binding, 0, n)
+            self._decode_bindings[n] = binding
+        return binding
+
+    def _prefill_binding(self, slot: int) -> _Binding:
+        binding = self._prefill_bindings.get(slot)
+        if binding is None:
+            binding = _Binding(self._session)
+            binding.bind("logits", self._logits[slot : slot + 1], output=True)
+            self._bind_kv(binding, slot, slot + 1)
+            self._prefill_bindings[slot] = binding
+        return binding
+
+    # ------------------------------------------------------------------ validation
+    def _check_slot(self, slot: int) -> int:
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot={slot} is out of range 0..{self.max_slots - 1}")
+        return int(slot)
+
+    def _check_ids(self, ids: npt.NDArray[Any], name: str) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise ValueError(f"{name} holds token id {bad}, outside 0..{self.vocab_size - 1}")
+
+    # ------------------------------------------------------------------ engine API
+    def prefill(self, slot: int, token_ids: IntArray, start: int) -> FloatArray:
+        slot = self._check_slot(slot)
+        ids = np.ascontiguousarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"token_ids must be a non-empty 1-D array, got shape {ids.shape}")
+        self._check_ids(ids, "token_ids")
+        end = start + ids.size
+        if end > self.max_context:
+            raise ValueError(
+                f"prefill of {ids.size} tokens at start={start} reaches {end} tokens, beyond "
+                f"max_context={self.max_context}"
+            )
+        with self._lock:
+            if not 0 <= start <= self._lengths[slot]:
+                raise ValueError(
+                    f"start={start} must be in 0..{int(self._lengths[slot])} (tokens already "
+                    f"computed in slot {slot})"
+                )
+            binding = self._prefill_binding(slot)
+            ids2 = ids.reshape(1, -1)
+            seqlens = np.array([end - 1], np.int32)
+            total = np.array(end, np.int32)
+            # Shapes vary per call, so these three are rebound; the KV and logits stay bound.
+            binding.bind("input_ids", ids2)
+            binding.bind("seqlens_k", seqlens)
+            binding.bind("total_sequence_length", total)
+            self._session.run_with_iobinding(binding.io)
+            self._lengths[slot] = end
+            out: FloatArray = self._logits[slot].copy()
+            return out
+
+    def decode(self, slots: IntArray, token_ids: IntArray, positions: IntArray) -> FloatArray:
+        slots = np.asarray(slots, dtype=np.int64)
+        ids = np.asarray(token_ids, dtype=np.int64)
+        pos = np.asarray(positions, dtype=np.int64)
+        if (
+            slots.ndim != 1
+            or slots.size == 0
+            or ids.shape != slots.shape
+            or pos.shape != slots.shape
+        ):
+            raise ValueError(
+                f"slots, token_ids and positions must be equal-length non-empty 1-D arrays, got "
+                f"shapes {slots.shape}, {ids.shape}, {pos.shape}"
+            )
+        for s in slots:
+            self._check_slot(int(s))
+        if np.unique(slots).size != slots.size:
+            raise ValueError(f"slots={slots.tolist()} repeats a slot")
+        self._check_ids(ids, "token_ids")
+        if pos.min() < 0 or pos.max() >= self.max_context:
+            bad = int(pos[(pos < 0) | (pos >= self.max_context)][0])
+            raise ValueError(f"position {bad} is outside 0..{self.max_context - 1} (max_context)")
+        with self._lock:
+            ahead = pos > self._lengths[slots]
+            if ahead.any():
+                i = int(np.argmax(ahead))
+                raise ValueError(
+                    f"position {int(pos[i])} for slot {int(slots[i])} skips past its "
+                    f"{int(self._lengths[slots[i]])} computed tokens"
+                )
+            n = int(slots.max()) + 1
+            # Rows not in the batch: token 0 at the row's own length (never read before it is
+            # overwritten). A full row writes its last position, which it can never attend again.
+            self._ids[:n, 0] = 0
+            self._seqlens[:n] = np.minimum(self._lengths[:n], self.max_context - 1)
+            self._ids[slots, 0] = ids
+            self._seqlens[slots] = pos
+            self._total[()] = int(self._seqlens[:n].max()) + 1
+            self._session.run_with_iobinding(self._decode_binding(n).io)
+            self._lengths[slots] = pos + 1
+            result: FloatArray = self._logits[slots]  # fancy indexing copies, in input row order
+            return result
+
+    def release(self, slot: int) -> None:
+        slot = self._check_slot(slot)
+        with self._lock:
+            self._lengths[slot] = 0
+
+    def slot_length(self, slot: int) -> int:
+        """Tokens computed so far in `slot` (0 after release)."""
+        return int(self._lengths[self._check_slot(slot)])
+
+
+class OnnxEncoder:
+    """EncoderEngine over a prepared encoder folder (model.onnx + manifest.json)."""
+
+    def __init__(self, model_dir: Path, *, threads: int = 2, max_batch: int = 64) -> None:
+        model_dir = Path(model_dir)
+        manifest = read_manifest(model_dir)
+        _expect_kind(manifest, "encoder", model_dir)
+        self.dim = int(manifest["embedding_dim"])
+        self.max_length = int(manifest["max_length"])
+        self.capabilities = Capabilities(
+            generate=False,
+            embed=True,
+            stream=False,
+            device="cpu",
+            max_batch=max_batch,
+            context_length=self.max_length,
+        )
+        self._session = _session(model_dir / "model.onnx", threads)
+
+    def encode(self, input_ids: IntArray, attention_mask: IntArray) -> FloatArray:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids and attention_mask must be equal non-empty [B, L] arrays, got "
+                f"{ids.shape} and {mask.shape}"
+            )
+        if ids.shape[1] > self.max_length:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_length={self.max_length}")
+        out = self._session.run(
+            ["embeddings"],
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
+        )
+        result: FloatArray = out[0]
+        return result

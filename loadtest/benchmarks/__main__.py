@@ -1,0 +1,15 @@
+"""`make bench`: every benchmark, each figure a ratio against a baseline from the same run.
+Arguments (e.g. --quick) go to the serving benchmarks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+if __name__ == "__main__":
+    print("## native core", flush=True)
+    subprocess.run([sys.executable, "-m", "loadtest.benchmarks.native_bench"], check=True)
+    print("\n## serving", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "loadtest.benchmarks.serve_bench", *sys.argv[1:]], check=True
+    )

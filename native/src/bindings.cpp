@@ -1,0 +1,236 @@
+// Python glue for the C++ core: argument checking that needs array shapes,
+// GIL release around the work, and zero-copy NumPy results. No logic here.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "irouter/pack.h"
+#include "irouter/sampler.h"
+#include "irouter/scheduler.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+// Any-dimensional on purpose: a wrong ndim gets a ValueError naming the
+// argument and its shape instead of an overload-resolution TypeError.
+template <class T>
+using In = nb::ndarray<const T, nb::c_contig, nb::device::cpu>;
+
+template <class T>
+using Out = nb::ndarray<nb::numpy, T>;
+
+std::string shape_of(const nb::ndarray<nb::ro, nb::device::cpu>& a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(a.shape(i));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+template <class T>
+void expect_shape(const In<T>& a, const char* name, std::initializer_list<int64_t> shape,
+                  const char* expected) {
+  bool ok = a.ndim() == shape.size();
+  size_t d = 0;
+  for (int64_t s : shape) {
+    if (!ok) break;
+    ok = s < 0 || static_cast<int64_t>(a.shape(d)) == s;
+    ++d;
+  }
+  if (!ok) {
+    nb::ndarray<nb::ro, nb::device::cpu> view(a);
+    throw nb::value_error((std::string(name) + " must have shape " + expected + ", got " +
+                           shape_of(view))
+                              .c_str());
+  }
+}
+
+// Hands a vector's heap buffer to NumPy without copying; the capsule frees it.
+template <class T, class Elem = T>
+Out<Elem> to_numpy(std::vector<T>&& v, std::initializer_list<size_t> shape) {
+  if (v.empty()) v.reserve(1);  // a non-null data pointer even for size 0
+  auto* heap = new std::vector<T>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return Out<Elem>(reinterpret_cast<Elem*>(heap->data()), shape.size(), shape.begin(), owner);
+}
+
+struct PySchedulerOutput {
+  Out<int64_t> request_ids;
+  Out<int32_t> slots;
+  Out<int32_t> starts;
+  Out<int32_t> counts;
+  Out<bool> sample;
+  Out<int64_t> preempted;
+};
+
+PySchedulerOutput wrap(irouter::SchedulerOutput&& o) {
+  const size_t n = o.request_ids.size();
+  const size_t np = o.preempted.size();
+  static_assert(sizeof(bool) == sizeof(uint8_t));
+  return PySchedulerOutput{
+      to_numpy(std::move(o.request_ids), {n}), to_numpy(std::move(o.slots), {n}),
+      to_numpy(std::move(o.starts), {n}),      to_numpy(std::move(o.counts), {n}),
+      to_numpy<uint8_t, bool>(std::move(o.sample), {n}),
+      to_numpy(std::move(o.preempted), {np})};
+}
+
+std::pair<Out<int64_t>, Out<int64_t>> py_pack(In<int64_t> tokens, In<int64_t> offsets,
+                                              int64_t pad_id, int64_t pad_to) {
+  expect_shape(tokens, "tokens", {-1}, "(N,)");
+  expect_shape(offsets, "offsets", {-1}, "(B + 1,)");
+  irouter::PackedBatch packed;
+  {
+    nb::gil_scoped_release release;
+    packed = irouter::pack(tokens.data(), static_cast<int64_t>(tokens.shape(0)), offsets.data(),
+                           static_cast<int64_t>(offsets.shape(0)), pad_id, pad_to);
+  }
+  const size_t b = static_cast<size_t>(packed.batch), l = static_cast<size_t>(packed.length);
+  return {to_numpy(std::move(packed.input_ids), {b, l}),
+          to_numpy(std::move(packed.attention_mask), {b, l})};
+}
+
+Out<int64_t> py_sample(In<float> logits, In<float> temperature, In<int32_t> top_k,
+                       In<float> top_p, In<float> min_p, In<float> repetition_penalty,
+                       In<float> presence_penalty, In<float> frequency_penalty,
+                       In<uint64_t> seeds, In<int64_t> tokens, In<int64_t> offsets,
+                       In<int64_t> prompt_lens) {
+  expect_shape(logits, "logits", {-1, -1}, "(B, V)");
+  const int64_t B = static_cast<int64_t>(logits.shape(0));
+  expect_shape(temperature, "temperature", {B}, "(B,) with B = logits.shape[0]");
+  expect_shape(top_k, "top_k", {B}, "(B,) with B = logits.shape[0]");
+  expect_shape(top_p, "top_p", {B}, "(B,) with B = logits.shape[0]");
+  expect_shape(min_p, "min_p", {B}, "(B,) with B = logits.shape[0]");
+  expect_shape(repetition_penalty, "repetition_penalty", {B}, "(B,) with B = logits.shape[0]");
+  expect_shape(presence_penalty, "presence_penalty", {B}, "(B,) with B = logits.shape[0]");
+  expect_shape(frequency_penalty, "frequency_penalty", {B}, "(B,) with B = logits.shape[0]");
+  expect_shape(seeds, "seeds", {B}, "(B,) with B = logits.shape[0]");
+  expect_shape(tokens, "tokens", {-1}, "(N,)");
+  expect_shape(offsets, "offsets", {B + 1}, "(B + 1,) with B = logits.shape[0]");
+  expect_shape(prompt_lens, "prompt_lens", {B}, "(B,) with B = logits.shape[0]");
+
+  irouter::SamplingBatch in;
+  in.logits = logits.data();
+  in.batch = B;
+  in.vocab = static_cast<int64_t>(logits.shape(1));
+  in.temperature = temperature.data();
+  in.top_k = top_k.data();
+  in.top_p = top_p.data();
+  in.min_p = min_p.data();
+  in.repetition_penalty = repetition_penalty.data();
+  in.presence_penalty = presence_penalty.data();
+  in.frequency_penalty = frequency_penalty.data();
+  in.seeds = seeds.data();
+  in.tokens = tokens.data();
+  in.num_tokens = static_cast<int64_t>(tokens.shape(0));
+  in.offsets = offsets.data();
+  in.prompt_lens = prompt_lens.data();
+
+  std::vector<int64_t> out(static_cast<size_t>(B));
+  {
+    nb::gil_scoped_release release;
+    irouter::sample(in, out.data());
+  }
+  return to_numpy(std::move(out), {static_cast<size_t>(B)});
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  m.doc() = "irouter's C++ core: KV-slot scheduler, batch packing and token sampler.";
+
+  nb::class_<PySchedulerOutput>(m, "SchedulerOutput",
+                                "One step's plan; row i computes counts[i] tokens of "
+                                "request_ids[i] from position starts[i] in KV slot slots[i].")
+      // The arrays own their buffers (capsules), so they are handed out as
+      // further views of the same memory rather than tied to this object.
+      .def_ro("request_ids", &PySchedulerOutput::request_ids, nb::rv_policy::reference,
+              "int64[n]")
+      .def_ro("slots", &PySchedulerOutput::slots, nb::rv_policy::reference,
+              "int32[n] KV slot of each row")
+      .def_ro("starts", &PySchedulerOutput::starts, nb::rv_policy::reference,
+              "int32[n] num_computed before this step")
+      .def_ro("counts", &PySchedulerOutput::counts, nb::rv_policy::reference,
+              "int32[n] tokens to compute this step")
+      .def_ro("sample", &PySchedulerOutput::sample, nb::rv_policy::reference,
+              "bool[n] True when this row's logits give the next token")
+      .def_ro("preempted", &PySchedulerOutput::preempted, nb::rv_policy::reference,
+              "int64[k] requests that lost their slot this step (recompute later)")
+      .def("__len__", [](const PySchedulerOutput& o) { return o.request_ids.shape(0); });
+
+  using irouter::Scheduler;
+  using Release = nb::call_guard<nb::gil_scoped_release>;
+  nb::class_<Scheduler>(m, "Scheduler",
+                        "Continuous batching over fixed KV slots; decides, never runs a model.")
+      .def(nb::init<int32_t, int32_t, int32_t, int32_t>(), "max_slots"_a, "token_budget"_a,
+           "max_waiting"_a, "max_context"_a)
+      .def("add_request", &Scheduler::add_request, "request_id"_a, "num_prompt_tokens"_a,
+           "max_new_tokens"_a, "priority"_a = 0, Release(),
+           "Queue a request; False when the waiting queue is full (shed load). "
+           "Raises ValueError on a duplicate id or a request that cannot fit.")
+      .def(
+          "schedule",
+          [](Scheduler& s) {
+            irouter::SchedulerOutput out;
+            {
+              nb::gil_scoped_release release;
+              out = s.schedule();
+            }
+            return wrap(std::move(out));
+          },
+          "Plan the next step and advance num_computed by it.")
+      .def(
+          "append_tokens",
+          [](Scheduler& s, In<int64_t> request_ids) {
+            expect_shape(request_ids, "request_ids", {-1}, "(n,)");
+            nb::gil_scoped_release release;
+            s.append_tokens(request_ids.data(), request_ids.shape(0));
+          },
+          "request_ids"_a, "Each listed request received one sampled token.")
+      .def(
+          "append_tokens",
+          [](Scheduler& s, const std::vector<int64_t>& request_ids) {
+            nb::gil_scoped_release release;
+            s.append_tokens(request_ids.data(), request_ids.size());
+          },
+          "request_ids"_a)
+      .def(
+          "finish_requests",
+          [](Scheduler& s, In<int64_t> request_ids) {
+            expect_shape(request_ids, "request_ids", {-1}, "(n,)");
+            nb::gil_scoped_release release;
+            s.finish_requests(request_ids.data(), request_ids.shape(0));
+          },
+          "request_ids"_a,
+          "Forget finished, cancelled or failed requests and free their slots now; "
+          "unknown ids are ignored.")
+      .def(
+          "finish_requests",
+          [](Scheduler& s, const std::vector<int64_t>& request_ids) {
+            nb::gil_scoped_release release;
+            s.finish_requests(request_ids.data(), request_ids.size());
+          },
+          "request_ids"_a)
+      .def("has_unfinished", &Scheduler::has_unfinished, Release())
+      .def_prop_ro("num_waiting", [](const Scheduler& s) { return s.num_waiting(); })
+      .def_prop_ro("num_running", [](const Scheduler& s) { return s.num_running(); })
+      .def_prop_ro("num_free_slots", [](const Scheduler& s) { return s.num_free_slots(); })
+      .def_prop_ro("max_slots", [](const Scheduler& s) { return s.max_slots(); });
+
+  m.def("pack", &py_pack, "tokens"_a, "offsets"_a, "pad_id"_a, "pad_to"_a = 0,
+        "Right-pad ragged rows tokens[offsets[b]:offsets[b+1]] into "
+        "(input_ids, attention_mask), both int64[B, max(longest row, pad_to)].");
+
+  m.def("sample", &py_sample, "logits"_a.noconvert(), "temperature"_a, "top_k"_a, "top_p"_a,
+        "min_p"_a, "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a,
+        "seeds"_a, "tokens"_a, "offsets"_a, "prompt_lens"_a,
+        "One token per row of logits (float32[B, V], never modified). Exact semantics "
+        "and RNG are documented in native/include/irouter/sampler.h.");
+}

@@ -1,0 +1,65 @@
+"""`irouter` command line: serve, models prepare."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from router.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="irouter", description="gRPC inference router")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the router (built-in default: SmolLM2 + MiniLM)")
+    serve.add_argument("--config", type=Path, help="YAML config file (default: $IROUTER_CONFIG)")
+    serve.add_argument("--host", help="bind address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="gRPC port (overrides server.port; 0 = any)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (0 disables)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--no-prepare", action="store_true", help="fail instead of preparing models")
+
+    models = sub.add_parser("models", help="manage models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    prep = models_sub.add_parser("prepare", help="convert the packaged models into the cache")
+    prep.add_argument("--config", type=Path, help="YAML config file")
+    prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            config = load_config(
+                args.config,
+                overrides={
+                    "host": args.host,
+                    "port": args.port,
+                    "metrics_port": args.metrics_port,
+                    "workers": args.workers,
+                },
+            )
+        else:
+            config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"irouter: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    from router.models.prepare import prepare_models
+
+    if args.command == "models":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        prepare_models(config.model_cache, progress=True, force=args.force)
+        return 0
+
+    if not args.no_prepare:
+        prepare_models(config.model_cache, progress=True)
+
+    from router.server import run
+
+    run(config)
+    return 0

@@ -1,0 +1,247 @@
+"""Typed configuration: a built-in default, an optional YAML file, then `IROUTER_` environment
+variables, then command-line flags. The environment is read here and nowhere else."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "IROUTER_"
+MODEL_KINDS = ("generate", "embed")
+BACKEND_KINDS = ("onnxruntime",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    metrics_port: int = 9464
+    """Prometheus HTTP port; 0 disables metrics over HTTP. Worker i of N serves on port + i."""
+    workers: int = 1
+    """Processes sharing the port (SO_REUSEPORT); one aio process saturates ~1.35 cores."""
+    grace_seconds: float = 10.0
+    """On SIGTERM/SIGINT, in-flight calls get this long to finish before they are cancelled."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request message accepted; larger ones get RESOURCE_EXHAUSTED."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    """Name clients use in requests."""
+    kind: str
+    """'generate' (decoder) or 'embed' (encoder)."""
+    artifact: str
+    """Folder under model_cache prepared by `irouter models prepare`."""
+    backend: str = "onnxruntime"
+    """Backend kind (see backends.base.create_backend)."""
+    threads: int = 2
+    """Intra-op threads of the backend."""
+    max_context: int = 2048
+    """Prompt plus completion tokens per sequence (decoders); capped by the model's own limit."""
+    max_slots: int = 16
+    """Sequences decoded together; each holds a KV slot of max_context tokens (decoders)."""
+    token_budget: int = 512
+    """Tokens computed per engine step: decode rows cost 1, prefill chunks their length."""
+    max_waiting: int = 256
+    """Requests queued beyond the running ones before new ones are shed (RESOURCE_EXHAUSTED)."""
+    default_max_tokens: int = 256
+    """max_tokens when a request leaves it unset (decoders)."""
+    max_batch: int = 32
+    """Texts per encoder batch and per Embed call (encoders)."""
+    max_delay_ms: float = 2.0
+    """How long the encoder batcher waits to fill a batch after the first text arrives."""
+
+    def validate(self) -> None:
+        where = f"models[{self.name!r}]"
+        if not self.name:
+            raise ConfigError("models[].name must not be empty")
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"{where}.kind={self.kind!r} is unknown; use one of {MODEL_KINDS}")
+        if self.backend not in BACKEND_KINDS:
+            raise ConfigError(
+                f"{where}.backend={self.backend!r} is unknown; use one of {BACKEND_KINDS}"
+            )
+        positive = ("threads", "max_context", "max_slots", "token_budget", "max_batch")
+        for key in positive:
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"{where}.{key}={value} must be at least 1")
+        if self.max_waiting < 0:
+            raise ConfigError(f"{where}.max_waiting={self.max_waiting} must not be negative")
+        if not 1 <= self.default_max_tokens < self.max_context:
+            raise ConfigError(
+                f"{where}.default_max_tokens={self.default_max_tokens} must be in "
+                f"[1, max_context={self.max_context})"
+            )
+        if self.max_delay_ms < 0:
+            raise ConfigError(f"{where}.max_delay_ms={self.max_delay_ms} must not be negative")
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    return (
+        ModelConfig(
+            name="smollm2-135m-instruct", kind="generate", artifact="smollm2-135m-instruct"
+        ),
+        ModelConfig(name="all-minilm-l6-v2", kind="embed", artifact="all-minilm-l6-v2"),
+    )
+
+
+def _default_cache() -> Path:
+    return Path(os.path.expanduser("~/.cache/irouter/models"))
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The gRPC server."""
+    model_cache: Path = field(default_factory=_default_cache)
+    """Where prepared models live (`irouter models prepare` writes there)."""
+    models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
+    """Served models; the default serves SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
+
+    def validate(self) -> RouterConfig:
+        s = self.server
+        for key in ("port", "metrics_port"):
+            value = getattr(s, key)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"server.{key}={value} is not a port number (0-65535)")
+        if s.workers < 1:
+            raise ConfigError(f"server.workers={s.workers} must be at least 1")
+        if s.workers > 1 and s.port == 0:
+            raise ConfigError("server.workers > 1 needs a fixed server.port to share, not 0")
+        if s.grace_seconds < 0:
+            raise ConfigError(f"server.grace_seconds={s.grace_seconds} must not be negative")
+        if s.max_message_bytes < 1024:
+            raise ConfigError(f"server.max_message_bytes={s.max_message_bytes} is below 1024")
+        if not self.models:
+            raise ConfigError("models is empty: serve at least one model")
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"models has duplicate names {duplicates}")
+        for model in self.models:
+            model.validate()
+        return self
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys {unknown}; known keys: {sorted(known)}")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        default = getattr(cls, key, None) if key in known else None
+        expected = type(default) if default is not None else None
+        if expected in (int, float) and isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}={value!r} must be a number")
+        if expected is float and isinstance(value, int):
+            value = float(value)
+        if expected is not None and expected is not Path and not isinstance(value, expected):
+            raise ConfigError(
+                f"{where}.{key}={value!r} must be {expected.__name__}, not {type(value).__name__}"
+            )
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> RouterConfig:
+    """Build a config from parsed YAML: keys left out keep their built-in default."""
+    root = _build_root_keys(data)
+    server = _build(ServerConfig, root.get("server", {}), "server")
+    kwargs: dict[str, Any] = {"server": server}
+    if "model_cache" in root:
+        kwargs["model_cache"] = Path(os.path.expanduser(str(root["model_cache"])))
+    if "models" in root:
+        models = root["models"]
+        if not isinstance(models, list):
+            raise ConfigError("models must be a list of model entries")
+        kwargs["models"] = tuple(
+            _build(ModelConfig, entry, f"models[{i}]") for i, entry in enumerate(models)
+        )
+    return RouterConfig(**kwargs)
+
+
+def _build_root_keys(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError("the config file must hold a mapping at its top level")
+    unknown = sorted(set(data) - {"server", "model_cache", "models"})
+    if unknown:
+        raise ConfigError(f"config has unknown keys {unknown}; known: server, model_cache, models")
+    return data
+
+
+# Environment variables that override single settings (the config file path is IROUTER_CONFIG).
+_ENV_SERVER = {
+    "HOST": ("host", str),
+    "PORT": ("port", int),
+    "METRICS_PORT": ("metrics_port", int),
+    "WORKERS": ("workers", int),
+    "GRACE_SECONDS": ("grace_seconds", float),
+    "LOG_LEVEL": ("log_level", str),
+}
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RouterConfig:
+    """Default ← YAML file (path or $IROUTER_CONFIG) ← IROUTER_* variables ← overrides (flags)."""
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    config = RouterConfig()
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        config = config_from_mapping(data)
+    server_changes: dict[str, Any] = {}
+    for suffix, (key, kind) in _ENV_SERVER.items():
+        raw = env.get(ENV_PREFIX + suffix)
+        if raw is None or raw == "":
+            continue
+        try:
+            server_changes[key] = kind(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{ENV_PREFIX}{suffix}={raw!r} is not a valid {kind.__name__}"
+            ) from None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            server_changes[key] = value
+    if server_changes:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, **server_changes)
+        )
+    cache = env.get(ENV_PREFIX + "MODEL_CACHE")
+    if cache:
+        config = dataclasses.replace(config, model_cache=Path(os.path.expanduser(cache)))
+    return config.validate()

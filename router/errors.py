@@ -1,0 +1,52 @@
+"""The router's error hierarchy. Each class carries its gRPC status code; `router.services.rpc`
+translates them to a status in exactly one place."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RouterError(Exception):
+    """Base of every error a client may see. The message names what was wrong."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(RouterError):
+    """A request field has a bad value; `field` names it for google.rpc.BadRequest."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(RouterError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(RouterError):
+    """Load shed or quota hit; `retry_after_s` becomes a google.rpc.RetryInfo detail."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(RouterError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(RouterError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(RouterError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(RouterError):
+    code = grpc.StatusCode.INTERNAL

@@ -1,0 +1,247 @@
+"""The models this router serves, by name: load, warm up, look up, and describe them.
+
+A model is registered before it is loaded, so ListModels and health answer at once (not ready,
+NOT_SERVING); calls to a model that is still loading get UNAVAILABLE rather than waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from tokenizers import Tokenizer
+
+from backends.base import DecoderStepEngine, EncoderEngine, create_backend
+from router.config import ModelConfig
+from router.errors import InvalidArgument, NotFound, Unavailable
+from router.models.chat_template import render_chat
+from router.scheduler.batcher import EncoderBatcher
+from router.scheduler.engine import DecoderEngine, EngineLimits
+from router.scheduler.request import Priority, Request, SamplingParams
+from router.telemetry import Metrics
+
+logger = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    model_dir: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Tokenizer | None = None
+    engine: DecoderEngine | None = None
+    batcher: EncoderBatcher | None = None
+    context_length: int = 0
+    dimension: int = 0
+    ready: bool = False
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "manifest.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model folder {str(model_dir)!r} has no manifest.json: run `irouter models prepare`"
+        ) from None
+    return data
+
+
+class ServedModels:
+    def __init__(self, configs: tuple[ModelConfig, ...], model_cache: Path, metrics: Metrics):
+        self._metrics = metrics
+        self._models = {c.name: ServedModel(c, model_cache / c.artifact) for c in configs}
+        self._engine_ids = 0
+
+    def __iter__(self) -> Any:
+        return iter(self._models.values())
+
+    # ---- life cycle --------------------------------------------------------------------------
+
+    def load(self, model: ServedModel) -> None:
+        """Blocking: build the backend, tokenizer and warm up. Runs in a worker thread."""
+        cfg = model.config
+        model.manifest = read_manifest(model.model_dir)
+        model.tokenizer = Tokenizer.from_file(str(model.model_dir / "tokenizer.json"))
+        observer = self._metrics.model_observer(cfg.name)
+        if cfg.kind == "generate":
+            context = min(cfg.max_context, int(model.manifest["context_length"]))
+            backend = create_backend(
+                cfg.backend,
+                model.model_dir,
+                max_slots=cfg.max_slots,
+                max_context=context,
+                threads=cfg.threads,
+            )
+            model.context_length = context
+            limits = EngineLimits(cfg.max_slots, cfg.token_budget, cfg.max_waiting, context)
+            stop_ids = [int(i) for i in model.manifest["stop_token_ids"]]
+            model.engine = DecoderEngine(
+                cfg.name,
+                cast(DecoderStepEngine, backend),
+                model.tokenizer,
+                limits,
+                stop_ids,
+                observer,
+            )
+        else:
+            model.tokenizer.no_padding()
+            backend = create_backend(cfg.backend, model.model_dir, threads=cfg.threads)
+            model.context_length = int(model.manifest["max_length"])
+            model.dimension = int(model.manifest["embedding_dim"])
+            model.tokenizer.no_truncation()
+            model.batcher = EncoderBatcher(
+                cfg.name,
+                cast(EncoderEngine, backend),
+                max_batch=cfg.max_batch,
+                max_delay_s=cfg.max_delay_ms / 1000.0,
+                pad_id=int(model.manifest.get("pad_token_id", 0)),
+                observer=observer,
+            )
+
+    def start(self, model: ServedModel) -> None:
+        """On the event loop, after load(): start the engine thread or batcher task."""
+        if model.engine is not None:
+            model.engine.start()
+        if model.batcher is not None:
+            model.batcher.start()
+        model.ready = True
+
+    async def stop(self) -> None:
+        for model in self._models.values():
+            model.ready = False
+            if model.engine is not None:
+                model.engine.stop()
+            if model.batcher is not None:
+                await model.batcher.stop()
+
+    # ---- lookup ------------------------------------------------------------------------------
+
+    def get(self, name: str, kind: str) -> ServedModel:
+        model = self._models.get(name)
+        if model is None or model.config.kind != kind:
+            names = sorted(m.name for m in self._models.values() if m.config.kind == kind)
+            verb = "generation" if kind == "generate" else "embedding"
+            if not name:
+                raise InvalidArgument(
+                    f"model is empty; {verb} models served: {names}", field="model"
+                )
+            raise NotFound(f"model {name!r} is not served; {verb} models served: {names}")
+        if not model.ready:
+            why = f": {model.error}" if model.error else " (still loading)"
+            raise Unavailable(f"model {name!r} is not ready{why}")
+        return model
+
+    def next_engine_id(self) -> int:
+        self._engine_ids += 1
+        return self._engine_ids
+
+    # ---- request building --------------------------------------------------------------------
+
+    def build_request(
+        self,
+        model: ServedModel,
+        request_id: str,
+        *,
+        prompt: str | None,
+        messages: list[dict[str, str]] | None,
+        params: SamplingParams,
+        max_tokens_set: bool,
+        priority: Priority,
+    ) -> Request:
+        """Tokenize and validate; raise InvalidArgument naming what is wrong."""
+        assert model.tokenizer is not None
+        if messages is not None:
+            if not messages:
+                raise InvalidArgument("chat.messages is empty", field="chat.messages")
+            for i, m in enumerate(messages):
+                if m["role"] not in CHAT_ROLES:
+                    raise InvalidArgument(
+                        f"chat.messages[{i}].role={m['role']!r} is not one of {CHAT_ROLES}",
+                        field=f"chat.messages[{i}].role",
+                    )
+            try:
+                text = render_chat(model.manifest["chat_template"], messages)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc), field="chat.messages") from None
+        elif prompt:
+            text = prompt
+        elif prompt is not None:
+            raise InvalidArgument("prompt is empty", field="prompt")
+        else:
+            raise InvalidArgument("set one of prompt or chat", field="input")
+        ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = model.manifest.get("bos_token_id")
+        if model.manifest.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, int(bos))
+        if not ids:
+            raise InvalidArgument("the input tokenizes to no tokens", field="prompt")
+        context = model.context_length
+        room = context - len(ids)
+        if room < 1:
+            raise InvalidArgument(
+                f"the prompt has {len(ids)} tokens; model {model.name!r} allows at most "
+                f"{context - 1} so that at least one token can be generated",
+                field="prompt",
+            )
+        vocab = int(model.manifest["vocab_size"])
+        if max_tokens_set:
+            if params.max_tokens > room:
+                raise InvalidArgument(
+                    f"max_tokens={params.max_tokens} exceeds the context limit of model "
+                    f"{model.name!r} ({context} tokens including the {len(ids)}-token prompt)",
+                    field="sampling.max_tokens",
+                )
+        else:
+            params = _replace_max_tokens(params, min(model.config.default_max_tokens, room))
+        params.validate(vocab)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return Request(
+            request_id=request_id,
+            engine_id=self.next_engine_id(),
+            prompt_ids=ids,
+            params=params,
+            priority=priority,
+            seed=seed,
+        )
+
+    def tokenize_texts(self, model: ServedModel, texts: list[str]) -> list[list[int]]:
+        assert model.tokenizer is not None
+        if not texts:
+            raise InvalidArgument("texts is empty: give at least one text", field="texts")
+        if len(texts) > model.config.max_batch:
+            raise InvalidArgument(
+                f"texts has {len(texts)} entries; model {model.name!r} takes at most "
+                f"{model.config.max_batch} per call",
+                field="texts",
+            )
+        encodings = model.tokenizer.encode_batch(texts)
+        ids: list[list[int]] = []
+        for i, (text, enc) in enumerate(zip(texts, encodings, strict=True)):
+            if not text:
+                raise InvalidArgument(f"texts[{i}] is empty", field=f"texts[{i}]")
+            if len(enc.ids) > model.context_length:
+                raise InvalidArgument(
+                    f"texts[{i}] has {len(enc.ids)} tokens; model {model.name!r} embeds at most "
+                    f"{model.context_length}",
+                    field=f"texts[{i}]",
+                )
+            ids.append(enc.ids)
+        return ids
+
+
+def _replace_max_tokens(params: SamplingParams, value: int) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, max_tokens=value)

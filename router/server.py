@@ -1,0 +1,170 @@
+"""Build and run the grpc.aio server: services, health, reflection, metrics, model loading,
+graceful shutdown, and N worker processes sharing one port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router.config import RouterConfig
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.routing.registry import ServedModel, ServedModels
+from router.scheduler.request import Priority, SamplingParams
+from router.services.inference import InferenceServicer
+from router.services.rpc import add_service
+from router.telemetry import Metrics
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class RouterServer:
+    """One router process. `start()` binds and begins loading models in the background;
+    health turns SERVING per model as each is warm."""
+
+    def __init__(self, config: RouterConfig, *, worker: int = 0) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.models = ServedModels(config.models, config.model_cache, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._worker = worker
+        self._loading: asyncio.Task[None] | None = None
+        s = config.server
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Two routers on one port by mistake would split traffic silently; only --workers
+            # shares a port on purpose.
+            ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        add_service(
+            self.server,
+            INFERENCE_SERVICE,
+            InferenceServicer(self.models, self.metrics),
+            self.metrics,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+
+    async def start(self) -> int:
+        s = self.config.server
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {s.host}:{s.port} (in use?)")
+        await self.server.start()
+        for model in self.models:
+            await self.health.set(model.name, NOT_SERVING)
+        await self.health.set("", NOT_SERVING)
+        await self.health.set(INFERENCE_SERVICE.full_name, NOT_SERVING)
+        if s.metrics_port:
+            self.metrics.serve(s.metrics_port + self._worker, s.host)
+        self._loading = asyncio.get_running_loop().create_task(self._load_all())
+        logger.info("serving gRPC on %s:%d", s.host, self.port)
+        return self.port
+
+    async def _load_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        for model in self.models:
+            try:
+                await loop.run_in_executor(None, self.models.load, model)
+                self.models.start(model)
+                await self._warm_up(model)
+            except Exception as exc:
+                model.error = f"{type(exc).__name__}: {exc}"
+                logger.exception("model %s failed to load", model.name)
+                continue
+            await self.health.set(model.name, SERVING)
+            logger.info("model %s is serving", model.name)
+        if all(m.ready for m in self.models):
+            await self.health.set("", SERVING)
+            await self.health.set(INFERENCE_SERVICE.full_name, SERVING)
+
+    async def _warm_up(self, model: ServedModel) -> None:
+        """A first call through the real path, so the first client does not pay for it."""
+        if model.engine is not None:
+            request = self.models.build_request(
+                model,
+                "warm-up",
+                prompt="Hello",
+                messages=None,
+                params=SamplingParams(max_tokens=2, temperature=0.0),
+                max_tokens_set=True,
+                priority=Priority.NORMAL,
+            )
+            async for _ in model.engine.generate(request):
+                pass
+        if model.batcher is not None:
+            await model.batcher.embed(self.models.tokenize_texts(model, ["warm up"]))
+
+    async def wait_ready(self) -> None:
+        if self._loading is not None:
+            await self._loading
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within the grace."""
+        await self.health.enter_graceful_shutdown()
+        grace = self.config.server.grace_seconds if grace is None else grace
+        await self.server.stop(grace)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        await self.models.stop()
+
+
+async def serve(config: RouterConfig, *, worker: int = 0) -> None:
+    router = RouterServer(config, worker=worker)
+    await router.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down: in-flight calls get %.1fs", config.server.grace_seconds)
+    await router.stop()
+
+
+def _run_one(config: RouterConfig, worker: int) -> None:
+    import uvloop
+
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [w{worker}] %(name)s: %(message)s",
+    )
+    uvloop.run(serve(config, worker=worker))
+
+
+def run(config: RouterConfig) -> None:
+    """Run the router; with workers > 1, N processes share the port via SO_REUSEPORT."""
+    workers = config.server.workers
+    if workers == 1:
+        _run_one(config, 0)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_run_one, args=(config, i), name=f"irouter-w{i}") for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()

@@ -1,0 +1,188 @@
+"""InferenceService: proto ↔ domain translation only. Scheduling lives in router.scheduler."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from router.errors import InvalidArgument
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.routing.registry import ServedModel, ServedModels
+from router.scheduler.engine import Chunk
+from router.scheduler.request import Priority, Request, RequestStatus, SamplingParams
+from router.telemetry import Metrics
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_FINISH = {
+    RequestStatus.FINISHED_STOPPED: pb.FINISH_REASON_STOP,
+    RequestStatus.FINISHED_LENGTH: pb.FINISH_REASON_LENGTH,
+    RequestStatus.FINISHED_CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+_PRIORITY = {
+    pb.PRIORITY_UNSPECIFIED: Priority.NORMAL,
+    pb.PRIORITY_LOW: Priority.LOW,
+    pb.PRIORITY_HIGH: Priority.HIGH,
+}
+
+
+def sampling_from_proto(s: pb.SamplingParams) -> tuple[SamplingParams, bool]:
+    """Proto → SamplingParams with defaults for unset fields; also whether max_tokens was set."""
+    kwargs: dict[str, Any] = {}
+    for name in (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+    ):
+        if s.HasField(name):
+            kwargs[name] = getattr(s, name)
+    return (
+        SamplingParams(
+            stop=tuple(s.stop),
+            stop_token_ids=tuple(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+            **kwargs,
+        ),
+        s.HasField("max_tokens"),
+    )
+
+
+class InferenceServicer:
+    def __init__(self, models: ServedModels, metrics: Metrics) -> None:
+        self._models = models
+        self._metrics = metrics
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}"
+
+    def _request(
+        self, message: pb.GenerateRequest | pb.CompleteRequest
+    ) -> tuple[ServedModel, Request]:
+        model = self._models.get(message.model, "generate")
+        which = message.WhichOneof("input")
+        messages = None
+        if which == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in message.chat.messages]
+        params, max_tokens_set = sampling_from_proto(message.sampling)
+        priority = _PRIORITY.get(message.priority)
+        if priority is None:
+            raise InvalidArgument(
+                f"priority={message.priority} is not a known Priority", field="priority"
+            )
+        request = self._models.build_request(
+            model,
+            f"gen-{self._id_prefix}-{next(self._ids)}",
+            prompt=message.prompt if which == "prompt" else None,
+            messages=messages,
+            params=params,
+            max_tokens_set=max_tokens_set,
+            priority=priority,
+        )
+        self._metrics.prompt_tokens.labels(model.name).inc(request.num_prompt)
+        return model, request
+
+    async def _chunks(self, model: ServedModel, request: Request) -> AsyncIterator[Chunk]:
+        assert model.engine is not None
+        ttft = self._metrics.ttft.labels(model.name)
+        itl = self._metrics.itl.labels(model.name)
+        started = last = time.perf_counter()
+        first = True
+        tokens = 0
+        try:
+            async for chunk in model.engine.generate(request):
+                now = time.perf_counter()
+                if first:
+                    ttft.observe(now - started)
+                    first = False
+                else:
+                    itl.observe(now - last)
+                last = now
+                tokens += len(chunk.token_ids)
+                yield chunk
+        finally:
+            self._metrics.completion_tokens.labels(model.name).inc(tokens)
+
+    async def Generate(
+        self, message: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        model, request = self._request(message)
+        with_ids = message.return_token_ids
+        completion = 0
+        async for chunk in self._chunks(model, request):
+            completion += len(chunk.token_ids)
+            response = pb.GenerateResponse(id=request.request_id, text=chunk.text)
+            if with_ids:
+                response.token_ids.extend(chunk.token_ids)
+            if chunk.status.is_finished:
+                response.model = model.name
+                response.finish_reason = _FINISH[chunk.status]
+                response.usage.CopyFrom(_usage(request.num_prompt, completion))
+            yield response
+
+    async def Complete(self, message: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
+        model, request = self._request(message)
+        parts: list[str] = []
+        ids: list[int] = []
+        status = RequestStatus.FINISHED_CANCELLED
+        async for chunk in self._chunks(model, request):
+            parts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            status = chunk.status
+        response = pb.CompleteResponse(
+            id=request.request_id,
+            text="".join(parts),
+            finish_reason=_FINISH[status],
+            usage=_usage(request.num_prompt, len(ids)),
+            model=model.name,
+        )
+        if message.return_token_ids:
+            response.token_ids.extend(ids)
+        return response
+
+    async def Embed(self, message: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        model = self._models.get(message.model, "embed")
+        assert model.batcher is not None
+        ids = self._models.tokenize_texts(model, list(message.texts))
+        vectors = await model.batcher.embed(ids)
+        prompt_tokens = sum(len(row) for row in ids)
+        self._metrics.prompt_tokens.labels(model.name).inc(prompt_tokens)
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=row) for row in vectors.tolist()],
+            model=model.name,
+            usage=_usage(prompt_tokens, 0),
+        )
+
+    async def ListModels(
+        self, message: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(m) for m in self._models])
+
+
+def model_info(model: ServedModel) -> pb.ModelInfo:
+    cfg = model.config
+    generate = cfg.kind == "generate"
+    return pb.ModelInfo(
+        name=model.name,
+        kind=pb.MODEL_KIND_GENERATE if generate else pb.MODEL_KIND_EMBED,
+        context_length=model.context_length,
+        dimension=model.dimension,
+        backend=cfg.backend,
+        ready=model.ready,
+        max_batch=cfg.max_slots if generate else cfg.max_batch,
+    )
+
+
+def _usage(prompt: int, completion: int) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )

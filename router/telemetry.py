@@ -1,0 +1,101 @@
+"""Prometheus metrics. One `Metrics` per server with its own registry, so several servers (tests,
+workers) in one process never collide on the global registry."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "irouter_requests", "Calls by method and status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "irouter_request_seconds",
+            "Call latency by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "irouter_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "irouter_inter_token_seconds",
+            "Time between streamed tokens",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "irouter_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "irouter_completion_tokens", "Tokens generated", ["model"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "irouter_queue_depth", "Requests waiting for a slot", ["model"], registry=r
+        )
+        self.slots_in_use = Gauge(
+            "irouter_kv_slots_in_use",
+            "KV cache slots held by running sequences",
+            ["model"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "irouter_batch_size",
+            "Sequences (decoders) or texts (encoders) per forward step",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "irouter_step_seconds",
+            "Engine step duration",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+
+    def serve(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+        logger.info("metrics on http://%s:%d/metrics", host, port)
+
+    def model_observer(self, model: str) -> ModelObserver:
+        return ModelObserver(self, model)
+
+
+class ModelObserver:
+    """Engine and batcher callbacks bound to one model's label values (resolved once)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._batch = metrics.batch_size.labels(model)
+        self._step = metrics.step_seconds.labels(model)
+        self._queue = metrics.queue_depth.labels(model)
+        self._slots = metrics.slots_in_use.labels(model)
+
+    def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None:
+        if batch_size:
+            self._batch.observe(batch_size)
+            self._step.observe(seconds)
+        self._queue.set(waiting)
+        self._slots.set(running)
+
+    def on_batch(self, texts: int, seconds: float) -> None:
+        self._batch.observe(texts)
+        self._step.observe(seconds)

@@ -1,0 +1,128 @@
+"""`irouter serve` as a real process, driven by the example clients in Python and Node."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.e2e.conftest import ROOT, RouterProcess, wait_serving
+
+QUESTION = "What is the capital of France?"
+
+
+def test_python_example_streams_an_answer(router_process: RouterProcess) -> None:
+    done = subprocess.run(
+        [sys.executable, "examples/python_client.py", "--target", router_process.target, QUESTION],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "Paris" in done.stdout
+    assert "[FINISH_REASON_" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_example_streams_an_answer(router_process: RouterProcess) -> None:
+    if not (ROOT / "node_modules" / "@grpc" / "grpc-js").exists():
+        pytest.fail("node_modules is missing: run `make install` (npm install) first")
+    done = subprocess.run(
+        ["node", "examples/node_client.js", router_process.target, QUESTION, "24"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "Paris" in done.stdout
+    assert "FINISH_REASON_" in done.stdout
+
+
+def test_metrics_count_calls_and_tokens(router_process: RouterProcess) -> None:
+    with grpc.insecure_channel(router_process.target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        stub.Complete(
+            pb.CompleteRequest(
+                model="smollm2-135m-instruct", prompt="Hi", sampling=pb.SamplingParams(max_tokens=4)
+            )
+        )
+    url = f"http://127.0.0.1:{router_process.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    assert 'irouter_requests_total{code="OK",method="InferenceService/Complete"}' in text
+    for name in (
+        "irouter_time_to_first_token_seconds",
+        "irouter_completion_tokens_total",
+        "irouter_queue_depth",
+        "irouter_batch_size",
+        "irouter_kv_slots_in_use",
+        "irouter_inter_token_seconds",
+        "irouter_request_seconds",
+    ):
+        assert name in text, name
+
+
+def test_sigterm_lets_in_flight_streams_finish(model_cache: Path) -> None:
+    router = RouterProcess(model_cache)
+    try:
+        wait_serving(router.target)
+        with grpc.insecure_channel(router.target) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            stream = stub.Generate(
+                pb.GenerateRequest(
+                    model="smollm2-135m-instruct",
+                    prompt="Count from one to one hundred:",
+                    sampling=pb.SamplingParams(max_tokens=120, temperature=0, ignore_eos=True),
+                )
+            )
+            first = next(stream)
+            router.proc.send_signal(signal.SIGTERM)
+            rest = list(stream)
+            assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert rest[-1].usage.completion_tokens == 120
+            assert first.text or rest
+        assert router.proc.wait(timeout=30) == 0, router.output()
+    finally:
+        router.stop()
+
+
+def test_workers_share_one_port(model_cache: Path) -> None:
+    router = RouterProcess(model_cache, "--workers", "2")
+    try:
+        wait_serving(router.target)
+        pids: set[str] = set()
+        for _ in range(40):
+            # a new channel is a new connection, which SO_REUSEPORT may give to either worker
+            with grpc.insecure_channel(
+                router.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as ch:
+                stub = pb_grpc.InferenceServiceStub(ch)
+                try:
+                    r = stub.Complete(
+                        pb.CompleteRequest(
+                            model="smollm2-135m-instruct",
+                            prompt="Hi",
+                            sampling=pb.SamplingParams(max_tokens=1),
+                        ),
+                        timeout=60,
+                    )
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:  # that worker still loading
+                        continue
+                    raise
+                pids.add(r.id.split("-")[1])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids
+    finally:
+        router.stop()

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from router.config import ModelConfig, RouterConfig, ServerConfig
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from router.server import RouterServer
+
+GEN = "smollm2-135m-instruct"
+EMB = "all-minilm-l6-v2"
+
+
+def make_config(model_cache: Path, **server: object) -> RouterConfig:
+    return RouterConfig(
+        server=ServerConfig(port=0, metrics_port=0, grace_seconds=5.0, **server),  # type: ignore[arg-type]
+        model_cache=model_cache,
+        models=(
+            ModelConfig(
+                name=GEN,
+                kind="generate",
+                artifact=GEN,
+                max_slots=8,
+                max_waiting=8,
+                max_context=1024,
+                token_budget=256,
+            ),
+            ModelConfig(name=EMB, kind="embed", artifact=EMB, max_batch=16),
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+async def router(model_cache: Path) -> AsyncIterator[RouterServer]:
+    server = RouterServer(make_config(model_cache, max_message_bytes=64 * 1024))
+    await server.start()
+    await server.wait_ready()
+    assert all(m.ready for m in server.models), [m.error for m in server.models]
+    yield server
+    await server.stop(0)
+
+
+@pytest.fixture(scope="session")
+async def channel(router: RouterServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceServiceStub:
+    return pb_grpc.InferenceServiceStub(channel)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from router.models.prepare import FORMAT_VERSION, prepare_encoder
+
+
+def _manifest(folder: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads((folder / "manifest.json").read_text())
+    return data
+
+
+def test_decoder_manifest_holds_what_the_server_needs(prepared_models: dict[str, Path]) -> None:
+    m = _manifest(prepared_models["smollm2-135m-instruct"])
+    assert m["format_version"] == FORMAT_VERSION
+    assert m["kind"] == "decoder"
+    assert m["quantization"] == "int4"
+    assert m["context_length"] == 8192
+    assert (m["vocab_size"], m["num_layers"], m["num_kv_heads"], m["head_dim"]) == (
+        49152,
+        30,
+        3,
+        64,
+    )
+    assert m["bos_token_id"] == 1
+    assert m["eos_token_id"] == 2
+    assert 2 in m["stop_token_ids"]  # type: ignore[operator]
+    assert "<|im_start|>" in str(m["chat_template"])
+    assert _manifest(prepared_models["smollm2-135m-instruct-fp32"])["quantization"] == "fp32"
+
+
+def test_decoder_folder_is_complete(prepared_models: dict[str, Path]) -> None:
+    folder = prepared_models["smollm2-135m-instruct"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json"} <= names
+    # No staging folders are left next to the published ones.
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_encoder_manifest_and_tokenizer(prepared_models: dict[str, Path]) -> None:
+    folder = prepared_models["all-minilm-l6-v2"]
+    m = _manifest(folder)
+    assert (m["kind"], m["embedding_dim"], m["max_length"]) == ("encoder", 384, 256)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert tok.padding is None  # the engine pads per batch
+    assert len(tok.encode("word " * 600).ids) == 256
+
+
+def test_prepare_reuses_a_current_folder(prepared_models: dict[str, Path]) -> None:
+    folder = prepared_models["all-minilm-l6-v2"]
+    before = (folder / "model.onnx").stat().st_mtime_ns
+    assert prepare_encoder(folder.parent, progress=False) == folder
+    assert (folder / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_prepare_rebuilds_an_outdated_folder(tmp_path: Path) -> None:
+    first = prepare_encoder(tmp_path, progress=False)
+    manifest = _manifest(first)
+    manifest["format_version"] = -1
+    (first / "manifest.json").write_text(json.dumps(manifest))
+    again = prepare_encoder(tmp_path, progress=False)
+    assert _manifest(again)["format_version"] == FORMAT_VERSION
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all-minilm-l6-v2"]

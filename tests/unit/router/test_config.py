@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError, load_config
+
+
+def test_built_in_default_serves_both_models_without_a_file() -> None:
+    config = load_config(env={})
+    kinds = {m.name: m.kind for m in config.models}
+    assert kinds == {"smollm2-135m-instruct": "generate", "all-minilm-l6-v2": "embed"}
+    assert config.server.port == 50051
+
+
+def test_yaml_then_env_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "server: {port: 6000, grace_seconds: 3}\n"
+        "models:\n  - {name: tiny, kind: generate, artifact: smollm2-135m-instruct, max_slots: 4}\n"
+    )
+    config = load_config(path, env={"IROUTER_PORT": "7000", "IROUTER_HOST": "0.0.0.0"})
+    assert (config.server.port, config.server.host, config.server.grace_seconds) == (
+        7000,
+        "0.0.0.0",
+        3.0,
+    )
+    assert [(m.name, m.max_slots) for m in config.models] == [("tiny", 4)]
+    flagged = load_config(
+        path, env={"IROUTER_PORT": "7000"}, overrides={"port": 8000, "host": None}
+    )
+    assert flagged.server.port == 8000
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server: {metrics_port: 0}\n")
+    assert load_config(env={"IROUTER_CONFIG": str(path)}).server.metrics_port == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("server: {port: 70000}", "server.port=70000"),
+        ("server: {prot: 1}", "unknown keys ['prot']"),
+        ("server: {port: '1'}", "server.port='1' must be int"),
+        ("models: [{name: a, kind: chat, artifact: x}]", "kind='chat' is unknown"),
+        (
+            "models: [{name: a, kind: generate, artifact: x, backend: tgi}]",
+            "backend='tgi' is unknown",
+        ),
+        ("models: [{name: a, kind: generate}]", "artifact"),
+        (
+            "models: [{name: a, kind: embed, artifact: x}, {name: a, kind: embed, artifact: y}]",
+            "duplicate names ['a']",
+        ),
+        ("models: [{name: a, kind: generate, artifact: x, max_slots: 0}]", "max_slots=0"),
+        ("colour: blue", "unknown keys ['colour']"),
+        ("server: [1, 2]", "server must be a mapping"),
+        ("server: {port: 1", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(path, env={})
+    assert message in str(info.value)
+
+
+def test_bad_environment_value_is_named() -> None:
+    with pytest.raises(ConfigError, match="IROUTER_PORT='http'"):
+        load_config(env={"IROUTER_PORT": "http"})
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml", env={})
