@@ -96,9 +96,17 @@ class OnnxDecoder:
         self._session = _session(model_dir / "model.onnx", threads)
         self._num_layers = int(manifest["num_layers"])
         shape = (max_slots, int(manifest["num_kv_heads"]), max_context, int(manifest["head_dim"]))
-        # np.zeros maps untouched pages lazily, so an unused capacity costs address space only.
+        # np.zeros maps pages lazily, but GQA touches a slot's whole [kv_heads, max_context,
+        # head_dim] rows on first use (measured): budget the full size, logged below.
         self._keys = [np.zeros(shape, np.float32) for _ in range(self._num_layers)]
         self._values = [np.zeros(shape, np.float32) for _ in range(self._num_layers)]
+        logger.info(
+            "decoder %s: %d slots x %d tokens, KV cache %.0f MiB",
+            manifest.get("name"),
+            max_slots,
+            max_context,
+            2 * self._num_layers * self._keys[0].nbytes / 2**20,
+        )
         self._lengths = np.zeros(max_slots, np.int64)
         """Tokens computed so far in each slot."""
         self._logits = np.zeros((max_slots, self.vocab_size), np.float32)

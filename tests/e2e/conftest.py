@@ -58,7 +58,7 @@ class RouterProcess:
         ]
         if config is not None:
             cmd += ["--config", str(config)]
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
         )

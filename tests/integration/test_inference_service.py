@@ -417,3 +417,37 @@ async def test_full_queue_sheds_with_retry_info(
         call.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await _wait_idle(router)
+
+
+async def test_high_priority_preempts_low_when_slots_are_full(
+    router: RouterServer, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    engine = router.models.get(GEN, "generate").engine
+    assert engine is not None
+    finished: list[str] = []
+
+    async def run(name: str, priority: int, n: int) -> pb.CompleteResponse:
+        r = await stub.Complete(
+            pb.CompleteRequest(
+                model=GEN,
+                prompt=f"Story {name}:",
+                priority=priority,  # type: ignore[arg-type]
+                sampling=greedy(n, ignore_eos=True),
+                return_token_ids=True,
+            )
+        )
+        finished.append(name)
+        return r
+
+    low = [asyncio.ensure_future(run(f"low{i}", pb.PRIORITY_LOW, 60)) for i in range(8)]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while engine.num_active < 8 and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    high = await run("high", pb.PRIORITY_HIGH, 4)
+    assert high.finish_reason == pb.FINISH_REASON_LENGTH
+    assert finished[0] == "high", finished
+    results = await asyncio.gather(*low)
+    # The preempted sequence was recomputed, not truncated or repeated.
+    assert all(len(r.token_ids) == 60 == r.usage.completion_tokens for r in results)
+    await _wait_idle(router)

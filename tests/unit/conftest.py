@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,13 @@ from router.models.prepare import minilm_source_dir, prepare_models, smollm2_ggu
 
 
 @pytest.fixture(scope="session")
-def prepared_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def prepared_models(model_cache: Path) -> dict[str, Path]:
     """{name: folder} for 'smollm2-135m-instruct' (int4), its '-fp32' twin and 'all-minilm-l6-v2'.
 
-    Built once per session (~30 s); set IROUTER_MODEL_CACHE to a folder to reuse it across runs.
+    Built once into the router's model cache (the one `make run` uses; $IROUTER_MODEL_CACHE
+    overrides it), so later runs reuse it.
     """
-    env = os.environ.get("IROUTER_MODEL_CACHE")
-    cache = Path(env) if env else tmp_path_factory.mktemp("models")
-    return prepare_models(cache, progress=False, decoder_precisions=("int4", "fp32"))
+    return prepare_models(model_cache, progress=False, decoder_precisions=("int4", "fp32"))
 
 
 @pytest.fixture(scope="session")
