@@ -27,13 +27,21 @@ class NotFound(RouterError):
 
 
 class ResourceExhausted(RouterError):
-    """Load shed or quota hit; `retry_after_s` becomes a google.rpc.RetryInfo detail."""
+    """Load shed or quota hit. `retry_after_s` becomes a google.rpc.RetryInfo detail and each
+    (subject, description) in `violations` a google.rpc.QuotaFailure violation."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float = 1.0,
+        violations: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.violations = violations
 
 
 class Unavailable(RouterError):

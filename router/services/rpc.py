@@ -49,19 +49,31 @@ def _parser(cls: type[message.Message]) -> Callable[[bytes], message.Message | M
 
 def to_status(error: RouterError) -> grpc.Status:
     """The single translation of router errors to gRPC statuses with google.rpc details."""
-    detail = any_pb2.Any()
-    details = []
+    details: list[any_pb2.Any] = []
+
+    def add(detail: message.Message) -> None:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        details.append(packed)
+
     if isinstance(error, InvalidArgument) and error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=error.field, description=str(error)
         )
-        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-        details.append(detail)
+        add(error_details_pb2.BadRequest(field_violations=[violation]))
     elif isinstance(error, ResourceExhausted):
         seconds = max(error.retry_after_s, 0.0)
         delay = duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
-        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        details.append(detail)
+        add(error_details_pb2.RetryInfo(retry_delay=delay))
+        if error.violations:
+            add(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject=s, description=d)
+                        for s, d in error.violations
+                    ]
+                )
+            )
     status = status_pb2.Status(code=error.code.value[0], message=str(error), details=details)
     converted: grpc.Status = rpc_status.to_status(status)
     return converted
