@@ -1,5 +1,5 @@
 """
-irouter's C++ core: KV-slot scheduler, batch packing and token sampler.
+irouter's C++ core: KV-slot scheduler, batch packing, token sampler and multi-pattern matcher.
 """
 
 from collections.abc import Sequence
@@ -92,3 +92,55 @@ def sample(logits: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu
     """
     One token per row of logits (float32[B, V], never modified). Exact semantics and RNG are documented in native/include/irouter/sampler.h.
     """
+
+class Matcher:
+    """
+    Aho-Corasick blocklist matcher over UTF-8. Offsets are character (code point) offsets; every occurrence is reported, overlapping ones and duplicate patterns included. Exact semantics in native/include/irouter/matcher.h.
+    """
+
+    def __init__(self, patterns: Sequence[str], case_insensitive: bool = False, whole_words: bool = False) -> None:
+        """
+        case_insensitive folds ASCII letters only (no Unicode case folding). whole_words: a match counts only where the characters around it are not ASCII [A-Za-z0-9_] (non-ASCII characters count as boundaries). Raises ValueError naming the index of an empty pattern.
+        """
+
+    @property
+    def num_patterns(self) -> int: ...
+
+    @property
+    def case_insensitive(self) -> bool: ...
+
+    @property
+    def whole_words(self) -> bool: ...
+
+    def find_all(self, text: str) -> list[tuple[int, int, int]]:
+        """
+        Every match as (start, end, pattern_id), character offsets, sorted by end then pattern_id.
+        """
+
+    def contains(self, text: str) -> bool:
+        """Whether find_all(text) would be non-empty; stops at the first match."""
+
+    def stream(self) -> MatcherStream:
+        """A new stream for matching text that arrives in chunks."""
+
+class MatcherStream:
+    """
+    Incremental matching over a sequence of chunks (from Matcher.stream()). Offsets count characters from the start of the stream; a pattern split across chunks is reported by the chunk that completes it. With whole_words, a match ending exactly at the end of what was fed is held until the next non-empty chunk or finish() shows what follows it. Use each stream from one thread at a time.
+    """
+
+    def feed(self, chunk: str) -> list[tuple[int, int, int]]:
+        """
+        Matches completed (and, with whole_words, decided) by this chunk. Raises RuntimeError after finish().
+        """
+
+    def finish(self) -> list[tuple[int, int, int]]:
+        """End of stream: the matches held for whole_words. Idempotent."""
+
+    def holdback(self) -> int:
+        """
+        Trailing characters of the stream so far that may still belong to an unreported match (the longest suffix that is a proper prefix of a pattern, or a held whole_words match): withhold them from output so a redaction never leaks half a term. 0 after finish().
+        """
+
+    @property
+    def position(self) -> int:
+        """Characters fed so far."""

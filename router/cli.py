@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from router.config import ConfigError, load_config
+from router.keys_cli import register_cli, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     prep = models_sub.add_parser("prepare", help="convert the packaged models into the cache")
     prep.add_argument("--config", type=Path, help="YAML config file")
     prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
+
+    keys = register_cli(sub)
+    keys.add_argument("--config", type=Path, help="YAML config file (its guard.auth.registry)")
     return parser
 
 
@@ -48,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"irouter: configuration error: {exc}", file=sys.stderr)
         return 2
+
+    if args.command == "keys":
+        return run_cli(args, default_db=config.guard.auth.registry)
 
     from router.models.prepare import prepare_models
 

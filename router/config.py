@@ -3,14 +3,20 @@ variables, then command-line flags. The environment is read here and nowhere els
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from router.guard.config import GuardConfig
+from router.tls import TlsConfig
 
 ENV_PREFIX = "IROUTER_"
 MODEL_KINDS = ("generate", "embed")
@@ -37,6 +43,8 @@ class ServerConfig:
     """Largest request message accepted; larger ones get RESOURCE_EXHAUSTED."""
     log_level: str = "INFO"
     """Python logging level."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """TLS / mutual TLS on the gRPC port (certificates reload when their files change)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,8 @@ class RouterConfig:
     """Where prepared models live (`irouter models prepare` writes there)."""
     models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
     """Served models; the default serves SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Authentication, authorization, rate limits, guardrails, audit log (all off by default)."""
 
     def validate(self) -> RouterConfig:
         s = self.server
@@ -136,59 +146,99 @@ class RouterConfig:
             raise ConfigError(f"models has duplicate names {duplicates}")
         for model in self.models:
             model.validate()
+        try:
+            self.guard.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
 
-def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check and convert one YAML value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r} must be one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _build(hint, value, where)
+    if origin is frozenset:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, not {type(value).__name__}")
+        return frozenset(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (tuple, collections.abc.Sequence):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, not {type(value).__name__}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, not {type(value).__name__}")
+        key_hint, value_hint = args if args else (Any, Any)
+        return {
+            _coerce(k, key_hint, f"{where} key"): _coerce(v, value_hint, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if hint is Any:
+        return value
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a path string")
+        return Path(os.path.expanduser(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}={value!r} must be a number")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ConfigError(f"{where}={value!r} must be {hint.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _build(cls: type[Any], data: Any, where: str) -> Any:
+    """A dataclass from a YAML mapping: unknown keys refused, types checked, defaults kept."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
+        raise ConfigError(f"{where} must be a mapping, not {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where} has unknown keys {unknown}; known keys: {sorted(known)}")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        default = getattr(cls, key, None) if key in known else None
-        expected = type(default) if default is not None else None
-        if expected in (int, float) and isinstance(value, bool):
-            raise ConfigError(f"{where}.{key}={value!r} must be a number")
-        if expected is float and isinstance(value, int):
-            value = float(value)
-        if expected is not None and expected is not Path and not isinstance(value, expected):
-            raise ConfigError(
-                f"{where}.{key}={value!r} must be {expected.__name__}, not {type(value).__name__}"
-            )
-        values[key] = value
+    values = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
     try:
-        return cls(**values)
+        built = cls(**values)
     except TypeError as exc:  # a required key is missing
         raise ConfigError(f"{where}: {exc}") from None
+    except ValueError as exc:  # checked in __post_init__
+        raise ConfigError(f"{where}: {exc}") from None
+    validate = getattr(built, "validate", None)
+    if callable(validate) and where != "":
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return built
 
 
 def config_from_mapping(data: Mapping[str, Any]) -> RouterConfig:
     """Build a config from parsed YAML: keys left out keep their built-in default."""
-    root = _build_root_keys(data)
-    server = _build(ServerConfig, root.get("server", {}), "server")
-    kwargs: dict[str, Any] = {"server": server}
-    if "model_cache" in root:
-        kwargs["model_cache"] = Path(os.path.expanduser(str(root["model_cache"])))
-    if "models" in root:
-        models = root["models"]
-        if not isinstance(models, list):
-            raise ConfigError("models must be a list of model entries")
-        kwargs["models"] = tuple(
-            _build(ModelConfig, entry, f"models[{i}]") for i, entry in enumerate(models)
-        )
-    return RouterConfig(**kwargs)
-
-
-def _build_root_keys(data: Mapping[str, Any]) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError("the config file must hold a mapping at its top level")
-    unknown = sorted(set(data) - {"server", "model_cache", "models"})
-    if unknown:
-        raise ConfigError(f"config has unknown keys {unknown}; known: server, model_cache, models")
-    return data
+    config: RouterConfig = _build(RouterConfig, data, "config")
+    return config
 
 
 # Environment variables that override single settings (the config file path is IROUTER_CONFIG).

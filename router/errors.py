@@ -22,6 +22,19 @@ class InvalidArgument(RouterError):
         self.field = field
 
 
+class Unauthenticated(RouterError):
+    """No credentials, or credentials that did not verify. The message names what was wrong and
+    never echoes the token or key."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RouterError):
+    """The caller is known but lacks a scope (or tenant access) the call needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class NotFound(RouterError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -14,12 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router.config import RouterConfig
+from router.guard.setup import Guard
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.routing.registry import ServedModel, ServedModels
 from router.scheduler.request import Priority, SamplingParams
 from router.services.inference import InferenceServicer
 from router.services.rpc import add_service
 from router.telemetry import Metrics
+from router.tls import CertificateReloader
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class RouterServer:
         self.models = ServedModels(config.models, config.model_cache, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.tls: CertificateReloader | None = None
         self._worker = worker
         self._loading: asyncio.Task[None] | None = None
         s = config.server
@@ -48,7 +51,10 @@ class RouterServer:
             # shares a port on purpose.
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
-        self.server = grpc.aio.server(options=options)
+        self.guard = Guard(config.guard, self.metrics) if config.guard.active else None
+        interceptors = [self.guard.interceptor] if self.guard is not None else []
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        self._housekeeping: asyncio.Task[None] | None = None
         add_service(
             self.server,
             INFERENCE_SERVICE,
@@ -62,9 +68,17 @@ class RouterServer:
 
     async def start(self) -> int:
         s = self.config.server
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if s.tls.enabled:
+            self.tls = CertificateReloader(s.tls)
+            self.port = self.server.add_secure_port(address, self.tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {s.host}:{s.port} (in use?)")
+        if self.guard is not None:
+            await self.guard.start()
+            self._housekeeping = asyncio.get_running_loop().create_task(self._flush_audit())
         await self.server.start()
         for model in self.models:
             await self.health.set(model.name, NOT_SERVING)
@@ -75,6 +89,12 @@ class RouterServer:
         self._loading = asyncio.get_running_loop().create_task(self._load_all())
         logger.info("serving gRPC on %s:%d", s.host, self.port)
         return self.port
+
+    async def _flush_audit(self) -> None:
+        assert self.guard is not None
+        while True:
+            await asyncio.sleep(1.0)
+            self.guard.recorder.flush()
 
     async def _load_all(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,6 +142,11 @@ class RouterServer:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.models.stop()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        if self.guard is not None:
+            self.guard.recorder.flush()
+            await self.guard.close()
 
 
 async def serve(config: RouterConfig, *, worker: int = 0) -> None:

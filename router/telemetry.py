@@ -3,7 +3,12 @@ workers) in one process never collide on the global registry."""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -99,3 +104,64 @@ class ModelObserver:
     def on_batch(self, texts: int, seconds: float) -> None:
         self._batch.observe(texts)
         self._step.observe(seconds)
+
+
+class CallRecorder:
+    """At the end of every guarded call: per-tenant usage metrics and one audit-log line.
+
+    The audit log is JSON lines (time, request id, tenant, subject, auth method, method, model,
+    status, tokens, duration), never a credential. Lines are buffered and flushed at least once
+    a second by `flush()` (the server's housekeeping task), so a call never waits on the disk.
+    """
+
+    def __init__(self, metrics: Metrics, audit_path: str = "") -> None:
+        r = metrics.registry
+        self._calls = Counter(
+            "irouter_tenant_requests", "Calls by tenant and status", ["tenant", "code"], registry=r
+        )
+        self._tokens = Counter(
+            "irouter_tenant_tokens",
+            "Tokens by tenant and kind (prompt, completion)",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self._file: TextIO | None = None
+        if audit_path == "-":
+            self._file = sys.stderr
+        elif audit_path:
+            path = Path(audit_path).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8", buffering=1 << 16)
+
+    def on_call_end(self, scope: Any, code: str) -> None:
+        identity = scope.identity
+        tenant = identity.tenant if identity is not None else ""
+        self._calls.labels(tenant, code).inc()
+        if scope.prompt_tokens:
+            self._tokens.labels(tenant, "prompt").inc(scope.prompt_tokens)
+        if scope.completion_tokens:
+            self._tokens.labels(tenant, "completion").inc(scope.completion_tokens)
+        if self._file is not None:
+            record = {
+                "time": round(time.time(), 3),
+                "request_id": scope.request_id,
+                "tenant": tenant,
+                "subject": identity.subject if identity is not None else "",
+                "auth": identity.method if identity is not None else "",
+                "method": scope.method,
+                "model": scope.model,
+                "status": code,
+                "prompt_tokens": scope.prompt_tokens,
+                "completion_tokens": scope.completion_tokens,
+                "duration_ms": round((time.perf_counter() - scope.started) * 1000, 3),
+            }
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None and self._file is not sys.stderr:
+            self._file.close()
+        self._file = None

@@ -9,6 +9,8 @@ import sys
 if __name__ == "__main__":
     print("## native core", flush=True)
     subprocess.run([sys.executable, "-m", "loadtest.benchmarks.native_bench"], check=True)
+    print("\n## matcher", flush=True)
+    subprocess.run([sys.executable, "-m", "loadtest.benchmarks.matcher_bench"], check=True)
     print("\n## serving", flush=True)
     subprocess.run(
         [sys.executable, "-m", "loadtest.benchmarks.serve_bench", *sys.argv[1:]], check=True

@@ -312,3 +312,73 @@ class ReferenceScheduler:
     @property
     def num_free_slots(self) -> int:
         return len(self.free_slots)
+
+
+# --------------------------------------------------------------------------- matcher
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_WORD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _fold(s: str, case_insensitive: bool) -> str:
+    """ASCII-only case folding; str.lower() would also fold (and resize) non-ASCII."""
+    return s.translate(_ASCII_LOWER) if case_insensitive else s
+
+
+def _check_patterns(patterns: list[str]) -> None:
+    for i, p in enumerate(patterns):
+        if not p:
+            raise ValueError(f"patterns[{i}] is empty; every pattern needs at least one character")
+
+
+def find_all_reference(
+    text: str, patterns: list[str], *, case_insensitive: bool = False, whole_words: bool = False
+) -> list[tuple[int, int, int]]:
+    """``Matcher(patterns, ...).find_all(text)``: every occurrence of every pattern.
+
+    (start, end, pattern_id) in character offsets, sorted by end then pattern_id.
+    whole_words: the characters just outside the match must not be ASCII [A-Za-z0-9_].
+    """
+    _check_patterns(patterns)
+    folded = _fold(text, case_insensitive)
+    out = []
+    for pid, pattern in enumerate(patterns):
+        needle = _fold(pattern, case_insensitive)
+        start = folded.find(needle)
+        while start != -1:
+            end = start + len(needle)
+            if not whole_words or (
+                (start == 0 or text[start - 1] not in _WORD_CHARS)
+                and (end == len(text) or text[end] not in _WORD_CHARS)
+            ):
+                out.append((start, end, pid))
+            start = folded.find(needle, start + 1)
+    out.sort(key=lambda m: (m[1], m[2]))
+    return out
+
+
+def holdback_reference(
+    fed: str, patterns: list[str], *, case_insensitive: bool = False, whole_words: bool = False
+) -> int:
+    """``MatcherStream.holdback()`` after feeding ``fed`` (not finished).
+
+    The longest suffix of ``fed`` that is a proper prefix of some pattern; with
+    whole_words, at least as long as any match ending at the end of ``fed`` whose
+    left side is a boundary (it is held until the next character is known).
+    """
+    _check_patterns(patterns)
+    folded = _fold(fed, case_insensitive)
+    hold = 0
+    for pattern in patterns:
+        needle = _fold(pattern, case_insensitive)
+        for k in range(min(len(needle) - 1, len(folded)), hold, -1):
+            if folded.endswith(needle[:k]):
+                hold = k
+                break
+    if whole_words:
+        for start, end, _ in find_all_reference(
+            fed, patterns, case_insensitive=case_insensitive, whole_words=True
+        ):
+            if end == len(fed):
+                hold = max(hold, end - start)
+    return hold

@@ -5,10 +5,13 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
+#include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
+#include "irouter/matcher.h"
 #include "irouter/pack.h"
 #include "irouter/sampler.h"
 #include "irouter/scheduler.h"
@@ -141,10 +144,77 @@ Out<int64_t> py_sample(In<float> logits, In<float> temperature, In<int32_t> top_
   return to_numpy(std::move(out), {static_cast<size_t>(B)});
 }
 
+// ----------------------------------------------------------------- matcher
+
+// Below this many UTF-8 bytes (tens of microseconds of scanning) the GIL is
+// kept: releasing it costs a copy of the text and, when other threads are
+// busy, a wait of up to the switch interval to get it back.
+constexpr size_t kReleaseGilBytes = 32 * 1024;
+
+// The str's own UTF-8 buffer (cached on the str by CPython); valid while the
+// str lives, to be read only with the GIL held. Lone surrogates raise
+// UnicodeEncodeError (a ValueError).
+std::string_view utf8(const nb::str& s) {
+  Py_ssize_t size = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(s.ptr(), &size);
+  if (!data) throw nb::python_error();
+  return {data, static_cast<size_t>(size)};
+}
+
+// Runs work(utf8 bytes of text), without the GIL on a private copy when the
+// text is large enough to be worth it.
+template <class Work>
+auto on_text(const nb::str& text, Work&& work) {
+  const std::string_view view = utf8(text);
+  if (view.size() < kReleaseGilBytes) return work(view);
+  const std::string copy(view);
+  nb::gil_scoped_release release;
+  return work(std::string_view(copy));
+}
+
+using MatchList = nb::typed<nb::list, nb::typed<nb::tuple, int, int, int>>;
+
+MatchList to_python(const std::vector<irouter::Match>& matches) {
+  nb::list out = nb::steal<nb::list>(PyList_New(static_cast<Py_ssize_t>(matches.size())));
+  if (!out.is_valid()) throw nb::python_error();
+  for (size_t i = 0; i < matches.size(); ++i) {
+    const irouter::Match& m = matches[i];
+    nb::tuple t = nb::make_tuple(m.start, m.end, m.pattern_id);
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), t.release().ptr());
+  }
+  return out;
+}
+
+// A stream's methods release the GIL for large chunks, so a second thread
+// could otherwise enter the same (single-threaded) stream meanwhile. `busy`
+// is only read and written with the GIL held.
+struct PyMatcherStream {
+  irouter::MatcherStream stream;
+  bool busy = false;
+};
+
+class Exclusive {
+ public:
+  explicit Exclusive(PyMatcherStream& s) : s_(s) {
+    if (s_.busy)
+      throw std::runtime_error(
+          "MatcherStream used from two threads at once; feed each stream from one thread");
+    s_.busy = true;
+  }
+  ~Exclusive() { s_.busy = false; }
+  Exclusive(const Exclusive&) = delete;
+  Exclusive& operator=(const Exclusive&) = delete;
+
+ private:
+  PyMatcherStream& s_;
+};
+
 }  // namespace
 
 NB_MODULE(_native, m) {
-  m.doc() = "irouter's C++ core: KV-slot scheduler, batch packing and token sampler.";
+  m.doc() =
+      "irouter's C++ core: KV-slot scheduler, batch packing, token sampler and "
+      "multi-pattern matcher.";
 
   nb::class_<PySchedulerOutput>(m, "SchedulerOutput",
                                 "One step's plan; row i computes counts[i] tokens of "
@@ -233,4 +303,92 @@ NB_MODULE(_native, m) {
         "seeds"_a, "tokens"_a, "offsets"_a, "prompt_lens"_a,
         "One token per row of logits (float32[B, V], never modified). Exact semantics "
         "and RNG are documented in native/include/irouter/sampler.h.");
+
+  using irouter::Matcher;
+  nb::class_<Matcher>(m, "Matcher",
+                      "Aho-Corasick blocklist matcher over UTF-8. Offsets are character (code "
+                      "point) offsets; every occurrence is reported, overlapping ones and "
+                      "duplicate patterns included. Exact semantics in "
+                      "native/include/irouter/matcher.h.")
+      .def(
+          "__init__",
+          [](Matcher* self, const std::vector<nb::str>& patterns, bool case_insensitive,
+             bool whole_words) {
+            std::vector<std::string> utf8_patterns;
+            utf8_patterns.reserve(patterns.size());
+            for (const nb::str& p : patterns) utf8_patterns.emplace_back(utf8(p));
+            std::optional<Matcher> built;
+            {
+              nb::gil_scoped_release release;
+              built.emplace(utf8_patterns, case_insensitive, whole_words);
+            }
+            new (self) Matcher(std::move(*built));
+          },
+          "patterns"_a, "case_insensitive"_a = false, "whole_words"_a = false,
+          "case_insensitive folds ASCII letters only (no Unicode case folding). "
+          "whole_words: a match counts only where the characters around it are not ASCII "
+          "[A-Za-z0-9_] (non-ASCII characters count as boundaries). Raises ValueError "
+          "naming the index of an empty pattern.")
+      .def_prop_ro("num_patterns", &Matcher::num_patterns)
+      .def_prop_ro("case_insensitive", &Matcher::case_insensitive)
+      .def_prop_ro("whole_words", &Matcher::whole_words)
+      .def(
+          "find_all",
+          [](const Matcher& self, const nb::str& text) {
+            return to_python(on_text(text, [&](std::string_view t) { return self.find_all(t); }));
+          },
+          "text"_a,
+          "Every match as (start, end, pattern_id), character offsets, sorted by end then "
+          "pattern_id.")
+      .def(
+          "contains",
+          [](const Matcher& self, const nb::str& text) {
+            return on_text(text, [&](std::string_view t) { return self.contains(t); });
+          },
+          "text"_a, "Whether find_all(text) would be non-empty; stops at the first match.")
+      .def(
+          "stream", [](const Matcher& self) { return PyMatcherStream{self.stream()}; },
+          "A new stream for matching text that arrives in chunks.");
+
+  nb::class_<PyMatcherStream>(
+      m, "MatcherStream",
+      "Incremental matching over a sequence of chunks (from Matcher.stream()). Offsets "
+      "count characters from the start of the stream; a pattern split across chunks is "
+      "reported by the chunk that completes it. With whole_words, a match ending exactly "
+      "at the end of what was fed is held until the next non-empty chunk or finish() "
+      "shows what follows it. Use each stream from one thread at a time.")
+      .def(
+          "feed",
+          [](PyMatcherStream& self, const nb::str& chunk) {
+            Exclusive exclusive(self);
+            return to_python(
+                on_text(chunk, [&](std::string_view c) { return self.stream.feed(c); }));
+          },
+          "chunk"_a,
+          "Matches completed (and, with whole_words, decided) by this chunk. Raises "
+          "RuntimeError after finish().")
+      .def(
+          "finish",
+          [](PyMatcherStream& self) {
+            Exclusive exclusive(self);
+            return to_python(self.stream.finish());
+          },
+          "End of stream: the matches held for whole_words. Idempotent.")
+      .def(
+          "holdback",
+          [](PyMatcherStream& self) {
+            Exclusive exclusive(self);
+            return self.stream.holdback();
+          },
+          "Trailing characters of the stream so far that may still belong to an unreported "
+          "match (the longest suffix that is a proper prefix of a pattern, or a held "
+          "whole_words match): withhold them from output so a redaction never leaks half a "
+          "term. 0 after finish().")
+      .def_prop_ro(
+          "position",
+          [](PyMatcherStream& self) {
+            Exclusive exclusive(self);
+            return self.stream.position();
+          },
+          "Characters fed so far.");
 }

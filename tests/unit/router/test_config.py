@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,16 @@ def test_bad_environment_value_is_named() -> None:
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_nested_tls_section_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "tls.yaml"
+    path.write_text("server: {tls: {cert: /nope.pem}}\n")
+    with pytest.raises(ConfigError, match="needs both cert and key"):
+        load_config(path, env={})
+    path.write_text("server: {tls: {cert: /nope.pem, key: /nope.key}}\n")
+    with pytest.raises(ConfigError, match=re.escape("server.tls.cert='/nope.pem' is not a readable file")):
+        load_config(path, env={})
+    path.write_text("server: {tls: {cert: 1}}\n")
+    with pytest.raises(ConfigError, match=re.escape("server.tls.cert=1 must be str")):
+        load_config(path, env={})

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"irouter/v1/inference_service.proto\x12\nirouter.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.irouter.v1.ChatMessage\"\xb4\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xd5\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.irouter.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.irouter.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.irouter.v1.Priority\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x42\x07\n\x05input\"\xa1\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.irouter.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.irouter.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\"\xd5\x01\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.irouter.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.irouter.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.irouter.v1.Priority\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x42\x07\n\x05input\"\xa1\x01\n\x10\x43ompleteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.irouter.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.irouter.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\",\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"k\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.irouter.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.irouter.v1.Usage\"\x13\n\x11ListModelsRequest\"\x9c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.irouter.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x11\n\tmax_batch\x18\x07 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.irouter.v1.ModelInfo*I\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x11\n\rPRIORITY_HIGH\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_KIND_GENERATE\x10\x01\x12\x14\n\x10MODEL_KIND_EMBED\x10\x02\x32\xad\x02\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.irouter.v1.GenerateRequest\x1a\x1c.irouter.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.irouter.v1.CompleteRequest\x1a\x1c.irouter.v1.CompleteResponse\x12<\n\x05\x45mbed\x12\x18.irouter.v1.EmbedRequest\x1a\x19.irouter.v1.EmbedResponse\x12K\n\nListModels\x12\x1d.irouter.v1.ListModelsRequest\x1a\x1e.irouter.v1.ListModelsResponseBJ\n\x0e\x64\x65v.irouter.v1P\x01Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"irouter/v1/inference_service.proto\x12\nirouter.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.irouter.v1.ChatMessage\"\xb4\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xd5\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.irouter.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.irouter.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.irouter.v1.Priority\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x42\x07\n\x05input\"\xb8\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.irouter.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.irouter.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rfilter_reason\x18\x07 \x01(\t\"\xd5\x01\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.irouter.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.irouter.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.irouter.v1.Priority\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x42\x07\n\x05input\"\xb8\x01\n\x10\x43ompleteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.irouter.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.irouter.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rfilter_reason\x18\x07 \x01(\t\",\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"k\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.irouter.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.irouter.v1.Usage\"\x13\n\x11ListModelsRequest\"\x9c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.irouter.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x11\n\tmax_batch\x18\x07 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.irouter.v1.ModelInfo*I\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x11\n\rPRIORITY_HIGH\x10\x02*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_KIND_GENERATE\x10\x01\x12\x14\n\x10MODEL_KIND_EMBED\x10\x02\x32\xad\x02\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.irouter.v1.GenerateRequest\x1a\x1c.irouter.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.irouter.v1.CompleteRequest\x1a\x1c.irouter.v1.CompleteResponse\x12<\n\x05\x45mbed\x12\x18.irouter.v1.EmbedRequest\x1a\x19.irouter.v1.EmbedResponse\x12K\n\nListModels\x12\x1d.irouter.v1.ListModelsRequest\x1a\x1e.irouter.v1.ListModelsResponseBJ\n\x0e\x64\x65v.irouter.v1P\x01Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'irouter.v1.inference_servic
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.irouter.v1P\001Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1'
-  _globals['_PRIORITY']._serialized_start=1860
-  _globals['_PRIORITY']._serialized_end=1933
-  _globals['_FINISHREASON']._serialized_start=1935
-  _globals['_FINISHREASON']._serialized_end=2059
-  _globals['_MODELKIND']._serialized_start=2061
-  _globals['_MODELKIND']._serialized_end=2147
+  _globals['_PRIORITY']._serialized_start=1906
+  _globals['_PRIORITY']._serialized_end=1979
+  _globals['_FINISHREASON']._serialized_start=1982
+  _globals['_FINISHREASON']._serialized_end=2140
+  _globals['_MODELKIND']._serialized_start=2142
+  _globals['_MODELKIND']._serialized_end=2228
   _globals['_CHATMESSAGE']._serialized_start=50
   _globals['_CHATMESSAGE']._serialized_end=94
   _globals['_CHATMESSAGES']._serialized_start=96
@@ -49,23 +49,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=676
   _globals['_GENERATEREQUEST']._serialized_end=889
   _globals['_GENERATERESPONSE']._serialized_start=892
-  _globals['_GENERATERESPONSE']._serialized_end=1053
-  _globals['_COMPLETEREQUEST']._serialized_start=1056
-  _globals['_COMPLETEREQUEST']._serialized_end=1269
-  _globals['_COMPLETERESPONSE']._serialized_start=1272
-  _globals['_COMPLETERESPONSE']._serialized_end=1433
-  _globals['_EMBEDREQUEST']._serialized_start=1435
-  _globals['_EMBEDREQUEST']._serialized_end=1479
-  _globals['_EMBEDDING']._serialized_start=1481
-  _globals['_EMBEDDING']._serialized_end=1508
-  _globals['_EMBEDRESPONSE']._serialized_start=1510
-  _globals['_EMBEDRESPONSE']._serialized_end=1617
-  _globals['_LISTMODELSREQUEST']._serialized_start=1619
-  _globals['_LISTMODELSREQUEST']._serialized_end=1638
-  _globals['_MODELINFO']._serialized_start=1641
-  _globals['_MODELINFO']._serialized_end=1797
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1799
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1858
-  _globals['_INFERENCESERVICE']._serialized_start=2150
-  _globals['_INFERENCESERVICE']._serialized_end=2451
+  _globals['_GENERATERESPONSE']._serialized_end=1076
+  _globals['_COMPLETEREQUEST']._serialized_start=1079
+  _globals['_COMPLETEREQUEST']._serialized_end=1292
+  _globals['_COMPLETERESPONSE']._serialized_start=1295
+  _globals['_COMPLETERESPONSE']._serialized_end=1479
+  _globals['_EMBEDREQUEST']._serialized_start=1481
+  _globals['_EMBEDREQUEST']._serialized_end=1525
+  _globals['_EMBEDDING']._serialized_start=1527
+  _globals['_EMBEDDING']._serialized_end=1554
+  _globals['_EMBEDRESPONSE']._serialized_start=1556
+  _globals['_EMBEDRESPONSE']._serialized_end=1663
+  _globals['_LISTMODELSREQUEST']._serialized_start=1665
+  _globals['_LISTMODELSREQUEST']._serialized_end=1684
+  _globals['_MODELINFO']._serialized_start=1687
+  _globals['_MODELINFO']._serialized_end=1843
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1845
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1904
+  _globals['_INFERENCESERVICE']._serialized_start=2231
+  _globals['_INFERENCESERVICE']._serialized_end=2532
 # @@protoc_insertion_point(module_scope)

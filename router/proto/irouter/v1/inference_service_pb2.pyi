@@ -57,6 +57,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """max_tokens or the context limit was reached."""
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 3
     """The request was cancelled."""
+    FINISH_REASON_CONTENT_FILTER: _FinishReason.ValueType  # 4
+    """An output guardrail stopped the stream; GenerateResponse.filter_reason names the policy."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """FinishReason says why generation ended."""
@@ -69,6 +71,8 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 """max_tokens or the context limit was reached."""
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The request was cancelled."""
+FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 4
+"""An output guardrail stopped the stream; GenerateResponse.filter_reason names the policy."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _ModelKind:
@@ -340,6 +344,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    FILTER_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Request id assigned by the router (the same on every chunk)."""
     text: _builtins.str
@@ -348,6 +353,8 @@ class GenerateResponse(_message.Message):
     """Set on the last chunk only."""
     model: _builtins.str
     """Model that served the request."""
+    filter_reason: _builtins.str
+    """With FINISH_REASON_CONTENT_FILTER: the guardrail policy and kind that stopped the stream."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids added by this chunk, when return_token_ids was set."""
@@ -365,10 +372,11 @@ class GenerateResponse(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
         model: _builtins.str = ...,
+        filter_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "id", b"id", "model", b"model", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -434,6 +442,7 @@ class CompleteResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    FILTER_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Request id assigned by the router."""
     text: _builtins.str
@@ -442,6 +451,8 @@ class CompleteResponse(_message.Message):
     """Why generation ended."""
     model: _builtins.str
     """Model that served the request."""
+    filter_reason: _builtins.str
+    """With FINISH_REASON_CONTENT_FILTER: the guardrail policy and kind that stopped the output."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generated token ids, when return_token_ids was set."""
@@ -459,10 +470,11 @@ class CompleteResponse(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
         model: _builtins.str = ...,
+        filter_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "id", b"id", "model", b"model", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,449 @@
+"""Authentication: turn a call's metadata into a verified `Identity`, or refuse it.
+
+Credentials, in the order they are looked for:
+- `authorization: Bearer irk_...` or `x-api-key: irk_...`: an API key from the registry;
+- `authorization: Bearer <jwt>`: a JWT from a configured issuer, checked with its JWKS (or, for
+  an issuer configured with a shared secret, HS256);
+- nothing: anonymous, only where `allow_anonymous` is set. A credential that is present but bad
+  is refused even then: a caller whose token expired must learn so, not silently lose rights.
+
+Verifying a JWT signature costs 40-54% of the router's throughput when done on every call, so a
+verified token is cached (by its SHA-256) until it expires: a repeat call costs one hash, one
+dict lookup and one clock read. API keys are checked against the registry on every call (its own
+cache is revocation-aware), so that a revoked key stops working at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import jwt
+
+from router.errors import Unauthenticated
+from router.guard.identity import ANONYMOUS_SUBJECT, Identity
+from router.guard.jwks import ASYMMETRIC_ALGORITHMS, JwksClient, clip, require_secure_url
+from router.registry.keys import API_KEY_PREFIX, KeyRecord, looks_like_api_key
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+# RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
+_MIN_SECRET_BYTES = 32
+_MAX_API_KEY_CHARS = 256
+
+Metadata = Mapping[str, str] | Iterable[tuple[str, str | bytes]]
+"""A call's metadata: a mapping, or the (key, value) pairs grpc hands an interceptor."""
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    """One trusted JWT issuer."""
+
+    issuer: str
+    """The exact `iss` its tokens carry; also the base URL for OIDC discovery."""
+    audience: str | tuple[str, ...]
+    """The `aud` value(s) a token must carry to be meant for this router."""
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    """Accepted signing algorithms; with shared_secret the default becomes ('HS256',)."""
+    jwks_url: str | None = None
+    """Where its keys are; None: read `jwks_uri` from {issuer}/.well-known/openid-configuration."""
+    shared_secret: str | None = field(default=None, repr=False)
+    """HS256 secret (at least 32 bytes); set only for issuers that sign with HMAC."""
+    leeway_s: float = 30.0
+    """Clock skew tolerated on exp, nbf and iat, in seconds."""
+    tenant_claim: str = "tenant"
+    """Claim naming the caller's tenant."""
+    scope_claim: str = "scope"
+    """Claim holding scopes: a space-separated string (OAuth) or a list of strings."""
+    refresh_min_interval_s: float = 30.0
+    """Fewest seconds between two JWKS fetches triggered by unknown key ids."""
+    default_tenant: str | None = None
+    """Tenant for tokens without the tenant claim; None refuses such tokens."""
+    tier_claim: str = "tier"
+    """Claim naming the caller's service tier; tokens without it get 'default'."""
+
+    def __post_init__(self) -> None:
+        where = f"issuer {self.issuer!r}"
+        if not self.issuer:
+            raise ValueError("issuer must not be empty")
+        audiences = (self.audience,) if isinstance(self.audience, str) else self.audience
+        if not audiences or not all(isinstance(a, str) and a for a in audiences):
+            raise ValueError(f"{where}: audience must be a non-empty string or tuple of them")
+        if any(alg.lower() == "none" for alg in self.algorithms):
+            raise ValueError(f"{where}: algorithm 'none' is never accepted; remove it")
+        if self.shared_secret is not None:
+            self._check_shared_secret(where)
+        else:
+            unknown = [alg for alg in self.algorithms if alg not in ASYMMETRIC_ALGORITHMS]
+            if not self.algorithms or unknown:
+                raise ValueError(
+                    f"{where}: algorithms {unknown or '()'} not accepted; use some of "
+                    f"{sorted(ASYMMETRIC_ALGORITHMS)} (HS256 only together with shared_secret)"
+                )
+            if self.jwks_url is not None:
+                require_secure_url(self.jwks_url, f"{where}: jwks_url")
+            else:
+                require_secure_url(self.issuer, f"{where}: issuer (the OIDC discovery base)")
+        if self.leeway_s < 0:
+            raise ValueError(f"{where}: leeway_s={self.leeway_s} must be >= 0")
+        if self.refresh_min_interval_s <= 0:
+            raise ValueError(
+                f"{where}: refresh_min_interval_s={self.refresh_min_interval_s} must be > 0"
+            )
+        if not self.tenant_claim or not self.scope_claim or not self.tier_claim:
+            raise ValueError(f"{where}: tenant_claim, scope_claim and tier_claim must be set")
+
+    def _check_shared_secret(self, where: str) -> None:
+        assert self.shared_secret is not None
+        if self.algorithms == DEFAULT_ALGORITHMS:
+            object.__setattr__(self, "algorithms", ("HS256",))
+        # A secret-keyed issuer accepts HS256 and nothing else, and an HS256 token is never
+        # checked against a public key: accepting both is the classic attack where a token is
+        # HMAC-signed with the (public) RSA key as the secret.
+        if self.algorithms != ("HS256",):
+            raise ValueError(
+                f"{where}: with shared_secret set, algorithms must be ('HS256',), "
+                f"not {self.algorithms}"
+            )
+        if self.jwks_url is not None:
+            raise ValueError(f"{where}: set either shared_secret or jwks_url, not both")
+        if len(self.shared_secret.encode()) < _MIN_SECRET_BYTES:
+            raise ValueError(
+                f"{where}: shared_secret must be at least {_MIN_SECRET_BYTES} bytes for HS256"
+            )
+
+    @property
+    def audiences(self) -> list[str]:
+        return [self.audience] if isinstance(self.audience, str) else list(self.audience)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """How callers prove who they are."""
+
+    issuers: tuple[IssuerConfig, ...] = ()
+    """Trusted JWT issuers; empty: bearer JWTs are refused."""
+    allow_anonymous: bool = False
+    """Serve calls without credentials as tenant 'anonymous'."""
+    anonymous_scopes: frozenset[str] = frozenset()
+    """Scopes of anonymous callers."""
+    max_token_bytes: int = 8192
+    """Longer tokens are refused before any parsing."""
+    token_cache_size: int = 10_000
+    """Verified tokens remembered (least recently used dropped first)."""
+    http_timeout_s: float = 5.0
+    """Timeout of each discovery or JWKS request."""
+    jwks_max_age_s: float = 3600.0
+    """Age after which an issuer's keys are re-fetched in the background."""
+
+    def __post_init__(self) -> None:
+        names = [issuer.issuer for issuer in self.issuers]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"issuers {duplicates} are configured more than once")
+        for name in ("max_token_bytes", "token_cache_size", "http_timeout_s", "jwks_max_age_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"auth {name}={getattr(self, name)} must be > 0")
+
+
+class ApiKeyVerifier(Protocol):
+    """The registry as the authenticator sees it (`router.registry.KeyStore`)."""
+
+    def verify(self, plaintext: str) -> KeyRecord | None: ...
+
+
+class TokenCache:
+    """Verified tokens: sha256(token) -> Identity, until each token's expiry, LRU-bounded.
+
+    Used from the event loop thread only, so it takes no lock. Keys are hashes so the cache
+    holds no usable credential and its keys have a fixed size whatever the token length.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, now: float) -> Identity | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now >= entry[1]:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: bytes, identity: Identity, valid_until: float) -> None:
+        self._entries[key] = (identity, valid_until)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# pyjwt's errors, most specific first, mapped to messages that say what was wrong.
+_JWT_ERRORS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token is not yet valid (its 'nbf' or 'iat' is in the future)"),
+    (jwt.InvalidAudienceError, "token audience does not match"),
+    (jwt.InvalidIssuerError, "token issuer does not match"),
+    (jwt.InvalidIssuedAtError, "token 'iat' claim is not a number"),
+    (jwt.InvalidSignatureError, "token signature is invalid"),
+    (jwt.InvalidAlgorithmError, "token algorithm is not accepted for its signing key"),
+    (jwt.DecodeError, "token is not a well-formed JWT"),
+    (jwt.InvalidKeyError, "token signing key is unusable"),
+)
+
+
+def _jwt_error_message(exc: jwt.PyJWTError) -> str:
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"token is missing the '{exc.claim}' claim"
+    for kind, message in _JWT_ERRORS:
+        if isinstance(exc, kind):
+            return message
+    return "token is invalid"
+
+
+class Authenticator:
+    """Verifies the credentials of a call; inject it into the auth interceptor."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        api_keys: ApiKeyVerifier | None = None,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._api_keys = api_keys
+        self._clock = clock
+        self._owns_http = http is None
+        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(config.http_timeout_s))
+        self._issuers = {issuer.issuer: issuer for issuer in config.issuers}
+        self._jwks = {
+            issuer.issuer: JwksClient(
+                issuer.issuer,
+                http=self._http,
+                jwks_url=issuer.jwks_url,
+                refresh_min_interval_s=issuer.refresh_min_interval_s,
+                max_age_s=config.jwks_max_age_s,
+                monotonic=monotonic,
+            )
+            for issuer in config.issuers
+            if issuer.shared_secret is None
+        }
+        self._tokens = TokenCache(config.token_cache_size)
+        # key id -> (record, identity); only keys that verified get here, so it stays as small
+        # as the registry's set of live keys.
+        self._key_identities: dict[str, tuple[KeyRecord, Identity]] = {}
+        self._anonymous = Identity(
+            subject=ANONYMOUS_SUBJECT,
+            tenant=ANONYMOUS_SUBJECT,
+            scopes=config.anonymous_scopes,
+            method="anonymous",
+        )
+
+    async def start(self) -> None:
+        """Fetch every issuer's keys now, so the first calls do not wait for the providers."""
+        await asyncio.gather(*(client.prefetch() for client in self._jwks.values()))
+
+    async def aclose(self) -> None:
+        for client in self._jwks.values():
+            client.close()
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Authenticator:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def authenticate(self, metadata: Metadata) -> Identity:
+        """The caller's identity; raises Unauthenticated naming what is missing or wrong (and
+        Unavailable when an issuer's keys cannot be fetched at all)."""
+        authorization, api_key = _credentials(metadata)
+        if authorization is not None and api_key is not None:
+            raise Unauthenticated("send one credential: 'authorization' or 'x-api-key', not both")
+        if api_key is not None:
+            return self.authenticate_api_key(api_key.strip())
+        if authorization is not None:
+            scheme, _, credential = authorization.strip().partition(" ")
+            credential = credential.strip()
+            if scheme.lower() != "bearer" or not credential:
+                raise Unauthenticated("the 'authorization' header must read 'Bearer <token>'")
+            if credential.startswith(API_KEY_PREFIX):
+                return self.authenticate_api_key(credential)
+            return await self.authenticate_token(credential)
+        if self._config.allow_anonymous:
+            return self._anonymous
+        raise Unauthenticated(
+            "missing credentials: send 'authorization: Bearer <token>' or 'x-api-key'"
+        )
+
+    def authenticate_api_key(self, key: str) -> Identity:
+        if self._api_keys is None:
+            raise Unauthenticated("API keys are not accepted by this router")
+        record = self._api_keys.verify(key) if len(key) <= _MAX_API_KEY_CHARS else None
+        if record is None:
+            if not looks_like_api_key(key):
+                raise Unauthenticated(
+                    f"API key is malformed: expected '{API_KEY_PREFIX}<id>_<secret>'"
+                )
+            raise Unauthenticated("unknown API key or revoked")
+        # The registry hands back the same record object while its cache holds the key, so the
+        # identity built for it can be reused (a frozen dataclass costs ~1.5 us to build).
+        known = self._key_identities.get(record.key_id)
+        if known is not None and known[0] is record:
+            return known[1]
+        identity = Identity(
+            subject=f"api-key:{record.key_id}",
+            tenant=record.tenant,
+            scopes=record.scopes,
+            method="api_key",
+            key_id=record.key_id,
+            tier=record.tier,
+        )
+        self._key_identities[record.key_id] = (record, identity)
+        return identity
+
+    async def authenticate_token(self, token: str) -> Identity:
+        if len(token) > self._config.max_token_bytes:
+            raise Unauthenticated(
+                f"token is {len(token)} bytes, over the {self._config.max_token_bytes}-byte limit"
+            )
+        if not token.isascii():
+            raise Unauthenticated("token is not a well-formed JWT")
+        digest = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
+        identity = self._tokens.get(digest, now)
+        if identity is not None:
+            return identity
+        identity, valid_until = await self._verify(token)
+        if valid_until > now:
+            self._tokens.put(digest, identity, valid_until)
+        return identity
+
+    async def _verify(self, token: str) -> tuple[Identity, float]:
+        if not self._issuers:
+            raise Unauthenticated("bearer tokens are not accepted: no JWT issuer is configured")
+        try:
+            header = jwt.get_unverified_header(token)
+            issuer = self._issuer_of(token)
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise Unauthenticated("token is not a well-formed JWT") from None
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or algorithm not in issuer.algorithms:
+            raise Unauthenticated(
+                f"token algorithm {clip(algorithm, 24)} is not accepted for issuer "
+                f"'{issuer.issuer}' (accepted: {', '.join(issuer.algorithms)})"
+            )
+        kid = header.get("kid")
+        key: jwt.PyJWK | bytes
+        if issuer.shared_secret is not None:
+            key = issuer.shared_secret.encode()
+        else:
+            key = await self._jwks[issuer.issuer].get_key(kid, algorithm)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=issuer.audiences,
+                issuer=issuer.issuer,
+                leeway=issuer.leeway_s,
+                options={"require": ["exp", "iss", "sub"], "enforce_minimum_key_length": True},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(_jwt_error_message(exc)) from None
+        except Exception as exc:  # a crafted token must never turn into an INTERNAL error
+            logger.warning("token verification failed unexpectedly: %s", type(exc).__name__)
+            raise Unauthenticated("token could not be verified") from None
+        identity = _identity_from_claims(claims, issuer, kid if isinstance(kid, str) else None)
+        assert identity.expires_at is not None  # 'exp' is required above
+        return identity, identity.expires_at + issuer.leeway_s
+
+    def _issuer_of(self, token: str) -> IssuerConfig:
+        if len(self._issuers) == 1:
+            # pyjwt checks `iss` against it during verification.
+            return next(iter(self._issuers.values()))
+        # Several issuers: pick the configuration by the (not yet verified) `iss`; verification
+        # then checks the signature with that issuer's keys only.
+        unverified = jwt.decode(token, options={"verify_signature": False})
+        name = unverified.get("iss")
+        issuer = self._issuers.get(name) if isinstance(name, str) else None
+        if issuer is None:
+            raise Unauthenticated(f"token issuer {clip(name)} is not trusted")
+        return issuer
+
+
+def _credentials(metadata: Metadata) -> tuple[str | None, str | None]:
+    """(authorization, x-api-key) from the metadata; refuses repeated or binary values."""
+    items: Iterable[tuple[str, str | bytes]] = (
+        metadata.items() if isinstance(metadata, Mapping) else metadata
+    )
+    found: dict[str, str] = {}
+    for key, value in items:
+        name = key.lower()
+        if name not in ("authorization", "x-api-key"):
+            continue
+        if name in found:
+            raise Unauthenticated(f"send '{name}' once, not several times")
+        if not isinstance(value, str):
+            raise Unauthenticated(f"'{name}' must be text")
+        found[name] = value
+    return found.get("authorization"), found.get("x-api-key")
+
+
+def _identity_from_claims(
+    claims: dict[str, Any], issuer: IssuerConfig, kid: str | None
+) -> Identity:
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject:
+        raise Unauthenticated("token 'sub' claim must be a non-empty string")
+    tenant = claims.get(issuer.tenant_claim, issuer.default_tenant)
+    if tenant is None:
+        raise Unauthenticated(f"token has no '{issuer.tenant_claim}' claim naming the tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise Unauthenticated(f"token '{issuer.tenant_claim}' claim must be a non-empty string")
+    raw_scopes = claims.get(issuer.scope_claim)
+    if raw_scopes is None:
+        scopes: frozenset[str] = frozenset()
+    elif isinstance(raw_scopes, str):
+        scopes = frozenset(raw_scopes.split())
+    elif isinstance(raw_scopes, list) and all(isinstance(s, str) for s in raw_scopes):
+        scopes = frozenset(raw_scopes)
+    else:
+        raise Unauthenticated(
+            f"token '{issuer.scope_claim}' claim must be a space-separated string or a list "
+            "of strings"
+        )
+    tier = claims.get(issuer.tier_claim)
+    try:
+        expires_at = float(claims["exp"])
+    except (TypeError, ValueError, OverflowError):
+        raise Unauthenticated("token 'exp' claim is not a number") from None
+    return Identity(
+        subject=subject,
+        tenant=tenant,
+        scopes=scopes,
+        method="jwt",
+        key_id=kid,
+        tier=tier if isinstance(tier, str) and tier else "default",
+        expires_at=expires_at,
+    )

@@ -1,0 +1,93 @@
+"""The `guard:` section of the router config: which links of the guard chain run, and how."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.guard.auth import AuthConfig
+from router.guard.authz import AuthzConfig
+from router.guard.guardrails import GuardrailsConfig
+from router.guard.limits.config import RateLimitConfig
+
+
+def _default_registry() -> Path:
+    return Path("~/.local/share/irouter/registry.db").expanduser()
+
+
+@dataclass(frozen=True)
+class MtlsIdentity:
+    """What a verified client certificate is allowed to be."""
+
+    tenant: str
+    """Tenant the calls are billed and limited to."""
+    scopes: frozenset[str] = frozenset()
+    """Scopes granted to the certificate."""
+    tier: str = "default"
+    """Service tier for rate limits."""
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    enabled: bool = False
+    """Off: every call runs as tenant 'anonymous' with every scope (a laptop, a trusted network)."""
+    config: AuthConfig = field(default_factory=AuthConfig)
+    """JWT issuers, anonymous access, token cache (router.guard.auth.AuthConfig)."""
+    api_keys: bool = True
+    """Accept API keys made with `irouter keys create`."""
+    registry: Path = field(default_factory=_default_registry)
+    """SQLite registry holding the API keys (hashed)."""
+    mtls_identities: Mapping[str, MtlsIdentity] = field(default_factory=dict)
+    """Client-certificate URI SAN (e.g. spiffe://acme/billing) or subject CN -> identity."""
+
+
+@dataclass(frozen=True)
+class RateLimitSection:
+    enabled: bool = False
+    """Apply per-tenant request, token and stream limits."""
+    config: RateLimitConfig = field(default_factory=RateLimitConfig)
+    """Tiers and store (router.guard.limits.config.RateLimitConfig)."""
+
+
+@dataclass(frozen=True)
+class GuardrailsSection:
+    enabled: bool = False
+    """Check prompts and filter streamed output against the policies."""
+    config: GuardrailsConfig = field(default_factory=GuardrailsConfig)
+    """Policies (router.guard.guardrails.GuardrailsConfig)."""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    default_timeout_s: float = 0.0
+    """Deadline for calls that come without one; 0 leaves them unbounded."""
+    audit_log: str = ""
+    """JSON-lines audit log path ('-' for stderr, '' for none)."""
+    auth: AuthSection = field(default_factory=AuthSection)
+    """Authentication."""
+    authz: AuthzConfig = field(default_factory=AuthzConfig)
+    """Scopes per method and per-tenant model allowlists (used when auth is enabled)."""
+    rate_limit: RateLimitSection = field(default_factory=RateLimitSection)
+    """Rate limits and token quotas."""
+    guardrails: GuardrailsSection = field(default_factory=GuardrailsSection)
+    """Input and output guardrails."""
+
+    @property
+    def active(self) -> bool:
+        """Whether any link does work; if not, the server installs no interceptor at all."""
+        return bool(
+            self.auth.enabled
+            or self.rate_limit.enabled
+            or self.guardrails.enabled
+            or self.audit_log
+            or self.default_timeout_s
+        )
+
+    def validate(self) -> None:
+        if self.default_timeout_s < 0:
+            raise ValueError(f"guard.default_timeout_s={self.default_timeout_s} must be >= 0")
+        if self.rate_limit.enabled:
+            self.rate_limit.config.validate()
+        if self.guardrails.enabled:
+            self.guardrails.config.validate()

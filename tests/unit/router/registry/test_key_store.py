@@ -1,0 +1,133 @@
+"""The API-key registry: keys are shown once, stored as hashes, and revocation (from any
+process) takes effect on the next verification."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from router.errors import NotFound, Unavailable
+from router.registry.keys import KeyStore, looks_like_api_key
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> KeyStore:
+    return KeyStore(tmp_path / "registry" / "keys.db")
+
+
+def test_create_verify_list_revoke(store: KeyStore) -> None:
+    key_id, key = store.create("acme", ["generate", "embed"], tier="premium", name="ci bot")
+    assert looks_like_api_key(key) and key.startswith(f"irk_{key_id}_")
+    record = store.verify(key)
+    assert record is not None
+    assert (record.key_id, record.tenant, record.scopes, record.tier, record.name) == (
+        key_id,
+        "acme",
+        frozenset({"generate", "embed"}),
+        "premium",
+        "ci bot",
+    )
+    other_id, _ = store.create("beta", [])
+    assert [r.key_id for r in store.list()] == [key_id, other_id]
+    assert store.revoke(key_id) is True
+    assert store.verify(key) is None
+    assert store.revoke(key_id) is False  # already revoked: idempotent
+    listed = {r.key_id: r for r in store.list()}
+    assert listed[key_id].revoked and not listed[other_id].revoked
+    store.close()
+
+
+def test_only_a_hash_reaches_the_disk(store: KeyStore) -> None:
+    _, key = store.create("acme", ["generate"])
+    assert store.verify(key) is not None
+    store.close()
+    files = list(store.path.parent.iterdir())
+    on_disk = b"".join(path.read_bytes() for path in files)
+    secret = key.rsplit("_", 1)[1]
+    assert b"acme" in on_disk  # the files are the ones written
+    assert key.encode() not in on_disk
+    assert secret.encode() not in on_disk
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+
+
+def test_revocation_by_another_connection_takes_effect_at_once(tmp_path: Path) -> None:
+    router = KeyStore(tmp_path / "keys.db")
+    key_id, key = router.create("acme", ["generate"])
+    assert router.verify(key) is not None  # now cached
+    cli = KeyStore(tmp_path / "keys.db")
+    cli.revoke(key_id)
+    assert router.verify(key) is None
+    cli.close()
+    router.close()
+
+
+def test_cached_verification_does_not_query_the_key_row(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, key = store.create("acme", ["generate"])
+    lookups = 0
+    real_get = store._table.get
+
+    def counting_get(key_id: str) -> object:
+        nonlocal lookups
+        lookups += 1
+        return real_get(key_id)
+
+    monkeypatch.setattr(store._table, "get", counting_get)
+    for _ in range(5):
+        assert store.verify(key) is not None
+    assert lookups == 1
+    store.close()
+
+
+def test_wrong_or_malformed_keys_do_not_verify(store: KeyStore) -> None:
+    key_id, key = store.create("acme", ["generate"])
+    _, other = store.create("acme", ["generate"])
+    # A real key id with someone else's secret.
+    assert store.verify(f"irk_{key_id}_{other.rsplit('_', 1)[1]}") is None
+    for bad in ("", "irk_", key + "x", key[:-1], "sk-" + key[4:], f"irk_{'0' * 16}_{'a' * 43}"):
+        assert store.verify(bad) is None, bad
+    assert store.verify(key) is not None
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("tenant", "scopes", "tier", "name", "message"),
+    [
+        ("", ["generate"], "default", "", "tenant '' is not valid"),
+        ("acme corp", ["generate"], "default", "", "tenant 'acme corp' is not valid"),
+        ("acme", ["gen erate"], "default", "", "scope 'gen erate' is not valid"),
+        ("acme", ["generate"], "", "", "tier '' is not valid"),
+        ("acme", ["generate"], "default", "a\nb", "printable"),
+    ],
+)
+def test_create_validates_its_inputs(
+    store: KeyStore, tenant: str, scopes: list[str], tier: str, name: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        store.create(tenant, scopes, tier=tier, name=name)
+    assert store.list() == []
+    store.close()
+
+
+def test_revoking_an_unknown_key_names_it(store: KeyStore) -> None:
+    with pytest.raises(NotFound, match="no API key with id 'nope'"):
+        store.revoke("nope")
+    store.close()
+
+
+def test_an_unreadable_registry_is_unavailable_not_an_unknown_key(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, key = store.create("acme", ["generate"])
+
+    def locked() -> int:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store._table, "data_version", locked)
+    with pytest.raises(Unavailable, match="registry cannot be read"):
+        store.verify(key)
+    store.close()
