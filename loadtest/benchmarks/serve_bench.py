@@ -63,7 +63,7 @@ def wait_serving(target: str, timeout: float = 180.0) -> None:
 
 
 @contextmanager
-def router_process(cpus: str | None = None) -> Iterator[str]:
+def router_process(cpus: str | None = None, config: Path | None = None) -> Iterator[str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -77,6 +77,8 @@ def router_process(cpus: str | None = None) -> Iterator[str]:
         "--metrics-port",
         "0",
     ]
+    if config is not None:
+        cmd += ["--config", str(config)]
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,7 +100,10 @@ def line(name: str, value: float, unit: str, baseline: float | None = None, goal
 
 
 async def _stream(
-    stub: pb_grpc.InferenceServiceStub, prompt: str, n: int
+    stub: pb_grpc.InferenceServiceStub,
+    prompt: str,
+    n: int,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> tuple[float, int, float]:
     request = pb.GenerateRequest(
         model=GEN,
@@ -108,7 +113,7 @@ async def _stream(
     started = time.perf_counter()
     ttft = 0.0
     tokens = 0
-    async for chunk in stub.Generate(request):
+    async for chunk in stub.Generate(request, metadata=metadata):
         if not ttft:
             ttft = time.perf_counter() - started
         if chunk.finish_reason:
@@ -117,18 +122,21 @@ async def _stream(
 
 
 async def generate_load(
-    target: str, streams: int, n: int, rounds: int
+    target: str, streams: int, n: int, rounds: int, metadata: tuple[tuple[str, str], ...] = ()
 ) -> tuple[float, list[float]]:
     """Aggregate completion tok/s with `streams` submitted together; TTFTs of every stream."""
     rates: list[float] = []
     ttfts: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
-        await _stream(stub, "warm up", 8)
+        await _stream(stub, "warm up", 8, metadata)
         for _ in range(rounds):
             started = time.perf_counter()
             results = await asyncio.gather(
-                *(_stream(stub, CHAT_PROMPTS[i % len(CHAT_PROMPTS)], n) for i in range(streams))
+                *(
+                    _stream(stub, CHAT_PROMPTS[i % len(CHAT_PROMPTS)], n, metadata)
+                    for i in range(streams)
+                )
             )
             elapsed = time.perf_counter() - started
             rates.append(sum(r[1] for r in results) / elapsed)
@@ -200,7 +208,8 @@ def bench_embed(model_dir: Path, quick: bool) -> None:
 # ---- unary overhead -----------------------------------------------------------------------------
 
 
-def _h2load(url: str, body: Path, requests: int) -> float:
+def _h2load(url: str, body: Path, requests: int, headers: tuple[str, ...] = ()) -> float:
+    extra = [arg for header in headers for arg in ("-H", header)]
     out = subprocess.run(
         [
             "taskset",
@@ -217,6 +226,7 @@ def _h2load(url: str, body: Path, requests: int) -> float:
             "content-type: application/grpc",
             "-H",
             "te: trailers",
+            *extra,
             "-d",
             str(body),
             url,

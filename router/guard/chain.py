@@ -158,14 +158,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return cast("grpc.RpcMethodHandler[_Req, _Resp]", _wrap(handler, method, self))
 
-    async def enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> CallScope:
+    def open(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> CallScope:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         scope = CallScope(method=method, request_id="", metadata=metadata, context=context)
         current_scope.set(scope)
+        return scope
+
+    async def enter(self, scope: CallScope) -> None:
+        """Run the links; a refused call still reaches leave(), so it is audited too."""
         for link in self._links:
             await link.before(scope)
         current_identity.set(scope.identity)
-        return scope
 
     async def leave(self, scope: CallScope, code: str) -> None:
         for hook in scope.settle_hooks:
@@ -204,10 +207,10 @@ def _wrap(
         inner_unary: Any = handler.unary_unary  # an async behaviour under grpc.aio
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            scope: CallScope | None = None
+            scope = chain.open(method, context)
             error: BaseException | None = None
             try:
-                scope = await chain.enter(method, context)
+                await chain.enter(scope)
                 timeout = chain.deadline(context)
                 try:
                     async with asyncio.timeout(timeout):
@@ -224,8 +227,7 @@ def _wrap(
                 error = exc
                 raise
             finally:
-                if scope is not None:
-                    await chain.leave(scope, _code(context, error))
+                await chain.leave(scope, _code(context, error))
 
         return grpc.unary_unary_rpc_method_handler(
             unary,
@@ -237,10 +239,10 @@ def _wrap(
         inner_stream: Any = handler.unary_stream  # an async generator under grpc.aio
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            scope: CallScope | None = None
+            scope = chain.open(method, context)
             error: BaseException | None = None
             try:
-                scope = await chain.enter(method, context)
+                await chain.enter(scope)
                 timeout = chain.deadline(context)
                 try:
                     async with asyncio.timeout(timeout):
@@ -258,8 +260,7 @@ def _wrap(
                 error = exc
                 raise
             finally:
-                if scope is not None:
-                    await chain.leave(scope, _code(context, error))
+                await chain.leave(scope, _code(context, error))
 
         return grpc.unary_stream_rpc_method_handler(
             stream,

@@ -251,12 +251,12 @@ class _Rules:
     def scans(self) -> bool:
         return bool(self.regexes or self.detectors)
 
-    def scan(self, text: str, offset: int = 0, min_end: int = 0) -> list[Finding]:
+    def scan(self, text: str, offset: int = 0, min_end: int = 0, start: int = 0) -> list[Finding]:
         """Regex and detector findings in `text` (which starts at stream offset `offset`) that
-        end after `min_end`."""
+        start at or after `start` and end after stream offset `min_end`."""
         found: list[Finding] = []
         for compiled, policy, action, index in self.regexes:
-            for m in compiled.finditer(text):
+            for m in compiled.finditer(text, start):
                 if m.end() > m.start() and m.end() + offset > min_end:
                     found.append(
                         Finding(
@@ -264,10 +264,10 @@ class _Rules:
                         )
                     )
         for detector, owners in self.detectors:
-            for start, end, kind in detector(text):
+            for begin, end, kind in detector(text, start):
                 if end + offset > min_end:
                     for policy, action in owners:
-                        found.append(Finding(policy, kind, action, start + offset, end + offset))
+                        found.append(Finding(policy, kind, action, begin + offset, end + offset))
         return found
 
 
@@ -395,6 +395,9 @@ class OutputGuard:
         return StreamFilter(self._rules, self._redaction, self._window)
 
 
+_NOTHING = FilterResult("")
+
+
 class StreamFilter:
     """One response's output filter: feed() each delta, finish() at the end, send `.text`.
 
@@ -411,9 +414,11 @@ class StreamFilter:
     yet sent. Use terms for phrases. A single token longer than `stream_window` (a huge JWT)
     is emitted in pieces, each redacted once detectors see it.
 
-    Each feed scans only the unsent text plus `_CONTEXT` characters before it (for
-    look-behinds), never the whole response, and skips the scan while nothing can be sent.
-    The concatenated output of a stream with no findings equals its input exactly.
+    Each feed scans only the unsent text (from the start of the word it begins in), with up to
+    `_CONTEXT` sent characters before it visible to look-behinds, never the whole response, and
+    skips the scan while nothing can be sent. The concatenated output of a stream with no
+    findings equals its input exactly. Offsets in `findings` count characters of the
+    unfiltered stream.
     """
 
     def __init__(self, rules: _Rules, redaction: str, window: int) -> None:
@@ -421,6 +426,7 @@ class StreamFilter:
         self._redaction = redaction
         self._window = window
         self._streams = [(m.stream(), owners) for m, owners in rules.matchers]
+        self._scans = rules.scans
         self._pending = ""  # received, not yet sent
         self._base = 0  # stream offset of _pending[0]
         self._context = ""  # the last characters before _pending
@@ -448,36 +454,49 @@ class StreamFilter:
         return self._advance(final=True)
 
     def _advance(self, *, final: bool) -> FilterResult:
+        # Runs once per token: plain loops and an early return keep it to a few microseconds.
         pending, base = self._pending, self._base
         n = len(pending)
-        term_hold = max((s.holdback() for s, _ in self._streams), default=0)
+        term_hold = 0
+        for stream, _ in self._streams:
+            term_hold = max(term_hold, stream.holdback())
         hold = 0
         if not final:
             hold = term_hold
-            if self._rules.scans:
+            if self._scans:
                 hold = max(hold, _tail_holdback(pending, self._window))
-        limit = base + max(n - hold, 0)
-        if limit == base and not final:
-            return FilterResult("")  # nothing can be sent yet, so nothing to scan
-        found = list(self._terms)
-        if self._rules.scans:
-            found += self._rules.scan(self._context + pending, base - len(self._context), base)
-        if not final:
-            limit = self._hold_growing(found, limit, base + n - max(term_hold, self._window))
-        sent = [f for f in found if f.end <= limit]
-        out_end = limit
-        rejects = [f for f in sent if f.action == "reject"]
-        if rejects:
-            first = min(rejects, key=lambda f: (f.start, f.end))
-            self._reason = f"{first.policy}:{first.kind}"
-            out_end = max(first.start, base)
-        text = _redact(pending[: out_end - base], sent, base, self._redaction)
-        self.findings += sorted(sent, key=lambda f: (f.start, f.end))
-        used = n if rejects else limit - base
+            if hold >= n:
+                return _NOTHING  # nothing can be sent yet, so nothing to scan
+        limit = base + n - hold
+        found = self._terms
+        if self._scans:
+            # Scan from the start of the word the unsent text begins in (usually its own first
+            # character); the sent context before it serves look-behinds only.
+            context = self._context
+            start = len(context)
+            while start > 0 and not context[start - 1].isspace():
+                start -= 1
+            found = found + self._rules.scan(context + pending, base - len(context), base, start)
+        used = limit - base
+        text = pending[:used]
+        if found:
+            if not final:
+                limit = self._hold_growing(found, limit, base + n - max(term_hold, self._window))
+                used = limit - base
+            sent = sorted((f for f in found if f.end <= limit), key=lambda f: (f.start, f.end))
+            out_end = limit
+            for f in sent:
+                if f.action == "reject":
+                    self._reason = f"{f.policy}:{f.kind}"
+                    out_end = max(f.start, base)
+                    used = n
+                    break
+            text = _redact(pending[: out_end - base], sent, base, self._redaction)
+            self.findings += sent
+            self._terms = [f for f in self._terms if f.end > base + used]
         self._context = (self._context + pending[:used])[-_CONTEXT:]
         self._pending = pending[used:]
         self._base = base + used
-        self._terms = [f for f in self._terms if f.end > self._base]
         return FilterResult(text, self._reason is not None, self._reason)
 
     @staticmethod

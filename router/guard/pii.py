@@ -27,51 +27,83 @@ import ipaddress
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 Span = tuple[int, int, str]
-Detector = Callable[[str], list[Span]]
+
+
+class Detector(Protocol):
+    """Finds spans that start at or after `start`; look-behinds and context checks still see
+    the text before it (an output stream passes the already-sent text as context)."""
+
+    def __call__(self, text: str, start: int = 0, /) -> list[Span]: ...
+
+
+# Python's re only skips ahead fast when a pattern starts with a literal or a character class,
+# so patterns below consume their first character before the look-behind that checks what
+# precedes it, and use [0-9] rather than the slower \d. That makes them 2-3x faster on prose.
+_DIGIT = re.compile(r"[0-9]")
 
 # ------------------------------------------------------------------------------------ e-mail
 
-_EMAIL = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*"
+# Found from each '@' (a literal, so re skips to it fast) with the local part read backwards:
+# a regex that starts on the local part tries every letter of the text and costs 10x more.
+_EMAIL_DOMAIN = re.compile(
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24})(?![\w-])"
 )
+_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_%+-.")
 # 'icon@2x.png' is an image name, not an address.
 _FILE_TLDS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "bmp", "ico", "pdf"})
 
 
-def find_emails(text: str) -> list[Span]:
-    if "@" not in text:
-        return []
-    return [
-        (m.start(), m.end(), "email")
-        for m in _EMAIL.finditer(text)
-        if m.group(1).lower() not in _FILE_TLDS and len(m.group(0).split("@")[0]) <= 64
-    ]
+def find_emails(text: str, start: int = 0) -> list[Span]:
+    spans: list[Span] = []
+    for m in _EMAIL_DOMAIN.finditer(text, start):
+        at = begin = m.start()
+        while begin > 0 and at - begin <= 64 and text[begin - 1] in _LOCAL_CHARS:
+            begin -= 1
+        local = text[begin:at]
+        if (
+            begin >= start
+            and 0 < len(local) <= 64
+            and not (begin > 0 and (text[begin - 1].isalnum() or text[begin - 1] == "_"))
+            and local[0] != "."
+            and local[-1] != "."
+            and ".." not in local
+            and m.group(1).lower() not in _FILE_TLDS
+        ):
+            spans.append((begin, m.end(), "email"))
+    return spans
 
 
 # ------------------------------------------------------------------------------------- phone
 
+_NUMBER_END = r"(?![\w]|[.-][0-9])"  # not the prefix of a longer number or word
 _PHONE_INTL = re.compile(
-    r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){1,7}(?!\w|[.-]\d)"
+    r"\+(?<![\w+]\+)[1-9][0-9]{0,2}(?:[ .-]?(?:\([0-9]{1,4}\)|[0-9]{1,5})){1,7}" + _NUMBER_END
 )
-_PHONE_NANP = re.compile(
-    r"(?<![\w.+(-])(?:1[ .-])?(?:\([2-9]\d{2}\) ?|[2-9]\d{2}[ .-])[2-9]\d{2}[ .-]\d{4}(?!\w|[.-]\d)"
+_PHONE_NANP = re.compile(  # 415-555-2671, 415.555.2671, 1-800-555-1234
+    r"[1-9](?<![\w.+(-][1-9])(?:(?<=1)[ .-][2-9][0-9]{2}|(?<=[2-9])[0-9]{2})"
+    r"[ .-][2-9][0-9]{2}[ .-][0-9]{4}" + _NUMBER_END
 )
-_PHONE_TRUNK = re.compile(r"(?<![\w.+-])0\d{1,4}(?:[ .-]\d{2,4}){2,4}(?!\w|[.-]\d)")
+_PHONE_NANP_AREA = re.compile(  # (415) 555-2671
+    r"\((?<![\w.+(-]\()[2-9][0-9]{2}\) ?[2-9][0-9]{2}[ .-][0-9]{4}" + _NUMBER_END
+)
+_PHONE_TRUNK = re.compile(r"0(?<![\w.+-]0)[0-9]{1,4}(?:[ .-][0-9]{2,4}){2,4}" + _NUMBER_END)
 
 
-def find_phones(text: str) -> list[Span]:
+def find_phones(text: str, start: int = 0) -> list[Span]:
+    if not _DIGIT.search(text, start):
+        return []
     spans: list[Span] = []
-    for m in _PHONE_INTL.finditer(text):
+    for m in _PHONE_INTL.finditer(text, start):
         digits = sum(c.isdigit() for c in m.group(0))
         if 8 <= digits <= 15:
             spans.append((m.start(), m.end(), "phone"))
-    for pattern in (_PHONE_NANP, _PHONE_TRUNK):
-        for m in pattern.finditer(text):
+    for pattern in (_PHONE_NANP, _PHONE_NANP_AREA, _PHONE_TRUNK):
+        for m in pattern.finditer(text, start):
             digits = sum(c.isdigit() for c in m.group(0))
             # A separator style must be consistent, or '2024-01.15 10' style data slips in.
             seps = {c for c in m.group(0) if c in ".-"}
@@ -82,7 +114,7 @@ def find_phones(text: str) -> list[Span]:
 
 # ------------------------------------------------------------------------------- credit card
 
-_CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){12,18}(?![\w]|[.-]\d)")
+_CARD = re.compile(r"[0-9](?<![\w.-][0-9])(?:[ -]?[0-9]){12,18}" + _NUMBER_END)
 _CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|3[068]|35|6(?:011|5|4[4-9]|2)")
 
 
@@ -96,9 +128,9 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def find_credit_cards(text: str) -> list[Span]:
+def find_credit_cards(text: str, start: int = 0) -> list[Span]:
     spans: list[Span] = []
-    for m in _CARD.finditer(text):
+    for m in _CARD.finditer(text, start):
         raw = m.group(0)
         digits = raw.replace(" ", "").replace("-", "")
         if len(digits) != len(raw):
@@ -133,7 +165,7 @@ _IBAN_LENGTHS: Mapping[str, int] = {
 }  # fmt: skip
 # Greedy candidate; the country's length then decides where the IBAN really ends, so a
 # trailing capitalised word ('... 32 THE') does not spoil the checksum.
-_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{1,4})+")
+_IBAN = re.compile(r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z][0-9]{2}(?: ?[A-Z0-9]{1,4})+")
 
 
 def iban_valid(iban: str) -> bool:
@@ -143,9 +175,9 @@ def iban_valid(iban: str) -> bool:
     return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
 
 
-def find_ibans(text: str) -> list[Span]:
+def find_ibans(text: str, start: int = 0) -> list[Span]:
     spans: list[Span] = []
-    for m in _IBAN.finditer(text):
+    for m in _IBAN.finditer(text, start):
         length = _IBAN_LENGTHS.get(m.group(0)[:2])
         if length is None:
             continue
@@ -164,7 +196,7 @@ def find_ibans(text: str) -> list[Span]:
 
 # -------------------------------------------------------------------------------- IP address
 
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
+_IPV4 = re.compile(r"[0-9](?<![\w.][0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![\w]|\.[0-9])")
 _VERSION_BEFORE = re.compile(r"(?:\bv|\bversion|\bver\.?|\brelease|\brev\.?)\s*\Z", re.IGNORECASE)
 _IPV6 = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?"
@@ -172,9 +204,9 @@ _IPV6 = re.compile(
 )
 
 
-def find_ipv4(text: str) -> list[Span]:
+def find_ipv4(text: str, start: int = 0) -> list[Span]:
     spans: list[Span] = []
-    for m in _IPV4.finditer(text):
+    for m in _IPV4.finditer(text, start):
         octets = m.group(0).split(".")
         if any((len(o) > 1 and o[0] == "0") or int(o) > 255 for o in octets):
             continue
@@ -187,11 +219,11 @@ def find_ipv4(text: str) -> list[Span]:
     return spans
 
 
-def find_ipv6(text: str) -> list[Span]:
-    if "::" not in text and text.count(":") < 7:
+def find_ipv6(text: str, start: int = 0) -> list[Span]:
+    if text.find("::", start) < 0 and text.count(":", start) < 7:
         return []
     spans: list[Span] = []
-    for m in _IPV6.finditer(text):
+    for m in _IPV6.finditer(text, start):
         candidate = m.group(0)
         # '::1' and 'a::b' are valid but far more often a C++/Rust path than someone's address.
         if sum(c != ":" for c in candidate) < 4:
@@ -219,7 +251,9 @@ _SECRET_FORMATS = re.compile(
     r"|-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY-----"
     r")(?![A-Za-z0-9])"
 )
-_TOKEN = re.compile(r"(?<![\w+/=-])[A-Za-z0-9+/_-]{32,}={0,2}(?![\w+/=-])")
+_TOKEN = re.compile(
+    r"[A-Za-z0-9+/_-](?<![\w+/=-][A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{31,}={0,2}(?![\w+/=-])"
+)
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _KEYWORD_BEFORE = re.compile(
     r"(?:key|token|secret|passw(?:or)?d|pwd|auth|bearer|credential|signature)\W{0,4}\Z",
@@ -245,14 +279,18 @@ def _generic_secret(token: str, before: str) -> bool:
     return classes == 3 and shannon_entropy(token) >= ENTROPY_THRESHOLD
 
 
-def find_secrets(text: str) -> list[Span]:
+def find_secrets(text: str, start: int = 0) -> list[Span]:
+    # Every format but the PEM header needs 15+ characters without whitespace; split() runs in
+    # C and spares the regexes most prose.
+    if "-----BEGIN" not in text and max(map(len, text[start:].split()), default=0) < 15:
+        return []
     spans = [
         (m.start(), m.end(), "secret")
-        for m in _SECRET_FORMATS.finditer(text)
+        for m in _SECRET_FORMATS.finditer(text, start)
         # 'sk-learn-is-a-library' is prose; real 'sk-' keys always carry digits.
         if not m.group(0).startswith("sk-") or any(c.isdigit() for c in m.group(0))
     ]
-    for m in _TOKEN.finditer(text):
+    for m in _TOKEN.finditer(text, start):
         if _generic_secret(m.group(0), text[max(0, m.start() - 24) : m.start()]):
             spans.append((m.start(), m.end(), "secret"))
     return _dedupe(spans)
@@ -289,40 +327,55 @@ INJECTION_KIND = "prompt_injection"
 # text ("you are now logged in") stays below the default threshold of 1.0, while the classic
 # "ignore all previous instructions" reaches it alone. Paraphrases, other languages, homoglyphs
 # and zero-width characters get past it; treat a clean result as "no obvious attack" only.
-_INJECTION_SIGNALS: tuple[tuple[float, re.Pattern[str]], ...] = tuple(
-    (weight, re.compile(pattern, re.IGNORECASE))
-    for weight, pattern in (
-        (
-            1.0,
-            r"\b(?:ignore|disregard|forget|override|bypass|skip)\s+(?:(?:all|any|the|your|my|of|"
-            r"everything)\s+)*(?:previous|prior|above|earlier|preceding|former|initial|original|"
-            r"system)\s+(?:instructions?|prompts?|rules|directions|guidelines|messages?|context)",
-        ),
-        (0.9, r"\bdisregard\s+(?:(?:all|everything|the)\s+)*(?:above|previous|prior)\b"),
-        (
-            0.8,
-            r"\b(?:reveal|show|print|repeat|output|leak|tell)\s+(?:me\s+)?(?:your|the)\s+"
-            r"(?:system\s+prompt|(?:initial|hidden|original|secret)\s+(?:instructions|prompt))",
-        ),
-        (
-            0.8,
-            r"\bpretend\s+(?:that\s+)?you\s+(?:are|have)\s+(?:no|not\s+bound\s+by)\s+"
-            r"(?:restrictions|rules|limits|filters|guidelines)",
-        ),
-        (0.7, r"\bact\s+as\s+(?:an?\s+)?(?:unfiltered|uncensored|unrestricted|evil|jailbroken)"),
-        (0.7, r"<\|(?:im_start|im_end|system|endoftext)\|>|\[/?INST\]|<</?SYS>>"),
-        (0.6, r"\bno\s+longer\s+(?:bound|restricted)\s+by\b"),
-        (0.6, r"\bDAN\b|\bdo\s+anything\s+now\b"),
-        (0.5, r"\byou\s+are\s+now\b"),
-        (0.5, r"\bjailbr(?:eak|oken)\b"),
-        (0.5, r"\b(?:developer|god|sudo|unrestricted)\s+mode\b"),
-        (0.5, r"\bnew\s+(?:instructions|rules)\s*:"),
-        (0.4, r"\b(?:system|developer)\s+prompt\b"),
-        (0.4, r"\bwithout\s+any\s+(?:restrictions|filters|limitations|censorship)\b"),
-        (0.4, r"(?m)^\s*(?:system|assistant)\s*:"),
-        (0.6, r"\b(?:decode|base64)\b[^\n]{0,60}?\b(?:follow|execute|run|obey|do\s+what)\b"),
-        (0.4, r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{40,}={0,2}(?![A-Za-z0-9+/])"),
-    )
+_SIGNALS = (
+    (
+        1.0,
+        "ignore disregard forget override bypass skip",
+        r"\b(?:ignore|disregard|forget|override|bypass|skip)\s+(?:(?:all|any|the|your|my|of|"
+        r"everything)\s+)*(?:previous|prior|above|earlier|preceding|former|initial|original|"
+        r"system)\s+(?:instructions?|prompts?|rules|directions|guidelines|messages?|context)",
+    ),
+    (0.9, "disregard", r"\bdisregard\s+(?:(?:all|everything|the)\s+)*(?:above|previous|prior)\b"),
+    (
+        0.8,
+        "prompt instructions",
+        r"\b(?:reveal|show|print|repeat|output|leak|tell)\s+(?:me\s+)?(?:your|the)\s+"
+        r"(?:system\s+prompt|(?:initial|hidden|original|secret)\s+(?:instructions|prompt))",
+    ),
+    (
+        0.8,
+        "pretend",
+        r"\bpretend\s+(?:that\s+)?you\s+(?:are|have)\s+(?:no|not\s+bound\s+by)\s+"
+        r"(?:restrictions|rules|limits|filters|guidelines)",
+    ),
+    (
+        0.7,
+        "act",
+        r"\bact\s+as\s+(?:an?\s+)?(?:unfiltered|uncensored|unrestricted|evil|jailbroken)",
+    ),
+    (0.7, "<| inst] sys>>", r"<\|(?:im_start|im_end|system|endoftext)\|>|\[/?INST\]|<</?SYS>>"),
+    (0.6, "longer", r"\bno\s+longer\s+(?:bound|restricted)\s+by\b"),
+    (0.6, "dan anything", r"(?-i:\bDAN\b)|\bdo\s+anything\s+now\b"),  # not the name 'Dan'
+    (0.5, "now", r"\byou\s+are\s+now\b"),
+    (0.5, "jailbr", r"\bjailbr(?:eak|oken)\b"),
+    (0.5, "developer god sudo unrestricted", r"\b(?:developer|god|sudo|unrestricted)\s+mode\b"),
+    (0.5, "new", r"\bnew\s+(?:instructions|rules)\s*:"),
+    (0.4, "prompt", r"\b(?:system|developer)\s+prompt\b"),
+    (0.4, "without", r"\bwithout\s+any\s+(?:restrictions|filters|limitations|censorship)\b"),
+    (0.4, "system assistant", r"(?m)^\s*(?:system|assistant)\s*:"),
+    (
+        0.6,
+        "decode base64",
+        r"\b(?:decode|base64)\b[^\n]{0,60}?\b(?:follow|execute|run|obey|do\s+what)\b",
+    ),
+    (0.4, "", r"[A-Za-z0-9+/](?<![A-Za-z0-9+/]{2})[A-Za-z0-9+/]{39,}={0,2}(?![A-Za-z0-9+/])"),
+)
+# (weight, trigger words, pattern): a case-insensitive regex costs ~40 us per 1,000 characters
+# in Python's re, so each one runs only when one of its trigger words occurs in the text (the
+# base64 one only when some run of 40+ characters has no whitespace).
+_INJECTION_SIGNALS: tuple[tuple[float, tuple[str, ...], re.Pattern[str]], ...] = tuple(
+    (weight, tuple(triggers.split()), re.compile(pattern, re.IGNORECASE))
+    for weight, triggers, pattern in _SIGNALS
 )
 
 
@@ -335,9 +388,13 @@ class InjectionScore:
 
 
 def score_injection(text: str) -> InjectionScore:
+    lowered = text.lower()
+    long_run = max(map(len, text.split()), default=0) >= 40  # for the base64 signal
     score = 0.0
     spans: list[tuple[int, int]] = []
-    for weight, pattern in _INJECTION_SIGNALS:
+    for weight, triggers, pattern in _INJECTION_SIGNALS:
+        if not (any(t in lowered for t in triggers) if triggers else long_run):
+            continue
         m = pattern.search(text)
         if m:
             score += weight

@@ -86,7 +86,9 @@ def test_nested_tls_section_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs both cert and key"):
         load_config(path, env={})
     path.write_text("server: {tls: {cert: /nope.pem, key: /nope.key}}\n")
-    with pytest.raises(ConfigError, match=re.escape("server.tls.cert='/nope.pem' is not a readable file")):
+    with pytest.raises(
+        ConfigError, match=re.escape("server.tls.cert='/nope.pem' is not a readable file")
+    ):
         load_config(path, env={})
     path.write_text("server: {tls: {cert: 1}}\n")
     with pytest.raises(ConfigError, match=re.escape("server.tls.cert=1 must be str")):
