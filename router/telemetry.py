@@ -155,6 +155,8 @@ class CallRecorder:
                 "completion_tokens": scope.completion_tokens,
                 "duration_ms": round((time.perf_counter() - scope.started) * 1000, 3),
             }
+            if scope.findings:
+                record["guardrails"] = sorted(set(scope.findings))
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def flush(self) -> None:

@@ -60,6 +60,8 @@ class CallScope:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
+    findings: list[str] = field(default_factory=list)
+    """Guardrail findings as 'policy:kind:action' (never the matched text), for the audit log."""
     # Hooks installed by the links that are enabled (None: nothing to do).
     admit_hooks: list[Callable[[CallScope, int, bool], Awaitable[None]]] = field(
         default_factory=list

@@ -13,7 +13,13 @@ from router.guard.auth import Authenticator
 from router.guard.authz import AuthzConfig, check_method, check_model, is_public
 from router.guard.chain import CallScope, GuardInterceptor, Link, RequestContextLink
 from router.guard.config import GuardConfig, MtlsIdentity
-from router.guard.guardrails import InputGuard, OutputGuard
+from router.guard.guardrails import (
+    FilterResult,
+    Finding,
+    GuardrailViolation,
+    InputGuard,
+    OutputGuard,
+)
 from router.guard.identity import Identity
 from router.guard.limits.limiter import RateLimiter, Reservation
 from router.registry.keys import KeyStore
@@ -138,42 +144,58 @@ class RateLimitLink:
         scope.settle_hooks.append(settle)
 
 
+def _note(scope: CallScope, findings: Iterable[Finding]) -> None:
+    scope.findings.extend(f"{f.policy}:{f.kind}:{f.action}" for f in findings)
+
+
 class _InputAdapter:
-    def __init__(self, guard: InputGuard) -> None:
+    def __init__(self, guard: InputGuard, scope: CallScope) -> None:
         self._guard = guard
+        self._scope = scope
 
     def check(self, text: str) -> str:
-        return self._guard.check(text).text
+        try:
+            result = self._guard.check(text)
+        except GuardrailViolation as exc:
+            _note(self._scope, exc.findings)
+            raise
+        _note(self._scope, result.findings)
+        return result.text
 
 
 class _StreamAdapter:
-    def __init__(self, guard: OutputGuard) -> None:
+    def __init__(self, guard: OutputGuard, scope: CallScope) -> None:
         self._stream = guard.new_stream()
+        self._scope = scope
 
     def feed(self, delta: str) -> tuple[str, str | None]:
-        result = self._stream.feed(delta)
-        return result.text, (result.reason or "content filter") if result.stop else None
+        return self._result(self._stream.feed(delta))
 
     def finish(self) -> tuple[str, str | None]:
-        result = self._stream.finish()
-        return result.text, (result.reason or "content filter") if result.stop else None
+        result = self._result(self._stream.finish())
+        _note(self._scope, self._stream.findings)
+        return result
+
+    def _result(self, result: FilterResult) -> tuple[str, str | None]:
+        if not result.stop:
+            return result.text, None
+        _note(self._scope, self._stream.findings)
+        return result.text, result.reason or "content filter"
 
 
 class GuardrailsLink:
     name = "guardrails"
 
     def __init__(self, inputs: InputGuard, outputs: OutputGuard) -> None:
-        self._input = _InputAdapter(inputs) if inputs.enabled else None
+        self._input = inputs if inputs.enabled else None
         self._outputs = outputs if outputs.enabled else None
 
     async def before(self, scope: CallScope) -> None:
-        scope.input_filter = self._input
-        if self._outputs is not None:
-            scope.output_filter_factory = self._new_stream
-
-    def _new_stream(self) -> _StreamAdapter:
-        assert self._outputs is not None
-        return _StreamAdapter(self._outputs)
+        if self._input is not None:
+            scope.input_filter = _InputAdapter(self._input, scope)
+        outputs = self._outputs
+        if outputs is not None:
+            scope.output_filter_factory = lambda: _StreamAdapter(outputs, scope)
 
 
 class Guard:

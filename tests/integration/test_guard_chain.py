@@ -243,3 +243,6 @@ async def test_audit_log_has_one_line_per_call_and_no_credentials(
     ]
     assert mine[0]["model"] == GEN and mine[0]["completion_tokens"] == 3
     assert mine[0]["prompt_tokens"] >= 1 and mine[0]["request_id"]
+    blocked = [r for r in lines if r.get("guardrails")]
+    assert any("pii:credit_card:reject" in r["guardrails"] for r in blocked)
+    assert any("no-paris:term:reject" in r["guardrails"] for r in blocked)
