@@ -2,10 +2,10 @@
 
     python -m loadtest.benchmarks.ratelimit_bench [--calls N]
 
-Each call charges 4 buckets (tenant and API key, requests and tokens) and refunds part of its
-tokens, as a generate call does. The Redis figures use a redis-server started on a free port for
-the run (tests/redis_server.py); sequential is the latency one call adds, concurrent the
-throughput of one replica's event loop with 64 calls in flight.
+Each call charges the tenant's request and token buckets (and its API key's when key_share < 1)
+and refunds part of its tokens, as a generate call does. The Redis figures use a redis-server
+started on a free port for the run (tests/redis_server.py); sequential is the latency one call
+adds, concurrent the throughput of one replica's event loop with 64 calls in flight.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ async def main(calls: int) -> None:
     stream = await sequential_us(memory, calls, stream=True)
     print(f"memory  reserve+settle          {unary:7.2f} µs/call  (stream: {stream:.2f} µs)")
     await memory.close()
+    # key_share < 1 gives each API key buckets of its own: 4 buckets per call instead of 2.
+    per_key = RateLimiter(RateLimitConfig(tiers=TIERS, key_share=0.5))
+    await sequential_us(per_key, 1000)
+    keyed = await sequential_us(per_key, calls)
+    print(f"memory  reserve+settle, per key {keyed:7.2f} µs/call  (key_share=0.5: 4 buckets)")
+    await per_key.close()
 
     if redis_server_path() is None:
         print("redis   skipped: no redis-server binary")
@@ -75,11 +81,17 @@ async def main(calls: int) -> None:
         redis_calls = max(calls // 50, 500)
         await sequential_us(redis, 200)  # warm up: connection, script cache
         latency = await sequential_us(redis, redis_calls)
+        client = redis.redis.client  # type: ignore[union-attr]
+        start = time.perf_counter()
+        for _ in range(redis_calls):
+            await client.ping()
+        ping = (time.perf_counter() - start) / redis_calls * 1e6
         throughput = await concurrent_per_s(redis, redis_calls * 4)
         print(
             f"redis   reserve+settle          {latency:7.2f} µs/call  "
             f"({latency / unary:.0f}x memory; 2 round trips)"
         )
+        print(f"redis   PING with redis-py      {ping:7.2f} µs (the floor of one round trip)")
         print(f"redis   64 in flight            {throughput:7.0f} calls/s")
         assert redis.redis_errors == redis.fallbacks == 0, "Redis failed during the benchmark"
         await redis.close()

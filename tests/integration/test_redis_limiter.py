@@ -11,7 +11,7 @@ import multiprocessing
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -173,7 +173,7 @@ async def test_slots_of_a_crashed_replica_expire(redis_server: RedisServer, clie
         await reserve(limiter, tenant, stream=True)
         assert 0 < await client.pttl(key) <= 3_600_000
         # Never settled (the replica died): age both slots past their deadline.
-        members = await client.zrange(key, 0, -1)
+        members = cast(list[bytes], await client.zrange(key, 0, -1))
         await client.zadd(key, dict.fromkeys(members, 0), xx=True)
         await reserve(limiter, tenant, stream=True)
         assert await client.zcard(key) == 1
@@ -181,9 +181,10 @@ async def test_slots_of_a_crashed_replica_expire(redis_server: RedisServer, clie
 
 async def test_bucket_keys_expire_when_full(redis_server: RedisServer, client: Redis) -> None:
     tenant = new_tenant()
-    async with redis_limiter(redis_server, tiers=SMALL) as limiter:
+    async with redis_limiter(redis_server, tiers=SMALL, key_share=0.5) as limiter:
         reservation = await reserve(limiter, tenant, key_id="k", tokens=100)
-        keys = sorted(k.decode() for k in await client.keys(f"irouter:rl:{{{tenant}}}:*"))
+        found = cast(list[bytes], await client.keys(f"irouter:rl:{{{tenant}}}:*"))
+        keys = sorted(k.decode() for k in found)
         assert keys == [
             f"irouter:rl:{{{tenant}}}:{suffix}"
             for suffix in ("key:k:req", "key:k:tok", "req", "tok")

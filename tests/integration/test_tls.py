@@ -123,9 +123,7 @@ async def serve(tmp: Path, model_cache: Path, tls: TlsConfig) -> RouterServer:
 
 async def list_models(port: int, creds: grpc.ChannelCredentials | None) -> pb.ListModelsResponse:
     target = f"localhost:{port}"
-    channel = (
-        grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
-    )
+    channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
     async with channel:
         return await pb_grpc.InferenceServiceStub(channel).ListModels(
             pb.ListModelsRequest(), timeout=5

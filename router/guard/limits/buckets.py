@@ -46,15 +46,13 @@ def gcra_refund(tat: float | None, now: float, interval: float, amount: int) -> 
 
 
 class Bucket(NamedTuple):
-    """One bucket a call charges: its store key, cost per unit and the units charged (a named
-    tuple: built on every call, so it must be cheap)."""
+    """One bucket: its store key and cost per unit. Built once per (tenant, key, tier) and
+    reused; the units a call charges are passed beside it."""
 
     key: str
     """Store key; every key of one tenant shares a Redis Cluster hash tag ({tenant})."""
     interval_s: float
     """Seconds of refill per unit: 60 / per-minute limit."""
-    amount: int
-    """Units this call charges (1 request, or prompt + max_tokens tokens)."""
 
 
 class StreamSlot(NamedTuple):
@@ -81,12 +79,17 @@ class Rejection:
 class LimitStore(Protocol):
     """Where bucket states live. `charge` is all-or-nothing over every bucket and the slot."""
 
-    async def charge(self, buckets: Sequence[Bucket], slot: StreamSlot | None) -> Rejection | None:
-        """Charge every bucket and take the slot if all have room (None); else charge nothing."""
+    async def charge(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], slot: StreamSlot | None
+    ) -> Rejection | None:
+        """Charge each bucket its amount and take the slot if all have room (None); else charge
+        nothing."""
         ...
 
-    async def refund(self, buckets: Sequence[Bucket], slot: StreamSlot | None) -> None:
-        """Give each bucket's `amount` back and release the slot."""
+    async def refund(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], slot: StreamSlot | None
+    ) -> None:
+        """Give each bucket its amount back and release the slot."""
         ...
 
     async def close(self) -> None: ...

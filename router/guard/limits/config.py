@@ -54,11 +54,12 @@ class RateLimitConfig:
     tiers: Mapping[str, TierLimits] = field(default_factory=_default_tiers)
     """Limits by tier name; 'default' is required and serves callers whose tier is unknown."""
     per_key: bool = True
-    """Also limit each API key with its tenant's tier, so one leaked key cannot drain a tenant."""
+    """Also limit each API key, to key_share of its tenant's tier, so one leaked key cannot
+    drain its tenant."""
     key_share: float = 1.0
-    """Share of the tier's requests and tokens per minute each API key gets when per_key is on:
-    at 1.0 one key may use its whole tenant's quota (the key limit then only names the key in
-    errors); at 0.25 a leaked key can take at most a quarter of it."""
+    """Share of the tier's requests and tokens per minute each API key gets when per_key is on.
+    At 1.0 a key could never run out before its tenant, so no key buckets are kept at all; at
+    0.25 one key can take at most a quarter of its tenant's quota."""
     store: StoreKind = "memory"
     """'memory': exact for one router process; 'redis': shared by every replica (redis_url)."""
     redis_url: str = ""

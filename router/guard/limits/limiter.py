@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
@@ -49,46 +50,66 @@ class TenantUsage:
     """Tokens settled beyond the prompt."""
 
 
+class _Route(NamedTuple):
+    """Everything reserve() needs for one (tenant, key, tier), built on its first call."""
+
+    tenant: str
+    key_id: str | None
+    """The key whose buckets are charged; None when per_key is off, key_share is 1.0 or the call
+    has no key."""
+    tier: str
+    plan: TierPlan
+    request_buckets: tuple[Bucket, ...]
+    """Requests only (a call without tokens): tenant, then key."""
+    all_buckets: tuple[Bucket, ...]
+    """Tenant requests, tenant tokens, then key requests, key tokens."""
+    token_buckets: tuple[Bucket, ...]
+    """The token buckets of all_buckets, which settle refunds."""
+    streams_key: str
+    usage: TenantUsage
+
+
+_MAX_ROUTES = 100_000
+"""Routes kept before the cache starts over (a cheap bound on memory, not an LRU)."""
+
+
 class Reservation:
     """What one admitted call holds until `RateLimiter.settle`: its reserved tokens and, for a
     stream, a concurrent-stream slot."""
 
-    __slots__ = (
-        "_buckets",
-        "_slot",
-        "_store",
-        "key_id",
-        "prompt_tokens",
-        "settled",
-        "stream",
-        "tenant",
-        "tier",
-        "tokens",
-    )
+    __slots__ = ("_route", "_slot", "_store", "prompt_tokens", "settled", "tokens")
 
     def __init__(
         self,
-        *,
-        tenant: str,
-        key_id: str | None,
-        tier: str,
+        route: _Route,
         tokens: int,
         prompt_tokens: int,
-        stream: bool,
-        buckets: tuple[Bucket, ...],
         slot: StreamSlot | None,
         store: LimitStore,
     ) -> None:
-        self.tenant = tenant
-        self.key_id = key_id
-        self.tier = tier
+        self._route = route
         self.tokens = tokens
+        """Tokens reserved (prompt + max_tokens)."""
         self.prompt_tokens = prompt_tokens
-        self.stream = stream
-        self.settled = False
-        self._buckets = buckets  # the token buckets charged, to refund
         self._slot = slot
         self._store = store  # the store that charged it: a fail-open call refunds locally
+        self.settled = False
+
+    @property
+    def tenant(self) -> str:
+        return self._route.tenant
+
+    @property
+    def key_id(self) -> str | None:
+        return self._route.key_id
+
+    @property
+    def tier(self) -> str:
+        return self._route.tier
+
+    @property
+    def stream(self) -> bool:
+        return self._slot is not None
 
     def __repr__(self) -> str:
         return (
@@ -134,12 +155,13 @@ class RateLimiter:
         self._plans = {
             name: TierPlan.of(lim, self.config) for name, lim in self.config.tiers.items()
         }
+        self._routes: dict[tuple[str, str | None, str], _Route] = {}
         self._replica = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
         self.redis_errors = 0
         """Redis operations that failed or timed out (a counter for metrics)."""
         self.fallbacks = 0
-        """Calls admitted against this replica's own buckets because Redis was unavailable."""
+        """Calls checked against this replica's own buckets because Redis was unavailable."""
         self.usage: dict[str, TenantUsage] = {}
         """Per-tenant usage through this replica, by tenant."""
 
@@ -159,46 +181,36 @@ class RateLimiter:
     ) -> Reservation:
         """Admit one call that may use up to `tokens` tokens (prompt + max_tokens) or raise
         ResourceExhausted (nothing charged). `prompt_tokens` only splits the usage counters."""
-        plan = self._plan(tier)
-        limits = plan.limits
-        tokens = max(tokens, 0)
-        per_key = self.config.per_key and key_id is not None
-        if tokens > limits.tokens_per_minute or (per_key and tokens > plan.key_tokens):
-            self._usage(tenant).rejected += 1
-            raise oversize_error(tenant, key_id if per_key else None, tier, plan, tokens)
-        # Every key of a tenant carries the hash tag {tenant}, so one script's keys share a
-        # Redis Cluster slot. Token buckets sit at odd positions (settle refunds those).
-        base = f"irouter:rl:{{{tenant}}}"
-        buckets = [Bucket(base + ":req", plan.req_interval, 1)]
-        if tokens:
-            buckets.append(Bucket(base + ":tok", plan.tok_interval, tokens))
-        if per_key:
-            buckets.append(Bucket(f"{base}:key:{key_id}:req", plan.key_req_interval, 1))
-            if tokens:
-                buckets.append(Bucket(f"{base}:key:{key_id}:tok", plan.key_tok_interval, tokens))
+        route = self._routes.get((tenant, key_id, tier)) or self._route(tenant, key_id, tier)
+        if tokens > 0:
+            plan = route.plan
+            if tokens > plan.limits.tokens_per_minute or (
+                route.key_id is not None and tokens > plan.key_tokens
+            ):
+                route.usage.rejected += 1
+                raise oversize_error(tenant, route.key_id, tier, plan, tokens)
+            buckets = route.all_buckets
+            amounts: tuple[int, ...] = (
+                (1, tokens, 1, tokens) if route.key_id is not None else (1, tokens)
+            )
+        else:
+            tokens = 0
+            buckets = route.request_buckets
+            amounts = (1, 1) if route.key_id is not None else (1,)
         slot = None
         if stream:
             member = f"{self._replica}:{next(self._ids)}"
-            slot = StreamSlot(base + ":streams", limits.max_concurrent_streams, member)
-        store, rejection = await self._charge(buckets, slot)
-        usage = self._usage(tenant)
+            slot = StreamSlot(route.streams_key, route.plan.limits.max_concurrent_streams, member)
+        if self._redis is None:
+            store: LimitStore = self._local
+            rejection = self._local.charge_now(buckets, amounts, slot)
+        else:
+            store, rejection = await self._charge_redis(self._redis, buckets, amounts, slot)
         if rejection is not None:
-            usage.rejected += 1
-            raise rejection_error(
-                tenant, key_id if per_key else None, tier, plan, tokens, rejection
-            )
-        usage.requests += 1
-        return Reservation(
-            tenant=tenant,
-            key_id=key_id,
-            tier=tier,
-            tokens=tokens,
-            prompt_tokens=prompt_tokens,
-            stream=stream,
-            buckets=tuple(buckets[1::2]) if tokens else (),
-            slot=slot,
-            store=store,
-        )
+            route.usage.rejected += 1
+            raise rejection_error(tenant, route.key_id, tier, route.plan, tokens, rejection)
+        route.usage.requests += 1
+        return Reservation(route, tokens, prompt_tokens, slot, store)
 
     async def settle(self, reservation: Reservation, *, used_tokens: int) -> None:
         """Refund the tokens the call reserved but did not use and release its stream slot.
@@ -207,27 +219,26 @@ class RateLimiter:
         if reservation.settled:
             return
         reservation.settled = True
-        used = max(used_tokens, 0)
-        usage = self._usage(reservation.tenant)
+        route = reservation._route
+        used = used_tokens if used_tokens > 0 else 0
         prompt = min(reservation.prompt_tokens, used)
-        usage.prompt_tokens += prompt
-        usage.completion_tokens += used - prompt
+        route.usage.prompt_tokens += prompt
+        route.usage.completion_tokens += used - prompt
         unused = reservation.tokens - used
-        buckets = (
-            [Bucket(b.key, b.interval_s, unused) for b in reservation._buckets] if unused else []
-        )
+        buckets = route.token_buckets if unused else ()
         slot = reservation._slot
         if not buckets and slot is None:
             return
+        amounts = (unused,) * len(buckets)
         store = reservation._store
         if store is self._local:
-            self._local.refund_now(buckets, slot)
+            self._local.refund_now(buckets, amounts, slot)
             return
         if self._clock() < self._redis_skip_until:
             return
         try:
             async with asyncio.timeout(self.config.redis_timeout_s):
-                await store.refund(buckets, slot)
+                await store.refund(buckets, amounts, slot)
         except _REDIS_FAILURES as exc:
             self._redis_failed(exc, "refund")
 
@@ -236,16 +247,21 @@ class RateLimiter:
             await self._redis.close()
         await self._local.close()
 
-    async def _charge(
-        self, buckets: list[Bucket], slot: StreamSlot | None
+    async def _charge_redis(
+        self,
+        redis: RedisStore,
+        buckets: tuple[Bucket, ...],
+        amounts: tuple[int, ...],
+        slot: StreamSlot | None,
     ) -> tuple[LimitStore, Rejection | None]:
-        redis = self._redis
-        if redis is None:
-            return self._local, self._local.charge_now(buckets, slot)
         if self._clock() >= self._redis_skip_until:
             try:
                 async with asyncio.timeout(self.config.redis_timeout_s):
-                    return redis, await redis.charge(buckets, slot)
+                    rejection = await redis.charge(buckets, amounts, slot)
+                if self._redis_last_error:
+                    logger.info("redis at %s answers again; limits are global", self._redis_target)
+                    self._redis_last_error = ""
+                return redis, rejection
             except _REDIS_FAILURES as exc:
                 # A timed-out script may still have run: that call is then charged in Redis as
                 # well as locally, erring towards the limit.
@@ -253,7 +269,7 @@ class RateLimiter:
         if self.config.on_redis_error == "closed":
             raise Unavailable(f"rate limiter unavailable: {self._redis_last_error}")
         self.fallbacks += 1
-        return self._local, self._local.charge_now(buckets, slot)
+        return self._local, self._local.charge_now(buckets, amounts, slot)
 
     def _redis_failed(self, exc: BaseException, what: str) -> None:
         self.redis_errors += 1
@@ -294,8 +310,37 @@ class RateLimiter:
         plan = self._plans[tier] = self._plans["default"]
         return plan
 
-    def _usage(self, tenant: str) -> TenantUsage:
+    def _route(self, tenant: str, key_id: str | None, tier: str) -> _Route:
+        cache_key = (tenant, key_id, tier)
+        plan = self._plan(tier)
         usage = self.usage.get(tenant)
         if usage is None:
             usage = self.usage[tenant] = TenantUsage()
-        return usage
+        # Every key of a tenant carries the hash tag {tenant}, so one script's keys share a
+        # Redis Cluster slot. Keys do not name the tier: a tenant moved to another tier keeps
+        # its debt (in seconds), and its new limits apply from the next call.
+        base = f"irouter:rl:{{{tenant}}}"
+        requests = [Bucket(f"{base}:req", plan.req_interval)]
+        tokens = [Bucket(f"{base}:tok", plan.tok_interval)]
+        if not self.config.per_key or self.config.key_share >= 1.0:
+            # A key with its tenant's whole limit can never run out before its tenant does
+            # (every call charges both alike), so its buckets would only cost time and keys.
+            key_id = None
+        if key_id is not None:
+            requests.append(Bucket(f"{base}:key:{key_id}:req", plan.key_req_interval))
+            tokens.append(Bucket(f"{base}:key:{key_id}:tok", plan.key_tok_interval))
+        route = _Route(
+            tenant=tenant,
+            key_id=key_id,
+            tier=tier,
+            plan=plan,
+            request_buckets=tuple(requests),
+            all_buckets=tuple(b for pair in zip(requests, tokens, strict=True) for b in pair),
+            token_buckets=tuple(tokens),
+            streams_key=f"{base}:streams",
+            usage=usage,
+        )
+        if len(self._routes) >= _MAX_ROUTES:
+            self._routes.clear()
+        self._routes[cache_key] = route
+        return route

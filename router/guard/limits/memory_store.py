@@ -38,47 +38,68 @@ class MemoryStore:
     def open_streams(self, key: str) -> int:
         return self._streams.get(key, 0)
 
-    async def charge(self, buckets: Sequence[Bucket], slot: StreamSlot | None) -> Rejection | None:
-        return self.charge_now(buckets, slot)
+    async def charge(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], slot: StreamSlot | None
+    ) -> Rejection | None:
+        return self.charge_now(buckets, amounts, slot)
 
-    async def refund(self, buckets: Sequence[Bucket], slot: StreamSlot | None) -> None:
-        self.refund_now(buckets, slot)
+    async def refund(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], slot: StreamSlot | None
+    ) -> None:
+        self.refund_now(buckets, amounts, slot)
 
     async def close(self) -> None:
         self._tat.clear()
         self._streams.clear()
 
-    def charge_now(self, buckets: Sequence[Bucket], slot: StreamSlot | None) -> Rejection | None:
+    def charge_now(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], slot: StreamSlot | None
+    ) -> Rejection | None:
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
         tats = self._tat
-        new_tats: list[float] = []
-        rejected = False
-        waits: list[float] = []
-        for bucket in buckets:
-            new_tat, wait = gcra_charge(tats.get(bucket.key), now, bucket.interval_s, bucket.amount)
+        new_tats = []
+        for (key, interval), amount in zip(buckets, amounts, strict=True):
+            new_tat, wait = gcra_charge(tats.get(key), now, interval, amount)
+            if wait:
+                return self._rejection(buckets, amounts, slot, now)
             new_tats.append(new_tat)
-            waits.append(wait)
-            rejected = rejected or wait > 0.0
-        streams_full = slot is not None and self._streams.get(slot.key, 0) >= slot.limit
-        if rejected or streams_full:
-            return Rejection(tuple(waits), streams_full)
-        for bucket, new_tat in zip(buckets, new_tats, strict=True):
-            tats[bucket.key] = new_tat
         if slot is not None:
-            self._streams[slot.key] = self._streams.get(slot.key, 0) + 1
+            open_now = self._streams.get(slot.key, 0)
+            if open_now >= slot.limit:
+                return self._rejection(buckets, amounts, slot, now)
+            self._streams[slot.key] = open_now + 1
+        for (key, _), new_tat in zip(buckets, new_tats, strict=True):
+            tats[key] = new_tat
         return None
 
-    def refund_now(self, buckets: Sequence[Bucket], slot: StreamSlot | None) -> None:
+    def _rejection(
+        self,
+        buckets: Sequence[Bucket],
+        amounts: Sequence[int],
+        slot: StreamSlot | None,
+        now: float,
+    ) -> Rejection:
+        """Every limit the call would exceed (the message names them all), charging nothing."""
+        waits = tuple(
+            gcra_charge(self._tat.get(key), now, interval, amount)[1]
+            for (key, interval), amount in zip(buckets, amounts, strict=True)
+        )
+        full = slot is not None and self._streams.get(slot.key, 0) >= slot.limit
+        return Rejection(waits, full)
+
+    def refund_now(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], slot: StreamSlot | None
+    ) -> None:
         now = self._clock()
         tats = self._tat
-        for bucket in buckets:
-            new_tat = gcra_refund(tats.get(bucket.key), now, bucket.interval_s, bucket.amount)
+        for (key, interval), amount in zip(buckets, amounts, strict=True):
+            new_tat = gcra_refund(tats.get(key), now, interval, amount)
             if new_tat is None:
-                tats.pop(bucket.key, None)
+                tats.pop(key, None)
             else:
-                tats[bucket.key] = new_tat
+                tats[key] = new_tat
         if slot is not None:
             left = self._streams.get(slot.key, 0) - 1
             if left > 0:

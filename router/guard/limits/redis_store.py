@@ -159,11 +159,10 @@ class RedisStore:
     def client(self) -> Redis:
         return self._client
 
-    async def charge(self, buckets: Sequence[Bucket], slot: StreamSlot | None) -> Rejection | None:
-        keys = [b.key for b in buckets]
-        args: list[str | int] = [len(buckets), _WINDOW_US, _SLACK_US]
-        for b in buckets:
-            args += (repr(b.interval_s * 1e6), b.amount)
+    async def charge(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], slot: StreamSlot | None
+    ) -> Rejection | None:
+        keys, args = self._request(buckets, amounts, [_WINDOW_US, _SLACK_US])
         if slot is not None:
             keys.append(slot.key)
             args += (slot.limit, slot.member, self._slot_ttl_us)
@@ -172,15 +171,24 @@ class RedisStore:
             return None
         return Rejection(tuple(int(w) / 1e6 for w in reply[2:]), reply[1] == 1)
 
-    async def refund(self, buckets: Sequence[Bucket], slot: StreamSlot | None) -> None:
-        keys = [b.key for b in buckets]
-        args: list[str | int] = [len(buckets)]
-        for b in buckets:
-            args += (repr(b.interval_s * 1e6), b.amount)
+    async def refund(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], slot: StreamSlot | None
+    ) -> None:
+        keys, args = self._request(buckets, amounts, [])
         if slot is not None:
             keys.append(slot.key)
             args.append(slot.member)
         await _REFUND(self._client, keys, args)
+
+    @staticmethod
+    def _request(
+        buckets: Sequence[Bucket], amounts: Sequence[int], extra: list[str | int]
+    ) -> tuple[list[str], list[str | int]]:
+        """KEYS and ARGV of a script: n, [extra...], then (interval_us, amount) per bucket."""
+        args: list[str | int] = [len(buckets), *extra]
+        for (_, interval), amount in zip(buckets, amounts, strict=True):
+            args += (repr(interval * 1e6), amount)
+        return [key for key, _ in buckets], args
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -134,7 +134,9 @@ async def test_settle_is_idempotent() -> None:
 async def test_using_more_than_reserved_charges_the_difference() -> None:
     limiter, _ = make_limiter(tiers=small_tiers(rpm=100, tpm=1000))
     reservation = await reserve(limiter, tokens=100)
-    await limiter.settle(reservation, used_tokens=400)
+    await limiter.settle(reservation, used_tokens=300)
+    unreserved = await reserve(limiter)  # e.g. a call that could not know its size up front
+    await limiter.settle(unreserved, used_tokens=100)
     await reserve(limiter, tokens=600)
     with pytest.raises(ResourceExhausted):
         await reserve(limiter, tokens=1)
@@ -179,6 +181,15 @@ async def test_each_api_key_and_its_tenant_are_both_limited() -> None:
     assert error_info.value.violations == (
         ("tenant:acme", "10 requests per minute (tier 'default')"),
     )
+
+
+async def test_key_with_the_whole_share_keeps_no_buckets_of_its_own() -> None:
+    # At key_share=1.0 a key can never run out before its tenant: its buckets would be waste.
+    limiter, _ = make_limiter(tiers=small_tiers(rpm=10))
+    count, error = await admitted_until_rejected(limiter, key_id="k1", tokens=10)
+    assert count == 10
+    assert [subject for subject, _ in error.violations] == ["tenant:acme"]
+    assert len(limiter._local) == 2  # the tenant's request and token buckets
 
 
 async def test_per_key_off_limits_only_the_tenant() -> None:

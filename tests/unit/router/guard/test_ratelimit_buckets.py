@@ -61,9 +61,9 @@ def test_token_charge_waits_until_enough_tokens_refilled() -> None:
 
 def test_refund_returns_tokens_but_never_beyond_full() -> None:
     interval = WINDOW_S / 1000
-    tat, _ = gcra_charge(None, 0.0, interval, 1000)
-    assert gcra_charge(tat, 0.0, interval, 1)[1] > 0
-    tat = gcra_refund(tat, 0.0, interval, 600)
+    drained, _ = gcra_charge(None, 0.0, interval, 1000)
+    assert gcra_charge(drained, 0.0, interval, 1)[1] > 0
+    tat = gcra_refund(drained, 0.0, interval, 600)
     assert tat is not None
     assert burst_from(tat, interval, 1) == 600
     # A refund larger than what was taken leaves a full bucket (None), not a bigger one.
@@ -90,15 +90,15 @@ def burst_from(tat: float | None, interval: float, amount: int, now: float = 0.0
 async def test_memory_store_charges_all_buckets_or_none() -> None:
     clock = FakeClock()
     store = MemoryStore(clock)
-    requests = Bucket("req", WINDOW_S / 10, 1)
-    assert await store.charge([requests, Bucket("tok", WINDOW_S / 100, 80)], None) is None
+    requests = Bucket("req", WINDOW_S / 10)
+    assert await store.charge([requests, Bucket("tok", WINDOW_S / 100)], [1, 80], None) is None
     # The token bucket lacks room: the request bucket must not be charged either.
-    rejection = await store.charge([requests, Bucket("tok", WINDOW_S / 100, 30)], None)
+    rejection = await store.charge([requests, Bucket("tok", WINDOW_S / 100)], [1, 30], None)
     assert rejection is not None
     assert rejection.waits[0] == 0.0
     assert rejection.waits[1] == pytest.approx(6.0)  # 10 tokens short at 100/min
     admitted = 0
-    while await store.charge([requests], None) is None:
+    while await store.charge([requests], [1], None) is None:
         admitted += 1
     assert admitted == 9  # 10 per minute, one taken by the first call only
 
@@ -106,21 +106,21 @@ async def test_memory_store_charges_all_buckets_or_none() -> None:
 async def test_memory_store_stream_slots() -> None:
     store = MemoryStore(FakeClock())
     slot = StreamSlot("streams", 2, "m")
-    assert await store.charge([], slot) is None
-    assert await store.charge([], slot) is None
-    rejection = await store.charge([], slot)
+    assert await store.charge([], [], slot) is None
+    assert await store.charge([], [], slot) is None
+    rejection = await store.charge([], [], slot)
     assert rejection is not None and rejection.streams_full
-    await store.refund([], slot)
+    await store.refund([], [], slot)
     assert store.open_streams("streams") == 1
-    assert await store.charge([], slot) is None
+    assert await store.charge([], [], slot) is None
 
 
 async def test_memory_store_forgets_full_buckets() -> None:
     clock = FakeClock()
     store = MemoryStore(clock)
     for key in range(50):
-        await store.charge([Bucket(f"key{key}", 0.6, 1)], None)
+        await store.charge([Bucket(f"key{key}", 0.6)], [1], None)
     assert len(store) == 50
     clock.advance(120.0)  # all full again, and past the sweep interval
-    await store.charge([Bucket("other", 0.6, 1)], None)
+    await store.charge([Bucket("other", 0.6)], [1], None)
     assert len(store) == 1
