@@ -24,7 +24,12 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.benchmarks.ort_baseline import bare_decode_tok_s, bare_embed_texts_s
+from loadtest.benchmarks.ort_baseline import (
+    CHAT,
+    SENTENCE,
+    bare_decode_tok_s,
+    bare_embed_texts_s,
+)
 from router.config import load_config
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
@@ -32,13 +37,6 @@ from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[2]
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
-QUESTION = "Explain in a few sentences why the sky is blue."
-CHAT_PROMPTS = [
-    "Explain in a few sentences why the sky is blue.",
-    "Write a short poem about autumn leaves falling in a quiet park.",
-    "What are three tips for writing clean and maintainable Python code?",
-    "Describe the water cycle to a ten-year-old child in simple words.",
-]
 
 
 def free_port() -> int:
@@ -105,9 +103,13 @@ async def _stream(
     n: int,
     metadata: tuple[tuple[str, str], ...] = (),
 ) -> tuple[float, int, float]:
+    # The bare baseline's own conversation, so both sides prefill the same prompt.
+    messages = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in CHAT]
+    if prompt != CHAT[-1]["content"]:
+        messages = [pb.ChatMessage(role="user", content=prompt)]
     request = pb.GenerateRequest(
         model=GEN,
-        chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)]),
+        chat=pb.ChatMessages(messages=messages),
         sampling=pb.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
     )
     started = time.perf_counter()
@@ -133,10 +135,7 @@ async def generate_load(
         for _ in range(rounds):
             started = time.perf_counter()
             results = await asyncio.gather(
-                *(
-                    _stream(stub, CHAT_PROMPTS[i % len(CHAT_PROMPTS)], n, metadata)
-                    for i in range(streams)
-                )
+                *(_stream(stub, CHAT[-1]["content"], n, metadata) for i in range(streams))
             )
             elapsed = time.perf_counter() - started
             rates.append(sum(r[1] for r in results) / elapsed)
@@ -170,7 +169,7 @@ def bench_generate(model_dir: Path, quick: bool) -> None:
 
 
 async def embed_load(target: str, callers: int, seconds: float) -> float:
-    texts = [f"{p} (variant {i})" for i, p in enumerate(CHAT_PROMPTS * 16)]
+    texts = [f"{SENTENCE} ({i})" for i in range(64)]  # what the bare encoder loop embeds
     done = 0
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)

@@ -77,6 +77,7 @@ class InferenceServicer:
         self._metrics = metrics
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}"
+        self._listed: tuple[tuple[bool, ...], pb.ListModelsResponse] | None = None
 
     async def _request(
         self, message: pb.GenerateRequest | pb.CompleteRequest, scope: CallScope, *, stream: bool
@@ -215,7 +216,15 @@ class InferenceServicer:
     async def ListModels(
         self, message: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(m) for m in self._models])
+        # Built once per change of readiness, not per call: load balancers and dashboards
+        # poll this, and it is the router's cheapest call (benchmarked against a bare echo).
+        state = tuple(m.ready for m in self._models)
+        if self._listed is None or self._listed[0] != state:
+            self._listed = (
+                state,
+                pb.ListModelsResponse(models=[model_info(m) for m in self._models]),
+            )
+        return self._listed[1]
 
 
 def model_info(model: ServedModel) -> pb.ModelInfo:
