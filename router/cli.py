@@ -68,5 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
     from router.server import run
 
-    run(config)
-    return 0
+    return run(config)

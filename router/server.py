@@ -4,10 +4,13 @@ graceful shutdown, and N worker processes sharing one port."""
 from __future__ import annotations
 
 import asyncio
+import copyreg
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import types
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -171,12 +174,22 @@ def _run_one(config: RouterConfig, worker: int) -> None:
     uvloop.run(serve(config, worker=worker))
 
 
-def run(config: RouterConfig) -> None:
-    """Run the router; with workers > 1, N processes share the port via SO_REUSEPORT."""
+# Worker processes receive the config pickled (spawn). Config sections freeze their mappings in
+# MappingProxyType, which pickle refuses; send them as a plain dict and re-freeze on arrival.
+def _frozen(data: dict[object, object]) -> types.MappingProxyType[object, object]:
+    return types.MappingProxyType(data)
+
+
+copyreg.pickle(types.MappingProxyType, lambda m: (_frozen, (dict(m),)))
+
+
+def run(config: RouterConfig) -> int:
+    """Run the router; with workers > 1, N processes share the port via SO_REUSEPORT.
+    Returns the exit status: non-zero when a worker died on its own."""
     workers = config.server.workers
     if workers == 1:
         _run_one(config, 0)
-        return
+        return 0
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=_run_one, args=(config, i), name=f"irouter-w{i}") for i in range(workers)
@@ -184,12 +197,26 @@ def run(config: RouterConfig) -> None:
     for p in procs:
         p.start()
 
+    stopping = False
+
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for p in procs:
             if p.pid is not None and p.is_alive():
                 os.kill(p.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for p in procs:
-        p.join()
+    status = 0
+    alive = list(procs)
+    while alive:
+        multiprocessing.connection.wait([p.sentinel for p in alive])
+        for p in [p for p in alive if not p.is_alive()]:
+            alive.remove(p)
+            if not stopping:
+                # A worker that dies on its own would leave the port half served: stop them all.
+                logger.error("worker %s exited with %s; stopping the others", p.name, p.exitcode)
+                status = 1
+                forward(signal.SIGTERM, None)
+    return status

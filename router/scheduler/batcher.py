@@ -1,8 +1,8 @@
 """Dynamic batching for encoders: calls that arrive close together share one forward pass.
 
-A batch closes when it holds `max_batch` texts or `max_delay` has passed since its first text.
-At most two batches are in flight (one running, one ready), so under load the queue turns into
-bigger batches instead of a backlog of small ones.
+A batch closes when it holds `max_batch` texts, or when `max_delay` has passed since its first
+text and the encoder is free. One batch runs while the next fills, so under load the queue turns
+into bigger batches instead of a backlog of small ones.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class EncoderBatcher:
         self._observer = observer
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"enc-{name}")
-        self._in_flight = asyncio.Semaphore(2)
+        # One batch runs while the next one fills; it closes when the encoder is free again.
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -92,16 +94,9 @@ class EncoderBatcher:
             size = len(first.ids)
             deadline = loop.time() + self._max_delay
             while size < self.max_batch and not first.solo:
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), timeout)
-                    except TimeoutError:
-                        break
+                item = await self._next(deadline)
+                if item is None:
+                    break
                 if item.solo or size + len(item.ids) > self.max_batch:
                     carry = item  # never split a call across batches
                     break
@@ -110,9 +105,35 @@ class EncoderBatcher:
             batch = [p for p in batch if not p.future.cancelled()]
             if not batch:
                 continue
-            await self._in_flight.acquire()
+            await self._idle.wait()
+            self._idle.clear()
             run = loop.run_in_executor(self._executor, self._run_batch, batch)
             run.add_done_callback(functools.partial(self._resolve, batch=batch))
+
+    async def _next(self, deadline: float) -> _Pending | None:
+        """The next call for the batch being filled, or None when the batch should close: after
+        max_delay if the encoder is idle, else as soon as it becomes idle."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        loop = asyncio.get_running_loop()
+        timeout = deadline - loop.time()
+        if timeout > 0:
+            try:
+                return await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                pass
+        if self._idle.is_set():
+            return None
+        getter = loop.create_task(self._queue.get())
+        idle = loop.create_task(self._idle.wait())
+        await asyncio.wait((getter, idle), return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        return None
 
     def _run_batch(self, batch: Sequence[_Pending]) -> npt.NDArray[np.float32]:
         started = time.perf_counter()
@@ -130,7 +151,7 @@ class EncoderBatcher:
     def _resolve(
         self, done: asyncio.Future[npt.NDArray[np.float32]], *, batch: Sequence[_Pending]
     ) -> None:
-        self._in_flight.release()
+        self._idle.set()
         try:
             vectors = done.result()
         except Exception:

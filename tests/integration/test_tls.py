@@ -86,6 +86,7 @@ class Pki:
     server: Issued
     client: Issued
     stranger: Issued  # a client certificate from another CA
+    unmapped: Issued  # from the right CA, but no tenant is configured for it
 
 
 def make_pki(tag: str) -> Pki:
@@ -96,7 +97,10 @@ def make_pki(tag: str) -> Pki:
         ca_key, ca_cert, "billing", x509.UniformResourceIdentifier("spiffe://acme/billing")
     )
     stranger = issue(other_key, other_cert, "intruder", x509.DNSName("intruder"))
-    return Pki(ca, server, client, stranger)
+    unmapped = issue(
+        ca_key, ca_cert, "unknown", x509.UniformResourceIdentifier("spiffe://acme/unknown")
+    )
+    return Pki(ca, server, client, stranger, unmapped)
 
 
 def write(tmp: Path, pki: Pki, client_ca: bool) -> TlsConfig:
@@ -190,3 +194,47 @@ async def test_rotated_certificates_are_picked_up_without_restart(
     creds = grpc.ssl_channel_credentials(rotated.ca.cert, rotated.client.key, rotated.client.cert)
     assert (await list_models(server.port, creds)).models
     assert server.tls is not None and server.tls.reloads == 1
+
+
+async def test_client_certificate_is_an_identity_mapped_to_a_tenant(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    from router.guard.config import AuthSection, GuardConfig, MtlsIdentity
+
+    pki = make_pki("c")
+    tls = write(tmp_path, pki, client_ca=True)
+    guard = GuardConfig(
+        audit_log=str(tmp_path / "audit.jsonl"),
+        auth=AuthSection(
+            enabled=True,
+            registry=tmp_path / "registry.db",
+            mtls_identities={
+                "spiffe://acme/billing": MtlsIdentity(
+                    tenant="acme", scopes=frozenset({"inference:embed"})
+                )
+            },
+        ),
+    )
+    config = RouterConfig(
+        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0, tls=tls),
+        model_cache=model_cache,
+        models=(ModelConfig(name=EMB, kind="embed", artifact=EMB),),
+        guard=guard,
+    )
+    server = RouterServer(config)
+    await server.start()
+    try:
+        mapped = grpc.ssl_channel_credentials(pki.ca.cert, pki.client.key, pki.client.cert)
+        assert (await list_models(server.port, mapped)).models
+        # Valid for the CA but not mapped to any tenant: the handshake passes, the call does not.
+        unmapped = grpc.ssl_channel_credentials(pki.ca.cert, pki.unmapped.key, pki.unmapped.cert)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await list_models(server.port, unmapped)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "not mapped to a tenant" in (info.value.details() or "")
+        assert server.guard is not None
+        server.guard.recorder.flush()
+        audit = (tmp_path / "audit.jsonl").read_text()
+        assert '"tenant":"acme"' in audit and '"auth":"mtls"' in audit
+    finally:
+        await server.stop(0)

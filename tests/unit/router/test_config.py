@@ -93,3 +93,12 @@ def test_nested_tls_section_is_checked(tmp_path: Path) -> None:
     path.write_text("server: {tls: {cert: 1}}\n")
     with pytest.raises(ConfigError, match=re.escape("server.tls.cert=1 must be str")):
         load_config(path, env={})
+
+
+def test_config_with_every_section_survives_pickling_for_workers() -> None:
+    import pickle
+
+    import router.server  # noqa: F401  (registers how frozen mappings are pickled)
+
+    config = load_config(env={})
+    assert pickle.loads(pickle.dumps(config)) == config
