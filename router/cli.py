@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--config", type=Path, help="YAML config file")
     prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
 
+    proxy = sub.add_parser("proxy", help="REST proxy speaking the OpenAI API to a router")
+    proxy.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    proxy.add_argument("--port", type=int, default=8080, help="HTTP port")
+    proxy.add_argument("--target", default="127.0.0.1:50051", help="router gRPC host:port")
+    proxy.add_argument("--timeout", type=float, default=600.0, help="per-request seconds")
+    proxy.add_argument("--max-body-bytes", type=int, default=1_048_576, help="largest body")
+
     keys = register_cli(sub)
     keys.add_argument("--config", type=Path, help="YAML config file (its guard.auth.registry)")
     return parser
@@ -48,10 +55,31 @@ def main(argv: list[str] | None = None) -> int:
                 },
             )
         else:
-            config = load_config(args.config)
+            config = load_config(getattr(args, "config", None))
     except ConfigError as exc:
         print(f"irouter: configuration error: {exc}", file=sys.stderr)
         return 2
+
+    if args.command == "proxy":
+        import asyncio
+
+        from router.rest import serve_proxy
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            asyncio.run(
+                serve_proxy(
+                    args.host,
+                    args.port,
+                    args.target,
+                    timeout_s=args.timeout,
+                    max_body_bytes=args.max_body_bytes,
+                )
+            )
+        except ValueError as exc:
+            print(f"irouter proxy: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     if args.command == "keys":
         return run_cli(args, default_db=config.guard.auth.registry)

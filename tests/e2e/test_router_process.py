@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -126,3 +127,48 @@ def test_workers_share_one_port(model_cache: Path) -> None:
         assert len(pids) == 2, pids
     finally:
         router.stop()
+
+
+def test_openai_sdk_through_the_proxy_process(router_process: RouterProcess) -> None:
+    import openai
+
+    from tests.e2e.conftest import free_port
+
+    port = free_port()
+    proxy = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "router",
+            "proxy",
+            "--port",
+            str(port),
+            "--target",
+            router_process.target,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert "smollm2-135m-instruct" in {m.id for m in models.data}
+        answer = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            temperature=0,
+            max_tokens=24,
+            messages=[{"role": "user", "content": QUESTION}],
+        )
+        assert "Paris" in (answer.choices[0].message.content or "")
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)

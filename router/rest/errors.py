@@ -1,0 +1,140 @@
+"""Errors in OpenAI's JSON shape, and the one mapping from gRPC statuses to HTTP codes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+logger = logging.getLogger(__name__)
+
+# (HTTP status, OpenAI error type) per gRPC status; anything else is a 500 server_error.
+_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+}
+
+
+@dataclass
+class ApiError(Exception):
+    """An error the client sees as `{"error": {...}}` with `status` as the HTTP code."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def error_from_status(
+    code: grpc.StatusCode, message: str, details: Iterable[any_pb2.Any] = ()
+) -> ApiError:
+    """The HTTP error for a gRPC status: code, OpenAI type, `param` from a BadRequest field
+    violation and `Retry-After` (whole seconds, rounded up) from a RetryInfo detail."""
+    status, kind = _HTTP.get(code, (500, "server_error"))
+    param: str | None = None
+    headers: dict[str, str] = {}
+    for detail in details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            headers["Retry-After"] = str(max(math.ceil(delay), 0))
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                # The proto nests sampling fields; OpenAI names them at the top level.
+                param = bad.field_violations[0].field.removeprefix("sampling.")
+    if status == 500:
+        # An internal status may carry internals in its message; the client gets the code only.
+        logger.warning("router answered %s: %s", code.name, message)
+        message = f"the router failed the request ({code.name})"
+    return ApiError(status, message, kind, param, code.name.lower(), headers)
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError) -> ApiError:
+    """`error_from_status` for a failed call, with the google.rpc details it carried."""
+    details: list[any_pb2.Any] = []
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # details that disagree with the call's code or message
+        status = None
+    if status is not None:
+        details = list(status.details)
+    return error_from_status(error.code(), error.details() or "", details)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 (and any other HTTPException) in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = exc.detail
+    kind = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
+    return ApiError(exc.status_code, message, kind, headers=dict(exc.headers or {})).response()
+
+
+async def server_error_handler(request: Request, exc: Exception) -> Response:
+    """Last resort: log the trace, answer a 500 in OpenAI's shape without it."""
+    logger.exception(
+        "unhandled error on %s %s (request id %s)",
+        request.method,
+        request.url.path,
+        request.headers.get("x-request-id", "-"),
+        exc_info=exc,
+    )
+    return ApiError(500, "internal error in the REST proxy", "server_error").response()

@@ -1,0 +1,168 @@
+"""The proxy's side of gRPC: one pooled channel, per-call metadata and deadline, and calls that
+end when the HTTP client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Awaitable
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+from starlette.datastructures import Headers
+from starlette.requests import Request
+
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from router.rest.errors import ApiError, bad_request, error_from_rpc
+
+if TYPE_CHECKING:
+    from router.proto.irouter.v1.inference_service_pb2_grpc import InferenceServiceAsyncStub
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Headers that pass through to gRPC metadata under the same (lower-case) name.
+_PASSED = ("authorization", "x-api-key", "x-request-id")
+# A client's own timeout, in seconds (the OpenAI SDKs send X-Stainless-Timeout); it can only
+# shorten the proxy's deadline.
+_TIMEOUT_HEADERS = ("x-request-timeout", "x-stainless-timeout")
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the answer; the gRPC call was cancelled."""
+
+
+def call_metadata(headers: Headers) -> tuple[tuple[str, str], ...]:
+    """Credentials and the request id, as gRPC metadata (printable ASCII only)."""
+    out: list[tuple[str, str]] = []
+    for name in _PASSED:
+        value = headers.get(name)
+        if value is None:
+            continue
+        if not value.isascii() or not value.isprintable():
+            raise bad_request(f"header {name!r} must be printable ASCII", code="invalid_header")
+        out.append((name, value))
+    return tuple(out)
+
+
+def call_timeout(headers: Headers, limit_s: float) -> float:
+    """The deadline for one call: the proxy's limit, or the client's own timeout if shorter."""
+    for name in _TIMEOUT_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise bad_request(
+                f"header {name!r} must be a number of seconds, got {value!r}",
+                code="invalid_header",
+            ) from None
+        if seconds > 0:
+            return min(seconds, limit_s)
+    return limit_s
+
+
+class RouterClient:
+    """A gRPC client of the router's InferenceService over one shared channel."""
+
+    def __init__(self, target: str, timeout_s: float) -> None:
+        self._target = target
+        self._timeout_s = timeout_s
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: InferenceServiceAsyncStub | None = None
+
+    async def start(self) -> None:
+        """Open the channel (inside the running loop; grpc.aio binds to it)."""
+        self._channel = grpc.aio.insecure_channel(self._target)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+
+    async def aclose(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    @property
+    def stub(self) -> InferenceServiceAsyncStub:
+        if self._stub is None:
+            raise ApiError(503, "the REST proxy is not connected", "service_unavailable_error")
+        return self._stub
+
+    def options(self, request: Request) -> tuple[float, tuple[tuple[str, str], ...]]:
+        """(timeout, metadata) for a call made on behalf of `request`."""
+        return call_timeout(request.headers, self._timeout_s), call_metadata(request.headers)
+
+    async def complete(self, request: Request, message: pb.CompleteRequest) -> pb.CompleteResponse:
+        timeout, metadata = self.options(request)
+        call = self.stub.Complete(message, timeout=timeout, metadata=metadata)
+        return await unless_disconnected(request, call)
+
+    async def embed(self, request: Request, message: pb.EmbedRequest) -> pb.EmbedResponse:
+        timeout, metadata = self.options(request)
+        call = self.stub.Embed(message, timeout=timeout, metadata=metadata)
+        return await unless_disconnected(request, call)
+
+    async def list_models(self, request: Request) -> pb.ListModelsResponse:
+        timeout, metadata = self.options(request)
+        call = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=metadata)
+        return await unless_disconnected(request, call)
+
+    def generate(
+        self, request: Request, message: pb.GenerateRequest
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """The streamed chunks; closing the iterator (as Starlette does when the client
+        disconnects during a streamed response) cancels the call."""
+        timeout, metadata = self.options(request)
+        call = self.stub.Generate(message, timeout=timeout, metadata=metadata)
+        return _chunks(call)
+
+
+async def _chunks(
+    call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse],
+) -> AsyncGenerator[pb.GenerateResponse, None]:
+    try:
+        while True:
+            chunk = await call.read()
+            if chunk is grpc.aio.EOF:
+                return
+            assert isinstance(chunk, pb.GenerateResponse)
+            yield chunk
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from None
+    finally:
+        call.cancel()  # a no-op once the call has ended
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects; call it only once the body has been read."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, call: Awaitable[T]) -> T:
+    """Await a unary call, cancelling it if the HTTP client disconnects first."""
+    answer = asyncio.ensure_future(call)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((answer, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself was cancelled
+        answer.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not answer.done():
+        answer.cancel()
+        logger.info(
+            "client disconnected; cancelled the call (request id %s)",
+            request.headers.get("x-request-id", "-"),
+        )
+        raise ClientDisconnected
+    try:
+        return answer.result()
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from None

@@ -1,0 +1,271 @@
+"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings and
+/v1/models, each one translation of a JSON body to an InferenceService call and back."""
+
+from __future__ import annotations
+
+import array
+import base64
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.rest import openai_schema as schema
+from router.rest.errors import ApiError, bad_request
+from router.rest.grpc_client import RouterClient
+
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
+    pb.FINISH_REASON_CANCELLED: "stop",
+}
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int
+
+
+def _usage(usage: pb.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _finish(reason: pb.FinishReason.ValueType) -> str | None:
+    return _FINISH.get(reason)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class OpenAIRoutes:
+    """Handlers over one RouterClient; `routes()` lists them for the Starlette app."""
+
+    def __init__(self, client: RouterClient, limits: Limits) -> None:
+        self._client = client
+        self._limits = limits
+        self._created = int(time.time())
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+        ]
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await schema.read_json(request, self._limits.max_body_bytes)
+        model = schema.get_model(body)
+        messages = schema.chat_messages(body)
+        if body.get("tools") or body.get("functions"):
+            raise bad_request("tools and functions are not supported", param="tools")
+        params = schema.sampling(body)
+        stream, include_usage = schema.get_stream(body)
+        if stream:
+            generate = pb.GenerateRequest(model=model, chat=messages, sampling=params)
+            return await self._stream(request, generate, include_usage, _chat_chunk)
+        answer = await self._client.complete(
+            request, pb.CompleteRequest(model=model, chat=messages, sampling=params)
+        )
+        return JSONResponse(
+            {
+                "id": answer.id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": answer.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer.text},
+                        "logprobs": None,
+                        "finish_reason": _finish(answer.finish_reason),
+                    }
+                ],
+                "usage": _usage(answer.usage),
+            },
+            headers={"x-request-id": answer.id},
+        )
+
+    async def completions(self, request: Request) -> Response:
+        body = await schema.read_json(request, self._limits.max_body_bytes)
+        model = schema.get_model(body)
+        prompt = schema.prompt(body)
+        if body.get("suffix") is not None:
+            raise bad_request("'suffix' is not supported", param="suffix", code="unsupported")
+        params = schema.sampling(body)
+        stream, include_usage = schema.get_stream(body)
+        if stream:
+            generate = pb.GenerateRequest(model=model, prompt=prompt, sampling=params)
+            return await self._stream(request, generate, include_usage, _text_chunk)
+        answer = await self._client.complete(
+            request, pb.CompleteRequest(model=model, prompt=prompt, sampling=params)
+        )
+        return JSONResponse(
+            {
+                "id": answer.id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": answer.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": answer.text,
+                        "logprobs": None,
+                        "finish_reason": _finish(answer.finish_reason),
+                    }
+                ],
+                "usage": _usage(answer.usage),
+            },
+            headers={"x-request-id": answer.id},
+        )
+
+    async def _stream(
+        self,
+        request: Request,
+        message: pb.GenerateRequest,
+        include_usage: bool,
+        chunk: Callable[[pb.GenerateResponse, int, bool], dict[str, Any]],
+    ) -> Response:
+        """SSE: one event per router chunk, a usage-only chunk when asked, then [DONE]. The first
+        chunk is awaited before answering so that a refused request gets its HTTP error code."""
+        chunks = self._client.generate(request, message)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            raise ApiError(
+                502, "the router closed the stream without a chunk", "server_error"
+            ) from None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        created = int(time.time())
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                current: pb.GenerateResponse | None = first
+                is_first = True
+                while current is not None:
+                    payload = chunk(current, created, is_first)
+                    if include_usage:
+                        payload["usage"] = None
+                    yield _sse(payload)
+                    is_first = False
+                    if current.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                        if include_usage:
+                            last = chunk(current, created, False)
+                            last["choices"] = []
+                            last["usage"] = _usage(current.usage)
+                            yield _sse(last)
+                        break
+                    current = await anext(chunks, None)
+            except ApiError as exc:
+                # Mid-stream failures cannot change the status line; send the error as an event.
+                yield _sse(exc.body())
+            finally:
+                await chunks.aclose()
+            yield b"data: [DONE]\n\n"
+
+        headers = dict(_SSE_HEADERS, **{"x-request-id": first.id})
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await schema.read_json(request, self._limits.max_body_bytes)
+        model = schema.get_model(body)
+        texts = schema.embedding_input(body)
+        encoding = schema.encoding_format(body)
+        answer = await self._client.embed(request, pb.EmbedRequest(model=model, texts=texts))
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": (_base64(e.values) if encoding == "base64" else list(e.values)),
+            }
+            for i, e in enumerate(answer.embeddings)
+        ]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": answer.model,
+                "usage": {
+                    "prompt_tokens": answer.usage.prompt_tokens,
+                    "total_tokens": answer.usage.total_tokens,
+                },
+            }
+        )
+
+    async def models(self, request: Request) -> Response:
+        answer = await self._client.list_models(request)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": m.name,
+                        "object": "model",
+                        "created": self._created,
+                        "owned_by": "irouter",
+                    }
+                    for m in answer.models
+                ],
+            }
+        )
+
+
+def _base64(values: Any) -> str:
+    """Little-endian float32 bytes, base64: what the OpenAI SDKs decode."""
+    packed = array.array("f", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def _chat_chunk(c: pb.GenerateResponse, created: int, first: bool) -> dict[str, Any]:
+    delta: dict[str, str] = {"role": "assistant"} if first else {}
+    if c.text or first:
+        delta["content"] = c.text
+    return {
+        "id": c.id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": c.model,
+        "choices": [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": _finish(c.finish_reason),
+            }
+        ],
+    }
+
+
+def _text_chunk(c: pb.GenerateResponse, created: int, first: bool) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "object": "text_completion",
+        "created": created,
+        "model": c.model,
+        "choices": [
+            {
+                "index": 0,
+                "text": c.text,
+                "logprobs": None,
+                "finish_reason": _finish(c.finish_reason),
+            }
+        ],
+    }

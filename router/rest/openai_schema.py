@@ -1,0 +1,250 @@
+"""OpenAI request bodies → irouter protos: reading the JSON body under a size limit and checking
+each field's type, naming the field and the accepted values when one is wrong."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.rest.errors import ApiError, bad_request
+
+Body = dict[str, Any]
+
+_UINT32 = 2**32 - 1
+_UINT64 = 2**64 - 1
+# OpenAI's roles → the chat template's; "developer" is OpenAI's newer name for "system".
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, max_bytes: int) -> Body:
+    """The body as a JSON object; 413 past `max_bytes` (checked before reading when the client
+    sends Content-Length), 400 for anything that is not a JSON object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(size, max_bytes)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw:
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise bad_request(
+            f"the request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise bad_request(
+            f"the request body must be a JSON object, got {type(body).__name__}",
+            code="invalid_json",
+        )
+    return body
+
+
+def _too_large(size: int, max_bytes: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body ({size} bytes or more) exceeds the limit of {max_bytes} bytes",
+        code="request_too_large",
+    )
+
+
+def _type_error(name: str, expected: str, value: object) -> ApiError:
+    return bad_request(
+        f"'{name}' must be {expected}, got {json.dumps(value)[:80]}",
+        param=name,
+        code="invalid_type",
+    )
+
+
+def get_str(body: Body, name: str, *, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise bad_request(f"'{name}' is required", param=name, code="missing_required_field")
+        return None
+    if not isinstance(value, str):
+        raise _type_error(name, "a string", value)
+    return value
+
+
+def get_bool(body: Body, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _type_error(name, "true or false", value)
+    return value
+
+
+def get_int(body: Body, name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(name, "an integer", value)
+    if not lo <= value <= hi:
+        raise bad_request(
+            f"'{name}'={value} is out of range [{lo}, {hi}]", param=name, code="invalid_value"
+        )
+    return value
+
+
+def get_float(body: Body, name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(name, "a number", value)
+    return float(value)
+
+
+def get_model(body: Body) -> str:
+    model = get_str(body, "model", required=True)
+    assert model is not None
+    return model
+
+
+def get_stream(body: Body) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = get_bool(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise _type_error("stream_options", "an object", options)
+    return stream, get_bool(options, "include_usage")
+
+
+def sampling(body: Body) -> pb.SamplingParams:
+    """The sampling fields shared by chat and text completions. Ranges are the router's to check,
+    so the proxy and gRPC clients get the same messages."""
+    out = pb.SamplingParams()
+    n = get_int(body, "n", 1, _UINT32)
+    if n is not None and n != 1:
+        raise bad_request(f"'n'={n} is not supported; only n=1", param="n", code="unsupported")
+    if body.get("logprobs") not in (None, False) or body.get("echo") not in (None, False):
+        raise bad_request("'logprobs' and 'echo' are not supported", code="unsupported")
+    max_tokens = get_int(body, "max_completion_tokens", 0, _UINT32)
+    if max_tokens is None:
+        max_tokens = get_int(body, "max_tokens", 0, _UINT32)
+    if max_tokens is not None:
+        out.max_tokens = max_tokens
+    for name in (
+        "temperature",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
+        value = get_float(body, name)
+        if value is not None:
+            setattr(out, name, value)
+    top_k = get_int(body, "top_k", -1, _UINT32)
+    if top_k is not None:
+        out.top_k = max(top_k, 0)  # vLLM's -1 means "disabled", as 0 does here
+    seed = get_int(body, "seed", 0, _UINT64)
+    if seed is not None:
+        out.seed = seed
+    out.ignore_eos = get_bool(body, "ignore_eos")  # vLLM's extension, for benchmarks
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        out.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        out.stop.extend(stop)
+    elif stop is not None:
+        raise _type_error("stop", "a string or a list of strings", stop)
+    return out
+
+
+def chat_messages(body: Body) -> pb.ChatMessages:
+    raw = body.get("messages")
+    if raw is None:
+        raise bad_request("'messages' is required", param="messages", code="missing_required_field")
+    if not isinstance(raw, list) or not raw:
+        raise _type_error("messages", "a non-empty list of messages", raw)
+    out = pb.ChatMessages()
+    for i, message in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _type_error(where, "an object with 'role' and 'content'", message)
+        role = message.get("role")
+        if role not in _ROLES:
+            raise bad_request(
+                f"'{where}.role'={json.dumps(role)} is not supported; "
+                f"use one of {', '.join(_ROLES)}",
+                param=f"{where}.role",
+                code="invalid_value",
+            )
+        out.messages.add(role=_ROLES[role], content=_content(message.get("content"), where))
+    return out
+
+
+def _content(content: object, where: str) -> str:
+    """A string, or a list of text parts (joined); images, audio and files are refused."""
+    if isinstance(content, str):
+        return content
+    name = f"{where}.content"
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(
+                    f"'{name}' has a part of type {json.dumps(kind)}; only text is supported",
+                    param=name,
+                    code="unsupported_content",
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _type_error(f"{name}.text", "a string", text)
+            texts.append(text)
+        return "".join(texts)
+    raise _type_error(name, "a string or a list of text parts", content)
+
+
+def prompt(body: Body) -> str:
+    """A completion's prompt: a string, or a list holding exactly one string."""
+    raw = body.get("prompt")
+    if raw is None:
+        raise bad_request("'prompt' is required", param="prompt", code="missing_required_field")
+    if isinstance(raw, list) and len(raw) == 1:
+        raw = raw[0]
+    if not isinstance(raw, str):
+        raise _type_error("prompt", "a string (token arrays and batches are not supported)", raw)
+    return raw
+
+
+def embedding_input(body: Body) -> list[str]:
+    raw = body.get("input")
+    if raw is None:
+        raise bad_request("'input' is required", param="input", code="missing_required_field")
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
+        return raw
+    raise _type_error("input", "a string or a non-empty list of strings", raw)
+
+
+def encoding_format(body: Body) -> str:
+    value = get_str(body, "encoding_format") or "float"
+    if value not in ("float", "base64"):
+        raise bad_request(
+            f"'encoding_format'={json.dumps(value)} is not supported; use 'float' or 'base64'",
+            param="encoding_format",
+            code="invalid_value",
+        )
+    return value
