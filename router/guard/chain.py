@@ -15,11 +15,12 @@ binds a `CallScope` in a context variable, and services call its hooks (`admit`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
@@ -199,6 +200,35 @@ def _code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None
     return "OK" if exc is None else "UNKNOWN"
 
 
+@contextlib.asynccontextmanager
+async def _guarded(
+    chain: GuardInterceptor, method: str, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[None]:
+    """Around one call: the links, the server's default deadline, the status translation of a
+    refusal, and leave() (settling quotas, audit) whatever happened."""
+    scope = chain.open(method, context)
+    error: BaseException | None = None
+    try:
+        await chain.enter(scope)
+        timeout = chain.deadline(context)
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the call ran past the server's default deadline of {timeout:g} s; "
+                "set a deadline on the call to choose your own"
+            ) from None
+    except RouterError as exc:
+        error = exc
+        await context.abort_with_status(to_status(exc))
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        await chain.leave(scope, _code(context, error))
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler[Any, Any], method: str, chain: GuardInterceptor
 ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -209,27 +239,8 @@ def _wrap(
         inner_unary: Any = handler.unary_unary  # an async behaviour under grpc.aio
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            scope = chain.open(method, context)
-            error: BaseException | None = None
-            try:
-                await chain.enter(scope)
-                timeout = chain.deadline(context)
-                try:
-                    async with asyncio.timeout(timeout):
-                        return await inner_unary(request, context)
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"the call ran past the server's default deadline of {timeout:g} s; "
-                        "set a deadline on the call to choose your own"
-                    ) from None
-            except RouterError as exc:
-                error = exc
-                await context.abort_with_status(to_status(exc))
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                await chain.leave(scope, _code(context, error))
+            async with _guarded(chain, method, context):
+                return await inner_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             unary,
@@ -241,28 +252,9 @@ def _wrap(
         inner_stream: Any = handler.unary_stream  # an async generator under grpc.aio
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            scope = chain.open(method, context)
-            error: BaseException | None = None
-            try:
-                await chain.enter(scope)
-                timeout = chain.deadline(context)
-                try:
-                    async with asyncio.timeout(timeout):
-                        async for response in inner_stream(request, context):
-                            yield response
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"the call ran past the server's default deadline of {timeout:g} s; "
-                        "set a deadline on the call to choose your own"
-                    ) from None
-            except RouterError as exc:
-                error = exc
-                await context.abort_with_status(to_status(exc))
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                await chain.leave(scope, _code(context, error))
+            async with _guarded(chain, method, context):
+                async for response in inner_stream(request, context):
+                    yield response
 
         return grpc.unary_stream_rpc_method_handler(
             stream,

@@ -246,3 +246,37 @@ async def test_audit_log_has_one_line_per_call_and_no_credentials(
     blocked = [r for r in lines if r.get("guardrails")]
     assert any("pii:credit_card:reject" in r["guardrails"] for r in blocked)
     assert any("no-paris:term:reject" in r["guardrails"] for r in blocked)
+
+
+async def test_calls_without_a_deadline_get_the_server_default(model_cache: Path) -> None:
+    config = RouterConfig(
+        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
+        model_cache=model_cache,
+        models=(
+            ModelConfig(name=GEN, kind="generate", artifact=GEN, max_slots=2, max_context=1024),
+        ),
+        guard=GuardConfig(default_timeout_s=0.5),
+    )
+    server = RouterServer(config)
+    await server.start()
+    await server.wait_ready()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            long = pb.CompleteRequest(
+                model=GEN,
+                prompt="Count:",
+                sampling=pb.SamplingParams(max_tokens=900, temperature=0, ignore_eos=True),
+            )
+            err = await error_of(stub.Complete(long))
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "default deadline of 0.5 s" in (err.details() or "")
+            # A client deadline of its own is left alone (here: longer than the default).
+            short = pb.CompleteRequest(
+                model=GEN, prompt="Hi", sampling=pb.SamplingParams(max_tokens=2)
+            )
+            assert (await stub.Complete(short, timeout=30)).usage.completion_tokens >= 1
+        engine = server.models.get(GEN, "generate").engine
+        assert engine is not None and engine.num_unfinished == 0
+    finally:
+        await server.stop(0)
