@@ -109,6 +109,24 @@ def _default_models() -> tuple[ModelConfig, ...]:
     )
 
 
+@dataclass(frozen=True)
+class RetrievalConfig:
+    enabled: bool = True
+    """Serve RetrievalService (HNSW collections)."""
+    data_dir: Path = field(
+        default_factory=lambda: Path(os.path.expanduser("~/.cache/irouter/collections"))
+    )
+    """One folder per collection, holding its snapshot and write-ahead log."""
+    compact_after: int = 10_000
+    """Write-ahead-log records that trigger a background snapshot."""
+    fsync: bool = True
+    """fsync the write-ahead log before acknowledging Upsert/Delete (off only for benchmarks)."""
+
+    def validate(self) -> None:
+        if self.compact_after < 1:
+            raise ValueError(f"retrieval.compact_after={self.compact_after} must be at least 1")
+
+
 def _default_cache() -> Path:
     return Path(os.path.expanduser("~/.cache/irouter/models"))
 
@@ -121,6 +139,8 @@ class RouterConfig:
     """Where prepared models live (`irouter models prepare` writes there)."""
     models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
     """Served models; the default serves SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    """Vector collections served by RetrievalService."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """Authentication, authorization, rate limits, guardrails, audit log (all off by default)."""
 

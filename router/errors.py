@@ -39,6 +39,12 @@ class NotFound(RouterError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(RouterError):
+    """Creating something whose name is taken."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class ResourceExhausted(RouterError):
     """Load shed or quota hit. `retry_after_s` becomes a google.rpc.RetryInfo detail and each
     (subject, description) in `violations` a google.rpc.QuotaFailure violation."""

@@ -19,9 +19,12 @@ from grpc_reflection.v1alpha import reflection
 from router.config import RouterConfig
 from router.guard.setup import Guard
 from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
+from router.retrieval.store import CollectionStore
 from router.routing.registry import ServedModel, ServedModels
 from router.scheduler.request import Priority, SamplingParams
 from router.services.inference import InferenceServicer
+from router.services.retrieval import RetrievalServicer
 from router.services.rpc import add_service
 from router.telemetry import Metrics
 from router.tls import CertificateReloader
@@ -29,6 +32,7 @@ from router.tls import CertificateReloader
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+RETRIEVAL_SERVICE = retrieval_pb.DESCRIPTOR.services_by_name["RetrievalService"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -64,9 +68,30 @@ class RouterServer:
             InferenceServicer(self.models, self.metrics),
             self.metrics,
         )
+        self.collections: CollectionStore | None = None
+        self._services = [INFERENCE_SERVICE.full_name]
+        r = config.retrieval
+        if r.enabled and s.workers > 1:
+            # Each worker would hold its own index and append to the same write-ahead log.
+            logger.warning(
+                "RetrievalService is off with --workers %d: collections live in one process "
+                "(run a single worker, or a dedicated retrieval router)",
+                s.workers,
+            )
+        elif r.enabled:
+            self.collections = CollectionStore(
+                r.data_dir, compact_after=r.compact_after, fsync=r.fsync
+            )
+            add_service(
+                self.server,
+                RETRIEVAL_SERVICE,
+                RetrievalServicer(self.collections, self.models),
+                self.metrics,
+            )
+            self._services.append(RETRIEVAL_SERVICE.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
 
     async def start(self) -> int:
@@ -79,6 +104,8 @@ class RouterServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {s.host}:{s.port} (in use?)")
+        if self.collections is not None:
+            await self.collections.load()
         if self.guard is not None:
             await self.guard.start()
             self._housekeeping = asyncio.get_running_loop().create_task(self._flush_audit())
@@ -87,6 +114,8 @@ class RouterServer:
             await self.health.set(model.name, NOT_SERVING)
         await self.health.set("", NOT_SERVING)
         await self.health.set(INFERENCE_SERVICE.full_name, NOT_SERVING)
+        if self.collections is not None:
+            await self.health.set(RETRIEVAL_SERVICE.full_name, SERVING)
         if s.metrics_port:
             self.metrics.serve(s.metrics_port + self._worker, s.host)
         self._loading = asyncio.get_running_loop().create_task(self._load_all())
@@ -145,6 +174,8 @@ class RouterServer:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.models.stop()
+        if self.collections is not None:
+            await self.collections.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self.guard is not None:

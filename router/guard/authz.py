@@ -24,6 +24,13 @@ DEFAULT_METHOD_SCOPES: Mapping[str, str] = {
     "/irouter.v1.InferenceService/Complete": "inference:generate",
     "/irouter.v1.InferenceService/Embed": "inference:embed",
     "/irouter.v1.InferenceService/ListModels": "",
+    "/irouter.v1.RetrievalService/Search": "retrieval:read",
+    "/irouter.v1.RetrievalService/ListCollections": "retrieval:read",
+    "/irouter.v1.RetrievalService/DescribeCollection": "retrieval:read",
+    "/irouter.v1.RetrievalService/CreateCollection": "retrieval:write",
+    "/irouter.v1.RetrievalService/DropCollection": "retrieval:write",
+    "/irouter.v1.RetrievalService/Upsert": "retrieval:write",
+    "/irouter.v1.RetrievalService/Delete": "retrieval:write",
 }
 """Full method name -> scope it needs ('' = any authenticated caller)."""
 

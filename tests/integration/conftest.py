@@ -6,7 +6,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from router.config import ModelConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
 
@@ -14,8 +14,9 @@ GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
 
 
-def make_config(model_cache: Path, **server: object) -> RouterConfig:
+def make_config(model_cache: Path, data_dir: Path, **server: object) -> RouterConfig:
     return RouterConfig(
+        retrieval=RetrievalConfig(data_dir=data_dir),
         server=ServerConfig(port=0, metrics_port=0, grace_seconds=5.0, **server),  # type: ignore[arg-type]
         model_cache=model_cache,
         models=(
@@ -34,8 +35,11 @@ def make_config(model_cache: Path, **server: object) -> RouterConfig:
 
 
 @pytest.fixture(scope="session")
-async def router(model_cache: Path) -> AsyncIterator[RouterServer]:
-    server = RouterServer(make_config(model_cache, max_message_bytes=64 * 1024))
+async def router(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RouterServer]:
+    data_dir = tmp_path_factory.mktemp("collections")
+    server = RouterServer(make_config(model_cache, data_dir, max_message_bytes=64 * 1024))
     await server.start()
     await server.wait_ready()
     assert all(m.ready for m in server.models), [m.error for m in server.models]

@@ -14,7 +14,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 async def test_each_model_and_the_service_report_serving(channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
-    for service in (GEN, EMB, "irouter.v1.InferenceService", ""):
+    for service in (GEN, EMB, "irouter.v1.InferenceService", "irouter.v1.RetrievalService", ""):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert response.status == SERVING, service
 
@@ -49,7 +49,11 @@ async def test_reflection_lists_and_describes_the_api(channel: grpc.aio.Channel)
 
     listed = await ask(list_services="")
     names = {s.name for s in listed.list_services_response.service}
-    assert {"irouter.v1.InferenceService", "grpc.health.v1.Health"} <= names
+    assert {
+        "irouter.v1.InferenceService",
+        "irouter.v1.RetrievalService",
+        "grpc.health.v1.Health",
+    } <= names
     described = await ask(file_containing_symbol="irouter.v1.InferenceService")
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
@@ -57,3 +61,28 @@ async def test_reflection_lists_and_describes_the_api(channel: grpc.aio.Channel)
     ]
     methods = {m.name for f in files for s in f.service for m in s.method}
     assert {"Generate", "Complete", "Embed", "ListModels"} <= methods
+
+
+async def test_retrieval_is_served_by_the_router_itself(channel: grpc.aio.Channel) -> None:
+    from router.proto.irouter.v1 import retrieval_service_pb2 as rpb
+    from router.proto.irouter.v1 import retrieval_service_pb2_grpc as rpb_grpc
+
+    stub = rpb_grpc.RetrievalServiceStub(channel)
+    await stub.CreateCollection(
+        rpb.CreateCollectionRequest(config=rpb.CollectionConfig(name="facts", embedding_model=EMB))
+    )
+    docs = {
+        "fr": "Paris is the capital of France.",
+        "jp": "Tokyo is the capital of Japan.",
+        "py": "Python lists are mutable sequences.",
+    }
+    await stub.Upsert(
+        rpb.UpsertRequest(
+            collection="facts",
+            documents=[rpb.Document(id=k, text=v) for k, v in docs.items()],
+        )
+    )
+    found = await stub.Search(
+        rpb.SearchRequest(collection="facts", text="Which city is France's capital?", top_k=2)
+    )
+    assert found.hits[0].id == "fr" and found.hits[0].text == docs["fr"]

@@ -1,0 +1,145 @@
+"""Plain data of retrieval: a collection's configuration, documents, filters and hits."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from router.errors import InvalidArgument
+
+NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
+MAX_ID_BYTES = 512
+MAX_DIMENSION = 65_536
+
+
+class Metric(StrEnum):
+    """The hnswlib space names."""
+
+    COSINE = "cosine"
+    L2 = "l2"
+    INNER_PRODUCT = "ip"
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionSpec:
+    """What a collection is created with (defaults already filled in)."""
+
+    name: str
+    dimension: int
+    metric: Metric = Metric.COSINE
+    m: int = 16
+    ef_construction: int = 200
+    ef: int = 64
+    embedding_model: str = ""
+
+    def validate(self) -> None:
+        if not NAME_RE.fullmatch(self.name):
+            raise InvalidArgument(
+                f"name={self.name!r} is not 1 to 64 characters of [a-z0-9_-]", field="config.name"
+            )
+        if not 1 <= self.dimension <= MAX_DIMENSION:
+            raise InvalidArgument(
+                f"dimension={self.dimension} must be in [1, {MAX_DIMENSION}] (or 0 with an "
+                "embedding_model, which takes the model's dimension)",
+                field="config.dimension",
+            )
+        for name, low, high in (("m", 2, 100), ("ef_construction", 1, 4096), ("ef", 1, 4096)):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise InvalidArgument(
+                    f"{name}={value} must be in [{low}, {high}]", field=f"config.{name}"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dimension": self.dimension,
+            "metric": self.metric.value,
+            "m": self.m,
+            "ef_construction": self.ef_construction,
+            "ef": self.ef,
+            "embedding_model": self.embedding_model,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CollectionSpec:
+        return cls(**{**data, "metric": Metric(data["metric"])})
+
+
+@dataclass(slots=True)
+class Document:
+    """A stored document; `text` is empty when it was upserted as a vector."""
+
+    id: str
+    text: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    numeric: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "meta": self.metadata, "num": self.numeric}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Document:
+        return cls(data["id"], data["text"], data["meta"], data["num"])
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    document: Document
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    field: str
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Every condition must hold; a document without the field does not match."""
+
+    strings: tuple[tuple[str, frozenset[str]], ...] = ()
+    ranges: tuple[Range, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.strings or self.ranges)
+
+    def validate(self) -> None:
+        for i, (key, values) in enumerate(self.strings):
+            where = f"filter.strings[{i}]"
+            if not key:
+                raise InvalidArgument(f"{where}.field is empty", field=f"{where}.field")
+            if not values:
+                raise InvalidArgument(
+                    f"{where} (field {key!r}) has no values: give one for equality or several "
+                    "for membership",
+                    field=f"{where}.values",
+                )
+        for i, r in enumerate(self.ranges):
+            where = f"filter.ranges[{i}]"
+            if not r.field:
+                raise InvalidArgument(f"{where}.field is empty", field=f"{where}.field")
+            if r.min is None and r.max is None:
+                raise InvalidArgument(
+                    f"{where} (field {r.field!r}) sets neither min nor max", field=where
+                )
+            if r.min is not None and r.max is not None and r.min > r.max:
+                raise InvalidArgument(
+                    f"{where} (field {r.field!r}) has min={r.min} > max={r.max}", field=where
+                )
+
+    def matches(self, doc: Document) -> bool:
+        for key, values in self.strings:
+            if doc.metadata.get(key) not in values:
+                return False
+        for r in self.ranges:
+            value = doc.numeric.get(r.field)
+            if value is None:
+                return False
+            if (r.min is not None and value < r.min) or (r.max is not None and value > r.max):
+                return False
+        return True

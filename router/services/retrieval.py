@@ -1,0 +1,220 @@
+"""RetrievalService: proto ↔ domain translation only. Indexing and durability live in
+router.retrieval."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+
+from router.errors import InvalidArgument
+from router.proto.irouter.v1 import retrieval_service_pb2 as pb
+from router.retrieval.collection import Collection
+from router.retrieval.index import Vectors
+from router.retrieval.spec import CollectionSpec, Document, Filter, Metric, Range
+from router.retrieval.store import CollectionStore
+from router.routing.registry import ServedModels
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_TOP_K = 1000
+_METRIC = {
+    pb.METRIC_UNSPECIFIED: Metric.COSINE,
+    pb.METRIC_COSINE: Metric.COSINE,
+    pb.METRIC_L2: Metric.L2,
+    pb.METRIC_INNER_PRODUCT: Metric.INNER_PRODUCT,
+}
+_METRIC_PB = {
+    Metric.COSINE: pb.METRIC_COSINE,
+    Metric.L2: pb.METRIC_L2,
+    Metric.INNER_PRODUCT: pb.METRIC_INNER_PRODUCT,
+}
+
+
+class RetrievalServicer:
+    def __init__(self, store: CollectionStore, models: ServedModels) -> None:
+        self._store = store
+        self._models = models
+
+    async def _embed(self, model_name: str, texts: list[str]) -> Vectors:
+        model = self._models.get(model_name, "embed")
+        assert model.batcher is not None
+        step = model.config.max_batch
+        parts = []
+        for start in range(0, len(texts), step):
+            ids = self._models.tokenize_texts(model, texts[start : start + step])
+            parts.append(await model.batcher.embed(ids))
+        return np.concatenate(parts).astype(np.float32)
+
+    async def _vectors(
+        self,
+        collection: Collection,
+        texts: dict[int, str],
+        given: dict[int, list[float]],
+        n: int,
+        where: str,
+    ) -> Vectors:
+        spec = collection.spec
+        out = np.empty((n, spec.dimension), dtype=np.float32)
+        for row, values in given.items():
+            if len(values) != spec.dimension:
+                raise InvalidArgument(
+                    f"vector has dimension {len(values)}; collection {spec.name!r} expects "
+                    f"{spec.dimension}",
+                    field=where.format(row=row) + "vector",
+                )
+            out[row] = values
+        if texts:
+            if not spec.embedding_model:
+                raise InvalidArgument(
+                    f"collection {spec.name!r} has no embedding_model, so it takes vectors only; "
+                    "send vectors or create the collection with an embedding_model",
+                    field=where.format(row=next(iter(texts))) + "text",
+                )
+            out[list(texts)] = await self._embed(spec.embedding_model, list(texts.values()))
+        return out
+
+    async def CreateCollection(
+        self, message: pb.CreateCollectionRequest, context: Context
+    ) -> pb.CreateCollectionResponse:
+        c = message.config
+        metric = _METRIC.get(c.metric)
+        if metric is None:
+            raise InvalidArgument(f"metric={c.metric} is not a known Metric", field="config.metric")
+        dimension = c.dimension
+        if c.embedding_model:
+            model = self._models.get(c.embedding_model, "embed")
+            if dimension and dimension != model.dimension:
+                raise InvalidArgument(
+                    f"dimension={dimension} but embedding_model {model.name!r} gives "
+                    f"{model.dimension}-dimensional vectors; leave dimension 0 or set it to "
+                    f"{model.dimension}",
+                    field="config.dimension",
+                )
+            dimension = model.dimension
+        spec = CollectionSpec(
+            name=c.name,
+            dimension=dimension,
+            metric=metric,
+            m=c.m or 16,
+            ef_construction=c.ef_construction or 200,
+            ef=c.ef or 64,
+            embedding_model=c.embedding_model,
+        )
+        collection = await self._store.create(spec)
+        return pb.CreateCollectionResponse(collection=_info(collection))
+
+    async def ListCollections(
+        self, message: pb.ListCollectionsRequest, context: Context
+    ) -> pb.ListCollectionsResponse:
+        return pb.ListCollectionsResponse(
+            collections=[_info(self._store.get(n)) for n in self._store.names()]
+        )
+
+    async def DescribeCollection(
+        self, message: pb.DescribeCollectionRequest, context: Context
+    ) -> pb.DescribeCollectionResponse:
+        return pb.DescribeCollectionResponse(collection=_info(self._store.get(message.name)))
+
+    async def DropCollection(
+        self, message: pb.DropCollectionRequest, context: Context
+    ) -> pb.DropCollectionResponse:
+        await self._store.drop(message.name)
+        return pb.DropCollectionResponse()
+
+    async def Upsert(self, message: pb.UpsertRequest, context: Context) -> pb.UpsertResponse:
+        collection = self._store.get(message.collection)
+        if not message.documents:
+            raise InvalidArgument("documents is empty: give at least one", field="documents")
+        docs: list[Document] = []
+        texts: dict[int, str] = {}
+        given: dict[int, list[float]] = {}
+        for i, d in enumerate(message.documents):
+            if not d.id or len(d.id.encode()) > 512:
+                raise InvalidArgument(
+                    f"documents[{i}].id must be 1 to 512 bytes", field=f"documents[{i}].id"
+                )
+            which = d.WhichOneof("content")
+            if which == "text":
+                texts[i] = d.text
+            elif which == "vector":
+                given[i] = list(d.vector.values)
+            else:
+                raise InvalidArgument(
+                    f"documents[{i}] (id {d.id!r}) has neither text nor vector",
+                    field=f"documents[{i}].content",
+                )
+            docs.append(Document(d.id, d.text, dict(d.metadata), dict(d.numeric_metadata)))
+        vectors = await self._vectors(collection, texts, given, len(docs), "documents[{row}].")
+        upserted = await collection.upsert(docs, vectors)
+        return pb.UpsertResponse(upserted=upserted)
+
+    async def Delete(self, message: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
+        collection = self._store.get(message.collection)
+        if not message.ids:
+            raise InvalidArgument("ids is empty: give at least one", field="ids")
+        return pb.DeleteResponse(deleted=await collection.delete(list(message.ids)))
+
+    async def Search(self, message: pb.SearchRequest, context: Context) -> pb.SearchResponse:
+        collection = self._store.get(message.collection)
+        if not 1 <= message.top_k <= MAX_TOP_K:
+            raise InvalidArgument(
+                f"top_k={message.top_k} must be in [1, {MAX_TOP_K}]", field="top_k"
+            )
+        ef = message.ef if message.HasField("ef") else None
+        if ef is not None and not 1 <= ef <= 4096:
+            raise InvalidArgument(f"ef={ef} must be in [1, 4096]", field="ef")
+        flt = _filter(message.filter)
+        which = message.WhichOneof("query")
+        if which == "text":
+            query = await self._vectors(collection, {0: message.text}, {}, 1, "")
+        elif which == "vector":
+            query = await self._vectors(collection, {}, {0: list(message.vector.values)}, 1, "")
+        else:
+            raise InvalidArgument("query is empty: give text or vector", field="query")
+        hits = await collection.search(query[0], message.top_k, ef, flt)
+        return pb.SearchResponse(
+            hits=[
+                pb.SearchHit(
+                    id=h.document.id,
+                    score=h.score,
+                    text=h.document.text,
+                    metadata=h.document.metadata,
+                    numeric_metadata=h.document.numeric,
+                )
+                for h in hits
+            ]
+        )
+
+
+def _filter(f: pb.Filter) -> Filter:
+    flt = Filter(
+        strings=tuple((c.field, frozenset(c.values)) for c in f.strings),
+        ranges=tuple(
+            Range(
+                r.field,
+                r.min if r.HasField("min") else None,
+                r.max if r.HasField("max") else None,
+            )
+            for r in f.ranges
+        ),
+    )
+    flt.validate()
+    return flt
+
+
+def _info(collection: Collection) -> pb.CollectionInfo:
+    s = collection.spec
+    return pb.CollectionInfo(
+        config=pb.CollectionConfig(
+            name=s.name,
+            dimension=s.dimension,
+            metric=_METRIC_PB[s.metric],
+            m=s.m,
+            ef_construction=s.ef_construction,
+            ef=s.ef,
+            embedding_model=s.embedding_model,
+        ),
+        document_count=len(collection),
+    )
