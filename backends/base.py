@@ -85,7 +85,9 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path} does not exist; prepare the model first") from None
+        raise ValueError(
+            f"{path} does not exist; prepare the model first (`irouter models prepare`)"
+        ) from None
     return data
 
 

@@ -6,7 +6,7 @@ NOT_SERVING); calls to a model that is still loading get UNAVAILABLE rather than
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from tokenizers import Tokenizer
 
-from backends.base import DecoderStepEngine, EncoderEngine, create_backend
+from backends.base import DecoderStepEngine, EncoderEngine, create_backend, read_manifest
 from router.config import ModelConfig
 from router.errors import InvalidArgument, NotFound, Unavailable
 from router.models.chat_template import render_chat
@@ -45,17 +45,6 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.config.name
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "manifest.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"model folder {str(model_dir)!r} has no manifest.json: run `irouter models prepare`"
-        ) from None
-    return data
 
 
 class ServedModels:
@@ -204,7 +193,9 @@ class ServedModels:
                     field="sampling.max_tokens",
                 )
         else:
-            params = _replace_max_tokens(params, min(model.config.default_max_tokens, room))
+            params = dataclasses.replace(
+                params, max_tokens=min(model.config.default_max_tokens, room)
+            )
         params.validate(vocab)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Request(
@@ -239,9 +230,3 @@ class ServedModels:
                 )
             ids.append(enc.ids)
         return ids
-
-
-def _replace_max_tokens(params: SamplingParams, value: int) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params, max_tokens=value)
