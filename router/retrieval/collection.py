@@ -85,8 +85,9 @@ class Collection:
         await self._run(self.index.upsert, docs, vectors)
 
     async def delete(self, ids: list[str]) -> int:
+        """Delete documents by id (a parent's id deletes its chunks); the number removed."""
         async with self._write:
-            present = [i for i in ids if i in self.index]
+            present = [i for i in dict.fromkeys(ids) if self.index.known(i)]
             if not present:
                 return 0
             await self._run(

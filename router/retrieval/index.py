@@ -9,7 +9,15 @@ An upsert of an existing id keeps its label and hnswlib updates the vector in pl
 Filtered search uses hnswlib's `filter` callable, which keeps the graph walk going through
 non-matching nodes until k matches are found, so results stay exact-ish for selective filters
 where over-fetching would come back short. When fewer than k reachable nodes match, hnswlib raises
-and we fall back to an exact scan over the matching documents."""
+and we fall back to an exact scan over the matching documents.
+
+Chunks (documents with a `parent`, see router.retrieval.chunking) are indexed like any document;
+`_chunks` maps each parent id to its chunk ids. It is derived from the documents (rebuilt on
+load, kept up to date by upsert and delete), so the snapshot and the WAL need nothing more. An
+upsert owns the names it writes: writing parent P (its chunks, or a whole document P) first
+removes P's old chunks and the old whole document P that the batch does not rewrite, and deleting
+P deletes its chunks. Both follow from the index's state and the record alone, so WAL replay
+repeats them exactly."""
 
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ class VectorIndex:
         self._index.set_ef(spec.ef)
         self._labels: dict[str, int] = {}
         self._docs: dict[int, Document] = {}
+        self._chunks: dict[str, set[str]] = {}
         self._next_label = 0
 
     def __len__(self) -> int:
@@ -54,6 +63,33 @@ class VectorIndex:
     @property
     def capacity(self) -> int:
         return int(self._index.get_max_elements())
+
+    def known(self, doc_id: str) -> bool:
+        """A stored document or the parent of stored chunks."""
+        return doc_id in self._labels or doc_id in self._chunks
+
+    def chunks_of(self, parent: str) -> list[str]:
+        return sorted(self._chunks.get(parent, ()))
+
+    def expand(self, ids: list[str]) -> list[str]:
+        """The stored documents `ids` name: each id itself, if stored, and its chunks."""
+        out: dict[str, None] = {}
+        for doc_id in ids:
+            out.update(dict.fromkeys(self.chunks_of(doc_id)))
+            if doc_id in self._labels:
+                out[doc_id] = None
+        return list(out)
+
+    def _link(self, doc: Document) -> None:
+        if doc.parent:
+            self._chunks.setdefault(doc.parent, set()).add(doc.id)
+
+    def _unlink(self, doc: Document) -> None:
+        siblings = self._chunks.get(doc.parent) if doc.parent else None
+        if siblings is not None:
+            siblings.discard(doc.id)
+            if not siblings:
+                del self._chunks[doc.parent]
 
     def get(self, doc_id: str) -> Document | None:
         label = self._labels.get(doc_id)
@@ -77,15 +113,22 @@ class VectorIndex:
         self._index.resize_index(capacity)
 
     def upsert(self, docs: list[Document], vectors: Vectors) -> None:
-        """Insert or replace; the capacity must already suffice (see capacity_for)."""
+        """Insert or replace; the capacity must already suffice (see capacity_for). Replacing a
+        parent drops its old chunks (and its old whole document) that the batch does not rewrite."""
         last: dict[str, int] = {doc.id: row for row, doc in enumerate(docs)}  # later rows win
+        owners = list(dict.fromkeys(docs[row].parent or doc_id for doc_id, row in last.items()))
+        stale = [doc_id for doc_id in self.expand(owners) if doc_id not in last]
+        if stale:
+            self._remove(stale)
         old_rows = [row for doc_id, row in last.items() if doc_id in self._labels]
         new_rows = [row for doc_id, row in last.items() if doc_id not in self._labels]
         if old_rows:
             labels = [self._labels[docs[row].id] for row in old_rows]
             self._index.add_items(vectors[old_rows], labels)
             for row, label in zip(old_rows, labels, strict=True):
+                self._unlink(self._docs[label])
                 self._docs[label] = docs[row]
+                self._link(docs[row])
         if new_rows:
             labels = list(range(self._next_label, self._next_label + len(new_rows)))
             self._next_label += len(new_rows)
@@ -95,8 +138,13 @@ class VectorIndex:
             self._index.add_items(vectors[new_rows], labels, replace_deleted=True)
             for row, label in zip(new_rows, labels, strict=True):
                 self._labels[docs[row].id] = label
+                self._link(docs[row])
 
     def delete(self, ids: list[str]) -> int:
+        """Delete documents by id, a parent's id deleting its chunks; the number removed."""
+        return self._remove(self.expand(ids))
+
+    def _remove(self, ids: list[str]) -> int:
         deleted = 0
         for doc_id in dict.fromkeys(ids):
             label = self._labels.pop(doc_id, None)
@@ -104,7 +152,7 @@ class VectorIndex:
                 continue
             # Marked deleted before the document goes: a search skips labels it cannot resolve.
             self._index.mark_deleted(label)
-            del self._docs[label]
+            self._unlink(self._docs.pop(label))
             deleted += 1
         return deleted
 
@@ -188,4 +236,5 @@ class VectorIndex:
             doc = Document.from_json(data)
             self._docs[int(label)] = doc
             self._labels[doc.id] = int(label)
+            self._link(doc)
         return self

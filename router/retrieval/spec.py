@@ -70,19 +70,25 @@ class CollectionSpec:
 
 @dataclass(slots=True)
 class Document:
-    """A stored document; `text` is empty when it was upserted as a vector."""
+    """A stored document; `text` is empty when it was upserted as a vector. `parent` is set on
+    the chunks of a text too long for the embedding model's window (see router.retrieval.chunking):
+    the id the caller upserted, which Delete and a later Upsert of that id act on."""
 
     id: str
     text: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     numeric: dict[str, float] = field(default_factory=dict)
+    parent: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "meta": self.metadata, "num": self.numeric}
+        data = {"id": self.id, "text": self.text, "meta": self.metadata, "num": self.numeric}
+        if self.parent:
+            data["parent"] = self.parent
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Document:
-        return cls(data["id"], data["text"], data["meta"], data["num"])
+        return cls(data["id"], data["text"], data["meta"], data["num"], data.get("parent", ""))
 
 
 @dataclass(frozen=True, slots=True)

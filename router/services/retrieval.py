@@ -10,6 +10,7 @@ import numpy as np
 
 from router.errors import InvalidArgument
 from router.proto.irouter.v1 import retrieval_service_pb2 as pb
+from router.retrieval import chunking
 from router.retrieval.collection import Collection
 from router.retrieval.index import Vectors
 from router.retrieval.spec import CollectionSpec, Document, Filter, Metric, Range
@@ -46,6 +47,19 @@ class RetrievalServicer:
             ids = self._models.tokenize_texts(model, texts[start : start + step])
             parts.append(await model.batcher.embed(ids))
         return np.concatenate(parts).astype(np.float32)
+
+    async def _embed_ids(self, model_name: str, ids: list[list[int]]) -> Vectors:
+        """Embed token ids that already fit the model's window (see chunking.split)."""
+        model = self._models.get(model_name, "embed")
+        assert model.batcher is not None
+        step = model.config.max_batch
+        parts = [await model.batcher.embed(ids[i : i + step]) for i in range(0, len(ids), step)]
+        return np.concatenate(parts).astype(np.float32)
+
+    def _chunk(self, model_name: str, texts: list[str]) -> list[list[chunking.Piece]]:
+        model = self._models.get(model_name, "embed")
+        assert model.tokenizer is not None
+        return chunking.split(model.tokenizer, texts, model.context_length)
 
     async def _vectors(
         self,
@@ -127,28 +141,96 @@ class RetrievalServicer:
         collection = self._store.get(message.collection)
         if not message.documents:
             raise InvalidArgument("documents is empty: give at least one", field="documents")
+        spec = collection.spec
+        latest = {d.id: i for i, d in enumerate(message.documents)}  # a later duplicate wins
         docs: list[Document] = []
-        texts: dict[int, str] = {}
+        texts: dict[int, str] = {}  # row of `docs` -> text
         given: dict[int, list[float]] = {}
         for i, d in enumerate(message.documents):
+            where = f"documents[{i}]"
             if not d.id or len(d.id.encode()) > 512:
-                raise InvalidArgument(
-                    f"documents[{i}].id must be 1 to 512 bytes", field=f"documents[{i}].id"
-                )
+                raise InvalidArgument(f"{where}.id must be 1 to 512 bytes", field=f"{where}.id")
             which = d.WhichOneof("content")
             if which == "text":
-                texts[i] = d.text
+                if not d.text:
+                    raise InvalidArgument(f"{where}.text is empty", field=f"{where}.text")
+                if not spec.embedding_model:
+                    raise InvalidArgument(
+                        f"collection {spec.name!r} has no embedding_model, so it takes vectors "
+                        "only; send vectors or create the collection with an embedding_model",
+                        field=f"{where}.text",
+                    )
             elif which == "vector":
-                given[i] = list(d.vector.values)
+                if len(d.vector.values) != spec.dimension:
+                    raise InvalidArgument(
+                        f"vector has dimension {len(d.vector.values)}; collection {spec.name!r} "
+                        f"expects {spec.dimension}",
+                        field=f"{where}.vector",
+                    )
             else:
                 raise InvalidArgument(
-                    f"documents[{i}] (id {d.id!r}) has neither text nor vector",
-                    field=f"documents[{i}].content",
+                    f"{where} (id {d.id!r}) has neither text nor vector",
+                    field=f"{where}.content",
                 )
+            if latest[d.id] != i:
+                continue
+            if which == "text":
+                texts[len(docs)] = d.text
+            else:
+                given[len(docs)] = list(d.vector.values)
             docs.append(Document(d.id, d.text, dict(d.metadata), dict(d.numeric_metadata)))
-        vectors = await self._vectors(collection, texts, given, len(docs), "documents[{row}].")
-        upserted = await collection.upsert(docs, vectors)
-        return pb.UpsertResponse(upserted=upserted)
+        stored, vectors = await self._chunked(collection, docs, texts, given)
+        await collection.upsert(stored, vectors)
+        return pb.UpsertResponse(upserted=len(message.documents))
+
+    async def _chunked(
+        self,
+        collection: Collection,
+        docs: list[Document],
+        texts: dict[int, str],
+        given: dict[int, list[float]],
+    ) -> tuple[list[Document], Vectors]:
+        """The documents to store, a text longer than the model's window becoming its chunks
+        (ids `<id>#<n>`, metadata parent_id=<id>), and their vectors."""
+        spec = collection.spec
+        pieces = (
+            dict(zip(texts, self._chunk(spec.embedding_model, list(texts.values())), strict=True))
+            if texts
+            else {}
+        )
+        stored: list[Document] = []
+        ids: list[list[int]] = []  # token ids to embed, in order of the text rows of `stored`
+        text_rows: list[int] = []
+        given_rows: dict[int, list[float]] = {}
+        for row, doc in enumerate(docs):
+            if row in given:
+                given_rows[len(stored)] = given[row]
+                stored.append(doc)
+                continue
+            parts = pieces[row]
+            if len(parts) == 1:
+                text_rows.append(len(stored))
+                ids.append(parts[0].ids)
+                stored.append(doc)
+                continue
+            for n, piece in enumerate(parts):
+                text_rows.append(len(stored))
+                ids.append(piece.ids)
+                stored.append(
+                    Document(
+                        chunking.chunk_id(doc.id, n),
+                        piece.text,
+                        {**doc.metadata, chunking.PARENT_KEY: doc.id},
+                        dict(doc.numeric),
+                        parent=doc.id,
+                    )
+                )
+        vectors = np.empty((len(stored), spec.dimension), dtype=np.float32)
+        for row, values in given_rows.items():
+            vectors[row] = values
+        if ids:
+            vectors[text_rows] = await self._embed_ids(spec.embedding_model, ids)
+        return stored, vectors
 
     async def Delete(self, message: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
         collection = self._store.get(message.collection)
