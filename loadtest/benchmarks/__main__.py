@@ -1,5 +1,5 @@
 """`make bench`: every benchmark, each figure a ratio against a baseline from the same run.
-Arguments (e.g. --quick) go to the serving benchmarks."""
+Arguments (e.g. --quick) go to the serving, guard and retrieval benchmarks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ if __name__ == "__main__":
     subprocess.run([sys.executable, "-m", "loadtest.benchmarks.native_bench"], check=True)
     print("\n## matcher", flush=True)
     subprocess.run([sys.executable, "-m", "loadtest.benchmarks.matcher_bench"], check=True)
-    print("\n## serving", flush=True)
-    subprocess.run(
-        [sys.executable, "-m", "loadtest.benchmarks.serve_bench", *sys.argv[1:]], check=True
-    )
+    for title, module in (
+        ("serving", "serve_bench"),
+        ("guard", "guard_bench"),
+        ("retrieval", "retrieval_bench"),
+    ):
+        print(f"\n## {title}", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", f"loadtest.benchmarks.{module}", *sys.argv[1:]], check=True
+        )
