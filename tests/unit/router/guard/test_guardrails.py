@@ -10,7 +10,6 @@ import grpc
 import pytest
 from test_pii import POSITIVES
 
-from router import _native
 from router.guard.guardrails import (
     Finding,
     GuardrailPolicy,
@@ -21,11 +20,6 @@ from router.guard.guardrails import (
     StreamFilter,
 )
 from router.guard.pii import DETECTORS
-
-requires_matcher = pytest.mark.skipif(
-    not hasattr(_native, "Matcher"),
-    reason="router._native.Matcher has not been built yet (make native)",
-)
 
 ALL_PII = tuple(DETECTORS)
 CARD = "4111 1111 1111 1111"
@@ -220,7 +214,6 @@ def test_policies_apply_only_to_their_direction() -> None:
     assert stream_all(OutputGuard(config).new_stream(), [EMAIL])[1]
 
 
-@requires_matcher
 def test_terms_on_prompts() -> None:
     config = make_config(
         GuardrailPolicy(name="words", terms=("Project Falcon", "zeta"), action="redact"),
@@ -362,7 +355,6 @@ def test_unbounded_held_text_is_bounded_by_the_window() -> None:
     assert sent >= 300 - 64
 
 
-@requires_matcher
 def test_term_split_across_chunks_is_redacted_at_every_split_point() -> None:
     config = make_config(
         GuardrailPolicy(name="words", terms=("project falcon", "zeta"), action="redact")
@@ -380,7 +372,6 @@ def test_term_split_across_chunks_is_redacted_at_every_split_point() -> None:
         assert "".join(emitted) == expected
 
 
-@requires_matcher
 @pytest.mark.parametrize("seed", range(10))
 def test_terms_and_pii_with_random_chunkings(seed: int) -> None:
     rng = random.Random(seed)
@@ -395,7 +386,6 @@ def test_terms_and_pii_with_random_chunkings(seed: int) -> None:
     assert got == (expected, False, None)
 
 
-@requires_matcher
 def test_term_reject_stops_the_stream() -> None:
     guard = OutputGuard(make_config(GuardrailPolicy(name="no-falcon", terms=("falcon",))))
     for chunks in every_split("a bird: falcon!"):
