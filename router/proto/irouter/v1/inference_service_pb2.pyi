@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from router.proto.irouter.v1 import retrieval_service_pb2 as _retrieval_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -74,6 +75,54 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 4
 """An output guardrail stopped the stream; GenerateResponse.filter_reason names the policy."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _CacheMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CacheModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_MODE_UNSPECIFIED: _CacheMode.ValueType  # 0
+    """The server's configured policy (cache deterministic requests when the cache is on)."""
+    CACHE_MODE_BYPASS: _CacheMode.ValueType  # 1
+    """Neither read from nor write to the cache."""
+
+class CacheMode(_CacheMode, metaclass=_CacheModeEnumTypeWrapper):
+    """CacheMode chooses how a request uses the response cache."""
+
+CACHE_MODE_UNSPECIFIED: CacheMode.ValueType  # 0
+"""The server's configured policy (cache deterministic requests when the cache is on)."""
+CACHE_MODE_BYPASS: CacheMode.ValueType  # 1
+"""Neither read from nor write to the cache."""
+Global___CacheMode: _TypeAlias = CacheMode  # noqa: Y015
+
+class _CacheStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CacheStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_STATUS_UNSPECIFIED: _CacheStatus.ValueType  # 0
+    """The cache was not consulted (off, bypassed or the request is not cacheable)."""
+    CACHE_STATUS_MISS: _CacheStatus.ValueType  # 1
+    """Consulted and missed; the answer was generated (and stored)."""
+    CACHE_STATUS_EXACT_HIT: _CacheStatus.ValueType  # 2
+    """Answered from the exact cache: same model, input and sampling parameters."""
+    CACHE_STATUS_SEMANTIC_HIT: _CacheStatus.ValueType  # 3
+    """Answered from the semantic cache: a similar earlier prompt (see cache_similarity)."""
+
+class CacheStatus(_CacheStatus, metaclass=_CacheStatusEnumTypeWrapper):
+    """CacheStatus says whether the answer came from the response cache."""
+
+CACHE_STATUS_UNSPECIFIED: CacheStatus.ValueType  # 0
+"""The cache was not consulted (off, bypassed or the request is not cacheable)."""
+CACHE_STATUS_MISS: CacheStatus.ValueType  # 1
+"""Consulted and missed; the answer was generated (and stored)."""
+CACHE_STATUS_EXACT_HIT: CacheStatus.ValueType  # 2
+"""Answered from the exact cache: same model, input and sampling parameters."""
+CACHE_STATUS_SEMANTIC_HIT: CacheStatus.ValueType  # 3
+"""Answered from the semantic cache: a similar earlier prompt (see cache_similarity)."""
+Global___CacheStatus: _TypeAlias = CacheStatus  # noqa: Y015
 
 class _ModelKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -285,6 +334,92 @@ class Usage(_message.Message):
 Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
+class RetrievalOptions(_message.Message):
+    """RetrievalOptions asks the router to search a collection first and put the best passages into
+    the prompt (retrieval-augmented generation). Passages are added best first while they fit the
+    token budget; the lowest-scoring ones are dropped, the caller's own input never is.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    """Collection to search (see RetrievalService)."""
+    query: _builtins.str
+    """Query text; empty: the last user message (chat) or the whole prompt."""
+    top_k: _builtins.int
+    """Passages to retrieve, 1 to 64 (default 4)."""
+    min_score: _builtins.float
+    """Passages scoring below this are not used."""
+    max_context_tokens: _builtins.int
+    """Most tokens the passages may take; unset: all the room left in the context window after
+    the input and max_tokens.
+    """
+    @_builtins.property
+    def filter(self) -> _retrieval_service_pb2.Filter:
+        """Metadata conditions the passages must meet."""
+
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        query: _builtins.str = ...,
+        top_k: _builtins.int = ...,
+        min_score: _builtins.float | None = ...,
+        filter: _retrieval_service_pb2.Filter | None = ...,
+        max_context_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_context_tokens", b"_max_context_tokens", "_min_score", b"_min_score", "filter", b"filter", "max_context_tokens", b"max_context_tokens", "min_score", b"min_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_context_tokens", b"_max_context_tokens", "_min_score", b"_min_score", "collection", b"collection", "filter", b"filter", "max_context_tokens", b"max_context_tokens", "min_score", b"min_score", "query", b"query", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_context_tokens: _TypeAlias = _typing.Literal["max_context_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_context_tokens: _TypeAlias = _typing.Literal["_max_context_tokens", b"_max_context_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
+    _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_context_tokens) -> _WhichOneofReturnType__max_context_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
+
+Global___RetrievalOptions: _TypeAlias = RetrievalOptions  # noqa: Y015
+
+@_typing.final
+class PassageRef(_message.Message):
+    """PassageRef names a retrieved passage that was put into the prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id of the stored item (a chunk id "parent#n" for chunked documents)."""
+    document_id: _builtins.str
+    """Id of the document it belongs to (equals id for unchunked documents)."""
+    score: _builtins.float
+    """Its similarity to the query."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        document_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "id", b"id", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PassageRef: _TypeAlias = PassageRef  # noqa: Y015
+
+@_typing.final
 class GenerateRequest(_message.Message):
     """GenerateRequest asks for a streamed completion."""
 
@@ -296,6 +431,8 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     RETURN_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
+    CACHE_MODE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served model (see ListModels)."""
     prompt: _builtins.str
@@ -304,6 +441,8 @@ class GenerateRequest(_message.Message):
     """Scheduling priority."""
     return_token_ids: _builtins.bool
     """Also return the generated token ids in each chunk."""
+    cache_mode: Global___CacheMode.ValueType
+    """How this request uses the response cache."""
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """Chat messages, rendered with the model's chat template."""
@@ -311,6 +450,10 @@ class GenerateRequest(_message.Message):
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """Sampling parameters."""
+
+    @_builtins.property
+    def retrieval(self) -> Global___RetrievalOptions:
+        """Search a collection and add the best passages to the prompt."""
 
     def __init__(
         self,
@@ -321,10 +464,12 @@ class GenerateRequest(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         priority: Global___Priority.ValueType = ...,
         return_token_ids: _builtins.bool = ...,
+        retrieval: Global___RetrievalOptions | None = ...,
+        cache_mode: Global___CacheMode.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "return_token_ids", b"return_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -345,6 +490,9 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     FILTER_REASON_FIELD_NUMBER: _builtins.int
+    PASSAGES_FIELD_NUMBER: _builtins.int
+    CACHE_STATUS_FIELD_NUMBER: _builtins.int
+    CACHE_SIMILARITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Request id assigned by the router (the same on every chunk)."""
     text: _builtins.str
@@ -355,6 +503,10 @@ class GenerateResponse(_message.Message):
     """Model that served the request."""
     filter_reason: _builtins.str
     """With FINISH_REASON_CONTENT_FILTER: the guardrail policy and kind that stopped the stream."""
+    cache_status: Global___CacheStatus.ValueType
+    """On the last chunk: whether the answer came from the response cache."""
+    cache_similarity: _builtins.float
+    """With CACHE_STATUS_SEMANTIC_HIT: the similarity of the cached prompt to this one."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids added by this chunk, when return_token_ids was set."""
@@ -362,6 +514,10 @@ class GenerateResponse(_message.Message):
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Set on the last chunk only."""
+
+    @_builtins.property
+    def passages(self) -> _containers.RepeatedCompositeFieldContainer[Global___PassageRef]:
+        """With a retrieval option, on the last chunk: the passages put into the prompt, best first."""
 
     def __init__(
         self,
@@ -373,10 +529,13 @@ class GenerateResponse(_message.Message):
         usage: Global___Usage | None = ...,
         model: _builtins.str = ...,
         filter_reason: _builtins.str = ...,
+        passages: _abc.Iterable[Global___PassageRef] | None = ...,
+        cache_status: Global___CacheStatus.ValueType = ...,
+        cache_similarity: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_similarity", b"cache_similarity", "cache_status", b"cache_status", "filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "passages", b"passages", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,6 +553,8 @@ class CompleteRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     RETURN_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
+    CACHE_MODE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served model (see ListModels)."""
     prompt: _builtins.str
@@ -402,6 +563,8 @@ class CompleteRequest(_message.Message):
     """Scheduling priority."""
     return_token_ids: _builtins.bool
     """Also return the generated token ids."""
+    cache_mode: Global___CacheMode.ValueType
+    """How this request uses the response cache."""
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """Chat messages, rendered with the model's chat template."""
@@ -409,6 +572,10 @@ class CompleteRequest(_message.Message):
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """Sampling parameters."""
+
+    @_builtins.property
+    def retrieval(self) -> Global___RetrievalOptions:
+        """Search a collection and add the best passages to the prompt."""
 
     def __init__(
         self,
@@ -419,10 +586,12 @@ class CompleteRequest(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         priority: Global___Priority.ValueType = ...,
         return_token_ids: _builtins.bool = ...,
+        retrieval: Global___RetrievalOptions | None = ...,
+        cache_mode: Global___CacheMode.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "return_token_ids", b"return_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -443,6 +612,9 @@ class CompleteResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     FILTER_REASON_FIELD_NUMBER: _builtins.int
+    PASSAGES_FIELD_NUMBER: _builtins.int
+    CACHE_STATUS_FIELD_NUMBER: _builtins.int
+    CACHE_SIMILARITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Request id assigned by the router."""
     text: _builtins.str
@@ -453,6 +625,10 @@ class CompleteResponse(_message.Message):
     """Model that served the request."""
     filter_reason: _builtins.str
     """With FINISH_REASON_CONTENT_FILTER: the guardrail policy and kind that stopped the output."""
+    cache_status: Global___CacheStatus.ValueType
+    """Whether the answer came from the response cache."""
+    cache_similarity: _builtins.float
+    """With CACHE_STATUS_SEMANTIC_HIT: the similarity of the cached prompt to this one."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generated token ids, when return_token_ids was set."""
@@ -460,6 +636,10 @@ class CompleteResponse(_message.Message):
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Token counts."""
+
+    @_builtins.property
+    def passages(self) -> _containers.RepeatedCompositeFieldContainer[Global___PassageRef]:
+        """With a retrieval option: the passages put into the prompt, best first."""
 
     def __init__(
         self,
@@ -471,10 +651,13 @@ class CompleteResponse(_message.Message):
         usage: Global___Usage | None = ...,
         model: _builtins.str = ...,
         filter_reason: _builtins.str = ...,
+        passages: _abc.Iterable[Global___PassageRef] | None = ...,
+        cache_status: Global___CacheStatus.ValueType = ...,
+        cache_similarity: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_similarity", b"cache_similarity", "cache_status", b"cache_status", "filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "passages", b"passages", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
