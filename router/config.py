@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from router.cache.config import CacheConfig
 from router.guard.config import GuardConfig
+from router.retrieval.config import RagConfig
 from router.tls import TlsConfig
 
 ENV_PREFIX = "IROUTER_"
@@ -121,10 +123,13 @@ class RetrievalConfig:
     """Write-ahead-log records that trigger a background snapshot."""
     fsync: bool = True
     """fsync the write-ahead log before acknowledging Upsert/Delete (off only for benchmarks)."""
+    rag: RagConfig = field(default_factory=RagConfig)
+    """How retrieved passages are put into prompts (the retrieval option of Generate)."""
 
     def validate(self) -> None:
         if self.compact_after < 1:
             raise ValueError(f"retrieval.compact_after={self.compact_after} must be at least 1")
+        self.rag.validate()
 
 
 def _default_cache() -> Path:
@@ -143,6 +148,8 @@ class RouterConfig:
     """Vector collections served by RetrievalService."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """Authentication, authorization, rate limits, guardrails, audit log (all off by default)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Response cache (exact, L1 + optional Redis L2), semantic cache, embedding cache."""
 
     def validate(self) -> RouterConfig:
         s = self.server
@@ -168,8 +175,17 @@ class RouterConfig:
             model.validate()
         try:
             self.guard.validate()
+            self.cache.validate()
+            self.retrieval.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        semantic = self.cache.semantic
+        encoders = sorted(m.name for m in self.models if m.kind == "embed")
+        if semantic.enabled and semantic.embedding_model not in encoders:
+            raise ConfigError(
+                f"cache.semantic.embedding_model={semantic.embedding_model!r} is not a served "
+                f"embedding model; served: {encoders}"
+            )
         return self
 
 

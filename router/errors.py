@@ -63,6 +63,12 @@ class ResourceExhausted(RouterError):
         self.violations = violations
 
 
+class FailedPrecondition(RouterError):
+    """The request is well formed but the router is not set up to serve it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(RouterError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -16,14 +16,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from router.cache.embedding import Embedder
+from router.cache.response import ResponseCache
+from router.cache.semantic import SemanticCache
 from router.config import RouterConfig
 from router.guard.setup import Guard
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
+from router.retrieval.rag import Retriever
 from router.retrieval.store import CollectionStore
 from router.routing.registry import ServedModel, ServedModels
 from router.scheduler.request import Priority, SamplingParams
-from router.services.inference import InferenceServicer
+from router.services.inference import Answering, InferenceServicer
 from router.services.retrieval import RetrievalServicer
 from router.services.rpc import add_service
 from router.telemetry import Metrics
@@ -62,13 +66,13 @@ class RouterServer:
         interceptors = [self.guard.interceptor] if self.guard is not None else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self._housekeeping: asyncio.Task[None] | None = None
-        add_service(
-            self.server,
-            INFERENCE_SERVICE,
-            InferenceServicer(self.models, self.metrics),
-            self.metrics,
-        )
         self.collections: CollectionStore | None = None
+        cache = config.cache
+        self.embedder = Embedder(self.models, cache.embedding, self.metrics)
+        self.responses = (
+            ResponseCache(cache.response, self.metrics) if cache.response.enabled else None
+        )
+        semantic = SemanticCache(cache.semantic, self.metrics) if cache.semantic.enabled else None
         self._services = [INFERENCE_SERVICE.full_name]
         r = config.retrieval
         if r.enabled and s.workers > 1:
@@ -85,10 +89,18 @@ class RouterServer:
             add_service(
                 self.server,
                 RETRIEVAL_SERVICE,
-                RetrievalServicer(self.collections, self.models),
+                RetrievalServicer(self.collections, self.models, self.embedder),
                 self.metrics,
             )
             self._services.append(RETRIEVAL_SERVICE.full_name)
+        retriever = Retriever(r.rag, self.collections, self.models, self.embedder)
+        answering = Answering(self.embedder, self.responses, semantic, retriever)
+        add_service(
+            self.server,
+            INFERENCE_SERVICE,
+            InferenceServicer(self.models, self.metrics, answering),
+            self.metrics,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -151,8 +163,7 @@ class RouterServer:
             request = self.models.build_request(
                 model,
                 "warm-up",
-                prompt="Hello",
-                messages=None,
+                text="Hello",
                 params=SamplingParams(max_tokens=2, temperature=0.0),
                 max_tokens_set=True,
                 priority=Priority.NORMAL,
@@ -176,6 +187,8 @@ class RouterServer:
         await self.models.stop()
         if self.collections is not None:
             await self.collections.close()
+        if self.responses is not None:
+            await self.responses.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self.guard is not None:

@@ -77,6 +77,28 @@ class Metrics:
             registry=r,
         )
 
+        self.cache_lookups = Counter(
+            "irouter_cache_lookups",
+            "Cache lookups by layer (l1, l2, semantic, embedding) and result (hit, miss)",
+            ["layer", "result"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "irouter_cache_evictions",
+            "Entries evicted to stay within the size bound",
+            ["layer"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "irouter_cache_bytes", "Bytes held by in-process cache layers", ["layer"], registry=r
+        )
+        self.cache_errors = Counter(
+            "irouter_cache_errors",
+            "Cache layer failures (e.g. Redis down); the call goes on without that layer",
+            ["layer"],
+            registry=r,
+        )
+
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)
         logger.info("metrics on http://%s:%d/metrics", host, port)

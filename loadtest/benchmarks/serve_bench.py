@@ -111,6 +111,7 @@ async def _stream(
         model=GEN,
         chat=pb.ChatMessages(messages=messages),
         sampling=pb.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+        cache_mode=pb.CACHE_MODE_BYPASS,  # these measure the engine, not the response cache
     )
     started = time.perf_counter()
     ttft = 0.0
@@ -193,8 +194,12 @@ def bench_embed(model_dir: Path, quick: bool) -> None:
     seconds = 3.0 if quick else 8.0
     bare = bare_embed_texts_s(model_dir, batch=32)
     line("bare ONNX Runtime encoder, batch 32", bare, "texts/s")
-    with router_process() as target:
-        rate = asyncio.run(embed_load(target, 64, seconds))
+    # The texts repeat, so the embedding cache is off: this measures the encoder path.
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text("cache: {embedding: {enabled: false}}\n")
+        with router_process(config=config) as target:
+            rate = asyncio.run(embed_load(target, 64, seconds))
     line(
         "Embed through gRPC, 64 concurrent callers, 1 text each",
         rate,

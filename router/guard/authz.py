@@ -13,6 +13,8 @@ from router.errors import PermissionDenied
 from router.guard.identity import Identity
 
 ADMIN = "admin"
+RETRIEVAL_READ = "retrieval:read"
+"""Also needed by Generate/Complete calls with a retrieval option."""
 PUBLIC_SERVICES = (
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
@@ -62,6 +64,16 @@ def check_method(config: AuthzConfig, identity: Identity, method: str) -> None:
     raise PermissionDenied(
         f"{identity.method} caller {identity.subject!r} of tenant {identity.tenant!r} lacks "
         f"scope {scope!r} needed by {method}"
+    )
+
+
+def check_scope(identity: Identity, scope: str, method: str, why: str) -> None:
+    """Raise PermissionDenied when a request option needs `scope` beyond the method's own."""
+    if scope in identity.scopes or ADMIN in identity.scopes:
+        return
+    raise PermissionDenied(
+        f"{identity.method} caller {identity.subject!r} of tenant {identity.tenant!r} lacks "
+        f"scope {scope!r} needed by {why} of {method}"
     )
 
 

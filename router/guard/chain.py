@@ -68,6 +68,7 @@ class CallScope:
         default_factory=list
     )
     model_hooks: list[Callable[[CallScope], None]] = field(default_factory=list)
+    scope_hooks: list[Callable[[CallScope, str, str], None]] = field(default_factory=list)
     settle_hooks: list[Callable[[CallScope], Awaitable[None]]] = field(default_factory=list)
     input_filter: InputFilter | None = None
     output_filter_factory: Callable[[], StreamFilter] | None = None
@@ -77,6 +78,11 @@ class CallScope:
         self.model = model
         for hook in self.model_hooks:
             hook(self)
+
+    def require(self, needed: str, why: str) -> None:
+        """A request option (`why`) needs scope `needed` beyond the method's own."""
+        for hook in self.scope_hooks:
+            hook(self, needed, why)
 
     async def admit(self, *, prompt_tokens: int, reserve_tokens: int, stream: bool) -> None:
         """Before scheduling: charge the tenant's token quota (prompt + the most the call may

@@ -10,7 +10,7 @@ from prometheus_client import Gauge
 
 from router.errors import Unauthenticated
 from router.guard.auth import Authenticator
-from router.guard.authz import AuthzConfig, check_method, check_model, is_public
+from router.guard.authz import AuthzConfig, check_method, check_model, check_scope, is_public
 from router.guard.chain import CallScope, GuardInterceptor, Link, RequestContextLink
 from router.guard.config import GuardConfig, MtlsIdentity
 from router.guard.guardrails import (
@@ -106,10 +106,15 @@ class AuthzLink:
         check_method(self._config, scope.identity, scope.method)
         if self._config.tenant_models:
             scope.model_hooks.append(self._check_model)
+        scope.scope_hooks.append(self._check_scope)
 
     def _check_model(self, scope: CallScope) -> None:
         assert scope.identity is not None
         check_model(self._config, scope.identity, scope.model)
+
+    def _check_scope(self, scope: CallScope, needed: str, why: str) -> None:
+        assert scope.identity is not None
+        check_scope(scope.identity, needed, scope.method, why)
 
 
 class RateLimitLink:

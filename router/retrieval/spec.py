@@ -114,9 +114,10 @@ class Filter:
     def __bool__(self) -> bool:
         return bool(self.strings or self.ranges)
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "filter") -> None:
+        """Raise InvalidArgument naming the bad condition, e.g. `{prefix}.ranges[0]`."""
         for i, (key, values) in enumerate(self.strings):
-            where = f"filter.strings[{i}]"
+            where = f"{prefix}.strings[{i}]"
             if not key:
                 raise InvalidArgument(f"{where}.field is empty", field=f"{where}.field")
             if not values:
@@ -126,7 +127,7 @@ class Filter:
                     field=f"{where}.values",
                 )
         for i, r in enumerate(self.ranges):
-            where = f"filter.ranges[{i}]"
+            where = f"{prefix}.ranges[{i}]"
             if not r.field:
                 raise InvalidArgument(f"{where}.field is empty", field=f"{where}.field")
             if r.min is None and r.max is None:

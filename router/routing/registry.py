@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +20,7 @@ from backends.base import DecoderStepEngine, EncoderEngine, create_backend, read
 from router.config import ModelConfig
 from router.errors import InvalidArgument, NotFound, Unavailable
 from router.models.chat_template import render_chat
+from router.retrieval import chunking
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.engine import DecoderEngine, EngineLimits
 from router.scheduler.request import Priority, Request, SamplingParams
@@ -138,19 +140,14 @@ class ServedModels:
 
     # ---- request building --------------------------------------------------------------------
 
-    def build_request(
+    def render(
         self,
         model: ServedModel,
-        request_id: str,
         *,
         prompt: str | None,
         messages: list[dict[str, str]] | None,
-        params: SamplingParams,
-        max_tokens_set: bool,
-        priority: Priority,
-    ) -> Request:
-        """Tokenize and validate; raise InvalidArgument naming what is wrong."""
-        assert model.tokenizer is not None
+    ) -> str:
+        """The prompt text the model sees: chat messages through its template, or the prompt."""
         if messages is not None:
             if not messages:
                 raise InvalidArgument("chat.messages is empty", field="chat.messages")
@@ -161,21 +158,48 @@ class ServedModels:
                         field=f"chat.messages[{i}].role",
                     )
             try:
-                text = render_chat(model.manifest["chat_template"], messages)
+                return render_chat(model.manifest["chat_template"], messages)
             except ValueError as exc:
                 raise InvalidArgument(str(exc), field="chat.messages") from None
-        elif prompt:
-            text = prompt
-        elif prompt is not None:
+        if prompt:
+            return prompt
+        if prompt is not None:
             raise InvalidArgument("prompt is empty", field="prompt")
-        else:
-            raise InvalidArgument("set one of prompt or chat", field="input")
+        raise InvalidArgument("set one of prompt or chat", field="input")
+
+    def encode(self, model: ServedModel, text: str) -> list[int]:
+        """A rendered prompt's token ids (BOS added when the model wants one)."""
+        assert model.tokenizer is not None
         ids = model.tokenizer.encode(text, add_special_tokens=False).ids
         bos = model.manifest.get("bos_token_id")
         if model.manifest.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
             ids.insert(0, int(bos))
         if not ids:
             raise InvalidArgument("the input tokenizes to no tokens", field="prompt")
+        return ids
+
+    def prompt_ids(
+        self,
+        model: ServedModel,
+        *,
+        prompt: str | None,
+        messages: list[dict[str, str]] | None,
+    ) -> list[int]:
+        return self.encode(model, self.render(model, prompt=prompt, messages=messages))
+
+    def build_request(
+        self,
+        model: ServedModel,
+        request_id: str,
+        *,
+        text: str,
+        params: SamplingParams,
+        max_tokens_set: bool,
+        priority: Priority,
+    ) -> Request:
+        """Tokenize a rendered prompt (see `render`) and validate; raise InvalidArgument naming
+        what is wrong."""
+        ids = self.encode(model, text)
         context = model.context_length
         room = context - len(ids)
         if room < 1:
@@ -207,8 +231,8 @@ class ServedModels:
             seed=seed,
         )
 
-    def tokenize_texts(self, model: ServedModel, texts: list[str]) -> list[list[int]]:
-        assert model.tokenizer is not None
+    def check_batch(self, model: ServedModel, texts: Sequence[str]) -> None:
+        """An Embed call's texts: at least one, at most the model's batch."""
         if not texts:
             raise InvalidArgument("texts is empty: give at least one text", field="texts")
         if len(texts) > model.config.max_batch:
@@ -217,16 +241,34 @@ class ServedModels:
                 f"{model.config.max_batch} per call",
                 field="texts",
             )
-        encodings = model.tokenizer.encode_batch(texts)
-        ids: list[list[int]] = []
-        for i, (text, enc) in enumerate(zip(texts, encodings, strict=True)):
+
+    def tokenize_texts(
+        self,
+        model: ServedModel,
+        texts: Sequence[str],
+        *,
+        positions: Sequence[int] | None = None,
+        field: str = "texts",
+        truncate: bool = False,
+    ) -> list[list[int]]:
+        """Encoder token ids per text, each checked to be non-empty and to fit the window.
+        `positions` are the texts' indexes in the request (for the error's field name);
+        `truncate` keeps the first window of a longer text instead of refusing it (queries)."""
+        assert model.tokenizer is not None
+        where = positions if positions is not None else range(len(texts))
+        for i, text in zip(where, texts, strict=True):
             if not text:
-                raise InvalidArgument(f"texts[{i}] is empty", field=f"texts[{i}]")
+                raise InvalidArgument(f"{field}[{i}] is empty", field=f"{field}[{i}]")
+        if truncate:
+            pieces = chunking.split(model.tokenizer, list(texts), model.context_length)
+            return [chunks[0].ids for chunks in pieces]
+        ids: list[list[int]] = []
+        for i, enc in zip(where, model.tokenizer.encode_batch(list(texts)), strict=True):
             if len(enc.ids) > model.context_length:
                 raise InvalidArgument(
-                    f"texts[{i}] has {len(enc.ids)} tokens; model {model.name!r} embeds at most "
+                    f"{field}[{i}] has {len(enc.ids)} tokens; model {model.name!r} embeds at most "
                     f"{model.context_length}",
-                    field=f"texts[{i}]",
+                    field=f"{field}[{i}]",
                 )
             ids.append(enc.ids)
         return ids

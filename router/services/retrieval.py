@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from router.cache.embedding import Embedder
 from router.errors import InvalidArgument
 from router.proto.irouter.v1 import retrieval_service_pb2 as pb
 from router.retrieval import chunking
@@ -34,9 +35,10 @@ _METRIC_PB = {
 
 
 class RetrievalServicer:
-    def __init__(self, store: CollectionStore, models: ServedModels) -> None:
+    def __init__(self, store: CollectionStore, models: ServedModels, embedder: Embedder) -> None:
         self._store = store
         self._models = models
+        self._embedder = embedder
 
     async def _embed(self, model_name: str, texts: list[str]) -> Vectors:
         model = self._models.get(model_name, "embed")
@@ -60,6 +62,19 @@ class RetrievalServicer:
         model = self._models.get(model_name, "embed")
         assert model.tokenizer is not None
         return chunking.split(model.tokenizer, texts, model.context_length)
+
+    async def _query_vector(self, collection: Collection, text: str) -> Vectors:
+        """A text query's vector, from the embedding cache when it was seen before. A query
+        longer than the model's window is cut to it (documents are chunked instead)."""
+        spec = collection.spec
+        if not spec.embedding_model:
+            raise InvalidArgument(
+                f"collection {spec.name!r} has no embedding_model, so it takes vector queries only",
+                field="text",
+            )
+        model = self._models.get(spec.embedding_model, "embed")
+        vectors, _ = await self._embedder.embed(model, [text], field="text", truncate=True)
+        return vectors
 
     async def _vectors(
         self,
@@ -247,10 +262,10 @@ class RetrievalServicer:
         ef = message.ef if message.HasField("ef") else None
         if ef is not None and not 1 <= ef <= 4096:
             raise InvalidArgument(f"ef={ef} must be in [1, 4096]", field="ef")
-        flt = _filter(message.filter)
+        flt = filter_from_proto(message.filter)
         which = message.WhichOneof("query")
         if which == "text":
-            query = await self._vectors(collection, {0: message.text}, {}, 1, "")
+            query = await self._query_vector(collection, message.text)
         elif which == "vector":
             query = await self._vectors(collection, {}, {0: list(message.vector.values)}, 1, "")
         else:
@@ -270,7 +285,7 @@ class RetrievalServicer:
         )
 
 
-def _filter(f: pb.Filter) -> Filter:
+def filter_from_proto(f: pb.Filter, where: str = "filter") -> Filter:
     flt = Filter(
         strings=tuple((c.field, frozenset(c.values)) for c in f.strings),
         ranges=tuple(
@@ -282,7 +297,7 @@ def _filter(f: pb.Filter) -> Filter:
             for r in f.ranges
         ),
     )
-    flt.validate()
+    flt.validate(where)
     return flt
 
 

@@ -280,3 +280,18 @@ async def test_calls_without_a_deadline_get_the_server_default(model_cache: Path
         assert engine is not None and engine.num_unfinished == 0
     finally:
         await server.stop(0)
+
+
+async def test_the_retrieval_option_needs_retrieval_read(
+    guarded: tuple[RouterServer, Path], stub: pb_grpc.InferenceServiceStub
+) -> None:
+    _, tmp = guarded
+    request = hello()
+    request.retrieval.collection = "no-such-collection"
+    _, plain = make_key(tmp, "inference:generate")
+    err = await error_of(stub.Complete(request, metadata=key_md(plain)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "'retrieval:read' needed by the retrieval option" in (err.details() or "")
+    _, reader = make_key(tmp, "inference:generate", "retrieval:read")
+    err = await error_of(stub.Complete(request, metadata=key_md(reader)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND  # past the guard, to the collection lookup

@@ -46,7 +46,7 @@ async def retrieval(
     add_service(
         server,
         pb.DESCRIPTOR.services_by_name["RetrievalService"],
-        RetrievalServicer(store, router.models),
+        RetrievalServicer(store, router.models, router.embedder),
         Metrics(),
     )
     port = server.add_insecure_port("127.0.0.1:0")

@@ -60,6 +60,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("colour: blue", "unknown keys ['colour']"),
         ("server: [1, 2]", "server must be a mapping"),
         ("server: {port: 1", "not valid YAML"),
+        ("cache: {response: {max_bytes: 0}}", "cache.response.max_bytes=0"),
+        ("cache: {semantic: {enabled: true, embedding_model: e5}}", "embedding_model='e5'"),
+        ("cache: {semantic: {threshold: 2}}", "threshold=2"),
+        ("retrieval: {rag: {template: 'no placeholders'}}", "must contain {passages}"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -102,3 +106,20 @@ def test_config_with_every_section_survives_pickling_for_workers() -> None:
 
     config = load_config(env={})
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_cache_and_rag_sections_load(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "cache:\n"
+        "  response: {redis_url: 'redis://127.0.0.1:6379/2', ttl_s: 60}\n"
+        "  semantic: {enabled: true, threshold: 0.97}\n"
+        "  embedding: {enabled: false}\n"
+        "retrieval:\n"
+        "  rag: {template: 'Notes: {passages} Ask: {question}', default_top_k: 2}\n"
+    )
+    config = load_config(path, env={})
+    assert config.cache.response.redis_url == "redis://127.0.0.1:6379/2"
+    assert config.cache.response.ttl_s == 60.0 and config.cache.response.enabled
+    assert config.cache.semantic.threshold == 0.97 and not config.cache.embedding.enabled
+    assert config.retrieval.rag.default_top_k == 2

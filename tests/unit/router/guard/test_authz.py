@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from router.errors import PermissionDenied
-from router.guard.authz import AuthzConfig, check_method, check_model, is_public
+from router.guard.authz import (
+    RETRIEVAL_READ,
+    AuthzConfig,
+    check_method,
+    check_model,
+    check_scope,
+    is_public,
+)
 from router.guard.identity import Identity
 
 
@@ -45,3 +52,15 @@ def test_tenant_model_allowlist() -> None:
     check_model(config, make_identity(tenant="other"), "big")
     with pytest.raises(PermissionDenied, match="may not use model 'big'; allowed: \\['small'\\]"):
         check_model(config, make_identity(), "big")
+
+
+def test_an_option_can_need_a_scope_beyond_the_method() -> None:
+    check_scope(make_identity("inference:generate", RETRIEVAL_READ), RETRIEVAL_READ, GENERATE, "x")
+    check_scope(make_identity("admin"), RETRIEVAL_READ, GENERATE, "x")
+    with pytest.raises(PermissionDenied, match="'retrieval:read' needed by the retrieval option"):
+        check_scope(
+            make_identity("inference:generate"),
+            RETRIEVAL_READ,
+            GENERATE,
+            "the retrieval option",
+        )
