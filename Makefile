@@ -9,11 +9,15 @@ METRICS_PORT ?= 9464
 PROTO_OUT := router/proto
 PROTOS := $(wildcard protos/irouter/v1/*.proto)
 NATIVE_SRC := $(wildcard native/CMakeLists.txt native/src/*.cpp native/include/irouter/*.h)
+# google/api/{annotations,http}.proto, copied from googleapis-common-protos (a Python dependency)
+# into an ignored folder: the include path of protoc, buf (a second module) and the Node client.
+PROTO_DEPS := build/proto-deps
+PROTO_DEPS_STAMP := $(PROTO_DEPS)/google/api/annotations.proto
 
 .PHONY: run test lint bench install native protos protos-check buf-breaking prepare clean
 
 # Everything a fresh machine needs: the venv, Python deps, the native extension, Node tools.
-install: $(VENV)/.installed node_modules/.installed
+install: $(VENV)/.installed node_modules/.installed $(PROTO_DEPS_STAMP)
 
 $(VENV)/.installed: pyproject.toml $(NATIVE_SRC)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +31,10 @@ $(VENV)/.installed: pyproject.toml $(NATIVE_SRC)
 native: $(VENV)/.installed
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
+$(PROTO_DEPS_STAMP): $(VENV)/.installed
+	rm -rf $(PROTO_DEPS) && mkdir -p $(PROTO_DEPS)/google/api
+	cp "$$($(PY) -c 'import google.api.annotations_pb2 as m, os; print(os.path.dirname(m.__file__))')"/{annotations,http}.proto $(PROTO_DEPS)/google/api/
+
 node_modules/.installed: package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
@@ -38,10 +46,10 @@ run: install
 	$(PY) -m router serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 # Python stubs are generated into router/proto and committed; protos-check proves they are current.
-protos: $(VENV)/.installed
+protos: $(VENV)/.installed $(PROTO_DEPS_STAMP)
 	rm -rf $(PROTO_OUT)/irouter
 	mkdir -p $(PROTO_OUT)/irouter/v1
-	$(PY) -m grpc_tools.protoc -Iprotos \
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(PROTO_DEPS) \
 	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 	  --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
 	  --mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTOS)
@@ -54,10 +62,16 @@ protos-check: protos
 	git diff --exit-code -- $(PROTO_OUT) || (echo "router/proto is stale: run 'make protos' and commit" >&2; exit 1)
 	test -z "$$(git status --porcelain -- $(PROTO_OUT))" || (echo "router/proto has uncommitted files: run 'make protos' and commit" >&2; exit 1)
 
-# Breaking-change check against the previous commit (skipped when there is none).
-buf-breaking: node_modules/.installed
+# Breaking-change check against the previous commit (skipped when there is none). That commit's
+# protos are exported next to a copy of $(PROTO_DEPS), which git does not hold; only the protos
+# module is compared on both sides.
+buf-breaking: node_modules/.installed $(PROTO_DEPS_STAMP)
 	if git rev-parse -q --verify HEAD~1 >/dev/null; then \
-	  npx buf breaking --against '.git#ref=HEAD~1'; else echo "buf breaking: no previous commit"; fi
+	  rm -rf build/buf-against && mkdir -p build/buf-against/build && \
+	  git archive HEAD~1 buf.yaml protos | tar -x -C build/buf-against && \
+	  cp -r $(PROTO_DEPS) build/buf-against/build/ && \
+	  npx buf breaking protos --against build/buf-against/protos; \
+	else echo "buf breaking: no previous commit"; fi
 
 lint: install
 	$(VENV)/bin/ruff check router backends loadtest tests examples

@@ -10,7 +10,8 @@ const question = process.argv[3] || "What is the capital of France?";
 const maxTokens = Number(process.argv[4] || 32);
 
 const definition = protoLoader.loadSync("irouter/v1/inference_service.proto", {
-  includeDirs: [path.join(__dirname, "..", "protos")],
+  // google/api/annotations.proto (the REST mapping) comes from build/proto-deps (`make install`).
+  includeDirs: [path.join(__dirname, "..", "protos"), path.join(__dirname, "..", "build", "proto-deps")],
   keepCase: true,
   longs: Number,
   enums: String,

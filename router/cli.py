@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (0 disables)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
     serve.add_argument("--no-prepare", action="store_true", help="fail instead of preparing models")
+    serve.add_argument("--http-port", type=int, help="also serve the REST proxy (0: off)")
 
     models = sub.add_parser("models", help="manage models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_prepare:
         prepare_models(config.model_cache, progress=True)
+
+    if args.http_port:
+        from router.rest.embedded import run_with_proxy
+
+        return run_with_proxy(config, args.http_port)
 
     from router.server import run
 

@@ -1,4 +1,5 @@
-"""REST face of the router: OpenAI-compatible routes over the gRPC InferenceService."""
+"""REST face of the router: OpenAI-compatible routes, every RPC transcoded from its
+google.api.http rule, /openapi.json and /docs."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""The REST proxy application: OpenAI-compatible routes in front of a router's gRPC port."""
+"""The REST proxy application in front of a router's gRPC port: the OpenAI-compatible routes,
+every RPC transcoded from its google.api.http rule, /openapi.json and /docs."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -12,21 +13,46 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from router.rest.errors import (
-    ApiError,
-    api_error_handler,
-    http_error_handler,
-    server_error_handler,
-)
+from router.proto.irouter.v1 import inference_service_pb2, retrieval_service_pb2
+from router.rest.docs import docs_routes
+from router.rest.errors import ApiError, api_error_handler, http_error, server_error
 from router.rest.grpc_client import ClientDisconnected, RouterClient
 from router.rest.openai_routes import Limits, OpenAIRoutes
+from router.rest.openapi import openapi_document
+from router.rest.status import StatusError, from_api_error
+from router.rest.transcode import Transcoder
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+SERVICES = (
+    inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+    retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
+)
 
 logger = logging.getLogger(__name__)
+
+
+async def _status_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StatusError)
+    return exc.response()
 
 
 async def _disconnected_handler(request: Request, exc: Exception) -> Response:
     # Nobody reads this answer; 499 (nginx's "client closed request") keeps access logs honest.
     return Response(status_code=499)
+
+
+def _by_path(transcoder: Transcoder, to_error: Callable[[Request, Exception], ApiError]) -> Handler:
+    """Errors under the transcoded routes' prefixes as google.rpc.Status, others in OpenAI's
+    shape."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        error = to_error(request, exc)
+        if transcoder.owns(request.url.path):
+            return from_api_error(error).response()
+        return error.response()
+
+    return handler
 
 
 def create_app(
@@ -49,15 +75,18 @@ def create_app(
         finally:
             await client.aclose()
 
-    routes = OpenAIRoutes(client, Limits(max_body_bytes=max_body_bytes))
+    openai = OpenAIRoutes(client, Limits(max_body_bytes=max_body_bytes))
+    transcoder = Transcoder(client, SERVICES, max_body_bytes)
+    document = openapi_document(transcoder.bindings)
     return Starlette(
-        routes=routes.routes(),
+        routes=[*openai.routes(), *transcoder.routes(), *docs_routes(document)],
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,
-            HTTPException: http_error_handler,
+            StatusError: _status_handler,
+            HTTPException: _by_path(transcoder, http_error),
             ClientDisconnected: _disconnected_handler,
-            Exception: server_error_handler,
+            Exception: _by_path(transcoder, server_error),
         },
     )
 

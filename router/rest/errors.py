@@ -25,10 +25,20 @@ _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.ABORTED: (409, "conflict_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+# The other way, for errors the proxy raises itself with an HTTP code (first gRPC code wins).
+_CODES: dict[int, grpc.StatusCode] = {
+    **{status: code for code, (status, _) in reversed(_HTTP.items())},
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    406: grpc.StatusCode.INVALID_ARGUMENT,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 _HTTP_TYPES = {
@@ -98,16 +108,23 @@ def error_from_status(
     return ApiError(status, message, kind, param, code.name.lower(), headers)
 
 
-def error_from_rpc(error: grpc.aio.AioRpcError) -> ApiError:
-    """`error_from_status` for a failed call, with the google.rpc details it carried."""
-    details: list[any_pb2.Any] = []
+def grpc_code(status: int) -> grpc.StatusCode:
+    """The gRPC code that stands for an HTTP status (UNKNOWN for one without a counterpart)."""
+    return _CODES.get(status, grpc.StatusCode.UNKNOWN)
+
+
+def rpc_details(error: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
+    """The google.rpc details a failed call carried ([] when they disagree with its status)."""
     try:
         status = rpc_status.from_call(error)
     except ValueError:  # details that disagree with the call's code or message
         status = None
-    if status is not None:
-        details = list(status.details)
-    return error_from_status(error.code(), error.details() or "", details)
+    return [] if status is None else list(status.details)
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError) -> ApiError:
+    """`error_from_status` for a failed call, with the google.rpc details it carried."""
+    return error_from_status(error.code(), error.details() or "", rpc_details(error))
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
@@ -115,8 +132,8 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
-async def http_error_handler(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404 and 405 (and any other HTTPException) in OpenAI's shape."""
+def http_error(request: Request, exc: Exception) -> ApiError:
+    """Starlette's own 404 and 405 (and any other HTTPException) as an ApiError."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}"
@@ -125,11 +142,11 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     else:
         message = exc.detail
     kind = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
-    return ApiError(exc.status_code, message, kind, headers=dict(exc.headers or {})).response()
+    return ApiError(exc.status_code, message, kind, headers=dict(exc.headers or {}))
 
 
-async def server_error_handler(request: Request, exc: Exception) -> Response:
-    """Last resort: log the trace, answer a 500 in OpenAI's shape without it."""
+def server_error(request: Request, exc: Exception) -> ApiError:
+    """Last resort: log the trace, answer a 500 without it."""
     logger.exception(
         "unhandled error on %s %s (request id %s)",
         request.method,
@@ -137,4 +154,4 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
         request.headers.get("x-request-id", "-"),
         exc_info=exc,
     )
-    return ApiError(500, "internal error in the REST proxy", "server_error").response()
+    return ApiError(500, "internal error in the REST proxy", "server_error")

@@ -86,6 +86,13 @@ class RouterClient:
             self._stub = None
 
     @property
+    def channel(self) -> grpc.aio.Channel:
+        """The shared channel (503 before start() and after aclose())."""
+        if self._channel is None:
+            raise ApiError(503, "the REST proxy is not connected", "service_unavailable_error")
+        return self._channel
+
+    @property
     def stub(self) -> InferenceServiceAsyncStub:
         if self._stub is None:
             raise ApiError(503, "the REST proxy is not connected", "service_unavailable_error")

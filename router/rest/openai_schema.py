@@ -9,6 +9,7 @@ from typing import Any
 from starlette.requests import Request
 
 from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.rest.body import read_body
 from router.rest.errors import ApiError, bad_request
 
 Body = dict[str, Any]
@@ -26,17 +27,7 @@ def _reject_constant(name: str) -> float:
 async def read_json(request: Request, max_bytes: int) -> Body:
     """The body as a JSON object; 413 past `max_bytes` (checked before reading when the client
     sends Content-Length), 400 for anything that is not a JSON object."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(int(declared), max_bytes)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(size, max_bytes)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read_body(request, max_bytes)
     if not raw:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -51,14 +42,6 @@ async def read_json(request: Request, max_bytes: int) -> Body:
             code="invalid_json",
         )
     return body
-
-
-def _too_large(size: int, max_bytes: int) -> ApiError:
-    return ApiError(
-        413,
-        f"the request body ({size} bytes or more) exceeds the limit of {max_bytes} bytes",
-        code="request_too_large",
-    )
 
 
 def _type_error(name: str, expected: str, value: object) -> ApiError:

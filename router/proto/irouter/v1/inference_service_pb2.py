@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from router.proto.irouter.v1 import retrieval_service_pb2 as irouter_dot_v1_dot_retrieval__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"irouter/v1/inference_service.proto\x12\nirouter.v1\x1a\"irouter/v1/retrieval_service.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.irouter.v1.ChatMessage\"\xb4\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xc6\x01\n\x10RetrievalOptions\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\"\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x12.irouter.v1.Filter\x12\x1f\n\x12max_context_tokens\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x0c\n\n_min_scoreB\x15\n\x13_max_context_tokens\"<\n\nPassageRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xb1\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.irouter.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.irouter.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.irouter.v1.Priority\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x12/\n\tretrieval\x18\x07 \x01(\x0b\x32\x1c.irouter.v1.RetrievalOptions\x12)\n\ncache_mode\x18\x08 \x01(\x0e\x32\x15.irouter.v1.CacheModeB\x07\n\x05input\"\xab\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.irouter.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.irouter.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rfilter_reason\x18\x07 \x01(\t\x12(\n\x08passages\x18\x08 \x03(\x0b\x32\x16.irouter.v1.PassageRef\x12-\n\x0c\x63\x61\x63he_status\x18\t \x01(\x0e\x32\x17.irouter.v1.CacheStatus\x12\x18\n\x10\x63\x61\x63he_similarity\x18\n \x01(\x02\"\xb1\x02\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.irouter.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.irouter.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.irouter.v1.Priority\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x12/\n\tretrieval\x18\x07 \x01(\x0b\x32\x1c.irouter.v1.RetrievalOptions\x12)\n\ncache_mode\x18\x08 \x01(\x0e\x32\x15.irouter.v1.CacheModeB\x07\n\x05input\"\xab\x02\n\x10\x43ompleteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.irouter.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.irouter.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rfilter_reason\x18\x07 \x01(\t\x12(\n\x08passages\x18\x08 \x03(\x0b\x32\x16.irouter.v1.PassageRef\x12-\n\x0c\x63\x61\x63he_status\x18\t \x01(\x0e\x32\x17.irouter.v1.CacheStatus\x12\x18\n\x10\x63\x61\x63he_similarity\x18\n \x01(\x02\",\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"k\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.irouter.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.irouter.v1.Usage\"\x13\n\x11ListModelsRequest\"\x9c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.irouter.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x11\n\tmax_batch\x18\x07 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.irouter.v1.ModelInfo*I\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x11\n\rPRIORITY_HIGH\x10\x02*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04*>\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_MODE_BYPASS\x10\x01*}\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x1a\n\x16\x43\x41\x43HE_STATUS_EXACT_HIT\x10\x02\x12\x1d\n\x19\x43\x41\x43HE_STATUS_SEMANTIC_HIT\x10\x03*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_KIND_GENERATE\x10\x01\x12\x14\n\x10MODEL_KIND_EMBED\x10\x02\x32\xad\x02\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.irouter.v1.GenerateRequest\x1a\x1c.irouter.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.irouter.v1.CompleteRequest\x1a\x1c.irouter.v1.CompleteResponse\x12<\n\x05\x45mbed\x12\x18.irouter.v1.EmbedRequest\x1a\x19.irouter.v1.EmbedResponse\x12K\n\nListModels\x12\x1d.irouter.v1.ListModelsRequest\x1a\x1e.irouter.v1.ListModelsResponseBJ\n\x0e\x64\x65v.irouter.v1P\x01Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"irouter/v1/inference_service.proto\x12\nirouter.v1\x1a\x1cgoogle/api/annotations.proto\x1a\"irouter/v1/retrieval_service.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.irouter.v1.ChatMessage\"\xb4\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xc6\x01\n\x10RetrievalOptions\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\"\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x12.irouter.v1.Filter\x12\x1f\n\x12max_context_tokens\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x0c\n\n_min_scoreB\x15\n\x13_max_context_tokens\"<\n\nPassageRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xb1\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.irouter.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.irouter.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.irouter.v1.Priority\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x12/\n\tretrieval\x18\x07 \x01(\x0b\x32\x1c.irouter.v1.RetrievalOptions\x12)\n\ncache_mode\x18\x08 \x01(\x0e\x32\x15.irouter.v1.CacheModeB\x07\n\x05input\"\xab\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.irouter.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.irouter.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rfilter_reason\x18\x07 \x01(\t\x12(\n\x08passages\x18\x08 \x03(\x0b\x32\x16.irouter.v1.PassageRef\x12-\n\x0c\x63\x61\x63he_status\x18\t \x01(\x0e\x32\x17.irouter.v1.CacheStatus\x12\x18\n\x10\x63\x61\x63he_similarity\x18\n \x01(\x02\"\xb1\x02\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.irouter.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.irouter.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.irouter.v1.Priority\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x12/\n\tretrieval\x18\x07 \x01(\x0b\x32\x1c.irouter.v1.RetrievalOptions\x12)\n\ncache_mode\x18\x08 \x01(\x0e\x32\x15.irouter.v1.CacheModeB\x07\n\x05input\"\xab\x02\n\x10\x43ompleteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.irouter.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.irouter.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rfilter_reason\x18\x07 \x01(\t\x12(\n\x08passages\x18\x08 \x03(\x0b\x32\x16.irouter.v1.PassageRef\x12-\n\x0c\x63\x61\x63he_status\x18\t \x01(\x0e\x32\x17.irouter.v1.CacheStatus\x12\x18\n\x10\x63\x61\x63he_similarity\x18\n \x01(\x02\",\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"k\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.irouter.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.irouter.v1.Usage\"\x13\n\x11ListModelsRequest\"\x9c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.irouter.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x11\n\tmax_batch\x18\x07 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.irouter.v1.ModelInfo*I\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x11\n\rPRIORITY_HIGH\x10\x02*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04*>\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_MODE_BYPASS\x10\x01*}\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x1a\n\x16\x43\x41\x43HE_STATUS_EXACT_HIT\x10\x02\x12\x1d\n\x19\x43\x41\x43HE_STATUS_SEMANTIC_HIT\x10\x03*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_KIND_GENERATE\x10\x01\x12\x14\n\x10MODEL_KIND_EMBED\x10\x02\x32\xc6\x03\n\x10InferenceService\x12s\n\x08Generate\x12\x1b.irouter.v1.GenerateRequest\x1a\x1c.irouter.v1.GenerateResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1beta/models/{model}:generate:\x01*0\x01\x12q\n\x08\x43omplete\x12\x1b.irouter.v1.CompleteRequest\x1a\x1c.irouter.v1.CompleteResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1beta/models/{model}:complete:\x01*\x12\x65\n\x05\x45mbed\x12\x18.irouter.v1.EmbedRequest\x1a\x19.irouter.v1.EmbedResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1beta/models/{model}:embed:\x01*\x12\x63\n\nListModels\x12\x1d.irouter.v1.ListModelsRequest\x1a\x1e.irouter.v1.ListModelsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1beta/modelsBJ\n\x0e\x64\x65v.irouter.v1P\x01Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,48 +34,56 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'irouter.v1.inference_servic
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.irouter.v1P\001Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1'
-  _globals['_PRIORITY']._serialized_start=2619
-  _globals['_PRIORITY']._serialized_end=2692
-  _globals['_FINISHREASON']._serialized_start=2695
-  _globals['_FINISHREASON']._serialized_end=2853
-  _globals['_CACHEMODE']._serialized_start=2855
-  _globals['_CACHEMODE']._serialized_end=2917
-  _globals['_CACHESTATUS']._serialized_start=2919
-  _globals['_CACHESTATUS']._serialized_end=3044
-  _globals['_MODELKIND']._serialized_start=3046
-  _globals['_MODELKIND']._serialized_end=3132
-  _globals['_CHATMESSAGE']._serialized_start=86
-  _globals['_CHATMESSAGE']._serialized_end=130
-  _globals['_CHATMESSAGES']._serialized_start=132
-  _globals['_CHATMESSAGES']._serialized_end=189
-  _globals['_SAMPLINGPARAMS']._serialized_start=192
-  _globals['_SAMPLINGPARAMS']._serialized_end=628
-  _globals['_USAGE']._serialized_start=630
-  _globals['_USAGE']._serialized_end=709
-  _globals['_RETRIEVALOPTIONS']._serialized_start=712
-  _globals['_RETRIEVALOPTIONS']._serialized_end=910
-  _globals['_PASSAGEREF']._serialized_start=912
-  _globals['_PASSAGEREF']._serialized_end=972
-  _globals['_GENERATEREQUEST']._serialized_start=975
-  _globals['_GENERATEREQUEST']._serialized_end=1280
-  _globals['_GENERATERESPONSE']._serialized_start=1283
-  _globals['_GENERATERESPONSE']._serialized_end=1582
-  _globals['_COMPLETEREQUEST']._serialized_start=1585
-  _globals['_COMPLETEREQUEST']._serialized_end=1890
-  _globals['_COMPLETERESPONSE']._serialized_start=1893
-  _globals['_COMPLETERESPONSE']._serialized_end=2192
-  _globals['_EMBEDREQUEST']._serialized_start=2194
-  _globals['_EMBEDREQUEST']._serialized_end=2238
-  _globals['_EMBEDDING']._serialized_start=2240
-  _globals['_EMBEDDING']._serialized_end=2267
-  _globals['_EMBEDRESPONSE']._serialized_start=2269
-  _globals['_EMBEDRESPONSE']._serialized_end=2376
-  _globals['_LISTMODELSREQUEST']._serialized_start=2378
-  _globals['_LISTMODELSREQUEST']._serialized_end=2397
-  _globals['_MODELINFO']._serialized_start=2400
-  _globals['_MODELINFO']._serialized_end=2556
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2558
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2617
-  _globals['_INFERENCESERVICE']._serialized_start=3135
-  _globals['_INFERENCESERVICE']._serialized_end=3436
+  _globals['_INFERENCESERVICE'].methods_by_name['Generate']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002$\"\037/v1beta/models/{model}:generate:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['Complete']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['Complete']._serialized_options = b'\202\323\344\223\002$\"\037/v1beta/models/{model}:complete:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['Embed']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['Embed']._serialized_options = b'\202\323\344\223\002!\"\034/v1beta/models/{model}:embed:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\020\022\016/v1beta/models'
+  _globals['_PRIORITY']._serialized_start=2649
+  _globals['_PRIORITY']._serialized_end=2722
+  _globals['_FINISHREASON']._serialized_start=2725
+  _globals['_FINISHREASON']._serialized_end=2883
+  _globals['_CACHEMODE']._serialized_start=2885
+  _globals['_CACHEMODE']._serialized_end=2947
+  _globals['_CACHESTATUS']._serialized_start=2949
+  _globals['_CACHESTATUS']._serialized_end=3074
+  _globals['_MODELKIND']._serialized_start=3076
+  _globals['_MODELKIND']._serialized_end=3162
+  _globals['_CHATMESSAGE']._serialized_start=116
+  _globals['_CHATMESSAGE']._serialized_end=160
+  _globals['_CHATMESSAGES']._serialized_start=162
+  _globals['_CHATMESSAGES']._serialized_end=219
+  _globals['_SAMPLINGPARAMS']._serialized_start=222
+  _globals['_SAMPLINGPARAMS']._serialized_end=658
+  _globals['_USAGE']._serialized_start=660
+  _globals['_USAGE']._serialized_end=739
+  _globals['_RETRIEVALOPTIONS']._serialized_start=742
+  _globals['_RETRIEVALOPTIONS']._serialized_end=940
+  _globals['_PASSAGEREF']._serialized_start=942
+  _globals['_PASSAGEREF']._serialized_end=1002
+  _globals['_GENERATEREQUEST']._serialized_start=1005
+  _globals['_GENERATEREQUEST']._serialized_end=1310
+  _globals['_GENERATERESPONSE']._serialized_start=1313
+  _globals['_GENERATERESPONSE']._serialized_end=1612
+  _globals['_COMPLETEREQUEST']._serialized_start=1615
+  _globals['_COMPLETEREQUEST']._serialized_end=1920
+  _globals['_COMPLETERESPONSE']._serialized_start=1923
+  _globals['_COMPLETERESPONSE']._serialized_end=2222
+  _globals['_EMBEDREQUEST']._serialized_start=2224
+  _globals['_EMBEDREQUEST']._serialized_end=2268
+  _globals['_EMBEDDING']._serialized_start=2270
+  _globals['_EMBEDDING']._serialized_end=2297
+  _globals['_EMBEDRESPONSE']._serialized_start=2299
+  _globals['_EMBEDRESPONSE']._serialized_end=2406
+  _globals['_LISTMODELSREQUEST']._serialized_start=2408
+  _globals['_LISTMODELSREQUEST']._serialized_end=2427
+  _globals['_MODELINFO']._serialized_start=2430
+  _globals['_MODELINFO']._serialized_end=2586
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2588
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2647
+  _globals['_INFERENCESERVICE']._serialized_start=3165
+  _globals['_INFERENCESERVICE']._serialized_end=3619
 # @@protoc_insertion_point(module_scope)

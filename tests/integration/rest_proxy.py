@@ -1,0 +1,42 @@
+"""The REST proxy served by uvicorn on a free loopback port, for the REST integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+
+from router.rest import create_app
+
+MAX_BODY = 4096
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: pytest owns the process's signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve_proxy(target: str) -> AsyncIterator[str]:
+    """The proxy in front of the router at `target`; yields its base URL."""
+    app = create_app(target, timeout_s=60, max_body_bytes=MAX_BODY)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = _Server(uvicorn.Config(app, lifespan="on", log_level="warning", ws="none"))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started:
+        assert not task.done(), "the proxy failed to start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
