@@ -15,6 +15,7 @@ if __name__ == "__main__":
         ("serving", "serve_bench"),
         ("guard", "guard_bench"),
         ("retrieval", "retrieval_bench"),
+        ("routing", "routing_bench"),
     ):
         print(f"\n## {title}", flush=True)
         subprocess.run(
