@@ -50,6 +50,11 @@ def lookups(router: RouterServer, layer: str, result: str) -> float:
     return value or 0.0
 
 
+def errors(router: RouterServer) -> float:
+    value = router.metrics.registry.get_sample_value("irouter_cache_errors_total", {"layer": "l2"})
+    return value or 0.0
+
+
 async def status_of(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call  # type: ignore[misc]
@@ -411,4 +416,38 @@ async def test_replicas_share_answers_through_redis_and_survive_its_death(
             await server.stop(0)
         for cache in caches:
             await cache.close()
+        redis.stop()
+
+
+@pytest.mark.skipif(redis_server_path() is None, reason="needs redis-server")
+async def test_a_hung_redis_costs_one_timeout_then_is_skipped(
+    router: RouterServer, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path).start()
+    cache = ResponseCache(
+        ResponseCacheConfig(redis_url=redis.url, redis_timeout_ms=100, redis_retry_s=30),
+        router.metrics,
+    )
+    server, port = await _serve(router, Answering(router.embedder, cache, None, None))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            await stub.Complete(  # connects to Redis while it still answers
+                pb.CompleteRequest(model=GEN, prompt="Warm up.", sampling=greedy(2))
+            )
+            redis.pause()  # accepts connections, never answers
+            before = errors(router)
+            for topic in ("rivers", "mountains", "deserts"):
+                r = await stub.Complete(
+                    pb.CompleteRequest(model=GEN, prompt=f"Name two {topic}.", sampling=greedy(4))
+                )
+                assert r.cache_status == pb.CACHE_STATUS_MISS and r.text
+            await cache.close()  # no background write is pending: none was attempted
+            # The first read timed out; L2 was then skipped for redis_retry_s, so the two other
+            # calls and all three writes never waited on it.
+            assert errors(router) == before + 1
+    finally:
+        redis.resume()
+        await server.stop(0)
+        await cache.close()
         redis.stop()
