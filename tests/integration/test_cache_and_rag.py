@@ -65,16 +65,16 @@ async def status_of(call: object) -> grpc.aio.AioRpcError:
 async def retrieval(channel: grpc.aio.Channel) -> rpb_grpc.RetrievalServiceStub:
     stub = rpb_grpc.RetrievalServiceStub(channel)
     await stub.CreateCollection(
-        rpb.CreateCollectionRequest(config=rpb.CollectionConfig(name="facts", embedding_model=EMB))
+        rpb.CreateCollectionRequest(config=rpb.CollectionConfig(name="rag_facts", embedding_model=EMB))
     )
     await stub.Upsert(
         rpb.UpsertRequest(
-            collection="facts",
+            collection="rag_facts",
             documents=[rpb.Document(id=k, text=v, metadata={"topic": k}) for k, v in FACTS.items()],
         )
     )
     await stub.CreateCollection(
-        rpb.CreateCollectionRequest(config=rpb.CollectionConfig(name="raw", dimension=4))
+        rpb.CreateCollectionRequest(config=rpb.CollectionConfig(name="rag_raw", dimension=4))
     )
     return stub
 
@@ -213,7 +213,7 @@ async def test_generate_with_retrieval_uses_the_best_passage(
                 model=GEN,
                 chat=chat(("user", question)),
                 sampling=greedy(16),
-                retrieval=pb.RetrievalOptions(collection="facts", top_k=2),
+                retrieval=pb.RetrievalOptions(collection="rag_facts", top_k=2),
             )
         )
     ]
@@ -238,7 +238,7 @@ async def test_retrieval_query_min_score_filter_and_budget(
                 model=GEN,
                 prompt="Tell me something.",
                 sampling=greedy(4),
-                retrieval=pb.RetrievalOptions(collection="facts", **options),  # type: ignore[arg-type]
+                retrieval=pb.RetrievalOptions(collection="rag_facts", **options),  # type: ignore[arg-type]
             )
         )
 
@@ -279,7 +279,7 @@ async def test_a_long_question_is_never_cut_for_passages(
             model=GEN,
             prompt=question,
             sampling=greedy(8),
-            retrieval=pb.RetrievalOptions(collection="facts", query="ocean", top_k=5),
+            retrieval=pb.RetrievalOptions(collection="rag_facts", query="ocean", top_k=5),
         )
     )
     assert not response.passages  # no room: the input went in unchanged
@@ -300,20 +300,20 @@ async def test_retrieval_bad_input_gets_named_statuses(
 
     e = await error(pb.RetrievalOptions(collection="nope"))
     assert e.code() == grpc.StatusCode.NOT_FOUND and "nope" in (e.details() or "")
-    e = await error(pb.RetrievalOptions(collection="raw"))
+    e = await error(pb.RetrievalOptions(collection="rag_raw"))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "embedding_model" in (e.details() or "")
-    e = await error(pb.RetrievalOptions(collection="facts", top_k=65))
+    e = await error(pb.RetrievalOptions(collection="rag_facts", top_k=65))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "retrieval.top_k" in (e.details() or "")
     e = await error(pb.RetrievalOptions())
     assert "retrieval.collection" in (e.details() or "")
     e = await error(
         pb.RetrievalOptions(
-            collection="facts", filter=rpb.Filter(ranges=[rpb.RangeCondition(field="year")])
+            collection="rag_facts", filter=rpb.Filter(ranges=[rpb.RangeCondition(field="year")])
         )
     )
     assert "retrieval.filter.ranges[0]" in (e.details() or "")
     e = await error(
-        pb.RetrievalOptions(collection="facts"), chat=chat(("system", "Be brief.")), prompt=None
+        pb.RetrievalOptions(collection="rag_facts"), chat=chat(("system", "Be brief.")), prompt=None
     )
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "user message" in (e.details() or "")
 
