@@ -60,6 +60,10 @@ def wait_serving(target: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{target} not SERVING after {timeout}s")
 
 
+ROUTER_PIDS: dict[str, int] = {}
+"""target -> pid of each router_process() running (to pin it to a core mid-run)."""
+
+
 @contextmanager
 def router_process(cpus: str | None = None, config: Path | None = None) -> Iterator[str]:
     port = free_port()
@@ -81,10 +85,12 @@ def router_process(cpus: str | None = None, config: Path | None = None) -> Itera
         cmd = ["taskset", "-c", cpus, *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"
+    ROUTER_PIDS[target] = proc.pid
     try:
         wait_serving(target)
         yield target
     finally:
+        ROUTER_PIDS.pop(target, None)
         proc.terminate()
         proc.wait(timeout=30)
 
