@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from loadtest.harness.cli import register_cli as register_loadtest_cli
+from loadtest.harness.cli import run_cli as run_loadtest_cli
 from router.config import ConfigError, load_config
 from router.keys_cli import register_cli, run_cli
 
@@ -39,11 +41,14 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = register_cli(sub)
     keys.add_argument("--config", type=Path, help="YAML config file (its guard.auth.registry)")
+    register_loadtest_cli(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "loadtest":
+        return run_loadtest_cli(args)
     try:
         if args.command == "serve":
             config = load_config(

@@ -16,6 +16,7 @@ if __name__ == "__main__":
         ("guard", "guard_bench"),
         ("retrieval", "retrieval_bench"),
         ("routing", "routing_bench"),
+        ("load-test harness", "harness_bench"),
     ):
         print(f"\n## {title}", flush=True)
         subprocess.run(
