@@ -67,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "proxy":
-        import asyncio
+        import uvloop
 
         from router.rest import serve_proxy
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
-            asyncio.run(
+            # uvloop as for the router itself; uvicorn parses HTTP with httptools (installed).
+            uvloop.run(
                 serve_proxy(
                     args.host,
                     args.port,

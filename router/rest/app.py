@@ -109,6 +109,7 @@ async def serve_proxy(
         lifespan="on",
         log_level=log_level,
         ws="none",
+        http="httptools",  # C parser: h11 (pure Python) costs ~0.3 ms more per request
         timeout_graceful_shutdown=30,
     )
     await uvicorn.Server(config).serve()

@@ -67,6 +67,7 @@ async def serve_with_proxy(config: RouterConfig, http_port: int) -> None:
             lifespan="on",
             log_level=s.log_level.lower(),
             ws="none",
+            http="httptools",
             timeout_graceful_shutdown=max(int(s.grace_seconds), 1),
         )
     )
