@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from starlette.datastructures import Headers
@@ -105,17 +105,17 @@ class RouterClient:
     async def complete(self, request: Request, message: pb.CompleteRequest) -> pb.CompleteResponse:
         timeout, metadata = self.options(request)
         call = self.stub.Complete(message, timeout=timeout, metadata=metadata)
-        return await unless_disconnected(request, call)
+        return await unary_call(request, call)
 
     async def embed(self, request: Request, message: pb.EmbedRequest) -> pb.EmbedResponse:
         timeout, metadata = self.options(request)
         call = self.stub.Embed(message, timeout=timeout, metadata=metadata)
-        return await unless_disconnected(request, call)
+        return await unary_call(request, call)
 
     async def list_models(self, request: Request) -> pb.ListModelsResponse:
         timeout, metadata = self.options(request)
         call = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=metadata)
-        return await unless_disconnected(request, call)
+        return await unary_call(request, call)
 
     def generate(
         self, request: Request, message: pb.GenerateRequest
@@ -149,6 +149,36 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def unary_call(request: Request, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
+    """Await a unary gRPC call, cancelling it if the HTTP client disconnects first. One watcher
+    task and the call awaited directly: `unless_disconnected`'s two tasks and asyncio.wait cost
+    more than the rest of a cached answer's path through the proxy."""
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        call.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await call
+    except asyncio.CancelledError:
+        if not gone:  # the handler itself was cancelled
+            call.cancel()
+            raise
+        logger.info(
+            "client disconnected; cancelled the call (request id %s)",
+            request.headers.get("x-request-id", "-"),
+        )
+        raise ClientDisconnected from None
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from None
+    finally:
+        watcher.cancel()
 
 
 async def unless_disconnected(request: Request, call: Awaitable[T]) -> T:

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2
 
@@ -23,34 +21,15 @@ from router.rest import create_app
 from router.rest.errors import error_from_status
 from router.server import RouterServer
 from tests.integration.conftest import EMB, GEN
+from tests.integration.rest_proxy import MAX_BODY, serve_proxy
 
 QUESTION = "What is the capital of France?"
-MAX_BODY = 4096
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers: pytest owns the process's signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @pytest.fixture(scope="module")
 async def base_url(router: RouterServer) -> AsyncIterator[str]:
-    app = create_app(f"127.0.0.1:{router.port}", timeout_s=60, max_body_bytes=MAX_BODY)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, lifespan="on", log_level="warning", ws="none"))
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    while not server.started:
-        assert not task.done(), "the proxy failed to start"
-        await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
-    sock.close()
+    async with serve_proxy(f"127.0.0.1:{router.port}") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
