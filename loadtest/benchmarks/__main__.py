@@ -17,6 +17,8 @@ if __name__ == "__main__":
         ("retrieval", "retrieval_bench"),
         ("routing", "routing_bench"),
         ("load-test harness", "harness_bench"),
+        ("REST proxy", "proxy_bench"),
+        ("caches and RAG", "cache_bench"),
     ):
         print(f"\n## {title}", flush=True)
         subprocess.run(
