@@ -182,6 +182,29 @@ class VectorIndex:
                 hits.append(Hit(doc, self._score(distance)))
         return hits
 
+    def search_many(self, queries: Vectors, ks: list[int], threads: int) -> list[list[Hit]]:
+        """Unfiltered searches of several queries in one hnswlib call (it spreads the rows over
+        `threads` and releases the GIL): row i gets up to ks[i] hits, best first."""
+        k = min(max(ks), len(self._labels))
+        if k == 0:
+            return [[] for _ in ks]
+        try:
+            labels, distances = self._index.knn_query(queries, k=k, num_threads=threads)
+        except RuntimeError:  # fewer than k reachable: answer each row on its own
+            return [self.search(q[None, :], n, Filter()) for q, n in zip(queries, ks, strict=True)]
+        docs = self._docs
+        out = []
+        for row_labels, row_distances, n in zip(
+            labels.tolist(), distances.tolist(), ks, strict=True
+        ):
+            hits = []
+            for label, distance in zip(row_labels[:n], row_distances[:n], strict=True):
+                doc = docs.get(label)
+                if doc is not None:
+                    hits.append(Hit(doc, self._score(distance)))
+            out.append(hits)
+        return out
+
     def _exact(self, query: Vectors, k: int, flt: Filter) -> list[Hit]:
         for _ in range(3):
             pairs = [

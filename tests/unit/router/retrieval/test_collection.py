@@ -213,3 +213,34 @@ def test_recall_at_10_against_brute_force() -> None:
         ids = {h.document.id for h in index.search(q, 10, Filter())}
         found += len(ids & {f"d{i}" for i in t})
     assert found / 1000 >= 0.95
+
+
+async def test_concurrent_unfiltered_searches_are_batched_with_the_same_answers(
+    tmp_path: Path,
+) -> None:
+    store = await make_store(tmp_path)
+    c = await store.create(spec())
+    vectors = unit(300, seed=3)
+    await c.upsert(docs(300), vectors)
+    queries = unit(40, seed=4)
+    alone = [
+        [h.document.id for h in c.index.search(q[None, :], 1 + i % 7, Filter())]
+        for i, q in enumerate(queries)
+    ]
+    calls = [c.search(q, 1 + i % 7, None, Filter()) for i, q in enumerate(queries)]
+    # One search is cancelled while waiting: the others still get their answers.
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    await asyncio.sleep(0)
+    tasks[5].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[5], asyncio.CancelledError)
+    for i, hits in enumerate(results):
+        if i != 5:
+            assert not isinstance(hits, BaseException)
+            assert [h.document.id for h in hits] == alone[i]
+    # Different ef values form separate batches; each still answers.
+    mixed = await asyncio.gather(
+        *(c.search(q, 3, 10 + 20 * (i % 2), Filter()) for i, q in enumerate(queries[:8]))
+    )
+    assert all(len(hits) == 3 for hits in mixed)
+    await store.close()
