@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from backends.base import BACKEND_KINDS, PRECISIONS
 from router.cache.config import CacheConfig
 from router.guard.config import GuardConfig
 from router.retrieval.config import RagConfig
@@ -22,7 +23,6 @@ from router.tls import TlsConfig
 
 ENV_PREFIX = "IROUTER_"
 MODEL_KINDS = ("generate", "embed")
-BACKEND_KINDS = ("onnxruntime",)
 
 
 class ConfigError(ValueError):
@@ -58,7 +58,15 @@ class ModelConfig:
     artifact: str
     """Folder under model_cache prepared by `irouter models prepare`."""
     backend: str = "onnxruntime"
-    """Backend kind (see backends.base.create_backend)."""
+    """Backend kind (see backends.base.create_backend): 'onnxruntime', 'openvino' or
+    'tensorrt_llm' (CUDA hosts with TensorRT-LLM installed; unverified on hardware)."""
+    device: str = "CPU"
+    """OpenVINO device: CPU, GPU, GPU.1, NPU, AUTO, HETERO:GPU,CPU (must be present here)."""
+    precision: str = ""
+    """OpenVINO inference precision: '' (device default), 'f32' (exact), 'bf16' or 'f16'."""
+    engine_path: str = ""
+    """TensorRT-LLM: the model given to tensorrt_llm.LLM (HF checkpoint or engine folder; empty:
+    the artifact folder). The artifact still supplies the tokenizer and chat template."""
     threads: int = 2
     """Intra-op threads of the backend."""
     max_context: int = 2048
@@ -85,6 +93,26 @@ class ModelConfig:
         if self.backend not in BACKEND_KINDS:
             raise ConfigError(
                 f"{where}.backend={self.backend!r} is unknown; use one of {BACKEND_KINDS}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"{where}.precision={self.precision!r} is unknown; use one of {list(PRECISIONS)}"
+            )
+        if not self.device:
+            raise ConfigError(f"{where}.device is empty; use e.g. 'CPU', 'GPU' or 'AUTO'")
+        if self.engine_path and self.backend != "tensorrt_llm":
+            raise ConfigError(f"{where}.engine_path applies to backend 'tensorrt_llm' only")
+        if self.backend == "tensorrt_llm" and (
+            self.precision or not (self.device == "CPU" or self.device.startswith("cuda"))
+        ):
+            raise ConfigError(
+                f"{where}.device={self.device!r} / precision={self.precision!r}: backend "
+                "'tensorrt_llm' runs on CUDA ('cuda' or 'cuda:N') at its engine's precision"
+            )
+        if self.backend == "onnxruntime" and (self.device != "CPU" or self.precision):
+            raise ConfigError(
+                f"{where}.device={self.device!r} / precision={self.precision!r}: these apply to "
+                "backend 'openvino'; backend 'onnxruntime' runs on CPU at the model's precision"
             )
         positive = ("threads", "max_context", "max_slots", "token_budget", "max_batch")
         for key in positive:

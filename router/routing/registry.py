@@ -16,14 +16,22 @@ from typing import Any, cast
 
 from tokenizers import Tokenizer
 
-from backends.base import DecoderStepEngine, EncoderEngine, create_backend, read_manifest
+from backends.base import (
+    DecoderStepEngine,
+    EncoderEngine,
+    RequestEngine,
+    create_backend,
+    read_manifest,
+)
 from router.config import ModelConfig
 from router.errors import InvalidArgument, NotFound, Unavailable
 from router.models.chat_template import render_chat
+from router.models.prepare import smollm2_gguf_path
 from router.retrieval import chunking
 from router.scheduler.batcher import EncoderBatcher
-from router.scheduler.engine import DecoderEngine, EngineLimits
+from router.scheduler.engine import DecoderEngine, EngineLimits, GenerationEngine
 from router.scheduler.request import Priority, Request, SamplingParams
+from router.scheduler.request_engine import RequestEngineAdapter
 from router.telemetry import Metrics
 
 logger = logging.getLogger(__name__)
@@ -37,7 +45,7 @@ class ServedModel:
     model_dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     tokenizer: Tokenizer | None = None
-    engine: DecoderEngine | None = None
+    engine: GenerationEngine | None = None
     batcher: EncoderBatcher | None = None
     context_length: int = 0
     dimension: int = 0
@@ -47,6 +55,16 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.config.name
+
+
+def _gguf_source(manifest: dict[str, Any]) -> Path | None:
+    """The GGUF a prepared decoder was built from, when it is installed (engines that convert
+    the GGUF themselves, e.g. OpenVINO GenAI, read it on their first load)."""
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError:
+        return None
+    return path if path.name == manifest.get("source") else None
 
 
 class ServedModels:
@@ -68,27 +86,45 @@ class ServedModels:
         observer = self._metrics.model_observer(cfg.name)
         if cfg.kind == "generate":
             context = min(cfg.max_context, int(model.manifest["context_length"]))
-            backend = create_backend(
-                cfg.backend,
-                model.model_dir,
-                max_slots=cfg.max_slots,
-                max_context=context,
-                threads=cfg.threads,
-            )
+            options: dict[str, Any] = {
+                "max_slots": cfg.max_slots,
+                "max_context": context,
+                "threads": cfg.threads,
+            }
+            if cfg.backend == "tensorrt_llm":
+                options |= {"device": cfg.device, "engine_path": cfg.engine_path}
+            if cfg.backend == "openvino":
+                options |= {
+                    "device": cfg.device,
+                    "precision": cfg.precision,
+                    "token_budget": cfg.token_budget,
+                    "gguf_path": _gguf_source(model.manifest),
+                    "observer": observer,
+                }
+            backend = create_backend(cfg.backend, model.model_dir, **options)
             model.context_length = context
             limits = EngineLimits(cfg.max_slots, cfg.token_budget, cfg.max_waiting, context)
             stop_ids = [int(i) for i in model.manifest["stop_token_ids"]]
-            model.engine = DecoderEngine(
-                cfg.name,
-                cast(DecoderStepEngine, backend),
-                model.tokenizer,
-                limits,
-                stop_ids,
-                observer,
-            )
+            if isinstance(backend, RequestEngine):
+                # The backend batches whole requests itself; the router streams its tokens.
+                model.engine = RequestEngineAdapter(
+                    cfg.name, backend, model.tokenizer, limits, stop_ids
+                )
+            else:
+                model.engine = DecoderEngine(
+                    cfg.name,
+                    cast(DecoderStepEngine, backend),
+                    model.tokenizer,
+                    limits,
+                    stop_ids,
+                    observer,
+                )
         else:
             model.tokenizer.no_padding()
-            backend = create_backend(cfg.backend, model.model_dir, threads=cfg.threads)
+            encoder_options: dict[str, Any] = {"threads": cfg.threads}
+            if cfg.backend == "openvino":
+                encoder_options |= {"device": cfg.device, "precision": cfg.precision}
+            backend = create_backend(cfg.backend, model.model_dir, **encoder_options)
             model.context_length = int(model.manifest["max_length"])
             model.dimension = int(model.manifest["embedding_dim"])
             model.tokenizer.no_truncation()
@@ -229,6 +265,7 @@ class ServedModels:
             params=params,
             priority=priority,
             seed=seed,
+            prompt_text=text,
         )
 
     def check_batch(self, model: ServedModel, texts: Sequence[str]) -> None:

@@ -15,32 +15,19 @@ class TokenDecoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
-class Detokenizer:
-    __slots__ = ("_decoder", "_emitted", "_held", "_hold", "_ids", "_prefix", "_read", "_stop")
+class StopStrings:
+    """Cuts a text stream at the first stop string, holding back a tail that could still begin
+    one until it cannot."""
 
-    def __init__(self, decoder: TokenDecoder, stop: tuple[str, ...] = ()) -> None:
-        self._decoder = decoder
-        self._ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # tokens whose text is already released into _held/_emitted
+    __slots__ = ("_held", "_hold", "_stop")
+
+    def __init__(self, stop: tuple[str, ...] = ()) -> None:
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
-        self._held = ""  # text decoded but not yet emitted (could begin a stop string)
-        self._emitted = 0
+        self._held = ""  # text received but not yet emitted (could begin a stop string)
 
-    def add(self, token: int) -> tuple[str, bool]:
-        """Feed one token; return (text safe to emit now, whether a stop string was hit)."""
-        self._ids.append(token)
-        window = self._ids[self._prefix :]
-        new_text = self._decoder.decode(window)
-        if new_text.endswith("\ufffd"):
-            return "", False  # wait for the rest of the character
-        prefix_text = self._decoder.decode(self._ids[self._prefix : self._read])
-        delta = new_text[len(prefix_text) :]
-        self._prefix = self._read
-        self._read = len(self._ids)
-        if not delta:
-            return "", False
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Feed new text; return (text safe to emit now, whether a stop string was hit)."""
         text = self._held + delta
         if self._stop:
             cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
@@ -56,3 +43,33 @@ class Detokenizer:
         """Text still held back at the end of the sequence."""
         held, self._held = self._held, ""
         return held
+
+
+class Detokenizer:
+    __slots__ = ("_decoder", "_ids", "_prefix", "_read", "_stops")
+
+    def __init__(self, decoder: TokenDecoder, stop: tuple[str, ...] = ()) -> None:
+        self._decoder = decoder
+        self._ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # tokens whose text is already released into _stops
+        self._stops = StopStrings(stop)
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Feed one token; return (text safe to emit now, whether a stop string was hit)."""
+        self._ids.append(token)
+        window = self._ids[self._prefix :]
+        new_text = self._decoder.decode(window)
+        if new_text.endswith("\ufffd"):
+            return "", False  # wait for the rest of the character
+        prefix_text = self._decoder.decode(self._ids[self._prefix : self._read])
+        delta = new_text[len(prefix_text) :]
+        self._prefix = self._read
+        self._read = len(self._ids)
+        if not delta:
+            return "", False
+        return self._stops.feed(delta)
+
+    def flush(self) -> str:
+        """Text still held back at the end of the sequence."""
+        return self._stops.flush()

@@ -54,6 +54,33 @@ class StepObserver(Protocol):
     def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None: ...
 
 
+class GenerationEngine(Protocol):
+    """What serving needs of a decoder, whichever kind of backend is behind it: DecoderEngine
+    (the router batches a step engine) or RequestEngineAdapter (the backend batches)."""
+
+    name: str
+
+    def start(self) -> None:
+        """On the event loop that will call generate."""
+        ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def num_unfinished(self) -> int:
+        """Calls waiting on this engine (loop side)."""
+        ...
+
+    @property
+    def num_active(self) -> int:
+        """Requests the backend holds."""
+        ...
+
+    def generate(self, request: Request) -> AsyncIterator[Chunk]:
+        """Chunks until one is finished; closing the iterator cancels the request."""
+        ...
+
+
 class _NullObserver:
     def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None:
         return None

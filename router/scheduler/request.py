@@ -117,6 +117,8 @@ class Request:
     params: SamplingParams
     priority: Priority = Priority.NORMAL
     seed: int = 0
+    prompt_text: str = ""
+    """The rendered prompt (for request engines that take text); prompt_ids is what counts."""
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
     tokens: npt.NDArray[np.int64] = field(init=False)

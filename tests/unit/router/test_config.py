@@ -34,6 +34,16 @@ def test_yaml_then_env_then_flags(tmp_path: Path) -> None:
     assert flagged.server.port == 8000
 
 
+def test_openvino_model_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "models: [{name: g, kind: generate, artifact: x, backend: openvino,"
+        " device: 'HETERO:GPU,CPU', precision: f32}]\n"
+    )
+    (model,) = load_config(path, env={}).models
+    assert (model.backend, model.device, model.precision) == ("openvino", "HETERO:GPU,CPU", "f32")
+
+
 def test_config_file_from_environment(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("server: {metrics_port: 0}\n")
@@ -57,6 +67,18 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
             "duplicate names ['a']",
         ),
         ("models: [{name: a, kind: generate, artifact: x, max_slots: 0}]", "max_slots=0"),
+        (
+            "models: [{name: a, kind: generate, artifact: x, backend: openvino, precision: fp8}]",
+            "models['a'].precision='fp8' is unknown",
+        ),
+        (
+            "models: [{name: a, kind: embed, artifact: x, backend: openvino, device: ''}]",
+            "models['a'].device is empty",
+        ),
+        (
+            "models: [{name: a, kind: embed, artifact: x, device: GPU}]",
+            "models['a'].device='GPU' / precision='': these apply to backend 'openvino'",
+        ),
         ("colour: blue", "unknown keys ['colour']"),
         ("server: [1, 2]", "server must be a mapping"),
         ("server: {port: 1", "not valid YAML"),

@@ -1,0 +1,245 @@
+"""Serving over a request engine (backends.base.RequestEngine): a backend that schedules whole
+requests itself, e.g. OpenVINO GenAI's continuous batching.
+
+The adapter gives it the same face as DecoderEngine, so the services cannot tell them apart:
+it sheds load past max_slots + max_waiting, admits at most max_slots requests into the engine at
+once (the others wait here, highest priority first, so priority means the same as with the
+router's own scheduler and a request cancelled while waiting never reaches the engine), turns
+the router's Request into a GenerationRequest, and the engine's chunks back into Chunks. What the
+engine leaves to the router is done here, identically for every engine: detokenizing ids into
+whole UTF-8 text, stop strings, stop tokens and max_tokens (checked again even when the engine
+honours them, so a chunk never runs past the point where the router's own engine would stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections.abc import AsyncGenerator, Sequence
+
+from backends.base import GenerationChunk, GenerationRequest, RequestEngine, UnsupportedParameter
+from router.errors import Internal, InvalidArgument, ResourceExhausted, RouterError
+from router.scheduler.detokenizer import Detokenizer, StopStrings, TokenDecoder
+from router.scheduler.engine import Chunk, EngineLimits
+from router.scheduler.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+def generation_request(request: Request) -> GenerationRequest:
+    """The engine's view of a router Request (seed already drawn, max_tokens already set)."""
+    p = request.params
+    return GenerationRequest(
+        request_id=request.request_id,
+        prompt_ids=tuple(request.prompt_ids),
+        prompt=request.prompt_text,
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        stop=p.stop,
+        stop_token_ids=p.stop_token_ids,
+        seed=request.seed,
+        ignore_eos=p.ignore_eos,
+    )
+
+
+class _Output:
+    """One request's output side: the engine's chunks in, the router's Chunks out."""
+
+    def __init__(
+        self,
+        request: Request,
+        decoder: TokenDecoder,
+        stop_ids: frozenset[int],
+        engine_text: bool,
+        engine_stops: bool,
+    ) -> None:
+        self._request = request
+        self._stop_ids = frozenset() if request.params.ignore_eos else stop_ids
+        self._extra_stops = frozenset(request.params.stop_token_ids)
+        stop = () if engine_stops else request.params.stop
+        self._detok = None if engine_text else Detokenizer(decoder, stop)
+        self._stops = StopStrings(stop) if engine_text else None
+
+    def feed(self, piece: GenerationChunk) -> Chunk:
+        req = self._request
+        status = RequestStatus.RUNNING
+        tokens: list[int] = []
+        texts: list[str] = []
+        for token in piece.token_ids:
+            if req.num_output >= req.params.max_tokens:
+                status = RequestStatus.FINISHED_LENGTH  # the engine ran past max_tokens
+                break
+            req.append(token)
+            tokens.append(token)
+            if token in self._stop_ids or token in self._extra_stops:
+                status = RequestStatus.FINISHED_STOPPED
+                break
+            if self._detok is not None:
+                text, hit = self._detok.add(token)
+                texts.append(text)
+                if hit:
+                    status = RequestStatus.FINISHED_STOPPED
+                    break
+            if req.num_output >= req.params.max_tokens:
+                status = RequestStatus.FINISHED_LENGTH
+                break
+        if self._stops is not None and piece.text and status != RequestStatus.FINISHED_STOPPED:
+            text, hit = self._stops.feed(piece.text)
+            texts.append(text)
+            if hit:
+                status = RequestStatus.FINISHED_STOPPED
+        if status == RequestStatus.RUNNING and piece.finish_reason is not None:
+            length = piece.finish_reason == "length"
+            status = RequestStatus.FINISHED_LENGTH if length else RequestStatus.FINISHED_STOPPED
+        if status.is_finished:
+            # Text held back only because it might have begun a stop string is released.
+            if self._detok is not None:
+                texts.append(self._detok.flush())
+            if self._stops is not None:
+                texts.append(self._stops.flush())
+        req.status = status
+        return Chunk(tuple(tokens), "".join(texts), status)
+
+
+class RequestEngineAdapter:
+    """GenerationEngine over a RequestEngine (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        engine: RequestEngine,
+        decoder: TokenDecoder,
+        limits: EngineLimits,
+        stop_ids: Sequence[int],
+    ) -> None:
+        self.name = name
+        self.limits = limits
+        self._engine = engine
+        self._decoder = decoder
+        self._stop_ids = frozenset(stop_ids)
+        self._live: set[int] = set()
+        self._admitted = 0
+        # (-priority, arrival, future): the future is resolved when a slot passes to it.
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    def start(self) -> None:
+        self._engine.start()
+
+    def stop(self) -> None:
+        self._engine.stop()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._live)
+
+    async def _admit(self, request: Request) -> None:
+        """Return once the request holds one of the engine's max_slots places."""
+        if self._admitted < self.limits.max_slots and not self._waiting:
+            self._admitted += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (-int(request.priority), next(self._arrivals), future)
+        heapq.heappush(self._waiting, entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self._release()  # admitted just as it left: pass the place on
+            else:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)  # the place passes to it
+                return
+        self._admitted -= 1
+
+    @property
+    def num_active(self) -> int:
+        return self._engine.num_active
+
+    async def generate(self, request: Request) -> AsyncGenerator[Chunk, None]:
+        """Yield chunks until the request finishes. Closing the iterator early (client gone,
+        deadline passed, a stop string) closes the engine's iterator, which cancels it there."""
+        limit = self.limits.max_slots + self.limits.max_waiting
+        if len(self._live) >= limit:
+            raise ResourceExhausted(
+                f"model {self.name!r} has {len(self._live)} requests in flight, its limit "
+                f"(max_slots {self.limits.max_slots} + max_waiting {self.limits.max_waiting}); "
+                "retry shortly",
+                retry_after_s=1.0,
+            )
+        caps = self._engine.capabilities
+        output = _Output(
+            request, self._decoder, self._stop_ids, caps.text_output, caps.stop_strings
+        )
+        self._live.add(request.engine_id)
+        try:
+            await self._admit(request)
+        except BaseException:
+            self._live.discard(request.engine_id)
+            request.status = RequestStatus.FINISHED_CANCELLED
+            raise
+        stream = self._engine.generate(generation_request(request))
+        closed = False
+
+        async def close() -> None:
+            # Closing the engine's iterator cancels the request there if it had not finished;
+            # the engine place passes on at once, not when the caller next resumes us.
+            nonlocal closed
+            if not closed:
+                closed = True
+                self._live.discard(request.engine_id)
+                try:
+                    await stream.aclose()
+                finally:
+                    self._release()
+
+        try:
+            while True:
+                try:
+                    piece = await anext(stream)
+                except StopAsyncIteration:
+                    raise Internal(
+                        f"model {self.name!r} ended request {request.request_id} without a "
+                        "finish reason"
+                    ) from None
+                chunk = output.feed(piece)
+                if chunk.status.is_finished:
+                    await close()
+                    yield chunk
+                    return
+                yield chunk
+        except UnsupportedParameter as exc:
+            request.status = RequestStatus.FINISHED_ERROR
+            raise InvalidArgument(
+                f"sampling.{exc.field}: model {self.name!r} cannot honour it: {exc}",
+                field=f"sampling.{exc.field}",
+            ) from None
+        except ValueError as exc:
+            request.status = RequestStatus.FINISHED_ERROR
+            raise InvalidArgument(f"model {self.name!r} refused the request: {exc}") from None
+        except RouterError:
+            request.status = RequestStatus.FINISHED_ERROR
+            raise
+        except Exception:
+            request.status = RequestStatus.FINISHED_ERROR
+            logger.exception("engine %s failed request %s", self.name, request.request_id)
+            raise Internal(f"model {self.name!r} failed this request") from None
+        finally:
+            if not request.status.is_finished:
+                request.status = RequestStatus.FINISHED_CANCELLED
+            await close()

@@ -1,0 +1,180 @@
+"""OpenVinoGenerator (OpenVINO GenAI continuous batching) against the fp32 ONNX reference.
+
+One pipeline per module, at precision 'f32': F16-re-encoded GGUF weights (exact for this
+model's Q4_1/Q8_0 blocks), f32 compute and KV cache. At that setting its greedy tokens equal
+the fp32 ONNX model's; at the default setting GenAI rounds Q4_1 zero points and the texts part
+within a few tokens (see backends/openvino_pipeline.py), so the default is not compared here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from backends.base import GenerationRequest, RequestEngine, UnsupportedParameter
+from backends.onnx_runtime import OnnxDecoder
+from backends.openvino_ir import IR_XML, cached_ir
+from backends.openvino_pipeline import OpenVinoGenerator
+from router.models.prepare import smollm2_gguf_path
+
+PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>system\nBe helpful.<|im_end|>\n<|im_start|>user\nTell me a story."
+    "<|im_end|>\n<|im_start|>assistant\n",
+    "import numpy as np\n",
+]
+N = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer(prepared_models: dict[str, Path]) -> Tokenizer:
+    return Tokenizer.from_file(str(prepared_models["smollm2-135m-instruct"] / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+async def engine(prepared_models: dict[str, Path]) -> AsyncIterator[OpenVinoGenerator]:
+    engine = OpenVinoGenerator(
+        prepared_models["smollm2-135m-instruct"],
+        gguf_path=smollm2_gguf_path(),
+        precision="f32",
+        max_slots=4,
+        max_context=256,
+    )
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(prepared_models: dict[str, Path], tokenizer: Tokenizer) -> list[list[int]]:
+    """Greedy tokens of the fp32 ONNX model, one prompt at a time."""
+    onnx = OnnxDecoder(prepared_models["smollm2-135m-instruct-fp32"], max_slots=1, max_context=64)
+    out = []
+    for prompt in PROMPTS:
+        ids = np.array(tokenizer.encode(prompt, add_special_tokens=False).ids, np.int64)
+        logits = onnx.prefill(0, ids, 0)
+        tokens = [int(np.argmax(logits))]
+        for i in range(N - 1):
+            step = onnx.decode(np.array([0]), np.array([tokens[-1]]), np.array([len(ids) + i]))
+            tokens.append(int(np.argmax(step[0])))
+        onnx.release(0)
+        out.append(tokens)
+    return out
+
+
+def request(tokenizer: Tokenizer, prompt: str, **sampling: object) -> GenerationRequest:
+    fields: dict[str, object] = {"max_tokens": N, "temperature": 0.0, "ignore_eos": True}
+    fields |= sampling
+    ids = tuple(tokenizer.encode(prompt, add_special_tokens=False).ids)
+    return GenerationRequest("test", ids, prompt, **fields)  # type: ignore[arg-type]
+
+
+async def run(engine: OpenVinoGenerator, req: GenerationRequest) -> tuple[list[int], str | None]:
+    tokens: list[int] = []
+    reason = None
+    async for chunk in engine.generate(req):
+        assert reason is None, "a chunk after the finishing one"
+        tokens.extend(chunk.token_ids)
+        reason = chunk.finish_reason
+    return tokens, reason
+
+
+async def wait_idle(engine: OpenVinoGenerator) -> None:
+    for _ in range(500):
+        if engine.num_active == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{engine.num_active} requests still held")
+
+
+async def test_greedy_f32_equals_the_onnx_fp32_reference(
+    engine: OpenVinoGenerator,
+    tokenizer: Tokenizer,
+    reference: list[list[int]],
+    prepared_models: dict[str, Path],
+) -> None:
+    assert isinstance(engine, RequestEngine)
+    tokens, reason = await run(engine, request(tokenizer, PROMPTS[0]))
+    assert tokens == reference[0]
+    assert reason == "length"
+    # The converted IR is cached: later loads skip the GGUF.
+    model_dir = prepared_models["smollm2-135m-instruct"]
+    assert (cached_ir(model_dir, exact=True) / IR_XML).is_file()
+
+
+async def test_concurrent_requests_each_get_their_own_output(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer, reference: list[list[int]]
+) -> None:
+    results = await asyncio.gather(*(run(engine, request(tokenizer, p)) for p in PROMPTS))
+    assert [tokens for tokens, _ in results] == reference
+    await wait_idle(engine)
+
+
+async def test_closing_the_iterator_cancels_and_frees_the_request(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer, reference: list[list[int]]
+) -> None:
+    stream = engine.generate(request(tokenizer, PROMPTS[1], max_tokens=200))
+    first = await anext(stream)
+    assert first.token_ids and first.finish_reason is None
+    await stream.aclose()
+    await wait_idle(engine)
+    for _ in range(100):  # the pipeline drops it at its next step
+        if not engine._pipe.has_non_finished_requests():
+            break
+        await asyncio.sleep(0.01)
+    assert not engine._pipe.has_non_finished_requests()
+    # The engine still serves, and the freed blocks are reusable.
+    assert (await run(engine, request(tokenizer, PROMPTS[0])))[0] == reference[0]
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+async def test_stop_token_ends_with_stop_and_is_returned(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer, reference: list[list[int]], ignore_eos: bool
+) -> None:
+    # GenAI itself ignores stop_token_ids under ignore_eos; the engine must still stop there.
+    stop = reference[2][3]
+    first = reference[2].index(stop)
+    req = request(tokenizer, PROMPTS[2], stop_token_ids=(stop,), ignore_eos=ignore_eos)
+    tokens, reason = await run(engine, req)
+    assert reason == "stop"
+    assert tokens == reference[2][: first + 1]
+    await wait_idle(engine)
+
+
+async def test_seeded_sampling_is_reproducible_alongside_other_requests(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer
+) -> None:
+    sampled = request(tokenizer, PROMPTS[1], temperature=1.5, top_k=50, seed=1234)
+    alone, _ = await run(engine, sampled)
+    other = dataclasses.replace(sampled, seed=99)
+    together = await asyncio.gather(run(engine, sampled), run(engine, other))
+    assert together[0][0] == alone
+    assert together[1][0] != alone  # the seed is really used
+    assert len(alone) == N
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("top_p", 1.5), ("min_p", -0.1), ("presence_penalty", 3.0), ("top_k", -1), ("seed", -5)],
+)
+async def test_unsupported_sampling_value_is_refused_by_name(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer, field: str, value: float
+) -> None:
+    with pytest.raises(UnsupportedParameter, match=field) as info:
+        await run(engine, request(tokenizer, PROMPTS[0], **{field: value}))
+    assert info.value.field == field
+    assert engine.num_active == 0
+
+
+async def test_prompt_plus_max_tokens_beyond_the_context_is_refused(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer
+) -> None:
+    with pytest.raises(UnsupportedParameter, match="max_context=256") as info:
+        await run(engine, request(tokenizer, PROMPTS[0], max_tokens=250))
+    assert info.value.field == "max_tokens"
