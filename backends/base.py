@@ -14,7 +14,7 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
-BACKEND_KINDS: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt_llm")
+BACKEND_KINDS: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt_llm", "openai_http")
 """Values accepted by create_backend(kind=...)."""
 PRECISIONS: tuple[str, ...] = ("", "f32", "bf16", "f16")
 """OpenVINO inference precisions; '' keeps the device default (bf16 on CPUs that have it)."""
@@ -207,6 +207,22 @@ def create_backend(kind: str, model_dir: Path, **options: Any) -> Engine:
     if model_kind not in ("decoder", "encoder"):
         raise ValueError(
             f"manifest of {model_dir} has kind={model_kind!r}; expected 'decoder' or 'encoder'"
+        )
+    if kind == "openai_http":
+        if model_kind != "decoder":
+            raise ValueError("backend 'openai_http' serves generation models only")
+        import dataclasses
+
+        from backends.openai_http import OpenAIHttpEngine
+
+        remote = options["remote"]
+        return OpenAIHttpEngine(
+            dataclasses.replace(
+                remote,
+                context_length=int(options["max_context"]),
+                max_connections=max(remote.max_connections, int(options["max_slots"])),
+                vocab_size=int(manifest["vocab_size"]),
+            )
         )
     if kind == "tensorrt_llm":
         if model_kind != "decoder":

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from backends.base import BACKEND_KINDS, PRECISIONS
+from backends.openai_http import OpenAIHttpConfig
 from router.cache.config import CacheConfig
 from router.guard.config import GuardConfig
 from router.retrieval.config import RagConfig
@@ -67,6 +68,9 @@ class ModelConfig:
     engine_path: str = ""
     """TensorRT-LLM: the model given to tensorrt_llm.LLM (HF checkpoint or engine folder; empty:
     the artifact folder). The artifact still supplies the tokenizer and chat template."""
+    remote: OpenAIHttpConfig | None = None
+    """openai_http: the OpenAI-compatible server (url, model, dialect, timeouts, ...). The
+    artifact still supplies the tokenizer and chat template: the router renders the prompt."""
     threads: int = 2
     """Intra-op threads of the backend."""
     max_context: int = 2048
@@ -100,6 +104,17 @@ class ModelConfig:
             )
         if not self.device:
             raise ConfigError(f"{where}.device is empty; use e.g. 'CPU', 'GPU' or 'AUTO'")
+        if (self.remote is not None) != (self.backend == "openai_http"):
+            raise ConfigError(
+                f"{where}.remote is required by backend 'openai_http' and applies to it only"
+            )
+        if self.remote is not None:
+            if self.kind != "generate":
+                raise ConfigError(f"{where}: backend 'openai_http' serves generation models only")
+            try:
+                self.remote.validate()
+            except ValueError as exc:
+                raise ConfigError(f"{where}.remote: {exc}") from None
         if self.engine_path and self.backend != "tensorrt_llm":
             raise ConfigError(f"{where}.engine_path applies to backend 'tensorrt_llm' only")
         if self.backend == "tensorrt_llm" and (

@@ -93,6 +93,8 @@ class ServedModels:
             }
             if cfg.backend == "tensorrt_llm":
                 options |= {"device": cfg.device, "engine_path": cfg.engine_path}
+            if cfg.backend == "openai_http":
+                options |= {"remote": cfg.remote}
             if cfg.backend == "openvino":
                 options |= {
                     "device": cfg.device,

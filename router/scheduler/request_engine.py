@@ -20,7 +20,15 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 
 from backends.base import GenerationChunk, GenerationRequest, RequestEngine, UnsupportedParameter
-from router.errors import Internal, InvalidArgument, ResourceExhausted, RouterError
+from backends.openai_wire import RemoteError, RemoteHTTPError, RemoteTimeout
+from router.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    RouterError,
+    Unavailable,
+)
 from router.scheduler.detokenizer import Detokenizer, StopStrings, TokenDecoder
 from router.scheduler.engine import Chunk, EngineLimits
 from router.scheduler.request import Request, RequestStatus
@@ -223,6 +231,14 @@ class RequestEngineAdapter:
                     yield chunk
                     return
                 yield chunk
+        except RemoteTimeout as exc:
+            raise DeadlineExceeded(f"model {self.name!r}: {exc}") from None
+        except RemoteHTTPError as exc:
+            if 400 <= exc.status < 500 and not exc.retryable:
+                raise InvalidArgument(f"model {self.name!r} refused the request: {exc}") from None
+            raise Unavailable(f"model {self.name!r}: {exc}") from None
+        except RemoteError as exc:
+            raise Unavailable(f"model {self.name!r}: {exc}") from None
         except UnsupportedParameter as exc:
             request.status = RequestStatus.FINISHED_ERROR
             raise InvalidArgument(

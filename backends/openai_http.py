@@ -1,0 +1,349 @@
+"""A remote OpenAI-compatible HTTP server (vLLM, trtllm-serve, llama.cpp, OpenVINO Model Server)
+as engines: `OpenAIHttpEngine` (a RequestEngine) streams /v1/completions, `OpenAIHttpEmbedder`
+calls /v1/embeddings; both share one pooled httpx client per server.
+
+The router renders the chat template itself and sends the finished prompt text, so a prompt is
+identical whichever backend serves it (see openai_wire for what each server kind is sent).
+
+Failures raise a `RemoteError` (openai_wire) whose message names the URL; `retryable` is True
+only while nothing was generated and the fault is the server's or the network's, so another
+replica may take the same request: connection refused or reset, a connect or read timeout,
+HTTP 408/429/502/503/504, a malformed or truncated stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from backends.base import Capabilities, FloatArray, GenerationChunk, GenerationRequest
+from backends.openai_wire import (
+    DIALECTS,
+    PROMPT_FORMATS,
+    RemoteError,
+    RemoteHTTPError,
+    RemoteProtocolError,
+    RemoteTimeout,
+    RemoteUnavailable,
+    completion_body,
+    http_error,
+    parse_event,
+)
+from backends.sse import SSEDecoder
+
+__all__ = [
+    "OpenAIHttpConfig",
+    "OpenAIHttpEmbedder",
+    "OpenAIHttpEngine",
+    "RemoteChunk",
+    "RemoteError",
+    "RemoteHTTPError",
+    "RemoteProtocolError",
+    "RemoteTimeout",
+    "RemoteUnavailable",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenAIHttpConfig:
+    """One remote OpenAI-compatible server and the model it serves."""
+
+    url: str
+    """Server root, e.g. 'http://10.0.0.7:8000' (api_prefix is appended)."""
+    model: str
+    """Model name on the server: sent as `model`, and looked for in /models by ready()."""
+    dialect: str = "openai"
+    """Server kind, deciding which sampling fields beyond OpenAI's are sent: one of DIALECTS."""
+    api_prefix: str | None = None
+    """API path; None takes the dialect's ('/v1', or '/v3' for ovms)."""
+    prompt_format: str = "text"
+    """'text' sends the rendered prompt; 'token_ids' the router's ids (vllm and trtllm only)."""
+    connect_timeout_s: float = 5.0
+    """Longest wait for a TCP connection."""
+    read_timeout_s: float = 60.0
+    """Longest silence in an answer (time to first token included) before RemoteTimeout."""
+    max_connections: int = 64
+    """Requests in flight to this server (pooled connections); more wait for a free one."""
+    api_key: str | None = None
+    """Sent as 'Authorization: Bearer <api_key>' when set."""
+    context_length: int = 2048
+    """Prompt plus completion tokens the remote model accepts."""
+    vocab_size: int = 0
+    """Vocabulary size of the remote model, for the router's checks (0: unknown)."""
+
+    def validate(self) -> OpenAIHttpConfig:
+        """Raise ValueError naming the first bad field and what it accepts; returns self."""
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url={self.url!r} must start with http:// or https://")
+        if not self.model:
+            raise ValueError(f"model must name the model served at {self.url}")
+        if self.dialect not in DIALECTS:
+            raise ValueError(
+                f"dialect={self.dialect!r} is unknown; accepted: {', '.join(DIALECTS)}"
+            )
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(
+                f"prompt_format={self.prompt_format!r} is unknown; accepted: "
+                f"{', '.join(PROMPT_FORMATS)}"
+            )
+        if self.prompt_format == "token_ids" and not DIALECTS[self.dialect].token_id_prompts:
+            raise ValueError(
+                f"prompt_format='token_ids' is not accepted by a {self.dialect!r} server; "
+                "use 'text'"
+            )
+        for name in ("connect_timeout_s", "read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("max_connections", "context_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size={self.vocab_size} must not be negative (0: unknown)")
+        return self
+
+    def endpoint(self, path: str) -> str:
+        """Full URL of an API path such as '/completions'."""
+        prefix = DIALECTS[self.dialect].api_prefix if self.api_prefix is None else self.api_prefix
+        prefix = prefix.strip("/")
+        return f"{self.url.rstrip('/')}{'/' + prefix if prefix else ''}{path}"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteChunk(GenerationChunk):
+    """The last chunk of a remote stream: a GenerationChunk plus the server's token counts,
+    when the server reports usage (llama-cpp-python does not)."""
+
+    prompt_tokens: int | None = None
+    """Prompt tokens as the server counted them."""
+    completion_tokens: int | None = None
+    """Generated tokens as the server counted them."""
+
+
+def transport_error(url: str, exc: httpx.TransportError, *, emitted: bool) -> RemoteError:
+    """An httpx failure as a RemoteError; retryable only if nothing was emitted yet."""
+    retryable = not emitted
+    if isinstance(exc, httpx.ConnectTimeout):
+        return RemoteTimeout(
+            url, f"no connection within the connect timeout ({exc!r})", retryable=retryable
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return RemoteTimeout(
+            url, f"read timeout: the server went silent ({exc!r})", retryable=retryable
+        )
+    if isinstance(exc, httpx.ConnectError):
+        return RemoteUnavailable(url, f"cannot connect ({exc})", retryable=retryable)
+    return RemoteUnavailable(url, f"connection failed ({exc!r})", retryable=retryable)
+
+
+class _HttpRemote:
+    """The pooled client and health probe shared by the engine and the embedder."""
+
+    def __init__(self, config: OpenAIHttpConfig) -> None:
+        self.config = config.validate()
+        self._client: httpx.AsyncClient | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Open the connection pool; sends nothing (ready() probes the server)."""
+        if self._client is not None:
+            return
+        cfg = self.config
+        self._client = httpx.AsyncClient(
+            headers={"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None,
+            # pool=None: a request beyond max_connections waits for a connection; the router
+            # bounds that wait by cancelling. `read` bounds every silence within an answer.
+            timeout=httpx.Timeout(
+                connect=cfg.connect_timeout_s,
+                read=cfg.read_timeout_s,
+                write=cfg.read_timeout_s,
+                pool=None,
+            ),
+            limits=httpx.Limits(
+                max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections
+            ),
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool and its connections."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def stop(self) -> None:
+        """Close the pool: scheduled on the running loop (await aclose() to wait for it)."""
+        if self._client is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._client = None  # no loop to close the sockets on; they go with the process
+            return
+        self._closing = loop.create_task(self.aclose())
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self.start()
+        assert self._client is not None
+        return self._client
+
+    async def ready(self) -> bool:
+        """Whether GET /models answers and lists config.model: a health probe that never
+        raises and waits at most connect_timeout_s per phase."""
+        url = self.config.endpoint("/models")
+        try:
+            response = await self.client.get(url, timeout=self.config.connect_timeout_s)
+            if response.status_code != 200:
+                logger.info("%s answered HTTP %d", url, response.status_code)
+                return False
+            models = {m.get("id") for m in response.json().get("data", ())}
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError) as exc:
+            logger.info("%s is not ready: %r", url, exc)
+            return False
+        if self.config.model not in models:
+            logger.warning("%s does not list model %r: %s", url, self.config.model, models)
+            return False
+        return True
+
+
+class OpenAIHttpEngine(_HttpRemote):
+    """RequestEngine on a remote server's streamed /completions.
+
+    Chunks carry text (the OpenAI API streams text, not token ids); the last one, a
+    RemoteChunk, carries the finish reason and the server's token counts when it reports them.
+    Closing the iterator closes the HTTP stream, which is how OpenAI-compatible servers learn
+    to stop generating.
+    """
+
+    def __init__(self, config: OpenAIHttpConfig) -> None:
+        super().__init__(config)
+        cfg = self.config
+        self.capabilities = Capabilities(
+            generate=True,
+            embed=False,
+            stream=True,
+            device=f"remote {cfg.url}",
+            max_batch=cfg.max_connections,
+            context_length=cfg.context_length,
+            text_output=True,
+            stop_strings=not DIALECTS[cfg.dialect].router_stops,
+        )
+        self.vocab_size = cfg.vocab_size
+        self.max_slots = cfg.max_connections
+        self.max_context = cfg.context_length
+        self._active = 0
+
+    @property
+    def num_active(self) -> int:
+        """Requests streaming now (or waiting for a pooled connection)."""
+        return self._active
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        """Stream `request`. Its first step, before any I/O, refuses fields the server would
+        ignore (UnsupportedParameter)."""
+        cfg = self.config
+        body = completion_body(
+            request, model=cfg.model, dialect=cfg.dialect, prompt_format=cfg.prompt_format
+        )
+        request_id = request.request_id
+        url = self.config.endpoint("/completions")
+        emitted = False
+        self._active += 1
+        try:
+            async with self.client.stream("POST", url, json=body) as response:
+                if response.status_code >= 400:
+                    text = (await response.aread()).decode("utf-8", "replace")
+                    raise http_error(url, response.status_code, response.reason_phrase, text)
+                finish: tuple[str, str] | None = None  # (text, reason) of the last choice
+                usage: tuple[int | None, int | None] = (None, None)
+                decoder = SSEDecoder()
+                async for line in response.aiter_lines():
+                    data = decoder.feed(line)
+                    if data is None:
+                        continue
+                    if data == "[DONE]":
+                        break
+                    event = parse_event(url, data, emitted=emitted)
+                    usage = event.usage or usage
+                    if event.finish_reason is not None:
+                        # Held back: a usage event may follow it.
+                        finish = (event.text, event.finish_reason)
+                    elif event.text:
+                        emitted = True
+                        yield GenerationChunk(token_ids=(), text=event.text)
+                else:
+                    data = decoder.flush()  # an event the server did not terminate
+                    if data is not None and data != "[DONE]":
+                        event = parse_event(url, data, emitted=emitted)
+                        usage = event.usage or usage
+                        if event.finish_reason is not None:
+                            finish = (event.text, event.finish_reason)
+                if finish is None:
+                    raise RemoteProtocolError(
+                        url, "the stream ended without a finish_reason", retryable=not emitted
+                    )
+                yield RemoteChunk(
+                    token_ids=(),
+                    text=finish[0],
+                    finish_reason=finish[1],
+                    prompt_tokens=usage[0],
+                    completion_tokens=usage[1],
+                )
+        except httpx.TransportError as exc:
+            error = transport_error(url, exc, emitted=emitted)
+            logger.warning("request %s failed: %s", request_id, error)
+            raise error from exc
+        except RemoteError as exc:
+            logger.warning("request %s failed: %s", request_id, exc)
+            raise
+        finally:
+            self._active -= 1
+
+
+class OpenAIHttpEmbedder(_HttpRemote):
+    """Sentence embeddings from a remote server's /embeddings: float32 [N, dim] rows in the
+    order of the texts, as the server computed them (e5 and MiniLM servers L2-normalise)."""
+
+    def __init__(self, config: OpenAIHttpConfig, *, dim: int | None = None) -> None:
+        super().__init__(config)
+        self.dim = dim
+        """Expected width; None learns it from the first answer and checks every later one."""
+
+    async def embed(self, texts: Sequence[str]) -> FloatArray:
+        """float32 [len(texts), dim]; raises a RemoteError naming the URL on failure."""
+        if not texts:
+            return np.zeros((0, self.dim or 0), np.float32)
+        url = self.config.endpoint("/embeddings")
+        try:
+            response = await self.client.post(
+                url, json={"model": self.config.model, "input": list(texts)}
+            )
+        except httpx.TransportError as exc:
+            raise transport_error(url, exc, emitted=False) from exc
+        if response.status_code >= 400:
+            raise http_error(url, response.status_code, response.reason_phrase, response.text)
+        try:
+            items = sorted(response.json()["data"], key=lambda item: int(item["index"]))
+            out = np.asarray([item["embedding"] for item in items], dtype=np.float32)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteProtocolError(
+                url, f"malformed embeddings answer ({exc!r})", retryable=False
+            ) from None
+        if out.ndim != 2 or out.shape[0] != len(texts):
+            raise RemoteProtocolError(
+                url, f"{len(texts)} texts gave embeddings of shape {out.shape}", retryable=False
+            )
+        if self.dim is None:
+            self.dim = int(out.shape[1])
+        elif out.shape[1] != self.dim:
+            raise RemoteProtocolError(
+                url, f"embeddings have {out.shape[1]} dimensions, not {self.dim}", retryable=False
+            )
+        return out

@@ -1,0 +1,237 @@
+"""What goes over the wire to an OpenAI-compatible server, as pure functions: the errors, which
+sampling fields each kind of server honours (`DIALECTS`), the JSON body of a streamed
+/completions call, and the reading of one streamed event.
+
+Servers differ in what they honour beyond the OpenAI API. A request that sets a field the
+target would silently ignore is refused by name (UnsupportedParameter) before anything is sent,
+so a prompt samples the same way whichever backend serves it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from backends.base import GenerationRequest, UnsupportedParameter
+
+RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
+"""HTTP statuses after which the same request may go to another replica."""
+FINISH_REASONS = frozenset({"stop", "length"})
+PROMPT_FORMATS = ("text", "token_ids")
+
+
+class RemoteError(Exception):
+    """A remote server failed a request; the message names the URL and what went wrong."""
+
+    def __init__(self, url: str, message: str, *, retryable: bool) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+        self.retryable = retryable
+        """True when nothing was generated yet and another replica may serve the request."""
+
+
+class RemoteUnavailable(RemoteError):
+    """The server could not be reached or dropped the connection (refused, reset, DNS)."""
+
+
+class RemoteTimeout(RemoteError):
+    """No connection within the connect timeout, or silence longer than the read timeout."""
+
+
+class RemoteHTTPError(RemoteError):
+    """The server answered with an error: an HTTP status >= 400, or an error event mid-stream."""
+
+    def __init__(self, url: str, message: str, *, status: int, retryable: bool) -> None:
+        super().__init__(url, message, retryable=retryable)
+        self.status = status
+        """The HTTP status, or the error event's code (500 when it gave none)."""
+
+
+class RemoteProtocolError(RemoteError):
+    """The answer is not an OpenAI completion stream or embedding list (bad SSE, JSON, fields)."""
+
+
+NEUTRAL: Mapping[str, Any] = MappingProxyType(
+    {
+        "stop": (),
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "stop_token_ids": (),
+        "ignore_eos": False,
+    }
+)
+"""Optional GenerationRequest fields and the value that leaves sampling unchanged: a field at
+its neutral value is not sent, and needs no support from the server."""
+_OPENAI = frozenset({"stop", "presence_penalty", "frequency_penalty"})
+_VLLM = _OPENAI | {"top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos"}
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What one kind of server accepts beyond max_tokens, temperature, top_p and seed (which
+    every kind receives)."""
+
+    api_prefix: str
+    """Path before /completions, /embeddings and /models."""
+    honoured: frozenset[str]
+    """Optional sampling fields (NEUTRAL's keys) it applies as the router does."""
+    wire_names: Mapping[str, str] = field(default_factory=dict)
+    """JSON key of a field when it differs from the field's name."""
+    always: Mapping[str, Any] = field(default_factory=dict)
+    """Sent with every request: neutral values where the server's own defaults are not."""
+    usage_in_stream: bool = True
+    """Accepts stream_options.include_usage (token counts in a last event)."""
+    token_id_prompts: bool = False
+    """Accepts the prompt as a list of token ids."""
+    router_stops: bool = False
+    """Stop strings are left to the router (capabilities.stop_strings=False), not sent."""
+
+
+DIALECTS: Mapping[str, Dialect] = MappingProxyType(
+    {
+        "openai": Dialect("/v1", _OPENAI),
+        "vllm": Dialect("/v1", _VLLM, token_id_prompts=True),
+        "trtllm": Dialect("/v1", _VLLM, token_id_prompts=True),
+        # llama-cpp-python's server and llama.cpp's llama-server. Their defaults (top_k 40,
+        # min_p 0.05, repeat_penalty 1.1) are not neutral, so every request carries ours;
+        # llama-cpp-python sends no usage event.
+        "llama.cpp": Dialect(
+            "/v1",
+            _OPENAI | {"top_k", "min_p", "repetition_penalty"},
+            wire_names={"repetition_penalty": "repeat_penalty"},
+            always={"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0},
+            usage_in_stream=False,
+        ),
+        # OpenVINO Model Server streams a matched stop string (include_stop_str_in_output must
+        # be true when streaming), so the router cuts the text itself.
+        "ovms": Dialect(
+            "/v3",
+            (_OPENAI - {"stop"}) | {"top_k", "repetition_penalty", "ignore_eos"},
+            router_stops=True,
+        ),
+    }
+)
+"""Server kinds, by the name OpenAIHttpConfig.dialect takes."""
+
+
+def completion_body(
+    request: GenerationRequest, *, model: str, dialect: str, prompt_format: str = "text"
+) -> dict[str, Any]:
+    """The JSON body of a streamed /completions call for `request` to a `dialect` server.
+
+    Raises UnsupportedParameter (its field: the first one) naming every field set to a
+    non-neutral value that the server would ignore.
+    """
+    kind = DIALECTS[dialect]
+    refused = [
+        name
+        for name, neutral in NEUTRAL.items()
+        if name not in kind.honoured
+        and getattr(request, name) != neutral
+        and not (kind.router_stops and name == "stop")
+    ]
+    if refused:
+        raise UnsupportedParameter(
+            refused[0],
+            f"{', '.join(refused)} cannot be honoured by the remote {dialect!r} server of "
+            f"model {model!r}; leave {'it' if len(refused) == 1 else 'them'} unset",
+        )
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": list(request.prompt_ids) if prompt_format == "token_ids" else request.prompt,
+        "stream": True,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+        **kind.always,
+    }
+    if kind.usage_in_stream:
+        body["stream_options"] = {"include_usage": True}
+    for name, neutral in NEUTRAL.items():
+        value = getattr(request, name)
+        if name in kind.honoured and value != neutral:
+            body[kind.wire_names.get(name, name)] = (
+                list(value) if isinstance(value, tuple) else value
+            )
+    return body
+
+
+class CompletionEvent(NamedTuple):
+    """What one streamed event adds."""
+
+    text: str
+    finish_reason: str | None
+    usage: tuple[int | None, int | None] | None
+    """(prompt tokens, completion tokens) when the event reports usage."""
+
+
+def parse_event(url: str, data: str, *, emitted: bool) -> CompletionEvent:
+    """Read the data of one /completions SSE event (not '[DONE]').
+
+    Raises RemoteHTTPError for an error event and RemoteProtocolError for anything that is not
+    a completion chunk; `emitted` (text was already passed on) makes neither retryable.
+    """
+    try:
+        event = json.loads(data)
+        if not isinstance(event, dict):
+            raise TypeError(f"a JSON {type(event).__name__}, not an object")
+        if "error" in event or event.get("object") == "error":
+            error = event.get("error", event)
+            message = error.get("message", error) if isinstance(error, dict) else error
+            code = error.get("code") if isinstance(error, dict) else None
+            status = code if isinstance(code, int) and code >= 400 else 500
+            raise RemoteHTTPError(
+                url,
+                f"error event mid-stream: {message}",
+                status=status,
+                retryable=not emitted and status in RETRYABLE_STATUS,
+            )
+        usage = event.get("usage")
+        counts = (
+            (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            if isinstance(usage, dict)
+            else None
+        )
+        choices = event["choices"]
+        if not choices:  # the usage event
+            return CompletionEvent("", None, counts)
+        choice = choices[0]
+        text = choice.get("text") or ""
+        if not isinstance(text, str):
+            raise TypeError(f"choices[0].text is a {type(text).__name__}")
+        reason = choice.get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise RemoteProtocolError(
+            url, f"malformed completion event {data[:200]!r} ({exc})", retryable=not emitted
+        ) from None
+    if reason is not None and reason not in FINISH_REASONS:
+        raise RemoteProtocolError(
+            url, f"finish_reason={reason!r} is not 'stop' or 'length'", retryable=False
+        )
+    return CompletionEvent(text, reason, counts)
+
+
+def http_error(url: str, status: int, reason: str, body: str) -> RemoteHTTPError:
+    """The error for an HTTP status >= 400, with the server's own message when it sent one."""
+    detail = body[:300]
+    try:
+        payload = json.loads(body)
+        error = payload.get("error", payload) if isinstance(payload, dict) else payload
+        if isinstance(error, dict):
+            detail = str(error.get("message") or error.get("detail") or error)
+    except ValueError:
+        pass
+    detail = " ".join(detail.split())[:300]  # one line, however the server formats it
+    return RemoteHTTPError(
+        url,
+        f"HTTP {status} {reason}: {detail}",
+        status=status,
+        retryable=status in RETRYABLE_STATUS,
+    )

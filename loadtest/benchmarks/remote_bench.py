@@ -1,0 +1,139 @@
+"""The remote engine's cost: streamed tokens/s of one client straight to llama-cpp-python's
+OpenAI server (httpx, SSE read by hand) against the same request through OpenAIHttpEngine in
+process, alternating on one server in the same run. Goal for the full router path: >= 0.95.
+
+    python -m loadtest.benchmarks.remote_bench [--quick] [--rounds N] [--max-tokens N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from backends.base import GenerationRequest
+from backends.openai_http import OpenAIHttpConfig, OpenAIHttpEngine
+from backends.openai_wire import completion_body
+from router.models.prepare import smollm2_gguf_path
+from tests.openai_servers import llama_cpp_missing, running_llama_server
+
+PROMPT = (
+    "<|im_start|>user\nCount from 1 to 1000, separated by commas.<|im_end|>\n"
+    "<|im_start|>assistant\n1, 2, 3,"
+)
+"""Greedy SmolLM2 keeps counting: every run streams exactly max_tokens tokens."""
+
+
+@dataclass(frozen=True)
+class Run:
+    tokens: int
+    """Streamed events that carried text (one per token on llama-cpp-python)."""
+    ttft_s: float
+    total_s: float
+    cpu_s: float
+    """CPU time of this process (the client side) during the run."""
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.total_s
+
+
+async def direct(client: httpx.AsyncClient, url: str, body: dict[str, object]) -> Run:
+    """The baseline: POST, read SSE lines, parse each event's JSON, keep the text."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    ttft, tokens, parts = 0.0, 0, []
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            text = json.loads(line[6:])["choices"][0]["text"]
+            if text:
+                tokens += 1
+                ttft = ttft or time.perf_counter() - t0
+                parts.append(text)
+    return Run(tokens, ttft, time.perf_counter() - t0, time.process_time() - c0)
+
+
+async def through_engine(engine: OpenAIHttpEngine, request: GenerationRequest) -> Run:
+    t0, c0 = time.perf_counter(), time.process_time()
+    ttft, tokens = 0.0, 0
+    async for chunk in engine.generate(request):
+        if chunk.text:
+            tokens += 1
+            ttft = ttft or time.perf_counter() - t0
+    return Run(tokens, ttft, time.perf_counter() - t0, time.process_time() - c0)
+
+
+def line(name: str, value: float, unit: str, baseline: float | None = None, goal: str = "") -> None:
+    ratio = f"  ratio {value / baseline:6.3f}" if baseline else ""
+    print(f"{name:<58} {value:10.2f} {unit:<8}{ratio}  {goal}", flush=True)
+
+
+async def bench(url: str, model: str, rounds: int, max_tokens: int) -> None:
+    request = GenerationRequest(
+        request_id="bench", prompt_ids=(), prompt=PROMPT, max_tokens=max_tokens, temperature=0.0
+    )
+    config = OpenAIHttpConfig(url=url, model=model, dialect="llama.cpp")
+    body = completion_body(request, model=model, dialect="llama.cpp")
+    engine = OpenAIHttpEngine(config)
+    engine.start()
+    runs: dict[str, list[Run]] = {"direct": [], "engine": []}
+    try:
+        async with httpx.AsyncClient(timeout=120) as client:
+            await direct(client, url, body)  # warm-up: model pages, connection
+            await through_engine(engine, request)
+            for _ in range(rounds):
+                runs["direct"].append(await direct(client, url, body))
+                runs["engine"].append(await through_engine(engine, request))
+    finally:
+        await engine.aclose()
+    tokens = {r.tokens for rs in runs.values() for r in rs}
+    print(f"# {rounds} rounds of {sorted(tokens)} streamed tokens each, median figures")
+    base = statistics.median(r.tok_s for r in runs["direct"])
+    mine = statistics.median(r.tok_s for r in runs["engine"])
+    line("llama.cpp server, httpx client straight (baseline)", base, "tok/s")
+    line("llama.cpp server, through OpenAIHttpEngine", mine, "tok/s", base, "goal >= 0.95")
+    # Each round's two runs are adjacent in time, so their ratio sees the same machine load.
+    paired = statistics.median(
+        e.tok_s / d.tok_s for d, e in zip(runs["direct"], runs["engine"], strict=True)
+    )
+    print(f"{'  median of per-round ratios (engine / straight)':<58} {paired:10.3f}", flush=True)
+    base_ttft = statistics.median(r.ttft_s for r in runs["direct"]) * 1e3
+    mine_ttft = statistics.median(r.ttft_s for r in runs["engine"]) * 1e3
+    line("first token, httpx client straight (baseline)", base_ttft, "ms")
+    line("first token, through OpenAIHttpEngine", mine_ttft, "ms", base_ttft)
+    # Client CPU per token: the engine's own cost, steadier than tok/s on a shared machine.
+    base_cpu = statistics.median(r.cpu_s / r.tokens for r in runs["direct"]) * 1e6
+    mine_cpu = statistics.median(r.cpu_s / r.tokens for r in runs["engine"]) * 1e6
+    line("client CPU per token, httpx client straight (baseline)", base_cpu, "us")
+    line("client CPU per token, through OpenAIHttpEngine", mine_cpu, "us", base_cpu)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 64 tokens (CI smoke)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    # One llama.cpp thread leaves a core to the client; with two on a 2-core machine any other
+    # load stalls llama.cpp's per-layer thread barrier and tok/s swings by 2x between runs.
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    args = parser.parse_args()
+    rounds, max_tokens = (3, 64) if args.quick else (args.rounds, args.max_tokens)
+    print(f"# remote engine benchmark, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
+    reason = llama_cpp_missing()
+    if reason:
+        print(f"remote engine: skipped ({reason})")
+        return
+    with running_llama_server(smollm2_gguf_path(), threads=args.threads) as server:
+        asyncio.run(bench(server.url, server.model, rounds, max_tokens))
+
+
+if __name__ == "__main__":
+    main()

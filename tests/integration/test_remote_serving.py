@@ -1,0 +1,136 @@
+"""A remote OpenAI-compatible engine served through the router: llama-cpp-python's server on the
+same SmolLM2 GGUF, called by `backend: openai_http`; the router renders the chat template,
+streams the server's text, and maps the server's failures to named statuses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from backends.openai_http import OpenAIHttpConfig
+from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.models.chat_template import render_chat
+from router.models.prepare import smollm2_gguf_path
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from router.server import RouterServer
+from tests.integration.conftest import GEN
+from tests.openai_servers import OpenAIServer, free_port, llama_cpp_missing, running_llama_server
+
+
+@pytest.fixture(scope="module")
+def llama() -> Iterator[OpenAIServer]:
+    reason = llama_cpp_missing()
+    if reason:
+        pytest.skip(reason)
+    with running_llama_server(smollm2_gguf_path(), threads=1) as server:
+        yield server
+
+
+def remote_model(name: str, url: str, model: str) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        kind="generate",
+        artifact=GEN,  # the tokenizer and chat template
+        backend="openai_http",
+        max_slots=2,
+        max_context=1024,
+        remote=OpenAIHttpConfig(url=url, model=model, dialect="llama.cpp", read_timeout_s=120),
+    )
+
+
+@pytest.fixture(scope="module")
+async def stub(
+    llama: OpenAIServer, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
+    config = RouterConfig(
+        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
+        model_cache=model_cache,
+        retrieval=RetrievalConfig(enabled=False, data_dir=tmp_path_factory.mktemp("c")),
+        models=(
+            remote_model("remote", llama.url, llama.model),
+            remote_model("down", f"http://127.0.0.1:{free_port()}", "nothing"),
+        ),
+    )
+    server = RouterServer(config)
+    await server.start()
+    await server.wait_ready()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.InferenceServiceStub(channel)
+    await server.stop(0)
+
+
+def chat(text: str) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)])
+
+
+async def test_generate_streams_the_remote_answer(
+    stub: pb_grpc.InferenceServiceStub, llama: OpenAIServer, model_cache: Path
+) -> None:
+    question = "What is the capital of France?"
+    request = pb.GenerateRequest(
+        model="remote",
+        chat=chat(question),
+        sampling=pb.SamplingParams(max_tokens=12, temperature=0.0),
+        cache_mode=pb.CACHE_MODE_BYPASS,
+    )
+    chunks = [c async for c in stub.Generate(request)]
+    text = "".join(c.text for c in chunks)
+    # What the server itself answers to the prompt the router rendered, asked directly.
+    manifest = json.loads((model_cache / GEN / "manifest.json").read_text())
+    prompt = render_chat(manifest["chat_template"], [{"role": "user", "content": question}])
+    async with httpx.AsyncClient(timeout=120) as client:
+        direct = await client.post(
+            f"{llama.url}/v1/completions",
+            json={
+                "model": llama.model,
+                "prompt": prompt,
+                "max_tokens": 12,
+                "temperature": 0,
+                "top_k": 0,
+                "min_p": 0,
+                "repeat_penalty": 1,
+            },
+        )
+    assert text and text == direct.json()["choices"][0]["text"]
+    assert chunks[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert len(chunks) > 2  # streamed, not one blob
+    # Same prompt, unary: the same greedy text.
+    complete = await stub.Complete(
+        pb.CompleteRequest(
+            model="remote",
+            chat=chat("What is the capital of France?"),
+            sampling=pb.SamplingParams(max_tokens=12, temperature=0.0),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+    )
+    assert complete.text == text
+
+
+async def test_a_parameter_the_server_cannot_honour_is_named(
+    stub: pb_grpc.InferenceServiceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Complete(
+            pb.CompleteRequest(
+                model="remote",
+                prompt="hi",
+                sampling=pb.SamplingParams(max_tokens=4, stop_token_ids=[5]),
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stop_token_ids" in (info.value.details() or "")
+
+
+async def test_an_unreachable_server_is_unavailable_naming_it(
+    stub: pb_grpc.InferenceServiceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Complete(pb.CompleteRequest(model="down", prompt="hi"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "down" in (info.value.details() or "")
