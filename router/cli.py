@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     proxy.add_argument("--target", default="127.0.0.1:50051", help="router gRPC host:port")
     proxy.add_argument("--timeout", type=float, default=600.0, help="per-request seconds")
     proxy.add_argument("--max-body-bytes", type=int, default=1_048_576, help="largest body")
+    proxy.add_argument("--access-log", action="store_true", help="log one line per request")
 
     keys = register_cli(sub)
     keys.add_argument("--config", type=Path, help="YAML config file (its guard.auth.registry)")
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.target,
                     timeout_s=args.timeout,
                     max_body_bytes=args.max_body_bytes,
+                    access_log=args.access_log,
                 )
             )
         except ValueError as exc:

@@ -99,6 +99,7 @@ async def serve_proxy(
     timeout_s: float = 600,
     max_body_bytes: int = 1_048_576,
     log_level: str = "info",
+    access_log: bool = False,
 ) -> None:
     """Serve the proxy with uvicorn until it is stopped (SIGINT/SIGTERM)."""
     app = create_app(target, timeout_s=timeout_s, max_body_bytes=max_body_bytes)
@@ -108,6 +109,9 @@ async def serve_proxy(
         port=port,
         lifespan="on",
         log_level=log_level,
+        # One log line per request costs ~0.1 ms of the proxy's ~1 ms; the router's metrics and
+        # audit log already record every call. --access-log turns it on.
+        access_log=access_log,
         ws="none",
         http="httptools",  # C parser: h11 (pure Python) costs ~0.3 ms more per request
         timeout_graceful_shutdown=30,

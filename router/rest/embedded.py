@@ -66,6 +66,7 @@ async def serve_with_proxy(config: RouterConfig, http_port: int) -> None:
             port=http_port,
             lifespan="on",
             log_level=s.log_level.lower(),
+            access_log=False,  # the router's metrics and audit log record every call
             ws="none",
             http="httptools",
             timeout_graceful_shutdown=max(int(s.grace_seconds), 1),
