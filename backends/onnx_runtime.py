@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from backends.base import Capabilities, FloatArray, IntArray, read_manifest
+from backends.base import Capabilities, FloatArray, IntArray, encoder_inputs, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -262,18 +262,8 @@ class OnnxEncoder:
         self._session = _session(model_dir / "model.onnx", threads)
 
     def encode(self, input_ids: IntArray, attention_mask: IntArray) -> FloatArray:
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(
-                f"input_ids and attention_mask must be equal non-empty [B, L] arrays, got "
-                f"{ids.shape} and {mask.shape}"
-            )
-        if ids.shape[1] > self.max_length:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_length={self.max_length}")
         out = self._session.run(
-            ["embeddings"],
-            {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
+            ["embeddings"], encoder_inputs(input_ids, attention_mask, self.max_length)
         )
         result: FloatArray = out[0]
         return result

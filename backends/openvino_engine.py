@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from backends.base import PRECISIONS, Capabilities, FloatArray, IntArray, read_manifest
+from backends.base import (
+    PRECISIONS,
+    Capabilities,
+    FloatArray,
+    IntArray,
+    encoder_inputs,
+    read_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,16 +124,7 @@ class OpenVinoEncoder:
         logger.info("encoder %s on OpenVINO %s (%s)", manifest.get("name"), device, props)
 
     def encode(self, input_ids: IntArray, attention_mask: IntArray) -> FloatArray:
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(
-                f"input_ids and attention_mask must be equal non-empty [B, L] arrays, got "
-                f"{ids.shape} and {mask.shape}"
-            )
-        if ids.shape[1] > self.max_length:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_length={self.max_length}")
-        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        inputs = encoder_inputs(input_ids, attention_mask, self.max_length)
         with self._lock:  # one infer request: its output buffer is reused by the next call
             result = self._request.infer(inputs)
             out: FloatArray = np.array(result["embeddings"], dtype=np.float32, copy=True)
