@@ -65,7 +65,9 @@ async def status_of(call: object) -> grpc.aio.AioRpcError:
 async def retrieval(channel: grpc.aio.Channel) -> rpb_grpc.RetrievalServiceStub:
     stub = rpb_grpc.RetrievalServiceStub(channel)
     await stub.CreateCollection(
-        rpb.CreateCollectionRequest(config=rpb.CollectionConfig(name="rag_facts", embedding_model=EMB))
+        rpb.CreateCollectionRequest(
+            config=rpb.CollectionConfig(name="rag_facts", embedding_model=EMB)
+        )
     )
     await stub.Upsert(
         rpb.UpsertRequest(
