@@ -32,6 +32,14 @@ _REPORT_EVERY_S = 0.2
 _START_DELAY_S = 0.05
 
 
+async def _sleep_until(instant: float) -> None:
+    """Sleep until time.perf_counter() >= instant. uvloop's timers have millisecond resolution
+    and may fire up to a millisecond early, which would date a send before its due time (and
+    before the stage's start)."""
+    while (delay := instant - time.perf_counter()) > 0:
+        await asyncio.sleep(delay)
+
+
 class HarnessError(RuntimeError):
     """The harness itself failed (a client process could not connect or died)."""
 
@@ -111,7 +119,7 @@ async def drive(
         tally.done += 1
         tally.errors += not record.ok
 
-    await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+    await _sleep_until(t0)
     if share.concurrency is not None:
 
         async def closed_loop() -> None:
@@ -139,9 +147,7 @@ async def drive(
         due += rng.expovariate(share.rate)
         if due >= deadline:
             break
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await _sleep_until(due)
         issued += 1
         tasks.append(asyncio.create_task(arrival(next_call(), due)))
     await asyncio.gather(*tasks)

@@ -201,9 +201,13 @@ class ResponseCache:
         except Exception as exc:  # see get()
             self._l2_failed("set", exc)
 
-    async def close(self) -> None:
+    async def flush(self) -> None:
+        """Wait for the background writes to L2 started so far."""
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.flush()
         if self._l2 is not None:
             with contextlib.suppress(Exception):
                 await self._l2.aclose()
