@@ -20,6 +20,7 @@ if __name__ == "__main__":
         ("load-test harness", "harness_bench"),
         ("REST proxy", "proxy_bench"),
         ("caches and RAG", "cache_bench"),
+        ("remote OpenAI-HTTP engine", "remote_bench"),
     ):
         print(f"\n## {title}", flush=True)
         subprocess.run(

@@ -1,6 +1,7 @@
 """The remote engine's cost: streamed tokens/s of one client straight to llama-cpp-python's
 OpenAI server (httpx, SSE read by hand) against the same request through OpenAIHttpEngine in
-process, alternating on one server in the same run. Goal for the full router path: >= 0.95.
+process, and through a router process (`backend: openai_http`) called over gRPC, alternating on
+one server in the same run. Goal for the router path: >= 0.95.
 
     python -m loadtest.benchmarks.remote_bench [--quick] [--rounds N] [--max-tokens N] [--threads N]
 """
@@ -12,16 +13,27 @@ import asyncio
 import json
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import grpc
 import httpx
 
 from backends.base import GenerationRequest
 from backends.openai_http import OpenAIHttpConfig, OpenAIHttpEngine
 from backends.openai_wire import completion_body
-from router.models.prepare import smollm2_gguf_path
+from loadtest.benchmarks.serve_bench import router_process
+from router.config import load_config
+from router.models.prepare import prepare_models, smollm2_gguf_path
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.openai_servers import llama_cpp_missing, running_llama_server
+
+if TYPE_CHECKING:
+    from router.proto.irouter.v1.inference_service_pb2_grpc import InferenceServiceAsyncStub
 
 PROMPT = (
     "<|im_start|>user\nCount from 1 to 1000, separated by commas.<|im_end|>\n"
@@ -76,7 +88,38 @@ def line(name: str, value: float, unit: str, baseline: float | None = None, goal
     print(f"{name:<58} {value:10.2f} {unit:<8}{ratio}  {goal}", flush=True)
 
 
-async def bench(url: str, model: str, rounds: int, max_tokens: int) -> None:
+async def through_router(stub: InferenceServiceAsyncStub, max_tokens: int) -> Run:
+    request = pb.GenerateRequest(
+        model="remote",
+        prompt=PROMPT,
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        cache_mode=pb.CACHE_MODE_BYPASS,
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    ttft, tokens = 0.0, 0
+    async for chunk in stub.Generate(request):
+        if chunk.text:
+            tokens += 1
+            ttft = ttft or time.perf_counter() - t0
+    return Run(tokens, ttft, time.perf_counter() - t0, time.process_time() - c0)
+
+
+def router_config(tmp: Path, url: str, model: str) -> Path:
+    path = tmp / "router.yaml"
+    path.write_text(
+        "retrieval: {enabled: false}\n"
+        "models:\n"
+        "  - name: remote\n"
+        "    kind: generate\n"
+        "    artifact: smollm2-135m-instruct\n"
+        "    backend: openai_http\n"
+        "    max_slots: 4\n"
+        f"    remote: {{url: '{url}', model: {model}, dialect: llama.cpp, read_timeout_s: 120}}\n"
+    )
+    return path
+
+
+async def bench(url: str, model: str, rounds: int, max_tokens: int, target: str) -> None:
     request = GenerationRequest(
         request_id="bench", prompt_ids=(), prompt=PROMPT, max_tokens=max_tokens, temperature=0.0
     )
@@ -84,14 +127,20 @@ async def bench(url: str, model: str, rounds: int, max_tokens: int) -> None:
     body = completion_body(request, model=model, dialect="llama.cpp")
     engine = OpenAIHttpEngine(config)
     engine.start()
-    runs: dict[str, list[Run]] = {"direct": [], "engine": []}
+    runs: dict[str, list[Run]] = {"direct": [], "engine": [], "router": []}
     try:
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with (
+            httpx.AsyncClient(timeout=120) as client,
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            stub = pb_grpc.InferenceServiceStub(channel)
             await direct(client, url, body)  # warm-up: model pages, connection
             await through_engine(engine, request)
+            await through_router(stub, max_tokens)
             for _ in range(rounds):
                 runs["direct"].append(await direct(client, url, body))
                 runs["engine"].append(await through_engine(engine, request))
+                runs["router"].append(await through_router(stub, max_tokens))
     finally:
         await engine.aclose()
     tokens = {r.tokens for rs in runs.values() for r in rs}
@@ -99,7 +148,15 @@ async def bench(url: str, model: str, rounds: int, max_tokens: int) -> None:
     base = statistics.median(r.tok_s for r in runs["direct"])
     mine = statistics.median(r.tok_s for r in runs["engine"])
     line("llama.cpp server, httpx client straight (baseline)", base, "tok/s")
-    line("llama.cpp server, through OpenAIHttpEngine", mine, "tok/s", base, "goal >= 0.95")
+    line("llama.cpp server, through OpenAIHttpEngine in process", mine, "tok/s", base)
+    routed = statistics.median(r.tok_s for r in runs["router"])
+    line(
+        "llama.cpp server, through the router (gRPC Generate)",
+        routed,
+        "tok/s",
+        base,
+        "goal >= 0.95",
+    )
     # Each round's two runs are adjacent in time, so their ratio sees the same machine load.
     paired = statistics.median(
         e.tok_s / d.tok_s for d, e in zip(runs["direct"], runs["engine"], strict=True)
@@ -131,8 +188,13 @@ def main() -> None:
     if reason:
         print(f"remote engine: skipped ({reason})")
         return
-    with running_llama_server(smollm2_gguf_path(), threads=args.threads) as server:
-        asyncio.run(bench(server.url, server.model, rounds, max_tokens))
+    prepare_models(load_config().model_cache, progress=False)
+    with (
+        running_llama_server(smollm2_gguf_path(), threads=args.threads) as server,
+        tempfile.TemporaryDirectory() as tmp,
+        router_process(config=router_config(Path(tmp), server.url, server.model)) as target,
+    ):
+        asyncio.run(bench(server.url, server.model, rounds, max_tokens, target))
 
 
 if __name__ == "__main__":
