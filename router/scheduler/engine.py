@@ -40,6 +40,13 @@ class Chunk:
     text: str
     status: RequestStatus
     error: RouterError | None = None
+    tokens: int = -1
+    """Tokens this chunk stands for; -1: len(token_ids). Engines that stream text only (remote
+    servers) set it, so usage and quotas still count what was generated."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) if self.tokens < 0 else self.tokens
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class _Output:
         stop = () if engine_stops else request.params.stop
         self._detok = None if engine_text else Detokenizer(decoder, stop)
         self._stops = StopStrings(stop) if engine_text else None
+        self._counted = 0  # tokens reported so far for a text-only stream
 
     def feed(self, piece: GenerationChunk) -> Chunk:
         req = self._request
@@ -114,7 +115,14 @@ class _Output:
             if self._stops is not None:
                 texts.append(self._stops.flush())
         req.status = status
-        return Chunk(tuple(tokens), "".join(texts), status)
+        counted = -1
+        if self._stops is not None and not piece.token_ids:
+            # A text-only stream: one event per token (llama.cpp, vLLM, trtllm-serve stream so),
+            # corrected to the server's own count when its last chunk reports one.
+            reported = getattr(piece, "completion_tokens", None)
+            total = reported if reported is not None else self._counted + (1 if piece.text else 0)
+            counted, self._counted = max(0, total - self._counted), max(total, self._counted)
+        return Chunk(tuple(tokens), "".join(texts), status, tokens=counted)
 
 
 class RequestEngineAdapter:

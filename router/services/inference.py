@@ -44,6 +44,8 @@ class Piece:
     text: str
     finish_reason: pb.FinishReason.ValueType
     filter_reason: str
+    tokens: int
+    """Tokens it stands for (len(token_ids), or a text-only engine's count)."""
 
 
 _PRIORITY = {
@@ -332,7 +334,7 @@ class InferenceServicer:
                     else:
                         itl.observe(now - last)
                     last = now
-                tokens += len(chunk.token_ids)
+                tokens += chunk.num_tokens
                 if store:
                     raw.append((chunk.token_ids, chunk.text))
                 finished = chunk.status.is_finished
@@ -344,13 +346,19 @@ class InferenceServicer:
                         text += tail
                     if stopped is not None:
                         # Leaving the loop closes the engine's iterator, which frees the slot.
-                        yield Piece(chunk.token_ids, text, pb.FINISH_REASON_CONTENT_FILTER, stopped)
+                        yield Piece(
+                            chunk.token_ids,
+                            text,
+                            pb.FINISH_REASON_CONTENT_FILTER,
+                            stopped,
+                            chunk.num_tokens,
+                        )
                         return
                 if finished and store:
                     answer = CachedAnswer(tuple(raw), chunk.status, prepared.num_prompt)
                     self._remember(prepared, answer)
                 reason = _FINISH[chunk.status] if finished else pb.FINISH_REASON_UNSPECIFIED
-                yield Piece(chunk.token_ids, text, reason, "")
+                yield Piece(chunk.token_ids, text, reason, "", chunk.num_tokens)
         finally:
             scope.record_usage(tokens)
             if engine_run:
@@ -383,7 +391,7 @@ class InferenceServicer:
         with_ids = message.return_token_ids
         completion = 0
         async for piece in self._pieces(prepared, scope):
-            completion += len(piece.token_ids)
+            completion += piece.tokens
             response = pb.GenerateResponse(id=prepared.request_id, text=piece.text)
             if with_ids:
                 response.token_ids.extend(piece.token_ids)
@@ -402,15 +410,18 @@ class InferenceServicer:
             # A hit with no output guardrails: the whole answer at once, no piece loop.
             ids = cached.token_ids
             text = cached.text
-            scope.record_usage(len(ids))
+            completion = len(ids)
+            scope.record_usage(completion)
             finish, filter_reason = _FINISH[cached.finish], ""
         else:
             parts: list[str] = []
             collected: list[int] = []
-            last = Piece((), "", pb.FINISH_REASON_CANCELLED, "")
+            last = Piece((), "", pb.FINISH_REASON_CANCELLED, "", 0)
+            completion = 0
             async for piece in self._pieces(prepared, scope):
                 parts.append(piece.text)
                 collected.extend(piece.token_ids)
+                completion += piece.tokens
                 last = piece
             text = "".join(parts)
             ids = tuple(collected)
@@ -420,7 +431,7 @@ class InferenceServicer:
             text=text,
             finish_reason=finish,
             filter_reason=filter_reason,
-            usage=_usage(prepared.num_prompt, len(ids)),
+            usage=_usage(prepared.num_prompt, completion),
         )
         self._final(prepared, response)
         if message.return_token_ids:

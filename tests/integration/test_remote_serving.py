@@ -134,3 +134,23 @@ async def test_an_unreachable_server_is_unavailable_naming_it(
         await stub.Complete(pb.CompleteRequest(model="down", prompt="hi"))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "down" in (info.value.details() or "")
+
+
+async def test_usage_counts_the_tokens_of_a_text_only_stream(
+    stub: pb_grpc.InferenceServiceStub,
+) -> None:
+    # llama-cpp-python streams one event per token and reports no usage: the router counts.
+    chunks = [
+        c
+        async for c in stub.Generate(
+            pb.GenerateRequest(
+                model="remote",
+                prompt="Count from 1 to 100, separated by commas: 1, 2,",
+                sampling=pb.SamplingParams(max_tokens=10, temperature=0.0),
+                cache_mode=pb.CACHE_MODE_BYPASS,
+            )
+        )
+    ]
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 10
