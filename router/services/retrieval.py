@@ -14,7 +14,7 @@ from router.proto.irouter.v1 import retrieval_service_pb2 as pb
 from router.retrieval import chunking
 from router.retrieval.collection import Collection
 from router.retrieval.index import Vectors
-from router.retrieval.spec import CollectionSpec, Document, Filter, Metric, Range
+from router.retrieval.spec import CollectionSpec, Document, Filter, Hit, Metric, Range
 from router.retrieval.store import CollectionStore
 from router.routing.registry import ServedModels
 
@@ -271,18 +271,19 @@ class RetrievalServicer:
         else:
             raise InvalidArgument("query is empty: give text or vector", field="query")
         hits = await collection.search(query[0], message.top_k, ef, flt)
-        return pb.SearchResponse(
-            hits=[
-                pb.SearchHit(
-                    id=h.document.id,
-                    score=h.score,
-                    text=h.document.text,
-                    metadata=h.document.metadata,
-                    numeric_metadata=h.document.numeric,
-                )
-                for h in hits
-            ]
-        )
+        return pb.SearchResponse(hits=[_hit(h) for h in hits])
+
+
+def _hit(h: Hit) -> pb.SearchHit:
+    # Map fields only when there is something in them: initialising a proto map from an empty
+    # dict still costs a generic Mapping update per field, a third of building a hit.
+    doc = h.document
+    hit = pb.SearchHit(id=doc.id, score=h.score, text=doc.text)
+    if doc.metadata:
+        hit.metadata.update(doc.metadata)
+    if doc.numeric:
+        hit.numeric_metadata.update(doc.numeric)
+    return hit
 
 
 def filter_from_proto(f: pb.Filter, where: str = "filter") -> Filter:
