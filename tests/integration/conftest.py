@@ -1,14 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
+from tests.openai_servers import OpenAIServer, llama_cpp_missing, running_llama_server
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
@@ -56,3 +58,15 @@ async def channel(router: RouterServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceServiceStub:
     return pb_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def llama() -> Iterator[OpenAIServer]:
+    """llama-cpp-python's OpenAI server on the SmolLM2 GGUF, shared by the remote-engine tests.
+    One thread: llama.cpp's threads wait for each other at every layer, so two threads on a
+    machine whose other core is busy crawl (tens of seconds for 48 tokens)."""
+    reason = llama_cpp_missing()
+    if reason:
+        pytest.skip(reason)
+    with running_llama_server(smollm2_gguf_path(), threads=1) as server:
+        yield server

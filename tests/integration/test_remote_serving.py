@@ -5,7 +5,7 @@ streams the server's text, and maps the server's failures to named statuses."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -15,21 +15,11 @@ import pytest
 from backends.openai_http import OpenAIHttpConfig
 from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
 from router.models.chat_template import render_chat
-from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
 from tests.integration.conftest import GEN
-from tests.openai_servers import OpenAIServer, free_port, llama_cpp_missing, running_llama_server
-
-
-@pytest.fixture(scope="module")
-def llama() -> Iterator[OpenAIServer]:
-    reason = llama_cpp_missing()
-    if reason:
-        pytest.skip(reason)
-    with running_llama_server(smollm2_gguf_path(), threads=1) as server:
-        yield server
+from tests.openai_servers import OpenAIServer, free_port
 
 
 def remote_model(name: str, url: str, model: str) -> ModelConfig:
