@@ -20,10 +20,13 @@ from backends.openai_http import OpenAIHttpConfig
 from router.cache.config import CacheConfig
 from router.guard.config import GuardConfig
 from router.retrieval.config import RagConfig
+from router.routing.config import RoutingConfig
 from router.tls import TlsConfig
 
 ENV_PREFIX = "IROUTER_"
 MODEL_KINDS = ("generate", "embed")
+REMOTE_BACKENDS = ("openai_http", "kserve_grpc")
+"""Backends reached at a URL; the others run in the router's process on a device."""
 
 
 class ConfigError(ValueError):
@@ -193,6 +196,10 @@ class RouterConfig:
     """Authentication, authorization, rate limits, guardrails, audit log (all off by default)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Response cache (exact, L1 + optional Redis L2), semantic cache, embedding cache."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """Deployments of replicas (local devices or remote servers) behind one name, aliases that
+    split traffic across them, task routes; a models[] entry a deployment serves is then reached
+    through its deployments only."""
 
     def validate(self) -> RouterConfig:
         s = self.server
@@ -220,8 +227,10 @@ class RouterConfig:
             self.guard.validate()
             self.cache.validate()
             self.retrieval.validate()
+            self.routing.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self._check_routing()
         semantic = self.cache.semantic
         encoders = sorted(m.name for m in self.models if m.kind == "embed")
         if semantic.enabled and semantic.embedding_model not in encoders:
@@ -230,6 +239,80 @@ class RouterConfig:
                 f"embedding model; served: {encoders}"
             )
         return self
+
+    def _check_routing(self) -> None:
+        """What RoutingConfig cannot check alone: the models deployments serve, replica backends,
+        names clients use."""
+        routing = self.routing
+        models = {m.name: m for m in self.models}
+        served = {m.model_name for m in routing.deployments}
+        for dep in routing.deployments:
+            where = f"routing.deployments[{dep.name!r}]"
+            model = models.get(dep.model_name)
+            if model is None:
+                raise ConfigError(
+                    f"{where}.model={dep.model_name!r} is not in models[]; models: {sorted(models)}"
+                )
+            if model.kind != "generate":
+                raise ConfigError(
+                    f"{where}.model={dep.model_name!r} is an embedding model; deployments serve "
+                    "generation models"
+                )
+            if dep.name in models and dep.name != dep.model_name:
+                raise ConfigError(
+                    f"{where} has the name of models[{dep.name!r}]; rename one of them"
+                )
+            for replica in dep.replicas:
+                label = f"{where}.replicas[{replica.name!r}]"
+                if replica.backend not in BACKEND_KINDS:
+                    raise ConfigError(
+                        f"{label}.backend={replica.backend!r} is unknown; use one of "
+                        f"{BACKEND_KINDS}"
+                    )
+                remote = replica.backend in REMOTE_BACKENDS
+                if remote != replica.remote:
+                    raise ConfigError(
+                        f"{label}: backend {replica.backend!r} "
+                        + ("needs a url" if remote else "runs locally and takes no url")
+                    )
+                try:
+                    replica_model(model, dep.name, replica).validate()
+                except ConfigError as exc:
+                    raise ConfigError(f"{label}: {exc}") from None
+            for target in dep.fallbacks:
+                other = models[routing.deployment(target).model_name]
+                if other.artifact != model.artifact:
+                    raise ConfigError(
+                        f"{where}.fallbacks names {target!r}, which serves artifact "
+                        f"{other.artifact!r}, not {model.artifact!r}: a call is tokenized once, "
+                        "so a fallback must serve the same model (use an alias to split "
+                        "traffic across different models)"
+                    )
+        for alias in routing.aliases:
+            if alias in models and alias not in served:
+                raise ConfigError(
+                    f"routing.aliases[{alias!r}] has the name of models[{alias!r}]; rename one"
+                )
+
+
+def replica_model(model: ModelConfig, deployment: str, replica: Any) -> ModelConfig:
+    """The models[] entry as one replica of a deployment runs it: its backend, device or URL."""
+    changes: dict[str, Any] = {"name": f"{deployment}/{replica.name}", "backend": replica.backend}
+    if replica.backend == "openai_http":
+        base = model.remote or OpenAIHttpConfig(url=replica.url, model=model.name)
+        changes["remote"] = dataclasses.replace(
+            base, url=replica.url, model=replica.remote_model or base.model
+        )
+    else:
+        changes["remote"] = None
+    if replica.device:
+        changes["device"] = replica.device
+    elif model.backend != replica.backend:
+        changes["device"] = "CPU"
+    if model.backend != replica.backend:
+        changes["precision"] = ""
+        changes["engine_path"] = ""
+    return dataclasses.replace(model, **changes)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -70,7 +70,14 @@ class FailedPrecondition(RouterError):
 
 
 class Unavailable(RouterError):
+    """The router or a backend cannot serve now. With `retry_after_s`, clients are told when to
+    come back (a google.rpc.RetryInfo detail)."""
+
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(RouterError):

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 RETRIEVAL_SERVICE = retrieval_pb.DESCRIPTOR.services_by_name["RetrievalService"]
+_CHECK_TICK_S = 1.0
+"""Longest sleep of the health-check loop between two looks at what is due."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -48,7 +50,12 @@ class RouterServer:
     def __init__(self, config: RouterConfig, *, worker: int = 0) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.models = ServedModels(config.models, config.model_cache, self.metrics)
+        self.models = ServedModels(config.models, config.model_cache, self.metrics, config.routing)
+        self.models.on_routing_change = self._routing_changed
+        self._checks: asyncio.Task[None] | None = None
+        self._publishing: asyncio.Task[None] | None = None
+        if self.models.dispatcher is not None:
+            self.metrics.watch_replicas(self.models.replica_samples)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.tls: CertificateReloader | None = None
@@ -146,16 +153,132 @@ class RouterServer:
             try:
                 await loop.run_in_executor(None, self.models.load, model)
                 self.models.start(model)
-                await self._warm_up(model)
+                if model.deployment is None:
+                    await self._warm_up(model)
             except Exception as exc:
                 model.error = f"{type(exc).__name__}: {exc}"
                 logger.exception("model %s failed to load", model.name)
                 continue
+            if model.deployment is not None:
+                for replica in model.replicas:
+                    await self._load_replica(model, replica)
+                await self._publish(model)
+                logger.info(
+                    "deployment %s: %d of %d replicas healthy",
+                    model.name,
+                    sum(r.ready for r in model.replicas),
+                    len(model.replicas),
+                )
+                continue
             await self.health.set(model.name, SERVING)
             logger.info("model %s is serving", model.name)
+        if self.models.dispatcher is not None:
+            self._checks = loop.create_task(self._check_replicas())
         if all(m.ready for m in self.models):
             await self.health.set("", SERVING)
             await self.health.set(INFERENCE_SERVICE.full_name, SERVING)
+
+    async def _load_replica(self, deployment: ServedModel, replica: ServedModel) -> None:
+        """Load one replica and put it into rotation once a warm-up call went through; a remote
+        replica that does not answer yet is left to the health checks."""
+        assert deployment.deployment is not None and replica.replica is not None
+        dispatcher = self.models.dispatcher
+        assert dispatcher is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.models.load, replica)
+            self.models.start(replica)
+        except Exception as exc:
+            replica.ready = False
+            replica.error = f"{type(exc).__name__}: {exc}"
+            logger.exception("replica %s failed to load", replica.name)
+            return
+        try:
+            await self._warm_up(replica)
+        except Exception as exc:
+            replica.ready = False
+            replica.error = f"warm-up failed: {type(exc).__name__}: {exc}"
+            logger.warning("replica %s is out of rotation: %s", replica.name, replica.error)
+            return
+        replica.error = ""
+        dispatcher.set_healthy(deployment.name, replica.replica.name, True)
+
+    async def _check_replicas(self) -> None:
+        """Active health checks: ask each loaded replica whether it is ready, every
+        deployment's interval, and take it out of rotation (or put it back) after the configured
+        run of failures (or passes)."""
+        dispatcher = self.models.dispatcher
+        assert dispatcher is not None
+        runs: dict[str, int] = {}  # replica → passes (> 0) or failures (< 0) in a row
+        due: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            for deployment in self.models:
+                dc = deployment.deployment
+                if dc is None or not dc.health_check.enabled:
+                    continue
+                hc = dc.health_check
+                for replica in deployment.replicas:
+                    if replica.engine is None or due.get(replica.name, 0.0) > now:
+                        continue
+                    due[replica.name] = now + hc.interval_s
+                    assert replica.replica is not None
+                    try:
+                        async with asyncio.timeout(hc.timeout_s):
+                            ok = await replica.engine.ready()
+                    except Exception:  # a probe that raises or times out failed
+                        ok = False
+                    result = "pass" if ok else "fail"
+                    self.metrics.health_checks.labels(dc.name, replica.replica.name, result).inc()
+                    run = runs.get(replica.name, 0)
+                    run = max(run, 0) + 1 if ok else min(run, 0) - 1
+                    runs[replica.name] = run
+                    was = replica.ready
+                    if ok and run >= hc.healthy_after:
+                        replica.ready = True
+                        replica.error = ""
+                    elif not ok and -run >= hc.unhealthy_after:
+                        replica.ready = False
+                        replica.error = f"failed {-run} health check(s) in a row"
+                    if replica.ready != was:
+                        dispatcher.set_healthy(dc.name, replica.replica.name, replica.ready)
+                        logger.warning(
+                            "replica %s is %s rotation (%s)",
+                            replica.name,
+                            "back in" if replica.ready else "out of",
+                            replica.error or "health checks pass",
+                        )
+                        await self._publish(deployment)
+            await asyncio.sleep(min(_CHECK_TICK_S, *self._intervals()))
+
+    def _intervals(self) -> list[float]:
+        return [
+            m.deployment.health_check.interval_s
+            for m in self.models
+            if m.deployment is not None and m.deployment.health_check.enabled
+        ] or [_CHECK_TICK_S]
+
+    def _routing_changed(self) -> None:
+        """A breaker changed state: republish the deployments' health (once per burst)."""
+        if self._publishing is None or self._publishing.done():
+            self._publishing = asyncio.get_running_loop().create_task(self._publish_all())
+
+    async def _publish_all(self) -> None:
+        for model in self.models:
+            if model.deployment is not None:
+                await self._publish(model)
+
+    async def _publish(self, deployment: ServedModel) -> None:
+        """A deployment's health: SERVING while a replica of it, or of a fallback, would take
+        a call."""
+        dispatcher = self.models.dispatcher
+        assert dispatcher is not None
+        health = dispatcher.health()
+        serving = deployment.ready and any(
+            health[name].serving for name in dispatcher.chain(deployment.name)
+        )
+        await self.health.set(deployment.name, SERVING if serving else NOT_SERVING)
 
     async def _warm_up(self, model: ServedModel) -> None:
         """A first call through the real path, so the first client does not pay for it."""
@@ -184,6 +307,9 @@ class RouterServer:
         await self.server.stop(grace)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        for task in (self._checks, self._publishing):
+            if task is not None:
+                task.cancel()
         await self.models.stop()
         if self.collections is not None:
             await self.collections.close()

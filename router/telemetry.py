@@ -7,10 +7,13 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +102,74 @@ class Metrics:
             registry=r,
         )
 
+        self.breaker_transitions = Counter(
+            "irouter_breaker_transitions",
+            "Circuit breaker state changes per replica (state: closed, half_open, open)",
+            ["deployment", "replica", "state"],
+            registry=r,
+        )
+        self.failed_attempts = Counter(
+            "irouter_routing_failed_attempts",
+            "Attempts on a replica that failed and were retried elsewhere or handed on",
+            ["deployment", "replica"],
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "irouter_replica_health_checks",
+            "Active health checks per replica by result (pass, fail)",
+            ["deployment", "replica", "result"],
+            registry=r,
+        )
+
+    def watch_replicas(self, source: Callable[[], Iterable[ReplicaSample]]) -> None:
+        """Publish replica state read at scrape time (no cost per call): circuit state, health,
+        calls in flight."""
+        self.registry.register(_ReplicaCollector(source))
+
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)
         logger.info("metrics on http://%s:%d/metrics", host, port)
 
     def model_observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)
+
+
+class ReplicaSample(NamedTuple):
+    deployment: str
+    replica: str
+    circuit_state: int
+    """0 closed, 1 half-open, 2 open."""
+    healthy: bool
+    outstanding: int
+
+
+class _ReplicaCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[ReplicaSample]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["deployment", "replica"]
+        state = GaugeMetricFamily(
+            "irouter_replica_circuit_state",
+            "Circuit breaker state per replica: 0 closed, 1 half-open, 2 open",
+            labels=labels,
+        )
+        healthy = GaugeMetricFamily(
+            "irouter_replica_healthy",
+            "1 when the replica's active health checks pass and it is loaded",
+            labels=labels,
+        )
+        outstanding = GaugeMetricFamily(
+            "irouter_replica_outstanding", "Calls in flight on the replica", labels=labels
+        )
+        for sample in self._source():
+            key = [sample.deployment, sample.replica]
+            state.add_metric(key, sample.circuit_state)
+            healthy.add_metric(key, 1.0 if sample.healthy else 0.0)
+            outstanding.add_metric(key, sample.outstanding)
+        yield state
+        yield healthy
+        yield outstanding
 
 
 class ModelObserver:

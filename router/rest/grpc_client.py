@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Headers that pass through to gRPC metadata under the same (lower-case) name.
-_PASSED = ("authorization", "x-api-key", "x-request-id")
+# Headers that pass through to gRPC metadata under the same (lower-case) name (x-session-id:
+# a routed conversation stays on one replica).
+_PASSED = ("authorization", "x-api-key", "x-request-id", "x-session-id")
 # A client's own timeout, in seconds (the OpenAI SDKs send X-Stainless-Timeout); it can only
 # shorten the proxy's deadline.
 _TIMEOUT_HEADERS = ("x-request-timeout", "x-stainless-timeout")

@@ -33,6 +33,9 @@ class Replica:
     deployment: str
     breaker: CircuitBreaker
     outstanding: int = 0
+    healthy: bool = True
+    """Set by active health checks (and False while a replica is not loaded); an unhealthy
+    replica takes no calls, whatever its breaker says."""
 
     @property
     def name(self) -> str:
@@ -58,7 +61,7 @@ def stable_hash(text: str) -> int:
 
 
 def _eligible(replica: Replica, exclude: Collection[Replica]) -> bool:
-    return replica.breaker.allow() and not (exclude and replica in exclude)
+    return replica.healthy and replica.breaker.allow() and not (exclude and replica in exclude)
 
 
 def _cumulative(weights: Sequence[float]) -> list[float]:

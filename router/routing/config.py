@@ -51,6 +51,8 @@ class ReplicaConfig:
     """Base URL of a remote backend (http://host:port/v1); empty for a local engine."""
     weight: float = 1.0
     """Relative share of the deployment's traffic this replica takes (> 0)."""
+    remote_model: str = ""
+    """Model name on a remote server; empty: the model's `remote.model`, else its name."""
 
     @property
     def remote(self) -> bool:
@@ -69,6 +71,34 @@ class ReplicaConfig:
         if self.url and "://" not in self.url:
             raise ValueError(f"{where}.url={self.url!r} needs a scheme, e.g. http://host:8000/v1")
         _positive(f"{where}.weight", self.weight)
+        if self.remote_model and not self.url:
+            raise ValueError(f"{where}.remote_model applies to a remote replica (one with a url)")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active health checks: each replica is asked whether it is ready (a remote server's model
+    list or readiness RPC, a local engine's thread) every interval, besides the breaker's
+    passive verdicts on real calls."""
+
+    interval_s: float = 5.0
+    """Time between two checks of a replica; 0 turns active checks off."""
+    timeout_s: float = 2.0
+    """A check that has not answered after this long failed."""
+    unhealthy_after: int = 2
+    """Failed checks in a row that take a replica out of rotation."""
+    healthy_after: int = 1
+    """Passed checks in a row that put it back."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval_s > 0
+
+    def check(self, where: str) -> None:
+        _not_negative(f"{where}.interval_s", self.interval_s)
+        _positive(f"{where}.timeout_s", self.timeout_s)
+        _at_least(f"{where}.unhealthy_after", self.unhealthy_after, 1)
+        _at_least(f"{where}.healthy_after", self.healthy_after, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +204,8 @@ class DeploymentConfig:
     fallbacks: tuple[str, ...] = ()
     """Deployments tried in this order when this one cannot answer; their own fallbacks follow
     theirs (cycles are refused)."""
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    """Active health checks of the replicas."""
 
     @property
     def model_name(self) -> str:
@@ -198,6 +230,7 @@ class DeploymentConfig:
         self.breaker.check(f"{where}.breaker")
         self.retry.check(f"{where}.retry")
         self.hedging.check(f"{where}.hedging")
+        self.health_check.check(f"{where}.health_check")
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Clock = Callable[[], float]
 BreakerListener = Callable[[str, BreakerState, BreakerState], None]
+FailureListener = Callable[[AttemptInfo, str], None]
 
 
 class NoReplicaAvailable(Unavailable):
@@ -73,9 +74,10 @@ class NoReplicaAvailable(Unavailable):
     tried). `retry_after_s`: when the first open breaker lets a probe through."""
 
     def __init__(self, message: str, *, deployments: tuple[str, ...], retry_after_s: float):
-        super().__init__(message)
+        # A google.rpc.RetryInfo tells clients when to come back (1 s when no breaker will
+        # half-open by itself: replicas out of rotation wait for their health checks).
+        super().__init__(message, retry_after_s=retry_after_s or 1.0)
         self.deployments = deployments
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,8 @@ class ReplicaHealth:
     name: str
     outstanding: int
     breaker: BreakerSnapshot
+    healthy: bool
+    """What the active health checks last concluded (False while not loaded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +145,16 @@ class Dispatcher:
         rng: random.Random | None = None,
         clock: Clock = time.monotonic,
         on_breaker_change: BreakerListener | None = None,
+        on_attempt_failed: FailureListener | None = None,
     ) -> None:
         """`config` must be validated. `clock` drives breakers, budgets and deadlines (attempts
         are still timed by the event loop); `on_breaker_change(name, old, new)` sees every
-        breaker transition, name being 'deployment/replica'."""
+        breaker transition, name being 'deployment/replica'; `on_attempt_failed(info, reason)`
+        every failed attempt that the call moved on from (retried, or handed to a fallback)."""
         self._rng = rng or random.Random()
         self._clock = clock
         self._on_breaker_change = on_breaker_change
+        self._on_attempt_failed = on_attempt_failed
         self._deployments: dict[str, _Deployment] = {}
         self._splits: dict[str, WeightedSplit] = {}
         self._tasks: dict[str, str] = {}
@@ -218,6 +225,20 @@ class Dispatcher:
         known = sorted([*self._deployments, *self._splits])
         raise NotFound(f"model {target!r} is neither a deployment nor an alias; known: {known}")
 
+    def replica(self, deployment: str, name: str) -> Replica:
+        """The run-time state of one replica (KeyError when unknown)."""
+        for replica in self._deployments[deployment].replicas:
+            if replica.name == name:
+                return replica
+        raise KeyError(f"{deployment}/{name}")
+
+    def set_healthy(self, deployment: str, name: str, healthy: bool) -> bool:
+        """Take a replica out of rotation or put it back; True when that changed something."""
+        replica = self.replica(deployment, name)
+        changed = replica.healthy != healthy
+        replica.healthy = healthy
+        return changed
+
     def chain(self, deployment: str) -> tuple[str, ...]:
         """The deployment then its fallbacks, in the order they are tried."""
         return self._chains[deployment]
@@ -227,10 +248,10 @@ class Dispatcher:
         out = {}
         for name, deployment in self._deployments.items():
             replicas = tuple(
-                ReplicaHealth(r.name, r.outstanding, r.breaker.snapshot())
+                ReplicaHealth(r.name, r.outstanding, r.breaker.snapshot(), r.healthy)
                 for r in deployment.replicas
             )
-            serving = any(r.breaker.allow() for r in deployment.replicas)
+            serving = any(r.healthy and r.breaker.allow() for r in deployment.replicas)
             out[name] = DeploymentHealth(serving, replicas)
         return out
 
@@ -496,6 +517,8 @@ class Dispatcher:
         else:
             reason = describe(error)
         call.failures.append(f"{info.replica.name}: {reason}")
+        if self._on_attempt_failed is not None:
+            self._on_attempt_failed(info, reason)
         logger.info(
             "request %s: attempt %d on %s/%s failed: %s",
             call.request_id,
@@ -558,6 +581,8 @@ class Dispatcher:
 def _replica_state(replica: Replica) -> str:
     snap = replica.breaker.snapshot()
     name = f"{replica.deployment}/{replica.name}"
+    if not replica.healthy:
+        return f"{name} failing its health checks"
     if snap.state is BreakerState.OPEN:
         return f"{name} open for {snap.retry_in_s:.1f}s more"
     if snap.state is BreakerState.HALF_OPEN:

@@ -2,6 +2,11 @@
 
 A model is registered before it is loaded, so ListModels and health answer at once (not ready,
 NOT_SERVING); calls to a model that is still loading get UNAVAILABLE rather than waiting.
+
+With a `routing:` config, a deployment is served like a model (its name, the tokenizer and chat
+template of the model it serves) whose engine is a `RoutedEngine` over its replicas; each replica
+is a ServedModel of its own (one engine each: a local backend on a device, or a remote server),
+not visible to clients. Aliases and tasks resolve to a deployment per call.
 """
 
 from __future__ import annotations
@@ -23,16 +28,21 @@ from backends.base import (
     create_backend,
     read_manifest,
 )
-from router.config import ModelConfig
+from router.config import ModelConfig, replica_model
 from router.errors import InvalidArgument, NotFound, Unavailable
 from router.models.chat_template import render_chat
 from router.models.prepare import smollm2_gguf_path
 from router.retrieval import chunking
+from router.routing.attempt import AttemptInfo
+from router.routing.breaker import BreakerState
+from router.routing.config import DeploymentConfig, ReplicaConfig, RoutingConfig
+from router.routing.dispatch import Dispatcher
+from router.routing.engine import RoutedEngine
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.engine import DecoderEngine, EngineLimits, GenerationEngine
 from router.scheduler.request import Priority, Request, SamplingParams
 from router.scheduler.request_engine import RequestEngineAdapter
-from router.telemetry import Metrics
+from router.telemetry import Metrics, ReplicaSample
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +61,12 @@ class ServedModel:
     dimension: int = 0
     ready: bool = False
     error: str = ""
+    deployment: DeploymentConfig | None = None
+    """Set on a deployment (engine: RoutedEngine over `replicas`)."""
+    replicas: tuple[ServedModel, ...] = ()
+    """A deployment's replicas, in config order."""
+    replica: ReplicaConfig | None = None
+    """Set on a replica of a deployment."""
 
     @property
     def name(self) -> str:
@@ -68,21 +84,115 @@ def _gguf_source(manifest: dict[str, Any]) -> Path | None:
 
 
 class ServedModels:
-    def __init__(self, configs: tuple[ModelConfig, ...], model_cache: Path, metrics: Metrics):
+    def __init__(
+        self,
+        configs: tuple[ModelConfig, ...],
+        model_cache: Path,
+        metrics: Metrics,
+        routing: RoutingConfig | None = None,
+    ):
         self._metrics = metrics
-        self._models = {c.name: ServedModel(c, model_cache / c.artifact) for c in configs}
         self._engine_ids = 0
+        routing = routing or RoutingConfig()
+        self.routing = routing
+        self.aliases = dict(routing.aliases)
+        self.tasks = dict(routing.tasks)
+        by_name = {c.name: c for c in configs}
+        behind = {d.model_name for d in routing.deployments}
+        # A model a deployment serves is reached through its deployments only.
+        self._models = {
+            c.name: ServedModel(c, model_cache / c.artifact)
+            for c in configs
+            if c.name not in behind
+        }
+        self.dispatcher: Dispatcher | None = None
+        if routing.deployments:
+            self.dispatcher = Dispatcher(
+                routing,
+                on_breaker_change=self._breaker_changed,
+                on_attempt_failed=self._attempt_failed,
+            )
+        for dep in routing.deployments:
+            model = by_name[dep.model_name]
+            replicas = tuple(
+                ServedModel(
+                    replica_model(model, dep.name, r), model_cache / model.artifact, replica=r
+                )
+                for r in dep.replicas
+            )
+            shell = ServedModel(
+                dataclasses.replace(model, name=dep.name),
+                model_cache / model.artifact,
+                deployment=dep,
+                replicas=replicas,
+            )
+            self._models[dep.name] = shell
+            assert self.dispatcher is not None
+            for r in dep.replicas:
+                self.dispatcher.set_healthy(dep.name, r.name, False)  # until it has loaded
+        self.on_routing_change: Any = None
+        """Called (no arguments) when a breaker changes state; the server republishes health."""
 
     def __iter__(self) -> Any:
         return iter(self._models.values())
 
+    def replicas(self) -> list[ServedModel]:
+        """Every replica of every deployment."""
+        return [r for m in self._models.values() for r in m.replicas]
+
+    # ---- routing -----------------------------------------------------------------------------
+
+    def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        deployment, _, replica = name.partition("/")
+        self._metrics.breaker_transitions.labels(deployment, replica, new.name.lower()).inc()
+        log = logger.warning if new is BreakerState.OPEN else logger.info
+        log("replica %s: circuit %s -> %s", name, old.name.lower(), new.name.lower())
+        if self.on_routing_change is not None:
+            self.on_routing_change()
+
+    def _attempt_failed(self, info: AttemptInfo, reason: str) -> None:
+        self._metrics.failed_attempts.labels(info.deployment, info.replica.name).inc()
+
+    def replica_samples(self) -> list[ReplicaSample]:
+        """Replica state for the metrics collector."""
+        if self.dispatcher is None:
+            return []
+        return [
+            ReplicaSample(name, r.name, int(r.breaker.state), r.healthy, r.outstanding)
+            for name, health in self.dispatcher.health().items()
+            for r in health.replicas
+        ]
+
+    def _replica_engine(self, deployment: str, replica: str) -> GenerationEngine:
+        model = self._models[deployment]
+        for r in model.replicas:
+            if r.replica is not None and r.replica.name == replica:
+                if r.engine is None:
+                    why = f": {r.error}" if r.error else " (still loading)"
+                    raise Unavailable(f"replica {deployment}/{replica} is not loaded{why}")
+                return r.engine
+        raise KeyError(f"{deployment}/{replica}")
+
     # ---- life cycle --------------------------------------------------------------------------
 
     def load(self, model: ServedModel) -> None:
-        """Blocking: build the backend, tokenizer and warm up. Runs in a worker thread."""
+        """Blocking: build the backend and tokenizer (a deployment: its tokenizer and routed
+        engine; its replicas load one by one with `load` too). Runs in a worker thread."""
         cfg = model.config
         model.manifest = read_manifest(model.model_dir)
         model.tokenizer = Tokenizer.from_file(str(model.model_dir / "tokenizer.json"))
+        if model.deployment is not None:
+            assert self.dispatcher is not None
+            replicas = model.replicas
+            model.context_length = min(cfg.max_context, int(model.manifest["context_length"]))
+            model.engine = RoutedEngine(
+                cfg.name,
+                self.dispatcher,
+                self._replica_engine,
+                lambda: [r.engine for r in replicas if r.engine is not None],
+                self.next_engine_id,
+            )
+            return
         observer = self._metrics.model_observer(cfg.name)
         if cfg.kind == "generate":
             context = min(cfg.max_context, int(model.manifest["context_length"]))
@@ -148,7 +258,7 @@ class ServedModels:
         model.ready = True
 
     async def stop(self) -> None:
-        for model in self._models.values():
+        for model in [*self._models.values(), *self.replicas()]:
             model.ready = False
             if model.engine is not None:
                 model.engine.stop()
@@ -157,10 +267,22 @@ class ServedModels:
 
     # ---- lookup ------------------------------------------------------------------------------
 
-    def get(self, name: str, kind: str) -> ServedModel:
+    def get(self, name: str, kind: str, *, task: str = "", key: str | None = None) -> ServedModel:
+        """The model (or deployment) a call names; an alias or a `task` picks a deployment (by
+        `key` when given, so a caller stays on one side of a split)."""
+        if task or name in self.aliases:
+            if task and name:
+                raise InvalidArgument(
+                    f"set model or task, not both (model={name!r}, task={task!r})", field="task"
+                )
+            if self.dispatcher is None or kind != "generate":
+                raise NotFound(f"task {task!r} has no route: this router routes no tasks")
+            name = self.dispatcher.resolve(name, task=task, key=key)
         model = self._models.get(name)
         if model is None or model.config.kind != kind:
             names = sorted(m.name for m in self._models.values() if m.config.kind == kind)
+            if kind == "generate":
+                names = sorted([*names, *self.aliases])
             verb = "generation" if kind == "generate" else "embedding"
             if not name:
                 raise InvalidArgument(

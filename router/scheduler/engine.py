@@ -87,6 +87,10 @@ class GenerationEngine(Protocol):
         """Chunks until one is finished; closing the iterator cancels the request."""
         ...
 
+    async def ready(self) -> bool:
+        """Health probe: whether a call made now could be served (never raises)."""
+        ...
+
 
 class _NullObserver:
     def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None:
@@ -134,6 +138,9 @@ class DecoderEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
+
+    async def ready(self) -> bool:
+        return not self._stopping and self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stopping = True

@@ -119,6 +119,10 @@ class Request:
     seed: int = 0
     prompt_text: str = ""
     """The rendered prompt (for request engines that take text); prompt_ids is what counts."""
+    route_key: str | None = None
+    """Routed models: the conversation's key (same key → same replica while it is healthy)."""
+    timeout_s: float | None = None
+    """Routed models: the caller's time left when the call was made (None: no deadline)."""
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
     tokens: npt.NDArray[np.int64] = field(init=False)

@@ -187,6 +187,17 @@ class RequestEngineAdapter:
     def num_active(self) -> int:
         return self._engine.num_active
 
+    async def ready(self) -> bool:
+        """The backend's own probe when it has one (remote servers), else True."""
+        probe = getattr(self._engine, "ready", None)
+        if probe is None:
+            return True
+        try:
+            return bool(await probe())
+        except Exception:
+            logger.exception("model %s: readiness probe raised", self.name)
+            return False
+
     async def generate(self, request: Request) -> AsyncGenerator[Chunk, None]:
         """Yield chunks until the request finishes. Closing the iterator early (client gone,
         deadline passed, a stop string) closes the engine's iterator, which cancels it there."""

@@ -16,11 +16,12 @@ import grpc
 from router.cache.embedding import Embedder, Vectors
 from router.cache.response import CachedAnswer, ResponseCache, model_build, request_key
 from router.cache.semantic import SemanticCache
-from router.errors import InvalidArgument
+from router.errors import InvalidArgument, NotFound
 from router.guard.authz import RETRIEVAL_READ
 from router.guard.chain import CallScope, get_scope
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.retrieval.rag import Passage, RagRequest, Retriever, require_store
+from router.routing.breaker import BreakerState
 from router.routing.registry import ServedModel, ServedModels
 from router.scheduler.engine import Chunk
 from router.scheduler.request import Priority, Request, RequestStatus, SamplingParams
@@ -172,9 +173,26 @@ class InferenceServicer:
         self._builds: dict[str, str] = {}
 
     async def _request(
-        self, message: pb.GenerateRequest | pb.CompleteRequest, scope: CallScope, *, stream: bool
+        self,
+        message: pb.GenerateRequest | pb.CompleteRequest,
+        scope: CallScope,
+        context: Context,
+        *,
+        stream: bool,
     ) -> Prepared:
-        model = self._models.get(message.model, "generate")
+        route_key = None
+        if self._models.dispatcher is None:
+            if message.task:
+                raise NotFound(
+                    f"task {message.task!r} has no route: this router routes no tasks",
+                )
+            model = self._models.get(message.model, "generate")
+        else:
+            route_key = conversation_key(message, context)
+            split_key = route_key
+            if scope.identity is not None and scope.identity.subject != "anonymous":
+                split_key = scope.identity.subject  # a caller stays on one side of an A/B split
+            model = self._models.get(message.model, "generate", task=message.task, key=split_key)
         scope.use_model(model.name)
         which = message.WhichOneof("input")
         messages = None
@@ -248,6 +266,9 @@ class InferenceServicer:
             max_tokens_set=max_tokens_set,
             priority=priority,
         )
+        if model.deployment is not None:
+            request.route_key = route_key
+            request.timeout_s = context.time_remaining()
         await scope.admit(
             prompt_tokens=request.num_prompt,
             reserve_tokens=request.num_prompt + request.params.max_tokens,
@@ -387,7 +408,7 @@ class InferenceServicer:
         self, message: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         scope = get_scope()
-        prepared = await self._request(message, scope, stream=True)
+        prepared = await self._request(message, scope, context, stream=True)
         with_ids = message.return_token_ids
         completion = 0
         async for piece in self._pieces(prepared, scope):
@@ -404,7 +425,7 @@ class InferenceServicer:
 
     async def Complete(self, message: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         scope = get_scope()
-        prepared = await self._request(message, scope, stream=False)
+        prepared = await self._request(message, scope, context, stream=False)
         cached = prepared.cached
         if cached is not None and scope.output_filter_factory is None:
             # A hit with no output guardrails: the whole answer at once, no piece loop.
@@ -459,15 +480,86 @@ class InferenceServicer:
     async def ListModels(
         self, message: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
+        if self._models.dispatcher is not None:
+            # Replica state (breakers, calls in flight) changes all the time: built per call.
+            return list_models(self._models)
         # Built once per change of readiness, not per call: load balancers and dashboards
         # poll this, and it is the router's cheapest call (benchmarked against a bare echo).
         state = tuple(m.ready for m in self._models)
         if self._listed is None or self._listed[0] != state:
-            self._listed = (
-                state,
-                pb.ListModelsResponse(models=[model_info(m) for m in self._models]),
-            )
+            self._listed = (state, list_models(self._models))
         return self._listed[1]
+
+
+def conversation_key(message: pb.GenerateRequest | pb.CompleteRequest, context: Context) -> str:
+    """What keeps a conversation on one replica (and a caller on one side of a split): the
+    client's `x-session-id` header, else the conversation's opening (system turns and the first
+    user turn, which every later turn resends), else the prompt's first 256 characters."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-session-id" and isinstance(value, str) and value:
+            return value
+    if message.WhichOneof("input") == "chat":
+        opening = []
+        for m in message.chat.messages:
+            opening.append(f"{m.role}\x1f{m.content}")
+            if m.role == "user":
+                break
+        return "\x1e".join(opening)
+    return message.prompt[:256]
+
+
+_CIRCUIT = {
+    BreakerState.CLOSED: pb.CIRCUIT_STATE_CLOSED,
+    BreakerState.HALF_OPEN: pb.CIRCUIT_STATE_HALF_OPEN,
+    BreakerState.OPEN: pb.CIRCUIT_STATE_OPEN,
+}
+
+
+def list_models(models: ServedModels) -> pb.ListModelsResponse:
+    tasks: dict[str, list[str]] = {}
+    for task, target in sorted(models.tasks.items()):
+        tasks.setdefault(target, []).append(task)
+    health = models.dispatcher.health() if models.dispatcher is not None else {}
+    out = []
+    for model in models:
+        info = model_info(model)
+        info.tasks.extend(tasks.get(model.name, ()))
+        if model.deployment is not None:
+            dc = model.deployment
+            info.serves = dc.model_name
+            info.backend = ",".join(dict.fromkeys(r.backend for r in dc.replicas))
+            states = {r.name: r for r in health[model.name].replicas}
+            for served, rc in zip(model.replicas, dc.replicas, strict=True):
+                state = states[rc.name]
+                info.replicas.append(
+                    pb.ReplicaInfo(
+                        name=rc.name,
+                        backend=rc.backend,
+                        device="" if rc.url else served.config.device,
+                        url=rc.url,
+                        weight=rc.weight,
+                        circuit_state=_CIRCUIT[state.breaker.state],
+                        healthy=state.healthy,
+                        outstanding=state.outstanding,
+                        error=served.error,
+                    )
+                )
+        out.append(info)
+    for alias, targets in models.aliases.items():
+        first = models.routing.deployment(next(iter(targets)))
+        ready = any(m.ready for m in models if m.name in targets)
+        out.append(
+            pb.ModelInfo(
+                name=alias,
+                kind=pb.MODEL_KIND_GENERATE,
+                backend="alias",
+                ready=ready,
+                serves=first.model_name,
+                tasks=tasks.get(alias, ()),
+                alias_targets=[pb.AliasTarget(deployment=d, weight=w) for d, w in targets.items()],
+            )
+        )
+    return pb.ListModelsResponse(models=out)
 
 
 def model_info(model: ServedModel) -> pb.ModelInfo:

@@ -16,7 +16,7 @@ from google.protobuf.message_factory import GetMessageClass
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from router.errors import InvalidArgument, ResourceExhausted, RouterError
+from router.errors import InvalidArgument, ResourceExhausted, RouterError, Unavailable
 from router.telemetry import Metrics
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,12 @@ def _parser(cls: type[message.Message]) -> Callable[[bytes], message.Message | M
     return parse
 
 
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    seconds = max(seconds, 0.0)
+    delay = duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
 def to_status(error: RouterError) -> grpc.Status:
     """The single translation of router errors to gRPC statuses with google.rpc details."""
     details: list[any_pb2.Any] = []
@@ -62,9 +68,7 @@ def to_status(error: RouterError) -> grpc.Status:
         )
         add(error_details_pb2.BadRequest(field_violations=[violation]))
     elif isinstance(error, ResourceExhausted):
-        seconds = max(error.retry_after_s, 0.0)
-        delay = duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
-        add(error_details_pb2.RetryInfo(retry_delay=delay))
+        add(_retry_info(error.retry_after_s))
         if error.violations:
             add(
                 error_details_pb2.QuotaFailure(
@@ -74,6 +78,8 @@ def to_status(error: RouterError) -> grpc.Status:
                     ]
                 )
             )
+    elif isinstance(error, Unavailable) and error.retry_after_s is not None:
+        add(_retry_info(error.retry_after_s))
     status = status_pb2.Status(code=error.code.value[0], message=str(error), details=details)
     converted: grpc.Status = rpc_status.to_status(status)
     return converted

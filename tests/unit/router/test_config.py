@@ -145,3 +145,127 @@ def test_cache_and_rag_sections_load(tmp_path: Path) -> None:
     assert config.cache.response.ttl_s == 60.0 and config.cache.response.enabled
     assert config.cache.semantic.threshold == 0.97 and not config.cache.embedding.enabled
     assert config.retrieval.rag.default_top_k == 2
+
+
+_MODELS = """
+models:
+  - {name: smol, kind: generate, artifact: smollm2-135m-instruct}
+  - {name: other, kind: generate, artifact: other-model}
+  - {name: mini, kind: embed, artifact: all-minilm-l6-v2}
+"""
+
+
+def test_routing_section_loads_deployments_aliases_and_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        _MODELS
+        + """
+routing:
+  deployments:
+    - name: chat
+      model: smol
+      balancer: affinity
+      replicas:
+        - {name: cpu0}
+        - {name: gpu, backend: openvino, device: GPU, weight: 3}
+        - {name: far, backend: openai_http, url: "http://10.0.0.7:8000", remote_model: smollm2}
+      retry: {max_attempts: 2, attempt_timeout_s: 1.5}
+      health_check: {interval_s: 2}
+      fallbacks: [spare]
+    - name: spare
+      model: smol
+      replicas: [{name: r1}]
+  aliases: {assistant: {chat: 95, spare: 5}}
+  tasks: {chat: assistant, code: chat}
+"""
+    )
+    config = load_config(path, env={})
+    chat = config.routing.deployment("chat")
+    assert [r.name for r in chat.replicas] == ["cpu0", "gpu", "far"]
+    assert chat.replicas[2].remote and chat.retry.attempt_timeout_s == 1.5
+    assert chat.health_check.interval_s == 2.0 and chat.fallbacks == ("spare",)
+    assert dict(config.routing.aliases["assistant"]) == {"chat": 95.0, "spare": 5.0}
+    assert dict(config.routing.tasks) == {"chat": "assistant", "code": "chat"}
+    import pickle
+
+    import router.server  # noqa: F401  (registers how frozen mappings are pickled)
+
+    assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_replica_model_takes_the_replicas_backend_and_url() -> None:
+    from router.config import ModelConfig, replica_model
+    from router.routing.config import ReplicaConfig
+
+    model = ModelConfig(name="smol", kind="generate", artifact="a", max_slots=4)
+    far = replica_model(
+        model, "chat", ReplicaConfig(name="far", backend="openai_http", url="http://h:1")
+    )
+    assert far.name == "chat/far" and far.backend == "openai_http" and far.max_slots == 4
+    assert far.remote is not None and far.remote.url == "http://h:1" and far.remote.model == "smol"
+    gpu = replica_model(model, "chat", ReplicaConfig(name="g", backend="openvino", device="GPU"))
+    assert (gpu.backend, gpu.device, gpu.remote) == ("openvino", "GPU", None)
+
+
+@pytest.mark.parametrize(
+    ("routing", "message"),
+    [
+        (
+            "{deployments: [{name: d, model: nope, replicas: [{name: r}]}]}",
+            "routing.deployments['d'].model='nope' is not in models[]",
+        ),
+        (
+            "{deployments: [{name: d, model: mini, replicas: [{name: r}]}]}",
+            "is an embedding model",
+        ),
+        (
+            "{deployments: [{name: other, model: smol, replicas: [{name: r}]}]}",
+            "has the name of models['other']",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r, backend: tgi}]}]}",
+            "replicas['r'].backend='tgi' is unknown",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r, backend: openai_http}]}]}",
+            "replicas['r']: backend 'openai_http' needs a url",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r, url: 'http://h:1'}]}]}",
+            "backend 'onnxruntime' runs locally and takes no url",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r, device: GPU}]}]}",
+            "replicas['r']: models['d/r'].device='GPU'",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r}], fallbacks: [e]},"
+            " {name: e, model: other, replicas: [{name: r}]}]}",
+            "fallbacks names 'e', which serves artifact 'other-model'",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r}]}],"
+            " aliases: {mini: {d: 1}}}",
+            "routing.aliases['mini'] has the name of models['mini']",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r}]}], tasks: {code: x}}",
+            "routing.tasks['code']='x' is neither a deployment nor an alias",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r}],"
+            " health_check: {timeout_s: 0}}]}",
+            "health_check.timeout_s=0",
+        ),
+        (
+            "{deployments: [{name: d, model: smol, replicas: [{name: r, remote_model: m}]}]}",
+            "remote_model applies to a remote replica",
+        ),
+    ],
+)
+def test_bad_routing_is_named(tmp_path: Path, routing: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(_MODELS + f"routing: {routing}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert message in str(info.value)

@@ -148,6 +148,34 @@ MODEL_KIND_EMBED: ModelKind.ValueType  # 2
 """Embeds texts (Embed)."""
 Global___ModelKind: _TypeAlias = ModelKind  # noqa: Y015
 
+class _CircuitState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CircuitStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CIRCUIT_STATE_UNSPECIFIED: _CircuitState.ValueType  # 0
+    """Not reported."""
+    CIRCUIT_STATE_CLOSED: _CircuitState.ValueType  # 1
+    """Calls pass."""
+    CIRCUIT_STATE_HALF_OPEN: _CircuitState.ValueType  # 2
+    """A probe call is let through to test a replica that failed."""
+    CIRCUIT_STATE_OPEN: _CircuitState.ValueType  # 3
+    """No calls pass until the cool-down ends."""
+
+class CircuitState(_CircuitState, metaclass=_CircuitStateEnumTypeWrapper):
+    """CircuitState is a replica's circuit breaker state."""
+
+CIRCUIT_STATE_UNSPECIFIED: CircuitState.ValueType  # 0
+"""Not reported."""
+CIRCUIT_STATE_CLOSED: CircuitState.ValueType  # 1
+"""Calls pass."""
+CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 2
+"""A probe call is let through to test a replica that failed."""
+CIRCUIT_STATE_OPEN: CircuitState.ValueType  # 3
+"""No calls pass until the cool-down ends."""
+Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
+
 @_typing.final
 class ChatMessage(_message.Message):
     """ChatMessage is one turn of a conversation; the model's own chat template renders the list."""
@@ -433,6 +461,7 @@ class GenerateRequest(_message.Message):
     RETURN_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FIELD_NUMBER: _builtins.int
     CACHE_MODE_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served model (see ListModels)."""
     prompt: _builtins.str
@@ -443,6 +472,10 @@ class GenerateRequest(_message.Message):
     """Also return the generated token ids in each chunk."""
     cache_mode: Global___CacheMode.ValueType
     """How this request uses the response cache."""
+    task: _builtins.str
+    """A task (e.g. "chat", "code", "tools") to route by instead of naming a model: the router
+    sends the call to the deployment or alias configured for it. Leave model empty when set.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """Chat messages, rendered with the model's chat template."""
@@ -466,10 +499,11 @@ class GenerateRequest(_message.Message):
         return_token_ids: _builtins.bool = ...,
         retrieval: Global___RetrievalOptions | None = ...,
         cache_mode: Global___CacheMode.ValueType = ...,
+        task: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -555,6 +589,7 @@ class CompleteRequest(_message.Message):
     RETURN_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FIELD_NUMBER: _builtins.int
     CACHE_MODE_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served model (see ListModels)."""
     prompt: _builtins.str
@@ -565,6 +600,10 @@ class CompleteRequest(_message.Message):
     """Also return the generated token ids."""
     cache_mode: Global___CacheMode.ValueType
     """How this request uses the response cache."""
+    task: _builtins.str
+    """A task (e.g. "chat", "code", "tools") to route by instead of naming a model: the router
+    sends the call to the deployment or alias configured for it. Leave model empty when set.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """Chat messages, rendered with the model's chat template."""
@@ -588,10 +627,11 @@ class CompleteRequest(_message.Message):
         return_token_ids: _builtins.bool = ...,
         retrieval: Global___RetrievalOptions | None = ...,
         cache_mode: Global___CacheMode.ValueType = ...,
+        task: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -779,6 +819,10 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     MAX_BATCH_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    ALIAS_TARGETS_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    SERVES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name to use in requests."""
     kind: Global___ModelKind.ValueType
@@ -793,6 +837,20 @@ class ModelInfo(_message.Message):
     """Whether the model is ready to serve."""
     max_batch: _builtins.int
     """Maximum texts in one Embed call, or concurrent sequences for generation."""
+    serves: _builtins.str
+    """For a deployment or an alias: the models[] entry it serves (one of them, for an alias)."""
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaInfo]:
+        """For a deployment: its replicas and their state."""
+
+    @_builtins.property
+    def alias_targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AliasTarget]:
+        """For an alias: the deployments it splits calls across, by weight."""
+
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks routed to this name."""
+
     def __init__(
         self,
         *,
@@ -803,14 +861,98 @@ class ModelInfo(_message.Message):
         backend: _builtins.str = ...,
         ready: _builtins.bool = ...,
         max_batch: _builtins.int = ...,
+        replicas: _abc.Iterable[Global___ReplicaInfo] | None = ...,
+        alias_targets: _abc.Iterable[Global___AliasTarget] | None = ...,
+        tasks: _abc.Iterable[_builtins.str] | None = ...,
+        serves: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "dimension", b"dimension", "kind", b"kind", "max_batch", b"max_batch", "name", b"name", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_targets", b"alias_targets", "backend", b"backend", "context_length", b"context_length", "dimension", b"dimension", "kind", b"kind", "max_batch", b"max_batch", "name", b"name", "ready", b"ready", "replicas", b"replicas", "serves", b"serves", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ReplicaInfo(_message.Message):
+    """ReplicaInfo is one replica of a deployment as the router sees it now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    CIRCUIT_STATE_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    OUTSTANDING_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name within its deployment."""
+    backend: _builtins.str
+    """Backend kind, e.g. "onnxruntime" or "openai_http"."""
+    device: _builtins.str
+    """Device of a local engine, e.g. "CPU" or "GPU.1"."""
+    url: _builtins.str
+    """URL of a remote server."""
+    weight: _builtins.float
+    """Relative share of the deployment's calls."""
+    circuit_state: Global___CircuitState.ValueType
+    """Circuit breaker state."""
+    healthy: _builtins.bool
+    """Whether it is in rotation: loaded and passing its active health checks."""
+    outstanding: _builtins.int
+    """Calls in flight on it."""
+    error: _builtins.str
+    """Why it is out of rotation, when it is."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        device: _builtins.str = ...,
+        url: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        circuit_state: Global___CircuitState.ValueType = ...,
+        healthy: _builtins.bool = ...,
+        outstanding: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "circuit_state", b"circuit_state", "device", b"device", "error", b"error", "healthy", b"healthy", "name", b"name", "outstanding", b"outstanding", "url", b"url", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaInfo: _TypeAlias = ReplicaInfo  # noqa: Y015
+
+@_typing.final
+class AliasTarget(_message.Message):
+    """AliasTarget is one deployment behind an alias."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """Deployment name."""
+    weight: _builtins.float
+    """Relative weight of the split."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasTarget: _TypeAlias = AliasTarget  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):

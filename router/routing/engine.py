@@ -1,0 +1,86 @@
+"""A deployment as one generation engine: every call goes through the dispatcher to one of its
+replicas' engines (or to a fallback deployment's), retried elsewhere while nothing has streamed.
+
+The servicer cannot tell a deployment from a single model: tokenization, caching, guardrails and
+usage happen once, above; only the engine a call runs on is chosen per attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+
+from router.routing.attempt import AttemptInfo
+from router.routing.dispatch import Dispatcher
+from router.scheduler.engine import Chunk, GenerationEngine
+from router.scheduler.request import Request
+
+EngineLookup = Callable[[str, str], GenerationEngine]
+"""(deployment, replica) → the replica's engine; raises Unavailable when it is not loaded."""
+
+
+class RoutedEngine:
+    """GenerationEngine over a deployment's replicas (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        dispatcher: Dispatcher,
+        lookup: EngineLookup,
+        engines: Callable[[], Iterable[GenerationEngine]],
+        next_id: Callable[[], int],
+    ) -> None:
+        self.name = name
+        self._dispatcher = dispatcher
+        self._lookup = lookup
+        self._engines = engines
+        self._next_id = next_id
+
+    def start(self) -> None:
+        """Nothing to start: the replicas' engines are started as each one loads."""
+
+    def stop(self) -> None:
+        """Nothing to stop: the registry stops the replicas' engines."""
+
+    @property
+    def num_unfinished(self) -> int:
+        return sum(engine.num_unfinished for engine in self._engines())
+
+    @property
+    def num_active(self) -> int:
+        return sum(engine.num_active for engine in self._engines())
+
+    async def ready(self) -> bool:
+        """Whether one of the replicas would take a call now."""
+        return self._dispatcher.health()[self.name].serving
+
+    def generate(self, request: Request) -> AsyncIterator[Chunk]:
+        return self._dispatcher.stream(
+            self.name,
+            lambda info: self._attempt(request, info),
+            key=request.route_key,
+            timeout_s=request.timeout_s,
+            request_id=request.request_id,
+        )
+
+    async def _attempt(self, request: Request, info: AttemptInfo) -> AsyncGenerator[Chunk, None]:
+        engine = self._lookup(info.deployment, info.replica.name)
+        if info.attempt > 1:
+            # A retry: the failed attempt's engine may have started on the request (status,
+            # generated tokens), so the next one gets a fresh copy under a new engine id.
+            request = Request(
+                request_id=request.request_id,
+                engine_id=self._next_id(),
+                prompt_ids=request.prompt_ids,
+                params=request.params,
+                priority=request.priority,
+                seed=request.seed,
+                prompt_text=request.prompt_text,
+            )
+        stream = engine.generate(request)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
