@@ -73,7 +73,8 @@ class ModelConfig:
     the artifact folder). The artifact still supplies the tokenizer and chat template."""
     remote: OpenAIHttpConfig | None = None
     """openai_http: the OpenAI-compatible server (url, model, dialect, timeouts, ...). The
-    artifact still supplies the tokenizer and chat template: the router renders the prompt."""
+    artifact still supplies the tokenizer and chat template: the router renders the prompt
+    (generation), or validates and counts the texts it sends to /v1/embeddings (embedding)."""
     threads: int = 2
     """Intra-op threads of the backend."""
     max_context: int = 2048
@@ -112,8 +113,6 @@ class ModelConfig:
                 f"{where}.remote is required by backend 'openai_http' and applies to it only"
             )
         if self.remote is not None:
-            if self.kind != "generate":
-                raise ConfigError(f"{where}: backend 'openai_http' serves generation models only")
             try:
                 self.remote.validate()
             except ValueError as exc:

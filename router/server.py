@@ -293,8 +293,9 @@ class RouterServer:
             )
             async for _ in model.engine.generate(request):
                 pass
-        if model.batcher is not None:
-            await model.batcher.embed(self.models.tokenize_texts(model, ["warm up"]))
+        if model.config.kind == "embed":
+            # Also learns a remote embedding server's dimension.
+            await self.models.embed_pieces(model, self.models.encode_texts(model, ["warm up"]))
 
     async def wait_ready(self) -> None:
         if self._loading is not None:

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from router.cache.config import EmbeddingCacheConfig
 from router.cache.lru import ByteLRU
+from router.retrieval.chunking import Piece
 from router.routing.registry import ServedModel, ServedModels
 from router.telemetry import Metrics
 
@@ -28,8 +29,8 @@ class EmbedPlan:
     """Result rows; cached ones already filled in."""
     keys: list[bytes]
     missing: list[int]
-    """Rows still to embed, with their token ids in `ids`."""
-    ids: list[list[int]]
+    """Rows still to embed, with their texts and token ids in `pieces`."""
+    pieces: list[Piece]
     tokens: int
 
 
@@ -77,33 +78,32 @@ class Embedder:
         if cache is not None:
             self._hits.inc(len(texts) - len(missing))
             self._misses.inc(len(missing))
-        ids: list[list[int]] = []
+        pieces: list[Piece] = []
         if missing:
-            ids = self._models.tokenize_texts(
+            pieces = self._models.encode_texts(
                 model,
                 [texts[i] for i in missing],
                 positions=missing,
                 field=field,
                 truncate=truncate,
             )
-            tokens += sum(len(row) for row in ids)
-        return EmbedPlan(model, out, keys, missing, ids, tokens)
+            tokens += sum(len(piece.ids) for piece in pieces)
+        return EmbedPlan(model, out, keys, missing, pieces, tokens)
 
     async def run(self, plan: EmbedPlan) -> Vectors:
         """Embed what the plan found missing (in model batches) and cache it."""
         model, out, cache = plan.model, plan.out, self._cache
-        assert model.batcher is not None
         step = model.config.max_batch
-        for start in range(0, len(plan.ids), step):
-            batch = plan.ids[start : start + step]
-            vectors = await model.batcher.embed(batch)
+        for start in range(0, len(plan.pieces), step):
+            batch = plan.pieces[start : start + step]
+            vectors = await self._models.embed_pieces(model, batch)
             rows = plan.missing[start : start + step]
-            for row, (i, row_ids) in enumerate(zip(rows, batch, strict=True)):
+            for row, (i, piece) in enumerate(zip(rows, batch, strict=True)):
                 out[i] = vectors[row]
                 if cache is not None:
                     vector = out[i].copy()
-                    cache.put(plan.keys[i], (vector, len(row_ids)), vector.nbytes + 64)
-        if cache is not None and plan.ids:
+                    cache.put(plan.keys[i], (vector, len(piece.ids)), vector.nbytes + 64)
+        if cache is not None and plan.pieces:
             self._bytes.set(cache.bytes)
         return out
 

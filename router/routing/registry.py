@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from backends.base import (
@@ -28,6 +30,8 @@ from backends.base import (
     create_backend,
     read_manifest,
 )
+from backends.openai_http import OpenAIHttpEmbedder
+from backends.openai_wire import RemoteError
 from router.config import ModelConfig, replica_model
 from router.errors import InvalidArgument, NotFound, Unavailable
 from router.models.chat_template import render_chat
@@ -40,6 +44,7 @@ from router.routing.dispatch import Dispatcher
 from router.routing.engine import RoutedEngine
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.engine import DecoderEngine, EngineLimits, GenerationEngine
+from router.scheduler.remote_errors import remote_error
 from router.scheduler.request import Priority, Request, SamplingParams
 from router.scheduler.request_engine import RequestEngineAdapter
 from router.telemetry import Metrics, ReplicaSample
@@ -57,6 +62,8 @@ class ServedModel:
     tokenizer: Tokenizer | None = None
     engine: GenerationEngine | None = None
     batcher: EncoderBatcher | None = None
+    remote_embedder: OpenAIHttpEmbedder | None = None
+    """An embedding model served by a remote server (instead of `batcher`)."""
     context_length: int = 0
     dimension: int = 0
     ready: bool = False
@@ -231,6 +238,12 @@ class ServedModels:
                     stop_ids,
                     observer,
                 )
+        elif cfg.remote is not None:
+            # A remote embedding server: the router's tokenizer still validates and counts.
+            model.tokenizer.no_padding()
+            model.tokenizer.no_truncation()
+            model.context_length = int(model.manifest["max_length"])
+            model.remote_embedder = OpenAIHttpEmbedder(cfg.remote)
         else:
             model.tokenizer.no_padding()
             encoder_options: dict[str, Any] = {"threads": cfg.threads}
@@ -255,6 +268,8 @@ class ServedModels:
             model.engine.start()
         if model.batcher is not None:
             model.batcher.start()
+        if model.remote_embedder is not None:
+            model.remote_embedder.start()
         model.ready = True
 
     async def stop(self) -> None:
@@ -264,6 +279,8 @@ class ServedModels:
                 model.engine.stop()
             if model.batcher is not None:
                 await model.batcher.stop()
+            if model.remote_embedder is not None:
+                await model.remote_embedder.aclose()
 
     # ---- lookup ------------------------------------------------------------------------------
 
@@ -412,7 +429,24 @@ class ServedModels:
         field: str = "texts",
         truncate: bool = False,
     ) -> list[list[int]]:
-        """Encoder token ids per text, each checked to be non-empty and to fit the window.
+        """Encoder token ids per text; see `encode_texts`."""
+        return [
+            piece.ids
+            for piece in self.encode_texts(
+                model, texts, positions=positions, field=field, truncate=truncate
+            )
+        ]
+
+    def encode_texts(
+        self,
+        model: ServedModel,
+        texts: Sequence[str],
+        *,
+        positions: Sequence[int] | None = None,
+        field: str = "texts",
+        truncate: bool = False,
+    ) -> list[chunking.Piece]:
+        """Each text with its encoder token ids, checked to be non-empty and to fit the window.
         `positions` are the texts' indexes in the request (for the error's field name);
         `truncate` keeps the first window of a longer text instead of refusing it (queries)."""
         assert model.tokenizer is not None
@@ -422,14 +456,31 @@ class ServedModels:
                 raise InvalidArgument(f"{field}[{i}] is empty", field=f"{field}[{i}]")
         if truncate:
             pieces = chunking.split(model.tokenizer, list(texts), model.context_length)
-            return [chunks[0].ids for chunks in pieces]
-        ids: list[list[int]] = []
-        for i, enc in zip(where, model.tokenizer.encode_batch(list(texts)), strict=True):
+            return [chunks[0] for chunks in pieces]
+        out: list[chunking.Piece] = []
+        for i, text, enc in zip(
+            where, texts, model.tokenizer.encode_batch(list(texts)), strict=True
+        ):
             if len(enc.ids) > model.context_length:
                 raise InvalidArgument(
                     f"{field}[{i}] has {len(enc.ids)} tokens; model {model.name!r} embeds at most "
                     f"{model.context_length}",
                     field=f"{field}[{i}]",
                 )
-            ids.append(enc.ids)
-        return ids
+            out.append(chunking.Piece(text, enc.ids))
+        return out
+
+    async def embed_pieces(
+        self, model: ServedModel, pieces: Sequence[chunking.Piece]
+    ) -> npt.NDArray[np.float32]:
+        """One batch (at most the model's max_batch) through its encoder: the local batcher
+        takes the token ids, a remote server the texts."""
+        if model.remote_embedder is not None:
+            try:
+                vectors = await model.remote_embedder.embed([p.text for p in pieces])
+            except RemoteError as exc:
+                raise remote_error(model.name, exc) from None
+            model.dimension = model.dimension or int(vectors.shape[1])
+            return vectors
+        assert model.batcher is not None
+        return await model.batcher.embed([p.ids for p in pieces])

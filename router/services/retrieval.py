@@ -42,20 +42,16 @@ class RetrievalServicer:
 
     async def _embed(self, model_name: str, texts: list[str]) -> Vectors:
         model = self._models.get(model_name, "embed")
-        assert model.batcher is not None
-        step = model.config.max_batch
-        parts = []
-        for start in range(0, len(texts), step):
-            ids = self._models.tokenize_texts(model, texts[start : start + step])
-            parts.append(await model.batcher.embed(ids))
-        return np.concatenate(parts).astype(np.float32)
+        return await self._embed_pieces(model_name, self._models.encode_texts(model, texts))
 
-    async def _embed_ids(self, model_name: str, ids: list[list[int]]) -> Vectors:
-        """Embed token ids that already fit the model's window (see chunking.split)."""
+    async def _embed_pieces(self, model_name: str, pieces: list[chunking.Piece]) -> Vectors:
+        """Embed texts whose token ids already fit the model's window (see chunking.split)."""
         model = self._models.get(model_name, "embed")
-        assert model.batcher is not None
         step = model.config.max_batch
-        parts = [await model.batcher.embed(ids[i : i + step]) for i in range(0, len(ids), step)]
+        parts = [
+            await self._models.embed_pieces(model, pieces[i : i + step])
+            for i in range(0, len(pieces), step)
+        ]
         return np.concatenate(parts).astype(np.float32)
 
     def _chunk(self, model_name: str, texts: list[str]) -> list[list[chunking.Piece]]:
@@ -214,7 +210,7 @@ class RetrievalServicer:
             else {}
         )
         stored: list[Document] = []
-        ids: list[list[int]] = []  # token ids to embed, in order of the text rows of `stored`
+        to_embed: list[chunking.Piece] = []  # in order of the text rows of `stored`
         text_rows: list[int] = []
         given_rows: dict[int, list[float]] = {}
         for row, doc in enumerate(docs):
@@ -225,12 +221,12 @@ class RetrievalServicer:
             parts = pieces[row]
             if len(parts) == 1:
                 text_rows.append(len(stored))
-                ids.append(parts[0].ids)
+                to_embed.append(parts[0])
                 stored.append(doc)
                 continue
             for n, piece in enumerate(parts):
                 text_rows.append(len(stored))
-                ids.append(piece.ids)
+                to_embed.append(piece)
                 stored.append(
                     Document(
                         chunking.chunk_id(doc.id, n),
@@ -243,8 +239,8 @@ class RetrievalServicer:
         vectors = np.empty((len(stored), spec.dimension), dtype=np.float32)
         for row, values in given_rows.items():
             vectors[row] = values
-        if ids:
-            vectors[text_rows] = await self._embed_ids(spec.embedding_model, ids)
+        if to_embed:
+            vectors[text_rows] = await self._embed_pieces(spec.embedding_model, to_embed)
         return stored, vectors
 
     async def Delete(self, message: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
