@@ -28,8 +28,12 @@ class RoutedEngine:
         lookup: EngineLookup,
         engines: Callable[[], Iterable[GenerationEngine]],
         next_id: Callable[[], int],
+        *,
+        hedged: bool = False,
     ) -> None:
+        """`hedged`: the deployment hedges unary calls (see `_whole`)."""
         self.name = name
+        self._hedged = hedged
         self._dispatcher = dispatcher
         self._lookup = lookup
         self._engines = engines
@@ -54,6 +58,8 @@ class RoutedEngine:
         return self._dispatcher.health()[self.name].serving
 
     def generate(self, request: Request) -> AsyncIterator[Chunk]:
+        if request.unary and self._hedged:
+            return self._whole(request)
         return self._dispatcher.stream(
             self.name,
             lambda info: self._attempt(request, info),
@@ -61,6 +67,23 @@ class RoutedEngine:
             timeout_s=request.timeout_s,
             request_id=request.request_id,
         )
+
+    async def _whole(self, request: Request) -> AsyncGenerator[Chunk, None]:
+        """A unary call on a deployment with hedging: each attempt collects a whole answer, and
+        a slow one races a hedge on another replica (streams are never hedged: two could each
+        deliver tokens)."""
+        chunks = await self._dispatcher.unary(
+            self.name,
+            lambda info: self._collect(request, info),
+            key=request.route_key,
+            timeout_s=request.timeout_s,
+            request_id=request.request_id,
+        )
+        for chunk in chunks:
+            yield chunk
+
+    async def _collect(self, request: Request, info: AttemptInfo) -> list[Chunk]:
+        return [chunk async for chunk in self._attempt(request, info)]
 
     async def _attempt(self, request: Request, info: AttemptInfo) -> AsyncGenerator[Chunk, None]:
         engine = self._lookup(info.deployment, info.replica.name)

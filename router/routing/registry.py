@@ -198,6 +198,7 @@ class ServedModels:
                 self._replica_engine,
                 lambda: [r.engine for r in replicas if r.engine is not None],
                 self.next_engine_id,
+                hedged=model.deployment.hedging.enabled,
             )
             return
         observer = self._metrics.model_observer(cfg.name)

@@ -123,6 +123,8 @@ class Request:
     """Routed models: the conversation's key (same key → same replica while it is healthy)."""
     timeout_s: float | None = None
     """Routed models: the caller's time left when the call was made (None: no deadline)."""
+    unary: bool = False
+    """Routed models: the caller waits for the whole answer (Complete), so it may be hedged."""
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
     tokens: npt.NDArray[np.int64] = field(init=False)

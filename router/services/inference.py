@@ -269,6 +269,7 @@ class InferenceServicer:
         if model.deployment is not None:
             request.route_key = route_key
             request.timeout_s = context.time_remaining()
+            request.unary = not stream
         await scope.admit(
             prompt_tokens=request.num_prompt,
             reserve_tokens=request.num_prompt + request.params.max_tokens,
