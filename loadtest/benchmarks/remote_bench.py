@@ -1,7 +1,9 @@
 """The remote engine's cost: streamed tokens/s of one client straight to llama-cpp-python's
 OpenAI server (httpx, SSE read by hand) against the same request through OpenAIHttpEngine in
 process, and through a router process (`backend: openai_http`) called over gRPC, alternating on
-one server in the same run. Goal for the router path: >= 0.95.
+one server in the same run. Goal for the router path: >= 0.95. Then the same model as a
+deployment of one replica (routing: dispatcher, breaker, RoutedEngine per chunk) against the
+plain model, in the same router.
 
     python -m loadtest.benchmarks.remote_bench [--quick] [--rounds N] [--max-tokens N] [--threads N]
 """
@@ -88,9 +90,11 @@ def line(name: str, value: float, unit: str, baseline: float | None = None, goal
     print(f"{name:<58} {value:10.2f} {unit:<8}{ratio}  {goal}", flush=True)
 
 
-async def through_router(stub: InferenceServiceAsyncStub, max_tokens: int) -> Run:
+async def through_router(
+    stub: InferenceServiceAsyncStub, max_tokens: int, model: str = "remote"
+) -> Run:
     request = pb.GenerateRequest(
-        model="remote",
+        model=model,
         prompt=PROMPT,
         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0),
         cache_mode=pb.CACHE_MODE_BYPASS,
@@ -115,6 +119,18 @@ def router_config(tmp: Path, url: str, model: str) -> Path:
         "    backend: openai_http\n"
         "    max_slots: 4\n"
         f"    remote: {{url: '{url}', model: {model}, dialect: llama.cpp, read_timeout_s: 120}}\n"
+        "  - name: remote-behind\n"
+        "    kind: generate\n"
+        "    artifact: smollm2-135m-instruct\n"
+        "    backend: openai_http\n"
+        "    max_slots: 4\n"
+        f"    remote: {{url: '{url}', model: {model}, dialect: llama.cpp, read_timeout_s: 120}}\n"
+        "routing:\n"
+        "  deployments:\n"
+        "    - name: routed\n"
+        "      model: remote-behind\n"
+        "      health_check: {interval_s: 0}\n"
+        f"      replicas: [{{name: r0, backend: openai_http, url: '{url}'}}]\n"
     )
     return path
 
@@ -127,7 +143,7 @@ async def bench(url: str, model: str, rounds: int, max_tokens: int, target: str)
     body = completion_body(request, model=model, dialect="llama.cpp")
     engine = OpenAIHttpEngine(config)
     engine.start()
-    runs: dict[str, list[Run]] = {"direct": [], "engine": [], "router": []}
+    runs: dict[str, list[Run]] = {"direct": [], "engine": [], "router": [], "routed": []}
     try:
         async with (
             httpx.AsyncClient(timeout=120) as client,
@@ -137,10 +153,12 @@ async def bench(url: str, model: str, rounds: int, max_tokens: int, target: str)
             await direct(client, url, body)  # warm-up: model pages, connection
             await through_engine(engine, request)
             await through_router(stub, max_tokens)
+            await through_router(stub, max_tokens, "routed")
             for _ in range(rounds):
                 runs["direct"].append(await direct(client, url, body))
                 runs["engine"].append(await through_engine(engine, request))
                 runs["router"].append(await through_router(stub, max_tokens))
+                runs["routed"].append(await through_router(stub, max_tokens, "routed"))
     finally:
         await engine.aclose()
     tokens = {r.tokens for rs in runs.values() for r in rs}
@@ -157,6 +175,13 @@ async def bench(url: str, model: str, rounds: int, max_tokens: int, target: str)
         base,
         "goal >= 0.95",
     )
+    line(
+        "llama.cpp server, through a routed deployment of 1 replica",
+        statistics.median(r.tok_s for r in runs["routed"]),
+        "tok/s",
+        routed,
+        "(baseline: the plain model above)",
+    )
     # Each round's two runs are adjacent in time, so their ratio sees the same machine load.
     paired = statistics.median(
         e.tok_s / d.tok_s for d, e in zip(runs["direct"], runs["engine"], strict=True)
@@ -166,6 +191,10 @@ async def bench(url: str, model: str, rounds: int, max_tokens: int, target: str)
     mine_ttft = statistics.median(r.ttft_s for r in runs["engine"]) * 1e3
     line("first token, httpx client straight (baseline)", base_ttft, "ms")
     line("first token, through OpenAIHttpEngine", mine_ttft, "ms", base_ttft)
+    plain_ttft = statistics.median(r.ttft_s for r in runs["router"]) * 1e3
+    routed_ttft = statistics.median(r.ttft_s for r in runs["routed"]) * 1e3
+    line("first token, router, plain model (baseline)", plain_ttft, "ms")
+    line("first token, router, routed deployment of 1 replica", routed_ttft, "ms", plain_ttft)
     # Client CPU per token: the engine's own cost, steadier than tok/s on a shared machine.
     base_cpu = statistics.median(r.cpu_s / r.tokens for r in runs["direct"]) * 1e6
     mine_cpu = statistics.median(r.cpu_s / r.tokens for r in runs["engine"]) * 1e6
