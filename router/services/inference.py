@@ -193,7 +193,8 @@ class InferenceServicer:
             if scope.identity is not None and scope.identity.subject != "anonymous":
                 split_key = scope.identity.subject  # a caller stays on one side of an A/B split
             model = self._models.get(message.model, "generate", task=message.task, key=split_key)
-        scope.use_model(model.name)
+        # Allowlists name what the client named: an alias allows what it splits across.
+        scope.use_model(message.model or model.name)
         which = message.WhichOneof("input")
         messages = None
         prompt = None
