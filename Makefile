@@ -14,10 +14,16 @@ NATIVE_SRC := $(wildcard native/CMakeLists.txt native/src/*.cpp native/include/i
 PROTO_DEPS := build/proto-deps
 PROTO_DEPS_STAMP := $(PROTO_DEPS)/google/api/annotations.proto
 
-.PHONY: run test lint bench install native protos protos-check buf-breaking prepare clean
+# The KServe v2 (Open Inference Protocol) client stubs of backends/remote_kserve.py.
+KSERVE_PROTO := backends/kserve/grpc_predict_v2.proto
+# A real KServe v2 server for the tests (tests/kserve_server.py): the kserve package pins other
+# grpcio/protobuf versions than ours, so it lives in a venv of its own.
+KSERVE_VENV := build/kserve-venv
+
+.PHONY: run test lint bench install native protos kserve-protos protos-check buf-breaking prepare clean
 
 # Everything a fresh machine needs: the venv, Python deps, the native extension, Node tools.
-install: $(VENV)/.installed node_modules/.installed $(PROTO_DEPS_STAMP)
+install: $(VENV)/.installed node_modules/.installed $(PROTO_DEPS_STAMP) $(KSERVE_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(NATIVE_SRC)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +40,15 @@ native: $(VENV)/.installed
 $(PROTO_DEPS_STAMP): $(VENV)/.installed
 	rm -rf $(PROTO_DEPS) && mkdir -p $(PROTO_DEPS)/google/api
 	cp "$$($(PY) -c 'import google.api.annotations_pb2 as m, os; print(os.path.dirname(m.__file__))')"/{annotations,http}.proto $(PROTO_DEPS)/google/api/
+
+# llama-cpp-python at .venv's version, so pip reuses the wheel it built for .venv (a fresh build
+# takes ~6 minutes).
+$(KSERVE_VENV)/.installed: $(VENV)/.installed
+	test -x $(KSERVE_VENV)/bin/python || python3 -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install -q --upgrade pip
+	$(KSERVE_VENV)/bin/pip install -q 'kserve>=0.21' \
+	  "llama-cpp-python==$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')"
+	touch $@
 
 node_modules/.installed: package.json
 	npm install --no-audit --no-fund --silent
@@ -58,9 +73,16 @@ protos: $(VENV)/.installed $(PROTO_DEPS_STAMP)
 	  $(PROTO_OUT)/irouter/v1/*.py $(PROTO_OUT)/irouter/v1/*.pyi
 	touch $(PROTO_OUT)/irouter/__init__.py $(PROTO_OUT)/irouter/v1/__init__.py
 
-protos-check: protos
-	git diff --exit-code -- $(PROTO_OUT) || (echo "router/proto is stale: run 'make protos' and commit" >&2; exit 1)
-	test -z "$$(git status --porcelain -- $(PROTO_OUT))" || (echo "router/proto has uncommitted files: run 'make protos' and commit" >&2; exit 1)
+# Generated next to the .proto from the repository root, so the stubs import each other as
+# backends.kserve.* with no rewriting.
+kserve-protos: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I. \
+	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(KSERVE_PROTO)
+
+protos-check: protos kserve-protos
+	git diff --exit-code -- $(PROTO_OUT) backends/kserve || (echo "generated stubs are stale: run 'make protos kserve-protos' and commit" >&2; exit 1)
+	test -z "$$(git status --porcelain -- $(PROTO_OUT) backends/kserve)" || (echo "router/proto or backends/kserve has uncommitted files: run 'make protos kserve-protos' and commit" >&2; exit 1)
 
 # Breaking-change check against the previous commit (skipped when there is none). That commit's
 # protos are exported next to a copy of $(PROTO_DEPS), which git does not hold; only the protos

@@ -14,7 +14,13 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
-BACKEND_KINDS: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt_llm", "openai_http")
+BACKEND_KINDS: tuple[str, ...] = (
+    "onnxruntime",
+    "openvino",
+    "tensorrt_llm",
+    "openai_http",
+    "kserve_grpc",
+)
 """Values accepted by create_backend(kind=...)."""
 PRECISIONS: tuple[str, ...] = ("", "f32", "bf16", "f16")
 """OpenVINO inference precisions; '' keeps the device default (bf16 on CPUs that have it)."""
@@ -240,6 +246,21 @@ def create_backend(kind: str, model_dir: Path, **options: Any) -> Engine:
                 max_connections=max(remote.max_connections, int(options["max_slots"])),
                 vocab_size=int(manifest["vocab_size"]),
             )
+        )
+    if kind == "kserve_grpc":
+        if model_kind != "decoder":
+            raise ValueError("backend 'kserve_grpc' serves generation models only")
+        import dataclasses
+
+        from backends.remote_kserve import KServeEngine
+
+        return KServeEngine(
+            dataclasses.replace(
+                options["kserve"],
+                context_length=int(options["max_context"]),
+                vocab_size=int(manifest["vocab_size"]),
+            ),
+            max_slots=int(options["max_slots"]),
         )
     if kind == "tensorrt_llm":
         if model_kind != "decoder":

@@ -17,6 +17,7 @@ import yaml
 
 from backends.base import BACKEND_KINDS, PRECISIONS
 from backends.openai_http import OpenAIHttpConfig
+from backends.remote_kserve import KServeConfig
 from router.cache.config import CacheConfig
 from router.guard.config import GuardConfig
 from router.retrieval.config import RagConfig
@@ -75,6 +76,9 @@ class ModelConfig:
     """openai_http: the OpenAI-compatible server (url, model, dialect, timeouts, ...). The
     artifact still supplies the tokenizer and chat template: the router renders the prompt
     (generation), or validates and counts the texts it sends to /v1/embeddings (embedding)."""
+    kserve: KServeConfig | None = None
+    """kserve_grpc: the KServe v2 gRPC server (url 'host:port', model, tensor names, stream,
+    timeouts). The artifact still supplies the tokenizer and chat template."""
     threads: int = 2
     """Intra-op threads of the backend."""
     max_context: int = 2048
@@ -117,6 +121,17 @@ class ModelConfig:
                 self.remote.validate()
             except ValueError as exc:
                 raise ConfigError(f"{where}.remote: {exc}") from None
+        if (self.kserve is not None) != (self.backend == "kserve_grpc"):
+            raise ConfigError(
+                f"{where}.kserve is required by backend 'kserve_grpc' and applies to it only"
+            )
+        if self.kserve is not None:
+            if self.kind != "generate":
+                raise ConfigError(f"{where}: backend 'kserve_grpc' serves generation models only")
+            try:
+                self.kserve.validate()
+            except ValueError as exc:
+                raise ConfigError(f"{where}.kserve: {exc}") from None
         if self.engine_path and self.backend != "tensorrt_llm":
             raise ConfigError(f"{where}.engine_path applies to backend 'tensorrt_llm' only")
         if self.backend == "tensorrt_llm" and (
@@ -304,6 +319,13 @@ def replica_model(model: ModelConfig, deployment: str, replica: Any) -> ModelCon
         )
     else:
         changes["remote"] = None
+    if replica.backend == "kserve_grpc":
+        kbase = model.kserve or KServeConfig(url=replica.url, model=model.name)
+        changes["kserve"] = dataclasses.replace(
+            kbase, url=replica.url, model=replica.remote_model or kbase.model
+        )
+    else:
+        changes["kserve"] = None
     if replica.device:
         changes["device"] = replica.device
     elif model.backend != replica.backend:
@@ -390,7 +412,13 @@ def _build(cls: type[Any], data: Any, where: str) -> Any:
         except ConfigError:
             raise
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            # Name the section unless the message already does (nested sections such as a
+            # model's `remote:` report their fields relative to themselves).
+            path = where.removeprefix("config.")
+            message = str(exc)
+            raise ConfigError(
+                message if message.startswith(path) else f"{path}: {message}"
+            ) from None
     return built
 
 

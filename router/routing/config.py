@@ -68,8 +68,8 @@ class ReplicaConfig:
                 f"{where} sets both device={self.device!r} and url={self.url!r}; a replica is "
                 "either a local engine on a device or a remote URL"
             )
-        if self.url and "://" not in self.url:
-            raise ValueError(f"{where}.url={self.url!r} needs a scheme, e.g. http://host:8000/v1")
+        # The URL's form is the backend's business (http://host:port for openai_http, host:port
+        # for kserve_grpc): checked where the replica's model config is built.
         _positive(f"{where}.weight", self.weight)
         if self.remote_model and not self.url:
             raise ValueError(f"{where}.remote_model applies to a remote replica (one with a url)")

@@ -213,6 +213,8 @@ class ServedModels:
                 options |= {"device": cfg.device, "engine_path": cfg.engine_path}
             if cfg.backend == "openai_http":
                 options |= {"remote": cfg.remote}
+            if cfg.backend == "kserve_grpc":
+                options |= {"kserve": cfg.kserve}
             if cfg.backend == "openvino":
                 options |= {
                     "device": cfg.device,

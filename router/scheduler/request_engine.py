@@ -20,17 +20,16 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 
 from backends.base import GenerationChunk, GenerationRequest, RequestEngine, UnsupportedParameter
-from backends.openai_wire import RemoteError, RemoteHTTPError, RemoteTimeout
+from backends.openai_wire import RemoteError
 from router.errors import (
-    DeadlineExceeded,
     Internal,
     InvalidArgument,
     ResourceExhausted,
     RouterError,
-    Unavailable,
 )
 from router.scheduler.detokenizer import Detokenizer, StopStrings, TokenDecoder
 from router.scheduler.engine import Chunk, EngineLimits
+from router.scheduler.remote_errors import remote_error
 from router.scheduler.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -250,14 +249,8 @@ class RequestEngineAdapter:
                     yield chunk
                     return
                 yield chunk
-        except RemoteTimeout as exc:
-            raise DeadlineExceeded(f"model {self.name!r}: {exc}") from None
-        except RemoteHTTPError as exc:
-            if 400 <= exc.status < 500 and not exc.retryable:
-                raise InvalidArgument(f"model {self.name!r} refused the request: {exc}") from None
-            raise Unavailable(f"model {self.name!r}: {exc}") from None
         except RemoteError as exc:
-            raise Unavailable(f"model {self.name!r}: {exc}") from None
+            raise remote_error(self.name, exc) from None
         except UnsupportedParameter as exc:
             request.status = RequestStatus.FINISHED_ERROR
             raise InvalidArgument(

@@ -86,6 +86,20 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("cache: {semantic: {enabled: true, embedding_model: e5}}", "embedding_model='e5'"),
         ("cache: {semantic: {threshold: 2}}", "threshold=2"),
         ("retrieval: {rag: {template: 'no placeholders'}}", "must contain {passages}"),
+        (
+            "models: [{name: a, kind: generate, artifact: x, backend: kserve_grpc}]",
+            "models['a'].kserve is required by backend 'kserve_grpc'",
+        ),
+        (
+            "models: [{name: a, kind: generate, artifact: x, backend: kserve_grpc,"
+            " kserve: {url: 'http://h/v2', model: m}}]",
+            "models[0].kserve: url='http://h/v2' must be 'host:port'",
+        ),
+        (
+            "models: [{name: a, kind: embed, artifact: x, backend: kserve_grpc,"
+            " kserve: {url: 'h:1', model: m}}]",
+            "backend 'kserve_grpc' serves generation models only",
+        ),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -261,6 +275,11 @@ def test_replica_model_takes_the_replicas_backend_and_url() -> None:
             "{deployments: [{name: d, model: smol, replicas: [{name: r, remote_model: m}]}]}",
             "remote_model applies to a remote replica",
         ),
+        (
+            "{deployments: [{name: d, model: smol,"
+            " replicas: [{name: r, backend: openai_http, url: 'h:8000'}]}]}",
+            "replicas['r']: models['d/r'].remote: url='h:8000' must start with http://",
+        ),
     ],
 )
 def test_bad_routing_is_named(tmp_path: Path, routing: str, message: str) -> None:
@@ -269,3 +288,32 @@ def test_bad_routing_is_named(tmp_path: Path, routing: str, message: str) -> Non
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     assert message in str(info.value)
+
+
+def test_kserve_model_and_replica_load(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        _MODELS
+        + """
+  - name: trt
+    kind: generate
+    artifact: smollm2-135m-instruct
+    backend: kserve_grpc
+    kserve: {url: "grpc://10.0.0.7:8001", model: ensemble, stream: "off"}
+routing:
+  deployments:
+    - name: d
+      model: smol
+      replicas: [{name: t, backend: kserve_grpc, url: "10.0.0.9:8001", remote_model: ensemble}]
+"""
+    )
+    config = load_config(path, env={})
+    trt = next(m for m in config.models if m.name == "trt")
+    assert trt.kserve is not None and trt.kserve.target == "10.0.0.7:8001"
+    from router.config import replica_model
+
+    dep = config.routing.deployment("d")
+    smol = next(m for m in config.models if m.name == "smol")
+    replica = replica_model(smol, "d", dep.replicas[0])
+    assert replica.kserve is not None and replica.remote is None
+    assert (replica.kserve.url, replica.kserve.model) == ("10.0.0.9:8001", "ensemble")

@@ -125,10 +125,6 @@ B = "{name: b, replicas: [{name: r0}]}"
             r"replicas\['r0'\] sets both device='cpu' and url='http://h/v1'",
         ),
         (
-            _deployments("{name: a, replicas: [{name: r0, url: 'h:8000'}]}"),
-            r"url='h:8000' needs a scheme",
-        ),
-        (
             _deployments("{name: a, replicas: [{name: r0}], balancer: random}"),
             r"balancer='random' must be one of \['p2c', 'round_robin', 'affinity'\]",
         ),
