@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copyreg
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -207,50 +208,69 @@ class RouterServer:
         """Active health checks: ask each loaded replica whether it is ready, every
         deployment's interval, and take it out of rotation (or put it back) after the configured
         run of failures (or passes)."""
-        dispatcher = self.models.dispatcher
-        assert dispatcher is not None
         runs: dict[str, int] = {}  # replica → passes (> 0) or failures (< 0) in a row
         due: dict[str, float] = {}
+        # Each check runs as its own task: a replica that is slow to answer (busy, or hung until
+        # timeout_s) must not delay the checks of the others.
+        checking: dict[str, asyncio.Task[None]] = {}
         loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            for deployment in self.models:
-                dc = deployment.deployment
-                if dc is None or not dc.health_check.enabled:
-                    continue
-                hc = dc.health_check
-                for replica in deployment.replicas:
-                    if replica.engine is None or due.get(replica.name, 0.0) > now:
+        try:
+            while True:
+                now = loop.time()
+                for deployment in self.models:
+                    dc = deployment.deployment
+                    if dc is None or not dc.health_check.enabled:
                         continue
-                    due[replica.name] = now + hc.interval_s
-                    assert replica.replica is not None
-                    try:
-                        async with asyncio.timeout(hc.timeout_s):
-                            ok = await replica.engine.ready()
-                    except Exception:  # a probe that raises or times out failed
-                        ok = False
-                    result = "pass" if ok else "fail"
-                    self.metrics.health_checks.labels(dc.name, replica.replica.name, result).inc()
-                    run = runs.get(replica.name, 0)
-                    run = max(run, 0) + 1 if ok else min(run, 0) - 1
-                    runs[replica.name] = run
-                    was = replica.ready
-                    if ok and run >= hc.healthy_after:
-                        replica.ready = True
-                        replica.error = ""
-                    elif not ok and -run >= hc.unhealthy_after:
-                        replica.ready = False
-                        replica.error = f"failed {-run} health check(s) in a row"
-                    if replica.ready != was:
-                        dispatcher.set_healthy(dc.name, replica.replica.name, replica.ready)
-                        logger.warning(
-                            "replica %s is %s rotation (%s)",
-                            replica.name,
-                            "back in" if replica.ready else "out of",
-                            replica.error or "health checks pass",
-                        )
-                        await self._publish(deployment)
-            await asyncio.sleep(min(_CHECK_TICK_S, *self._intervals()))
+                    for replica in deployment.replicas:
+                        name = replica.name
+                        if replica.engine is None or name in checking:
+                            continue
+                        if due.get(name, 0.0) > now:
+                            continue
+                        due[name] = now + dc.health_check.interval_s
+                        task = loop.create_task(self._check_one(deployment, replica, runs))
+                        checking[name] = task
+                        task.add_done_callback(functools.partial(_forget, checking, name))
+                await asyncio.sleep(min(_CHECK_TICK_S, *self._intervals()))
+        finally:
+            for task in list(checking.values()):
+                task.cancel()
+
+    async def _check_one(
+        self, deployment: ServedModel, replica: ServedModel, runs: dict[str, int]
+    ) -> None:
+        """One health check of one replica, and what follows from it."""
+        dispatcher = self.models.dispatcher
+        dc = deployment.deployment
+        assert dispatcher is not None and dc is not None
+        assert replica.engine is not None and replica.replica is not None
+        hc = dc.health_check
+        try:
+            async with asyncio.timeout(hc.timeout_s):
+                ok = await replica.engine.ready()
+        except Exception:  # a probe that raises or times out failed
+            ok = False
+        result = "pass" if ok else "fail"
+        self.metrics.health_checks.labels(dc.name, replica.replica.name, result).inc()
+        run = runs.get(replica.name, 0)
+        run = max(run, 0) + 1 if ok else min(run, 0) - 1
+        runs[replica.name] = run
+        was = replica.ready
+        if ok and run >= hc.healthy_after:
+            replica.ready = True
+            replica.error = ""
+        elif not ok and -run >= hc.unhealthy_after:
+            replica.ready = False
+            replica.error = f"failed {-run} health check(s) in a row"
+        if replica.ready != was:
+            dispatcher.set_healthy(dc.name, replica.replica.name, replica.ready)
+            logger.warning(
+                "replica %s is %s rotation (%s)",
+                replica.name,
+                "back in" if replica.ready else "out of",
+                replica.error or "health checks pass",
+            )
+            await self._publish(deployment)
 
     def _intervals(self) -> list[float]:
         return [
@@ -321,6 +341,11 @@ class RouterServer:
         if self.guard is not None:
             self.guard.recorder.flush()
             await self.guard.close()
+
+
+def _forget(checking: dict[str, asyncio.Task[None]], name: str, _: asyncio.Task[None]) -> None:
+    """Done callback of a health check: the replica may be checked again."""
+    checking.pop(name, None)
 
 
 async def serve(config: RouterConfig, *, worker: int = 0) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -118,13 +119,50 @@ class OpenAIServer:
         self.stop()
         self._log.close()
 
+    # ---- faults, for the routing tests ---------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is running (a paused one is)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, no clean shutdown, open connections reset (then reaped)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def pause(self) -> None:
+        """A hang: SIGSTOP. The kernel still accepts connections, nothing answers."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause() (harmless when not paused)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> OpenAIServer:
+        """Start again on the same port (after kill() or stop()) and wait until it answers."""
+        self.stop()
+        if not self._launch():
+            raise RuntimeError(f"{self.module} did not restart on {self.url}:\n{self.output()}")
+        return self
+
 
 @contextlib.contextmanager
 def running_llama_server(
-    gguf: Path, *, alias: str = "smollm2", n_ctx: int = 2048, threads: int = 2
+    gguf: Path,
+    *,
+    alias: str = "smollm2",
+    n_ctx: int = 2048,
+    threads: int = 2,
+    threads_batch: int | None = None,
 ) -> Iterator[OpenAIServer]:
     """llama-cpp-python's OpenAI server on `gguf`, serving one request at a time to the end
-    (--interrupt_requests False: by default a new request cancels the running stream)."""
+    (--interrupt_requests False: by default a new request cancels the running stream).
+    `threads_batch`: threads for prompt processing (None: the server's default, every core)."""
     args = [
         "--model", str(gguf),
         "--model_alias", alias,
@@ -132,6 +170,8 @@ def running_llama_server(
         "--n_threads", str(threads),
         "--interrupt_requests", "False",
     ]  # fmt: skip
+    if threads_batch is not None:
+        args += ["--n_threads_batch", str(threads_batch)]
     server = OpenAIServer("llama_cpp.server", args, model=alias)
     try:
         yield server.start()

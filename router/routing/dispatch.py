@@ -459,8 +459,11 @@ class Dispatcher:
                             if may_retry(streamed):
                                 self._failed(call, info, error)
                                 break  # to the next attempt
-                            if isinstance(error, RouterError):
+                            if isinstance(error, RouterError) and not isinstance(
+                                error, Unavailable
+                            ):
                                 raise
+                            # Tell the client that part of the answer had already arrived.
                             raise Unavailable(
                                 f"deployment {info.deployment!r} replica {replica.name!r} failed "
                                 f"after {streamed} streamed item(s): {describe(error)}"

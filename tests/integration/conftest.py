@@ -68,5 +68,5 @@ def llama() -> Iterator[OpenAIServer]:
     reason = llama_cpp_missing()
     if reason:
         pytest.skip(reason)
-    with running_llama_server(smollm2_gguf_path(), threads=1) as server:
+    with running_llama_server(smollm2_gguf_path(), threads=1, threads_batch=1) as server:
         yield server
