@@ -49,6 +49,9 @@ class CachedAnswer:
     pieces: tuple[tuple[tuple[int, ...], str], ...]
     finish: RequestStatus
     prompt_tokens: int
+    completion_tokens: int = -1
+    """Tokens the engine generated; -1: the pieces' ids count them. Engines that stream text only
+    (remote servers) send pieces without ids, so their count is kept here for usage on hits."""
     token_ids: tuple[int, ...] = field(init=False, compare=False)
     """All pieces' ids, and `text` all their text: a unary hit is answered from these."""
     text: str = field(init=False, compare=False)
@@ -59,7 +62,7 @@ class CachedAnswer:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) if self.completion_tokens < 0 else self.completion_tokens
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -68,6 +71,7 @@ class CachedAnswer:
                 "f": int(self.finish),
                 "n": self.prompt_tokens,
                 "p": [[list(i), t] for i, t in self.pieces],
+                "c": self.completion_tokens,
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -83,11 +87,12 @@ class CachedAnswer:
             finish = RequestStatus(raw["f"])
             prompt_tokens = int(raw["n"])
             pieces = tuple((tuple(int(t) for t in ids), str(text)) for ids, text in raw["p"])
+            completion_tokens = int(raw.get("c", -1))  # absent in entries written before it
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"not a cached answer: {exc}") from None
         if finish not in _CACHEABLE:
             raise ValueError(f"not a cached answer: finish {finish!r}")
-        return cls(pieces, finish, prompt_tokens)
+        return cls(pieces, finish, prompt_tokens, completion_tokens)
 
 
 def model_build(name: str, manifest: dict[str, Any]) -> str:

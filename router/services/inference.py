@@ -329,10 +329,15 @@ class InferenceServicer:
                 yield chunk
             return
         last = len(cached.pieces) - 1
+        # Pieces without ids (text-only engines): the last chunk carries the uncounted tokens.
+        uncounted = cached.num_tokens - len(cached.token_ids)
         for i, (ids, text) in enumerate(cached.pieces):
-            yield Chunk(ids, text, cached.finish if i == last else RequestStatus.RUNNING)
+            if i < last:
+                yield Chunk(ids, text, RequestStatus.RUNNING)
+            else:
+                yield Chunk(ids, text, cached.finish, tokens=len(ids) + uncounted)
         if last < 0:
-            yield Chunk((), "", cached.finish)
+            yield Chunk((), "", cached.finish, tokens=uncounted)
 
     async def _pieces(self, prepared: Prepared, scope: CallScope) -> AsyncIterator[Piece]:
         """The chunks, timed, counted, passed through the output guardrails, and stored in the
@@ -378,7 +383,7 @@ class InferenceServicer:
                         )
                         return
                 if finished and store:
-                    answer = CachedAnswer(tuple(raw), chunk.status, prepared.num_prompt)
+                    answer = CachedAnswer(tuple(raw), chunk.status, prepared.num_prompt, tokens)
                     self._remember(prepared, answer)
                 reason = _FINISH[chunk.status] if finished else pb.FINISH_REASON_UNSPECIFIED
                 yield Piece(chunk.token_ids, text, reason, "", chunk.num_tokens)
@@ -433,7 +438,7 @@ class InferenceServicer:
             # A hit with no output guardrails: the whole answer at once, no piece loop.
             ids = cached.token_ids
             text = cached.text
-            completion = len(ids)
+            completion = cached.num_tokens
             scope.record_usage(completion)
             finish, filter_reason = _FINISH[cached.finish], ""
         else:

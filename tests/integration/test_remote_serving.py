@@ -144,3 +144,27 @@ async def test_usage_counts_the_tokens_of_a_text_only_stream(
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert chunks[-1].usage.completion_tokens == 10
     assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 10
+
+
+async def test_a_cached_remote_answer_keeps_its_token_count(
+    stub: pb_grpc.InferenceServiceStub,
+) -> None:
+    """A text-only stream has no token ids to count on a cache hit: the count is stored."""
+    request = pb.CompleteRequest(
+        model="remote",
+        chat=chat("Name one colour."),
+        sampling=pb.SamplingParams(max_tokens=5, temperature=0.0),
+    )
+    first = await stub.Complete(request)
+    again = await stub.Complete(request)
+    assert first.cache_status == pb.CACHE_STATUS_MISS
+    assert again.cache_status == pb.CACHE_STATUS_EXACT_HIT and again.text == first.text
+    assert again.usage.completion_tokens == first.usage.completion_tokens > 0
+    streamed = [
+        c
+        async for c in stub.Generate(
+            pb.GenerateRequest(model="remote", chat=request.chat, sampling=request.sampling)
+        )
+    ]
+    assert streamed[-1].cache_status == pb.CACHE_STATUS_EXACT_HIT
+    assert streamed[-1].usage.completion_tokens == first.usage.completion_tokens
