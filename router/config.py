@@ -312,20 +312,19 @@ class RouterConfig:
 def replica_model(model: ModelConfig, deployment: str, replica: Any) -> ModelConfig:
     """The models[] entry as one replica of a deployment runs it: its backend, device or URL."""
     changes: dict[str, Any] = {"name": f"{deployment}/{replica.name}", "backend": replica.backend}
-    if replica.backend == "openai_http":
-        base = model.remote or OpenAIHttpConfig(url=replica.url, model=model.name)
-        changes["remote"] = dataclasses.replace(
+    # Each remote backend's section: the model's own when it has one, at the replica's URL.
+    remotes: dict[str, tuple[str, type[OpenAIHttpConfig] | type[KServeConfig]]] = {
+        "openai_http": ("remote", OpenAIHttpConfig),
+        "kserve_grpc": ("kserve", KServeConfig),
+    }
+    for backend, (key, cls) in remotes.items():
+        if replica.backend != backend:
+            changes[key] = None
+            continue
+        base = getattr(model, key) or cls(url=replica.url, model=model.name)
+        changes[key] = dataclasses.replace(
             base, url=replica.url, model=replica.remote_model or base.model
         )
-    else:
-        changes["remote"] = None
-    if replica.backend == "kserve_grpc":
-        kbase = model.kserve or KServeConfig(url=replica.url, model=model.name)
-        changes["kserve"] = dataclasses.replace(
-            kbase, url=replica.url, model=replica.remote_model or kbase.model
-        )
-    else:
-        changes["kserve"] = None
     if replica.device:
         changes["device"] = replica.device
     elif model.backend != replica.backend:

@@ -57,7 +57,7 @@ class Embedder:
         truncate: bool = False,
     ) -> EmbedPlan:
         """Look the texts up and tokenize the ones not cached (validated as
-        `ServedModels.tokenize_texts` does). Nothing is embedded yet: the caller may charge
+        `ServedModels.encode_texts` does). Nothing is embedded yet: the caller may charge
         `plan.tokens` to a quota first. Cached texts count the tokens they took when first
         embedded."""
         out = np.empty((len(texts), model.dimension), dtype=np.float32)

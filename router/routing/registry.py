@@ -423,23 +423,6 @@ class ServedModels:
                 field="texts",
             )
 
-    def tokenize_texts(
-        self,
-        model: ServedModel,
-        texts: Sequence[str],
-        *,
-        positions: Sequence[int] | None = None,
-        field: str = "texts",
-        truncate: bool = False,
-    ) -> list[list[int]]:
-        """Encoder token ids per text; see `encode_texts`."""
-        return [
-            piece.ids
-            for piece in self.encode_texts(
-                model, texts, positions=positions, field=field, truncate=truncate
-            )
-        ]
-
     def encode_texts(
         self,
         model: ServedModel,

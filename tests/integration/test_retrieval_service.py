@@ -241,13 +241,13 @@ def stdlib_sentences() -> list[str]:
 
 
 async def embed_all(router: RouterServer, texts: list[str]) -> np.ndarray:
-    model = router.models.get(EMB, "embed")
-    assert model.batcher is not None
+    models = router.models
+    model = models.get(EMB, "embed")
     step = model.config.max_batch
     parts = []
     for start in range(0, len(texts), step):
-        ids = router.models.tokenize_texts(model, texts[start : start + step])
-        parts.append(await model.batcher.embed(ids))
+        pieces = models.encode_texts(model, texts[start : start + step])
+        parts.append(await models.embed_pieces(model, pieces))
     return np.concatenate(parts).astype(np.float32)
 
 
