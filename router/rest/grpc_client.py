@@ -4,6 +4,7 @@ end when the HTTP client goes away."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +47,14 @@ def call_metadata(headers: Headers) -> tuple[tuple[str, str], ...]:
             raise bad_request(f"header {name!r} must be printable ASCII", code="invalid_header")
         out.append((name, value))
     return tuple(out)
+
+
+def session_id(user: str) -> str:
+    """A metadata-safe session id for an end-user id: as is when it is short printable ASCII,
+    else a digest of it (gRPC metadata values must be printable ASCII)."""
+    if len(user) <= 128 and user.isascii() and user.isprintable():
+        return user
+    return hashlib.blake2b(user.encode(), digest_size=16).hexdigest()
 
 
 def call_timeout(headers: Headers, limit_s: float) -> float:
@@ -99,12 +108,21 @@ class RouterClient:
             raise ApiError(503, "the REST proxy is not connected", "service_unavailable_error")
         return self._stub
 
-    def options(self, request: Request) -> tuple[float, tuple[tuple[str, str], ...]]:
-        """(timeout, metadata) for a call made on behalf of `request`."""
-        return call_timeout(request.headers, self._timeout_s), call_metadata(request.headers)
+    def options(
+        self, request: Request, session: str | None = None
+    ) -> tuple[float, tuple[tuple[str, str], ...]]:
+        """(timeout, metadata) for a call made on behalf of `request`; `session` (the OpenAI
+        body's `user`) becomes the x-session-id the router routes a conversation by, unless the
+        client sent that header itself."""
+        metadata = call_metadata(request.headers)
+        if session and "x-session-id" not in request.headers:
+            metadata += (("x-session-id", session_id(session)),)
+        return call_timeout(request.headers, self._timeout_s), metadata
 
-    async def complete(self, request: Request, message: pb.CompleteRequest) -> pb.CompleteResponse:
-        timeout, metadata = self.options(request)
+    async def complete(
+        self, request: Request, message: pb.CompleteRequest, session: str | None = None
+    ) -> pb.CompleteResponse:
+        timeout, metadata = self.options(request, session)
         call = self.stub.Complete(message, timeout=timeout, metadata=metadata)
         return await unary_call(request, call)
 
@@ -119,11 +137,11 @@ class RouterClient:
         return await unary_call(request, call)
 
     def generate(
-        self, request: Request, message: pb.GenerateRequest
+        self, request: Request, message: pb.GenerateRequest, session: str | None = None
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The streamed chunks; closing the iterator (as Starlette does when the client
         disconnects during a streamed response) cancels the call."""
-        timeout, metadata = self.options(request)
+        timeout, metadata = self.options(request, session)
         call = self.stub.Generate(message, timeout=timeout, metadata=metadata)
         return _chunks(call)
 

@@ -75,11 +75,12 @@ class OpenAIRoutes:
             raise bad_request("tools and functions are not supported", param="tools")
         params = schema.sampling(body)
         stream, include_usage = schema.get_stream(body)
+        session = schema.get_str(body, "user")
         if stream:
             generate = pb.GenerateRequest(model=model, chat=messages, sampling=params)
-            return await self._stream(request, generate, include_usage, _chat_chunk)
+            return await self._stream(request, generate, include_usage, _chat_chunk, session)
         answer = await self._client.complete(
-            request, pb.CompleteRequest(model=model, chat=messages, sampling=params)
+            request, pb.CompleteRequest(model=model, chat=messages, sampling=params), session
         )
         return JSONResponse(
             {
@@ -108,11 +109,12 @@ class OpenAIRoutes:
             raise bad_request("'suffix' is not supported", param="suffix", code="unsupported")
         params = schema.sampling(body)
         stream, include_usage = schema.get_stream(body)
+        session = schema.get_str(body, "user")
         if stream:
             generate = pb.GenerateRequest(model=model, prompt=prompt, sampling=params)
-            return await self._stream(request, generate, include_usage, _text_chunk)
+            return await self._stream(request, generate, include_usage, _text_chunk, session)
         answer = await self._client.complete(
-            request, pb.CompleteRequest(model=model, prompt=prompt, sampling=params)
+            request, pb.CompleteRequest(model=model, prompt=prompt, sampling=params), session
         )
         return JSONResponse(
             {
@@ -139,10 +141,11 @@ class OpenAIRoutes:
         message: pb.GenerateRequest,
         include_usage: bool,
         chunk: Callable[[pb.GenerateResponse, int, bool], dict[str, Any]],
+        session: str | None,
     ) -> Response:
         """SSE: one event per router chunk, a usage-only chunk when asked, then [DONE]. The first
         chunk is awaited before answering so that a refused request gets its HTTP error code."""
-        chunks = self._client.generate(request, message)
+        chunks = self._client.generate(request, message, session)
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
