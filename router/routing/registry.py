@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -137,7 +137,7 @@ class ServedModels:
             assert self.dispatcher is not None
             for r in dep.replicas:
                 self.dispatcher.set_healthy(dep.name, r.name, False)  # until it has loaded
-        self.on_routing_change: Any = None
+        self.on_routing_change: Callable[[], None] | None = None
         """Called (no arguments) when a breaker changes state; the server republishes health."""
 
     def __iter__(self) -> Any:
