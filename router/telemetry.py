@@ -108,6 +108,12 @@ class Metrics:
             ["deployment", "replica", "state"],
             registry=r,
         )
+        self.routing_attempts = Counter(
+            "irouter_routing_attempts",
+            "Attempts sent to each replica (first tries, retries, hedges and fallbacks)",
+            ["deployment", "replica"],
+            registry=r,
+        )
         self.failed_attempts = Counter(
             "irouter_routing_failed_attempts",
             "Attempts on a replica that failed and were retried elsewhere or handed on",

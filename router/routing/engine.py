@@ -30,10 +30,13 @@ class RoutedEngine:
         next_id: Callable[[], int],
         *,
         hedged: bool = False,
+        on_attempt: Callable[[AttemptInfo], None] | None = None,
     ) -> None:
-        """`hedged`: the deployment hedges unary calls (see `_whole`)."""
+        """`hedged`: the deployment hedges unary calls (see `_whole`); `on_attempt` sees every
+        attempt before it starts (metrics)."""
         self.name = name
         self._hedged = hedged
+        self._on_attempt = on_attempt
         self._dispatcher = dispatcher
         self._lookup = lookup
         self._engines = engines
@@ -87,6 +90,8 @@ class RoutedEngine:
 
     async def _attempt(self, request: Request, info: AttemptInfo) -> AsyncGenerator[Chunk, None]:
         engine = self._lookup(info.deployment, info.replica.name)
+        if self._on_attempt is not None:
+            self._on_attempt(info)
         if info.attempt > 1:
             # A retry: the failed attempt's engine may have started on the request (status,
             # generated tokens), so the next one gets a fresh copy under a new engine id.

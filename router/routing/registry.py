@@ -100,6 +100,7 @@ class ServedModels:
     ):
         self._metrics = metrics
         self._engine_ids = 0
+        self._attempt_counters: dict[tuple[str, str], Any] = {}
         routing = routing or RoutingConfig()
         self.routing = routing
         self.aliases = dict(routing.aliases)
@@ -157,6 +158,13 @@ class ServedModels:
         if self.on_routing_change is not None:
             self.on_routing_change()
 
+    def _attempt_started(self, info: AttemptInfo) -> None:
+        key = (info.deployment, info.replica.name)
+        child = self._attempt_counters.get(key)
+        if child is None:
+            child = self._attempt_counters[key] = self._metrics.routing_attempts.labels(*key)
+        child.inc()
+
     def _attempt_failed(self, info: AttemptInfo, reason: str) -> None:
         self._metrics.failed_attempts.labels(info.deployment, info.replica.name).inc()
 
@@ -199,6 +207,7 @@ class ServedModels:
                 lambda: [r.engine for r in replicas if r.engine is not None],
                 self.next_engine_id,
                 hedged=model.deployment.hedging.enabled,
+                on_attempt=self._attempt_started,
             )
             return
         observer = self._metrics.model_observer(cfg.name)

@@ -40,6 +40,13 @@ def routing(dead_url: str) -> RoutingConfig:
                 health_check=CHECKS,
             ),
             DeploymentConfig(
+                name="sticky",
+                model=GEN,
+                balancer="affinity",
+                replicas=(ReplicaConfig(name="a"), ReplicaConfig(name="b")),
+                health_check=CHECKS,
+            ),
+            DeploymentConfig(
                 name="primary",
                 model=GEN,
                 replicas=(
@@ -284,3 +291,45 @@ async def test_openai_user_field_and_session_header_keep_a_caller_on_one_side(
             assert len(served) == 1, (user, served)
         listed = {m.id for m in (await client.models.list()).data}
         assert {"chat", "primary", "dead", "assistant"} <= listed
+
+
+def attempts(server: RouterServer, deployment: str) -> dict[str, float]:
+    get = server.metrics.registry.get_sample_value
+    return {
+        r: get("irouter_routing_attempts_total", {"deployment": deployment, "replica": r}) or 0.0
+        for r in ("a", "b")
+    }
+
+
+async def test_p2c_spreads_calls_over_both_replicas(
+    stub: pb_grpc.InferenceServiceStub, server: RouterServer
+) -> None:
+    before = attempts(server, "chat")
+    for i in range(12):
+        await stub.Complete(ask(f"Count to {i}", model="chat"))
+    after = attempts(server, "chat")
+    taken = {r: after[r] - before[r] for r in after}
+    assert sum(taken.values()) == 12 and min(taken.values()) >= 1, taken
+
+
+async def test_affinity_keeps_a_conversation_on_one_replica(
+    stub: pb_grpc.InferenceServiceStub, server: RouterServer
+) -> None:
+    before = attempts(server, "sticky")
+    opening = [pb.ChatMessage(role="user", content="Let us talk about rivers.")]
+    history = list(opening)
+    for i in range(6):
+        request = pb.CompleteRequest(
+            model="sticky",
+            chat=pb.ChatMessages(messages=history),
+            sampling=pb.SamplingParams(max_tokens=3, temperature=0.0),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+        answer = await stub.Complete(request)
+        history += [
+            pb.ChatMessage(role="assistant", content=answer.text),
+            pb.ChatMessage(role="user", content=f"And river {i}?"),
+        ]
+    after = attempts(server, "sticky")
+    taken = sorted(after[r] - before[r] for r in after)
+    assert taken == [0.0, 6.0]  # every turn of the conversation on the same replica
