@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -50,17 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "loadtest":
         return run_loadtest_cli(args)
+    reload = None
     try:
         if args.command == "serve":
-            config = load_config(
-                args.config,
-                overrides={
-                    "host": args.host,
-                    "port": args.port,
-                    "metrics_port": args.metrics_port,
-                    "workers": args.workers,
-                },
-            )
+            overrides = {
+                "host": args.host,
+                "port": args.port,
+                "metrics_port": args.metrics_port,
+                "workers": args.workers,
+            }
+            # SIGHUP reads the same sources again (picklable, for worker processes).
+            reload = functools.partial(load_config, args.config, overrides=overrides)
+            config = reload()
         else:
             config = load_config(getattr(args, "config", None))
     except ConfigError as exc:
@@ -110,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
     from router.server import run
 
-    return run(config)
+    return run(config, reload)

@@ -12,6 +12,7 @@ import multiprocessing.connection
 import os
 import signal
 import types
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,12 +21,13 @@ from grpc_reflection.v1alpha import reflection
 from router.cache.embedding import Embedder
 from router.cache.response import ResponseCache
 from router.cache.semantic import SemanticCache
-from router.config import RouterConfig
+from router.config import ConfigError, RouterConfig
 from router.guard.setup import Guard
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
 from router.retrieval.rag import Retriever
 from router.retrieval.store import CollectionStore
+from router.routing.config import RoutingConfig
 from router.routing.registry import ServedModel, ServedModels
 from router.scheduler.request import Priority, SamplingParams
 from router.services.inference import Answering, InferenceServicer
@@ -279,6 +281,13 @@ class RouterServer:
             if m.deployment is not None and m.deployment.health_check.enabled
         ] or [_CHECK_TICK_S]
 
+    async def reload_routing(self, routing: RoutingConfig) -> list[str]:
+        """Apply a new routing config to the running router (see ServedModels.reload_routing)
+        and republish the deployments' health; returns what changed."""
+        changes = self.models.reload_routing(routing)
+        await self._publish_all()
+        return changes
+
     def _routing_changed(self) -> None:
         """A breaker changed state: republish the deployments' health (once per burst)."""
         if self._publishing is None or self._publishing.done():
@@ -348,26 +357,52 @@ def _forget(checking: dict[str, asyncio.Task[None]], name: str, _: asyncio.Task[
     checking.pop(name, None)
 
 
-async def serve(config: RouterConfig, *, worker: int = 0) -> None:
+ConfigSource = Callable[[], RouterConfig]
+"""Reads the configuration again (file, environment, flags), for SIGHUP."""
+
+
+async def serve(
+    config: RouterConfig, *, worker: int = 0, reload: ConfigSource | None = None
+) -> None:
     router = RouterServer(config, worker=worker)
     await router.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(router, reload)))
     await stop.wait()
     logger.info("shutting down: in-flight calls get %.1fs", config.server.grace_seconds)
     await router.stop()
 
 
-def _run_one(config: RouterConfig, worker: int) -> None:
+async def _reload(router: RouterServer, reload: ConfigSource) -> None:
+    """SIGHUP: read the configuration again and apply its routing section; anything wrong is
+    logged and the running routing kept."""
+    try:
+        config = reload()
+        changes = await router.reload_routing(config.routing)
+    except ConfigError as exc:
+        logger.error("SIGHUP: routing not reloaded: %s", exc)
+        return
+    logger.info("SIGHUP: routing reloaded: %s", "; ".join(changes) or "nothing changed")
+
+
+def _run_one(config: RouterConfig, worker: int, reload: ConfigSource | None = None) -> None:
     import uvloop
 
     logging.basicConfig(
         level=config.server.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [w{worker}] %(name)s: %(message)s",
     )
-    uvloop.run(serve(config, worker=worker))
+    uvloop.run(serve(config, worker=worker, reload=reload))
+
+
+def _tell(procs: Sequence[multiprocessing.process.BaseProcess], signum: int) -> None:
+    for p in procs:
+        if p.pid is not None and p.is_alive():
+            os.kill(p.pid, signum)
 
 
 # Worker processes receive the config pickled (spawn). Config sections freeze their mappings in
@@ -379,16 +414,18 @@ def _frozen(data: dict[object, object]) -> types.MappingProxyType[object, object
 copyreg.pickle(types.MappingProxyType, lambda m: (_frozen, (dict(m),)))
 
 
-def run(config: RouterConfig) -> int:
+def run(config: RouterConfig, reload: ConfigSource | None = None) -> int:
     """Run the router; with workers > 1, N processes share the port via SO_REUSEPORT.
-    Returns the exit status: non-zero when a worker died on its own."""
+    `reload` (picklable) re-reads the configuration on SIGHUP, which is passed on to every
+    worker. Returns the exit status: non-zero when a worker died on its own."""
     workers = config.server.workers
     if workers == 1:
-        _run_one(config, 0)
+        _run_one(config, 0, reload)
         return 0
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_run_one, args=(config, i), name=f"irouter-w{i}") for i in range(workers)
+        ctx.Process(target=_run_one, args=(config, i, reload), name=f"irouter-w{i}")
+        for i in range(workers)
     ]
     for p in procs:
         p.start()
@@ -404,6 +441,7 @@ def run(config: RouterConfig) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, lambda signum, _frame: _tell(procs, signum))
     status = 0
     alive = list(procs)
     while alive:

@@ -35,7 +35,8 @@ class RoutedEngine:
         """`hedged`: the deployment hedges unary calls (see `_whole`); `on_attempt` sees every
         attempt before it starts (metrics)."""
         self.name = name
-        self._hedged = hedged
+        self.hedged = hedged
+        """Whether the deployment hedges unary calls (changes with a routing reload)."""
         self._on_attempt = on_attempt
         self._dispatcher = dispatcher
         self._lookup = lookup
@@ -61,7 +62,7 @@ class RoutedEngine:
         return self._dispatcher.health()[self.name].serving
 
     def generate(self, request: Request) -> AsyncIterator[Chunk]:
-        if request.unary and self._hedged:
+        if request.unary and self.hedged:
             return self._whole(request)
         return self._dispatcher.stream(
             self.name,

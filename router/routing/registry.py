@@ -32,7 +32,7 @@ from backends.base import (
 )
 from backends.openai_http import OpenAIHttpEmbedder
 from backends.openai_wire import RemoteError
-from router.config import ModelConfig, replica_model
+from router.config import ConfigError, ModelConfig, replica_model
 from router.errors import InvalidArgument, NotFound, Unavailable
 from router.models.chat_template import render_chat
 from router.models.prepare import smollm2_gguf_path
@@ -157,6 +157,42 @@ class ServedModels:
         log("replica %s: circuit %s -> %s", name, old.name.lower(), new.name.lower())
         if self.on_routing_change is not None:
             self.on_routing_change()
+
+    def reload_routing(self, routing: RoutingConfig) -> list[str]:
+        """Take a new, validated routing config that keeps every deployment's model and
+        replicas (names, backends, devices, URLs): weights, aliases, tasks, balancers,
+        breakers, retries, hedging, fallbacks and health checks change at once, for the calls
+        that start from now on. Returns what changed, in words; raises ConfigError naming what
+        would need a restart (a replica's engine is built once, at start)."""
+        old = self.routing
+        if self.dispatcher is None or not routing.deployments:
+            raise ConfigError(
+                "routing reload needs deployments both before and after; adding or removing "
+                "routing altogether needs a restart"
+            )
+        problems = _structural_changes(old, routing)
+        if problems:
+            raise ConfigError(
+                "routing reload can change weights, aliases, tasks and policies only; these "
+                f"need a restart: {'; '.join(problems)}"
+            )
+        healthy = {
+            (name, r.name): r.healthy
+            for name, health in self.dispatcher.health().items()
+            for r in health.replicas
+        }
+        self.dispatcher.reconfigure(routing)
+        for (deployment, replica), ok in healthy.items():
+            self.dispatcher.set_healthy(deployment, replica, ok)
+        for dc in routing.deployments:
+            shell = self._models[dc.name]
+            shell.deployment = dc
+            if isinstance(shell.engine, RoutedEngine):
+                shell.engine.hedged = dc.hedging.enabled
+        self.routing = routing
+        self.aliases = dict(routing.aliases)
+        self.tasks = dict(routing.tasks)
+        return _routing_diff(old, routing)
 
     def _attempt_started(self, info: AttemptInfo) -> None:
         key = (info.deployment, info.replica.name)
@@ -479,3 +515,37 @@ class ServedModels:
             return vectors
         assert model.batcher is not None
         return await model.batcher.embed([p.ids for p in pieces])
+
+
+def _structural_changes(old: RoutingConfig, new: RoutingConfig) -> list[str]:
+    """What differs between two routing configs beyond what a reload may change."""
+    problems = []
+    before = {d.name: d for d in old.deployments}
+    after = {d.name: d for d in new.deployments}
+    if set(before) != set(after):
+        added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+        problems.append(f"deployments added {added} / removed {removed}")
+    for name in sorted(set(before) & set(after)):
+        a, b = before[name], after[name]
+        if a.model_name != b.model_name:
+            problems.append(f"deployment {name!r} model {a.model_name!r} -> {b.model_name!r}")
+        engines_a = {r.name: dataclasses.replace(r, weight=1.0) for r in a.replicas}
+        engines_b = {r.name: dataclasses.replace(r, weight=1.0) for r in b.replicas}
+        if engines_a != engines_b:
+            problems.append(f"deployment {name!r} replicas (other than their weights)")
+    return problems
+
+
+def _routing_diff(old: RoutingConfig, new: RoutingConfig) -> list[str]:
+    """What a reload changed, for the log."""
+    changes = []
+    before = {d.name: d for d in old.deployments}
+    for dc in new.deployments:
+        if before[dc.name] != dc:
+            changes.append(f"deployment {dc.name!r}")
+    aliases = {name: dict(split) for name, split in new.aliases.items()}
+    if {name: dict(split) for name, split in old.aliases.items()} != aliases:
+        changes.append(f"aliases {aliases}")
+    if dict(old.tasks) != dict(new.tasks):
+        changes.append(f"tasks {dict(new.tasks)}")
+    return changes

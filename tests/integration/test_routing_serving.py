@@ -333,3 +333,49 @@ async def test_affinity_keeps_a_conversation_on_one_replica(
     after = attempts(server, "sticky")
     taken = sorted(after[r] - before[r] for r in after)
     assert taken == [0.0, 6.0]  # every turn of the conversation on the same replica
+
+
+async def test_reload_changes_weights_aliases_and_tasks_but_not_replicas(
+    stub: pb_grpc.InferenceServiceStub, server: RouterServer
+) -> None:
+    """Runs last in this module: it changes the routing of the shared server."""
+    import dataclasses
+
+    from router.config import ConfigError
+
+    old = server.models.routing
+    chat = old.deployment("chat")
+    heavier = dataclasses.replace(
+        chat, replicas=(dataclasses.replace(chat.replicas[0], weight=3.0), chat.replicas[1])
+    )
+    new = dataclasses.replace(
+        old,
+        deployments=tuple(heavier if d.name == "chat" else d for d in old.deployments),
+        aliases={"assistant": {"chat": 1.0}},
+        tasks={"code": "sticky", "chat": "assistant"},
+    ).validate()
+    changes = await server.reload_routing(new)
+    assert any("deployment 'chat'" in c for c in changes)
+    assert any("aliases" in c for c in changes) and any("tasks" in c for c in changes)
+    listed = {m.name: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+    assert [(t.deployment, t.weight) for t in listed["assistant"].alias_targets] == [("chat", 1.0)]
+    assert [r.weight for r in listed["chat"].replicas] == [3.0, 1.0]
+    assert list(listed["sticky"].tasks) == ["code"]
+    (gone,) = listed["dead"].replicas
+    assert not gone.healthy  # rotation state survives a reload
+    for i in range(6):
+        assert (await stub.Complete(ask(f"Say {i}", model="assistant"))).model == "chat"
+    assert (await stub.Complete(ask(task="code"))).model == "sticky"
+
+    moved = dataclasses.replace(
+        new,
+        deployments=tuple(
+            dataclasses.replace(d, replicas=(*d.replicas, ReplicaConfig(name="c")))
+            if d.name == "chat"
+            else d
+            for d in new.deployments
+        ),
+    ).validate()
+    with pytest.raises(ConfigError, match=r"need a restart: deployment 'chat' replicas"):
+        await server.reload_routing(moved)
+    assert [r.name for r in server.models.routing.deployment("chat").replicas] == ["a", "b"]
