@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -31,42 +32,19 @@ CHECKS = HealthCheckConfig(interval_s=0.2, timeout_s=1.0)
 
 
 def routing(dead_url: str) -> RoutingConfig:
+    def deployment(name: str, *replicas: ReplicaConfig, **fields: Any) -> DeploymentConfig:
+        return DeploymentConfig(
+            name=name, model=GEN, replicas=replicas, health_check=CHECKS, **fields
+        )
+
+    local = (ReplicaConfig(name="a"), ReplicaConfig(name="b"))
+    gone = ReplicaConfig(name="gone", backend="openai_http", url=dead_url, remote_model="smollm2")
     return RoutingConfig(
         deployments=(
-            DeploymentConfig(
-                name="chat",
-                model=GEN,
-                replicas=(ReplicaConfig(name="a"), ReplicaConfig(name="b")),
-                health_check=CHECKS,
-            ),
-            DeploymentConfig(
-                name="sticky",
-                model=GEN,
-                balancer="affinity",
-                replicas=(ReplicaConfig(name="a"), ReplicaConfig(name="b")),
-                health_check=CHECKS,
-            ),
-            DeploymentConfig(
-                name="primary",
-                model=GEN,
-                replicas=(
-                    ReplicaConfig(
-                        name="gone", backend="openai_http", url=dead_url, remote_model="smollm2"
-                    ),
-                ),
-                fallbacks=("chat",),
-                health_check=CHECKS,
-            ),
-            DeploymentConfig(
-                name="dead",
-                model=GEN,
-                replicas=(
-                    ReplicaConfig(
-                        name="gone", backend="openai_http", url=dead_url, remote_model="smollm2"
-                    ),
-                ),
-                health_check=CHECKS,
-            ),
+            deployment("chat", *local),
+            deployment("sticky", *local, balancer="affinity"),
+            deployment("primary", gone, fallbacks=("chat",)),
+            deployment("dead", gone),
         ),
         aliases={"assistant": {"chat": 3.0, "primary": 1.0}},
         tasks={"code": "chat", "chat": "assistant"},
