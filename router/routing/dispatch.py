@@ -163,7 +163,8 @@ class Dispatcher:
 
     def reconfigure(self, config: RoutingConfig) -> None:
         """Take a new routing config (a deployment scaled or added). A replica that keeps its
-        deployment, name and settings keeps its breaker and outstanding count, a deployment that
+        deployment and name keeps its rotation state (`healthy`); one that also keeps its
+        settings keeps its breaker and outstanding count, a deployment that
         keeps its retry settings keeps its budget; calls in flight finish where they are. The
         config must be validated."""
         old_replicas = {
@@ -184,6 +185,8 @@ class Dispatcher:
                         on_change=self._on_breaker_change,
                     )
                     replica = Replica(rc, dc.name, breaker)
+                    if old is not None:
+                        replica.healthy = old.healthy  # health checks judged the same engine
                 replicas.append(replica)
             previous = self._deployments.get(dc.name)
             budget = (

@@ -101,6 +101,8 @@ class ServedModels:
         self._metrics = metrics
         self._engine_ids = 0
         self._attempt_counters: dict[tuple[str, str], Any] = {}
+        self._replica_models: dict[tuple[str, str], ServedModel] = {}
+        """(deployment, replica) → the replica, looked up on every routed attempt."""
         routing = routing or RoutingConfig()
         self.routing = routing
         self.aliases = dict(routing.aliases)
@@ -135,6 +137,8 @@ class ServedModels:
                 replicas=replicas,
             )
             self._models[dep.name] = shell
+            for rc, served in zip(dep.replicas, replicas, strict=True):
+                self._replica_models[dep.name, rc.name] = served
             assert self.dispatcher is not None
             for r in dep.replicas:
                 self.dispatcher.set_healthy(dep.name, r.name, False)  # until it has loaded
@@ -176,14 +180,7 @@ class ServedModels:
                 "routing reload can change weights, aliases, tasks and policies only; these "
                 f"need a restart: {'; '.join(problems)}"
             )
-        healthy = {
-            (name, r.name): r.healthy
-            for name, health in self.dispatcher.health().items()
-            for r in health.replicas
-        }
         self.dispatcher.reconfigure(routing)
-        for (deployment, replica), ok in healthy.items():
-            self.dispatcher.set_healthy(deployment, replica, ok)
         for dc in routing.deployments:
             shell = self._models[dc.name]
             shell.deployment = dc
@@ -215,14 +212,11 @@ class ServedModels:
         ]
 
     def _replica_engine(self, deployment: str, replica: str) -> GenerationEngine:
-        model = self._models[deployment]
-        for r in model.replicas:
-            if r.replica is not None and r.replica.name == replica:
-                if r.engine is None:
-                    why = f": {r.error}" if r.error else " (still loading)"
-                    raise Unavailable(f"replica {deployment}/{replica} is not loaded{why}")
-                return r.engine
-        raise KeyError(f"{deployment}/{replica}")
+        served = self._replica_models[deployment, replica]
+        if served.engine is None:
+            why = f": {served.error}" if served.error else " (still loading)"
+            raise Unavailable(f"replica {deployment}/{replica} is not loaded{why}")
+        return served.engine
 
     # ---- life cycle --------------------------------------------------------------------------
 

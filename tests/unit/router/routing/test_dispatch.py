@@ -415,6 +415,22 @@ async def test_reconfigure_keeps_the_breakers_of_replicas_that_stay() -> None:
     assert state(dispatcher, "llama", "llama-2") is BreakerState.CLOSED
 
 
+def test_reconfigure_keeps_rotation_state_when_a_weight_changes() -> None:
+    import dataclasses
+
+    config = deployment("llama", 2)
+    dispatcher = make_dispatcher(config)
+    dispatcher.set_healthy("llama", "llama-0", False)
+    heavier = dataclasses.replace(
+        config,
+        replicas=(dataclasses.replace(config.replicas[0], weight=3.0), config.replicas[1]),
+    )
+    dispatcher.reconfigure(RoutingConfig(deployments=(heavier,)).validate())
+    assert dispatcher.replica("llama", "llama-0").config.weight == 3.0
+    assert not dispatcher.replica("llama", "llama-0").healthy
+    assert dispatcher.replica("llama", "llama-1").healthy
+
+
 async def test_reconfigure_during_a_call_keeps_the_outstanding_count_right() -> None:
     dispatcher = make_dispatcher(deployment("llama", 1))
     gate = asyncio.Event()
