@@ -278,6 +278,9 @@ class OpenVinoGenerator:
             self._drain_inbox(out)
             if not self._handles and not self._pipe.has_non_finished_requests():
                 self._flush(out)
+                # Idle: the gauges say so now, not at the next request's first step.
+                if self._observer is not None:
+                    self._observer.on_step(0, 0, 0, 0.0)
                 self._wake.wait()
                 self._wake.clear()
                 continue

@@ -87,8 +87,15 @@ class GenerationEngine(Protocol):
         """Chunks until one is finished; closing the iterator cancels the request."""
         ...
 
-    async def ready(self) -> bool:
-        """Health probe: whether a call made now could be served (never raises)."""
+    @property
+    def last_output_at(self) -> float:
+        """time.monotonic() when a chunk last reached a caller (0: never): proof of life for a
+        health check that a busy backend is too slow to answer."""
+        ...
+
+    async def ready(self, timeout_s: float | None = None) -> bool:
+        """Health probe: whether a call made now could be served (never raises); a probe that
+        waits on a backend waits at most timeout_s (None: the backend's own default)."""
         ...
 
 
@@ -131,6 +138,7 @@ class DecoderEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._last_output_at = 0.0
 
     # ---- loop side -------------------------------------------------------------------------
 
@@ -139,7 +147,11 @@ class DecoderEngine:
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
 
-    async def ready(self) -> bool:
+    @property
+    def last_output_at(self) -> float:
+        return self._last_output_at
+
+    async def ready(self, timeout_s: float | None = None) -> bool:
         return not self._stopping and self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
@@ -190,6 +202,7 @@ class DecoderEngine:
                 self._wake.set()
 
     def _deliver(self, chunks: list[tuple[int, Chunk]]) -> None:
+        self._last_output_at = time.monotonic()
         for engine_id, chunk in chunks:
             queue = self._live.get(engine_id)
             if queue is not None:
@@ -203,6 +216,9 @@ class DecoderEngine:
             self._drain_inbox(out)
             if not self._sched.has_unfinished():
                 self._flush(out)
+                # Idle (the last request finished or was cancelled): the gauges say so now, not
+                # at the next request's first step.
+                self._observer.on_step(0, 0, 0, 0.0)
                 self._wake.wait()
                 self._wake.clear()
                 continue
