@@ -57,7 +57,11 @@ class RoutedEngine:
     def num_active(self) -> int:
         return sum(engine.num_active for engine in self._engines())
 
-    async def ready(self) -> bool:
+    @property
+    def last_output_at(self) -> float:
+        return max((engine.last_output_at for engine in self._engines()), default=0.0)
+
+    async def ready(self, timeout_s: float | None = None) -> bool:
         """Whether one of the replicas would take a call now."""
         return self._dispatcher.health()[self.name].serving
 

@@ -17,6 +17,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import AsyncGenerator, Sequence
 
 from backends.base import GenerationChunk, GenerationRequest, RequestEngine, UnsupportedParameter
@@ -145,6 +146,7 @@ class RequestEngineAdapter:
         # (-priority, arrival, future): the future is resolved when a slot passes to it.
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
+        self.last_output_at = 0.0
 
     def start(self) -> None:
         self._engine.start()
@@ -186,13 +188,13 @@ class RequestEngineAdapter:
     def num_active(self) -> int:
         return self._engine.num_active
 
-    async def ready(self) -> bool:
+    async def ready(self, timeout_s: float | None = None) -> bool:
         """The backend's own probe when it has one (remote servers), else True."""
         probe = getattr(self._engine, "ready", None)
         if probe is None:
             return True
         try:
-            return bool(await probe())
+            return bool(await probe(timeout_s))
         except Exception:
             logger.exception("model %s: readiness probe raised", self.name)
             return False
@@ -243,6 +245,7 @@ class RequestEngineAdapter:
                         f"model {self.name!r} ended request {request.request_id} without a "
                         "finish reason"
                     ) from None
+                self.last_output_at = time.monotonic()
                 chunk = output.feed(piece)
                 if chunk.status.is_finished:
                     await close()

@@ -59,6 +59,7 @@ from tests.openai_servers import OpenAIServer, llama_cpp_missing, running_llama_
 DEP = "chat"
 MAX_TOKENS = 6
 PROMPTS = ("What is the capital of France?", "Name a color.", "Say hello.")
+LONG_PROMPT = "Count from 1 to 1000, one number per line, with no other text."
 
 
 @pytest.fixture(scope="module")
@@ -482,3 +483,61 @@ async def test_all_replicas_down_fails_fast_with_retry_info_and_queues_nothing(
             assert metric(server, "irouter_replica_outstanding", replica=name) == 0
         print(f"\nall down: 50 calls {first_wave:.2f}s before the router knew, "
               f"{second_wave:.2f}s after")  # fmt: skip
+
+
+async def test_a_busy_replica_answering_a_long_completion_stays_in_rotation(
+    servers: tuple[OpenAIServer, OpenAIServer],
+    model_cache: Path,
+    tmp_path: Path,
+) -> None:
+    """llama.cpp's server answers /v1/models only between two generations, so every probe made
+    while it streams one long answer times out. The replica is busy, not dead: it must stay in
+    rotation and take the next call (before, two timed-out probes took the only replica out and
+    every new call to the deployment failed at once with UNAVAILABLE)."""
+    busy = servers[:1]
+    routing = deployment(
+        busy,
+        breaker=BreakerConfig(consecutive_failures=2, cooldown_s=30, max_cooldown_s=30),
+        retry=RetryConfig(max_attempts=1),
+        health_check=HealthCheckConfig(interval_s=0.2, timeout_s=0.5, unhealthy_after=2),
+    )
+    async with routed(model_cache, tmp_path, busy, routing) as (server, stub):
+
+        def checks(*results: str) -> float:
+            return sum(
+                metric(server, "irouter_replica_health_checks_total", replica="r0", result=r)
+                for r in results or ("pass", "fail")
+            )
+
+        long = pb.GenerateRequest(
+            model=DEP,
+            # A long answer (llama.cpp's server cannot ignore_eos): the model counts on.
+            chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=LONG_PROMPT)]),
+            sampling=pb.SamplingParams(max_tokens=600, temperature=0.0),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+        tokens = 0
+
+        async def stream_long() -> pb.GenerateResponse:
+            nonlocal tokens
+            last = pb.GenerateResponse()
+            async for chunk in cast(
+                AsyncIterator[pb.GenerateResponse], stub.Generate(long, timeout=120)
+            ):
+                tokens += 1
+                last = chunk
+            return last
+
+        answering = asyncio.create_task(stream_long())
+        await wait_for("the long answer streams", lambda: tokens >= 5, 60)
+        before, failed_before = checks(), checks("fail")
+        await wait_for("4 health checks during the long answer", lambda: checks() >= before + 4, 30)
+        assert not answering.done(), "the answer ended before the checks: make it longer"
+        assert checks("fail") == failed_before  # each probe timed out, yet tokens streamed
+        listed = await replicas_of(server)
+        assert listed["r0"].healthy, listed["r0"].error
+        # A new call is taken (llama.cpp queues it behind the long answer), not refused.
+        call = await generate(stub, PROMPTS[1], timeout_s=120)
+        assert_answered(call)
+        last = await answering
+        assert last.finish_reason != pb.FINISH_REASON_UNSPECIFIED, last

@@ -47,7 +47,9 @@ class Replica:
 
     def stop(self) -> None: ...
 
-    async def ready(self) -> bool:
+    last_output_at = 0.0
+
+    async def ready(self, timeout_s: float | None = None) -> bool:
         return True
 
     async def generate(self, request: Request) -> AsyncGenerator[Chunk, None]:
