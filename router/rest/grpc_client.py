@@ -112,8 +112,8 @@ class RouterClient:
         self, request: Request, session: str | None = None
     ) -> tuple[float, tuple[tuple[str, str], ...]]:
         """(timeout, metadata) for a call made on behalf of `request`; `session` (the OpenAI
-        body's `user`) becomes the x-session-id the router routes a conversation by, unless the
-        client sent that header itself."""
+        body's session key, openai_params.session_key) becomes the x-session-id the router
+        routes a conversation by, unless the client sent that header itself."""
         metadata = call_metadata(request.headers)
         if session and "x-session-id" not in request.headers:
             metadata += (("x-session-id", session_id(session)),)
@@ -126,8 +126,10 @@ class RouterClient:
         call = self.stub.Complete(message, timeout=timeout, metadata=metadata)
         return await unary_call(request, call)
 
-    async def embed(self, request: Request, message: pb.EmbedRequest) -> pb.EmbedResponse:
-        timeout, metadata = self.options(request)
+    async def embed(
+        self, request: Request, message: pb.EmbedRequest, session: str | None = None
+    ) -> pb.EmbedResponse:
+        timeout, metadata = self.options(request, session)
         call = self.stub.Embed(message, timeout=timeout, metadata=metadata)
         return await unary_call(request, call)
 

@@ -1,6 +1,7 @@
 """OpenAPI paths and schemas of the OpenAI-compatible routes (openai_routes.py): the fields the
-proxy reads (openai_schema.py), not the whole of OpenAI's API. Unread fields are ignored there,
-so the request schemas allow additional properties."""
+proxy honours (openai_params.py), not the whole of OpenAI's API. Any other field is refused with
+a 400 naming it, unless its value asks for nothing (`logprobs: false`, `n: 1`...), so the request
+schemas allow no additional properties."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ _ERROR = {
     "description": "An error in OpenAI's shape",
     "content": {"application/json": {"schema": _ref("openai.Error")}},
 }
+_SESSION: Schema = {
+    name: {"type": "string", "description": "Routing session key: same key, same replica"}
+    for name in ("prompt_cache_key", "safety_identifier", "user")
+}
 _SAMPLING: Schema = {
     "model": {"type": "string"},
     "max_tokens": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
@@ -54,7 +59,9 @@ _SAMPLING: Schema = {
     "stream_options": {
         "type": "object",
         "properties": {"include_usage": {"type": "boolean"}},
+        "additionalProperties": False,
     },
+    **_SESSION,
 }
 _USAGE: Schema = {
     "type": "object",
@@ -108,6 +115,7 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                                             "type": {"const": "text"},
                                             "text": {"type": "string"},
                                         },
+                                        "additionalProperties": False,
                                         "required": ["type", "text"],
                                     },
                                 },
@@ -131,6 +139,7 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                 ]
             },
         },
+        "additionalProperties": False,
         "required": ["model", "prompt"],
     },
     "openai.EmbeddingRequest": {
@@ -144,7 +153,9 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                 ]
             },
             "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            **_SESSION,
         },
+        "additionalProperties": False,
         "required": ["model", "input"],
     },
     "openai.ChatCompletion": {

@@ -17,9 +17,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.rest import openai_params as params
 from router.rest import openai_schema as schema
-from router.rest.errors import ApiError, bad_request
+from router.rest.errors import ApiError
 from router.rest.grpc_client import RouterClient
+from router.rest.openai_params import refuse_unhonoured
 
 _FINISH = {
     pb.FINISH_REASON_STOP: "stop",
@@ -69,18 +71,17 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await schema.read_json(request, self._limits.max_body_bytes)
+        refuse_unhonoured(body, params.CHAT)
         model = schema.get_model(body)
         messages = schema.chat_messages(body)
-        if body.get("tools") or body.get("functions"):
-            raise bad_request("tools and functions are not supported", param="tools")
-        params = schema.sampling(body)
+        sampling = schema.sampling(body)
         stream, include_usage = schema.get_stream(body)
-        session = schema.get_str(body, "user")
+        session = params.session_key(body)
         if stream:
-            generate = pb.GenerateRequest(model=model, chat=messages, sampling=params)
+            generate = pb.GenerateRequest(model=model, chat=messages, sampling=sampling)
             return await self._stream(request, generate, include_usage, _chat_chunk, session)
         answer = await self._client.complete(
-            request, pb.CompleteRequest(model=model, chat=messages, sampling=params), session
+            request, pb.CompleteRequest(model=model, chat=messages, sampling=sampling), session
         )
         return JSONResponse(
             {
@@ -103,18 +104,17 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         body = await schema.read_json(request, self._limits.max_body_bytes)
+        refuse_unhonoured(body, params.COMPLETIONS)
         model = schema.get_model(body)
         prompt = schema.prompt(body)
-        if body.get("suffix") is not None:
-            raise bad_request("'suffix' is not supported", param="suffix", code="unsupported")
-        params = schema.sampling(body)
+        sampling = schema.sampling(body)
         stream, include_usage = schema.get_stream(body)
-        session = schema.get_str(body, "user")
+        session = params.session_key(body)
         if stream:
-            generate = pb.GenerateRequest(model=model, prompt=prompt, sampling=params)
+            generate = pb.GenerateRequest(model=model, prompt=prompt, sampling=sampling)
             return await self._stream(request, generate, include_usage, _text_chunk, session)
         answer = await self._client.complete(
-            request, pb.CompleteRequest(model=model, prompt=prompt, sampling=params), session
+            request, pb.CompleteRequest(model=model, prompt=prompt, sampling=sampling), session
         )
         return JSONResponse(
             {
@@ -187,10 +187,12 @@ class OpenAIRoutes:
 
     async def embeddings(self, request: Request) -> Response:
         body = await schema.read_json(request, self._limits.max_body_bytes)
+        refuse_unhonoured(body, params.EMBEDDINGS)
         model = schema.get_model(body)
         texts = schema.embedding_input(body)
         encoding = schema.encoding_format(body)
-        answer = await self._client.embed(request, pb.EmbedRequest(model=model, texts=texts))
+        embed = pb.EmbedRequest(model=model, texts=texts)
+        answer = await self._client.embed(request, embed, params.session_key(body))
         data = [
             {
                 "object": "embedding",

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.rest.body import read_body
 from router.rest.errors import ApiError, bad_request
+from router.rest.openai_params import STREAM_OPTIONS, refuse_unhonoured
 
 Body = dict[str, Any]
 
@@ -108,6 +109,7 @@ def get_stream(body: Body) -> tuple[bool, bool]:
         return stream, False
     if not isinstance(options, dict):
         raise _type_error("stream_options", "an object", options)
+    refuse_unhonoured(options, STREAM_OPTIONS, "stream_options.")
     return stream, get_bool(options, "include_usage")
 
 
@@ -118,8 +120,6 @@ def sampling(body: Body) -> pb.SamplingParams:
     n = get_int(body, "n", 1, _UINT32)
     if n is not None and n != 1:
         raise bad_request(f"'n'={n} is not supported; only n=1", param="n", code="unsupported")
-    if body.get("logprobs") not in (None, False) or body.get("echo") not in (None, False):
-        raise bad_request("'logprobs' and 'echo' are not supported", code="unsupported")
     max_tokens = get_int(body, "max_completion_tokens", 0, _UINT32)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", 0, _UINT32)

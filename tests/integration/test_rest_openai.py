@@ -191,6 +191,64 @@ async def test_bad_bodies_get_400_naming_the_problem(
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("route", "extra", "param"),
+    [
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"logit_bias": {"42": 5}}, "logit_bias"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"store": True}, "store"),
+        ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+        ("/v1/chat/completions", {"no_such_option": 1}, "no_such_option"),
+        ("/v1/chat/completions", {"stream_options": {"bogus": True}}, "stream_options.bogus"),
+        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"logprobs": 1}, "logprobs"),
+        ("/v1/completions", {"suffix": "x"}, "suffix"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/embeddings", {"dimensions": 64}, "dimensions"),
+    ],
+)
+async def test_parameters_not_honoured_are_refused_by_name(
+    http: httpx.AsyncClient, route: str, extra: dict[str, object], param: str
+) -> None:
+    base: dict[str, object] = {
+        "/v1/chat/completions": {
+            "model": GEN,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 1,
+        },
+        "/v1/completions": {"model": GEN, "prompt": "x", "max_tokens": 1},
+        "/v1/embeddings": {"model": EMB, "input": "x"},
+    }[route]
+    r = await http.post(route, json={**base, **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert param in error["message"]
+
+
+async def test_parameters_that_ask_for_nothing_are_accepted(http: httpx.AsyncClient) -> None:
+    body = {
+        "model": GEN,
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 1,
+        "n": 1,
+        "logprobs": False,
+        "response_format": {"type": "text"},
+        "tools": [],
+        "tool_choice": "none",
+        "logit_bias": {},
+        "store": False,
+        "service_tier": "auto",
+        "user": "someone",
+    }
+    r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+
+
 async def test_oversized_body_gets_413(http: httpx.AsyncClient) -> None:
     body = {"model": GEN, "messages": [{"role": "user", "content": "x" * (MAX_BODY + 1)}]}
     r = await http.post("/v1/chat/completions", json=body)
