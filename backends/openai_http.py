@@ -55,10 +55,12 @@ logger = logging.getLogger(__name__)
 class OpenAIHttpConfig:
     """One remote OpenAI-compatible server and the model it serves."""
 
-    url: str
-    """Server root, e.g. 'http://10.0.0.7:8000' (api_prefix is appended)."""
-    model: str
-    """Model name on the server: sent as `model`, and looked for in /models by ready()."""
+    url: str = ""
+    """Server root, e.g. 'http://10.0.0.7:8000' (api_prefix is appended). Empty only in a
+    models[] entry behind a deployment whose replicas each give their own url."""
+    model: str = ""
+    """Model name on the server: sent as `model`, and looked for in /models by ready(). Empty
+    only behind a deployment (each replica's remote_model, else the router's model name)."""
     dialect: str = "openai"
     """Server kind, deciding which sampling fields beyond OpenAI's are sent: one of DIALECTS."""
     api_prefix: str | None = None
@@ -78,12 +80,19 @@ class OpenAIHttpConfig:
     vocab_size: int = 0
     """Vocabulary size of the remote model, for the router's checks (0: unknown)."""
 
-    def validate(self) -> OpenAIHttpConfig:
-        """Raise ValueError naming the first bad field and what it accepts; returns self."""
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url={self.url!r} must start with http:// or https://")
+    def require_endpoint(self) -> OpenAIHttpConfig:
+        """Raise ValueError when url or model is missing (say which and how to set it)."""
+        if not self.url:
+            raise ValueError("url is missing: set it to the server root, e.g. http://10.0.0.7:8000")
         if not self.model:
-            raise ValueError(f"model must name the model served at {self.url}")
+            raise ValueError(f"model is missing: set it to the model's name at {self.url}")
+        return self
+
+    def validate(self) -> OpenAIHttpConfig:
+        """Raise ValueError naming the first bad field and what it accepts; returns self. An
+        empty url or model is left to require_endpoint()."""
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url={self.url!r} must start with http:// or https://")
         if self.dialect not in DIALECTS:
             raise ValueError(
                 f"dialect={self.dialect!r} is unknown; accepted: {', '.join(DIALECTS)}"
@@ -146,7 +155,7 @@ class _HttpRemote:
     """The pooled client and health probe shared by the engine and the embedder."""
 
     def __init__(self, config: OpenAIHttpConfig) -> None:
-        self.config = config.validate()
+        self.config = config.validate().require_endpoint()
         self._client: httpx.AsyncClient | None = None
         self._closing: asyncio.Task[None] | None = None
 
@@ -194,12 +203,13 @@ class _HttpRemote:
         assert self._client is not None
         return self._client
 
-    async def ready(self) -> bool:
+    async def ready(self, timeout_s: float | None = None) -> bool:
         """Whether GET /models answers and lists config.model: a health probe that never
-        raises and waits at most connect_timeout_s per phase."""
+        raises and waits at most timeout_s in all (None: connect_timeout_s per phase)."""
         url = self.config.endpoint("/models")
+        wait = self.config.connect_timeout_s if timeout_s is None else timeout_s
         try:
-            response = await self.client.get(url, timeout=self.config.connect_timeout_s)
+            response = await self.client.get(url, timeout=wait)
             if response.status_code != 200:
                 logger.info("%s answered HTTP %d", url, response.status_code)
                 return False

@@ -60,10 +60,12 @@ _URL_SCHEME = "grpc://"
 class KServeConfig:
     """One remote KServe v2 gRPC server and the text-generation model it serves."""
 
-    url: str
-    """'host:port' of the gRPC endpoint (a 'grpc://' prefix is accepted), e.g. '10.0.0.7:8001'."""
-    model: str
-    """Model name on the server: sent as model_name, and probed by ready()."""
+    url: str = ""
+    """'host:port' of the gRPC endpoint (a 'grpc://' prefix is accepted), e.g. '10.0.0.7:8001'.
+    Empty only in a models[] entry behind a deployment whose replicas each give their own url."""
+    model: str = ""
+    """Model name on the server: sent as model_name, and probed by ready(). Empty only behind a
+    deployment (each replica's remote_model, else the router's model name)."""
     model_version: str = ""
     """Model version; empty lets the server choose."""
     stream: str = "auto"
@@ -101,16 +103,25 @@ class KServeConfig:
     vocab_size: int = 0
     """Vocabulary size of the remote model, for the router's checks (0: unknown)."""
 
+    def require_endpoint(self) -> KServeConfig:
+        """Raise ValueError when url or model is missing (say which and how to set it)."""
+        if not self.url:
+            raise ValueError(
+                "url is missing: set it to the server's 'host:port', e.g. 10.0.0.7:8001"
+            )
+        if not self.model:
+            raise ValueError(f"model is missing: set it to the model's name at {self.url}")
+        return self
+
     def validate(self) -> KServeConfig:
-        """Raise ValueError naming the first bad field and what it accepts; returns self."""
+        """Raise ValueError naming the first bad field and what it accepts; returns self. An
+        empty url or model is left to require_endpoint()."""
         host, _, port = self.target.rpartition(":")
-        if not host or not port.isdigit() or "/" in self.target:
+        if self.url and (not host or not port.isdigit() or "/" in self.target):
             raise ValueError(
                 f"url={self.url!r} must be 'host:port' (or 'grpc://host:port'), e.g. "
                 "'127.0.0.1:8001'"
             )
-        if not self.model:
-            raise ValueError(f"model must name the model served at {self.url}")
         if self.stream not in STREAM_MODES:
             raise ValueError(
                 f"stream={self.stream!r} is unknown; accepted: {', '.join(STREAM_MODES)}"
@@ -161,7 +172,7 @@ class KServeEngine:
     """RequestEngine on a remote KServe v2 gRPC server (see the module docstring)."""
 
     def __init__(self, config: KServeConfig, *, max_slots: int = 64) -> None:
-        self.config = config.validate()
+        self.config = config.validate().require_endpoint()
         cfg = self.config
         self.capabilities = Capabilities(
             generate=True,
@@ -257,11 +268,11 @@ class KServeEngine:
                 retryable=True,
             ) from None
 
-    async def ready(self) -> bool:
+    async def ready(self, timeout_s: float | None = None) -> bool:
         """Whether ServerReady and ModelReady (config.model) both answer true: a health probe
-        that never raises and waits at most connect_timeout_s per step."""
+        that never raises and waits at most timeout_s per step (None: connect_timeout_s)."""
         cfg = self.config
-        wait = cfg.connect_timeout_s
+        wait = cfg.connect_timeout_s if timeout_s is None else timeout_s
         try:
             await self._connect()
             server = await self.stub.ServerReady(pb.ServerReadyRequest(), timeout=wait)

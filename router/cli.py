@@ -10,6 +10,7 @@ from pathlib import Path
 
 from loadtest.harness.cli import register_cli as register_loadtest_cli
 from loadtest.harness.cli import run_cli as run_loadtest_cli
+from router import logs
 from router.config import ConfigError, load_config
 from router.keys_cli import register_cli, run_cli
 
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from router.rest import serve_proxy
 
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logs.configure("INFO")
+        if args.access_log:
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         try:
             # uvloop as for the router itself; uvicorn parses HTTP with httptools (installed).
             uvloop.run(

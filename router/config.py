@@ -18,6 +18,7 @@ import yaml
 from backends.base import BACKEND_KINDS, PRECISIONS
 from backends.openai_http import OpenAIHttpConfig
 from backends.remote_kserve import KServeConfig
+from router import logs
 from router.cache.config import CacheConfig
 from router.guard.config import GuardConfig
 from router.retrieval.config import RagConfig
@@ -49,7 +50,10 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request message accepted; larger ones get RESOURCE_EXHAUSTED."""
     log_level: str = "INFO"
-    """Python logging level."""
+    """Level of the router's own loggers (router.*, backends.*)."""
+    library_log_level: str = "WARNING"
+    """Level of every other library's loggers (httpx, grpc, uvicorn...): WARNING keeps httpx's
+    line per upstream request out of the log."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """TLS / mutual TLS on the gRPC port (certificates reload when their files change)."""
 
@@ -112,18 +116,18 @@ class ModelConfig:
             )
         if not self.device:
             raise ConfigError(f"{where}.device is empty; use e.g. 'CPU', 'GPU' or 'AUTO'")
-        if (self.remote is not None) != (self.backend == "openai_http"):
+        if self.remote is not None and self.backend != "openai_http":
             raise ConfigError(
-                f"{where}.remote is required by backend 'openai_http' and applies to it only"
+                f"{where}.remote applies to backend 'openai_http' only, not {self.backend!r}"
             )
         if self.remote is not None:
             try:
                 self.remote.validate()
             except ValueError as exc:
                 raise ConfigError(f"{where}.remote: {exc}") from None
-        if (self.kserve is not None) != (self.backend == "kserve_grpc"):
+        if self.kserve is not None and self.backend != "kserve_grpc":
             raise ConfigError(
-                f"{where}.kserve is required by backend 'kserve_grpc' and applies to it only"
+                f"{where}.kserve applies to backend 'kserve_grpc' only, not {self.backend!r}"
             )
         if self.kserve is not None:
             if self.kind != "generate":
@@ -160,6 +164,25 @@ class ModelConfig:
             )
         if self.max_delay_ms < 0:
             raise ConfigError(f"{where}.max_delay_ms={self.max_delay_ms} must not be negative")
+
+    def check_endpoint(self) -> None:
+        """For a model served under its own name (not only behind deployments, whose replicas
+        give their own urls): a remote backend's section must say where the server is."""
+        where = f"models[{self.name!r}]"
+        sections = {"openai_http": ("remote", self.remote), "kserve_grpc": ("kserve", self.kserve)}
+        if self.backend not in sections:
+            return
+        key, section = sections[self.backend]
+        if section is None:
+            raise ConfigError(
+                f"{where} has backend {self.backend!r} and no {key}: section; add one with the "
+                f"server's url and model, or serve it through routing.deployments whose "
+                "replicas give their urls"
+            )
+        try:
+            section.require_endpoint()
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{key}.{exc}") from None
 
 
 def _default_models() -> tuple[ModelConfig, ...]:
@@ -229,14 +252,22 @@ class RouterConfig:
             raise ConfigError(f"server.grace_seconds={s.grace_seconds} must not be negative")
         if s.max_message_bytes < 1024:
             raise ConfigError(f"server.max_message_bytes={s.max_message_bytes} is below 1024")
+        try:
+            logs.check_level("server.log_level", s.log_level)
+            logs.check_level("server.library_log_level", s.library_log_level)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not self.models:
             raise ConfigError("models is empty: serve at least one model")
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"models has duplicate names {duplicates}")
+        behind = {d.model_name for d in self.routing.deployments}
         for model in self.models:
             model.validate()
+            if model.name not in behind:
+                model.check_endpoint()
         try:
             self.guard.validate()
             self.cache.validate()
@@ -290,7 +321,9 @@ class RouterConfig:
                         + ("needs a url" if remote else "runs locally and takes no url")
                     )
                 try:
-                    replica_model(model, dep.name, replica).validate()
+                    as_run = replica_model(model, dep.name, replica)
+                    as_run.validate()
+                    as_run.check_endpoint()
                 except ConfigError as exc:
                     raise ConfigError(f"{label}: {exc}") from None
             for target in dep.fallbacks:
@@ -321,9 +354,9 @@ def replica_model(model: ModelConfig, deployment: str, replica: Any) -> ModelCon
         if replica.backend != backend:
             changes[key] = None
             continue
-        base = getattr(model, key) or cls(url=replica.url, model=model.name)
+        base = getattr(model, key) or cls()
         changes[key] = dataclasses.replace(
-            base, url=replica.url, model=replica.remote_model or base.model
+            base, url=replica.url, model=replica.remote_model or base.model or model.name
         )
     if replica.device:
         changes["device"] = replica.device
@@ -398,10 +431,22 @@ def _build(cls: type[Any], data: Any, where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where} has unknown keys {unknown}; known keys: {sorted(known)}")
     values = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        path = where.removeprefix("config.")
+        raise ConfigError(
+            f"{path} is missing required key(s) {', '.join(repr(k) for k in missing)}; add "
+            + (" and ".join(f"`{k}:`" for k in missing))
+        )
     try:
         built = cls(**values)
-    except TypeError as exc:  # a required key is missing
-        raise ConfigError(f"{where}: {exc}") from None
     except ValueError as exc:  # checked in __post_init__
         raise ConfigError(f"{where}: {exc}") from None
     validate = getattr(built, "validate", None)

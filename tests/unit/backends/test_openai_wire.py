@@ -155,6 +155,8 @@ def test_sse_decoder_frames_events() -> None:
     ("fields", "message"),
     [
         ({"url": "10.0.0.7:8000"}, "url='10.0.0.7:8000' must start with http://"),
+        ({"url": ""}, "url is missing: set it to the server root"),
+        ({"model": ""}, "model is missing: set it to the model's name at http://10.0.0.7:8000"),
         ({"dialect": "tgi"}, "dialect='tgi' is unknown; accepted: openai, vllm"),
         ({"prompt_format": "token_ids"}, "not accepted by a 'openai' server"),
         ({"read_timeout_s": 0}, "read_timeout_s=0 must be positive"),
@@ -164,7 +166,7 @@ def test_sse_decoder_frames_events() -> None:
 def test_config_errors_name_the_field(fields: dict[str, Any], message: str) -> None:
     values: dict[str, Any] = {"url": "http://10.0.0.7:8000", "model": "m", **fields}
     with pytest.raises(ValueError, match=message):
-        OpenAIHttpConfig(**values).validate()
+        OpenAIHttpConfig(**values).validate().require_endpoint()
 
 
 def test_endpoint_joins_root_and_prefix() -> None:

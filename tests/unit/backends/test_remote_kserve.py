@@ -75,7 +75,8 @@ def inputs_of(message: pb.ModelInferRequest) -> dict[str, tuple[str, list[int], 
         ({"url": "127.0.0.1"}, "url="),
         ({"url": "127.0.0.1:port"}, "url="),
         ({"url": "grpc://h:1/v2"}, "url="),
-        ({"model": ""}, "model"),
+        ({"model": ""}, "model is missing"),
+        ({"url": ""}, "url is missing"),
         ({"stream": "always"}, "stream="),
         ({"text_input": ""}, "text_input"),
         ({"sampling_inputs": {"beam_width": "beam_width"}}, "sampling_inputs"),
@@ -88,7 +89,7 @@ def inputs_of(message: pb.ModelInferRequest) -> dict[str, tuple[str, list[int], 
 def test_config_names_the_bad_field(changes: dict[str, Any], field: str) -> None:
     config = KServeConfig(**{"url": "127.0.0.1:8001", "model": "m", **changes})
     with pytest.raises(ValueError, match=field):
-        config.validate()
+        config.validate().require_endpoint()
 
 
 def test_url_takes_host_port_with_or_without_scheme() -> None:

@@ -88,7 +88,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("retrieval: {rag: {template: 'no placeholders'}}", "must contain {passages}"),
         (
             "models: [{name: a, kind: generate, artifact: x, backend: kserve_grpc}]",
-            "models['a'].kserve is required by backend 'kserve_grpc'",
+            "models['a'] has backend 'kserve_grpc' and no kserve: section",
         ),
         (
             "models: [{name: a, kind: generate, artifact: x, backend: kserve_grpc,"
@@ -317,3 +317,70 @@ routing:
     replica = replica_model(smol, "d", dep.replicas[0])
     assert replica.kserve is not None and replica.remote is None
     assert (replica.kserve.url, replica.kserve.model) == ("10.0.0.9:8001", "ensemble")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            "remote: {dialect: llama.cpp}",
+            "models['far'].remote.url is missing: set it to the server root, e.g. http://",
+        ),
+        (
+            "remote: {url: 'http://10.0.0.7:8000'}",
+            "models['far'].remote.model is missing: set it to the model's name at http://",
+        ),
+        ("", "models['far'] has backend 'openai_http' and no remote: section; add one"),
+    ],
+)
+def test_a_remote_model_without_its_endpoint_is_named(
+    tmp_path: Path, section: str, message: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "models:\n  - {name: far, kind: generate, artifact: a, backend: openai_http"
+        + (f", {section}" if section else "")
+        + "}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert message in str(info.value)
+    assert "__init__" not in str(info.value)
+
+
+def test_a_missing_required_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  - {name: x, artifact: a}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert "models[0] is missing required key(s) 'kind'; add `kind:`" in str(info.value)
+
+
+def test_a_remote_model_behind_a_deployment_takes_its_replicas_urls(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        """
+models:
+  - {name: smol, kind: generate, artifact: a, backend: openai_http,
+     remote: {dialect: llama.cpp, read_timeout_s: 30}}
+routing:
+  deployments:
+    - name: chat
+      model: smol
+      replicas:
+        - {name: a, backend: openai_http, url: "http://10.0.0.7:8000", remote_model: m1}
+        - {name: b, backend: openai_http, url: "http://10.0.0.8:8000"}
+"""
+    )
+    config = load_config(path, env={})
+    from router.config import replica_model
+
+    smol = config.models[0]
+    dep = config.routing.deployment("chat")
+    a, b = (replica_model(smol, "chat", r) for r in dep.replicas)
+    assert a.remote is not None and (a.remote.url, a.remote.model) == ("http://10.0.0.7:8000", "m1")
+    assert b.remote is not None and (b.remote.url, b.remote.model) == (
+        "http://10.0.0.8:8000",
+        "smol",
+    )
+    assert a.remote.dialect == "llama.cpp" and b.remote.read_timeout_s == 30
