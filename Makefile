@@ -14,7 +14,7 @@ NATIVE_SRC := $(wildcard native/CMakeLists.txt native/src/*.cpp native/include/i
 PROTO_DEPS := build/proto-deps
 PROTO_DEPS_STAMP := $(PROTO_DEPS)/google/api/annotations.proto
 
-# The KServe v2 (Open Inference Protocol) client stubs of backends/remote_kserve.py.
+# The KServe v2 (Open Inference Protocol) client stubs of backends/kserve/engine.py.
 KSERVE_PROTO := backends/kserve/grpc_predict_v2.proto
 # A real KServe v2 server for the tests (tests/kserve_server.py): the kserve package pins other
 # grpcio/protobuf versions than ours, so it lives in a venv of its own.
@@ -101,8 +101,8 @@ kserve-protos: $(VENV)/.installed-dev
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(KSERVE_PROTO)
 
 protos-check: protos kserve-protos
-	git diff --exit-code -- $(PROTO_OUT) backends/kserve || (echo "generated stubs are stale: run 'make protos kserve-protos' and commit" >&2; exit 1)
-	test -z "$$(git status --porcelain -- $(PROTO_OUT) backends/kserve)" || (echo "router/proto or backends/kserve has uncommitted files: run 'make protos kserve-protos' and commit" >&2; exit 1)
+	git diff --exit-code -- $(PROTO_OUT) 'backends/kserve/grpc_predict_v2*' || (echo "generated stubs are stale: run 'make protos kserve-protos' and commit" >&2; exit 1)
+	test -z "$$(git status --porcelain -- $(PROTO_OUT) 'backends/kserve/grpc_predict_v2*')" || (echo "router/proto or backends/kserve's stubs have uncommitted files: run 'make protos kserve-protos' and commit" >&2; exit 1)
 
 # Breaking-change check against the previous commit (skipped when there is none). That commit's
 # protos are exported next to a copy of $(PROTO_DEPS), which git does not hold; only the protos

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -89,6 +87,21 @@ class EncoderEngine(Protocol):
 
     def encode(self, input_ids: IntArray, attention_mask: IntArray) -> FloatArray:
         """int64 [B, L] ids and mask → float32 [B, dim], L2-normalised."""
+        ...
+
+
+class RemoteEmbedder(Protocol):
+    """An embedding model on another server (OpenAI-compatible /v1/embeddings); asynchronous,
+    called on the event loop."""
+
+    def start(self) -> None:
+        """Open the connection pool (on the loop that will call embed)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    async def embed(self, texts: Sequence[str]) -> FloatArray:
+        """float32 [len(texts), dim]; raises a RemoteError naming the server on failure."""
         ...
 
 
@@ -183,117 +196,3 @@ class RequestEngine(Protocol):
     def stop(self) -> None: ...
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]: ...
-
-
-def encoder_inputs(
-    input_ids: IntArray, attention_mask: IntArray, max_length: int
-) -> dict[str, IntArray]:
-    """A BERT-style encoder's feeds, checked: equal non-empty [B, L] int64 ids and mask, L within
-    max_length, token types all zero (one segment)."""
-    ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-    mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-    if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids and attention_mask must be equal non-empty [B, L] arrays, got "
-            f"{ids.shape} and {mask.shape}"
-        )
-    if ids.shape[1] > max_length:
-        raise ValueError(f"sequence length {ids.shape[1]} exceeds max_length={max_length}")
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    """Load model_dir/manifest.json (written by the model preparation step)."""
-    path = Path(model_dir) / "manifest.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(
-            f"{path} does not exist; prepare the model first (`irouter models prepare`)"
-        ) from None
-    return data
-
-
-Engine = DecoderStepEngine | RequestEngine | EncoderEngine
-
-
-def create_backend(kind: str, model_dir: Path, **options: Any) -> Engine:
-    """Build the engine of backend `kind` for the model in model_dir.
-
-    Decoder or encoder is chosen from the manifest's `kind`; options go to its constructor.
-    ONNX Runtime decoders are step engines; OpenVINO decoders are request engines.
-    """
-    if kind not in BACKEND_KINDS:
-        raise ValueError(f"unknown backend kind {kind!r}; accepted: {', '.join(BACKEND_KINDS)}")
-    manifest = read_manifest(model_dir)
-    model_kind = manifest.get("kind")
-    if model_kind not in ("decoder", "encoder"):
-        raise ValueError(
-            f"manifest of {model_dir} has kind={model_kind!r}; expected 'decoder' or 'encoder'"
-        )
-    if kind == "openai_http":
-        if model_kind != "decoder":
-            raise ValueError("backend 'openai_http' serves generation models only")
-        import dataclasses
-
-        from backends.openai_http import OpenAIHttpEngine
-
-        remote = options["remote"]
-        return OpenAIHttpEngine(
-            dataclasses.replace(
-                remote,
-                context_length=int(options["max_context"]),
-                max_connections=max(remote.max_connections, int(options["max_slots"])),
-                vocab_size=int(manifest["vocab_size"]),
-            )
-        )
-    if kind == "kserve_grpc":
-        if model_kind != "decoder":
-            raise ValueError("backend 'kserve_grpc' serves generation models only")
-        import dataclasses
-
-        from backends.remote_kserve import KServeEngine
-
-        return KServeEngine(
-            dataclasses.replace(
-                options["kserve"],
-                context_length=int(options["max_context"]),
-                vocab_size=int(manifest["vocab_size"]),
-            ),
-            max_slots=int(options["max_slots"]),
-        )
-    if kind == "tensorrt_llm":
-        if model_kind != "decoder":
-            raise ValueError("backend 'tensorrt_llm' serves generation models only")
-        from backends.tensorrt_llm import TensorRTLLMEngine, load_llm
-
-        device = str(options.get("device", "cuda"))
-        llm, sampling_params = load_llm(options.get("engine_path") or model_dir)
-        return TensorRTLLMEngine(
-            llm,
-            sampling_params,
-            vocab_size=int(manifest["vocab_size"]),
-            max_slots=int(options["max_slots"]),
-            max_context=int(options["max_context"]),
-            device="cuda" if device == "CPU" else device,
-        )
-    if kind == "openvino":
-        # Imported here: the router runs ONNX Runtime models without openvino installed.
-        try:
-            from backends.openvino_engine import OpenVinoEncoder
-            from backends.openvino_pipeline import OpenVinoGenerator
-        except ImportError as exc:
-            raise ValueError(
-                f"backend 'openvino' needs the openvino and openvino-genai packages ({exc}); "
-                "pip install openvino openvino-genai"
-            ) from exc
-
-        if model_kind == "decoder":
-            return OpenVinoGenerator(Path(model_dir), **options)
-        return OpenVinoEncoder(Path(model_dir), **options)
-    # Imported here so that importing the protocols never loads onnxruntime.
-    from backends.onnx_runtime import OnnxDecoder, OnnxEncoder
-
-    if model_kind == "decoder":
-        return OnnxDecoder(Path(model_dir), **options)
-    return OnnxEncoder(Path(model_dir), **options)

@@ -24,7 +24,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from backends.base import Capabilities, FloatArray, IntArray, encoder_inputs, read_manifest
+from backends.artifact import encoder_inputs, read_manifest
+from backends.base import Capabilities, FloatArray, IntArray
 
 logger = logging.getLogger(__name__)
 

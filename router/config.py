@@ -16,8 +16,7 @@ from typing import Any
 import yaml
 
 from backends.base import BACKEND_KINDS, PRECISIONS
-from backends.openai_http import OpenAIHttpConfig
-from backends.remote_kserve import KServeConfig
+from backends.factory import KServeConfig, OpenAIHttpConfig
 from router import logs
 from router.cache.config import CacheConfig
 from router.guard.config import GuardConfig

@@ -23,15 +23,10 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from backends.base import (
-    DecoderStepEngine,
-    EncoderEngine,
-    RequestEngine,
-    create_backend,
-    read_manifest,
-)
-from backends.openai_http import OpenAIHttpEmbedder
-from backends.openai_wire import RemoteError
+from backends.artifact import read_manifest
+from backends.base import DecoderStepEngine, EncoderEngine, RemoteEmbedder, RequestEngine
+from backends.factory import create_backend, create_remote_embedder
+from backends.remote import RemoteError
 from router.config import ConfigError, ModelConfig, replica_model
 from router.errors import InvalidArgument, NotFound, Unavailable
 from router.models.chat_template import render_chat
@@ -62,7 +57,7 @@ class ServedModel:
     tokenizer: Tokenizer | None = None
     engine: GenerationEngine | None = None
     batcher: EncoderBatcher | None = None
-    remote_embedder: OpenAIHttpEmbedder | None = None
+    remote_embedder: RemoteEmbedder | None = None
     """An embedding model served by a remote server (instead of `batcher`)."""
     context_length: int = 0
     dimension: int = 0
@@ -285,7 +280,7 @@ class ServedModels:
             model.tokenizer.no_padding()
             model.tokenizer.no_truncation()
             model.context_length = int(model.manifest["max_length"])
-            model.remote_embedder = OpenAIHttpEmbedder(cfg.remote)
+            model.remote_embedder = create_remote_embedder(cfg.remote)
         else:
             model.tokenizer.no_padding()
             encoder_options: dict[str, Any] = {"threads": cfg.threads}

@@ -3,8 +3,7 @@ remote embedding models."""
 
 from __future__ import annotations
 
-from backends.kserve_wire import RemoteStatusError
-from backends.openai_wire import RemoteError, RemoteHTTPError, RemoteTimeout
+from backends.remote import RemoteError, RemoteHTTPError, RemoteStatusError, RemoteTimeout
 from router.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
 
 

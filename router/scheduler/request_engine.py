@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 
 from backends.base import GenerationChunk, GenerationRequest, RequestEngine, UnsupportedParameter
-from backends.openai_wire import RemoteError
+from backends.remote import RemoteError
 from router.errors import (
     Internal,
     InvalidArgument,

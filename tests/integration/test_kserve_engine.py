@@ -20,9 +20,9 @@ import grpc
 import pytest
 
 from backends.base import RequestEngine, UnsupportedParameter
-from backends.openai_http import RemoteChunk
-from backends.openai_wire import RemoteTimeout, RemoteUnavailable
-from backends.remote_kserve import KServeConfig, KServeEngine, RemoteStatusError
+from backends.kserve.config import KServeConfig
+from backends.kserve.engine import KServeEngine
+from backends.remote import RemoteChunk, RemoteStatusError, RemoteTimeout, RemoteUnavailable
 from router.models.prepare import smollm2_gguf_path
 from tests.kserve_server import ROOT, KServeServer, kserve_missing, running_kserve_server
 from tests.openai_servers import free_port, llama_cpp_missing

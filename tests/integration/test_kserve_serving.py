@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from backends.openai_http import OpenAIHttpConfig
-from backends.remote_kserve import KServeConfig
+from backends.kserve.config import KServeConfig
+from backends.openai.config import OpenAIHttpConfig
 from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
 from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2 as pb

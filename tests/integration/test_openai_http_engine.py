@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from backends.base import RequestEngine, UnsupportedParameter
-from backends.openai_http import (
-    OpenAIHttpConfig,
-    OpenAIHttpEmbedder,
-    OpenAIHttpEngine,
+from backends.openai.config import OpenAIHttpConfig
+from backends.openai.engine import OpenAIHttpEmbedder, OpenAIHttpEngine
+from backends.remote import (
     RemoteChunk,
     RemoteHTTPError,
     RemoteProtocolError,

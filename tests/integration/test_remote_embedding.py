@@ -11,7 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from backends.openai_http import OpenAIHttpConfig, OpenAIHttpEmbedder
+from backends.openai.config import OpenAIHttpConfig
+from backends.openai.engine import OpenAIHttpEmbedder
 from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc

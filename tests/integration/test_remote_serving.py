@@ -12,7 +12,7 @@ import grpc
 import httpx
 import pytest
 
-from backends.openai_http import OpenAIHttpConfig
+from backends.openai.config import OpenAIHttpConfig
 from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
 from router.models.chat_template import render_chat
 from router.proto.irouter.v1 import inference_service_pb2 as pb

@@ -38,7 +38,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from backends.openai_http import OpenAIHttpConfig
+from backends.openai.config import OpenAIHttpConfig
 from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
 from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2 as pb

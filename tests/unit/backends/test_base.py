@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import Capabilities, create_backend
+from backends.base import Capabilities
+from backends.factory import create_backend
 from backends.onnx_runtime import OnnxDecoder, OnnxEncoder
 
 

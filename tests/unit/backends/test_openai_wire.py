@@ -9,15 +9,11 @@ from typing import Any
 import pytest
 
 from backends.base import GenerationRequest, UnsupportedParameter
-from backends.openai_http import OpenAIHttpConfig, OpenAIHttpEngine
-from backends.openai_wire import (
-    RemoteHTTPError,
-    RemoteProtocolError,
-    completion_body,
-    http_error,
-    parse_event,
-)
-from backends.sse import SSEDecoder
+from backends.openai.config import OpenAIHttpConfig
+from backends.openai.engine import OpenAIHttpEngine
+from backends.openai.sse import SSEDecoder
+from backends.openai.wire import completion_body, http_error, parse_event
+from backends.remote import RemoteHTTPError, RemoteProtocolError
 
 URL = "http://10.0.0.7:8000/v1/completions"
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from backends.base import EncoderEngine, create_backend
+from backends.base import EncoderEngine
+from backends.factory import create_backend
 from backends.onnx_runtime import OnnxEncoder
-from backends.openvino_engine import OpenVinoEncoder, check_device, core
+from backends.openvino.engine import OpenVinoEncoder, check_device, core
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -3,7 +3,7 @@
 One pipeline per module, at precision 'f32': F16-re-encoded GGUF weights (exact for this
 model's Q4_1/Q8_0 blocks), f32 compute and KV cache. At that setting its greedy tokens equal
 the fp32 ONNX model's; at the default setting GenAI rounds Q4_1 zero points and the texts part
-within a few tokens (see backends/openvino_pipeline.py), so the default is not compared here.
+within a few tokens (see backends/openvino/pipeline.py), so the default is not compared here.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 
 from backends.base import GenerationRequest, RequestEngine, UnsupportedParameter
 from backends.onnx_runtime import OnnxDecoder
-from backends.openvino_ir import IR_XML, cached_ir
-from backends.openvino_pipeline import OpenVinoGenerator
+from backends.openvino.ir import IR_XML, cached_ir
+from backends.openvino.pipeline import OpenVinoGenerator
 from router.models.prepare import smollm2_gguf_path
 
 PROMPTS = [

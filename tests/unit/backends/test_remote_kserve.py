@@ -16,25 +16,26 @@ from typing import Any
 import grpc
 import pytest
 
-from backends.base import (
-    Capabilities,
-    GenerationChunk,
-    GenerationRequest,
-    UnsupportedParameter,
-    create_backend,
-)
+from backends.base import Capabilities, GenerationChunk, GenerationRequest, UnsupportedParameter
+from backends.factory import create_backend
 from backends.kserve import grpc_predict_v2_pb2 as pb
 from backends.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
-from backends.kserve_wire import (
+from backends.kserve.config import KServeConfig
+from backends.kserve.engine import KServeEngine
+from backends.kserve.wire import (
     finish_reason,
     infer_request,
     output_values,
     read_response,
     status_error,
 )
-from backends.openai_http import RemoteChunk
-from backends.openai_wire import RemoteProtocolError, RemoteTimeout, RemoteUnavailable
-from backends.remote_kserve import KServeConfig, KServeEngine, RemoteStatusError
+from backends.remote import (
+    RemoteChunk,
+    RemoteProtocolError,
+    RemoteStatusError,
+    RemoteTimeout,
+    RemoteUnavailable,
+)
 from router.errors import InvalidArgument, Unavailable
 from router.scheduler.engine import EngineLimits
 from router.scheduler.request import Request, SamplingParams

@@ -25,7 +25,7 @@ def test_libraries_stay_at_warning_while_the_router_logs_info(restored: None) ->
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)  # a line per request
     assert logging.getLogger("httpx").isEnabledFor(logging.WARNING)
     assert logging.getLogger("router.server").isEnabledFor(logging.INFO)
-    assert logging.getLogger("backends.openai_http").isEnabledFor(logging.INFO)
+    assert logging.getLogger("backends.openai.engine").isEnabledFor(logging.INFO)
 
 
 def test_library_level_can_be_asked_for(restored: None) -> None:

@@ -1,8 +1,8 @@
 """OpenVINO runtime: device and precision checks shared by its engines, and the sentence encoder.
 
-Named `openvino_engine` so that it never shadows the `openvino` package. The router imports this
-module only for models configured with `backend: openvino`, so openvino need not be installed
-to serve ONNX Runtime models.
+The factory imports this module only for models configured with `backend: openvino`, so
+openvino need not be installed to serve ONNX Runtime models. (`backends.openvino` never shadows
+the `openvino` library: imports are absolute and backends/ itself is not on sys.path.)
 """
 
 from __future__ import annotations
@@ -15,14 +15,8 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from backends.base import (
-    PRECISIONS,
-    Capabilities,
-    FloatArray,
-    IntArray,
-    encoder_inputs,
-    read_manifest,
-)
+from backends.artifact import encoder_inputs, read_manifest
+from backends.base import PRECISIONS, Capabilities, FloatArray, IntArray
 
 logger = logging.getLogger(__name__)
 

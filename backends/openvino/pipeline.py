@@ -10,7 +10,7 @@ One dedicated thread owns the pipeline: it drains an inbox (new requests, cancel
 `call_soon_threadsafe`. A request whose iterator is closed is cancelled through its handle;
 the pipeline frees its blocks at the next step.
 
-Weights, precision and the IR cache are in backends/openvino_ir.py: precision='f32' reads
+Weights, precision and the IR cache are in backends/openvino/ir.py: precision='f32' reads
 losslessly re-encoded weights and computes in f32 with an f32 KV cache, and then reproduces the
 fp32 ONNX model's greedy tokens; the default reads GenAI's own (lossy) Q4_1 mapping.
 """
@@ -31,16 +31,16 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
+from backends.artifact import read_manifest
 from backends.base import (
     Capabilities,
     GenerationChunk,
     GenerationRequest,
     StepObserver,
     UnsupportedParameter,
-    read_manifest,
 )
-from backends.openvino_engine import check_device, check_precision, compile_properties
-from backends.openvino_ir import load_pipeline
+from backends.openvino.engine import check_device, check_precision, compile_properties
+from backends.openvino.ir import load_pipeline
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What goes over the wire to an OpenAI-compatible server, as pure functions: the errors, which
+"""What goes over the wire to an OpenAI-compatible server, as pure functions: which
 sampling fields each kind of server honours (`DIALECTS`), the JSON body of a streamed
 /completions call, and the reading of one streamed event.
 
@@ -16,42 +16,15 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from backends.base import GenerationRequest, UnsupportedParameter
+from backends.remote import (
+    FINISH_REASONS,
+    RemoteHTTPError,
+    RemoteProtocolError,
+)
 
 RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
 """HTTP statuses after which the same request may go to another replica."""
-FINISH_REASONS = frozenset({"stop", "length"})
 PROMPT_FORMATS = ("text", "token_ids")
-
-
-class RemoteError(Exception):
-    """A remote server failed a request; the message names the URL and what went wrong."""
-
-    def __init__(self, url: str, message: str, *, retryable: bool) -> None:
-        super().__init__(f"{url}: {message}")
-        self.url = url
-        self.retryable = retryable
-        """True when nothing was generated yet and another replica may serve the request."""
-
-
-class RemoteUnavailable(RemoteError):
-    """The server could not be reached or dropped the connection (refused, reset, DNS)."""
-
-
-class RemoteTimeout(RemoteError):
-    """No connection within the connect timeout, or silence longer than the read timeout."""
-
-
-class RemoteHTTPError(RemoteError):
-    """The server answered with an error: an HTTP status >= 400, or an error event mid-stream."""
-
-    def __init__(self, url: str, message: str, *, status: int, retryable: bool) -> None:
-        super().__init__(url, message, retryable=retryable)
-        self.status = status
-        """The HTTP status, or the error event's code (500 when it gave none)."""
-
-
-class RemoteProtocolError(RemoteError):
-    """The answer is not an OpenAI completion stream or embedding list (bad SSE, JSON, fields)."""
 
 
 NEUTRAL: Mapping[str, Any] = MappingProxyType(

@@ -24,16 +24,17 @@ import numpy as np
 
 from backends.base import GenerationRequest, UnsupportedParameter
 from backends.kserve import grpc_predict_v2_pb2 as pb
-from backends.openai_wire import (
+from backends.remote import (
     FINISH_REASONS,
     RemoteError,
     RemoteProtocolError,
+    RemoteStatusError,
     RemoteTimeout,
     RemoteUnavailable,
 )
 
 if TYPE_CHECKING:
-    from backends.remote_kserve import KServeConfig
+    from backends.kserve.config import KServeConfig
 
 SAMPLING_DATATYPES: Mapping[str, str] = MappingProxyType(
     {
@@ -81,25 +82,8 @@ RETRYABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
 )
 """Statuses after which the same request may go to another replica (nothing emitted yet)."""
-REQUEST_FAULT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
-"""Statuses that blame the request: the router answers INVALID_ARGUMENT, and no retry helps."""
 FINAL_RESPONSE_PARAMETER = "triton_final_response"
 """Response parameter by which Triton marks a decoupled model's last response for a request."""
-
-
-class RemoteStatusError(RemoteError):
-    """The server answered a gRPC status other than OK (UNAVAILABLE and DEADLINE_EXCEEDED are
-    RemoteUnavailable and RemoteTimeout), or an error message inside a stream."""
-
-    def __init__(self, url: str, message: str, *, code: grpc.StatusCode, retryable: bool) -> None:
-        super().__init__(url, message, retryable=retryable)
-        self.code = code
-        """The status; UNKNOWN for an error message inside a ModelStreamInfer stream."""
-
-    @property
-    def request_fault(self) -> bool:
-        """The server blamed the request (INVALID_ARGUMENT, OUT_OF_RANGE)."""
-        return self.code in REQUEST_FAULT_CODES
 
 
 def status_error(url: str, exc: grpc.aio.AioRpcError, *, emitted: bool) -> RemoteError:

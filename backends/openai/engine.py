@@ -3,9 +3,9 @@ as engines: `OpenAIHttpEngine` (a RequestEngine) streams /v1/completions, `OpenA
 calls /v1/embeddings; both share one pooled httpx client per server.
 
 The router renders the chat template itself and sends the finished prompt text, so a prompt is
-identical whichever backend serves it (see openai_wire for what each server kind is sent).
+identical whichever backend serves it (see wire.py for what each server kind is sent).
 
-Failures raise a `RemoteError` (openai_wire) whose message names the URL; `retryable` is True
+Failures raise a `RemoteError` (backends/remote.py) whose message names the URL; `retryable` is True
 only while nothing was generated and the fault is the server's or the network's, so another
 replica may take the same request: connection refused or reset, a connect or read timeout,
 HTTP 408/429/502/503/504, a malformed or truncated stream.
@@ -16,123 +16,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
 
 from backends.base import Capabilities, FloatArray, GenerationChunk, GenerationRequest
-from backends.openai_wire import (
-    DIALECTS,
-    PROMPT_FORMATS,
+from backends.openai.config import OpenAIHttpConfig
+from backends.openai.sse import SSEDecoder
+from backends.openai.wire import DIALECTS, completion_body, http_error, parse_event
+from backends.remote import (
+    RemoteChunk,
     RemoteError,
-    RemoteHTTPError,
     RemoteProtocolError,
     RemoteTimeout,
     RemoteUnavailable,
-    completion_body,
-    http_error,
-    parse_event,
 )
-from backends.sse import SSEDecoder
-
-__all__ = [
-    "OpenAIHttpConfig",
-    "OpenAIHttpEmbedder",
-    "OpenAIHttpEngine",
-    "RemoteChunk",
-    "RemoteError",
-    "RemoteHTTPError",
-    "RemoteProtocolError",
-    "RemoteTimeout",
-    "RemoteUnavailable",
-]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OpenAIHttpConfig:
-    """One remote OpenAI-compatible server and the model it serves."""
-
-    url: str = ""
-    """Server root, e.g. 'http://10.0.0.7:8000' (api_prefix is appended). Empty only in a
-    models[] entry behind a deployment whose replicas each give their own url."""
-    model: str = ""
-    """Model name on the server: sent as `model`, and looked for in /models by ready(). Empty
-    only behind a deployment (each replica's remote_model, else the router's model name)."""
-    dialect: str = "openai"
-    """Server kind, deciding which sampling fields beyond OpenAI's are sent: one of DIALECTS."""
-    api_prefix: str | None = None
-    """API path; None takes the dialect's ('/v1', or '/v3' for ovms)."""
-    prompt_format: str = "text"
-    """'text' sends the rendered prompt; 'token_ids' the router's ids (vllm and trtllm only)."""
-    connect_timeout_s: float = 5.0
-    """Longest wait for a TCP connection."""
-    read_timeout_s: float = 60.0
-    """Longest silence in an answer (time to first token included) before RemoteTimeout."""
-    max_connections: int = 64
-    """Requests in flight to this server (pooled connections); more wait for a free one."""
-    api_key: str | None = None
-    """Sent as 'Authorization: Bearer <api_key>' when set."""
-    context_length: int = 2048
-    """Prompt plus completion tokens the remote model accepts."""
-    vocab_size: int = 0
-    """Vocabulary size of the remote model, for the router's checks (0: unknown)."""
-
-    def require_endpoint(self) -> OpenAIHttpConfig:
-        """Raise ValueError when url or model is missing (say which and how to set it)."""
-        if not self.url:
-            raise ValueError("url is missing: set it to the server root, e.g. http://10.0.0.7:8000")
-        if not self.model:
-            raise ValueError(f"model is missing: set it to the model's name at {self.url}")
-        return self
-
-    def validate(self) -> OpenAIHttpConfig:
-        """Raise ValueError naming the first bad field and what it accepts; returns self. An
-        empty url or model is left to require_endpoint()."""
-        if self.url and not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url={self.url!r} must start with http:// or https://")
-        if self.dialect not in DIALECTS:
-            raise ValueError(
-                f"dialect={self.dialect!r} is unknown; accepted: {', '.join(DIALECTS)}"
-            )
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(
-                f"prompt_format={self.prompt_format!r} is unknown; accepted: "
-                f"{', '.join(PROMPT_FORMATS)}"
-            )
-        if self.prompt_format == "token_ids" and not DIALECTS[self.dialect].token_id_prompts:
-            raise ValueError(
-                f"prompt_format='token_ids' is not accepted by a {self.dialect!r} server; "
-                "use 'text'"
-            )
-        for name in ("connect_timeout_s", "read_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("max_connections", "context_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.vocab_size < 0:
-            raise ValueError(f"vocab_size={self.vocab_size} must not be negative (0: unknown)")
-        return self
-
-    def endpoint(self, path: str) -> str:
-        """Full URL of an API path such as '/completions'."""
-        prefix = DIALECTS[self.dialect].api_prefix if self.api_prefix is None else self.api_prefix
-        prefix = prefix.strip("/")
-        return f"{self.url.rstrip('/')}{'/' + prefix if prefix else ''}{path}"
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteChunk(GenerationChunk):
-    """The last chunk of a remote stream: a GenerationChunk plus the server's token counts,
-    when the server reports usage (llama-cpp-python does not)."""
-
-    prompt_tokens: int | None = None
-    """Prompt tokens as the server counted them."""
-    completion_tokens: int | None = None
-    """Generated tokens as the server counted them."""
 
 
 def transport_error(url: str, exc: httpx.TransportError, *, emitted: bool) -> RemoteError:

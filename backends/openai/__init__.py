@@ -1,0 +1,1 @@
+"""A remote OpenAI-compatible HTTP server as engines: config, wire format, SSE, engines."""
