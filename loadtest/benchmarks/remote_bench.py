@@ -25,8 +25,9 @@ import grpc
 import httpx
 
 from backends.base import GenerationRequest
-from backends.openai_http import OpenAIHttpConfig, OpenAIHttpEngine
-from backends.openai_wire import completion_body
+from backends.openai.config import OpenAIHttpConfig
+from backends.openai.engine import OpenAIHttpEngine
+from backends.openai.wire import completion_body
 from loadtest.benchmarks.serve_bench import router_process
 from router.config import load_config
 from router.models.prepare import prepare_models, smollm2_gguf_path

@@ -11,7 +11,7 @@ import grpc
 
 from loadtest.harness.record import RequestRecord
 from loadtest.harness.scenario import Scenario
-from loadtest.harness.targets import Call
+from loadtest.harness.targets.call import Call
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.proto.irouter.v1 import retrieval_service_pb2 as rpb

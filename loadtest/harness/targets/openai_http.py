@@ -12,7 +12,7 @@ import httpx
 
 from loadtest.harness.record import RequestRecord
 from loadtest.harness.scenario import Scenario
-from loadtest.harness.targets import Call
+from loadtest.harness.targets.call import Call
 
 _PATHS = {
     "chat": "/v1/chat/completions",
