@@ -1,9 +1,15 @@
-"""The router's error hierarchy. Each class carries its gRPC status code; `router.services.rpc`
-translates them to a status in exactly one place."""
+"""The router's error hierarchy. Each class carries its gRPC status code; `to_status` is the one
+translation to a gRPC status (with google.rpc details: BadRequest, QuotaFailure, RetryInfo), and
+`abort` the one way a call ends with it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+from google.protobuf import any_pb2, duration_pb2, message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 
 class RouterError(Exception):
@@ -90,3 +96,46 @@ class Cancelled(RouterError):
 
 class Internal(RouterError):
     code = grpc.StatusCode.INTERNAL
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    seconds = max(seconds, 0.0)
+    delay = duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def to_status(error: RouterError) -> grpc.Status:
+    """The single translation of router errors to gRPC statuses with google.rpc details."""
+    details: list[any_pb2.Any] = []
+
+    def add(detail: message.Message) -> None:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        details.append(packed)
+
+    if isinstance(error, InvalidArgument) and error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=str(error)
+        )
+        add(error_details_pb2.BadRequest(field_violations=[violation]))
+    elif isinstance(error, ResourceExhausted):
+        add(_retry_info(error.retry_after_s))
+        if error.violations:
+            add(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject=s, description=d)
+                        for s, d in error.violations
+                    ]
+                )
+            )
+    elif isinstance(error, Unavailable) and error.retry_after_s is not None:
+        add(_retry_info(error.retry_after_s))
+    status = status_pb2.Status(code=error.code.value[0], message=str(error), details=details)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: RouterError) -> None:
+    """End the call with the error's status (the one way a handler or interceptor answers one)."""
+    await context.abort_with_status(to_status(error))

@@ -27,9 +27,8 @@ from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
-from router.errors import DeadlineExceeded, RouterError
+from router.errors import DeadlineExceeded, RouterError, abort
 from router.guard.identity import Identity, current_identity
-from router.services.rpc import to_status
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +226,7 @@ async def _guarded(
             ) from None
     except RouterError as exc:
         error = exc
-        await context.abort_with_status(to_status(exc))
+        await abort(context, exc)
     except BaseException as exc:
         error = exc
         raise

@@ -1,5 +1,5 @@
-"""Registering servicers: safe request parsing, the one place errors become gRPC statuses, and
-per-method metrics. Shared by every service so none of them handles these itself."""
+"""Registering servicers: safe request parsing, errors answered as statuses (router.errors.abort),
+and per-method metrics. Shared by every service so none of them handles these itself."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2, message
+from google.protobuf import message
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from router.errors import InvalidArgument, ResourceExhausted, RouterError, Unavailable
+from router.errors import InvalidArgument, RouterError, abort
 from router.telemetry import Metrics
 
 logger = logging.getLogger(__name__)
@@ -47,48 +45,6 @@ def _parser(cls: type[message.Message]) -> Callable[[bytes], message.Message | M
     return parse
 
 
-def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
-    seconds = max(seconds, 0.0)
-    delay = duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
-    return error_details_pb2.RetryInfo(retry_delay=delay)
-
-
-def to_status(error: RouterError) -> grpc.Status:
-    """The single translation of router errors to gRPC statuses with google.rpc details."""
-    details: list[any_pb2.Any] = []
-
-    def add(detail: message.Message) -> None:
-        packed = any_pb2.Any()
-        packed.Pack(detail)
-        details.append(packed)
-
-    if isinstance(error, InvalidArgument) and error.field:
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=str(error)
-        )
-        add(error_details_pb2.BadRequest(field_violations=[violation]))
-    elif isinstance(error, ResourceExhausted):
-        add(_retry_info(error.retry_after_s))
-        if error.violations:
-            add(
-                error_details_pb2.QuotaFailure(
-                    violations=[
-                        error_details_pb2.QuotaFailure.Violation(subject=s, description=d)
-                        for s, d in error.violations
-                    ]
-                )
-            )
-    elif isinstance(error, Unavailable) and error.retry_after_s is not None:
-        add(_retry_info(error.retry_after_s))
-    status = status_pb2.Status(code=error.code.value[0], message=str(error), details=details)
-    converted: grpc.Status = rpc_status.to_status(status)
-    return converted
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: RouterError) -> None:
-    await context.abort_with_status(to_status(error))
-
-
 class _MethodMetrics:
     __slots__ = ("_children", "_latency", "_method", "_metrics")
 
@@ -116,7 +72,7 @@ def _wrap_unary(fn: Unary, mm: _MethodMetrics) -> Unary:
             return await fn(request, context)
         except RouterError as error:
             code = error.code.name
-            await _abort(context, error)
+            await abort(context, error)
         except BaseException as exc:
             code = _code_of(exc)
             raise
@@ -137,7 +93,7 @@ def _wrap_stream(fn: Streaming, mm: _MethodMetrics) -> Streaming:
                 yield response
         except RouterError as error:
             code = error.code.name
-            await _abort(context, error)
+            await abort(context, error)
         except BaseException as exc:
             code = _code_of(exc)
             raise
