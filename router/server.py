@@ -30,11 +30,13 @@ from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
 from router.retrieval.rag import Retriever
 from router.retrieval.store import CollectionStore
 from router.routing.config import RoutingConfig
-from router.routing.registry import ServedModel, ServedModels
 from router.scheduler.request import Priority, SamplingParams
 from router.services.inference import Answering, InferenceServicer
 from router.services.retrieval import RetrievalServicer
 from router.services.rpc import add_service
+from router.serving import embedding, prompt
+from router.serving.catalog import Catalog
+from router.serving.model import ServedModel
 from router.telemetry import Metrics
 from router.tls import CertificateReloader
 
@@ -55,7 +57,7 @@ class RouterServer:
     def __init__(self, config: RouterConfig, *, worker: int = 0) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.models = ServedModels(config.models, config.model_cache, self.metrics, config.routing)
+        self.models = Catalog(config.models, config.model_cache, self.metrics, config.routing)
         self.models.on_routing_change = self._routing_changed
         self._checks: asyncio.Task[None] | None = None
         self._publishing: asyncio.Task[None] | None = None
@@ -80,7 +82,7 @@ class RouterServer:
         self._housekeeping: asyncio.Task[None] | None = None
         self.collections: CollectionStore | None = None
         cache = config.cache
-        self.embedder = Embedder(self.models, cache.embedding, self.metrics)
+        self.embedder = Embedder(cache.embedding, self.metrics)
         self.responses = (
             ResponseCache(cache.response, self.metrics) if cache.response.enabled else None
         )
@@ -321,9 +323,10 @@ class RouterServer:
     async def _warm_up(self, model: ServedModel) -> None:
         """A first call through the real path, so the first client does not pay for it."""
         if model.engine is not None:
-            request = self.models.build_request(
+            request = prompt.build_request(
                 model,
                 "warm-up",
+                engine_id=self.models.next_engine_id(),
                 text="Hello",
                 params=SamplingParams(max_tokens=2, temperature=0.0),
                 max_tokens_set=True,
@@ -333,7 +336,7 @@ class RouterServer:
                 pass
         if model.config.kind == "embed":
             # Also learns a remote embedding server's dimension.
-            await self.models.embed_pieces(model, self.models.encode_texts(model, ["warm up"]))
+            await embedding.embed_pieces(model, embedding.encode_texts(model, ["warm up"]))
 
     async def wait_ready(self) -> None:
         if self._loading is not None:

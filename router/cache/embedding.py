@@ -15,7 +15,8 @@ import numpy.typing as npt
 from router.cache.config import EmbeddingCacheConfig
 from router.cache.lru import ByteLRU
 from router.retrieval.chunking import Piece
-from router.routing.registry import ServedModel, ServedModels
+from router.serving import embedding
+from router.serving.model import ServedModel
 from router.telemetry import Metrics
 
 Vectors = npt.NDArray[np.float32]
@@ -35,10 +36,7 @@ class EmbedPlan:
 
 
 class Embedder:
-    def __init__(
-        self, models: ServedModels, config: EmbeddingCacheConfig, metrics: Metrics
-    ) -> None:
-        self._models = models
+    def __init__(self, config: EmbeddingCacheConfig, metrics: Metrics) -> None:
         self._metrics = metrics
         evictions = metrics.cache_evictions.labels(LAYER)
         self._cache: ByteLRU[tuple[Vectors, int]] | None = (
@@ -57,7 +55,7 @@ class Embedder:
         truncate: bool = False,
     ) -> EmbedPlan:
         """Look the texts up and tokenize the ones not cached (validated as
-        `ServedModels.encode_texts` does). Nothing is embedded yet: the caller may charge
+        `serving.embedding.encode_texts` does). Nothing is embedded yet: the caller may charge
         `plan.tokens` to a quota first. Cached texts count the tokens they took when first
         embedded."""
         out = np.empty((len(texts), model.dimension), dtype=np.float32)
@@ -80,7 +78,7 @@ class Embedder:
             self._misses.inc(len(missing))
         pieces: list[Piece] = []
         if missing:
-            pieces = self._models.encode_texts(
+            pieces = embedding.encode_texts(
                 model,
                 [texts[i] for i in missing],
                 positions=missing,
@@ -96,7 +94,7 @@ class Embedder:
         step = model.config.max_batch
         for start in range(0, len(plan.pieces), step):
             batch = plan.pieces[start : start + step]
-            vectors = await self._models.embed_pieces(model, batch)
+            vectors = await embedding.embed_pieces(model, batch)
             rows = plan.missing[start : start + step]
             for row, (i, piece) in enumerate(zip(rows, batch, strict=True)):
                 out[i] = vectors[row]

@@ -16,7 +16,9 @@ from router.errors import FailedPrecondition, InvalidArgument
 from router.retrieval.config import MAX_TOP_K, RagConfig
 from router.retrieval.spec import Filter, Hit
 from router.retrieval.store import CollectionStore
-from router.routing.registry import ServedModel, ServedModels
+from router.serving.catalog import Catalog
+from router.serving.model import ServedModel
+from router.serving.prompt import prompt_ids
 
 Messages = list[dict[str, str]]
 
@@ -157,7 +159,7 @@ class Retriever:
         self,
         config: RagConfig,
         store: CollectionStore | None,
-        models: ServedModels,
+        models: Catalog,
         embedder: Embedder,
     ) -> None:
         self.config = config
@@ -199,7 +201,7 @@ class Retriever:
         passages = passages_from_hits(hits, rag.min_score)
 
         def count(m: Messages | None, p: str | None) -> int:
-            return len(self._models.prompt_ids(model, prompt=p, messages=m))
+            return len(prompt_ids(model, prompt=p, messages=m))
 
         return fit(
             self.config,

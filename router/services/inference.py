@@ -22,10 +22,13 @@ from router.guard.chain import CallScope, get_scope
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.retrieval.rag import Passage, RagRequest, Retriever, require_store
 from router.routing.breaker import BreakerState
-from router.routing.registry import ServedModel, ServedModels
 from router.scheduler.engine import Chunk
 from router.scheduler.request import Priority, Request, RequestStatus, SamplingParams
 from router.services.retrieval import filter_from_proto
+from router.serving import embedding
+from router.serving import prompt as prompt_
+from router.serving.catalog import Catalog
+from router.serving.model import ServedModel
 from router.telemetry import Metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -160,7 +163,7 @@ class Answering:
 
 
 class InferenceServicer:
-    def __init__(self, models: ServedModels, metrics: Metrics, answering: Answering) -> None:
+    def __init__(self, models: Catalog, metrics: Metrics, answering: Answering) -> None:
         self._models = models
         self._metrics = metrics
         self._embedder = answering.embedder
@@ -259,10 +262,11 @@ class InferenceServicer:
                     cached=cached,
                     cache_status=pb.CACHE_STATUS_EXACT_HIT,
                 )
-        request = self._models.build_request(
+        request = prompt_.build_request(
             model,
             request_id,
-            text=self._models.render(model, prompt=prompt, messages=messages),
+            engine_id=self._models.next_engine_id(),
+            text=prompt_.render(model, prompt=prompt, messages=messages),
             params=params,
             max_tokens_set=max_tokens_set,
             priority=priority,
@@ -471,7 +475,7 @@ class InferenceServicer:
         model = self._models.get(message.model, "embed")
         scope.use_model(model.name)
         texts = [scope.check_input(text) for text in message.texts]
-        self._models.check_batch(model, texts)
+        embedding.check_batch(model, texts)
         # The quota is charged before embedding: a call over quota must not cost an encoder pass.
         plan = self._embedder.plan(model, texts)
         prompt_tokens = plan.tokens
@@ -522,7 +526,7 @@ _CIRCUIT = {
 }
 
 
-def list_models(models: ServedModels) -> pb.ListModelsResponse:
+def list_models(models: Catalog) -> pb.ListModelsResponse:
     tasks: dict[str, list[str]] = {}
     for task, target in sorted(models.tasks.items()):
         tasks.setdefault(target, []).append(task)

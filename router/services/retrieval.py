@@ -16,7 +16,8 @@ from router.retrieval.collection import Collection
 from router.retrieval.index import Vectors
 from router.retrieval.spec import CollectionSpec, Document, Filter, Hit, Metric, Range
 from router.retrieval.store import CollectionStore
-from router.routing.registry import ServedModels
+from router.serving import embedding
+from router.serving.catalog import Catalog
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -35,21 +36,21 @@ _METRIC_PB = {
 
 
 class RetrievalServicer:
-    def __init__(self, store: CollectionStore, models: ServedModels, embedder: Embedder) -> None:
+    def __init__(self, store: CollectionStore, models: Catalog, embedder: Embedder) -> None:
         self._store = store
         self._models = models
         self._embedder = embedder
 
     async def _embed(self, model_name: str, texts: list[str]) -> Vectors:
         model = self._models.get(model_name, "embed")
-        return await self._embed_pieces(model_name, self._models.encode_texts(model, texts))
+        return await self._embed_pieces(model_name, embedding.encode_texts(model, texts))
 
     async def _embed_pieces(self, model_name: str, pieces: list[chunking.Piece]) -> Vectors:
         """Embed texts whose token ids already fit the model's window (see chunking.split)."""
         model = self._models.get(model_name, "embed")
         step = model.config.max_batch
         parts = [
-            await self._models.embed_pieces(model, pieces[i : i + step])
+            await embedding.embed_pieces(model, pieces[i : i + step])
             for i in range(0, len(pieces), step)
         ]
         return np.concatenate(parts).astype(np.float32)

@@ -25,6 +25,7 @@ from router.retrieval.store import CollectionStore
 from router.server import RouterServer
 from router.services.retrieval import RetrievalServicer
 from router.services.rpc import add_service
+from router.serving import embedding
 from router.telemetry import Metrics
 from tests.integration.conftest import EMB
 
@@ -246,8 +247,8 @@ async def embed_all(router: RouterServer, texts: list[str]) -> np.ndarray:
     step = model.config.max_batch
     parts = []
     for start in range(0, len(texts), step):
-        pieces = models.encode_texts(model, texts[start : start + step])
-        parts.append(await models.embed_pieces(model, pieces))
+        pieces = embedding.encode_texts(model, texts[start : start + step])
+        parts.append(await embedding.embed_pieces(model, pieces))
     return np.concatenate(parts).astype(np.float32)
 
 

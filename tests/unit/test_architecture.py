@@ -29,7 +29,6 @@ MAX_LINES = 450
 OVERSIZED = {
     "router/server.py",
     "router/config.py",
-    "router/routing/registry.py",
     "router/guard/guardrails.py",
     "router/services/inference.py",
     "router/routing/dispatch.py",

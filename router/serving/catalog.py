@@ -1,0 +1,229 @@
+"""The catalog of served models, by name: created from the config, loaded, looked up per call,
+stopped. (Loading itself is loader.py; what a call's input becomes is prompt.py and
+embedding.py.)
+
+A model is registered before it is loaded, so ListModels and health answer at once (not ready,
+NOT_SERVING); calls to a model that is still loading get UNAVAILABLE rather than waiting.
+
+With a `routing:` config, a deployment is served like a model (its name, the tokenizer and chat
+template of the model it serves) whose engine is a `RoutedEngine` over its replicas; each replica
+is a ServedModel of its own (one engine each: a local backend on a device, or a remote server),
+not visible to clients. Aliases and tasks resolve to a deployment per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from router.config import ConfigError, ModelConfig, replica_model
+from router.errors import InvalidArgument, NotFound, Unavailable
+from router.routing import reload
+from router.routing.attempt import AttemptInfo
+from router.routing.breaker import BreakerState
+from router.routing.config import RoutingConfig
+from router.routing.dispatch import Dispatcher
+from router.routing.engine import RoutedEngine
+from router.scheduler.engine import GenerationEngine
+from router.serving import loader
+from router.serving.model import ServedModel
+from router.telemetry import Metrics, ReplicaSample
+
+logger = logging.getLogger(__name__)
+
+
+class Catalog:
+    """The served models by name: created from the config, loaded, looked up per call, stopped.
+    Deployments, their replicas, aliases and tasks resolve here too."""
+
+    def __init__(
+        self,
+        configs: tuple[ModelConfig, ...],
+        model_cache: Path,
+        metrics: Metrics,
+        routing: RoutingConfig | None = None,
+    ):
+        self._metrics = metrics
+        self._engine_ids = 0
+        self._attempt_counters: dict[tuple[str, str], Any] = {}
+        self._replica_models: dict[tuple[str, str], ServedModel] = {}
+        """(deployment, replica) → the replica, looked up on every routed attempt."""
+        routing = routing or RoutingConfig()
+        self.routing = routing
+        self.aliases = dict(routing.aliases)
+        self.tasks = dict(routing.tasks)
+        by_name = {c.name: c for c in configs}
+        behind = {d.model_name for d in routing.deployments}
+        # A model a deployment serves is reached through its deployments only.
+        self._models = {
+            c.name: ServedModel(c, model_cache / c.artifact)
+            for c in configs
+            if c.name not in behind
+        }
+        self.dispatcher: Dispatcher | None = None
+        if routing.deployments:
+            self.dispatcher = Dispatcher(
+                routing,
+                on_breaker_change=self._breaker_changed,
+                on_attempt_failed=self._attempt_failed,
+            )
+        for dep in routing.deployments:
+            model = by_name[dep.model_name]
+            replicas = tuple(
+                ServedModel(
+                    replica_model(model, dep.name, r), model_cache / model.artifact, replica=r
+                )
+                for r in dep.replicas
+            )
+            shell = ServedModel(
+                dataclasses.replace(model, name=dep.name),
+                model_cache / model.artifact,
+                deployment=dep,
+                replicas=replicas,
+            )
+            self._models[dep.name] = shell
+            for rc, served in zip(dep.replicas, replicas, strict=True):
+                self._replica_models[dep.name, rc.name] = served
+            assert self.dispatcher is not None
+            for r in dep.replicas:
+                self.dispatcher.set_healthy(dep.name, r.name, False)  # until it has loaded
+        self.on_routing_change: Callable[[], None] | None = None
+        """Called (no arguments) when a breaker changes state; the server republishes health."""
+
+    def __iter__(self) -> Any:
+        return iter(self._models.values())
+
+    def replicas(self) -> list[ServedModel]:
+        """Every replica of every deployment."""
+        return [r for m in self._models.values() for r in m.replicas]
+
+    # ---- routing -----------------------------------------------------------------------------
+
+    def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        deployment, _, replica = name.partition("/")
+        self._metrics.breaker_transitions.labels(deployment, replica, new.name.lower()).inc()
+        log = logger.warning if new is BreakerState.OPEN else logger.info
+        log("replica %s: circuit %s -> %s", name, old.name.lower(), new.name.lower())
+        if self.on_routing_change is not None:
+            self.on_routing_change()
+
+    def reload_routing(self, routing: RoutingConfig) -> list[str]:
+        """Take a new, validated routing config that keeps every deployment's model and
+        replicas (names, backends, devices, URLs): weights, aliases, tasks, balancers,
+        breakers, retries, hedging, fallbacks and health checks change at once, for the calls
+        that start from now on. Returns what changed, in words; raises ConfigError naming what
+        would need a restart (a replica's engine is built once, at start)."""
+        old = self.routing
+        if self.dispatcher is None or not routing.deployments:
+            raise ConfigError(
+                "routing reload needs deployments both before and after; adding or removing "
+                "routing altogether needs a restart"
+            )
+        problems = reload.structural_changes(old, routing)
+        if problems:
+            raise ConfigError(
+                "routing reload can change weights, aliases, tasks and policies only; these "
+                f"need a restart: {'; '.join(problems)}"
+            )
+        self.dispatcher.reconfigure(routing)
+        for dc in routing.deployments:
+            shell = self._models[dc.name]
+            shell.deployment = dc
+            if isinstance(shell.engine, RoutedEngine):
+                shell.engine.hedged = dc.hedging.enabled
+        self.routing = routing
+        self.aliases = dict(routing.aliases)
+        self.tasks = dict(routing.tasks)
+        return reload.routing_diff(old, routing)
+
+    def _attempt_started(self, info: AttemptInfo) -> None:
+        key = (info.deployment, info.replica.name)
+        child = self._attempt_counters.get(key)
+        if child is None:
+            child = self._attempt_counters[key] = self._metrics.routing_attempts.labels(*key)
+        child.inc()
+
+    def _attempt_failed(self, info: AttemptInfo, reason: str) -> None:
+        self._metrics.failed_attempts.labels(info.deployment, info.replica.name).inc()
+
+    def replica_samples(self) -> list[ReplicaSample]:
+        """Replica state for the metrics collector."""
+        if self.dispatcher is None:
+            return []
+        return [
+            ReplicaSample(name, r.name, int(r.breaker.state), r.healthy, r.outstanding)
+            for name, health in self.dispatcher.health().items()
+            for r in health.replicas
+        ]
+
+    def _replica_engine(self, deployment: str, replica: str) -> GenerationEngine:
+        served = self._replica_models[deployment, replica]
+        if served.engine is None:
+            why = f": {served.error}" if served.error else " (still loading)"
+            raise Unavailable(f"replica {deployment}/{replica} is not loaded{why}")
+        return served.engine
+
+    # ---- life cycle --------------------------------------------------------------------------
+
+    def load(self, model: ServedModel) -> None:
+        """Blocking: build the backend and tokenizer (a deployment: its tokenizer and routed
+        engine; its replicas load one by one with `load` too). Runs in a worker thread."""
+        loader.load_artifact(model)
+        if model.deployment is None:
+            loader.load_engine(model, self._metrics)
+            return
+        assert self.dispatcher is not None
+        replicas = model.replicas
+        model.engine = RoutedEngine(
+            model.name,
+            self.dispatcher,
+            self._replica_engine,
+            lambda: [r.engine for r in replicas if r.engine is not None],
+            self.next_engine_id,
+            hedged=model.deployment.hedging.enabled,
+            on_attempt=self._attempt_started,
+        )
+
+    def start(self, model: ServedModel) -> None:
+        """On the event loop, after load(): start the engine thread or batcher task."""
+        loader.start(model)
+
+    async def stop(self) -> None:
+        for model in [*self._models.values(), *self.replicas()]:
+            await loader.stop(model)
+
+    # ---- lookup ------------------------------------------------------------------------------
+
+    def get(self, name: str, kind: str, *, task: str = "", key: str | None = None) -> ServedModel:
+        """The model (or deployment) a call names; an alias or a `task` picks a deployment (by
+        `key` when given, so a caller stays on one side of a split)."""
+        if task or name in self.aliases:
+            if task and name:
+                raise InvalidArgument(
+                    f"set model or task, not both (model={name!r}, task={task!r})", field="task"
+                )
+            if self.dispatcher is None or kind != "generate":
+                raise NotFound(f"task {task!r} has no route: this router routes no tasks")
+            name = self.dispatcher.resolve(name, task=task, key=key)
+        model = self._models.get(name)
+        if model is None or model.config.kind != kind:
+            names = sorted(m.name for m in self._models.values() if m.config.kind == kind)
+            if kind == "generate":
+                names = sorted([*names, *self.aliases])
+            verb = "generation" if kind == "generate" else "embedding"
+            if not name:
+                raise InvalidArgument(
+                    f"model is empty; {verb} models served: {names}", field="model"
+                )
+            raise NotFound(f"model {name!r} is not served; {verb} models served: {names}")
+        if not model.ready:
+            why = f": {model.error}" if model.error else " (still loading)"
+            raise Unavailable(f"model {name!r} is not ready{why}")
+        return model
+
+    def next_engine_id(self) -> int:
+        self._engine_ids += 1
+        return self._engine_ids

@@ -1,0 +1,134 @@
+"""Loading a served model: the one mapping from its configuration to what serves it (an engine
+the router batches, one that batches itself, an encoder batcher or a remote embedder), and
+starting and stopping it.
+
+`load_artifact` and `load_engine` block (reading files, compiling graphs, connecting): callers run
+them in a worker thread. `start` and `stop` run on the event loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from tokenizers import Tokenizer
+
+from backends.artifact import read_manifest
+from backends.base import DecoderStepEngine, EncoderEngine, RequestEngine
+from backends.factory import create_backend, create_remote_embedder
+from router.models.prepare import smollm2_gguf_path
+from router.scheduler.batcher import EncoderBatcher
+from router.scheduler.engine import DecoderEngine, EngineLimits
+from router.scheduler.request_engine import RequestEngineAdapter
+from router.serving.model import ServedModel
+from router.telemetry import Metrics
+
+
+def _gguf_source(manifest: dict[str, Any]) -> Path | None:
+    """The GGUF a prepared decoder was built from, when it is installed (engines that convert
+    the GGUF themselves, e.g. OpenVINO GenAI, read it on their first load)."""
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError:
+        return None
+    return path if path.name == manifest.get("source") else None
+
+
+def load_artifact(model: ServedModel) -> None:
+    """The model's manifest and tokenizer, from its prepared folder."""
+    model.manifest = read_manifest(model.model_dir)
+    model.tokenizer = Tokenizer.from_file(str(model.model_dir / "tokenizer.json"))
+    if model.deployment is not None:
+        model.context_length = min(model.config.max_context, int(model.manifest["context_length"]))
+
+
+def load_engine(model: ServedModel, metrics: Metrics) -> None:
+    """Build what serves a model or a deployment's replica (after load_artifact), from its
+    config: backend kind, device, limits and remote endpoint."""
+    cfg = model.config
+    assert model.tokenizer is not None
+    observer = metrics.model_observer(cfg.name)
+    if cfg.kind == "generate":
+        context = min(cfg.max_context, int(model.manifest["context_length"]))
+        options: dict[str, Any] = {
+            "max_slots": cfg.max_slots,
+            "max_context": context,
+            "threads": cfg.threads,
+        }
+        if cfg.backend == "tensorrt_llm":
+            options |= {"device": cfg.device, "engine_path": cfg.engine_path}
+        if cfg.backend == "openai_http":
+            options |= {"remote": cfg.remote}
+        if cfg.backend == "kserve_grpc":
+            options |= {"kserve": cfg.kserve}
+        if cfg.backend == "openvino":
+            options |= {
+                "device": cfg.device,
+                "precision": cfg.precision,
+                "token_budget": cfg.token_budget,
+                "gguf_path": _gguf_source(model.manifest),
+                "observer": observer,
+            }
+        backend = create_backend(cfg.backend, model.model_dir, **options)
+        model.context_length = context
+        limits = EngineLimits(cfg.max_slots, cfg.token_budget, cfg.max_waiting, context)
+        stop_ids = [int(i) for i in model.manifest["stop_token_ids"]]
+        if isinstance(backend, RequestEngine):
+            # The backend batches whole requests itself; the router streams its tokens.
+            model.engine = RequestEngineAdapter(
+                cfg.name, backend, model.tokenizer, limits, stop_ids
+            )
+        else:
+            model.engine = DecoderEngine(
+                cfg.name,
+                cast(DecoderStepEngine, backend),
+                model.tokenizer,
+                limits,
+                stop_ids,
+                observer,
+            )
+    elif cfg.remote is not None:
+        # A remote embedding server: the router's tokenizer still validates and counts.
+        model.tokenizer.no_padding()
+        model.tokenizer.no_truncation()
+        model.context_length = int(model.manifest["max_length"])
+        model.remote_embedder = create_remote_embedder(cfg.remote)
+    else:
+        model.tokenizer.no_padding()
+        encoder_options: dict[str, Any] = {"threads": cfg.threads}
+        if cfg.backend == "openvino":
+            encoder_options |= {"device": cfg.device, "precision": cfg.precision}
+        backend = create_backend(cfg.backend, model.model_dir, **encoder_options)
+        model.context_length = int(model.manifest["max_length"])
+        model.dimension = int(model.manifest["embedding_dim"])
+        model.tokenizer.no_truncation()
+        model.batcher = EncoderBatcher(
+            cfg.name,
+            cast(EncoderEngine, backend),
+            max_batch=cfg.max_batch,
+            max_delay_s=cfg.max_delay_ms / 1000.0,
+            pad_id=int(model.manifest.get("pad_token_id", 0)),
+            observer=observer,
+        )
+
+
+def start(model: ServedModel) -> None:
+    """On the event loop, after loading: start the engine thread or batcher task."""
+    if model.engine is not None:
+        model.engine.start()
+    if model.batcher is not None:
+        model.batcher.start()
+    if model.remote_embedder is not None:
+        model.remote_embedder.start()
+    model.ready = True
+
+
+async def stop(model: ServedModel) -> None:
+    """Stop what start() started; the model is no longer ready."""
+    model.ready = False
+    if model.engine is not None:
+        model.engine.stop()
+    if model.batcher is not None:
+        await model.batcher.stop()
+    if model.remote_embedder is not None:
+        await model.remote_embedder.aclose()

@@ -1,0 +1,42 @@
+"""A served model: its configuration, what loading it produced (manifest, tokenizer, engine or
+encoder), and where it stands in its life cycle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from backends.base import RemoteEmbedder
+from router.config import ModelConfig
+from router.routing.config import DeploymentConfig, ReplicaConfig
+from router.scheduler.batcher import EncoderBatcher
+from router.scheduler.engine import GenerationEngine
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    model_dir: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Tokenizer | None = None
+    engine: GenerationEngine | None = None
+    batcher: EncoderBatcher | None = None
+    remote_embedder: RemoteEmbedder | None = None
+    """An embedding model served by a remote server (instead of `batcher`)."""
+    context_length: int = 0
+    dimension: int = 0
+    ready: bool = False
+    error: str = ""
+    deployment: DeploymentConfig | None = None
+    """Set on a deployment (engine: RoutedEngine over `replicas`)."""
+    replicas: tuple[ServedModel, ...] = ()
+    """A deployment's replicas, in config order."""
+    replica: ReplicaConfig | None = None
+    """Set on a replica of a deployment."""
+
+    @property
+    def name(self) -> str:
+        return self.config.name

@@ -1,0 +1,107 @@
+"""A generation call's input as the model sees it: chat messages rendered through the model's
+template (or a raw prompt), tokenized with its BOS rule, and checked against its context into a
+scheduler Request. Pure functions of the served model and the call."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from router.errors import InvalidArgument
+from router.models.chat_template import render_chat
+from router.scheduler.request import Priority, Request, SamplingParams
+from router.serving.model import ServedModel
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def render(
+    model: ServedModel,
+    *,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+) -> str:
+    """The prompt text the model sees: chat messages through its template, or the prompt."""
+    if messages is not None:
+        if not messages:
+            raise InvalidArgument("chat.messages is empty", field="chat.messages")
+        for i, m in enumerate(messages):
+            if m["role"] not in CHAT_ROLES:
+                raise InvalidArgument(
+                    f"chat.messages[{i}].role={m['role']!r} is not one of {CHAT_ROLES}",
+                    field=f"chat.messages[{i}].role",
+                )
+        try:
+            return render_chat(model.manifest["chat_template"], messages)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field="chat.messages") from None
+    if prompt:
+        return prompt
+    if prompt is not None:
+        raise InvalidArgument("prompt is empty", field="prompt")
+    raise InvalidArgument("set one of prompt or chat", field="input")
+
+
+def encode(model: ServedModel, text: str) -> list[int]:
+    """A rendered prompt's token ids (BOS added when the model wants one)."""
+    assert model.tokenizer is not None
+    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+    bos = model.manifest.get("bos_token_id")
+    if model.manifest.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
+        ids.insert(0, int(bos))
+    if not ids:
+        raise InvalidArgument("the input tokenizes to no tokens", field="prompt")
+    return ids
+
+
+def prompt_ids(
+    model: ServedModel,
+    *,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+) -> list[int]:
+    return encode(model, render(model, prompt=prompt, messages=messages))
+
+
+def build_request(
+    model: ServedModel,
+    request_id: str,
+    *,
+    engine_id: int,
+    text: str,
+    params: SamplingParams,
+    max_tokens_set: bool,
+    priority: Priority,
+) -> Request:
+    """Tokenize a rendered prompt (see `render`) and validate; raise InvalidArgument naming
+    what is wrong."""
+    ids = encode(model, text)
+    context = model.context_length
+    room = context - len(ids)
+    if room < 1:
+        raise InvalidArgument(
+            f"the prompt has {len(ids)} tokens; model {model.name!r} allows at most "
+            f"{context - 1} so that at least one token can be generated",
+            field="prompt",
+        )
+    vocab = int(model.manifest["vocab_size"])
+    if max_tokens_set:
+        if params.max_tokens > room:
+            raise InvalidArgument(
+                f"max_tokens={params.max_tokens} exceeds the context limit of model "
+                f"{model.name!r} ({context} tokens including the {len(ids)}-token prompt)",
+                field="sampling.max_tokens",
+            )
+    else:
+        params = dataclasses.replace(params, max_tokens=min(model.config.default_max_tokens, room))
+    params.validate(vocab)
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    return Request(
+        request_id=request_id,
+        engine_id=engine_id,
+        prompt_ids=ids,
+        params=params,
+        priority=priority,
+        seed=seed,
+        prompt_text=text,
+    )
