@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 
 from router.routing.attempt import AttemptInfo
 from router.routing.dispatch import Dispatcher
-from router.scheduler.engine import Chunk, GenerationEngine
+from router.scheduler.generation import Chunk, GenerationEngine
 from router.scheduler.request import Request
 
 EngineLookup = Callable[[str, str], GenerationEngine]

@@ -29,7 +29,7 @@ from router.errors import (
     RouterError,
 )
 from router.scheduler.detokenizer import Detokenizer, StopStrings, TokenDecoder
-from router.scheduler.engine import Chunk, EngineLimits
+from router.scheduler.generation import Chunk, EngineLimits
 from router.scheduler.remote_errors import remote_error
 from router.scheduler.request import Request, RequestStatus
 

@@ -22,7 +22,7 @@ from router.guard.chain import CallScope, get_scope
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.retrieval.rag import Passage, RagRequest, Retriever, require_store
 from router.routing.breaker import BreakerState
-from router.scheduler.engine import Chunk
+from router.scheduler.generation import Chunk
 from router.scheduler.request import Priority, Request, RequestStatus, SamplingParams
 from router.services.retrieval import filter_from_proto
 from router.serving import embedding

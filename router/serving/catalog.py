@@ -27,7 +27,7 @@ from router.routing.breaker import BreakerState
 from router.routing.config import RoutingConfig
 from router.routing.dispatch import Dispatcher
 from router.routing.engine import RoutedEngine
-from router.scheduler.engine import GenerationEngine
+from router.scheduler.generation import GenerationEngine
 from router.serving import loader
 from router.serving.model import ServedModel
 from router.telemetry import Metrics, ReplicaSample

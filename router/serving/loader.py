@@ -18,7 +18,8 @@ from backends.base import DecoderStepEngine, EncoderEngine, RequestEngine
 from backends.factory import create_backend, create_remote_embedder
 from router.models.prepare import smollm2_gguf_path
 from router.scheduler.batcher import EncoderBatcher
-from router.scheduler.engine import DecoderEngine, EngineLimits
+from router.scheduler.engine import DecoderEngine
+from router.scheduler.generation import EngineLimits
 from router.scheduler.request_engine import RequestEngineAdapter
 from router.serving.model import ServedModel
 from router.telemetry import Metrics

@@ -13,7 +13,7 @@ from backends.base import RemoteEmbedder
 from router.config import ModelConfig
 from router.routing.config import DeploymentConfig, ReplicaConfig
 from router.scheduler.batcher import EncoderBatcher
-from router.scheduler.engine import GenerationEngine
+from router.scheduler.generation import GenerationEngine
 
 
 @dataclass

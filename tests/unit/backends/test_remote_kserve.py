@@ -37,7 +37,7 @@ from backends.remote import (
     RemoteUnavailable,
 )
 from router.errors import InvalidArgument, Unavailable
-from router.scheduler.engine import EngineLimits
+from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Request, SamplingParams
 from router.scheduler.request_engine import RequestEngineAdapter
 

@@ -21,7 +21,7 @@ from router.routing.config import (
 )
 from router.routing.dispatch import Dispatcher
 from router.routing.engine import RoutedEngine
-from router.scheduler.engine import Chunk, GenerationEngine
+from router.scheduler.generation import Chunk, GenerationEngine
 from router.scheduler.request import Request, RequestStatus, SamplingParams
 
 

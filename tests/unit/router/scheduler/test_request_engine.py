@@ -20,7 +20,7 @@ from backends.base import (
     UnsupportedParameter,
 )
 from router.errors import Internal, InvalidArgument, ResourceExhausted
-from router.scheduler.engine import Chunk, EngineLimits
+from router.scheduler.generation import Chunk, EngineLimits
 from router.scheduler.request import Priority, Request, RequestStatus, SamplingParams
 from router.scheduler.request_engine import RequestEngineAdapter
 

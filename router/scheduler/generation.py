@@ -1,0 +1,84 @@
+"""What serving needs of a generation engine, whichever kind is behind it: the GenerationEngine
+protocol (DecoderEngine: the router batches a step engine; RequestEngineAdapter: the backend
+batches; RoutedEngine: a deployment's replicas), the Chunk it streams and its limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from router.errors import RouterError
+from router.scheduler.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """What one step produced for one request."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    status: RequestStatus
+    error: RouterError | None = None
+    tokens: int = -1
+    """Tokens this chunk stands for; -1: len(token_ids). Engines that stream text only (remote
+    servers) set it, so usage and quotas still count what was generated."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) if self.tokens < 0 else self.tokens
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_slots: int
+    token_budget: int
+    max_waiting: int
+    max_context: int
+
+
+class StepObserver(Protocol):
+    def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None: ...
+
+
+class GenerationEngine(Protocol):
+    """What serving needs of a decoder, whichever kind of backend is behind it: DecoderEngine
+    (the router batches a step engine) or RequestEngineAdapter (the backend batches)."""
+
+    name: str
+
+    def start(self) -> None:
+        """On the event loop that will call generate."""
+        ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def num_unfinished(self) -> int:
+        """Calls waiting on this engine (loop side)."""
+        ...
+
+    @property
+    def num_active(self) -> int:
+        """Requests the backend holds."""
+        ...
+
+    def generate(self, request: Request) -> AsyncIterator[Chunk]:
+        """Chunks until one is finished; closing the iterator cancels the request."""
+        ...
+
+    @property
+    def last_output_at(self) -> float:
+        """time.monotonic() when a chunk last reached a caller (0: never): proof of life for a
+        health check that a busy backend is too slow to answer."""
+        ...
+
+    async def ready(self, timeout_s: float | None = None) -> bool:
+        """Health probe: whether a call made now could be served (never raises); a probe that
+        waits on a backend waits at most timeout_s (None: the backend's own default)."""
+        ...
+
+
+def error_chunk(error: RouterError) -> Chunk:
+    """The last chunk of a request that failed."""
+    return Chunk((), "", RequestStatus.FINISHED_ERROR, error)

@@ -1,0 +1,141 @@
+"""The model runner: executes one SchedulerOutput on a step engine and samples.
+
+For each step: release the KV slots of requests that ended, decode every one-token row in one
+batched call, prefill each prompt chunk, then sample the rows whose logits give their next token
+(the native sampler, GIL released, one call for the whole batch). Results come back by row, and
+so do failures: a batched call that raises is retried row by row, so one bad request fails alone
+and the others of the step keep their tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import numpy.typing as npt
+
+from backends.base import DecoderStepEngine
+from router import _native
+from router.scheduler.request import Request
+from router.scheduler.scheduler import RunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class ModelRunner:
+    def __init__(self, name: str, backend: DecoderStepEngine) -> None:
+        self.name = name
+        self._backend = backend
+
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        result = RunnerOutput()
+        self.release(output.freed_slots)
+        plan, reqs = output.plan, output.requests
+        if not reqs:
+            return result
+        logits: dict[int, FloatArray] = {}
+        decode_rows = np.flatnonzero(plan.counts == 1)
+        if len(decode_rows):
+            self._decode(reqs, decode_rows, plan.slots, plan.starts, logits, result)
+        for row in np.flatnonzero(plan.counts > 1).tolist():
+            req = reqs[row]
+            start, count = int(plan.starts[row]), int(plan.counts[row])
+            try:
+                logits[row] = self._backend.prefill(
+                    int(plan.slots[row]), req.tokens[start : start + count], start
+                )
+            except Exception:
+                logger.exception("engine %s: prefill failed for %s", self.name, req.request_id)
+                result.errors[row] = "prefill failed for this request"
+        rows = [r for r in np.flatnonzero(plan.sample).tolist() if r in logits]
+        if rows:
+            self._sample(reqs, rows, logits, result)
+        return result
+
+    def release(self, slots: list[int]) -> None:
+        """The KV slots of requests that ended may be reused."""
+        for slot in slots:
+            self._backend.release(slot)
+
+    def _decode(
+        self,
+        reqs: list[Request],
+        rows: npt.NDArray[np.intp],
+        slots: npt.NDArray[np.int32],
+        starts: npt.NDArray[np.int32],
+        logits: dict[int, FloatArray],
+        result: RunnerOutput,
+    ) -> None:
+        tokens = np.fromiter(
+            (reqs[r].tokens[starts[r]] for r in rows), dtype=np.int64, count=len(rows)
+        )
+        try:
+            out = self._backend.decode(
+                slots[rows].astype(np.int64), tokens, starts[rows].astype(np.int64)
+            )
+        except Exception:
+            if len(rows) == 1:
+                req = reqs[int(rows[0])]
+                logger.exception("engine %s: decode failed for %s", self.name, req.request_id)
+                result.errors[int(rows[0])] = "decode failed for this request"
+                return
+            # Find the culprit: one failing request must fail alone, not its whole batch.
+            logger.warning("engine %s: batched decode failed; retrying rows alone", self.name)
+            for k in range(len(rows)):
+                self._decode(reqs, rows[k : k + 1], slots, starts, logits, result)
+            return
+        for k, row in enumerate(rows.tolist()):
+            logits[row] = out[k]
+
+    def _sample(
+        self,
+        reqs: list[Request],
+        rows: list[int],
+        logits: dict[int, FloatArray],
+        result: RunnerOutput,
+    ) -> None:
+        batch = [reqs[r] for r in rows]
+        try:
+            tokens = sample(batch, [logits[r] for r in rows])
+        except Exception:
+            if len(rows) == 1:
+                logger.exception(
+                    "engine %s: sampling failed for %s", self.name, batch[0].request_id
+                )
+                result.errors[rows[0]] = "sampling failed for this request"
+                return
+            logger.warning("engine %s: batched sampling failed; retrying rows alone", self.name)
+            for row in rows:
+                self._sample(reqs, [row], logits, result)
+            return
+        result.tokens.update(zip(rows, tokens, strict=True))
+
+
+def sample(reqs: list[Request], logits: list[FloatArray]) -> list[int]:
+    """One token per request from its logits row, with its sampling parameters and seed, over
+    its token history (penalties): the native sampler, one call for the batch."""
+    n = len(reqs)
+    stacked = np.ascontiguousarray(np.stack(logits), dtype=np.float32)
+    p = [r.params for r in reqs]
+    lengths = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    history = np.concatenate([r.tokens[: r.num_tokens] for r in reqs])
+    tokens = _native.sample(
+        logits=stacked,
+        temperature=np.array([x.temperature for x in p], dtype=np.float32),
+        top_k=np.array([x.top_k for x in p], dtype=np.int32),
+        top_p=np.array([x.top_p for x in p], dtype=np.float32),
+        min_p=np.array([x.min_p for x in p], dtype=np.float32),
+        repetition_penalty=np.array([x.repetition_penalty for x in p], dtype=np.float32),
+        presence_penalty=np.array([x.presence_penalty for x in p], dtype=np.float32),
+        frequency_penalty=np.array([x.frequency_penalty for x in p], dtype=np.float32),
+        seeds=np.array([r.seed for r in reqs], dtype=np.uint64),
+        tokens=history,
+        offsets=offsets,
+        prompt_lens=np.array([r.num_prompt for r in reqs], dtype=np.int64),
+    )
+    out: list[int] = tokens.tolist()
+    return out

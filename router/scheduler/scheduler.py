@@ -1,0 +1,206 @@
+"""The scheduler of the router's own engine: vLLM's v1 contract over the native core.
+
+    add_request(request)                queue a request, or the error that refuses it
+    schedule() -> SchedulerOutput        the next step: which requests, in which KV slots, how
+                                         many of their tokens to compute
+    update_from_output(output, result)   each sampled row's token: stop tokens, stop strings,
+                                         max_tokens, detokenized text; the callers' chunks
+    finish_requests(ids, status)         forget requests that ended outside a step (cancelled)
+
+It decides; it never runs a model (runner.py does). There is no prefill phase and no decode
+phase: a row computes `counts[i]` tokens from position `starts[i]`, one token for a running
+sequence, a chunk of its prompt for a new one (chunked under the token budget), and is sampled
+when its last computed token is the last one it has. The native core (router._native.Scheduler)
+owns token counts, slots, queues by priority and preemption; the Python `Request` mirrors the
+slot and status that the engine thread reads, and holds the token buffer.
+
+A row that fails (its prefill, decode or sampling in the runner, its detokenization here) fails
+alone: its request ends with an error chunk and the other rows of the step go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from router import _native
+from router.errors import Internal, ResourceExhausted, RouterError
+from router.scheduler.detokenizer import Detokenizer, TokenDecoder
+from router.scheduler.generation import Chunk, EngineLimits, error_chunk
+from router.scheduler.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+Out = list[tuple[int, Chunk]]
+"""(engine id, chunk) pairs for the callers, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    """One step's plan, as the runner executes it."""
+
+    plan: _native.SchedulerOutput
+    """Row i: request_ids[i] computes counts[i] tokens from starts[i] in KV slot slots[i];
+    sample[i] says whether its logits give the next token."""
+    requests: list[Request]
+    """The plan's requests, in row order."""
+    freed_slots: list[int] = field(default_factory=list)
+    """KV slots of requests that ended since the last step: the runner releases them before
+    anything else (a freed slot may be handed to a new request in this very plan)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOutput:
+    """What executing a SchedulerOutput produced, by row."""
+
+    tokens: dict[int, int] = field(default_factory=dict)
+    """Row → the token sampled for it (rows with sample[i] that did not fail)."""
+    errors: dict[int, str] = field(default_factory=dict)
+    """Row → what failed for it (prefill, decode, sampling), to fail that request alone."""
+
+
+class Scheduler:
+    """See the module docstring. Used by the engine thread only."""
+
+    def __init__(
+        self, name: str, limits: EngineLimits, decoder: TokenDecoder, stop_ids: Sequence[int]
+    ) -> None:
+        self.name = name
+        self.limits = limits
+        self._decoder = decoder
+        self._stop_ids = frozenset(stop_ids)
+        self._native = _native.Scheduler(
+            max_slots=limits.max_slots,
+            token_budget=limits.token_budget,
+            # Everything admitted on the loop side waits here until its first step, so the
+            # native queue must hold running + waiting; the loop-side check sheds load first.
+            max_waiting=limits.max_waiting + limits.max_slots,
+            max_context=limits.max_context,
+        )
+        self.requests: dict[int, Request] = {}
+        """Requests held, by engine id."""
+        self._detok: dict[int, Detokenizer] = {}
+        self._freed: list[int] = []
+
+    @property
+    def num_waiting(self) -> int:
+        return self._native.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self._native.num_running
+
+    def has_unfinished(self) -> bool:
+        return self._native.has_unfinished()
+
+    def add_request(self, req: Request) -> RouterError | None:
+        """Queue `req`; the error that refuses it instead (queue full), or None."""
+        try:
+            admitted = self._native.add_request(
+                request_id=req.engine_id,
+                num_prompt_tokens=req.num_prompt,
+                max_new_tokens=req.params.max_tokens,
+                priority=int(req.priority),
+            )
+        except ValueError as exc:  # validated before submission; this is a bug if it happens
+            return Internal(str(exc))
+        if not admitted:
+            return ResourceExhausted(
+                f"model {self.name!r} queue is full ({self.limits.max_waiting} waiting); "
+                "retry shortly"
+            )
+        self.requests[req.engine_id] = req
+        self._detok[req.engine_id] = Detokenizer(self._decoder, req.params.stop)
+        return None
+
+    def finish_requests(self, engine_ids: Sequence[int], status: RequestStatus) -> None:
+        """Forget the requests (unknown ids are ignored); their slots are freed at the next
+        step."""
+        for engine_id in engine_ids:
+            req = self.requests.pop(engine_id, None)
+            self._detok.pop(engine_id, None)
+            if req is None:
+                continue
+            req.status = status
+            if req.slot >= 0:
+                self._freed.append(req.slot)
+                req.slot = -1
+        self._native.finish_requests(list(engine_ids))
+
+    def fail(self, engine_id: int, error: RouterError, out: Out) -> None:
+        """End one request with `error` (a chunk for its caller)."""
+        self.finish_requests([engine_id], RequestStatus.FINISHED_ERROR)
+        out.append((engine_id, error_chunk(error)))
+
+    def fail_all(self, error: RouterError, out: Out) -> None:
+        for engine_id in list(self.requests):
+            self.fail(engine_id, error, out)
+
+    def schedule(self) -> SchedulerOutput:
+        plan = self._native.schedule()
+        for engine_id in plan.preempted:
+            req = self.requests.get(int(engine_id))
+            if req is not None:
+                req.status = RequestStatus.PREEMPTED
+                req.slot = -1
+        reqs = [self.requests[int(i)] for i in plan.request_ids]
+        for req, slot in zip(reqs, plan.slots.tolist(), strict=True):
+            req.slot = slot
+            req.status = RequestStatus.RUNNING
+        return SchedulerOutput(plan, reqs, self.take_freed_slots())
+
+    def take_freed_slots(self) -> list[int]:
+        """Slots of requests that ended since the last call, for the runner to release."""
+        freed, self._freed = self._freed, []
+        return freed
+
+    def update_from_output(self, output: SchedulerOutput, result: RunnerOutput) -> Out:
+        """Chunks for the callers of this step's rows: an error for each failed row, a token
+        (with its text, once whole) for each sampled one."""
+        out: Out = []
+        reqs = output.requests
+        for row, message in result.errors.items():
+            self.fail(reqs[row].engine_id, Internal(message), out)
+        appended: list[int] = []
+        for row, token in result.tokens.items():
+            req = reqs[row]
+            if req.engine_id not in self.requests:
+                continue  # ended meanwhile
+            try:
+                chunk = self._update(req, token)
+            except Exception:
+                logger.exception("engine %s: detokenizing failed for %s", self.name, req.request_id)
+                self.fail(req.engine_id, Internal("detokenizing this request failed"), out)
+                continue
+            if chunk.status.is_finished:
+                self.finish_requests([req.engine_id], chunk.status)
+            else:
+                appended.append(req.engine_id)
+            out.append((req.engine_id, chunk))
+        if appended:
+            self._native.append_tokens(np.array(appended, dtype=np.int64))
+        return out
+
+    def _update(self, req: Request, token: int) -> Chunk:
+        """Append one sampled token; the chunk saying what it means for the caller."""
+        req.append(token)
+        detok = self._detok[req.engine_id]
+        status = RequestStatus.RUNNING
+        text = ""
+        if (
+            token in self._stop_ids and not req.params.ignore_eos
+        ) or token in req.params.stop_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        else:
+            text, hit_stop = detok.add(token)
+            if hit_stop:
+                status = RequestStatus.FINISHED_STOPPED
+        if not status.is_finished and req.num_output >= req.params.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        if status.is_finished:
+            # Text held back only because it might have begun a stop string is released.
+            text += detok.flush()
+        return Chunk((token,), text, status)

@@ -1,0 +1,102 @@
+"""ModelRunner over a fake step engine: freed slots released first, one-token rows decoded in
+one batched call, prompts prefilled, and a failure in decode or sampling kept to its row."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from router.scheduler import runner as runner_module
+from router.scheduler.generation import EngineLimits
+from router.scheduler.request import Request, SamplingParams
+from router.scheduler.runner import ModelRunner
+from router.scheduler.scheduler import Scheduler
+
+VOCAB = 16
+_ids = itertools.count(1)
+
+
+class StepEngine:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.fail_decode_slot = -1
+
+    def prefill(self, slot: int, token_ids: np.ndarray, start: int) -> np.ndarray:
+        self.calls.append(("prefill", slot))
+        logits = np.zeros(VOCAB, dtype=np.float32)
+        logits[5] = 9.0
+        return logits
+
+    def decode(self, slots: np.ndarray, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self.calls.append(("decode", slots.tolist()))
+        if self.fail_decode_slot in slots.tolist():
+            raise RuntimeError("bad slot")
+        logits = np.zeros((len(slots), VOCAB), dtype=np.float32)
+        logits[:, 6] = 9.0
+        return logits
+
+    def release(self, slot: int) -> None:
+        self.calls.append(("release", slot))
+
+
+class Decoder:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "x" * len(ids)
+
+
+def started(n: int) -> tuple[Scheduler, ModelRunner, StepEngine, list[Request]]:
+    """n requests past their prefill step, each in its own slot."""
+    scheduler = Scheduler("t", EngineLimits(4, 64, 4, 64), Decoder(), stop_ids=[])
+    engine = StepEngine()
+    runner = ModelRunner("t", engine)  # type: ignore[arg-type]
+    reqs = []
+    for _ in range(n):
+        i = next(_ids)
+        req = Request(f"r{i}", i, [1, 2, 3], SamplingParams(max_tokens=8, temperature=0.0))
+        scheduler.add_request(req)
+        reqs.append(req)
+    step = scheduler.schedule()
+    scheduler.update_from_output(step, runner.execute(step))
+    engine.calls.clear()
+    return scheduler, runner, engine, reqs
+
+
+def test_prefill_then_one_batched_decode() -> None:
+    scheduler, runner, engine, reqs = started(3)
+    assert [r.output_ids.tolist() for r in reqs] == [[5]] * 3  # greedy on the prefill logits
+    step = scheduler.schedule()
+    result = runner.execute(step)
+    assert engine.calls == [("decode", [0, 1, 2])]
+    assert result.tokens == {0: 6, 1: 6, 2: 6} and not result.errors
+
+
+def test_a_failing_decode_row_fails_alone() -> None:
+    scheduler, runner, engine, _ = started(3)
+    engine.fail_decode_slot = 1
+    result = runner.execute(scheduler.schedule())
+    assert result.errors == {1: "decode failed for this request"}
+    assert result.tokens == {0: 6, 2: 6}
+
+
+def test_a_failing_sampling_row_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler, runner, _, reqs = started(3)
+    real = runner_module.sample
+
+    def sample(batch: list[Request], logits: list[np.ndarray]) -> list[int]:
+        if reqs[2] in batch:
+            raise ValueError("bad sampling parameters")
+        return real(batch, logits)
+
+    monkeypatch.setattr(runner_module, "sample", sample)
+    result = runner.execute(scheduler.schedule())
+    assert result.errors == {2: "sampling failed for this request"}
+    assert result.tokens == {0: 6, 1: 6}
+
+
+def test_freed_slots_are_released_before_the_step_runs() -> None:
+    scheduler, runner, engine, reqs = started(2)
+    scheduler.finish_requests([reqs[0].engine_id], reqs[0].status.FINISHED_CANCELLED)
+    runner.execute(scheduler.schedule())
+    assert engine.calls == [("release", 0), ("decode", [1])]

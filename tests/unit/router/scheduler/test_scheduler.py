@@ -1,0 +1,152 @@
+"""The Scheduler driven by hand: plans from the native core, outputs built by the test (vLLM's
+scheduler tests run so, without a model). Checks what each step means for its requests."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from router.errors import Internal, ResourceExhausted
+from router.scheduler.generation import Chunk, EngineLimits
+from router.scheduler.request import Request, RequestStatus, SamplingParams
+from router.scheduler.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+
+EOS = 2
+BAD = 99
+"""A token the decoder cannot decode."""
+_ids = itertools.count(1)
+
+
+class Decoder:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if BAD in ids:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def make_request(n_prompt: int = 3, **params: object) -> Request:
+    engine_id = next(_ids)
+    return Request(
+        request_id=f"r{engine_id}",
+        engine_id=engine_id,
+        prompt_ids=list(range(10, 10 + n_prompt)),
+        params=SamplingParams(**{"max_tokens": 16, **params}),  # type: ignore[arg-type]
+    )
+
+
+def make_scheduler(max_slots: int = 4, max_waiting: int = 4) -> Scheduler:
+    limits = EngineLimits(max_slots, token_budget=64, max_waiting=max_waiting, max_context=128)
+    return Scheduler("test", limits, Decoder(), stop_ids=[EOS])
+
+
+def sampled(
+    scheduler: Scheduler, tokens: dict[int, int] | None = None, **errors: str
+) -> tuple[SchedulerOutput, list[tuple[int, Chunk]]]:
+    """One step: schedule, then the output the test chose, by request id (not row)."""
+    step = scheduler.schedule()
+    rows = {req.engine_id: row for row, req in enumerate(step.requests)}
+    result = RunnerOutput(
+        tokens={rows[i]: t for i, t in (tokens or {}).items()},
+        errors={rows[int(i.removeprefix("r"))]: e for i, e in errors.items()},
+    )
+    return step, scheduler.update_from_output(step, result)
+
+
+def test_a_new_request_is_prefilled_then_decoded_one_token_a_step() -> None:
+    scheduler = make_scheduler()
+    req = make_request(n_prompt=5, max_tokens=4)
+    assert scheduler.add_request(req) is None
+    step = scheduler.schedule()
+    assert step.requests == [req] and req.status == RequestStatus.RUNNING and req.slot == 0
+    assert (int(step.plan.starts[0]), int(step.plan.counts[0]), bool(step.plan.sample[0])) == (
+        0,
+        5,
+        True,
+    )
+    out = scheduler.update_from_output(step, RunnerOutput(tokens={0: 3}))
+    assert [(i, c.token_ids, c.text, c.status) for i, c in out] == [
+        (req.engine_id, (3,), "d", RequestStatus.RUNNING)
+    ]
+    step, _ = sampled(scheduler, {req.engine_id: 4})
+    assert (int(step.plan.starts[0]), int(step.plan.counts[0])) == (5, 1)  # the sampled token
+    assert req.output_ids.tolist() == [3, 4]
+
+
+def test_max_tokens_ends_the_request_and_its_slot_is_freed_next_step() -> None:
+    scheduler = make_scheduler()
+    req = make_request(max_tokens=2)
+    scheduler.add_request(req)
+    sampled(scheduler, {req.engine_id: 5})
+    _, out = sampled(scheduler, {req.engine_id: 6})
+    assert out[-1][1].status == RequestStatus.FINISHED_LENGTH
+    assert req.engine_id not in scheduler.requests and not scheduler.has_unfinished()
+    assert scheduler.take_freed_slots() == [0]
+
+
+@pytest.mark.parametrize(
+    ("params", "token", "status", "text"),
+    [
+        ({}, EOS, RequestStatus.FINISHED_STOPPED, ""),
+        ({"ignore_eos": True}, EOS, RequestStatus.RUNNING, "c"),
+        ({"stop_token_ids": (7,)}, 7, RequestStatus.FINISHED_STOPPED, ""),
+        ({"stop": ("h",)}, 7, RequestStatus.FINISHED_STOPPED, ""),  # 7 decodes to "h"
+    ],
+)
+def test_stop_tokens_and_strings(
+    params: dict[str, object], token: int, status: RequestStatus, text: str
+) -> None:
+    scheduler = make_scheduler()
+    req = make_request(max_tokens=10, **params)
+    scheduler.add_request(req)
+    _, out = sampled(scheduler, {req.engine_id: token})
+    assert out[0][1].status == status
+    assert out[0][1].text == text  # neither an end token nor a stop string is text
+
+
+def test_a_failed_row_fails_alone() -> None:
+    scheduler = make_scheduler()
+    a, b = make_request(max_tokens=5), make_request(max_tokens=5)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    _, out = sampled(scheduler, {a.engine_id: 4}, **{f"r{b.engine_id}": "decode failed"})
+    by_id = dict(out)
+    assert by_id[a.engine_id].status == RequestStatus.RUNNING
+    assert isinstance(by_id[b.engine_id].error, Internal)
+    assert str(by_id[b.engine_id].error) == "decode failed"
+    assert set(scheduler.requests) == {a.engine_id}
+    step, _ = sampled(scheduler, {a.engine_id: 5})
+    assert step.requests == [a]
+
+
+def test_a_row_that_cannot_be_detokenized_fails_alone() -> None:
+    scheduler = make_scheduler()
+    a, b = make_request(max_tokens=5), make_request(max_tokens=5)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    _, out = sampled(scheduler, {a.engine_id: 4, b.engine_id: BAD})
+    by_id = dict(out)
+    assert by_id[a.engine_id].text == "e"
+    assert isinstance(by_id[b.engine_id].error, Internal)
+    assert set(scheduler.requests) == {a.engine_id}
+
+
+def test_a_full_queue_refuses_with_resource_exhausted() -> None:
+    scheduler = make_scheduler(max_slots=1, max_waiting=0)
+    assert scheduler.add_request(make_request()) is None
+    error = scheduler.add_request(make_request())
+    assert isinstance(error, ResourceExhausted) and "queue is full" in str(error)
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next_one() -> None:
+    scheduler = make_scheduler(max_slots=1)
+    first, second = make_request(max_tokens=50), make_request(max_tokens=50)
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    step, _ = sampled(scheduler, {first.engine_id: 4})
+    assert step.requests == [first]  # one slot: the second waits
+    scheduler.finish_requests([first.engine_id], RequestStatus.FINISHED_CANCELLED)
+    assert first.status == RequestStatus.FINISHED_CANCELLED
+    step = scheduler.schedule()
+    assert step.requests == [second] and second.slot == 0
+    assert step.freed_slots == [0]  # the runner releases it before prefilling the second
