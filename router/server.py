@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import copyreg
-import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import time
 import types
 from collections.abc import Callable, Sequence
 
@@ -30,11 +28,11 @@ from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
 from router.retrieval.rag import Retriever
 from router.retrieval.store import CollectionStore
 from router.routing.config import RoutingConfig
-from router.scheduler.request import Priority, SamplingParams
+from router.routing.health import HealthChecker
 from router.services.inference import Answering, InferenceServicer
 from router.services.retrieval import RetrievalServicer
 from router.services.rpc import add_service
-from router.serving import embedding, prompt
+from router.serving import loader
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
 from router.telemetry import Metrics
@@ -44,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 RETRIEVAL_SERVICE = retrieval_pb.DESCRIPTOR.services_by_name["RetrievalService"]
-_CHECK_TICK_S = 1.0
 """Longest sleep of the health-check loop between two looks at what is due."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -161,7 +158,7 @@ class RouterServer:
                 await loop.run_in_executor(None, self.models.load, model)
                 self.models.start(model)
                 if model.deployment is None:
-                    await self._warm_up(model)
+                    await loader.warm_up(model, self.models.next_engine_id())
             except Exception as exc:
                 model.error = f"{type(exc).__name__}: {exc}"
                 logger.exception("model %s failed to load", model.name)
@@ -180,7 +177,8 @@ class RouterServer:
             await self.health.set(model.name, SERVING)
             logger.info("model %s is serving", model.name)
         if self.models.dispatcher is not None:
-            self._checks = loop.create_task(self._check_replicas())
+            checker = HealthChecker(self.models, self.metrics, self._publish)
+            self._checks = loop.create_task(checker.run())
         if all(m.ready for m in self.models):
             await self.health.set("", SERVING)
             await self.health.set(INFERENCE_SERVICE.full_name, SERVING)
@@ -201,7 +199,7 @@ class RouterServer:
             logger.exception("replica %s failed to load", replica.name)
             return
         try:
-            await self._warm_up(replica)
+            await loader.warm_up(replica, self.models.next_engine_id())
         except Exception as exc:
             replica.ready = False
             replica.error = f"warm-up failed: {type(exc).__name__}: {exc}"
@@ -209,88 +207,6 @@ class RouterServer:
             return
         replica.error = ""
         dispatcher.set_healthy(deployment.name, replica.replica.name, True)
-
-    async def _check_replicas(self) -> None:
-        """Active health checks: ask each loaded replica whether it is ready, every
-        deployment's interval, and take it out of rotation (or put it back) after the configured
-        run of failures (or passes)."""
-        runs: dict[str, int] = {}  # replica → passes (> 0) or failures (< 0) in a row
-        due: dict[str, float] = {}
-        # Each check runs as its own task: a replica that is slow to answer (busy, or hung until
-        # timeout_s) must not delay the checks of the others.
-        checking: dict[str, asyncio.Task[None]] = {}
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                now = loop.time()
-                for deployment in self.models:
-                    dc = deployment.deployment
-                    if dc is None or not dc.health_check.enabled:
-                        continue
-                    for replica in deployment.replicas:
-                        name = replica.name
-                        if replica.engine is None or name in checking:
-                            continue
-                        if due.get(name, 0.0) > now:
-                            continue
-                        due[name] = now + dc.health_check.interval_s
-                        task = loop.create_task(self._check_one(deployment, replica, runs))
-                        checking[name] = task
-                        task.add_done_callback(functools.partial(_forget, checking, name))
-                await asyncio.sleep(min(_CHECK_TICK_S, *self._intervals()))
-        finally:
-            for task in list(checking.values()):
-                task.cancel()
-
-    async def _check_one(
-        self, deployment: ServedModel, replica: ServedModel, runs: dict[str, int]
-    ) -> None:
-        """One health check of one replica, and what follows from it."""
-        dispatcher = self.models.dispatcher
-        dc = deployment.deployment
-        assert dispatcher is not None and dc is not None
-        assert replica.engine is not None and replica.replica is not None
-        hc = dc.health_check
-        engine = replica.engine
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(hc.timeout_s):
-                ok = await engine.ready(hc.timeout_s)
-        except Exception:  # a probe that raises or times out failed
-            ok = False
-        if not ok and engine.last_output_at > started:
-            # Busy, not dead: it streamed to a caller while the probe waited (a llama.cpp server
-            # answers its model list only between two generations, and must not leave the
-            # rotation while it answers a long one).
-            ok = True
-        result = "pass" if ok else "fail"
-        self.metrics.health_checks.labels(dc.name, replica.replica.name, result).inc()
-        run = runs.get(replica.name, 0)
-        run = max(run, 0) + 1 if ok else min(run, 0) - 1
-        runs[replica.name] = run
-        was = replica.ready
-        if ok and run >= hc.healthy_after:
-            replica.ready = True
-            replica.error = ""
-        elif not ok and -run >= hc.unhealthy_after:
-            replica.ready = False
-            replica.error = f"failed {-run} health check(s) in a row"
-        if replica.ready != was:
-            dispatcher.set_healthy(dc.name, replica.replica.name, replica.ready)
-            logger.warning(
-                "replica %s is %s rotation (%s)",
-                replica.name,
-                "back in" if replica.ready else "out of",
-                replica.error or "health checks pass",
-            )
-            await self._publish(deployment)
-
-    def _intervals(self) -> list[float]:
-        return [
-            m.deployment.health_check.interval_s
-            for m in self.models
-            if m.deployment is not None and m.deployment.health_check.enabled
-        ] or [_CHECK_TICK_S]
 
     async def reload_routing(self, routing: RoutingConfig) -> list[str]:
         """Apply a new routing config to the running router (see ServedModels.reload_routing)
@@ -320,24 +236,6 @@ class RouterServer:
         )
         await self.health.set(deployment.name, SERVING if serving else NOT_SERVING)
 
-    async def _warm_up(self, model: ServedModel) -> None:
-        """A first call through the real path, so the first client does not pay for it."""
-        if model.engine is not None:
-            request = prompt.build_request(
-                model,
-                "warm-up",
-                engine_id=self.models.next_engine_id(),
-                text="Hello",
-                params=SamplingParams(max_tokens=2, temperature=0.0),
-                max_tokens_set=True,
-                priority=Priority.NORMAL,
-            )
-            async for _ in model.engine.generate(request):
-                pass
-        if model.config.kind == "embed":
-            # Also learns a remote embedding server's dimension.
-            await embedding.embed_pieces(model, embedding.encode_texts(model, ["warm up"]))
-
     async def wait_ready(self) -> None:
         if self._loading is not None:
             await self._loading
@@ -362,11 +260,6 @@ class RouterServer:
         if self.guard is not None:
             self.guard.recorder.flush()
             await self.guard.close()
-
-
-def _forget(checking: dict[str, asyncio.Task[None]], name: str, _: asyncio.Task[None]) -> None:
-    """Done callback of a health check: the replica may be checked again."""
-    checking.pop(name, None)
 
 
 ConfigSource = Callable[[], RouterConfig]

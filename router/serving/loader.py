@@ -1,9 +1,9 @@
 """Loading a served model: the one mapping from its configuration to what serves it (an engine
-the router batches, one that batches itself, an encoder batcher or a remote embedder), and
-starting and stopping it.
+the router batches, one that batches itself, an encoder batcher or a remote embedder), starting
+and stopping it, and its warm-up call.
 
 `load_artifact` and `load_engine` block (reading files, compiling graphs, connecting): callers run
-them in a worker thread. `start` and `stop` run on the event loop.
+them in a worker thread. `start`, `stop` and `warm_up` run on the event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from router.models.prepare import smollm2_gguf_path
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.engine import DecoderEngine
 from router.scheduler.generation import EngineLimits
+from router.scheduler.request import Priority, SamplingParams
 from router.scheduler.request_engine import RequestEngineAdapter
+from router.serving import embedding, prompt
 from router.serving.model import ServedModel
 from router.telemetry import Metrics
 
@@ -133,3 +135,22 @@ async def stop(model: ServedModel) -> None:
         await model.batcher.stop()
     if model.remote_embedder is not None:
         await model.remote_embedder.aclose()
+
+
+async def warm_up(model: ServedModel, engine_id: int) -> None:
+    """A first call through the real path, so the first client does not pay for it."""
+    if model.engine is not None:
+        request = prompt.build_request(
+            model,
+            "warm-up",
+            engine_id=engine_id,
+            text="Hello",
+            params=SamplingParams(max_tokens=2, temperature=0.0),
+            max_tokens_set=True,
+            priority=Priority.NORMAL,
+        )
+        async for _ in model.engine.generate(request):
+            pass
+    if model.config.kind == "embed":
+        # Also learns a remote embedding server's dimension.
+        await embedding.embed_pieces(model, embedding.encode_texts(model, ["warm up"]))

@@ -27,7 +27,6 @@ BACKEND_FACES = {
 }
 MAX_LINES = 450
 OVERSIZED = {
-    "router/server.py",
     "router/config.py",
     "router/guard/guardrails.py",
     "router/services/inference.py",
