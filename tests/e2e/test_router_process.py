@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
@@ -60,17 +61,26 @@ def test_metrics_count_calls_and_tokens(router_process: RouterProcess) -> None:
     url = f"http://127.0.0.1:{router_process.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    assert 'irouter_requests_total{code="OK",method="InferenceService/Complete"}' in text
-    for name in (
-        "irouter_time_to_first_token_seconds",
-        "irouter_completion_tokens_total",
-        "irouter_queue_depth",
-        "irouter_batch_size",
-        "irouter_kv_slots_in_use",
-        "irouter_inter_token_seconds",
-        "irouter_request_seconds",
-    ):
-        assert name in text, name
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), -1.0)
+
+    gen = {"model": "smollm2-135m-instruct"}
+    assert value("irouter_requests_total", code="OK", method="InferenceService/Complete") == 1
+    assert value("irouter_request_seconds_count", method="InferenceService/Complete") == 1
+    assert value("irouter_completion_tokens_total", **gen) == 4
+    assert value("irouter_prompt_tokens_total", **gen) >= 1
+    assert value("irouter_time_to_first_token_seconds_count", **gen) == 1
+    assert value("irouter_inter_token_seconds_count", **gen) == 3  # between 4 tokens
+    assert value("irouter_batch_size_count", **gen) >= 1  # engine steps
+    # Idle again: the gauges say so (not the last step's values).
+    assert value("irouter_kv_slots_in_use", **gen) == 0
+    assert value("irouter_queue_depth", **gen) == 0
 
 
 def test_sigterm_lets_in_flight_streams_finish(model_cache: Path) -> None:

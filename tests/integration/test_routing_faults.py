@@ -448,10 +448,10 @@ async def test_all_replicas_down_fails_fast_with_retry_info_and_queues_nothing(
         unknowing = await asyncio.gather(*(generate(stub, "hi", 10) for _ in range(50)))
         first_wave = time.monotonic() - started
         for call in unknowing:
+            # UNAVAILABLE, not DEADLINE_EXCEEDED: refused connections, no waiting on a timeout
             assert call.code == grpc.StatusCode.UNAVAILABLE, call.details
             assert f"'{DEP}'" in call.details, call.details
             assert call.chunks == 0
-        assert first_wave < 5.0, first_wave
 
         async def all_out() -> bool:
             listed = await replicas_of(server)
@@ -460,6 +460,13 @@ async def test_all_replicas_down_fails_fast_with_retry_info_and_queues_nothing(
             )
 
         await wait_for("both replicas out of rotation", all_out, 10)
+
+        def attempts() -> float:
+            return sum(
+                metric(server, "irouter_routing_attempts_total", replica=r) for r in ("r0", "r1")
+            )
+
+        attempted = attempts()
         started = time.monotonic()
         calls = await asyncio.gather(*(generate(stub, "hi", 10) for _ in range(50)))
         second_wave = time.monotonic() - started
@@ -475,8 +482,8 @@ async def test_all_replicas_down_fails_fast_with_retry_info_and_queues_nothing(
             info = error_details_pb2.RetryInfo()
             infos[0].Unpack(info)
             assert info.retry_delay.ToTimedelta().total_seconds() > 0
-        # All 50 together (in-process, loopback): nothing waited on a connection or a queue.
-        assert second_wave < 1.0, second_wave
+        # Once the router knows, nothing is tried: no connection, no queue, no attempt.
+        assert attempts() == attempted
         listed = await replicas_of(server)
         assert [r.outstanding for r in listed.values()] == [0, 0]
         for name in ("r0", "r1"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -107,6 +107,16 @@ class Backend:
 
 async def collect(items: AsyncIterator[str]) -> list[str]:
     return [item async for item in items]
+
+
+async def settle(done: Callable[[], bool], what: str) -> None:
+    """Let the loop run other tasks until `done()` (no wall-clock wait: a bounded number of
+    turns of the loop)."""
+    for _ in range(10_000):
+        if done():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
 
 
 def outstanding(dispatcher: Dispatcher) -> dict[str, int]:
@@ -259,12 +269,15 @@ async def test_outstanding_counts_calls_in_flight() -> None:
     gate = asyncio.Event()
     seen: list[dict[str, int]] = []
 
+    entered: list[str] = []
+
     async def attempt(info: AttemptInfo) -> str:
+        entered.append(info.replica.name)
         await gate.wait()
         return info.replica.name
 
     calls = [asyncio.ensure_future(dispatcher.unary("llama", attempt)) for _ in range(4)]
-    await asyncio.sleep(0.01)
+    await settle(lambda: len(entered) == 4, "four attempts started")
     seen.append(outstanding(dispatcher))
     gate.set()
     answers = await asyncio.gather(*calls)
@@ -278,7 +291,7 @@ async def test_a_cancelled_call_cancels_its_attempt_and_frees_the_replica() -> N
     dispatcher = make_dispatcher(deployment("llama", 1))
     backend = Backend({"llama-0": "hang"})
     call = asyncio.ensure_future(dispatcher.unary("llama", backend.unary))
-    await asyncio.sleep(0.01)
+    await settle(lambda: backend.calls == ["llama-0"], "the attempt started")
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -435,12 +448,15 @@ async def test_reconfigure_during_a_call_keeps_the_outstanding_count_right() -> 
     dispatcher = make_dispatcher(deployment("llama", 1))
     gate = asyncio.Event()
 
+    entered = asyncio.Event()
+
     async def attempt(info: AttemptInfo) -> str:
+        entered.set()
         await gate.wait()
         return "ok"
 
     call = asyncio.ensure_future(dispatcher.unary("llama", attempt))
-    await asyncio.sleep(0.01)
+    await entered.wait()
     dispatcher.reconfigure(RoutingConfig(deployments=(deployment("llama", 2),)).validate())
     assert outstanding(dispatcher) == {"llama-0": 1, "llama-1": 0}
     gate.set()
