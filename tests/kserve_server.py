@@ -19,7 +19,8 @@ import grpc
 
 from backends.kserve import grpc_predict_v2_pb2 as pb
 from backends.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.server_process import ServerProcess, free_port
+from loadtest.processes import free_port
+from tests.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 KSERVE_PYTHON = ROOT / "build" / "kserve-venv" / "bin" / "python"

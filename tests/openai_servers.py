@@ -20,7 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.server_process import ServerProcess, free_port
+from loadtest.processes import free_port
+from tests.server_process import ServerProcess
 
 __all__ = [
     "OpenAIServer",

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
-from tests.server_process import ServerProcess, free_port
+from loadtest.processes import free_port
+from tests.server_process import ServerProcess
 
 
 def redis_server_path() -> str | None:

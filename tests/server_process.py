@@ -21,20 +21,12 @@ import abc
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, ClassVar, Self
-
-
-def free_port() -> int:
-    """A loopback port free right now (another process may take it before it is bound)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess(abc.ABC):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.benchmarks.ort_baseline import (
     CHAT,
@@ -30,6 +29,7 @@ from loadtest.benchmarks.ort_baseline import (
     bare_decode_tok_s,
     bare_embed_texts_s,
 )
+from loadtest.processes import free_port, wait_serving
 from router.config import load_config
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
@@ -37,27 +37,6 @@ from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[2]
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_serving(target: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{target} not SERVING after {timeout}s")
 
 
 ROUTER_PIDS: dict[str, int] = {}

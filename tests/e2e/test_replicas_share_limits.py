@@ -10,10 +10,11 @@ import grpc
 import pytest
 import yaml
 
+from loadtest.processes import wait_serving
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.registry.keys import KeyStore
-from tests.e2e.conftest import RouterProcess, wait_serving
+from tests.e2e.conftest import RouterProcess
 from tests.redis_server import redis_server_path, running_redis
 
 LIMIT = 12

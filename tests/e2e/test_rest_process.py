@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.conftest import RouterProcess, free_port, wait_serving
+from loadtest.processes import free_port, wait_serving
+from tests.e2e.conftest import RouterProcess
 
 GEN = "smollm2-135m-instruct"
 

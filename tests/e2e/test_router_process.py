@@ -14,9 +14,10 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.processes import wait_serving
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.e2e.conftest import ROOT, RouterProcess, wait_serving
+from tests.e2e.conftest import ROOT, RouterProcess
 
 QUESTION = "What is the capital of France?"
 
@@ -50,37 +51,48 @@ def test_node_example_streams_an_answer(router_process: RouterProcess) -> None:
     assert "FINISH_REASON_" in done.stdout
 
 
-def test_metrics_count_calls_and_tokens(router_process: RouterProcess) -> None:
-    with grpc.insecure_channel(router_process.target) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        stub.Complete(
-            pb.CompleteRequest(
-                model="smollm2-135m-instruct", prompt="Hi", sampling=pb.SamplingParams(max_tokens=4)
-            )
-        )
-    url = f"http://127.0.0.1:{router_process.metrics_port}/metrics"
+def metric_samples(router: RouterProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    url = f"http://127.0.0.1:{router.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    samples = {
+    return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
 
-    def value(name: str, **labels: str) -> float:
-        return samples.get((name, tuple(sorted(labels.items()))), -1.0)
+
+def test_metrics_count_calls_and_tokens(router_process: RouterProcess) -> None:
+    before = metric_samples(router_process)  # other tests share this router
+    with grpc.insecure_channel(router_process.target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        stub.Complete(
+            pb.CompleteRequest(
+                model="smollm2-135m-instruct",
+                prompt="Hi",
+                sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True),
+                cache_mode=pb.CACHE_MODE_BYPASS,
+            )
+        )
+    after = metric_samples(router_process)
+
+    def added(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        assert key in after, f"no sample {key}"
+        return after[key] - before.get(key, 0.0)
 
     gen = {"model": "smollm2-135m-instruct"}
-    assert value("irouter_requests_total", code="OK", method="InferenceService/Complete") == 1
-    assert value("irouter_request_seconds_count", method="InferenceService/Complete") == 1
-    assert value("irouter_completion_tokens_total", **gen) == 4
-    assert value("irouter_prompt_tokens_total", **gen) >= 1
-    assert value("irouter_time_to_first_token_seconds_count", **gen) == 1
-    assert value("irouter_inter_token_seconds_count", **gen) == 3  # between 4 tokens
-    assert value("irouter_batch_size_count", **gen) >= 1  # engine steps
+    assert added("irouter_requests_total", code="OK", method="InferenceService/Complete") == 1
+    assert added("irouter_request_seconds_count", method="InferenceService/Complete") == 1
+    assert added("irouter_completion_tokens_total", **gen) == 4
+    assert added("irouter_prompt_tokens_total", **gen) >= 1
+    assert added("irouter_time_to_first_token_seconds_count", **gen) == 1
+    assert added("irouter_inter_token_seconds_count", **gen) == 3  # between 4 tokens
+    assert added("irouter_batch_size_count", **gen) >= 1  # engine steps
     # Idle again: the gauges say so (not the last step's values).
-    assert value("irouter_kv_slots_in_use", **gen) == 0
-    assert value("irouter_queue_depth", **gen) == 0
+    assert after[("irouter_kv_slots_in_use", (("model", gen["model"]),))] == 0
+    assert after[("irouter_queue_depth", (("model", gen["model"]),))] == 0
 
 
 def test_sigterm_lets_in_flight_streams_finish(model_cache: Path) -> None:
@@ -142,7 +154,7 @@ def test_workers_share_one_port(model_cache: Path) -> None:
 def test_openai_sdk_through_the_proxy_process(router_process: RouterProcess) -> None:
     import openai
 
-    from tests.e2e.conftest import free_port
+    from loadtest.processes import free_port
 
     port = free_port()
     proxy = subprocess.Popen(

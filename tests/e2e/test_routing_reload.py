@@ -11,9 +11,10 @@ from pathlib import Path
 
 import grpc
 
+from loadtest.processes import wait_serving
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.e2e.conftest import RouterProcess, wait_serving
+from tests.e2e.conftest import RouterProcess
 
 CONFIG = """
 retrieval: {{enabled: false}}
