@@ -29,10 +29,11 @@ from router.retrieval.rag import Retriever
 from router.retrieval.store import CollectionStore
 from router.routing.config import RoutingConfig
 from router.routing.health import HealthChecker
-from router.services.inference import Answering, InferenceServicer
+from router.services.inference import InferenceServicer
 from router.services.retrieval import RetrievalServicer
 from router.services.rpc import add_service
 from router.serving import loader
+from router.serving.answer import Answering
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
 from router.telemetry import Metrics

@@ -20,8 +20,9 @@ from router.proto.irouter.v1 import retrieval_service_pb2 as rpb
 from router.proto.irouter.v1 import retrieval_service_pb2_grpc as rpb_grpc
 from router.retrieval.rag import Retriever
 from router.server import RouterServer
-from router.services.inference import Answering, InferenceServicer
+from router.services.inference import InferenceServicer
 from router.services.rpc import add_service
+from router.serving.answer import Answering
 from router.telemetry import Metrics
 from tests.integration.conftest import EMB, GEN
 from tests.redis_server import RedisServer, redis_server_path
