@@ -11,7 +11,8 @@ from pathlib import Path
 from loadtest.harness.cli import register_cli as register_loadtest_cli
 from loadtest.harness.cli import run_cli as run_loadtest_cli
 from router import logs
-from router.config import ConfigError, load_config
+from router.config import ConfigError
+from router.config_file import load_config
 from router.keys_cli import register_cli, run_cli
 
 

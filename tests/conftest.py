@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """The prepared models, built once (reused from $IROUTER_MODEL_CACHE or the default cache)."""
-    from router.config import load_config
+    from router.config_file import load_config
     from router.models.prepare import prepare_models
 
     cache = load_config().model_cache

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from loadtest.benchmarks.serve_bench import EMB, GEN, echo_process, line, router_process
-from router.config import load_config
+from router.config_file import load_config
 from router.models.prepare import prepare_models
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc

@@ -16,7 +16,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-from router.guard.guardrails import GuardrailPolicy, GuardrailsConfig, InputGuard, OutputGuard
+from router.guard.guardrails import InputGuard, OutputGuard
+from router.guard.guardrails_config import GuardrailPolicy, GuardrailsConfig
 from router.guard.pii import DETECTORS
 
 _WORDS = (

@@ -39,7 +39,7 @@ from loadtest.benchmarks.serve_bench import ROOT, _h2load, router_process
 from loadtest.harness.results import run_scenario
 from loadtest.harness.scenario import scenario_from_dict
 from loadtest.processes import free_port
-from router.config import load_config
+from router.config_file import load_config
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 

@@ -30,7 +30,7 @@ from loadtest.benchmarks.serve_bench import (
     line,
     router_process,
 )
-from router.config import load_config
+from router.config_file import load_config
 
 BACKENDS = ("onnxruntime", "openvino")
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from loadtest.benchmarks.serve_bench import GEN, ROOT, line, router_process
 from loadtest.processes import free_port
-from router.config import load_config
+from router.config_file import load_config
 from router.models.prepare import prepare_models
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 

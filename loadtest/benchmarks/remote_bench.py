@@ -29,7 +29,7 @@ from backends.openai.config import OpenAIHttpConfig
 from backends.openai.engine import OpenAIHttpEngine
 from backends.openai.wire import completion_body
 from loadtest.benchmarks.serve_bench import router_process
-from router.config import load_config
+from router.config_file import load_config
 from router.models.prepare import prepare_models, smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from loadtest.benchmarks.serve_bench import EMB, ROUTER_PIDS, _h2load, line, router_process
-from router.config import load_config
+from router.config_file import load_config
 from router.proto.irouter.v1 import retrieval_service_pb2 as pb
 from router.proto.irouter.v1 import retrieval_service_pb2_grpc as pb_grpc
 

@@ -30,7 +30,7 @@ from loadtest.benchmarks.ort_baseline import (
     bare_embed_texts_s,
 )
 from loadtest.processes import free_port, wait_serving
-from router.config import load_config
+from router.config_file import load_config
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from router.guard.auth import AuthConfig
 from router.guard.authz import AuthzConfig
-from router.guard.guardrails import GuardrailsConfig
+from router.guard.guardrails_config import GuardrailsConfig
 from router.guard.limits.config import RateLimitConfig
 
 

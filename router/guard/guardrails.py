@@ -7,169 +7,19 @@ they can go to audit logs as they are."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import grpc
 
 from router import _native
 from router.errors import RouterError
+from router.guard.guardrails_config import GuardrailPolicy, GuardrailsConfig, compile_regex
 from router.guard.pii import DETECTORS, INJECTION_KIND, Detector, score_injection
 
-ACTIONS = ("reject", "redact", "log")
-DIRECTIONS = ("input", "output", "both")
 TERM_KIND = "term"
 REGEX_KIND = "regex"
-_MIN_WINDOW = 64  # an IBAN or card number written with spaces must fit in the stream window
 _CONTEXT = 32  # emitted characters kept so detectors' look-behinds see past a cut
-
-
-# ------------------------------------------------------------------------------ configuration
-
-
-@dataclass(frozen=True)
-class GuardrailPolicy:
-    name: str
-    """Names the policy in errors, stop reasons and findings."""
-    terms: tuple[str, ...] = ()
-    """Blocked words or phrases, matched by the native Aho-Corasick matcher (thousands are fine)."""
-    case_insensitive: bool = True
-    """Terms only: ignore ASCII case (no Unicode folding, 'É' does not match 'é')."""
-    whole_words: bool = True
-    """Terms only: match where the neighbouring characters are not ASCII [A-Za-z0-9_]."""
-    regexes: tuple[str, ...] = ()
-    """Python regular expressions; use inline flags such as (?i). See StreamFilter on spans."""
-    pii: Mapping[str, str] = field(default_factory=dict)
-    """Detector name (router.guard.pii.DETECTORS) -> action for what it finds."""
-    injection: str | None = None
-    """Action when the prompt-injection heuristic fires; None turns it off. Prompts only."""
-    injection_threshold: float = 1.0
-    """Score at which the heuristic fires (router.guard.pii.score_injection)."""
-    action: str = "reject"
-    """Action for terms and regexes: 'reject', 'redact' or 'log'."""
-    applies_to: str = "both"
-    """'input' (prompts), 'output' (generated text) or 'both'."""
-
-    def __post_init__(self) -> None:
-        # Freeze what YAML hands over as lists and dicts, so a loaded policy cannot change.
-        object.__setattr__(self, "terms", tuple(self.terms))
-        object.__setattr__(self, "regexes", tuple(self.regexes))
-        object.__setattr__(self, "pii", MappingProxyType(dict(self.pii)))
-
-    def validate(self) -> None:
-        where = f"guardrails.policies[{self.name!r}]"
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"guardrails.policies[].name={self.name!r} must be a non-empty string")
-        _check_choice(f"{where}.action", self.action, ACTIONS)
-        _check_choice(f"{where}.applies_to", self.applies_to, DIRECTIONS)
-        for key in ("case_insensitive", "whole_words"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{where}.{key}={getattr(self, key)!r} must be true or false")
-        for i, term in enumerate(self.terms):
-            if not isinstance(term, str) or not term.strip():
-                raise ValueError(f"{where}.terms[{i}]={term!r} must be a non-blank string")
-        for i, pattern in enumerate(self.regexes):
-            compile_regex(pattern, f"{where}.regexes[{i}]")
-        for name, action in self.pii.items():
-            if name not in DETECTORS:
-                raise ValueError(
-                    f"{where}.pii has unknown detector {name!r}; known: {sorted(DETECTORS)}"
-                )
-            _check_choice(f"{where}.pii[{name!r}]", action, ACTIONS)
-        if self.injection is not None:
-            _check_choice(f"{where}.injection", self.injection, ACTIONS)
-            if self.applies_to == "output":
-                raise ValueError(
-                    f"{where}.injection={self.injection!r} scores prompts, but applies_to="
-                    "'output'; use applies_to 'input' or 'both', or drop injection"
-                )
-        if not self.injection_threshold > 0:
-            raise ValueError(f"{where}.injection_threshold={self.injection_threshold} must be > 0")
-        if not (self.terms or self.regexes or self.pii or self.injection):
-            raise ValueError(f"{where} matches nothing: give it terms, regexes, pii or injection")
-
-
-@dataclass(frozen=True)
-class GuardrailsConfig:
-    policies: tuple[GuardrailPolicy, ...] = ()
-    """Every policy applies; on a prompt the first 'reject' finding by position decides."""
-    redaction: str = "[REDACTED:{kind}]"
-    """What 'redact' writes in place of a match; may use {kind} and {policy}."""
-    stream_window: int = 256
-    """Most characters OutputGuard holds back for a regex or PII match still growing."""
-
-    def validate(self) -> GuardrailsConfig:
-        names = [p.name for p in self.policies]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"guardrails.policies has duplicate names {duplicates}")
-        for policy in self.policies:
-            policy.validate()
-        try:
-            self.redaction.format(kind="k", policy="p")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"guardrails.redaction={self.redaction!r} is not a valid template ({exc!r}); "
-                "it may use {kind} and {policy}"
-            ) from None
-        if self.stream_window < _MIN_WINDOW:
-            raise ValueError(
-                f"guardrails.stream_window={self.stream_window} must be at least {_MIN_WINDOW}"
-            )
-        return self
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> GuardrailsConfig:
-        """Build from parsed YAML (lists become tuples) and validate it."""
-        _check_keys(data, {f.name for f in fields(cls)}, "guardrails")
-        entries = data.get("policies", [])
-        if not isinstance(entries, list):
-            raise ValueError("guardrails.policies must be a list of policies")
-        policies = []
-        for i, entry in enumerate(entries):
-            where = f"guardrails.policies[{i}]"
-            _check_keys(entry, {f.name for f in fields(GuardrailPolicy)}, where)
-            values = dict(entry)
-            for key in ("terms", "regexes"):
-                value = values.get(key, [])
-                if not isinstance(value, list | tuple) or not all(
-                    isinstance(v, str) for v in value
-                ):
-                    raise ValueError(f"{where}.{key}={value!r} must be a list of strings")
-            if not isinstance(values.get("pii", {}), Mapping):
-                raise ValueError(f"{where}.pii must map detector names to actions")
-            try:
-                policies.append(GuardrailPolicy(**values))
-            except TypeError as exc:  # 'name' is missing
-                raise ValueError(f"{where}: {exc}") from None
-        rest = {k: data[k] for k in ("redaction", "stream_window") if k in data}
-        return cls(policies=tuple(policies), **rest).validate()
-
-
-def compile_regex(pattern: str, where: str) -> re.Pattern[str]:
-    try:
-        compiled = re.compile(pattern)
-    except (re.error, TypeError) as exc:
-        raise ValueError(f"{where}={pattern!r} is not a valid regular expression: {exc}") from None
-    if compiled.search("") is not None:
-        # An empty match is everywhere: it would reject every text or redact nothing.
-        raise ValueError(f"{where}={pattern!r} matches the empty string; it must match something")
-    return compiled
-
-
-def _check_choice(where: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{where}={value!r} is unknown; use one of {choices}")
-
-
-def _check_keys(data: object, known: set[str], where: str) -> None:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; known keys: {sorted(known)}")
 
 
 # ------------------------------------------------------------------------- findings and errors

@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 from router.config import ModelConfig, RouterConfig, ServerConfig
 from router.guard.auth import AuthConfig, IssuerConfig
 from router.guard.config import AuthSection, GuardConfig, GuardrailsSection, RateLimitSection
-from router.guard.guardrails import GuardrailPolicy, GuardrailsConfig
+from router.guard.guardrails_config import GuardrailPolicy, GuardrailsConfig
 from router.guard.limits.config import RateLimitConfig, TierLimits
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc

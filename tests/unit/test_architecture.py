@@ -27,8 +27,6 @@ BACKEND_FACES = {
 }
 MAX_LINES = 450
 OVERSIZED = {
-    "router/config.py",
-    "router/guard/guardrails.py",
     "router/routing/dispatch.py",
 }
 """Modules over MAX_LINES today, each to be split by the serving-layer work (issue 11)."""

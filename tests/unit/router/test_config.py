@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from router.config import ConfigError, load_config
+from router.config import ConfigError
+from router.config_file import load_config
 
 
 def test_built_in_default_serves_both_models_without_a_file() -> None:

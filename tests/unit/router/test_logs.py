@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from router import logs
-from router.config import ConfigError, config_from_mapping
+from router.config import ConfigError
+from router.config_file import config_from_mapping
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.config import config_from_mapping
+from router.config_file import config_from_mapping
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 BLOCKS = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)

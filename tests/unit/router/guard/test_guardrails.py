@@ -10,15 +10,16 @@ import grpc
 import pytest
 from test_pii import POSITIVES
 
+from router.config import ConfigError
+from router.config_file import _build
 from router.guard.guardrails import (
     Finding,
-    GuardrailPolicy,
-    GuardrailsConfig,
     GuardrailViolation,
     InputGuard,
     OutputGuard,
     StreamFilter,
 )
+from router.guard.guardrails_config import GuardrailPolicy, GuardrailsConfig
 from router.guard.pii import DETECTORS
 
 ALL_PII = tuple(DETECTORS)
@@ -106,8 +107,14 @@ def test_guards_validate_on_construction() -> None:
         InputGuard(make_config(GuardrailPolicy(name="p", regexes=("(",))))
 
 
-def test_from_mapping_builds_frozen_policies() -> None:
-    config = GuardrailsConfig.from_mapping(
+def from_yaml(data: dict[str, Any]) -> GuardrailsConfig:
+    """The section as the config file loader builds it (the one YAML parser)."""
+    config: GuardrailsConfig = _build(GuardrailsConfig, data, "config.guard.guardrails")
+    return config
+
+
+def test_yaml_builds_frozen_policies() -> None:
+    config = from_yaml(
         {
             "redaction": "<{policy}/{kind}>",
             "policies": [
@@ -128,15 +135,15 @@ def test_from_mapping_builds_frozen_policies() -> None:
         ({"policy": []}, "guardrails has unknown keys ['policy']"),
         ({"policies": {"name": "x"}}, "guardrails.policies must be a list"),
         ({"policies": [{"name": "x", "term": ["a"]}]}, "policies[0] has unknown keys ['term']"),
-        ({"policies": [{"name": "x", "terms": "abc"}]}, "policies[0].terms='abc' must be a list"),
-        ({"policies": [{"name": "x", "pii": ["email"]}]}, "policies[0].pii must map"),
-        ({"policies": [{"terms": ["a"]}]}, "policies[0]: "),
+        ({"policies": [{"name": "x", "terms": "abc"}]}, "policies[0].terms must be a list"),
+        ({"policies": [{"name": "x", "pii": ["email"]}]}, "policies[0].pii must be a mapping"),
+        ({"policies": [{"terms": ["a"]}]}, "policies[0] is missing required key(s) 'name'"),
         ({"policies": [{"name": "x", "regexes": ["[z-a]"]}]}, "policies['x'].regexes[0]='[z-a]'"),
     ],
 )
-def test_from_mapping_names_the_bad_key(data: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError) as caught:
-        GuardrailsConfig.from_mapping(data)
+def test_yaml_errors_name_the_bad_key(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_yaml(data)
     assert message in str(caught.value)
 
 

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from router.config import ConfigError, _build
+from router.config import ConfigError
+from router.config_file import _build
 from router.routing.config import (
     DeploymentConfig,
     ReplicaConfig,
