@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from router.errors import DeadlineExceeded, InvalidArgument, NotFound, RouterError, Unavailable
@@ -38,9 +37,9 @@ from router.routing.attempt import (
     record_verdict,
     run_timed,
 )
-from router.routing.balancer import Balancer, Replica, WeightedSplit, make_balancer
-from router.routing.breaker import BreakerSnapshot, BreakerState, CircuitBreaker
-from router.routing.config import DeploymentConfig, RoutingConfig
+from router.routing.balancer import Replica, WeightedSplit, make_balancer
+from router.routing.breaker import BreakerState, CircuitBreaker
+from router.routing.config import RoutingConfig
 from router.routing.retry import (
     RetryBudget,
     Verdict,
@@ -49,6 +48,15 @@ from router.routing.retry import (
     fallback_chain,
     hedge_delay,
     may_retry,
+)
+from router.routing.state import (
+    CallState,
+    DeploymentHealth,
+    DeploymentState,
+    NoReplicaAvailable,
+    ReplicaHealth,
+    deadline_error,
+    exhausted_error,
 )
 
 __all__ = [
@@ -67,67 +75,6 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 BreakerListener = Callable[[str, BreakerState, BreakerState], None]
 FailureListener = Callable[[AttemptInfo, str], None]
-
-
-class NoReplicaAvailable(Unavailable):
-    """No replica of the deployment or of its fallbacks may take a call (breakers open, or all
-    tried). `retry_after_s`: when the first open breaker lets a probe through."""
-
-    def __init__(self, message: str, *, deployments: tuple[str, ...], retry_after_s: float):
-        # A google.rpc.RetryInfo tells clients when to come back (1 s when no breaker will
-        # half-open by itself: replicas out of rotation wait for their health checks).
-        super().__init__(message, retry_after_s=retry_after_s or 1.0)
-        self.deployments = deployments
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaHealth:
-    name: str
-    outstanding: int
-    breaker: BreakerSnapshot
-    healthy: bool
-    """What the active health checks last concluded (False while not loaded)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeploymentHealth:
-    serving: bool
-    """Some replica would take a call now."""
-    replicas: tuple[ReplicaHealth, ...]
-
-
-class _Deployment:
-    """Run-time state of one deployment: its replicas (with breakers), balancer and budget."""
-
-    __slots__ = ("balancer", "budget", "config", "replicas")
-
-    def __init__(
-        self,
-        config: DeploymentConfig,
-        replicas: tuple[Replica, ...],
-        balancer: Balancer,
-        budget: RetryBudget,
-    ) -> None:
-        self.config = config
-        self.replicas = replicas
-        self.balancer = balancer
-        self.budget = budget
-
-
-class _Call:
-    """One call's progress across deployments: attempts so far and what failed."""
-
-    __slots__ = ("attempts", "deadline", "failures", "key", "request_id", "timeout_s")
-
-    def __init__(
-        self, request_id: str, key: str | None, timeout_s: float | None, now: float
-    ) -> None:
-        self.request_id = request_id
-        self.key = key
-        self.timeout_s = timeout_s
-        self.deadline = None if timeout_s is None else now + timeout_s
-        self.attempts = 0
-        self.failures: list[str] = []
 
 
 class _Miss(enum.Enum):
@@ -155,7 +102,7 @@ class Dispatcher:
         self._clock = clock
         self._on_breaker_change = on_breaker_change
         self._on_attempt_failed = on_attempt_failed
-        self._deployments: dict[str, _Deployment] = {}
+        self._deployments: dict[str, DeploymentState] = {}
         self._splits: dict[str, WeightedSplit] = {}
         self._tasks: dict[str, str] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
@@ -170,7 +117,7 @@ class Dispatcher:
         old_replicas = {
             (r.deployment, r.name): r for d in self._deployments.values() for r in d.replicas
         }
-        deployments: dict[str, _Deployment] = {}
+        deployments: dict[str, DeploymentState] = {}
         for dc in config.deployments:
             replicas = []
             for rc in dc.replicas:
@@ -195,7 +142,7 @@ class Dispatcher:
                 else RetryBudget(dc.retry, clock=self._clock)
             )
             balancer = make_balancer(dc.balancer, replicas, self._rng)
-            deployments[dc.name] = _Deployment(dc, tuple(replicas), balancer, budget)
+            deployments[dc.name] = DeploymentState(dc, tuple(replicas), balancer, budget)
         self._deployments = deployments
         self._splits = {alias: WeightedSplit(w) for alias, w in config.aliases.items()}
         self._tasks = dict(config.tasks)
@@ -278,7 +225,7 @@ class Dispatcher:
         is at fault (INVALID_ARGUMENT ...), DeadlineExceeded, NoReplicaAvailable, or
         Unavailable naming the deployment and what failed.
         """
-        call = _Call(request_id, key, timeout_s, self._clock())
+        call = CallState(request_id, key, timeout_s, self._clock())
         first = self.resolve(name, task=task, key=key)
         for deployment_name in self._chains[first]:
             answer = await self._unary_in(self._deployments[deployment_name], attempt, call)
@@ -287,7 +234,7 @@ class Dispatcher:
         raise self._exhausted(first, call)
 
     async def _unary_in(
-        self, deployment: _Deployment, attempt: UnaryAttempt[T], call: _Call
+        self, deployment: DeploymentState, attempt: UnaryAttempt[T], call: CallState
     ) -> T | _Miss:
         """The answer from this deployment, or _MISS when it cannot give one: attempts one after
         the other, each on a replica not tried yet, awaited inline (no task per call)."""
@@ -318,7 +265,7 @@ class Dispatcher:
         return _MISS
 
     async def _hedged(
-        self, deployment: _Deployment, attempt: UnaryAttempt[T], call: _Call
+        self, deployment: DeploymentState, attempt: UnaryAttempt[T], call: CallState
     ) -> T | _Miss:
         """As _unary_in, with attempts as tasks so that a slow one can race a hedge.
 
@@ -382,9 +329,9 @@ class Dispatcher:
 
     def _launch(
         self,
-        deployment: _Deployment,
+        deployment: DeploymentState,
         attempt: UnaryAttempt[T],
-        call: _Call,
+        call: CallState,
         tried: set[Replica],
         pending: dict[asyncio.Task[T], Attempt],
     ) -> bool:
@@ -418,7 +365,7 @@ class Dispatcher:
         its replica: a later failure reaches the caller, as Unavailable naming the replica
         unless it already is a RouterError. Streams are never hedged.
         """
-        call = _Call(request_id, key, timeout_s, self._clock())
+        call = CallState(request_id, key, timeout_s, self._clock())
         first = self.resolve(name, task=task, key=key)
         for deployment_name in self._chains[first]:
             deployment = self._deployments[deployment_name]
@@ -486,7 +433,9 @@ class Dispatcher:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _start(self, deployment: _Deployment, call: _Call, tried: set[Replica]) -> Attempt | None:
+    def _start(
+        self, deployment: DeploymentState, call: CallState, tried: set[Replica]
+    ) -> Attempt | None:
         """Everything before an attempt runs: the deadline check, the retry budget (for any
         attempt after a call's first), the replica, its probe slot and outstanding count. None
         when the deployment has no replica or no budget left."""
@@ -500,7 +449,9 @@ class Dispatcher:
         replica.outstanding += 1
         return Attempt(replica, ticket, self._info(deployment, replica, call, timeout), blame)
 
-    def _pick(self, deployment: _Deployment, call: _Call, tried: set[Replica]) -> Replica | None:
+    def _pick(
+        self, deployment: DeploymentState, call: CallState, tried: set[Replica]
+    ) -> Replica | None:
         replica = deployment.balancer.pick(call.key, tried)
         if replica is None:
             what = "untried replica" if tried else "replica"
@@ -511,12 +462,12 @@ class Dispatcher:
         return replica
 
     def _info(
-        self, deployment: _Deployment, replica: Replica, call: _Call, timeout: float | None
+        self, deployment: DeploymentState, replica: Replica, call: CallState, timeout: float | None
     ) -> AttemptInfo:
         config = deployment.config
         return AttemptInfo(config.name, config.model_name, replica.config, call.attempts, timeout)
 
-    def _failed(self, call: _Call, info: AttemptInfo, error: BaseException) -> None:
+    def _failed(self, call: CallState, info: AttemptInfo, error: BaseException) -> None:
         """Note a failed attempt that will be retried elsewhere (or end the call)."""
         if isinstance(error, TimeoutError):
             reason = f"nothing within {info.timeout_s or 0:.3g}s"
@@ -534,20 +485,22 @@ class Dispatcher:
             reason,
         )
 
-    def _expired(self, call: _Call) -> bool:
+    def _expired(self, call: CallState) -> bool:
         left = self._left(call)
         return left is not None and left <= 0
 
-    def _spend(self, deployment: _Deployment, call: _Call) -> bool:
+    def _spend(self, deployment: DeploymentState, call: CallState) -> bool:
         if deployment.budget.try_spend():
             return True
         call.failures.append(f"retry budget of deployment {deployment.config.name!r} is spent")
         return False
 
-    def _left(self, call: _Call) -> float | None:
+    def _left(self, call: CallState) -> float | None:
         return None if call.deadline is None else call.deadline - self._clock()
 
-    def _attempt_timeout(self, deployment: _Deployment, call: _Call) -> tuple[float | None, bool]:
+    def _attempt_timeout(
+        self, deployment: DeploymentState, call: CallState
+    ) -> tuple[float | None, bool]:
         """(seconds the attempt may run, whether running out is the replica's fault)."""
         per_attempt = deployment.config.retry.attempt_timeout_s
         left = self._left(call)
@@ -556,41 +509,9 @@ class Dispatcher:
             raise self._deadline(call)
         return timeout, per_attempt > 0 and (left is None or per_attempt < left)
 
-    def _deadline(self, call: _Call) -> DeadlineExceeded:
-        tried = f" ({'; '.join(call.failures)})" if call.failures else ""
-        return DeadlineExceeded(
-            f"the deadline of {call.timeout_s or 0:.3g}s passed after {call.attempts} "
-            f"attempt(s){tried}"
-        )
+    def _deadline(self, call: CallState) -> DeadlineExceeded:
+        return deadline_error(call)
 
-    def _exhausted(self, first: str, call: _Call) -> Unavailable:
+    def _exhausted(self, first: str, call: CallState) -> Unavailable:
         chain = self._chains[first]
-        also = f" nor of its fallbacks {list(chain[1:])}" if len(chain) > 1 else ""
-        if call.attempts == 0:
-            replicas = [r for name in chain for r in self._deployments[name].replicas]
-            waits = [r.breaker.snapshot().retry_in_s for r in replicas]
-            states = ", ".join(_replica_state(r) for r in replicas[:8])
-            if len(replicas) > 8:
-                states += f" and {len(replicas) - 8} more"
-            return NoReplicaAvailable(
-                f"no replica of deployment {first!r}{also} is available ({states})",
-                deployments=chain,
-                retry_after_s=min((w for w in waits if w > 0), default=0.0),
-            )
-        also = f" or its fallbacks {list(chain[1:])}" if len(chain) > 1 else ""
-        return Unavailable(
-            f"deployment {first!r}{also} could not answer after {call.attempts} attempt(s): "
-            + "; ".join(call.failures)
-        )
-
-
-def _replica_state(replica: Replica) -> str:
-    snap = replica.breaker.snapshot()
-    name = f"{replica.deployment}/{replica.name}"
-    if not replica.healthy:
-        return f"{name} failing its health checks"
-    if snap.state is BreakerState.OPEN:
-        return f"{name} open for {snap.retry_in_s:.1f}s more"
-    if snap.state is BreakerState.HALF_OPEN:
-        return f"{name} half-open (probe in flight)"
-    return f"{name} closed"
+        return exhausted_error(first, chain, [self._deployments[n] for n in chain], call)
