@@ -106,16 +106,11 @@ class RemoteEmbedder(Protocol):
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    """One whole request for an engine that schedules requests itself (see RequestEngine)."""
+class SamplingParams:
+    """How to sample: every field a client may set, with the value that leaves sampling as the
+    model has it. Shared by the router's requests and the engines' (GenerationRequest)."""
 
-    request_id: str
-    """The router's request id, for the engine's logs."""
-    prompt_ids: tuple[int, ...]
-    """The rendered prompt, tokenized by the router (BOS included when the model wants one)."""
-    prompt: str
-    """The rendered prompt text (chat template applied), for engines that tokenize themselves."""
-    max_tokens: int
+    max_tokens: int = 256
     """Most tokens to generate."""
     temperature: float = 1.0
     """0 is greedy."""
@@ -126,19 +121,36 @@ class GenerationRequest:
     min_p: float = 0.0
     """0 disables."""
     repetition_penalty: float = 1.0
-    """1 disables; over prompt and output tokens."""
+    """1 disables; applies to prompt and output tokens."""
     presence_penalty: float = 0.0
     """OpenAI semantics, over output tokens."""
     frequency_penalty: float = 0.0
     """OpenAI semantics, over output tokens."""
     stop: tuple[str, ...] = ()
-    """Stop strings; the router applies them when capabilities.stop_strings is False."""
+    """Stop strings (not returned); request engines honour them when capabilities.stop_strings,
+    else the router applies them."""
     stop_token_ids: tuple[int, ...] = ()
-    """Tokens that end the request besides the model's own end tokens (returned as tokens)."""
+    """Extra stop token ids (returned as tokens, not as text)."""
+    seed: int | None = None
+    """None draws a random seed."""
+    ignore_eos: bool = False
+    """Keep going past end tokens."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest(SamplingParams):
+    """One whole request for an engine that schedules requests itself (see RequestEngine): the
+    sampling parameters (declared once, in SamplingParams) plus what the engine needs to run it.
+    max_tokens is final (the router fitted it to the context) and seed is drawn."""
+
+    request_id: str
+    """The router's request id, for the engine's logs."""
+    prompt_ids: tuple[int, ...]
+    """The rendered prompt, tokenized by the router (BOS included when the model wants one)."""
+    prompt: str
+    """The rendered prompt text (chat template applied), for engines that tokenize themselves."""
     seed: int = 0
     """Sampling seed (the router draws one when the client sets none)."""
-    ignore_eos: bool = False
-    """Keep going past the model's end tokens (stop_token_ids still stop)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,9 +30,10 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from backends.base import SamplingParams
 from router.cache.config import ResponseCacheConfig
 from router.cache.lru import ByteLRU
-from router.scheduler.request import RequestStatus, SamplingParams
+from router.scheduler.request import RequestStatus
 from router.telemetry import Metrics
 
 logger = logging.getLogger(__name__)

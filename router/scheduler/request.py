@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from backends.base import SamplingParams
 from router.errors import InvalidArgument
 
 
@@ -33,78 +34,6 @@ class Priority(enum.IntEnum):
     LOW = -1
     NORMAL = 0
     HIGH = 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    """Most tokens to generate."""
-    temperature: float = 1.0
-    """0 is greedy."""
-    top_p: float = 1.0
-    """Nucleus mass in (0, 1]; 1 disables."""
-    top_k: int = 0
-    """0 disables."""
-    min_p: float = 0.0
-    """0 disables."""
-    repetition_penalty: float = 1.0
-    """1 disables; applies to prompt and output tokens."""
-    presence_penalty: float = 0.0
-    """OpenAI semantics, over output tokens."""
-    frequency_penalty: float = 0.0
-    """OpenAI semantics, over output tokens."""
-    stop: tuple[str, ...] = ()
-    """Stop strings (not returned)."""
-    stop_token_ids: tuple[int, ...] = ()
-    """Extra stop token ids (returned as tokens, not as text)."""
-    seed: int | None = None
-    """None draws a random seed."""
-    ignore_eos: bool = False
-    """Keep going past end tokens."""
-
-    def validate(self, vocab_size: int) -> SamplingParams:
-        """Raise InvalidArgument naming the first out-of-range field."""
-        checks: tuple[tuple[str, float, float, float], ...] = (
-            ("temperature", self.temperature, 0.0, 2.0),
-            ("top_p", self.top_p, 1e-9, 1.0),
-            ("min_p", self.min_p, 0.0, 1.0),
-            ("repetition_penalty", self.repetition_penalty, 1e-9, 2.0),
-            ("presence_penalty", self.presence_penalty, -2.0, 2.0),
-            ("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
-        )
-        for name, value, low, high in checks:
-            if not low <= value <= high:  # also rejects NaN
-                low_text = "0 (exclusive)" if low == 1e-9 else f"{low:g}"
-                raise InvalidArgument(
-                    f"sampling.{name}={value:g} is out of range [{low_text}, {high:g}]",
-                    field=f"sampling.{name}",
-                )
-        if self.max_tokens < 1:
-            raise InvalidArgument(
-                f"sampling.max_tokens={self.max_tokens} must be at least 1",
-                field="sampling.max_tokens",
-            )
-        if self.top_k < 0 or self.top_k > vocab_size:
-            raise InvalidArgument(
-                f"sampling.top_k={self.top_k} must be in [0, {vocab_size}] (0 disables)",
-                field="sampling.top_k",
-            )
-        for token_id in self.stop_token_ids:
-            if not 0 <= token_id < vocab_size:
-                raise InvalidArgument(
-                    f"sampling.stop_token_ids has {token_id}, outside the vocabulary "
-                    f"[0, {vocab_size})",
-                    field="sampling.stop_token_ids",
-                )
-        for text in self.stop:
-            if not text:
-                raise InvalidArgument("sampling.stop has an empty string", field="sampling.stop")
-        if len(self.stop) > 16:
-            raise InvalidArgument(
-                f"sampling.stop has {len(self.stop)} strings; at most 16 are allowed",
-                field="sampling.stop",
-            )
-        return self
 
 
 @dataclass(eq=False)
@@ -148,3 +77,48 @@ class Request:
     def append(self, token: int) -> None:
         self.tokens[self.num_tokens] = token
         self.num_tokens += 1
+
+
+def validate_sampling(params: SamplingParams, vocab_size: int) -> SamplingParams:
+    """`params`, or InvalidArgument naming its first out-of-range field (with `field` for
+    google.rpc.BadRequest)."""
+    checks: tuple[tuple[str, float, float, float], ...] = (
+        ("temperature", params.temperature, 0.0, 2.0),
+        ("top_p", params.top_p, 1e-9, 1.0),
+        ("min_p", params.min_p, 0.0, 1.0),
+        ("repetition_penalty", params.repetition_penalty, 1e-9, 2.0),
+        ("presence_penalty", params.presence_penalty, -2.0, 2.0),
+        ("frequency_penalty", params.frequency_penalty, -2.0, 2.0),
+    )
+    for name, value, low, high in checks:
+        if not low <= value <= high:  # also rejects NaN
+            low_text = "0 (exclusive)" if low == 1e-9 else f"{low:g}"
+            raise InvalidArgument(
+                f"sampling.{name}={value:g} is out of range [{low_text}, {high:g}]",
+                field=f"sampling.{name}",
+            )
+    if params.max_tokens < 1:
+        raise InvalidArgument(
+            f"sampling.max_tokens={params.max_tokens} must be at least 1",
+            field="sampling.max_tokens",
+        )
+    if params.top_k < 0 or params.top_k > vocab_size:
+        raise InvalidArgument(
+            f"sampling.top_k={params.top_k} must be in [0, {vocab_size}] (0 disables)",
+            field="sampling.top_k",
+        )
+    for token_id in params.stop_token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise InvalidArgument(
+                f"sampling.stop_token_ids has {token_id}, outside the vocabulary [0, {vocab_size})",
+                field="sampling.stop_token_ids",
+            )
+    for text in params.stop:
+        if not text:
+            raise InvalidArgument("sampling.stop has an empty string", field="sampling.stop")
+    if len(params.stop) > 16:
+        raise InvalidArgument(
+            f"sampling.stop has {len(params.stop)} strings; at most 16 are allowed",
+            field="sampling.stop",
+        )
+    return params

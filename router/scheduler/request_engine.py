@@ -14,13 +14,20 @@ honours them, so a chunk never runs past the point where the router's own engine
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 
-from backends.base import GenerationChunk, GenerationRequest, RequestEngine, UnsupportedParameter
+from backends.base import (
+    GenerationChunk,
+    GenerationRequest,
+    RequestEngine,
+    SamplingParams,
+    UnsupportedParameter,
+)
 from backends.remote import RemoteError
 from router.errors import (
     Internal,
@@ -36,6 +43,9 @@ from router.scheduler.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 
+_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "seed")
+
+
 def generation_request(request: Request) -> GenerationRequest:
     """The engine's view of a router Request (seed already drawn, max_tokens already set)."""
     p = request.params
@@ -43,18 +53,8 @@ def generation_request(request: Request) -> GenerationRequest:
         request_id=request.request_id,
         prompt_ids=tuple(request.prompt_ids),
         prompt=request.prompt_text,
-        max_tokens=p.max_tokens,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        stop=p.stop,
-        stop_token_ids=p.stop_token_ids,
         seed=request.seed,
-        ignore_eos=p.ignore_eos,
+        **{name: getattr(p, name) for name in _SAMPLING_FIELDS},
     )
 
 

@@ -3,17 +3,19 @@ router.serving.answer; scheduling is router.scheduler."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
+from backends.base import SamplingParams
 from router.errors import InvalidArgument
 from router.guard.chain import get_scope
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.retrieval.rag import RagRequest
 from router.routing.breaker import BreakerState
-from router.scheduler.request import Priority, RequestStatus, SamplingParams
+from router.scheduler.request import Priority, RequestStatus
 from router.services.retrieval import filter_from_proto
 from router.serving import embedding
 from router.serving.answer import Answerer, Answering, CacheStatus, GenerationCall, Piece, Prepared
@@ -34,6 +36,12 @@ _PRIORITY = {
     pb.PRIORITY_HIGH: Priority.HIGH,
 }
 _CACHE_MODES = frozenset(pb.CacheMode.values())
+_OPTIONAL_SAMPLING = tuple(
+    f.name
+    for f in dataclasses.fields(SamplingParams)
+    if f.name not in ("stop", "stop_token_ids", "ignore_eos")
+)
+"""SamplingParams fields that are `optional` in the proto (unset: the default applies)."""
 _CACHE_STATUS = {
     CacheStatus.NONE: pb.CACHE_STATUS_UNSPECIFIED,
     CacheStatus.MISS: pb.CACHE_STATUS_MISS,
@@ -56,18 +64,8 @@ def rag_from_proto(r: pb.RetrievalOptions) -> RagRequest:
 def sampling_from_proto(s: pb.SamplingParams) -> tuple[SamplingParams, bool]:
     """Proto → SamplingParams with defaults for unset fields; also whether max_tokens was set."""
     kwargs: dict[str, Any] = {}
-    for name in (
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-    ):
-        if s.HasField(name):
+    for name in _OPTIONAL_SAMPLING:
+        if s.HasField(name):  # type: ignore[arg-type]  # checked by a test to be proto fields
             kwargs[name] = getattr(s, name)
     return (
         SamplingParams(

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from backends.base import SamplingParams
 from router.cache.embedding import Embedder, Vectors
 from router.cache.response import CachedAnswer, ResponseCache, model_build, request_key
 from router.cache.semantic import SemanticCache
@@ -29,7 +30,7 @@ from router.guard.authz import RETRIEVAL_READ
 from router.guard.chain import CallScope
 from router.retrieval.rag import Passage, RagRequest, Retriever, require_store
 from router.scheduler.generation import Chunk
-from router.scheduler.request import Priority, Request, RequestStatus, SamplingParams
+from router.scheduler.request import Priority, Request, RequestStatus
 from router.serving import prompt as prompt_
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel

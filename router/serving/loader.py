@@ -14,13 +14,13 @@ from typing import Any, cast
 from tokenizers import Tokenizer
 
 from backends.artifact import read_manifest
-from backends.base import DecoderStepEngine, EncoderEngine, RequestEngine
+from backends.base import DecoderStepEngine, EncoderEngine, RequestEngine, SamplingParams
 from backends.factory import create_backend, create_remote_embedder
 from router.models.prepare import smollm2_gguf_path
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.engine import DecoderEngine
 from router.scheduler.generation import EngineLimits
-from router.scheduler.request import Priority, SamplingParams
+from router.scheduler.request import Priority
 from router.scheduler.request_engine import RequestEngineAdapter
 from router.serving import embedding, prompt
 from router.serving.model import ServedModel

@@ -7,9 +7,10 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from backends.base import SamplingParams
 from router.errors import InvalidArgument
 from router.models.chat_template import render_chat
-from router.scheduler.request import Priority, Request, SamplingParams
+from router.scheduler.request import Priority, Request, validate_sampling
 from router.serving.model import ServedModel
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -94,7 +95,7 @@ def build_request(
             )
     else:
         params = dataclasses.replace(params, max_tokens=min(model.config.default_max_tokens, room))
-    params.validate(vocab)
+    validate_sampling(params, vocab)
     seed = params.seed if params.seed is not None else random.getrandbits(63)
     return Request(
         request_id=request_id,

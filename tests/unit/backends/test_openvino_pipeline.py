@@ -72,7 +72,7 @@ def request(tokenizer: Tokenizer, prompt: str, **sampling: object) -> Generation
     fields: dict[str, object] = {"max_tokens": N, "temperature": 0.0, "ignore_eos": True}
     fields |= sampling
     ids = tuple(tokenizer.encode(prompt, add_special_tokens=False).ids)
-    return GenerationRequest("test", ids, prompt, **fields)  # type: ignore[arg-type]
+    return GenerationRequest(request_id="test", prompt_ids=ids, prompt=prompt, **fields)  # type: ignore[arg-type]
 
 
 async def run(engine: OpenVinoGenerator, req: GenerationRequest) -> tuple[list[int], str | None]:

@@ -16,7 +16,13 @@ from typing import Any
 import grpc
 import pytest
 
-from backends.base import Capabilities, GenerationChunk, GenerationRequest, UnsupportedParameter
+from backends.base import (
+    Capabilities,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    UnsupportedParameter,
+)
 from backends.factory import create_backend
 from backends.kserve import grpc_predict_v2_pb2 as pb
 from backends.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -38,7 +44,7 @@ from backends.remote import (
 )
 from router.errors import InvalidArgument, Unavailable
 from router.scheduler.generation import EngineLimits
-from router.scheduler.request import Request, SamplingParams
+from router.scheduler.request import Request
 from router.scheduler.request_engine import RequestEngineAdapter
 
 URL = "grpc://127.0.0.1:8001"

@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 
+from backends.base import SamplingParams
 from router.cache.config import CacheConfig, ResponseCacheConfig, SemanticCacheConfig
 from router.cache.response import CachedAnswer, ResponseCache, model_build, request_key
-from router.scheduler.request import RequestStatus, SamplingParams
+from router.scheduler.request import RequestStatus
 from router.telemetry import Metrics
 
 MANIFEST = {"source": "m.gguf", "quantization": "int4", "graph": "gqa"}

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
+from backends.base import SamplingParams
 from router.errors import Unavailable
 from router.routing.config import (
     DeploymentConfig,
@@ -22,7 +23,7 @@ from router.routing.config import (
 from router.routing.dispatch import Dispatcher
 from router.routing.engine import RoutedEngine
 from router.scheduler.generation import Chunk, GenerationEngine
-from router.scheduler.request import Request, RequestStatus, SamplingParams
+from router.scheduler.request import Request, RequestStatus
 
 
 class Replica:

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from backends.base import Capabilities
+from backends.base import Capabilities, SamplingParams
 from router.errors import Internal, RouterError
 from router.scheduler.engine import DecoderEngine
 from router.scheduler.generation import Chunk, EngineLimits
-from router.scheduler.request import Request, RequestStatus, SamplingParams
+from router.scheduler.request import Request, RequestStatus
 
 VOCAB = 32
 EOS = 2

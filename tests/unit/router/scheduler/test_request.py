@@ -4,8 +4,9 @@ import math
 
 import pytest
 
+from backends.base import SamplingParams
 from router.errors import InvalidArgument
-from router.scheduler.request import Request, RequestStatus, SamplingParams
+from router.scheduler.request import Request, RequestStatus, validate_sampling
 
 
 def test_status_order_makes_finished_a_comparison() -> None:
@@ -40,13 +41,13 @@ def test_status_order_makes_finished_a_comparison() -> None:
 )
 def test_validate_names_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidArgument) as info:
-        SamplingParams(**kwargs).validate(vocab_size=49_152)  # type: ignore[arg-type]
+        validate_sampling(SamplingParams(**kwargs), vocab_size=49_152)  # type: ignore[arg-type]
     assert info.value.field == field
     assert field in str(info.value)
 
 
 def test_defaults_are_valid() -> None:
-    assert SamplingParams().validate(vocab_size=10) == SamplingParams()
+    assert validate_sampling(SamplingParams(), vocab_size=10) == SamplingParams()
 
 
 def test_request_token_buffer() -> None:

@@ -17,11 +17,12 @@ from backends.base import (
     GenerationChunk,
     GenerationRequest,
     RequestEngine,
+    SamplingParams,
     UnsupportedParameter,
 )
 from router.errors import Internal, InvalidArgument, ResourceExhausted
 from router.scheduler.generation import Chunk, EngineLimits
-from router.scheduler.request import Priority, Request, RequestStatus, SamplingParams
+from router.scheduler.request import Priority, Request, RequestStatus
 from router.scheduler.request_engine import RequestEngineAdapter
 
 EOS = 2

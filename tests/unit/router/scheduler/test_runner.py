@@ -8,9 +8,10 @@ import itertools
 import numpy as np
 import pytest
 
+from backends.base import SamplingParams
 from router.scheduler import runner as runner_module
 from router.scheduler.generation import EngineLimits
-from router.scheduler.request import Request, SamplingParams
+from router.scheduler.request import Request
 from router.scheduler.runner import ModelRunner
 from router.scheduler.scheduler import Scheduler
 

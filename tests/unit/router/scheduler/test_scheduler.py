@@ -7,9 +7,10 @@ import itertools
 
 import pytest
 
+from backends.base import SamplingParams
 from router.errors import Internal, ResourceExhausted
 from router.scheduler.generation import Chunk, EngineLimits
-from router.scheduler.request import Request, RequestStatus, SamplingParams
+from router.scheduler.request import Request, RequestStatus
 from router.scheduler.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 
 EOS = 2

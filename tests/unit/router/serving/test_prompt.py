@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from backends.base import SamplingParams
 from router.config import ModelConfig
 from router.errors import InvalidArgument
-from router.scheduler.request import Priority, Request, SamplingParams
+from router.scheduler.request import Priority, Request
 from router.serving import loader, prompt
 from router.serving.model import ServedModel
 
