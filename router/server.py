@@ -21,7 +21,8 @@ from router import logs
 from router.cache.embedding import Embedder
 from router.cache.response import ResponseCache
 from router.cache.semantic import SemanticCache
-from router.config import ConfigError, RouterConfig
+from router.config import ConfigError, ModelConfig, RouterConfig
+from router.errors import FailedPrecondition
 from router.guard.setup import Guard
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
@@ -152,17 +153,48 @@ class RouterServer:
             await asyncio.sleep(1.0)
             self.guard.recorder.flush()
 
+    async def _bring_up(self, model: ServedModel) -> bool:
+        """Load, start and (a model, not a deployment) warm up; False with model.error set when
+        that failed."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.models.load, model)
+            self.models.start(model)
+            if model.deployment is None:
+                await loader.warm_up(model, self.models.next_engine_id())
+        except Exception as exc:
+            model.ready = False
+            model.error = f"{type(exc).__name__}: {exc}"
+            logger.exception("model %s failed to load", model.name)
+            return False
+        return True
+
+    async def add_model(self, config: ModelConfig) -> ServedModel:
+        """Serve one more model, without a restart: registered (listed, NOT_SERVING), loaded,
+        warmed up, then SERVING. A config error or a failed load raises (ConfigError, or
+        FailedPrecondition naming what failed) and leaves nothing behind: no entry, no engine."""
+        model = self.models.add(config)
+        await self.health.set(model.name, NOT_SERVING)
+        if not await self._bring_up(model):
+            await self.models.remove(model.name, grace_s=0)
+            await self.health.set(model.name, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            raise FailedPrecondition(f"model {model.name!r} could not be served: {model.error}")
+        await self.health.set(model.name, SERVING)
+        logger.info("model %s is serving (added at run time)", model.name)
+        return model
+
+    async def remove_model(self, name: str, *, grace_s: float) -> None:
+        """Stop serving a model: refused at once to new calls (health NOT_SERVING), in-flight
+        calls get `grace_s` to finish, then its engine stops and its name is free."""
+        if any(m.name == name and m.deployment is None for m in self.models):
+            await self.health.set(name, NOT_SERVING)
+        await self.models.remove(name, grace_s=grace_s)
+        await self.health.set(name, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        logger.info("model %s removed", name)
+
     async def _load_all(self) -> None:
         loop = asyncio.get_running_loop()
-        for model in self.models:
-            try:
-                await loop.run_in_executor(None, self.models.load, model)
-                self.models.start(model)
-                if model.deployment is None:
-                    await loader.warm_up(model, self.models.next_engine_id())
-            except Exception as exc:
-                model.error = f"{type(exc).__name__}: {exc}"
-                logger.exception("model %s failed to load", model.name)
+        for model in list(self.models):  # models may be added while these load
+            if not await self._bring_up(model):
                 continue
             if model.deployment is not None:
                 for replica in model.replicas:

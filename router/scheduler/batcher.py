@@ -66,6 +66,12 @@ class EncoderBatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._waiting = 0
+
+    @property
+    def num_pending(self) -> int:
+        """Embed calls waiting for their vectors (queued or in a running batch)."""
+        return self._waiting
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -82,7 +88,11 @@ class EncoderBatcher:
         """Embed already tokenized texts (at most max_batch); returns [len(ids), dim]."""
         future: asyncio.Future[npt.NDArray[np.float32]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(ids, future))
-        return await future
+        self._waiting += 1
+        try:
+            return await future
+        finally:
+            self._waiting -= 1
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ not visible to clients. Aliases and tasks resolve to a deployment per call.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -34,6 +35,18 @@ from router.telemetry import Metrics, ReplicaSample
 
 logger = logging.getLogger(__name__)
 
+_DRAIN_POLL_S = 0.05
+"""How often a draining model is looked at for calls still in flight."""
+
+
+def _in_flight(model: ServedModel) -> int:
+    """Calls a model is still answering (generation: streams; embedding: texts batched)."""
+    if model.engine is not None:
+        return model.engine.num_unfinished
+    if model.batcher is not None:
+        return model.batcher.num_pending
+    return 0
+
 
 class Catalog:
     """The served models by name: created from the config, loaded, looked up per call, stopped.
@@ -47,6 +60,7 @@ class Catalog:
         routing: RoutingConfig | None = None,
     ):
         self._metrics = metrics
+        self._model_cache = model_cache
         self._engine_ids = 0
         self._attempt_counters: dict[tuple[str, str], Any] = {}
         self._replica_models: dict[tuple[str, str], ServedModel] = {}
@@ -219,9 +233,52 @@ class Catalog:
                     f"model is empty; {verb} models served: {names}", field="model"
                 )
             raise NotFound(f"model {name!r} is not served; {verb} models served: {names}")
+        if model.draining:
+            raise Unavailable(f"model {name!r} is being removed; it takes no new calls")
         if not model.ready:
             why = f": {model.error}" if model.error else " (still loading)"
             raise Unavailable(f"model {name!r} is not ready{why}")
+        return model
+
+    # ---- run-time changes --------------------------------------------------------------------
+    # A model added here goes through the same life cycle as one from the config file: load
+    # (worker thread) → start → warm up → serve; removal is drain → unload. Deployments are
+    # added and removed by the control plane's work, on top of these.
+
+    def add(self, config: ModelConfig) -> ServedModel:
+        """Register a model while serving; it is listed at once, not ready until loaded (the
+        caller runs load, start and warm-up as at start). Raises ConfigError naming what is
+        wrong (bad config, a name already in use), with nothing registered."""
+        config.validate()
+        config.check_endpoint()
+        taken = set(self._models) | set(self.aliases) | set(self.tasks)
+        if config.name in taken:
+            raise ConfigError(f"models[{config.name!r}]: the name is already served")
+        model = ServedModel(config, self._model_cache / config.artifact)
+        self._models[config.name] = model
+        return model
+
+    async def remove(self, name: str, *, grace_s: float) -> ServedModel:
+        """Drain then unload a model (not a deployment): new calls are refused at once, calls
+        in flight get up to `grace_s` to finish (then they are cancelled), the engine stops and
+        the name is free. Raises NotFound for a name not served."""
+        model = self._models.get(name)
+        if model is None or model.deployment is not None:
+            raise NotFound(f"model {name!r} is not a model this router serves")
+        model.draining = True
+        try:
+            async with asyncio.timeout(grace_s):
+                while _in_flight(model):
+                    await asyncio.sleep(_DRAIN_POLL_S)
+        except TimeoutError:
+            logger.warning(
+                "model %s: %d call(s) still in flight after %.3gs; cancelling them",
+                name,
+                _in_flight(model),
+                grace_s,
+            )
+        await loader.stop(model)
+        del self._models[name]
         return model
 
     def next_engine_id(self) -> int:

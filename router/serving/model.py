@@ -30,6 +30,8 @@ class ServedModel:
     dimension: int = 0
     ready: bool = False
     error: str = ""
+    draining: bool = False
+    """Being removed: new calls are refused, calls in flight finish (Catalog.remove)."""
     deployment: DeploymentConfig | None = None
     """Set on a deployment (engine: RoutedEngine over `replicas`)."""
     replicas: tuple[ServedModel, ...] = ()
