@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -16,24 +18,53 @@ GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
 
 
-def make_config(model_cache: Path, data_dir: Path, **server: object) -> RouterConfig:
+TEST_MODELS = (
+    ModelConfig(
+        name=GEN,
+        kind="generate",
+        artifact=GEN,
+        max_slots=8,
+        max_waiting=8,
+        max_context=1024,
+        token_budget=256,
+    ),
+    ModelConfig(name=EMB, kind="embed", artifact=EMB, max_batch=16),
+)
+"""The two built-in models, sized for tests."""
+
+
+def make_config(
+    model_cache: Path,
+    data_dir: Path,
+    *models: ModelConfig,
+    retrieval: bool = True,
+    fsync: bool = True,
+    server: Mapping[str, Any] | None = None,
+    **sections: Any,
+) -> RouterConfig:
+    """An in-process router for a test: free ports, no metrics port, no grace period (`server`
+    overrides), collections under `data_dir` (`retrieval=False` turns them off, `fsync=False`
+    skips the write-ahead log's fsync), `models`
+    (default TEST_MODELS), and any other section (guard=, routing=, cache=). Validated."""
     return RouterConfig(
-        retrieval=RetrievalConfig(data_dir=data_dir),
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=5.0, **server),  # type: ignore[arg-type]
+        server=ServerConfig(**{"port": 0, "metrics_port": 0, "grace_seconds": 0, **(server or {})}),
         model_cache=model_cache,
-        models=(
-            ModelConfig(
-                name=GEN,
-                kind="generate",
-                artifact=GEN,
-                max_slots=8,
-                max_waiting=8,
-                max_context=1024,
-                token_budget=256,
-            ),
-            ModelConfig(name=EMB, kind="embed", artifact=EMB, max_batch=16),
-        ),
-    )
+        retrieval=RetrievalConfig(enabled=retrieval, data_dir=data_dir, fsync=fsync),
+        models=models or TEST_MODELS,
+        **sections,
+    ).validate()
+
+
+@contextlib.asynccontextmanager
+async def running(config: RouterConfig) -> AsyncIterator[RouterServer]:
+    """The router started and done loading; stopped (no grace) on the way out."""
+    server = RouterServer(config)
+    await server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        await server.stop(0)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +72,10 @@ async def router(
     model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RouterServer]:
     data_dir = tmp_path_factory.mktemp("collections")
-    server = RouterServer(make_config(model_cache, data_dir, max_message_bytes=64 * 1024))
+    config = make_config(
+        model_cache, data_dir, server={"grace_seconds": 5.0, "max_message_bytes": 64 * 1024}
+    )
+    server = RouterServer(config)
     await server.start()
     await server.wait_ready()
     assert all(m.ready for m in server.models), [m.error for m in server.models]

@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from router.config import ModelConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.guard.auth import AuthConfig, IssuerConfig
 from router.guard.config import AuthSection, GuardConfig, GuardrailsSection, RateLimitSection
 from router.guard.guardrails_config import GuardrailPolicy, GuardrailsConfig
@@ -24,7 +24,7 @@ from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.registry.keys import KeyStore
 from router.server import RouterServer
-from tests.integration.conftest import EMB, GEN
+from tests.integration.conftest import EMB, GEN, make_config, running
 
 SECRET = "a-shared-secret-of-at-least-32-bytes!!"
 ISSUER = "https://issuer.test"
@@ -61,20 +61,15 @@ async def guarded(
             ),
         ),
     )
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        models=(
-            ModelConfig(name=GEN, kind="generate", artifact=GEN, max_slots=4, max_context=512),
-            ModelConfig(name=EMB, kind="embed", artifact=EMB),
-        ),
+    config = make_config(
+        model_cache,
+        tmp,
+        ModelConfig(name=GEN, kind="generate", artifact=GEN, max_slots=4, max_context=512),
+        ModelConfig(name=EMB, kind="embed", artifact=EMB),
         guard=guard,
     )
-    server = RouterServer(config)
-    await server.start()
-    await server.wait_ready()
-    yield server, tmp
-    await server.stop(0)
+    async with running(config) as server:
+        yield server, tmp
 
 
 @pytest.fixture(scope="module")
@@ -248,13 +243,14 @@ async def test_audit_log_has_one_line_per_call_and_no_credentials(
     assert any("no-paris:term:reject" in r["guardrails"] for r in blocked)
 
 
-async def test_calls_without_a_deadline_get_the_server_default(model_cache: Path) -> None:
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        models=(
-            ModelConfig(name=GEN, kind="generate", artifact=GEN, max_slots=2, max_context=1024),
-        ),
+async def test_calls_without_a_deadline_get_the_server_default(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    config = make_config(
+        model_cache,
+        tmp_path,
+        ModelConfig(name=GEN, kind="generate", artifact=GEN, max_slots=2, max_context=1024),
+        retrieval=False,
         guard=GuardConfig(default_timeout_s=0.5),
     )
     server = RouterServer(config)

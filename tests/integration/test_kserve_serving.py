@@ -13,13 +13,13 @@ import pytest
 
 from backends.kserve.config import KServeConfig
 from backends.openai.config import OpenAIHttpConfig
-from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.routing.config import DeploymentConfig, ReplicaConfig, RoutingConfig
 from router.server import RouterServer
-from tests.integration.conftest import GEN
+from tests.integration.conftest import GEN, make_config
 from tests.kserve_server import KServeServer, kserve_missing, running_kserve_server
 from tests.openai_servers import OpenAIServer
 
@@ -53,15 +53,13 @@ async def stub(
 ) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
     kserve_config = KServeConfig(url=kserve.target, model=kserve.model, read_timeout_s=120)
     http = OpenAIHttpConfig(url=llama.url, model=llama.model, dialect="llama.cpp")
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        retrieval=RetrievalConfig(enabled=False, data_dir=tmp_path_factory.mktemp("c")),
-        models=(
-            model("kserve", backend="kserve_grpc", kserve=kserve_config),
-            model("http", backend="openai_http", remote=http),
-            model("behind", backend="openai_http", remote=http),
-        ),
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("c"),
+        model("kserve", backend="kserve_grpc", kserve=kserve_config),
+        model("http", backend="openai_http", remote=http),
+        model("behind", backend="openai_http", remote=http),
+        retrieval=False,
         routing=RoutingConfig(
             deployments=(
                 DeploymentConfig(
@@ -80,7 +78,7 @@ async def stub(
                 ),
             )
         ),
-    ).validate()
+    )
     server = RouterServer(config)
     await server.start()
     await server.wait_ready()

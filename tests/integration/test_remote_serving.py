@@ -13,12 +13,12 @@ import httpx
 import pytest
 
 from backends.openai.config import OpenAIHttpConfig
-from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.models.chat_template import render_chat
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
-from tests.integration.conftest import GEN
+from tests.integration.conftest import GEN, make_config
 from tests.openai_servers import OpenAIServer, free_port
 
 
@@ -38,14 +38,12 @@ def remote_model(name: str, url: str, model: str) -> ModelConfig:
 async def stub(
     llama: OpenAIServer, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        retrieval=RetrievalConfig(enabled=False, data_dir=tmp_path_factory.mktemp("c")),
-        models=(
-            remote_model("remote", llama.url, llama.model),
-            remote_model("down", f"http://127.0.0.1:{free_port()}", "nothing"),
-        ),
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("c"),
+        remote_model("remote", llama.url, llama.model),
+        remote_model("down", f"http://127.0.0.1:{free_port()}", "nothing"),
+        retrieval=False,
     )
     server = RouterServer(config)
     await server.start()

@@ -16,14 +16,14 @@ import jwt
 import numpy as np
 import pytest
 
-from router.config import ModelConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.guard.auth import AuthConfig, IssuerConfig
 from router.guard.config import AuthSection, GuardConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.rest import create_app
 from router.server import RouterServer
-from tests.integration.conftest import EMB, GEN
+from tests.integration.conftest import EMB, GEN, make_config
 from tests.integration.rest_proxy import MAX_BODY, serve_proxy
 
 QUESTION = "What is the capital of France?"
@@ -427,11 +427,8 @@ async def guarded_proxy(
             ),
         ),
     )
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        models=(ModelConfig(name=EMB, kind="embed", artifact=EMB),),
-        guard=guard,
+    config = make_config(
+        model_cache, tmp, ModelConfig(name=EMB, kind="embed", artifact=EMB), guard=guard
     )
     server = RouterServer(config)
     await server.start()

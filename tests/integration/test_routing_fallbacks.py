@@ -12,12 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.routing.config import DeploymentConfig, HealthCheckConfig, ReplicaConfig, RoutingConfig
 from router.server import RouterServer
-from tests.integration.conftest import GEN
+from tests.integration.conftest import GEN, make_config
 from tests.openai_servers import OpenAIServer
 
 QUIET = HealthCheckConfig(interval_s=0)  # a busy llama.cpp server answers no probe
@@ -36,11 +36,11 @@ async def server(
         max_context=512,
         token_budget=128,
     )
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        retrieval=RetrievalConfig(enabled=False, data_dir=tmp_path_factory.mktemp("c")),
-        models=(one_call,),
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("c"),
+        one_call,
+        retrieval=False,
         routing=RoutingConfig(
             deployments=(
                 DeploymentConfig(
@@ -72,7 +72,7 @@ async def server(
                 ),
             )
         ),
-    ).validate()
+    )
     router = RouterServer(config)
     await router.start()
     await router.wait_ready()

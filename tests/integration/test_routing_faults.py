@@ -39,7 +39,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from backends.openai.config import OpenAIHttpConfig
-from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
@@ -53,7 +53,7 @@ from router.routing.config import (
     RoutingConfig,
 )
 from router.server import RouterServer
-from tests.integration.conftest import GEN
+from tests.integration.conftest import GEN, make_config, running
 from tests.openai_servers import OpenAIServer, llama_cpp_missing, running_llama_server
 
 DEP = "chat"
@@ -120,38 +120,28 @@ async def routed(
     model_cache: Path, data_dir: Path, servers: Sequence[OpenAIServer], routing: RoutingConfig
 ) -> AsyncIterator[tuple[RouterServer, pb_grpc.InferenceServiceStub]]:
     """A router whose deployment DEP has one openai_http replica per server, all in rotation."""
-    first = servers[0]
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        retrieval=RetrievalConfig(enabled=False, data_dir=data_dir),
-        models=(
-            ModelConfig(
-                name=GEN,
-                kind="generate",
-                artifact=GEN,  # the tokenizer and chat template
-                backend="openai_http",
-                max_slots=8,
-                max_waiting=64,
-                max_context=1024,
-                # The dialect for every replica; each replica's url and remote_model override.
-                remote=OpenAIHttpConfig(
-                    url=first.url, model=first.model, dialect="llama.cpp", read_timeout_s=30
-                ),
-            ),
+    config = make_config(
+        model_cache,
+        data_dir,
+        ModelConfig(
+            name=GEN,
+            kind="generate",
+            artifact=GEN,  # the tokenizer and chat template
+            backend="openai_http",
+            max_slots=8,
+            max_waiting=64,
+            max_context=1024,
+            # The dialect for every replica; no url or model: each replica gives its own.
+            remote=OpenAIHttpConfig(dialect="llama.cpp", read_timeout_s=30),
         ),
+        retrieval=False,
         routing=routing,
-    ).validate()
-    server = RouterServer(config)
-    await server.start()
-    try:
-        await server.wait_ready()
+    )
+    async with running(config) as server:
         listed = await replicas_of(server)
         assert all(r.healthy for r in listed.values()), {n: r.error for n, r in listed.items()}
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield server, pb_grpc.InferenceServiceStub(channel)
-    finally:
-        await server.stop(0)
 
 
 async def replicas_of(server: RouterServer) -> dict[str, pb.ReplicaInfo]:

@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.routing.config import (
@@ -25,7 +25,7 @@ from router.routing.config import (
     RoutingConfig,
 )
 from router.server import RouterServer
-from tests.integration.conftest import GEN
+from tests.integration.conftest import GEN, make_config
 from tests.openai_servers import free_port
 
 CHECKS = HealthCheckConfig(interval_s=0.2, timeout_s=1.0)
@@ -55,23 +55,21 @@ def routing(dead_url: str) -> RoutingConfig:
 async def server(
     model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RouterServer]:
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        retrieval=RetrievalConfig(enabled=False, data_dir=tmp_path_factory.mktemp("c")),
-        models=(
-            ModelConfig(
-                name=GEN,
-                kind="generate",
-                artifact=GEN,
-                max_slots=2,
-                max_waiting=8,
-                max_context=512,
-                token_budget=128,
-            ),
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("c"),
+        ModelConfig(
+            name=GEN,
+            kind="generate",
+            artifact=GEN,
+            max_slots=2,
+            max_waiting=8,
+            max_context=512,
+            token_budget=128,
         ),
+        retrieval=False,
         routing=routing(f"http://127.0.0.1:{free_port()}"),
-    ).validate()
+    )
     server = RouterServer(config)
     await server.start()
     await server.wait_ready()

@@ -9,31 +9,26 @@ from pathlib import Path
 import grpc
 import pytest
 
-from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
-from tests.integration.conftest import EMB, GEN
+from tests.integration.conftest import EMB, GEN, make_config, running
 
 
 @pytest.fixture(scope="module")
 async def router(
     model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RouterServer]:
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0),
-        model_cache=model_cache,
-        retrieval=RetrievalConfig(enabled=False, data_dir=tmp_path_factory.mktemp("c")),
-        models=(
-            ModelConfig(name="trt", kind="generate", artifact=GEN, backend="tensorrt_llm"),
-            ModelConfig(name=EMB, kind="embed", artifact=EMB),
-        ),
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("c"),
+        ModelConfig(name="trt", kind="generate", artifact=GEN, backend="tensorrt_llm"),
+        ModelConfig(name=EMB, kind="embed", artifact=EMB),
+        retrieval=False,
     )
-    server = RouterServer(config)
-    await server.start()
-    await server.wait_ready()
-    yield server
-    await server.stop(0)
+    async with running(config) as server:
+        yield server
 
 
 async def test_only_the_tensorrt_llm_model_fails_and_names_the_install_step(

@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from router.config import ModelConfig, RouterConfig, ServerConfig
+from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
 from router.tls import TlsConfig
-from tests.integration.conftest import EMB
+from tests.integration.conftest import EMB, make_config
 
 
 @dataclass
@@ -115,10 +115,12 @@ def write(tmp: Path, pki: Pki, client_ca: bool) -> TlsConfig:
 
 
 async def serve(tmp: Path, model_cache: Path, tls: TlsConfig) -> RouterServer:
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0, tls=tls),
-        model_cache=model_cache,
-        models=(ModelConfig(name=EMB, kind="embed", artifact=EMB),),
+    config = make_config(
+        model_cache,
+        tmp,
+        ModelConfig(name=EMB, kind="embed", artifact=EMB),
+        retrieval=False,
+        server={"tls": tls},
     )
     server = RouterServer(config)
     await server.start()
@@ -215,10 +217,12 @@ async def test_client_certificate_is_an_identity_mapped_to_a_tenant(
             },
         ),
     )
-    config = RouterConfig(
-        server=ServerConfig(port=0, metrics_port=0, grace_seconds=0, tls=tls),
-        model_cache=model_cache,
-        models=(ModelConfig(name=EMB, kind="embed", artifact=EMB),),
+    config = make_config(
+        model_cache,
+        tmp_path,
+        ModelConfig(name=EMB, kind="embed", artifact=EMB),
+        retrieval=False,
+        server={"tls": tls},
         guard=guard,
     )
     server = RouterServer(config)
