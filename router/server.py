@@ -313,6 +313,10 @@ async def serve(
     await stop.wait()
     logger.info("shutting down: in-flight calls get %.1fs", config.server.grace_seconds)
     await router.stop()
+    # The SIGHUP handler holds the router: drop it, so the router and its engines' native
+    # objects are freed now, not reported as leaked by nanobind at interpreter teardown.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
 
 
 async def _reload(router: RouterServer, reload: ConfigSource) -> None:

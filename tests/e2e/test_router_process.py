@@ -115,6 +115,8 @@ def test_sigterm_lets_in_flight_streams_finish(model_cache: Path) -> None:
             assert rest[-1].usage.completion_tokens == 120
             assert first.text or rest
         assert router.proc.wait(timeout=30) == 0, router.output()
+        # Shut down cleanly: no native object left for nanobind to report at teardown.
+        assert "leaked" not in router.output(), router.output()
     finally:
         router.stop()
 
