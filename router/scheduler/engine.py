@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from backends.base import DecoderStepEngine
+from backends.base import DecoderStepEngine, StepObserver
 from router.errors import Internal, ResourceExhausted
 from router.scheduler.detokenizer import TokenDecoder
-from router.scheduler.generation import Chunk, EngineLimits, StepObserver, error_chunk
+from router.scheduler.generation import Chunk, EngineLimits, error_chunk
 from router.scheduler.request import Request, RequestStatus
 from router.scheduler.runner import ModelRunner
 from router.scheduler.scheduler import Out, Scheduler

@@ -37,10 +37,6 @@ class EngineLimits:
     max_context: int
 
 
-class StepObserver(Protocol):
-    def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None: ...
-
-
 class GenerationEngine(Protocol):
     """What serving needs of a decoder, whichever kind of backend is behind it: DecoderEngine
     (the router batches a step engine) or RequestEngineAdapter (the backend batches)."""

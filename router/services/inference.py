@@ -4,6 +4,7 @@ router.serving.answer; scheduling is router.scheduler."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -115,7 +116,7 @@ def generation_call(
         params=params,
         max_tokens_set=max_tokens_set,
         priority=priority,
-        sampling_key=message.sampling.SerializeToString(deterministic=True),
+        sampling_key=functools.partial(message.sampling.SerializeToString, deterministic=True),
         stream=stream,
         bypass_cache=message.cache_mode == pb.CACHE_MODE_BYPASS,
         rag=rag_from_proto(message.retrieval) if message.HasField("retrieval") else None,

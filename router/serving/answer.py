@@ -18,7 +18,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from backends.base import SamplingParams
@@ -61,8 +61,9 @@ class GenerationCall:
     max_tokens_set: bool
     """Whether the client set max_tokens (else the model's default, within the context)."""
     priority: Priority
-    sampling_key: bytes
-    """The sampling fields as the exact cache keys them (as the client sent them)."""
+    sampling_key: Callable[[], bytes]
+    """The sampling fields as the exact cache keys them (as the client sent them); called only
+    when the answer may be cached."""
     stream: bool
     bypass_cache: bool = False
     rag: RagRequest | None = None
@@ -211,7 +212,7 @@ class Answerer:
             # costs neither the chat template nor tokenization.
             key = request_key(
                 self._build(model),
-                call.sampling_key,
+                call.sampling_key(),
                 input_bytes(messages, prompt),
             )
             cached = await responses.get(key)

@@ -251,7 +251,7 @@ class Catalog:
         wrong (bad config, a name already in use), with nothing registered."""
         config.validate()
         config.check_endpoint()
-        taken = set(self._models) | set(self.aliases) | set(self.tasks)
+        taken = set(self._models) | set(self.aliases)
         if config.name in taken:
             raise ConfigError(f"models[{config.name!r}]: the name is already served")
         model = ServedModel(config, self._model_cache / config.artifact)

@@ -79,8 +79,9 @@ async def test_a_model_added_at_run_time_serves_and_a_removed_one_drains(
         first = await anext(chunks)
         model = next(m for m in served.models if m.name == ADDED)
         removal = asyncio.create_task(served.remove_model(ADDED, grace_s=60))
-        while not model.draining:  # the removal has begun
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while not model.draining:  # the removal has begun
+                await asyncio.sleep(0.01)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Complete(complete(ADDED))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
