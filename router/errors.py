@@ -137,5 +137,5 @@ def to_status(error: RouterError) -> grpc.Status:
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: RouterError) -> None:
-    """End the call with the error's status (the one way a handler or interceptor answers one)."""
+    """End the call with the error's status (the one way a handler answers one)."""
     await context.abort_with_status(to_status(error))

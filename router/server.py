@@ -76,8 +76,8 @@ class RouterServer:
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
         self.guard = Guard(config.guard, self.metrics) if config.guard.active else None
-        interceptors = [self.guard.interceptor] if self.guard is not None else []
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        self.server = grpc.aio.server(options=options)
+        chain = self.guard.chain if self.guard is not None else None
         self._housekeeping: asyncio.Task[None] | None = None
         self.collections: CollectionStore | None = None
         cache = config.cache
@@ -104,6 +104,7 @@ class RouterServer:
                 RETRIEVAL_SERVICE,
                 RetrievalServicer(self.collections, self.models, self.embedder),
                 self.metrics,
+                chain,
             )
             self._services.append(RETRIEVAL_SERVICE.full_name)
         retriever = Retriever(r.rag, self.collections, self.models, self.embedder)
@@ -113,6 +114,7 @@ class RouterServer:
             INFERENCE_SERVICE,
             InferenceServicer(self.models, self.metrics, answering),
             self.metrics,
+            chain,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

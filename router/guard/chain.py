@@ -1,10 +1,11 @@
-"""The guard chain: one grpc.aio interceptor that runs the enabled guard links in order around
-every call, and the per-call `CallScope` services use for what only they can see.
+"""The guard chain: the enabled guard links, run in order around every call, and the per-call
+`CallScope` services use for what only they can see.
 
 Order (DESIGN.md): request id and deadline → authentication → authorization (method scope) →
-rate limits → [the call] → audit. Links run inside one interceptor rather than one interceptor
-each: every grpc interceptor wraps the handler again, and the per-call cost of the chain is what
-the guard benchmark measures.
+rate limits → [the call] → audit. The chain is not a grpc interceptor: an interceptor wraps the
+handler again (one more coroutine per call, one more generator layer per streamed response),
+so `router.services.rpc` runs the links in the same wrapper that parses requests and answers
+errors, and the per-call cost of the chain is what the guard benchmark measures.
 
 Token quotas, the tenant's model allowlist and the guardrails need the resolved model, the
 tokenized prompt and the decoded stream, which exist only inside the service. The chain therefore
@@ -14,27 +15,22 @@ binds a `CallScope` in a context variable, and services call its hooks (`admit`,
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol
 
 import grpc
 
-from router.errors import DeadlineExceeded, RouterError, abort
 from router.guard.identity import Identity, current_identity
 
 logger = logging.getLogger(__name__)
 
 Metadata = dict[str, str]
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
 
 
 class InputFilter(Protocol):
@@ -130,7 +126,8 @@ _PREFIX = f"{os.getpid():x}"
 
 class RequestContextLink:
     """Request id: the client's `x-request-id` (so logs join across services), or a fresh one.
-    The default deadline for calls that come without one is applied by the interceptor."""
+    The default deadline for calls that come without one is applied by the call wrapper
+    (router.services.rpc)."""
 
     name = "context"
 
@@ -139,7 +136,11 @@ class RequestContextLink:
         scope.request_id = given[:128] if given else f"req-{_PREFIX}-{next(_ids)}"
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
+class GuardChain:
+    """The links, run around every call that is not public. `router.services.rpc` calls
+    open → enter → [the servicer] → leave for each call, in the one wrapper that also parses the
+    request and answers errors as statuses."""
+
     def __init__(
         self,
         links: Sequence[Link],
@@ -149,22 +150,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         default_timeout_s: float | None = None,
     ) -> None:
         self._links = tuple(links)
-        self._public = public
+        self.public = public
+        """Whether a method ('/package.Service/Method') is exempt (health, reflection)."""
         self._observer = observer
         self._timeout = default_timeout_s
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or self._public(method):
-            return handler
-        return cast("grpc.RpcMethodHandler[_Req, _Resp]", _wrap(handler, method, self))
 
     def open(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> CallScope:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -192,83 +181,3 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if self._timeout is None or context.time_remaining() is not None:
             return None
         return self._timeout
-
-
-def _code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
-    if isinstance(exc, RouterError):
-        return exc.code.name
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED"
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return "OK" if exc is None else "UNKNOWN"
-
-
-@contextlib.asynccontextmanager
-async def _guarded(
-    chain: GuardInterceptor, method: str, context: grpc.aio.ServicerContext[Any, Any]
-) -> AsyncIterator[None]:
-    """Around one call: the links, the server's default deadline, the status translation of a
-    refusal, and leave() (settling quotas, audit) whatever happened."""
-    scope = chain.open(method, context)
-    error: BaseException | None = None
-    try:
-        await chain.enter(scope)
-        timeout = chain.deadline(context)
-        try:
-            async with asyncio.timeout(timeout):
-                yield
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"the call ran past the server's default deadline of {timeout:g} s; "
-                "set a deadline on the call to choose your own"
-            ) from None
-    except RouterError as exc:
-        error = exc
-        await abort(context, exc)
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        await chain.leave(scope, _code(context, error))
-
-
-def _wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, chain: GuardInterceptor
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """Wrap the handler's behaviour, whichever of the four kinds it is (grpc's own examples
-    do the same with one helper per kind)."""
-
-    if handler.unary_unary is not None:
-        inner_unary: Any = handler.unary_unary  # an async behaviour under grpc.aio
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with _guarded(chain, method, context):
-                return await inner_unary(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    if handler.unary_stream is not None:
-        inner_stream: Any = handler.unary_stream  # an async generator under grpc.aio
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with _guarded(chain, method, context):
-                async for response in inner_stream(request, context):
-                    yield response
-
-        return grpc.unary_stream_rpc_method_handler(
-            stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    # Client-streaming and bidi methods are not part of the API yet; refuse to run them unguarded.
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} cannot be guarded")
-
-    return grpc.unary_unary_rpc_method_handler(refuse)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.guard.auth import AuthConfig
+from router.guard.auth_config import AuthConfig
 from router.guard.authz import AuthzConfig
 from router.guard.guardrails_config import GuardrailsConfig
 from router.guard.limits.config import RateLimitConfig
@@ -33,7 +33,7 @@ class AuthSection:
     enabled: bool = False
     """Off: every call runs as tenant 'anonymous' with every scope (a laptop, a trusted network)."""
     config: AuthConfig = field(default_factory=AuthConfig)
-    """JWT issuers, anonymous access, token cache (router.guard.auth.AuthConfig)."""
+    """JWT issuers, anonymous access, token cache (router.guard.auth_config.AuthConfig)."""
     api_keys: bool = True
     """Accept API keys made with `irouter keys create`."""
     registry: Path = field(default_factory=_default_registry)
@@ -75,7 +75,7 @@ class GuardConfig:
 
     @property
     def active(self) -> bool:
-        """Whether any link does work; if not, the server installs no interceptor at all."""
+        """Whether any link does work; if not, calls run with no guard chain at all."""
         return bool(
             self.auth.enabled
             or self.rate_limit.enabled
@@ -87,6 +87,8 @@ class GuardConfig:
     def validate(self) -> None:
         if self.default_timeout_s < 0:
             raise ValueError(f"guard.default_timeout_s={self.default_timeout_s} must be >= 0")
+        if self.auth.enabled:
+            self.auth.config.validate()
         if self.rate_limit.enabled:
             self.rate_limit.config.validate()
         if self.guardrails.enabled:

@@ -1,7 +1,7 @@
 """Who is calling: the `Identity` an authenticated call carries, the context variable handlers read
 it from, and the two authentication errors.
 
-The auth interceptor sets `current_identity` for the duration of one call (`bind_identity`);
+The auth link sets `current_identity` for the duration of one call (`bind_identity`);
 handlers, the scope check, rate limits and the audit log read it with `get_identity()` or
 `require_identity()` instead of taking it as a parameter through every layer.
 """
@@ -57,7 +57,7 @@ def get_identity() -> Identity | None:
 
 def require_identity() -> Identity:
     """The current caller; raises Unauthenticated where no identity was bound (a handler reached
-    without the auth interceptor is a wiring bug, and must not run as nobody)."""
+    without the auth link is a wiring bug, and must not run as nobody)."""
     identity = current_identity.get()
     if identity is None:
         raise Unauthenticated("the call is not authenticated")

@@ -11,7 +11,7 @@ from prometheus_client import Gauge
 from router.errors import Unauthenticated
 from router.guard.auth import Authenticator
 from router.guard.authz import AuthzConfig, check_method, check_model, check_scope, is_public
-from router.guard.chain import CallScope, GuardInterceptor, Link, RequestContextLink
+from router.guard.chain import CallScope, GuardChain, Link, RequestContextLink
 from router.guard.config import GuardConfig, MtlsIdentity
 from router.guard.guardrails import (
     FilterResult,
@@ -204,7 +204,7 @@ class GuardrailsLink:
 
 
 class Guard:
-    """The interceptor plus what it owns; `start()` on the running loop, `close()` at shutdown."""
+    """The guard chain plus what it owns; `start()` on the running loop, `close()` at shutdown."""
 
     def __init__(self, config: GuardConfig, metrics: Metrics) -> None:
         self.config = config
@@ -240,7 +240,7 @@ class Guard:
         if config.guardrails.enabled:
             rails = config.guardrails.config
             links.append(GuardrailsLink(InputGuard(rails), OutputGuard(rails)))
-        self.interceptor = GuardInterceptor(
+        self.chain = GuardChain(
             links,
             public=is_public,
             observer=self.recorder,

@@ -1,5 +1,6 @@
-"""Registering servicers: safe request parsing, errors answered as statuses (router.errors.abort),
-and per-method metrics. Shared by every service so none of them handles these itself."""
+"""Registering servicers: the guard chain around each call, safe request parsing, errors answered
+as statuses (router.errors.abort), and per-method metrics. Shared by every service so none of
+them handles these itself."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from google.protobuf import message
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
-from router.errors import InvalidArgument, RouterError, abort
+from router.errors import DeadlineExceeded, InvalidArgument, RouterError, abort
+from router.guard.chain import CallScope, GuardChain
 from router.telemetry import Metrics
 
 logger = logging.getLogger(__name__)
@@ -45,31 +47,71 @@ def _parser(cls: type[message.Message]) -> Callable[[bytes], message.Message | M
     return parse
 
 
-class _MethodMetrics:
-    __slots__ = ("_children", "_latency", "_method", "_metrics")
+class _Method:
+    """What every call of one method goes through, unary or streamed: the guard chain (when
+    one is configured and the method is not public), request parsing, the server's default
+    deadline, errors answered as statuses, and the method's metrics. One wrapper per call, so a
+    streamed response passes through one generator layer, not one per concern."""
 
-    def __init__(self, metrics: Metrics, method: str) -> None:
+    __slots__ = ("_children", "_guard", "_latency", "_metrics", "_name", "_path")
+
+    def __init__(
+        self, metrics: Metrics, service: ServiceDescriptor, method: str, guard: GuardChain | None
+    ) -> None:
         self._metrics = metrics
-        self._method = method
-        self._latency = metrics.latency.labels(method)
+        self._name = f"{service.name}/{method}"  # the metrics' label
+        self._path = f"/{service.full_name}/{method}"  # what the guard and its audit see
+        self._guard = None if guard is None or guard.public(self._path) else guard
+        self._latency = metrics.latency.labels(self._name)
         self._children: dict[str, Any] = {}
 
-    def done(self, code: str, started: float) -> None:
+    def open(self, context: grpc.aio.ServicerContext[Any, Any]) -> CallScope | None:
+        return None if self._guard is None else self._guard.open(self._path, context)
+
+    async def enter(
+        self, scope: CallScope | None, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> float | None:
+        """Before the servicer runs: the guard links, then the request's parse; the seconds
+        the call may run (the server's default deadline) or None."""
+        timeout = None
+        if scope is not None and self._guard is not None:
+            await self._guard.enter(scope)
+            timeout = self._guard.deadline(context)
+        if isinstance(request, Malformed):
+            raise InvalidArgument(request.reason)
+        return timeout
+
+    async def done(self, scope: CallScope | None, code: str, started: float) -> None:
+        if scope is not None and self._guard is not None:
+            await self._guard.leave(scope, code)
         child = self._children.get(code)
         if child is None:
-            child = self._children[code] = self._metrics.requests.labels(self._method, code)
+            child = self._children[code] = self._metrics.requests.labels(self._name, code)
         child.inc()
         self._latency.observe(time.perf_counter() - started)
 
 
-def _wrap_unary(fn: Unary, mm: _MethodMetrics) -> Unary:
+def _past_default(timeout: float) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the call ran past the server's default deadline of {timeout:g} s; "
+        "set a deadline on the call to choose your own"
+    )
+
+
+def _wrap_unary(fn: Unary, m: _Method) -> Unary:
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
+        scope = m.open(context)
         code = "OK"
         try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument(request.reason)
-            return await fn(request, context)
+            timeout = await m.enter(scope, request, context)
+            if timeout is None:
+                return await fn(request, context)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await fn(request, context)
+            except TimeoutError:
+                raise _past_default(timeout) from None
         except RouterError as error:
             code = error.code.name
             await abort(context, error)
@@ -77,20 +119,26 @@ def _wrap_unary(fn: Unary, mm: _MethodMetrics) -> Unary:
             code = _code_of(exc)
             raise
         finally:
-            mm.done(code, started)
+            await m.done(scope, code, started)
 
     return handler
 
 
-def _wrap_stream(fn: Streaming, mm: _MethodMetrics) -> Streaming:
+def _wrap_stream(fn: Streaming, m: _Method) -> Streaming:
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
+        scope = m.open(context)
         code = "OK"
         try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument(request.reason)
-            async for response in fn(request, context):
-                yield response
+            timeout = await m.enter(scope, request, context)
+            try:
+                async with asyncio.timeout(timeout):
+                    async for response in fn(request, context):
+                        yield response
+            except TimeoutError:
+                if timeout is None:
+                    raise
+                raise _past_default(timeout) from None
         except RouterError as error:
             code = error.code.name
             await abort(context, error)
@@ -98,7 +146,7 @@ def _wrap_stream(fn: Streaming, mm: _MethodMetrics) -> Streaming:
             code = _code_of(exc)
             raise
         finally:
-            mm.done(code, started)
+            await m.done(scope, code, started)
 
     return handler
 
@@ -106,7 +154,7 @@ def _wrap_stream(fn: Streaming, mm: _MethodMetrics) -> Streaming:
 def _code_of(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
-    if isinstance(exc, grpc.aio.AbortError):
+    if isinstance(exc, grpc.aio.AbortError):  # raised by abort() after the code was recorded
         return "ABORTED_BY_HANDLER"
     logger.exception("unhandled error in handler", exc_info=exc)
     return "INTERNAL"
@@ -117,14 +165,15 @@ def add_service(
     service: ServiceDescriptor,
     servicer: object,
     metrics: Metrics,
+    guard: GuardChain | None = None,
 ) -> None:
     """Register every method of `service` on `server`, implemented by `servicer`'s methods of
-    the same names."""
+    the same names, each call run through `guard` unless the method is public."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         fn = getattr(servicer, method.name)
         request_cls = GetMessageClass(method.input_type)
-        mm = _MethodMetrics(metrics, f"{service.name}/{method.name}")
+        mm = _Method(metrics, service, method.name, guard)
         parse = _parser(request_cls)
         serialize = _serializer
         if method.server_streaming:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from router.config import ModelConfig
-from router.guard.auth import AuthConfig, IssuerConfig
+from router.guard.auth_config import AuthConfig, IssuerConfig
 from router.guard.config import AuthSection, GuardConfig, GuardrailsSection, RateLimitSection
 from router.guard.guardrails_config import GuardrailPolicy, GuardrailsConfig
 from router.guard.limits.config import RateLimitConfig, TierLimits

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from router.config import ModelConfig
-from router.guard.auth import AuthConfig, IssuerConfig
+from router.guard.auth_config import AuthConfig, IssuerConfig
 from router.guard.config import AuthSection, GuardConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc

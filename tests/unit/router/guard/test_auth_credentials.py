@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from router.errors import Unauthenticated
-from router.guard.auth import AuthConfig, Authenticator, IssuerConfig
+from router.guard.auth import Authenticator
+from router.guard.auth_config import AuthConfig, IssuerConfig
 from router.guard.identity import Identity
 from router.registry.keys import KeyStore
 
@@ -93,11 +94,13 @@ def test_shared_secret_issuer_accepts_hs256_only() -> None:
     assert issuer.algorithms == ("HS256",)
     assert SECRET not in repr(issuer)
     with pytest.raises(ValueError, match=r"algorithms must be \('HS256',\)"):
-        IssuerConfig("svc", "irouter", algorithms=("HS256", "RS256"), shared_secret=SECRET)
+        IssuerConfig(
+            "svc", "irouter", algorithms=("HS256", "RS256"), shared_secret=SECRET
+        ).validate()
     with pytest.raises(ValueError, match="at least 32 bytes"):
-        IssuerConfig("svc", "irouter", shared_secret="short")
+        IssuerConfig("svc", "irouter", shared_secret="short").validate()
     with pytest.raises(ValueError, match="not both"):
-        IssuerConfig("svc", "irouter", shared_secret=SECRET, jwks_url="https://x/jwks")
+        IssuerConfig("svc", "irouter", shared_secret=SECRET, jwks_url="https://x/jwks").validate()
 
 
 @pytest.mark.parametrize(
@@ -118,13 +121,15 @@ def test_shared_secret_issuer_accepts_hs256_only() -> None:
 def test_issuer_configuration_errors_name_the_fix(kwargs: dict[str, object], message: str) -> None:
     base: dict[str, object] = {"issuer": "https://idp.example", "audience": "irouter"}
     with pytest.raises(ValueError, match=message):
-        IssuerConfig(**{**base, **kwargs})  # type: ignore[arg-type]
+        IssuerConfig(**{**base, **kwargs}).validate()  # type: ignore[arg-type]
 
 
 def test_discovery_needs_a_secure_issuer_url_and_issuers_are_unique() -> None:
     with pytest.raises(ValueError, match="OIDC discovery base"):
-        IssuerConfig("http://idp.example", "irouter")
-    IssuerConfig("http://localhost:8080", "irouter")  # local providers may use http
+        IssuerConfig("http://idp.example", "irouter").validate()
+    IssuerConfig("http://localhost:8080", "irouter").validate()  # local providers may use http
     issuer = IssuerConfig("https://idp.example", "irouter")
     with pytest.raises(ValueError, match="more than once"):
-        AuthConfig(issuers=(issuer, issuer))
+        AuthConfig(issuers=(issuer, issuer)).validate()
+    with pytest.raises(ValueError, match="more than once"):  # checked before any use
+        Authenticator(AuthConfig(issuers=(issuer, issuer)))

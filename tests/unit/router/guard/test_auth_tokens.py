@@ -23,7 +23,8 @@ from oidc_provider import (
 )
 
 from router.errors import Unauthenticated, Unavailable
-from router.guard.auth import AuthConfig, Authenticator, IssuerConfig, TokenCache
+from router.guard.auth import Authenticator, TokenCache
+from router.guard.auth_config import AuthConfig, IssuerConfig
 from router.guard.identity import Identity
 
 SECRET = "s" * 40
