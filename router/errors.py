@@ -1,6 +1,7 @@
 """The router's error hierarchy. Each class carries its gRPC status code; `to_status` is the one
 translation to a gRPC status (with google.rpc details: BadRequest, QuotaFailure, RetryInfo), and
-`abort` the one way a call ends with it."""
+`abort` the one way a call ends with it. Messages quote client values with `quote` and are cut
+to MAX_MESSAGE_BYTES on the way out."""
 
 from __future__ import annotations
 
@@ -10,6 +11,29 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+MAX_MESSAGE_BYTES = 1024
+"""Longest status message sent, in UTF-8 bytes. The message travels in a header (percent-encoded,
+up to 3 bytes per byte) and again in a BadRequest detail; grpc clients refuse a header block
+over their 8-16 KiB limit, so an unbounded message turns any error into RESOURCE_EXHAUSTED."""
+QUOTE_CHARS = 96
+"""Characters of a client's value that an error message quotes (`quote`)."""
+
+
+def quote(value: str, limit: int = QUOTE_CHARS) -> str:
+    """A client's value as an error message quotes it: repr(), of at most `limit` characters
+    (a longer value is cut and its length given), so that no input is echoed unbounded."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _bounded(message: str) -> str:
+    data = message.encode("utf-8", "replace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    kept = data[: MAX_MESSAGE_BYTES - 80].decode("utf-8", "ignore")
+    return f"{kept}... (message cut to {len(kept)} of {len(message)} characters)"
 
 
 class RouterError(Exception):
@@ -113,9 +137,10 @@ def to_status(error: RouterError) -> grpc.Status:
         packed.Pack(detail)
         details.append(packed)
 
+    text = _bounded(str(error))
     if isinstance(error, InvalidArgument) and error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=str(error)
+            field=_bounded(error.field), description=text
         )
         add(error_details_pb2.BadRequest(field_violations=[violation]))
     elif isinstance(error, ResourceExhausted):
@@ -131,7 +156,7 @@ def to_status(error: RouterError) -> grpc.Status:
             )
     elif isinstance(error, Unavailable) and error.retry_after_s is not None:
         add(_retry_info(error.retry_after_s))
-    status = status_pb2.Status(code=error.code.value[0], message=str(error), details=details)
+    status = status_pb2.Status(code=error.code.value[0], message=text, details=details)
     converted: grpc.Status = rpc_status.to_status(status)
     return converted
 

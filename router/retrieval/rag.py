@@ -8,6 +8,7 @@ input goes to the model unchanged."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +48,11 @@ class RagRequest:
             raise InvalidArgument(
                 f"retrieval.max_context_tokens={self.max_context_tokens} must be at least 1",
                 field="retrieval.max_context_tokens",
+            )
+        if self.min_score is not None and math.isnan(self.min_score):
+            raise InvalidArgument(
+                "retrieval.min_score is NaN: set a number, or leave it unset to keep every passage",
+                field="retrieval.min_score",
             )
         self.filter.validate("retrieval.filter")
         if top_k == self.top_k:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from router.errors import InvalidArgument
+from router.errors import InvalidArgument, quote
 
 NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
 MAX_ID_BYTES = 512
@@ -20,6 +22,18 @@ class Metric(StrEnum):
     COSINE = "cosine"
     L2 = "l2"
     INNER_PRODUCT = "ip"
+
+
+def vector_fault(values: Sequence[float], metric: Metric) -> str | None:
+    """Why a vector cannot be stored or searched, or None. A NaN or infinite component makes
+    every distance to it NaN, which corrupts the graph's neighbour lists (and, logged, survives
+    a restart); under cosine a zero vector has no direction to normalise to."""
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            return f"component [{i}] is {'NaN' if math.isnan(value) else 'infinite'}"
+    if metric is Metric.COSINE and not any(values):
+        return "is all zeros: a cosine collection cannot normalise it"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +136,7 @@ class Filter:
                 raise InvalidArgument(f"{where}.field is empty", field=f"{where}.field")
             if not values:
                 raise InvalidArgument(
-                    f"{where} (field {key!r}) has no values: give one for equality or several "
+                    f"{where} (field {quote(key)}) has no values: give one for equality or several "
                     "for membership",
                     field=f"{where}.values",
                 )
@@ -130,13 +144,19 @@ class Filter:
             where = f"{prefix}.ranges[{i}]"
             if not r.field:
                 raise InvalidArgument(f"{where}.field is empty", field=f"{where}.field")
+            for bound in ("min", "max"):
+                value = getattr(r, bound)
+                if value is not None and math.isnan(value):
+                    raise InvalidArgument(
+                        f"{where}.{bound} (field {quote(r.field)}) is NaN", field=f"{where}.{bound}"
+                    )
             if r.min is None and r.max is None:
                 raise InvalidArgument(
-                    f"{where} (field {r.field!r}) sets neither min nor max", field=where
+                    f"{where} (field {quote(r.field)}) sets neither min nor max", field=where
                 )
             if r.min is not None and r.max is not None and r.min > r.max:
                 raise InvalidArgument(
-                    f"{where} (field {r.field!r}) has min={r.min} > max={r.max}", field=where
+                    f"{where} (field {quote(r.field)}) has min={r.min} > max={r.max}", field=where
                 )
 
     def matches(self, doc: Document) -> bool:

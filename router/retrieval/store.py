@@ -11,7 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from router.errors import AlreadyExists, NotFound
+from router.errors import AlreadyExists, NotFound, quote
 from router.retrieval.collection import Collection
 from router.retrieval.index import VectorIndex
 from router.retrieval.snapshot import SNAPSHOT, fsync_dir, read_snapshot, write_snapshot
@@ -72,7 +72,7 @@ class CollectionStore:
     def get(self, name: str) -> Collection:
         collection = self._collections.get(name)
         if collection is None:
-            raise NotFound(f"collection {name!r} does not exist; collections: {self.names()}")
+            raise NotFound(f"collection {quote(name)} does not exist; collections: {self.names()}")
         return collection
 
     async def create(self, spec: CollectionSpec) -> Collection:

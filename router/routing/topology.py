@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Callable
 
-from router.errors import InvalidArgument, NotFound
+from router.errors import InvalidArgument, NotFound, quote
 from router.routing.balancer import Replica, WeightedSplit, make_balancer
 from router.routing.breaker import BreakerState, CircuitBreaker
 from router.routing.config import RoutingConfig
@@ -102,7 +102,9 @@ class Topology:
                 raise InvalidArgument("set a model, or a task to route by", field="model")
             routed = self._tasks.get(task)
             if routed is None:
-                raise NotFound(f"task {task!r} has no route; tasks routed: {sorted(self._tasks)}")
+                raise NotFound(
+                    f"task {quote(task)} has no route; tasks routed: {sorted(self._tasks)}"
+                )
             target = routed
         split = self._splits.get(target)
         if split is not None:
@@ -110,7 +112,9 @@ class Topology:
         if target in self._deployments:
             return target
         known = sorted([*self._deployments, *self._splits])
-        raise NotFound(f"model {target!r} is neither a deployment nor an alias; known: {known}")
+        raise NotFound(
+            f"model {quote(target)} is neither a deployment nor an alias; known: {known}"
+        )
 
     def replica(self, deployment: str, name: str) -> Replica:
         """The run-time state of one replica (KeyError when unknown)."""

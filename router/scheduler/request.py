@@ -79,6 +79,15 @@ class Request:
         self.num_tokens += 1
 
 
+MAX_STOPS = 16
+"""Stop strings per call (OpenAI allows 4; every one is searched for after every token)."""
+MAX_STOP_CHARS = 256
+"""Characters per stop string: the detokenizer holds back that much text while it may still be
+the start of a stop, so a longer one would delay (or, at 1 MB, swallow) the whole stream."""
+MAX_STOP_TOKEN_IDS = 256
+"""Stop token ids per call."""
+
+
 def validate_sampling(params: SamplingParams, vocab_size: int) -> SamplingParams:
     """`params`, or InvalidArgument naming its first out-of-range field (with `field` for
     google.rpc.BadRequest)."""
@@ -113,12 +122,24 @@ def validate_sampling(params: SamplingParams, vocab_size: int) -> SamplingParams
                 f"sampling.stop_token_ids has {token_id}, outside the vocabulary [0, {vocab_size})",
                 field="sampling.stop_token_ids",
             )
-    for text in params.stop:
-        if not text:
-            raise InvalidArgument("sampling.stop has an empty string", field="sampling.stop")
-    if len(params.stop) > 16:
+    if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidArgument(
-            f"sampling.stop has {len(params.stop)} strings; at most 16 are allowed",
+            f"sampling.stop_token_ids has {len(params.stop_token_ids)} ids; at most "
+            f"{MAX_STOP_TOKEN_IDS} are allowed",
+            field="sampling.stop_token_ids",
+        )
+    if len(params.stop) > MAX_STOPS:
+        raise InvalidArgument(
+            f"sampling.stop has {len(params.stop)} strings; at most {MAX_STOPS} are allowed",
             field="sampling.stop",
         )
+    for i, text in enumerate(params.stop):
+        if not text:
+            raise InvalidArgument(f"sampling.stop[{i}] is empty", field="sampling.stop")
+        if len(text) > MAX_STOP_CHARS:
+            raise InvalidArgument(
+                f"sampling.stop[{i}] has {len(text)} characters; at most {MAX_STOP_CHARS} are "
+                "allowed",
+                field="sampling.stop",
+            )
     return params

@@ -3,6 +3,8 @@ router.retrieval."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -14,7 +16,15 @@ from router.proto.irouter.v1 import retrieval_service_pb2 as pb
 from router.retrieval import chunking
 from router.retrieval.collection import Collection
 from router.retrieval.index import Vectors
-from router.retrieval.spec import CollectionSpec, Document, Filter, Hit, Metric, Range
+from router.retrieval.spec import (
+    CollectionSpec,
+    Document,
+    Filter,
+    Hit,
+    Metric,
+    Range,
+    vector_fault,
+)
 from router.retrieval.store import CollectionStore
 from router.serving import embedding
 from router.serving.catalog import Catalog
@@ -73,33 +83,21 @@ class RetrievalServicer:
         vectors, _ = await self._embedder.embed(model, [text], field="text", truncate=True)
         return vectors
 
-    async def _vectors(
-        self,
-        collection: Collection,
-        texts: dict[int, str],
-        given: dict[int, list[float]],
-        n: int,
-        where: str,
-    ) -> Vectors:
-        spec = collection.spec
-        out = np.empty((n, spec.dimension), dtype=np.float32)
-        for row, values in given.items():
-            if len(values) != spec.dimension:
-                raise InvalidArgument(
-                    f"vector has dimension {len(values)}; collection {spec.name!r} expects "
-                    f"{spec.dimension}",
-                    field=where.format(row=row) + "vector",
-                )
-            out[row] = values
-        if texts:
-            if not spec.embedding_model:
-                raise InvalidArgument(
-                    f"collection {spec.name!r} has no embedding_model, so it takes vectors only; "
-                    "send vectors or create the collection with an embedding_model",
-                    field=where.format(row=next(iter(texts))) + "text",
-                )
-            out[list(texts)] = await self._embed(spec.embedding_model, list(texts.values()))
-        return out
+    @staticmethod
+    def _check_vector(
+        spec: CollectionSpec, values: Sequence[float], where: str, label: str
+    ) -> None:
+        """InvalidArgument naming `where` (the field; `label` says whose it is) unless `values`
+        fit the collection: its dimension, finite, and (cosine) not all zeros."""
+        if len(values) != spec.dimension:
+            raise InvalidArgument(
+                f"{where} ({label}) has dimension {len(values)}; collection {spec.name!r} "
+                f"expects {spec.dimension}",
+                field=where,
+            )
+        fault = vector_fault(values, spec.metric)
+        if fault is not None:
+            raise InvalidArgument(f"{where} ({label}) {fault}", field=where)
 
     async def CreateCollection(
         self, message: pb.CreateCollectionRequest, context: Context
@@ -173,17 +171,16 @@ class RetrievalServicer:
                         field=f"{where}.text",
                     )
             elif which == "vector":
-                if len(d.vector.values) != spec.dimension:
-                    raise InvalidArgument(
-                        f"vector has dimension {len(d.vector.values)}; collection {spec.name!r} "
-                        f"expects {spec.dimension}",
-                        field=f"{where}.vector",
-                    )
+                self._check_vector(spec, d.vector.values, f"{where}.vector", f"id {d.id!r}")
             else:
                 raise InvalidArgument(
                     f"{where} (id {d.id!r}) has neither text nor vector",
                     field=f"{where}.content",
                 )
+            for key, value in d.numeric_metadata.items():
+                if math.isnan(value):
+                    field = f"{where}.numeric_metadata[{key!r}]"
+                    raise InvalidArgument(f"{field} (id {d.id!r}) is NaN", field=field)
             if latest[d.id] != i:
                 continue
             if which == "text":
@@ -264,7 +261,9 @@ class RetrievalServicer:
         if which == "text":
             query = await self._query_vector(collection, message.text)
         elif which == "vector":
-            query = await self._vectors(collection, {}, {0: list(message.vector.values)}, 1, "")
+            values = message.vector.values
+            self._check_vector(collection.spec, values, "vector", "the query")
+            query = np.asarray([values], dtype=np.float32)
         else:
             raise InvalidArgument("query is empty: give text or vector", field="query")
         hits = await collection.search(query[0], message.top_k, ef, flt)

@@ -69,21 +69,19 @@ class _Method:
         return None if self._guard is None else self._guard.open(self._path, context)
 
     async def enter(
-        self, scope: CallScope | None, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        self, scope: CallScope, context: grpc.aio.ServicerContext[Any, Any]
     ) -> float | None:
-        """Before the servicer runs: the guard links, then the request's parse; the seconds
-        the call may run (the server's default deadline) or None."""
-        timeout = None
-        if scope is not None and self._guard is not None:
-            await self._guard.enter(scope)
-            timeout = self._guard.deadline(context)
-        if isinstance(request, Malformed):
-            raise InvalidArgument(request.reason)
-        return timeout
+        """The guard links (which may refuse the call); the seconds the call may run (the
+        server's default deadline) or None."""
+        assert self._guard is not None
+        await self._guard.enter(scope)
+        return self._guard.deadline(context)
 
-    async def done(self, scope: CallScope | None, code: str, started: float) -> None:
-        if scope is not None and self._guard is not None:
-            await self._guard.leave(scope, code)
+    async def leave(self, scope: CallScope, code: str) -> None:
+        assert self._guard is not None
+        await self._guard.leave(scope, code)
+
+    def done(self, code: str, started: float) -> None:
         child = self._children.get(code)
         if child is None:
             child = self._children[code] = self._metrics.requests.labels(self._name, code)
@@ -104,7 +102,10 @@ def _wrap_unary(fn: Unary, m: _Method) -> Unary:
         scope = m.open(context)
         code = "OK"
         try:
-            timeout = await m.enter(scope, request, context)
+            # Without a guard (scope None) no coroutine is made for it: this is every call.
+            timeout = None if scope is None else await m.enter(scope, context)
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.reason)
             if timeout is None:
                 return await fn(request, context)
             try:
@@ -116,10 +117,12 @@ def _wrap_unary(fn: Unary, m: _Method) -> Unary:
             code = error.code.name
             await abort(context, error)
         except BaseException as exc:
-            code = _code_of(exc)
+            code = _code_of(exc, context)
             raise
         finally:
-            await m.done(scope, code, started)
+            if scope is not None:
+                await m.leave(scope, code)
+            m.done(code, started)
 
     return handler
 
@@ -130,7 +133,10 @@ def _wrap_stream(fn: Streaming, m: _Method) -> Streaming:
         scope = m.open(context)
         code = "OK"
         try:
-            timeout = await m.enter(scope, request, context)
+            # Without a guard (scope None) no coroutine is made for it: this is every call.
+            timeout = None if scope is None else await m.enter(scope, context)
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.reason)
             try:
                 async with asyncio.timeout(timeout):
                     async for response in fn(request, context):
@@ -143,17 +149,22 @@ def _wrap_stream(fn: Streaming, m: _Method) -> Streaming:
             code = error.code.name
             await abort(context, error)
         except BaseException as exc:
-            code = _code_of(exc)
+            code = _code_of(exc, context)
             raise
         finally:
-            await m.done(scope, code, started)
+            if scope is not None:
+                await m.leave(scope, code)
+            m.done(code, started)
 
     return handler
 
 
-def _code_of(exc: BaseException) -> str:
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> str:
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "CANCELLED"
+        # grpc cancels the handler both when the client cancels and when its deadline passes;
+        # the client saw DEADLINE_EXCEEDED in the second case, and so do the metrics.
+        left = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
     if isinstance(exc, grpc.aio.AbortError):  # raised by abort() after the code was recorded
         return "ABORTED_BY_HANDLER"
     logger.exception("unhandled error in handler", exc_info=exc)

@@ -25,7 +25,7 @@ from backends.base import SamplingParams
 from router.cache.embedding import Embedder, Vectors
 from router.cache.response import CachedAnswer, ResponseCache, model_build, request_key
 from router.cache.semantic import SemanticCache
-from router.errors import InvalidArgument, NotFound
+from router.errors import InvalidArgument
 from router.guard.authz import RETRIEVAL_READ
 from router.guard.chain import CallScope
 from router.retrieval.rag import Passage, RagRequest, Retriever, require_store
@@ -170,9 +170,9 @@ class Answerer:
         retrieved, and either a cached answer found or an engine request built."""
         route_key = None
         if self._models.dispatcher is None:
-            if call.task:
-                raise NotFound(f"task {call.task!r} has no route: this router routes no tasks")
-            model = self._models.get(call.model, "generate")
+            # Catalog.get refuses model and task together (INVALID_ARGUMENT) before it says
+            # that no task is routed here (NOT_FOUND).
+            model = self._models.get(call.model, "generate", task=call.task)
         else:
             route_key = call.session_key
             split_key = route_key

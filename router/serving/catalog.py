@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from router.config import ConfigError, ModelConfig, replica_model
-from router.errors import InvalidArgument, NotFound, Unavailable
+from router.errors import InvalidArgument, NotFound, Unavailable, quote
 from router.routing import reload
 from router.routing.attempt import AttemptInfo
 from router.routing.breaker import BreakerState
@@ -217,10 +217,11 @@ class Catalog:
         if task or name in self.aliases:
             if task and name:
                 raise InvalidArgument(
-                    f"set model or task, not both (model={name!r}, task={task!r})", field="task"
+                    f"set model or task, not both (model={quote(name)}, task={quote(task)})",
+                    field="task",
                 )
             if self.dispatcher is None or kind != "generate":
-                raise NotFound(f"task {task!r} has no route: this router routes no tasks")
+                raise NotFound(f"task {quote(task)} has no route: this router routes no tasks")
             name = self.dispatcher.resolve(name, task=task, key=key)
         model = self._models.get(name)
         if model is None or model.config.kind != kind:
@@ -232,7 +233,7 @@ class Catalog:
                 raise InvalidArgument(
                     f"model is empty; {verb} models served: {names}", field="model"
                 )
-            raise NotFound(f"model {name!r} is not served; {verb} models served: {names}")
+            raise NotFound(f"model {quote(name)} is not served; {verb} models served: {names}")
         if model.draining:
             raise Unavailable(f"model {name!r} is being removed; it takes no new calls")
         if not model.ready:
@@ -264,7 +265,7 @@ class Catalog:
         the name is free. Raises NotFound for a name not served."""
         model = self._models.get(name)
         if model is None or model.deployment is not None:
-            raise NotFound(f"model {name!r} is not a model this router serves")
+            raise NotFound(f"model {quote(name)} is not a model this router serves")
         model.draining = True
         try:
             async with asyncio.timeout(grace_s):
