@@ -201,12 +201,18 @@ class RetrievalConfig:
     """Write-ahead-log records that trigger a background snapshot."""
     fsync: bool = True
     """fsync the write-ahead log before acknowledging Upsert/Delete (off only for benchmarks)."""
+    max_text_bytes: int = 131_072
+    """Longest document text Upsert takes (UTF-8 bytes). A longer text is refused at once
+    rather than chunked and embedded past the caller's deadline: MiniLM embeds ~2,400
+    tokens/s on 2 AMD EPYC cores, so 128 KiB (~170 chunks of 256 tokens) takes ~20 s there."""
     rag: RagConfig = field(default_factory=RagConfig)
     """How retrieved passages are put into prompts (the retrieval option of Generate)."""
 
     def validate(self) -> None:
         if self.compact_after < 1:
             raise ValueError(f"retrieval.compact_after={self.compact_after} must be at least 1")
+        if self.max_text_bytes < 1:
+            raise ValueError(f"retrieval.max_text_bytes={self.max_text_bytes} must be at least 1")
         self.rag.validate()
 
 

@@ -102,7 +102,9 @@ class RouterServer:
             add_service(
                 self.server,
                 RETRIEVAL_SERVICE,
-                RetrievalServicer(self.collections, self.models, self.embedder),
+                RetrievalServicer(
+                    self.collections, self.models, self.embedder, max_text_bytes=r.max_text_bytes
+                ),
                 self.metrics,
                 chain,
             )

@@ -21,6 +21,7 @@ if __name__ == "__main__":
         ("REST proxy", "proxy_bench"),
         ("caches and RAG", "cache_bench"),
         ("remote OpenAI-HTTP engine", "remote_bench"),
+        ("hostile input", "hostile_bench"),
     ):
         print(f"\n## {title}", flush=True)
         subprocess.run(

@@ -15,7 +15,7 @@ import numpy.typing as npt
 from router.cache.config import EmbeddingCacheConfig
 from router.cache.lru import ByteLRU
 from router.retrieval.chunking import Piece
-from router.serving import embedding
+from router.serving import embedding, tokenize
 from router.serving.model import ServedModel
 from router.telemetry import Metrics
 
@@ -46,7 +46,7 @@ class Embedder:
         self._misses = metrics.cache_lookups.labels(LAYER, "miss")
         self._bytes = metrics.cache_bytes.labels(LAYER)
 
-    def plan(
+    async def plan(
         self,
         model: ServedModel,
         texts: Sequence[str],
@@ -78,12 +78,12 @@ class Embedder:
             self._misses.inc(len(missing))
         pieces: list[Piece] = []
         if missing:
-            pieces = embedding.encode_texts(
-                model,
-                [texts[i] for i in missing],
-                positions=missing,
-                field=field,
-                truncate=truncate,
+            todo = [texts[i] for i in missing]
+            pieces = await tokenize.off_loop(
+                sum(map(len, todo)),
+                lambda: embedding.encode_texts(
+                    model, todo, positions=missing, field=field, truncate=truncate
+                ),
             )
             tokens += sum(len(piece.ids) for piece in pieces)
         return EmbedPlan(model, out, keys, missing, pieces, tokens)
@@ -114,5 +114,5 @@ class Embedder:
         truncate: bool = False,
     ) -> tuple[Vectors, int]:
         """Vectors (one row per text) and the tokens they took; see `plan`."""
-        plan = self.plan(model, texts, field=field, truncate=truncate)
+        plan = await self.plan(model, texts, field=field, truncate=truncate)
         return await self.run(plan), plan.tokens

@@ -212,7 +212,7 @@ class InferenceServicer:
         texts = [scope.check_input(text) for text in message.texts]
         embedding.check_batch(model, texts)
         # The quota is charged before embedding: a call over quota must not cost an encoder pass.
-        plan = self._embedder.plan(model, texts)
+        plan = await self._embedder.plan(model, texts)
         prompt_tokens = plan.tokens
         await scope.admit(prompt_tokens=prompt_tokens, reserve_tokens=prompt_tokens, stream=False)
         vectors = await self._embedder.run(plan)

@@ -11,7 +11,8 @@ import grpc
 import numpy as np
 
 from router.cache.embedding import Embedder
-from router.errors import InvalidArgument
+from router.config import RetrievalConfig
+from router.errors import InvalidArgument, quote
 from router.proto.irouter.v1 import retrieval_service_pb2 as pb
 from router.retrieval import chunking
 from router.retrieval.collection import Collection
@@ -26,7 +27,7 @@ from router.retrieval.spec import (
     vector_fault,
 )
 from router.retrieval.store import CollectionStore
-from router.serving import embedding
+from router.serving import embedding, tokenize
 from router.serving.catalog import Catalog
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -46,17 +47,24 @@ _METRIC_PB = {
 
 
 class RetrievalServicer:
-    def __init__(self, store: CollectionStore, models: Catalog, embedder: Embedder) -> None:
+    def __init__(
+        self,
+        store: CollectionStore,
+        models: Catalog,
+        embedder: Embedder,
+        *,
+        max_text_bytes: int = RetrievalConfig.max_text_bytes,
+    ) -> None:
         self._store = store
         self._models = models
         self._embedder = embedder
-
-    async def _embed(self, model_name: str, texts: list[str]) -> Vectors:
-        model = self._models.get(model_name, "embed")
-        return await self._embed_pieces(model_name, embedding.encode_texts(model, texts))
+        self._max_text_bytes = max_text_bytes
 
     async def _embed_pieces(self, model_name: str, pieces: list[chunking.Piece]) -> Vectors:
-        """Embed texts whose token ids already fit the model's window (see chunking.split)."""
+        """Embed texts whose token ids already fit the model's window (see chunking.split).
+        One batch at a time, on purpose: the encoder runs one batch at a time, and calls that
+        arrive meanwhile (a RAG query's embedding) go in the next batch instead of waiting
+        behind every chunk of a long document."""
         model = self._models.get(model_name, "embed")
         step = model.config.max_batch
         parts = [
@@ -65,10 +73,14 @@ class RetrievalServicer:
         ]
         return np.concatenate(parts).astype(np.float32)
 
-    def _chunk(self, model_name: str, texts: list[str]) -> list[list[chunking.Piece]]:
+    async def _chunk(self, model_name: str, texts: list[str]) -> list[list[chunking.Piece]]:
         model = self._models.get(model_name, "embed")
-        assert model.tokenizer is not None
-        return chunking.split(model.tokenizer, texts, model.context_length)
+        tokenizer = model.tokenizer
+        assert tokenizer is not None
+        return await tokenize.off_loop(
+            sum(map(len, texts)),
+            lambda: chunking.split(tokenizer, texts, model.context_length),
+        )
 
     async def _query_vector(self, collection: Collection, text: str) -> Vectors:
         """A text query's vector, from the embedding cache when it was seen before. A query
@@ -82,6 +94,17 @@ class RetrievalServicer:
         model = self._models.get(spec.embedding_model, "embed")
         vectors, _ = await self._embedder.embed(model, [text], field="text", truncate=True)
         return vectors
+
+    def _check_size(self, text: str, where: str, doc_id: str) -> None:
+        limit = self._max_text_bytes
+        if len(text) > limit or len(text.encode("utf-8", "replace")) > limit:
+            size = len(text.encode("utf-8", "replace"))
+            raise InvalidArgument(
+                f"{where} (id {quote(doc_id)}) has {size} bytes; this router takes at most "
+                f"{limit} per document (retrieval.max_text_bytes): split it into several "
+                "documents, or raise the limit",
+                field=where,
+            )
 
     @staticmethod
     def _check_vector(
@@ -164,6 +187,7 @@ class RetrievalServicer:
             if which == "text":
                 if not d.text:
                     raise InvalidArgument(f"{where}.text is empty", field=f"{where}.text")
+                self._check_size(d.text, f"{where}.text", d.id)
                 if not spec.embedding_model:
                     raise InvalidArgument(
                         f"collection {spec.name!r} has no embedding_model, so it takes vectors "
@@ -203,7 +227,13 @@ class RetrievalServicer:
         (ids `<id>#<n>`, metadata parent_id=<id>), and their vectors."""
         spec = collection.spec
         pieces = (
-            dict(zip(texts, self._chunk(spec.embedding_model, list(texts.values())), strict=True))
+            dict(
+                zip(
+                    texts,
+                    await self._chunk(spec.embedding_model, list(texts.values())),
+                    strict=True,
+                )
+            )
             if texts
             else {}
         )

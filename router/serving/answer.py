@@ -181,6 +181,7 @@ class Answerer:
             model = self._models.get(call.model, "generate", task=call.task, key=split_key)
         # Allowlists name what the client named: an alias allows what it splits across.
         scope.use_model(call.model or model.name)
+        prompt_.check_input_size(model, prompt=call.prompt, messages=call.messages)
         messages = None
         prompt = None
         if call.messages is not None:
@@ -231,7 +232,7 @@ class Answerer:
                     cached=cached,
                     cache_status=CacheStatus.EXACT_HIT,
                 )
-        request = prompt_.build_request(
+        request = await prompt_.build_request(
             model,
             request_id,
             engine_id=self._models.next_engine_id(),

@@ -12,6 +12,7 @@ from backends.remote import RemoteError
 from router.errors import InvalidArgument
 from router.retrieval import chunking
 from router.scheduler.remote_errors import remote_error
+from router.serving import tokenize
 from router.serving.model import ServedModel
 
 
@@ -43,7 +44,21 @@ def encode_texts(
     for i, text in zip(where, texts, strict=True):
         if not text:
             raise InvalidArgument(f"{field}[{i}] is empty", field=f"{field}[{i}]")
+        if not truncate:
+            tokenize.check_fits(
+                len(text.encode("utf-8", "replace")),
+                limit_tokens=model.context_length,
+                token_bytes=model.max_token_bytes,
+                what=f"model {model.name!r}",
+                field=f"{field}[{i}]",
+            )
     if truncate:
+        # The first window of tokens lies within the first context * max_token_bytes bytes,
+        # hence characters: the rest of a huge query need not be tokenized at all (only a
+        # single word longer than 4 * context bytes, across the cut, could tokenize otherwise).
+        if model.max_token_bytes:
+            keep = model.context_length * model.max_token_bytes
+            texts = [text[:keep] for text in texts]
         pieces = chunking.split(model.tokenizer, list(texts), model.context_length)
         return [chunks[0] for chunks in pieces]
     out: list[chunking.Piece] = []

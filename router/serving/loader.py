@@ -22,7 +22,7 @@ from router.scheduler.engine import DecoderEngine
 from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Priority
 from router.scheduler.request_engine import RequestEngineAdapter
-from router.serving import embedding, prompt
+from router.serving import embedding, prompt, tokenize
 from router.serving.model import ServedModel
 from router.telemetry import Metrics
 
@@ -41,6 +41,7 @@ def load_artifact(model: ServedModel) -> None:
     """The model's manifest and tokenizer, from its prepared folder."""
     model.manifest = read_manifest(model.model_dir)
     model.tokenizer = Tokenizer.from_file(str(model.model_dir / "tokenizer.json"))
+    model.max_token_bytes = tokenize.max_token_bytes(model.tokenizer)
     if model.deployment is not None:
         model.context_length = min(model.config.max_context, int(model.manifest["context_length"]))
 
@@ -140,7 +141,7 @@ async def stop(model: ServedModel) -> None:
 async def warm_up(model: ServedModel, engine_id: int) -> None:
     """A first call through the real path, so the first client does not pay for it."""
     if model.engine is not None:
-        request = prompt.build_request(
+        request = await prompt.build_request(
             model,
             "warm-up",
             engine_id=engine_id,

@@ -27,6 +27,8 @@ class ServedModel:
     remote_embedder: RemoteEmbedder | None = None
     """An embedding model served by a remote server (instead of `batcher`)."""
     context_length: int = 0
+    max_token_bytes: int = 0
+    """The most UTF-8 bytes one of its tokens stands for (router.serving.tokenize); 0 unknown."""
     dimension: int = 0
     ready: bool = False
     error: str = ""

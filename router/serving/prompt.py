@@ -11,6 +11,7 @@ from backends.base import SamplingParams
 from router.errors import InvalidArgument
 from router.models.chat_template import render_chat
 from router.scheduler.request import Priority, Request, validate_sampling
+from router.serving import tokenize
 from router.serving.model import ServedModel
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -43,16 +44,48 @@ def render(
     raise InvalidArgument("set one of prompt or chat", field="input")
 
 
+def check_input_size(
+    model: ServedModel, *, prompt: str | None, messages: list[dict[str, str]] | None
+) -> None:
+    """Refuse, before any guardrail, template or tokenizer sees it, an input whose bytes alone
+    prove it cannot fit the model's context (see router.serving.tokenize.check_fits). Chat
+    templates add text around the messages, so their contents' bytes are a lower bound too."""
+    # Characters are a lower bound on bytes, and cost nothing to count: a huge input is
+    # refused on them without being encoded.
+    if messages is not None:
+        texts = [m["content"] for m in messages]
+        field = "chat.messages"
+    else:
+        texts = [prompt or ""]
+        field = "prompt"
+    nbytes = sum(map(len, texts))
+    if nbytes <= (model.context_length - 1) * model.max_token_bytes:
+        nbytes = sum(len(t.encode("utf-8", "replace")) for t in texts)
+    tokenize.check_fits(
+        nbytes,
+        limit_tokens=model.context_length - 1,
+        token_bytes=model.max_token_bytes,
+        what=f"model {model.name!r}",
+        field=field,
+    )
+
+
 def encode(model: ServedModel, text: str) -> list[int]:
-    """A rendered prompt's token ids (BOS added when the model wants one)."""
+    """A rendered prompt's token ids (BOS added when the model wants one). On the loop only for
+    short texts; `encode_async` picks."""
     assert model.tokenizer is not None
-    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+    ids = tokenize.encode_one(model.tokenizer, text, add_special_tokens=False).ids
     bos = model.manifest.get("bos_token_id")
     if model.manifest.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
         ids.insert(0, int(bos))
     if not ids:
         raise InvalidArgument("the input tokenizes to no tokens", field="prompt")
     return ids
+
+
+async def encode_async(model: ServedModel, text: str) -> list[int]:
+    """`encode`, on the tokenizing worker when the text is long (the loop keeps serving)."""
+    return await tokenize.off_loop(len(text), lambda: encode(model, text))
 
 
 def prompt_ids(
@@ -64,7 +97,7 @@ def prompt_ids(
     return encode(model, render(model, prompt=prompt, messages=messages))
 
 
-def build_request(
+async def build_request(
     model: ServedModel,
     request_id: str,
     *,
@@ -76,7 +109,7 @@ def build_request(
 ) -> Request:
     """Tokenize a rendered prompt (see `render`) and validate; raise InvalidArgument naming
     what is wrong."""
-    ids = encode(model, text)
+    ids = await encode_async(model, text)
     context = model.context_length
     room = context - len(ids)
     if room < 1:

@@ -3,6 +3,7 @@ what a call's input becomes, and every refusal naming its field."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,16 @@ def build(
     model: ServedModel, text: str, *, max_tokens: int | None = None, **params: object
 ) -> Request:
     sampling = SamplingParams(max_tokens=max_tokens or 1, **params)  # type: ignore[arg-type]
-    return prompt.build_request(
-        model,
-        "r1",
-        engine_id=7,
-        text=text,
-        params=sampling,
-        max_tokens_set=max_tokens is not None,
-        priority=Priority.HIGH,
+    return asyncio.run(
+        prompt.build_request(
+            model,
+            "r1",
+            engine_id=7,
+            text=text,
+            params=sampling,
+            max_tokens_set=max_tokens is not None,
+            priority=Priority.HIGH,
+        )
     )
 
 
