@@ -20,7 +20,7 @@ KSERVE_PROTO := backends/kserve/grpc_predict_v2.proto
 # grpcio/protobuf versions than ours, so it lives in a venv of its own.
 KSERVE_VENV := build/kserve-venv
 
-.PHONY: run test lint bench install install-dev native protos kserve-protos protos-check buf-breaking prepare clean
+.PHONY: run test lint bench soak install install-dev native protos kserve-protos protos-check buf-breaking prepare clean
 
 # What `make run` needs and no more: the venv, the router with its native extension, the models.
 install: $(VENV)/.installed
@@ -126,6 +126,10 @@ test: install-dev lint protos-check buf-breaking
 
 bench: install-dev
 	$(PY) -m loadtest.benchmarks
+
+# Ten minutes of mixed load: the router's memory over time (not part of `make bench`).
+soak: install-dev
+	$(PY) -m loadtest.benchmarks.soak_bench
 
 clean:
 	rm -rf build $(VENV) node_modules

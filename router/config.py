@@ -88,6 +88,10 @@ class ModelConfig:
     """Tokens computed per engine step: decode rows cost 1, prefill chunks their length."""
     max_waiting: int = 256
     """Requests queued beyond the running ones before new ones are shed (RESOURCE_EXHAUSTED)."""
+    max_queue_wait_s: float = 10.0
+    """A call that could expect to wait longer than this for a slot (from the model's measured
+    rate under full load) is shed at once with a RetryInfo of when to come back; 0 turns the
+    bound off, leaving max_waiting alone."""
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset (decoders)."""
     max_batch: int = 32
@@ -150,6 +154,10 @@ class ModelConfig:
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"{where}.{key}={value} must be at least 1")
+        if not self.max_queue_wait_s >= 0:
+            raise ConfigError(
+                f"{where}.max_queue_wait_s={self.max_queue_wait_s} must be >= 0 (0 turns it off)"
+            )
         if self.max_waiting < 0:
             raise ConfigError(f"{where}.max_waiting={self.max_waiting} must not be negative")
         if not 1 <= self.default_max_tokens < self.max_context:

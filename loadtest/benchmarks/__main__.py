@@ -22,6 +22,7 @@ if __name__ == "__main__":
         ("caches and RAG", "cache_bench"),
         ("remote OpenAI-HTTP engine", "remote_bench"),
         ("hostile input", "hostile_bench"),
+        ("overload", "overload_bench"),
     ):
         print(f"\n## {title}", flush=True)
         subprocess.run(

@@ -52,6 +52,12 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--collection", help="collection for Search")
     run.add_argument("--top-k", type=int, help="Search results per query")
     run.add_argument("--timeout", type=float, help="per-request seconds (default 120)")
+    run.add_argument(
+        "--honor-retry-info",
+        action="store_true",
+        default=None,
+        help="closed loop: a shed call's client waits its RetryInfo delay before calling again",
+    )
     run.add_argument("--seed", type=int, help="seed of the random choices")
     run.add_argument(
         "--slo",
@@ -114,6 +120,7 @@ def scenario_mapping(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k,
         "timeout_s": args.timeout,
         "seed": args.seed,
+        "honor_retry_info": args.honor_retry_info,
     }
     spec.update({k: v for k, v in simple.items() if v is not None})
     spec.setdefault("target", DEFAULT_TARGET)

@@ -35,6 +35,8 @@ class RequestRecord:
     """Open loop: how late the request left after its scheduled arrival (client saturation)."""
     error: str = ""
     """First 200 characters of the error message."""
+    retry_after: float | None = None
+    """The delay a shed call was told to wait before retrying (RetryInfo), if any."""
     process: int = 0
     """Client process that sent it."""
 

@@ -111,13 +111,14 @@ async def drive(
         method = rng.choices(methods, weights)[0] if len(methods) > 1 else methods[0]
         return Call(method, rng.choice(prompts), scenario.max_tokens.sample(rng))
 
-    async def send(call: Call, lag: float) -> None:
+    async def send(call: Call, lag: float) -> RequestRecord:
         record = await target.call(call)
         record.lag = lag
         record.process = share.index
         records.append(record.shifted(t0))
         tally.done += 1
         tally.errors += not record.ok
+        return record
 
     await _sleep_until(t0)
     if share.concurrency is not None:
@@ -126,7 +127,11 @@ async def drive(
             nonlocal issued
             while issued < budget and time.perf_counter() < deadline:
                 issued += 1
-                await send(next_call(), 0.0)
+                record = await send(next_call(), 0.0)
+                if scenario.honor_retry_info and record.retry_after:
+                    await asyncio.sleep(
+                        min(record.retry_after, max(deadline - time.perf_counter(), 0.0))
+                    )
 
         await asyncio.gather(*(closed_loop() for _ in range(share.concurrency)))
         return records

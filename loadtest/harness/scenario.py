@@ -4,8 +4,6 @@ field, the value and what would be accepted."""
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +11,26 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+
+from loadtest.harness.fields import (
+    ScenarioError,
+    flag,
+    mapping,
+    positive_float,
+    positive_int,
+    string,
+)
+from loadtest.harness.token_dist import TokenDist, parse_max_tokens
+
+__all__ = [
+    "Scenario",
+    "ScenarioError",
+    "Stage",
+    "TokenDist",
+    "load_scenario_file",
+    "parse_max_tokens",
+    "scenario_from_dict",
+]
 
 GRPC_METHODS = ("Generate", "Complete", "Embed", "Search", "ListModels")
 HTTP_METHODS = ("chat", "chat-stream", "completions", "completions-stream", "embeddings")
@@ -23,40 +41,6 @@ TOKEN_METHODS = frozenset(
 SLO_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
-
-
-class ScenarioError(ValueError):
-    """A scenario field is missing or wrong; the message names the field."""
-
-
-@dataclass(frozen=True)
-class TokenDist:
-    """max_tokens per request: fixed, uniform in [low, high], or normal(mean, std) clipped."""
-
-    kind: Literal["fixed", "uniform", "normal"]
-    """Which distribution."""
-    low: int
-    """Smallest value (the value itself when fixed)."""
-    high: int
-    """Largest value."""
-    mean: float = 0.0
-    """Mean of the normal distribution."""
-    std: float = 0.0
-    """Standard deviation of the normal distribution."""
-
-    def sample(self, rng: random.Random) -> int:
-        if self.kind == "fixed":
-            return self.low
-        if self.kind == "uniform":
-            return rng.randint(self.low, self.high)
-        return min(self.high, max(self.low, round(rng.gauss(self.mean, self.std))))
-
-    def describe(self) -> str:
-        if self.kind == "fixed":
-            return str(self.low)
-        if self.kind == "uniform":
-            return f"uniform {self.low}..{self.high}"
-        return f"normal mean {self.mean:g} std {self.std:g} clipped {self.low}..{self.high}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +105,10 @@ class Scenario:
     """Goodput thresholds, e.g. (('ttft_ms', 200.0), ('e2e_ms', 2000.0))."""
     seed: int = 0
     """Seeds prompt, method and max_tokens choices (process i uses seed + i)."""
+    honor_retry_info: bool = False
+    """Closed loop: after a call shed with a retry delay (gRPC RetryInfo, HTTP Retry-After),
+    its client waits that long before its next call, as well-behaved clients do; off, it
+    calls again at once (the worst case)."""
 
     @property
     def protocol(self) -> Literal["grpc", "http"]:
@@ -173,6 +161,7 @@ class Scenario:
             "embed_model": self.embed_model,
             "top_k": self.top_k,
             "timeout_s": self.timeout_s,
+            "honor_retry_info": self.honor_retry_info,
             "seed": self.seed,
         }
         for key, value in (
@@ -208,45 +197,14 @@ _TOP_KEYS = frozenset(
         "timeout_s",
         "slo",
         "seed",
+        "honor_retry_info",
     }
 )
 _LOAD_KEYS = frozenset({"mode", "concurrency", "rate", "max_concurrency"})
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ScenarioError(f"{name}: must be a positive integer, got {value!r}")
-    return value
-
-
-def _positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ScenarioError(f"{name}: must be a positive number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ScenarioError(f"{name}: must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _string(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ScenarioError(f"{name}: must be a non-empty string, got {value!r}")
-    return value
-
-
-def _mapping(name: str, value: object, allowed: frozenset[str]) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ScenarioError(f"{name}: must be a mapping, got {value!r}")
-    unknown = sorted(str(k) for k in value if k not in allowed)
-    if unknown:
-        where = f"{name}." if name else ""
-        raise ScenarioError(
-            f"{where}{unknown[0]}: unknown key (accepted: {', '.join(sorted(allowed))})"
-        )
-    return value
-
-
 def _target(value: object) -> str:
-    target = _string("target", value)
+    target = string("target", value)
     parts = urlsplit(target)
     if parts.scheme not in ("grpc", "http", "https") or not parts.hostname or not parts.port:
         raise ScenarioError(
@@ -262,7 +220,7 @@ def _mix(value: object, protocol: str) -> tuple[tuple[str, float], ...]:
     if isinstance(value, str):
         items = [(value, 1.0)]
     elif isinstance(value, Mapping) and value:
-        items = [(str(k), _positive_float(f"mix.{k}", v)) for k, v in value.items()]
+        items = [(str(k), positive_float(f"mix.{k}", v)) for k, v in value.items()]
     else:
         raise ScenarioError(f"mix: must be a method name or a non-empty mapping, got {value!r}")
     for method, _ in items:
@@ -274,76 +232,23 @@ def _mix(value: object, protocol: str) -> tuple[tuple[str, float], ...]:
     return tuple(items)
 
 
-def parse_max_tokens(value: object, name: str = "max_tokens") -> TokenDist:
-    """An int, a mapping {dist: uniform, min, max} / {dist: normal, mean, std, min, max}, or the
-    flag forms 'N', 'uniform:MIN:MAX', 'normal:MEAN:STD[:MIN:MAX]'."""
-    if isinstance(value, str):
-        value = _max_tokens_flag(value, name)
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = _positive_int(name, value)
-        return TokenDist("fixed", n, n)
-    spec = _mapping(name, value, frozenset({"dist", "min", "max", "mean", "std", "value"}))
-    dist = spec.get("dist", "fixed")
-    if dist == "fixed":
-        n = _positive_int(f"{name}.value", spec.get("value"))
-        return TokenDist("fixed", n, n)
-    if dist == "uniform":
-        low = _positive_int(f"{name}.min", spec.get("min"))
-        high = _positive_int(f"{name}.max", spec.get("max"))
-        if high < low:
-            raise ScenarioError(f"{name}.max: {high} is below {name}.min={low}")
-        return TokenDist("uniform", low, high)
-    if dist == "normal":
-        mean = _positive_float(f"{name}.mean", spec.get("mean"))
-        std = spec.get("std")
-        if isinstance(std, bool) or not isinstance(std, int | float) or std < 0:
-            raise ScenarioError(f"{name}.std: must be a number >= 0, got {std!r}")
-        low = _positive_int(f"{name}.min", spec.get("min", 1))
-        high = _positive_int(f"{name}.max", spec.get("max", max(low, round(mean + 4 * std))))
-        if high < low:
-            raise ScenarioError(f"{name}.max: {high} is below {name}.min={low}")
-        return TokenDist("normal", low, high, mean=mean, std=float(std))
-    raise ScenarioError(f"{name}.dist: {dist!r} is not one of fixed, uniform, normal")
-
-
-def _max_tokens_flag(text: str, name: str) -> object:
-    parts = text.split(":")
-    try:
-        if len(parts) == 1:
-            return int(parts[0])
-        if parts[0] == "uniform" and len(parts) == 3:
-            return {"dist": "uniform", "min": int(parts[1]), "max": int(parts[2])}
-        if parts[0] == "normal" and len(parts) in (3, 5):
-            spec: dict[str, object] = {
-                "dist": "normal",
-                "mean": float(parts[1]),
-                "std": float(parts[2]),
-            }
-            if len(parts) == 5:
-                spec["min"], spec["max"] = int(parts[3]), int(parts[4])
-            return spec
-    except ValueError:
-        pass
-    raise ScenarioError(f"{name}: {text!r} is not N, uniform:MIN:MAX or normal:MEAN:STD[:MIN:MAX]")
-
-
 def _load(value: object) -> tuple[str, tuple[int, ...], tuple[float, ...], int | None]:
-    load = _mapping("load", value, _LOAD_KEYS)
+    load = mapping("load", value, _LOAD_KEYS)
     mode = load.get("mode")
     if mode not in ("closed", "open", "sweep"):
         raise ScenarioError(f"load.mode: {mode!r} is not one of closed, open, sweep")
     max_conc = load.get("max_concurrency")
     if max_conc is not None:
-        max_conc = _positive_int("load.max_concurrency", max_conc)
+        max_conc = positive_int("load.max_concurrency", max_conc)
     conc, rate = load.get("concurrency"), load.get("rate")
     if mode == "closed":
         if rate is not None:
             raise ScenarioError("load.rate: not used in closed mode (set load.concurrency)")
-        return mode, (_positive_int("load.concurrency", conc),), (), None
+        return mode, (positive_int("load.concurrency", conc),), (), None
     if mode == "open":
         if conc is not None:
             raise ScenarioError("load.concurrency: not used in open mode (set load.rate)")
-        return mode, (), (_positive_float("load.rate", rate),), max_conc
+        return mode, (), (positive_float("load.rate", rate),), max_conc
     if (conc is None) == (rate is None):
         raise ScenarioError("load: a sweep needs exactly one of load.concurrency or load.rate")
     values = conc if conc is not None else rate
@@ -353,26 +258,26 @@ def _load(value: object) -> tuple[str, tuple[int, ...], tuple[float, ...], int |
     if conc is not None:
         return (
             mode,
-            tuple(_positive_int(f"load.concurrency[{i}]", v) for i, v in enumerate(conc)),
+            tuple(positive_int(f"load.concurrency[{i}]", v) for i, v in enumerate(conc)),
             (),
             None,
         )
     return (
         mode,
         (),
-        tuple(_positive_float(f"load.rate[{i}]", v) for i, v in enumerate(values)),
+        tuple(positive_float(f"load.rate[{i}]", v) for i, v in enumerate(values)),
         max_conc,
     )
 
 
 def _slo(value: object) -> tuple[tuple[str, float], ...]:
-    spec = _mapping("slo", value, frozenset(SLO_KEYS))
-    return tuple((str(k), _positive_float(f"slo.{k}", v)) for k, v in spec.items())
+    spec = mapping("slo", value, frozenset(SLO_KEYS))
+    return tuple((str(k), positive_float(f"slo.{k}", v)) for k, v in spec.items())
 
 
 def scenario_from_dict(data: object) -> Scenario:
     """Validate a mapping (a parsed YAML file) into a Scenario."""
-    spec = _mapping("", data, _TOP_KEYS)
+    spec = mapping("", data, _TOP_KEYS)
     if "target" not in spec:
         raise ScenarioError("target: missing (grpc://host:port or http://host:port)")
     target = _target(spec["target"])
@@ -390,17 +295,17 @@ def scenario_from_dict(data: object) -> Scenario:
         raise ScenarioError("duration_s: set duration_s or requests (or both)")
     kwargs: dict[str, Any] = {}
     if duration is not None:
-        kwargs["duration_s"] = _positive_float("duration_s", duration)
+        kwargs["duration_s"] = positive_float("duration_s", duration)
     if requests is not None:
-        kwargs["requests"] = _positive_int("requests", requests)
+        kwargs["requests"] = positive_int("requests", requests)
     for key in ("processes", "top_k"):
         if key in spec:
-            kwargs[key] = _positive_int(key, spec[key])
+            kwargs[key] = positive_int(key, spec[key])
     for key in ("prompts", "model", "embed_model", "collection"):
         if key in spec:
-            kwargs[key] = _string(key, spec[key])
+            kwargs[key] = string(key, spec[key])
     if "timeout_s" in spec:
-        kwargs["timeout_s"] = _positive_float("timeout_s", spec["timeout_s"])
+        kwargs["timeout_s"] = positive_float("timeout_s", spec["timeout_s"])
     if "max_tokens" in spec:
         kwargs["max_tokens"] = parse_max_tokens(spec["max_tokens"])
     if "temperature" in spec:
@@ -408,10 +313,9 @@ def scenario_from_dict(data: object) -> Scenario:
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 2:
             raise ScenarioError(f"temperature: must be a number in [0, 2], got {t!r}")
         kwargs["temperature"] = float(t)
-    if "ignore_eos" in spec:
-        if not isinstance(spec["ignore_eos"], bool):
-            raise ScenarioError(f"ignore_eos: must be true or false, got {spec['ignore_eos']!r}")
-        kwargs["ignore_eos"] = spec["ignore_eos"]
+    for key in ("ignore_eos", "honor_retry_info"):
+        if key in spec:
+            kwargs[key] = flag(key, spec[key])
     if "seed" in spec:
         seed = spec["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):

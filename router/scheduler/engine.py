@@ -16,7 +16,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from backends.base import DecoderStepEngine, StepObserver
-from router.errors import Internal, ResourceExhausted
+from router.errors import Internal
+from router.scheduler.admission import Admission
 from router.scheduler.detokenizer import TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits, error_chunk
 from router.scheduler.request import Request, RequestStatus
@@ -44,8 +45,14 @@ class DecoderEngine:
         self.name = name
         self.limits = limits
         self._observer = observer or _NullObserver()
-        # Loop side: requests submitted and not yet fully delivered.
+        # Loop side: requests submitted and not yet fully delivered, and who may join them.
         self._live: dict[int, asyncio.Queue[Chunk]] = {}
+        self._admission = Admission(
+            name,
+            max_slots=limits.max_slots,
+            max_waiting=limits.max_waiting,
+            max_wait_s=limits.max_wait_s,
+        )
         # Engine-thread side.
         self._scheduler = Scheduler(name, limits, decoder, stop_ids)
         self._runner = ModelRunner(name, backend)
@@ -89,33 +96,46 @@ class DecoderEngine:
     async def generate(self, request: Request) -> AsyncIterator[Chunk]:
         """Yield chunks until the request finishes. Closing the iterator early (client gone,
         deadline passed) cancels the request; its slot is freed within one step."""
-        if len(self._live) >= self.limits.max_slots + self.limits.max_waiting:
-            raise ResourceExhausted(
-                f"model {self.name!r} has {len(self._live)} requests in flight, its limit "
-                f"(max_slots {self.limits.max_slots} + max_waiting {self.limits.max_waiting}); "
-                "retry shortly",
-                retry_after_s=1.0,
-            )
+        self._admission.admit(request.priority)
         queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self._live[request.engine_id] = queue
         self._inbox.append(("add", request))
         self._wake.set()
         finished = False
+        computed = False  # a chunk came: the request held a slot (what admission counts)
         try:
             while True:
-                chunk = await queue.get()
+                if computed or not self.limits.max_wait_s:
+                    chunk = await queue.get()
+                else:
+                    chunk = await self._first(queue, request)
                 if chunk.error is not None:
                     finished = True
                     raise chunk.error
+                computed = True
                 finished = chunk.status.is_finished
                 yield chunk
                 if finished:
                     return
         finally:
+            self._admission.depart(request.priority, held_slot=computed)
             self._live.pop(request.engine_id, None)
             if not finished:
                 self._inbox.append(("abort", request.engine_id))
                 self._wake.set()
+
+    async def _first(self, queue: asyncio.Queue[Chunk], request: Request) -> Chunk:
+        """The first chunk, or ResourceExhausted when the request is still waiting for a slot
+        after max_wait_s: the bound holds even where the expected wait was unknown (a burst
+        before any rate was measured) or wrong. A request that has its slot (in prefill) is
+        left to finish."""
+        wait_s = self.limits.max_wait_s
+        try:
+            return await asyncio.wait_for(queue.get(), wait_s)
+        except TimeoutError:
+            if request.status is not RequestStatus.WAITING:
+                return await queue.get()
+        raise self._admission.timed_out(request.priority)
 
     def _deliver(self, chunks: list[tuple[int, Chunk]]) -> None:
         self._last_output_at = time.monotonic()

@@ -35,6 +35,9 @@ class EngineLimits:
     token_budget: int
     max_waiting: int
     max_context: int
+    max_wait_s: float = 0.0
+    """Expected wait for a slot past which a new call is shed (router.scheduler.admission);
+    0: only the queue length limits."""
 
 
 class GenerationEngine(Protocol):

@@ -2,7 +2,7 @@
 requests itself, e.g. OpenVINO GenAI's continuous batching.
 
 The adapter gives it the same face as DecoderEngine, so the services cannot tell them apart:
-it sheds load past max_slots + max_waiting, admits at most max_slots requests into the engine at
+it sheds load (router.scheduler.admission), admits at most max_slots requests into the engine at
 once (the others wait here, highest priority first, so priority means the same as with the
 router's own scheduler and a request cancelled while waiting never reaches the engine), turns
 the router's Request into a GenerationRequest, and the engine's chunks back into Chunks. What the
@@ -32,9 +32,9 @@ from backends.remote import RemoteError
 from router.errors import (
     Internal,
     InvalidArgument,
-    ResourceExhausted,
     RouterError,
 )
+from router.scheduler.admission import Admission
 from router.scheduler.detokenizer import Detokenizer, StopStrings, TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits
 from router.scheduler.remote_errors import remote_error
@@ -142,6 +142,12 @@ class RequestEngineAdapter:
         self._decoder = decoder
         self._stop_ids = frozenset(stop_ids)
         self._live: set[int] = set()
+        self._admission = Admission(
+            name,
+            max_slots=limits.max_slots,
+            max_waiting=limits.max_waiting,
+            max_wait_s=limits.max_wait_s,
+        )
         self._admitted = 0
         # (-priority, arrival, future): the future is resolved when a slot passes to it.
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
@@ -167,7 +173,13 @@ class RequestEngineAdapter:
         entry = (-int(request.priority), next(self._arrivals), future)
         heapq.heappush(self._waiting, entry)
         try:
-            await future
+            if self.limits.max_wait_s:
+                try:
+                    await asyncio.wait_for(future, self.limits.max_wait_s)
+                except TimeoutError:
+                    raise self._admission.timed_out(request.priority) from None
+            else:
+                await future
         except BaseException:
             if future.done() and not future.cancelled():
                 self._release()  # admitted just as it left: pass the place on
@@ -202,23 +214,17 @@ class RequestEngineAdapter:
     async def generate(self, request: Request) -> AsyncGenerator[Chunk, None]:
         """Yield chunks until the request finishes. Closing the iterator early (client gone,
         deadline passed, a stop string) closes the engine's iterator, which cancels it there."""
-        limit = self.limits.max_slots + self.limits.max_waiting
-        if len(self._live) >= limit:
-            raise ResourceExhausted(
-                f"model {self.name!r} has {len(self._live)} requests in flight, its limit "
-                f"(max_slots {self.limits.max_slots} + max_waiting {self.limits.max_waiting}); "
-                "retry shortly",
-                retry_after_s=1.0,
-            )
         caps = self._engine.capabilities
         output = _Output(
             request, self._decoder, self._stop_ids, caps.text_output, caps.stop_strings
         )
+        self._admission.admit(request.priority)
         self._live.add(request.engine_id)
         try:
             await self._admit(request)
         except BaseException:
             self._live.discard(request.engine_id)
+            self._admission.depart(request.priority, held_slot=False)
             request.status = RequestStatus.FINISHED_CANCELLED
             raise
         stream = self._engine.generate(generation_request(request))
@@ -235,6 +241,7 @@ class RequestEngineAdapter:
                     await stream.aclose()
                 finally:
                     self._release()
+                    self._admission.depart(request.priority)
 
         try:
             while True:

@@ -75,7 +75,9 @@ def load_engine(model: ServedModel, metrics: Metrics) -> None:
             }
         backend = create_backend(cfg.backend, model.model_dir, **options)
         model.context_length = context
-        limits = EngineLimits(cfg.max_slots, cfg.token_budget, cfg.max_waiting, context)
+        limits = EngineLimits(
+            cfg.max_slots, cfg.token_budget, cfg.max_waiting, context, cfg.max_queue_wait_s
+        )
         stop_ids = [int(i) for i in model.manifest["stop_token_ids"]]
         if isinstance(backend, RequestEngine):
             # The backend batches whole requests itself; the router streams its tokens.

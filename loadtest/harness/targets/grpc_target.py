@@ -8,6 +8,8 @@ import time
 from typing import TYPE_CHECKING
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from loadtest.harness.record import RequestRecord
 from loadtest.harness.scenario import Scenario
@@ -97,6 +99,7 @@ class GrpcTarget:
         except grpc.aio.AioRpcError as exc:
             record.status = f"grpc:{exc.code().name}"
             record.error = (exc.details() or "")[:200]
+            record.retry_after = _retry_delay(exc)
         except Exception as exc:
             record.status = f"client:{type(exc).__name__}"
             record.error = str(exc)[:200]
@@ -128,3 +131,16 @@ class GrpcTarget:
                 tokens = chunk.usage.completion_tokens or tokens
         record.end = time.perf_counter()
         record.output_tokens = tokens
+
+
+def _retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The google.rpc.RetryInfo delay of a failed call, if the server sent one."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None

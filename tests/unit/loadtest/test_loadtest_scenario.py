@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ seed: 7
         (_with(mix="Search"), "collection"),
         (_with(concurency=3), "concurency"),
         (_with(requests=1, processes=2), "requests"),
+        (_with(honor_retry_info="yes"), "honor_retry_info"),
     ],
 )
 def test_bad_input_names_the_field(spec: dict[str, Any], field: str) -> None:
@@ -182,3 +184,25 @@ def test_scenario_defaults_serve_the_builtin_models() -> None:
     s: Scenario = scenario_from_dict(BASE)
     assert s.model == "smollm2-135m-instruct" and s.embed_model == "all-minilm-l6-v2"
     assert s.processes == 1 and s.prompts == "builtin"
+
+
+async def test_a_closed_loop_client_honours_retry_info_when_asked() -> None:
+    """A shed call's client waits the server's RetryInfo delay before its next call."""
+    from loadtest.harness.prompts import Prompt
+    from loadtest.harness.record import RequestRecord
+    from loadtest.harness.runner import Share, Tally, drive
+
+    class Shedding:
+        async def call(self, call: object) -> RequestRecord:
+            now = time.perf_counter()
+            return RequestRecord("Generate", now, now, "grpc:RESOURCE_EXHAUSTED", retry_after=0.2)
+
+    for honor, most in ((True, 3), (False, 10**6)):
+        scenario = scenario_from_dict({**BASE, "duration_s": 0.5, "honor_retry_info": honor})
+        share = Share(0, 1, None, None, None)
+        records = await drive(
+            scenario, share, Shedding(), [Prompt((("user", "hi"),))], time.perf_counter(), Tally()
+        )  # type: ignore[arg-type]
+        assert 1 <= len(records) <= most, (honor, len(records))
+        if not honor:
+            assert len(records) > 10  # calls again at once

@@ -1,0 +1,160 @@
+"""Admission: whether a model takes one more call, by the wait it can expect, not only by how
+many are queued.
+
+A queue-length limit alone lets a call in and then keeps it waiting for as long as the queue
+takes to drain: at 16 slots + 256 waiting, every call of a full queue waited ~25 s before its
+first token. Here a call is shed at once (RESOURCE_EXHAUSTED, with a RetryInfo of when the queue
+ahead of it will have drained) when the wait it can expect exceeds ADMIT_FRACTION of
+`max_wait_s`, and a call admitted that still
+has no slot after `max_wait_s` (the estimate was unknown or wrong) is shed then (`timed_out`;
+the engines apply it), so no call waits longer than the bound for a slot:
+
+    expected wait = (calls ahead of it in the queue + 1) / departures per second
+
+Departures (calls leaving their slot: finished, cancelled, failed) count only while every slot
+is taken, and on a clock that runs only then: a departure while slots stand free says nothing of
+capacity, and idle time between bursts must not dilute the rate. The rate is the last
+RATE_DEPARTURES such departures over the full-load time they took (the time since the oldest
+included, so a stalled engine's rate falls); until MIN_DEPARTURES have been seen only the length
+limit applies (a model never yet under full load has no rate). Calls ahead are the waiting calls
+of its priority or higher, as the scheduler serves higher priorities first: a HIGH call is shed
+later than a LOW one.
+
+Why by hand: the estimate needs the engine's own departures and slot count, which no admission
+library sees; it is Little's law over a sliding window, a dozen lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+
+from router.errors import ResourceExhausted
+from router.scheduler.request import Priority
+
+RATE_DEPARTURES = 64
+"""Full-load departures the rate is measured over."""
+MIN_DEPARTURES = 8
+"""Full-load departures seen before the expected wait is trusted."""
+ADMIT_FRACTION = 0.5
+"""A call is admitted while its expected wait is at most this part of the bound: the rest
+is margin for its prefill and for the estimate's error (it is a mean, the bound a maximum)."""
+
+
+class Admission:
+    """One model's admission: `admit` before a call joins, `depart` when it leaves (loop side)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_slots: int,
+        max_waiting: int,
+        max_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`max_wait_s` 0 turns the wait bound off (the length limit still holds)."""
+        self.name = name
+        self._max_slots = max_slots
+        self._max_waiting = max_waiting
+        self._max_wait_s = max_wait_s
+        self._clock = clock
+        self._departures: collections.deque[float] = collections.deque(maxlen=RATE_DEPARTURES)
+        """Full-load clock readings at departures under full load."""
+        self._live: collections.Counter[Priority] = collections.Counter()
+        self._in_flight = 0
+        self._full_total = 0.0  # full-load seconds before the current full-load spell
+        self._full_since: float | None = None  # when the current spell began
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _full_clock(self, now: float) -> float:
+        """Seconds spent with every slot taken, ever (runs only then)."""
+        if self._full_since is None:
+            return self._full_total
+        return self._full_total + (now - self._full_since)
+
+    def _set_in_flight(self, value: int, now: float) -> None:
+        self._in_flight = value
+        full = value >= self._max_slots
+        if full and self._full_since is None:
+            self._full_since = now
+        elif not full and self._full_since is not None:
+            self._full_total += now - self._full_since
+            self._full_since = None
+
+    def departures_per_s(self) -> float | None:
+        """Slots freed per second under full load; None until enough have been seen."""
+        departures = self._departures
+        if len(departures) < MIN_DEPARTURES:
+            return None
+        # n departures span n - 1 intervals; measured up to now, so that a stall lowers it.
+        span = self._full_clock(self._clock()) - departures[0]
+        return (len(departures) - 1) / span if span > 0 else None
+
+    def expected_wait_s(self, priority: Priority) -> float | None:
+        """Seconds a call of `priority` joining now can expect to wait for a slot; None when
+        unknown (no rate yet), 0 when a slot is free."""
+        in_flight = self.in_flight
+        if in_flight < self._max_slots:
+            return 0.0
+        rate = self.departures_per_s()
+        if rate is None:
+            return None
+        waiting = in_flight - self._max_slots
+        at_or_above = sum(n for p, n in self._live.items() if p >= priority)
+        ahead = min(waiting, at_or_above)
+        return (ahead + 1) / rate
+
+    def admit(self, priority: Priority) -> None:
+        """Count the call in, or raise ResourceExhausted saying why and when to come back."""
+        in_flight = self.in_flight
+        limit = self._max_slots + self._max_waiting
+        if in_flight >= limit:
+            wait = self.expected_wait_s(priority)
+            raise ResourceExhausted(
+                f"model {self.name!r} has {in_flight} requests in flight, its limit "
+                f"(max_slots {self._max_slots} + max_waiting {self._max_waiting}); "
+                "retry shortly",
+                retry_after_s=self._drain_s(wait),
+            )
+        if self._max_wait_s > 0:
+            wait = self.expected_wait_s(priority)
+            if wait is not None and wait > self._max_wait_s * ADMIT_FRACTION:
+                raise ResourceExhausted(
+                    f"model {self.name!r} is busy: a {priority.name} call would wait about "
+                    f"{wait:.1f} s for a slot, too close to its bound of {self._max_wait_s:g} s "
+                    "(max_queue_wait_s); retry after the RetryInfo delay",
+                    retry_after_s=self._drain_s(wait),
+                )
+        self._live[priority] += 1
+        self._set_in_flight(in_flight + 1, self._clock())
+
+    def timed_out(self, priority: Priority) -> ResourceExhausted:
+        """The error of a call admitted that found no slot within max_wait_s (the estimate was
+        unknown, as before any rate was measured, or too low): it leaves rather than wait on."""
+        wait = self.expected_wait_s(priority)
+        return ResourceExhausted(
+            f"model {self.name!r} found no slot for this call within max_queue_wait_s="
+            f"{self._max_wait_s:g} s; retry after the RetryInfo delay",
+            retry_after_s=self._drain_s(wait),
+        )
+
+    def _drain_s(self, wait: float | None) -> float:
+        """RetryInfo of a shed call: the time the queue ahead of it takes to drain (its expected
+        wait; at least 1 s), so that clients who honour it come back when there is room."""
+        return 1.0 if wait is None else max(wait, 1.0)
+
+    def depart(self, priority: Priority, *, held_slot: bool = True) -> None:
+        """The call left (finished, cancelled, failed). `held_slot` False for a call that never
+        got a slot: it frees nothing a waiting call could take, so it is not a departure."""
+        now = self._clock()
+        if held_slot and self._in_flight >= self._max_slots:
+            self._departures.append(self._full_clock(now))
+        self._live[priority] -= 1
+        if self._live[priority] <= 0:
+            del self._live[priority]
+        self._set_in_flight(self._in_flight - 1, now)
