@@ -116,4 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from router.server import run
 
-    return run(config, reload)
+    try:
+        return run(config, reload)
+    except OSError as exc:
+        print(f"irouter: {exc}", file=sys.stderr)
+        return 1

@@ -126,13 +126,16 @@ class RouterServer:
     async def start(self) -> int:
         s = self.config.server
         address = f"{s.host}:{s.port}"
-        if s.tls.enabled:
-            self.tls = CertificateReloader(s.tls)
-            self.port = self.server.add_secure_port(address, self.tls.credentials())
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if s.tls.enabled:
+                self.tls = CertificateReloader(s.tls)
+                self.port = self.server.add_secure_port(address, self.tls.credentials())
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc >= 1.6x raises instead of returning 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {s.host}:{s.port} (in use?)")
+            raise OSError(f"cannot bind {s.host}:{s.port}: in use, or not an address of this host")
         if self.collections is not None:
             await self.collections.load()
         if self.guard is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -196,3 +198,22 @@ def test_openai_sdk_through_the_proxy_process(router_process: RouterProcess) -> 
     finally:
         proxy.terminate()
         proxy.wait(timeout=30)
+
+
+def test_a_port_in_use_is_a_clear_error_not_a_traceback(model_cache: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        serve = ["serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+        done = subprocess.run(
+            [sys.executable, "-m", "router", *serve, "--no-prepare"],
+            cwd=ROOT,
+            env={**os.environ, "IROUTER_MODEL_CACHE": str(model_cache)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"irouter: cannot bind 127.0.0.1:{port}: in use" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "leaked" not in done.stderr, done.stderr[-2000:]
