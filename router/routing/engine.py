@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from router.routing.attempt import AttemptInfo
 from router.routing.dispatch import Dispatcher
 from router.scheduler.generation import Chunk, GenerationEngine
-from router.scheduler.request import Request
+from router.scheduler.request import Priority, Request
 
 EngineLookup = Callable[[str, str], GenerationEngine]
 """(deployment, replica) → the replica's engine; raises Unavailable when it is not loaded."""
@@ -52,6 +52,9 @@ class RoutedEngine:
     @property
     def num_unfinished(self) -> int:
         return sum(engine.num_unfinished for engine in self._engines())
+
+    def check_admission(self, priority: Priority) -> None:
+        """Nothing to check here: the replica the dispatcher picks admits or sheds."""
 
     @property
     def num_active(self) -> int:

@@ -111,6 +111,13 @@ class Admission:
 
     def admit(self, priority: Priority) -> None:
         """Count the call in, or raise ResourceExhausted saying why and when to come back."""
+        self.check(priority)
+        self._live[priority] += 1
+        self._set_in_flight(self._in_flight + 1, self._clock())
+
+    def check(self, priority: Priority) -> None:
+        """Raise what `admit` would raise now, counting nothing: the answering pipeline asks
+        before it tokenizes, so that a call to be shed costs no more than its round trip."""
         in_flight = self.in_flight
         limit = self._max_slots + self._max_waiting
         if in_flight >= limit:
@@ -130,8 +137,6 @@ class Admission:
                     "(max_queue_wait_s); retry after the RetryInfo delay",
                     retry_after_s=self._drain_s(wait),
                 )
-        self._live[priority] += 1
-        self._set_in_flight(in_flight + 1, self._clock())
 
     def timed_out(self, priority: Priority) -> ResourceExhausted:
         """The error of a call admitted that found no slot within max_wait_s (the estimate was

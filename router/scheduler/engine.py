@@ -20,7 +20,7 @@ from router.errors import Internal
 from router.scheduler.admission import Admission
 from router.scheduler.detokenizer import TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits, error_chunk
-from router.scheduler.request import Request, RequestStatus
+from router.scheduler.request import Priority, Request, RequestStatus
 from router.scheduler.runner import ModelRunner
 from router.scheduler.scheduler import Out, Scheduler
 
@@ -87,6 +87,9 @@ class DecoderEngine:
     def num_unfinished(self) -> int:
         """Calls waiting on this engine (loop side)."""
         return len(self._live)
+
+    def check_admission(self, priority: Priority) -> None:
+        self._admission.check(priority)
 
     @property
     def num_active(self) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.errors import RouterError
-from router.scheduler.request import Request, RequestStatus
+from router.scheduler.request import Priority, Request, RequestStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,11 @@ class GenerationEngine(Protocol):
     @property
     def num_unfinished(self) -> int:
         """Calls waiting on this engine (loop side)."""
+        ...
+
+    def check_admission(self, priority: Priority) -> None:
+        """Raise ResourceExhausted now when a call of `priority` would be shed (asked before its
+        prompt is tokenized); `generate` still decides."""
         ...
 
     @property

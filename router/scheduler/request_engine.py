@@ -38,7 +38,7 @@ from router.scheduler.admission import Admission
 from router.scheduler.detokenizer import Detokenizer, StopStrings, TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits
 from router.scheduler.remote_errors import remote_error
-from router.scheduler.request import Request, RequestStatus
+from router.scheduler.request import Priority, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,9 @@ class RequestEngineAdapter:
                 future.set_result(None)  # the place passes to it
                 return
         self._admitted -= 1
+
+    def check_admission(self, priority: Priority) -> None:
+        self._admission.check(priority)
 
     @property
     def num_active(self) -> int:

@@ -232,6 +232,8 @@ class Answerer:
                     cached=cached,
                     cache_status=CacheStatus.EXACT_HIT,
                 )
+        assert model.engine is not None
+        model.engine.check_admission(priority)  # a call to be shed is not tokenized first
         request = await prompt_.build_request(
             model,
             request_id,

@@ -116,3 +116,15 @@ def test_calls_that_never_held_a_slot_are_not_departures() -> None:
         clock.now += 1
         admission.depart(N, held_slot=False)
     assert admission.departures_per_s() is None
+
+
+def test_check_says_what_admit_would_and_counts_nothing() -> None:
+    clock = Clock()
+    admission = make(clock, waiting=1)
+    admission.check(N)
+    assert admission.in_flight == 0
+    for _ in range(3):
+        admission.admit(N)
+    with pytest.raises(ResourceExhausted, match="3 requests in flight"):
+        admission.check(N)
+    assert admission.in_flight == 3
