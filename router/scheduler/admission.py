@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 
 from router.errors import ResourceExhausted
+from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Priority
 
 RATE_DEPARTURES = 64
@@ -46,19 +47,13 @@ class Admission:
     """One model's admission: `admit` before a call joins, `depart` when it leaves (loop side)."""
 
     def __init__(
-        self,
-        name: str,
-        *,
-        max_slots: int,
-        max_waiting: int,
-        max_wait_s: float,
-        clock: Callable[[], float] = time.monotonic,
+        self, name: str, limits: EngineLimits, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        """`max_wait_s` 0 turns the wait bound off (the length limit still holds)."""
+        """`limits.max_wait_s` 0 turns the wait bound off (the length limit still holds)."""
         self.name = name
-        self._max_slots = max_slots
-        self._max_waiting = max_waiting
-        self._max_wait_s = max_wait_s
+        self._max_slots = limits.max_slots
+        self._max_waiting = limits.max_waiting
+        self._max_wait_s = limits.max_wait_s
         self._clock = clock
         self._departures: collections.deque[float] = collections.deque(maxlen=RATE_DEPARTURES)
         """Full-load clock readings at departures under full load."""

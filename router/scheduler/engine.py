@@ -47,12 +47,7 @@ class DecoderEngine:
         self._observer = observer or _NullObserver()
         # Loop side: requests submitted and not yet fully delivered, and who may join them.
         self._live: dict[int, asyncio.Queue[Chunk]] = {}
-        self._admission = Admission(
-            name,
-            max_slots=limits.max_slots,
-            max_waiting=limits.max_waiting,
-            max_wait_s=limits.max_wait_s,
-        )
+        self._admission = Admission(name, limits)
         # Engine-thread side.
         self._scheduler = Scheduler(name, limits, decoder, stop_ids)
         self._runner = ModelRunner(name, backend)

@@ -142,12 +142,7 @@ class RequestEngineAdapter:
         self._decoder = decoder
         self._stop_ids = frozenset(stop_ids)
         self._live: set[int] = set()
-        self._admission = Admission(
-            name,
-            max_slots=limits.max_slots,
-            max_waiting=limits.max_waiting,
-            max_wait_s=limits.max_wait_s,
-        )
+        self._admission = Admission(name, limits)
         self._admitted = 0
         # (-priority, arrival, future): the future is resolved when a slot passes to it.
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []

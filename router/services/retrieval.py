@@ -97,8 +97,8 @@ class RetrievalServicer:
 
     def _check_size(self, text: str, where: str, doc_id: str) -> None:
         limit = self._max_text_bytes
-        if len(text) > limit or len(text.encode("utf-8", "replace")) > limit:
-            size = len(text.encode("utf-8", "replace"))
+        size = len(text.encode("utf-8", "replace"))
+        if size > limit:
             raise InvalidArgument(
                 f"{where} (id {quote(doc_id)}) has {size} bytes; this router takes at most "
                 f"{limit} per document (retrieval.max_text_bytes): split it into several "
@@ -203,7 +203,7 @@ class RetrievalServicer:
                 )
             for key, value in d.numeric_metadata.items():
                 if math.isnan(value):
-                    field = f"{where}.numeric_metadata[{key!r}]"
+                    field = f"{where}.numeric_metadata[{quote(key)}]"
                     raise InvalidArgument(f"{field} (id {d.id!r}) is NaN", field=field)
             if latest[d.id] != i:
                 continue

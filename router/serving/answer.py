@@ -168,17 +168,12 @@ class Answerer:
         """Admit the call and make it ready to run: the model resolved (aliases and tasks by
         the caller's identity or the session key), input guardrails applied, passages
         retrieved, and either a cached answer found or an engine request built."""
-        route_key = None
-        if self._models.dispatcher is None:
-            # Catalog.get refuses model and task together (INVALID_ARGUMENT) before it says
-            # that no task is routed here (NOT_FOUND).
-            model = self._models.get(call.model, "generate", task=call.task)
-        else:
-            route_key = call.session_key
-            split_key = route_key
+        route_key = split_key = None
+        if self._models.dispatcher is not None:
+            route_key = split_key = call.session_key
             if scope.identity is not None and scope.identity.subject != "anonymous":
                 split_key = scope.identity.subject  # a caller stays on one side of an A/B split
-            model = self._models.get(call.model, "generate", task=call.task, key=split_key)
+        model = self._models.get(call.model, "generate", task=call.task, key=split_key)
         # Allowlists name what the client named: an alias allows what it splits across.
         scope.use_model(call.model or model.name)
         prompt_.check_input_size(model, prompt=call.prompt, messages=call.messages)

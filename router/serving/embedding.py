@@ -46,7 +46,7 @@ def encode_texts(
             raise InvalidArgument(f"{field}[{i}] is empty", field=f"{field}[{i}]")
         if not truncate:
             tokenize.check_fits(
-                len(text.encode("utf-8", "replace")),
+                [text],
                 limit_tokens=model.context_length,
                 token_bytes=model.max_token_bytes,
                 what=f"model {model.name!r}",

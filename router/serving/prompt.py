@@ -50,19 +50,14 @@ def check_input_size(
     """Refuse, before any guardrail, template or tokenizer sees it, an input whose bytes alone
     prove it cannot fit the model's context (see router.serving.tokenize.check_fits). Chat
     templates add text around the messages, so their contents' bytes are a lower bound too."""
-    # Characters are a lower bound on bytes, and cost nothing to count: a huge input is
-    # refused on them without being encoded.
     if messages is not None:
         texts = [m["content"] for m in messages]
         field = "chat.messages"
     else:
         texts = [prompt or ""]
         field = "prompt"
-    nbytes = sum(map(len, texts))
-    if nbytes <= (model.context_length - 1) * model.max_token_bytes:
-        nbytes = sum(len(t.encode("utf-8", "replace")) for t in texts)
     tokenize.check_fits(
-        nbytes,
+        texts,
         limit_tokens=model.context_length - 1,
         token_bytes=model.max_token_bytes,
         what=f"model {model.name!r}",
@@ -74,7 +69,7 @@ def encode(model: ServedModel, text: str) -> list[int]:
     """A rendered prompt's token ids (BOS added when the model wants one). On the loop only for
     short texts; `encode_async` picks."""
     assert model.tokenizer is not None
-    ids = tokenize.encode_one(model.tokenizer, text, add_special_tokens=False).ids
+    ids = tokenize.encode_text(model.tokenizer, text, add_special_tokens=False).ids
     bos = model.manifest.get("bos_token_id")
     if model.manifest.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
         ids.insert(0, int(bos))

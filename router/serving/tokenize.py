@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -37,8 +37,11 @@ async def off_loop(chars: int, fn: Callable[[], T]) -> T:
     return await asyncio.get_running_loop().run_in_executor(_worker, fn)
 
 
-def encode_one(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> Encoding:
-    """One text's encoding through `encode_batch`, which releases the GIL (see the module)."""
+def encode_text(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> Encoding:
+    """One text's encoding: a long one (the worker's) through `encode_batch`, which releases
+    the GIL (see the module); a short one through `encode`, ~5 µs cheaper per call."""
+    if len(text) <= OFF_LOOP_CHARS:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
 
@@ -51,12 +54,23 @@ def max_token_bytes(tokenizer: Tokenizer) -> int:
     )
 
 
-def check_fits(nbytes: int, *, limit_tokens: int, token_bytes: int, what: str, field: str) -> None:
-    """Refuse a text of `nbytes` (or more) that cannot fit `limit_tokens` whatever its tokens,
-    without tokenizing it (a multi-megabyte prompt costs its parse, not a second of
-    tokenizing)."""
-    if token_bytes <= 0 or nbytes <= limit_tokens * token_bytes:
+def check_fits(
+    texts: Sequence[str], *, limit_tokens: int, token_bytes: int, what: str, field: str
+) -> None:
+    """Refuse texts whose UTF-8 bytes together prove they cannot fit `limit_tokens` whatever
+    their tokens, without tokenizing them (a multi-megabyte prompt costs its parse, not a
+    second of tokenizing). Characters are a lower bound on bytes and 4 x characters an upper
+    one, so a text is encoded to count its bytes only when its length falls between."""
+    if token_bytes <= 0:
         return
+    limit = limit_tokens * token_bytes
+    nbytes = sum(map(len, texts))
+    if nbytes * 4 <= limit:
+        return
+    if nbytes <= limit:
+        nbytes = sum(len(text.encode("utf-8", "replace")) for text in texts)
+        if nbytes <= limit:
+            return
     raise InvalidArgument(
         f"{field} has at least {nbytes} bytes, hence at least "
         f"{math.ceil(nbytes / token_bytes)} tokens (the longest token of {what} is "

@@ -6,6 +6,7 @@ import pytest
 
 from router.errors import ResourceExhausted
 from router.scheduler.admission import MIN_DEPARTURES, Admission
+from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Priority
 
 N = Priority.NORMAL
@@ -20,7 +21,7 @@ class Clock:
 
 
 def make(clock: Clock, *, slots: int = 2, waiting: int = 100, bound: float = 10.0) -> Admission:
-    return Admission("m", max_slots=slots, max_waiting=waiting, max_wait_s=bound, clock=clock)
+    return Admission("m", EngineLimits(slots, 512, waiting, 2048, bound), clock=clock)
 
 
 def saturate_with_rate(admission: Admission, clock: Clock, per_s: float, slots: int = 2) -> None:

@@ -38,11 +38,12 @@ async def test_a_short_text_is_tokenized_inline() -> None:
     assert thread == threading.current_thread().name
 
 
-def test_encode_one_matches_encode(model_cache: Path) -> None:
+def test_encode_text_matches_encode_short_and_long(model_cache: Path) -> None:
     tokenizer = Tokenizer.from_file(str(model_cache / GEN / "tokenizer.json"))
     text = "Hello, world. " * 50 + "naïve café 東京"
-    one = tokenize.encode_one(tokenizer, text, add_special_tokens=False)
-    assert one.ids == tokenizer.encode(text, add_special_tokens=False).ids
+    for sample in (text, text * (tokenize.OFF_LOOP_CHARS // len(text) + 1)):
+        one = tokenize.encode_text(tokenizer, sample, add_special_tokens=False)
+        assert one.ids == tokenizer.encode(sample, add_special_tokens=False).ids
 
 
 def test_no_text_has_more_bytes_per_token_than_the_bound(model_cache: Path) -> None:
@@ -54,12 +55,20 @@ def test_no_text_has_more_bytes_per_token_than_the_bound(model_cache: Path) -> N
 
 
 def test_check_fits_refuses_from_the_size_alone() -> None:
-    tokenize.check_fits(1000, limit_tokens=100, token_bytes=10, what="model 'm'", field="prompt")
+    fits = "a" * 1000
+    tokenize.check_fits([fits], limit_tokens=100, token_bytes=10, what="model 'm'", field="prompt")
     with pytest.raises(
         InvalidArgument, match=r"prompt has at least 1001 bytes, hence at least 101 tokens"
     ) as e:
         tokenize.check_fits(
-            1001, limit_tokens=100, token_bytes=10, what="model 'm'", field="prompt"
+            [fits[:500], "a" * 501],
+            limit_tokens=100,
+            token_bytes=10,
+            what="model 'm'",
+            field="prompt",
         )
     assert e.value.field == "prompt"
-    tokenize.check_fits(10**9, limit_tokens=1, token_bytes=0, what="m", field="f")  # unknown
+    tokenize.check_fits(["x" * 10**6], limit_tokens=1, token_bytes=0, what="m", field="f")
+    # Multi-byte text: counted in bytes, not characters (334 x 3 bytes > 1000).
+    with pytest.raises(InvalidArgument, match="at least 1002 bytes"):
+        tokenize.check_fits(["東" * 334], limit_tokens=100, token_bytes=10, what="m", field="f")
