@@ -40,7 +40,7 @@ def p99_ms(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
 
 
-def _probe(target: str, stop: Event, out: Queue) -> None:  # type: ignore[type-arg]
+def _probe(target: str, ready: Event, stop: Event, out: Queue) -> None:  # type: ignore[type-arg]
     """In its own process and connection, so the figure is the server's wait, not the huge
     calls' client or their bytes on a shared connection: ListModels back to back (10 ms
     apart) until `stop` is set; the latencies go to `out`."""
@@ -48,6 +48,7 @@ def _probe(target: str, stop: Event, out: Queue) -> None:  # type: ignore[type-a
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         stub.ListModels(pb.ListModelsRequest(), timeout=120)  # connected before the clock runs
+        ready.set()
         while not stop.is_set():
             started = time.perf_counter()
             stub.ListModels(pb.ListModelsRequest(), timeout=120)
@@ -61,13 +62,18 @@ class Prober:
 
     def __init__(self, target: str) -> None:
         context = multiprocessing.get_context("spawn")
+        self._ready = context.Event()
         self._stop = context.Event()
         self._out: Queue = context.Queue()  # type: ignore[type-arg]
-        self._process = context.Process(target=_probe, args=(target, self._stop, self._out))
+        self._process = context.Process(
+            target=_probe, args=(target, self._ready, self._stop, self._out)
+        )
         self.samples: list[float] = []
 
     def __enter__(self) -> Prober:
         self._process.start()
+        if not self._ready.wait(timeout=120):
+            raise RuntimeError("the ListModels probe did not connect within 120 s")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -95,7 +101,6 @@ async def run(target: str, quick: bool) -> None:
         huge = "All work and no play makes Jack a dull boy. " * (HUGE_BYTES // 44)
         statuses: collections.Counter[str] = collections.Counter()
         with Prober(target) as probe:
-            await asyncio.sleep(1)
             for _ in range(2 if quick else 5):
                 calls = [
                     stub.Complete(pb.CompleteRequest(model=GEN, prompt=huge), timeout=120)
@@ -118,7 +123,6 @@ async def run(target: str, quick: bool) -> None:
         text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
         document = (text * (DOCUMENT_BYTES // len(text) + 1))[:DOCUMENT_BYTES]
         with Prober(target) as probe:
-            await asyncio.sleep(1)
             started = time.perf_counter()
             await retrieval.Upsert(
                 rpb.UpsertRequest(

@@ -79,6 +79,7 @@ class OpenAIHttpTarget:
                 if answer.status_code != 200:
                     record.status = f"http:{answer.status_code}"
                     record.error = _error_message(answer.content)
+                    record.retry_after = _retry_after(answer.headers)
                 else:
                     usage = answer.json().get("usage") or {}
                     record.input_tokens = int(usage.get("prompt_tokens", 0))
@@ -104,6 +105,7 @@ class OpenAIHttpTarget:
             if r.status_code != 200:
                 record.status = f"http:{r.status_code}"
                 record.error = _error_message(await r.aread())
+                record.retry_after = _retry_after(r.headers)
                 return
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
@@ -132,3 +134,12 @@ class OpenAIHttpTarget:
         record.end = time.perf_counter()
         if not record.output_tokens:
             record.output_tokens = chunks
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """The Retry-After of a refused call, in seconds (the proxy sends RetryInfo's delay)."""
+    value = headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: not what the router's proxy sends
