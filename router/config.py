@@ -89,9 +89,11 @@ class ModelConfig:
     max_waiting: int = 256
     """Requests queued beyond the running ones before new ones are shed (RESOURCE_EXHAUSTED)."""
     max_queue_wait_s: float = 10.0
-    """A call that could expect to wait longer than this for a slot (from the model's measured
-    rate under full load) is shed at once with a RetryInfo of when to come back; 0 turns the
-    bound off, leaving max_waiting alone."""
+    """The bound on a call's wait for its first token: a call that could expect to wait longer
+    for a slot than this less the model's measured slot-to-first-token time (from its rate under
+    full load) is shed at once with a RetryInfo of when to come back, and an admitted call that
+    still has no slot then leaves the same way; 0 turns the bound off, leaving max_waiting
+    alone."""
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset (decoders)."""
     max_batch: int = 32

@@ -11,6 +11,11 @@ the engines apply it), so no call waits longer than the bound for a slot:
 
     expected wait = (calls ahead of it in the queue + 1) / departures per second
 
+The bound is on the first token, not only on the slot: once a call has its slot, its prefill
+and first step still take time (seconds on a busy CPU). The engines report that time
+(`first_token`), and a call may wait for a slot only the bound less its 90th percentile over
+the last FIRST_TOKEN_SAMPLES calls (`slot_wait_s`, never under MIN_SLOT_FRACTION of the bound).
+
 Departures (calls leaving their slot: finished, cancelled, failed) count only while every slot
 is taken, and on a clock that runs only then: a departure while slots stand free says nothing of
 capacity, and idle time between bursts must not dilute the rate. The rate is the last
@@ -40,7 +45,12 @@ MIN_DEPARTURES = 8
 """Full-load departures seen before the expected wait is trusted."""
 ADMIT_FRACTION = 0.5
 """A call is admitted while its expected wait is at most this part of the bound: the rest
-is margin for its prefill and for the estimate's error (it is a mean, the bound a maximum)."""
+is margin for the estimate's error (it is a mean, the bound a maximum)."""
+FIRST_TOKEN_SAMPLES = 64
+"""Slot-to-first-token times the first-token estimate is taken over."""
+FIRST_TOKEN_QUANTILE = 0.9
+MIN_SLOT_FRACTION = 0.5
+"""However slow first tokens are, a call may wait this part of the bound for a slot."""
 
 
 class Admission:
@@ -61,6 +71,10 @@ class Admission:
         self._in_flight = 0
         self._full_total = 0.0  # full-load seconds before the current full-load spell
         self._full_since: float | None = None  # when the current spell began
+        self._first_tokens: collections.deque[float] = collections.deque(
+            maxlen=FIRST_TOKEN_SAMPLES
+        )
+        self._slot_wait_s = limits.max_wait_s
 
     @property
     def in_flight(self) -> int:
@@ -104,6 +118,24 @@ class Admission:
         ahead = min(waiting, at_or_above)
         return (ahead + 1) / rate
 
+    @property
+    def slot_wait_s(self) -> float:
+        """How long an admitted call may wait for a slot (0: no bound): max_wait_s less the
+        time a call's first token takes once it has its slot, so that the bound holds for the
+        first token."""
+        return self._slot_wait_s
+
+    def first_token(self, seconds: float) -> None:
+        """A call's first token came `seconds` after it got its slot (its prefill and step)."""
+        samples = self._first_tokens
+        samples.append(seconds)
+        if self._max_wait_s > 0:
+            ordered = sorted(samples)
+            estimate = ordered[int(FIRST_TOKEN_QUANTILE * (len(ordered) - 1))]
+            self._slot_wait_s = max(
+                self._max_wait_s - estimate, self._max_wait_s * MIN_SLOT_FRACTION
+            )
+
     def admit(self, priority: Priority) -> None:
         """Count the call in, or raise ResourceExhausted saying why and when to come back."""
         self.check(priority)
@@ -125,21 +157,21 @@ class Admission:
             )
         if self._max_wait_s > 0:
             wait = self.expected_wait_s(priority)
-            if wait is not None and wait > self._max_wait_s * ADMIT_FRACTION:
+            if wait is not None and wait > self._slot_wait_s * ADMIT_FRACTION:
                 raise ResourceExhausted(
                     f"model {self.name!r} is busy: a {priority.name} call would wait about "
                     f"{wait:.1f} s for a slot, too close to its bound of {self._max_wait_s:g} s "
-                    "(max_queue_wait_s); retry after the RetryInfo delay",
+                    "for a first token (max_queue_wait_s); retry after the RetryInfo delay",
                     retry_after_s=self._drain_s(wait),
                 )
 
     def timed_out(self, priority: Priority) -> ResourceExhausted:
-        """The error of a call admitted that found no slot within max_wait_s (the estimate was
+        """The error of a call admitted that found no slot within slot_wait_s (the estimate was
         unknown, as before any rate was measured, or too low): it leaves rather than wait on."""
         wait = self.expected_wait_s(priority)
         return ResourceExhausted(
-            f"model {self.name!r} found no slot for this call within max_queue_wait_s="
-            f"{self._max_wait_s:g} s; retry after the RetryInfo delay",
+            f"model {self.name!r} found no slot for this call in time for a first token within "
+            f"max_queue_wait_s={self._max_wait_s:g} s; retry after the RetryInfo delay",
             retry_after_s=self._drain_s(wait),
         )
 

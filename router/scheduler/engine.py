@@ -110,6 +110,8 @@ class DecoderEngine:
                 if chunk.error is not None:
                     finished = True
                     raise chunk.error
+                if not computed and request.slot_at:
+                    self._admission.first_token(time.monotonic() - request.slot_at)
                 computed = True
                 finished = chunk.status.is_finished
                 yield chunk
@@ -124,10 +126,10 @@ class DecoderEngine:
 
     async def _first(self, queue: asyncio.Queue[Chunk], request: Request) -> Chunk:
         """The first chunk, or ResourceExhausted when the request is still waiting for a slot
-        after max_wait_s: the bound holds even where the expected wait was unknown (a burst
-        before any rate was measured) or wrong. A request that has its slot (in prefill) is
-        left to finish."""
-        wait_s = self.limits.max_wait_s
+        after admission's slot_wait_s: the bound holds even where the expected wait was unknown
+        (a burst before any rate was measured) or wrong. A request that has its slot (in
+        prefill) is left to finish."""
+        wait_s = self._admission.slot_wait_s
         try:
             return await asyncio.wait_for(queue.get(), wait_s)
         except TimeoutError:

@@ -56,6 +56,9 @@ class Request:
     """Routed models: the caller waits for the whole answer (Complete), so it may be hedged."""
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
+    slot_at: float = 0.0
+    """time.monotonic() when it first got a slot (0: not yet); admission measures the time from
+    there to the first token."""
     tokens: npt.NDArray[np.int64] = field(init=False)
     num_tokens: int = field(init=False)
     num_prompt: int = field(init=False)

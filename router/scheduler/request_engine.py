@@ -170,7 +170,7 @@ class RequestEngineAdapter:
         try:
             if self.limits.max_wait_s:
                 try:
-                    await asyncio.wait_for(future, self.limits.max_wait_s)
+                    await asyncio.wait_for(future, self._admission.slot_wait_s)
                 except TimeoutError:
                     raise self._admission.timed_out(request.priority) from None
             else:
@@ -226,7 +226,9 @@ class RequestEngineAdapter:
             request.status = RequestStatus.FINISHED_CANCELLED
             raise
         stream = self._engine.generate(generation_request(request))
+        request.slot_at = time.monotonic()
         closed = False
+        first = True
 
         async def close() -> None:
             # Closing the engine's iterator cancels the request there if it had not finished;
@@ -250,7 +252,10 @@ class RequestEngineAdapter:
                         f"model {self.name!r} ended request {request.request_id} without a "
                         "finish reason"
                     ) from None
-                self.last_output_at = time.monotonic()
+                self.last_output_at = now = time.monotonic()
+                if first:  # how long a first token takes here once a call has its place
+                    self._admission.first_token(now - request.slot_at)
+                    first = False
                 chunk = output.feed(piece)
                 if chunk.status.is_finished:
                     await close()

@@ -21,6 +21,7 @@ alone: its request ends with an error chunk and the other rows of the step go on
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -147,9 +148,12 @@ class Scheduler:
                 req.status = RequestStatus.PREEMPTED
                 req.slot = -1
         reqs = [self.requests[int(i)] for i in plan.request_ids]
+        now = time.monotonic()
         for req, slot in zip(reqs, plan.slots.tolist(), strict=True):
             req.slot = slot
             req.status = RequestStatus.RUNNING
+            if not req.slot_at:
+                req.slot_at = now
         return SchedulerOutput(plan, reqs, self.take_freed_slots())
 
     def take_freed_slots(self) -> list[int]:

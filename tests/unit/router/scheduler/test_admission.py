@@ -34,6 +34,17 @@ def saturate_with_rate(admission: Admission, clock: Clock, per_s: float, slots: 
         admission.depart(N)
 
 
+def admit_until_shed(admission: Admission) -> tuple[int, ResourceExhausted]:
+    """Admit calls until one is shed: how many were admitted, and the shed call's error."""
+    admitted = 0
+    while True:
+        try:
+            admission.admit(N)
+        except ResourceExhausted as error:
+            return admitted, error
+        admitted += 1
+
+
 def test_a_free_slot_means_no_wait_and_no_rate_means_only_the_length_limit() -> None:
     clock = Clock()
     admission = make(clock, waiting=3)
@@ -52,14 +63,7 @@ def test_a_call_that_would_wait_past_the_bound_is_shed_with_the_drain_time() -> 
     saturate_with_rate(admission, clock, per_s=2.0)  # 2 slots busy, 0 waiting, 2 leave per s
     assert admission.departures_per_s() == pytest.approx(2.0)
     assert admission.expected_wait_s(N) == pytest.approx(0.5)  # the next departure
-    admitted = 0
-    while True:
-        try:
-            admission.admit(N)
-        except ResourceExhausted as error:
-            shed = error
-            break
-        admitted += 1
+    admitted, shed = admit_until_shed(admission)
     # Waits 0.5, 1.0, ..., 5.0 s are within half the bound: 10 calls queue, the 11th is shed
     # and told to come back when the queue ahead of it has drained.
     assert admitted == 10
@@ -129,3 +133,25 @@ def test_check_says_what_admit_would_and_counts_nothing() -> None:
     with pytest.raises(ResourceExhausted, match="3 requests in flight"):
         admission.check(N)
     assert admission.in_flight == 3
+
+
+def test_the_bound_is_for_the_first_token_so_slow_first_tokens_shorten_the_slot_wait() -> None:
+    clock = Clock()
+    admission = make(clock, bound=10.0)
+    assert admission.slot_wait_s == 10.0  # nothing measured yet: the whole bound
+    for _ in range(9):
+        admission.first_token(0.5)
+    admission.first_token(3.0)  # one slow prefill in ten: the 90th percentile stays 0.5 s
+    assert admission.slot_wait_s == pytest.approx(9.5)
+    for _ in range(20):
+        admission.first_token(3.0)
+    assert admission.slot_wait_s == pytest.approx(7.0)
+    saturate_with_rate(admission, clock, per_s=2.0)
+    admitted, shed = admit_until_shed(admission)
+    # Waits of 0.5 s steps within half of the 7 s left for a slot: 7 queue, the 8th is shed.
+    assert admitted == 7
+    assert "would wait about 4.0 s" in str(shed) and "first token" in str(shed)
+    for _ in range(64):
+        admission.first_token(60.0)  # however slow: at least half the bound for a slot
+    assert admission.slot_wait_s == 5.0
+    assert make(clock, bound=0.0).slot_wait_s == 0.0
