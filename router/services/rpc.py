@@ -15,6 +15,7 @@ from google.protobuf import message
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
+from router import offload
 from router.errors import DeadlineExceeded, InvalidArgument, RouterError, abort
 from router.guard.chain import CallScope, GuardChain
 from router.telemetry import Metrics
@@ -35,14 +36,41 @@ class Malformed:
         self.reason = reason
 
 
-def _parser(cls: type[message.Message]) -> Callable[[bytes], message.Message | Malformed]:
+OFF_LOOP_BYTES = 256 * 1024
+"""Requests bigger than this are parsed on the worker thread (router.offload), not by grpc on
+the loop: a 3.9 MB prompt takes ~2.5 ms to parse, and sixteen arriving together held every other
+call behind ~40 ms of parsing."""
+
+
+class Unparsed:
+    """A request too big to parse on the loop: its bytes, parsed by the call's wrapper on the
+    worker thread."""
+
+    __slots__ = ("data", "parse")
+
+    def __init__(self, data: bytes, parse: Callable[[bytes], message.Message | Malformed]):
+        self.data = data
+        self.parse = parse
+
+    async def parsed(self) -> message.Message | Malformed:
+        return await offload.run(lambda: self.parse(self.data))
+
+
+def _parser(
+    cls: type[message.Message],
+) -> Callable[[bytes], message.Message | Malformed | Unparsed]:
     name = cls.DESCRIPTOR.full_name
 
-    def parse(data: bytes) -> message.Message | Malformed:
+    def parse_now(data: bytes) -> message.Message | Malformed:
         try:
             return cls.FromString(data)
         except message.DecodeError as exc:  # also raised for strings that are not UTF-8
             return Malformed(f"the request is not a valid {name} message: {exc}")
+
+    def parse(data: bytes) -> message.Message | Malformed | Unparsed:
+        if len(data) > OFF_LOOP_BYTES:
+            return Unparsed(data, parse_now)
+        return parse_now(data)
 
     return parse
 
@@ -104,6 +132,8 @@ def _wrap_unary(fn: Unary, m: _Method) -> Unary:
         try:
             # Without a guard (scope None) no coroutine is made for it: this is every call.
             timeout = None if scope is None else await m.enter(scope, context)
+            if type(request) is Unparsed:
+                request = await request.parsed()
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.reason)
             if timeout is None:
@@ -135,6 +165,8 @@ def _wrap_stream(fn: Streaming, m: _Method) -> Streaming:
         try:
             # Without a guard (scope None) no coroutine is made for it: this is every call.
             timeout = None if scope is None else await m.enter(scope, context)
+            if type(request) is Unparsed:
+                request = await request.parsed()
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.reason)
             try:

@@ -5,20 +5,19 @@ HF tokenizers' `encode` holds the GIL for its whole run (measured: a 900 KB text
 ticking thread got 3 ticks instead of ~680); `encode_batch` releases it (636 of ~650). A 1 MB
 prompt tokenized on the loop therefore froze every other call for about a second, and sixteen
 of them for half a minute. Texts longer than OFF_LOOP_CHARS are tokenized with `encode_batch`
-on one worker thread, shared by the process: big tokenizations queue behind each other there
+on the process's worker thread (router.offload): big tokenizations queue behind each other there
 (bounding their memory, ~200 bytes per token, and their CPU), while the loop keeps serving.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from tokenizers import Encoding, Tokenizer
 
+from router import offload
 from router.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -26,15 +25,12 @@ T = TypeVar("T")
 OFF_LOOP_CHARS = 16_384
 """Texts up to this long are tokenized inline (about 10 ms at most); longer ones on the worker."""
 
-_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="irouter-tokenize")
-
-
 async def off_loop(chars: int, fn: Callable[[], T]) -> T:
     """`fn()` (tokenizing `chars` characters) inline when short, else on the tokenizing
     worker, with the loop free meanwhile."""
     if chars <= OFF_LOOP_CHARS:
         return fn()
-    return await asyncio.get_running_loop().run_in_executor(_worker, fn)
+    return await offload.run(fn)
 
 
 def encode_text(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> Encoding:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.proto.irouter.v1 import retrieval_service_pb2 as rpb
 from router.proto.irouter.v1 import retrieval_service_pb2_grpc as rpb_grpc
 from router.server import RouterServer
+from router.services import rpc
 from router.serving import tokenize
 from tests.integration.conftest import EMB, GEN, make_config, running
 
@@ -155,3 +157,33 @@ async def test_an_embed_text_too_big_for_the_window_is_refused_from_its_size(
     code, details = await _code(stub.Embed(pb.EmbedRequest(model=EMB, texts=["ok", "y" * size])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "texts[1] has" in details and "bytes, hence at least" in details, details
+
+
+async def test_a_big_request_is_parsed_off_the_loop_and_a_malformed_one_refused_by_name(
+    channel: grpc.aio.Channel, big_router: RouterServer
+) -> None:
+    assert HUGE > rpc.OFF_LOOP_BYTES
+    raw = channel.unary_unary(
+        "/irouter.v1.InferenceService/Complete",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.CompleteResponse.FromString,
+    )
+    valid = pb.CompleteRequest(model=GEN, prompt="x " * (HUGE // 2)).SerializeToString()
+    broken = valid[:-1] + b"\xff"  # the prompt's last byte no longer UTF-8
+    code, details = await _code(raw(broken, timeout=60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid irouter.v1.CompleteRequest message" in details, details
+    code, details = await _code(raw(valid, timeout=60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "bytes, hence at least" in details
+
+
+async def test_the_big_request_parse_runs_on_the_worker_thread() -> None:
+    threads: list[str] = []
+
+    def parse(data: bytes) -> pb.ListModelsRequest:
+        threads.append(threading.current_thread().name)
+        return pb.ListModelsRequest.FromString(data)
+
+    parsed = await rpc.Unparsed(b"", parse).parsed()
+    assert isinstance(parsed, pb.ListModelsRequest)
+    assert threads[0].startswith("irouter-offload") and threads[0] != "MainThread"

@@ -30,7 +30,7 @@ async def test_a_long_text_is_tokenized_while_the_loop_keeps_serving() -> None:
     task = asyncio.get_running_loop().create_task(other_call())
     thread = await tokenize.off_loop(tokenize.OFF_LOOP_CHARS + 1, work)
     await task
-    assert thread.startswith("irouter-tokenize")
+    assert thread.startswith("irouter-offload")
 
 
 async def test_a_short_text_is_tokenized_inline() -> None:
