@@ -45,9 +45,9 @@ class Scheduler:
 
     def __init__(self, max_slots: int, token_budget: int, max_waiting: int, max_context: int) -> None: ...
 
-    def add_request(self, request_id: int, num_prompt_tokens: int, max_new_tokens: int, priority: int = 0) -> bool:
+    def add_request(self, request_id: int, num_prompt_tokens: int, max_new_tokens: int, priority: int = 0, num_cached: int = 0) -> bool:
         """
-        Queue a request; False when the waiting queue is full (shed load). Raises ValueError on a duplicate id or a request that cannot fit.
+        Queue a request; False when the waiting queue is full (shed load). num_cached prompt tokens come from a prefix cache: its first row starts there. Raises ValueError on a duplicate id or a request that cannot fit.
         """
 
     def schedule(self) -> SchedulerOutput:

@@ -242,8 +242,9 @@ NB_MODULE(_native, m) {
       .def(nb::init<int32_t, int32_t, int32_t, int32_t>(), "max_slots"_a, "token_budget"_a,
            "max_waiting"_a, "max_context"_a)
       .def("add_request", &Scheduler::add_request, "request_id"_a, "num_prompt_tokens"_a,
-           "max_new_tokens"_a, "priority"_a = 0, Release(),
+           "max_new_tokens"_a, "priority"_a = 0, "num_cached"_a = 0, Release(),
            "Queue a request; False when the waiting queue is full (shed load). "
+           "num_cached prompt tokens come from a prefix cache: its first row starts there. "
            "Raises ValueError on a duplicate id or a request that cannot fit.")
       .def(
           "schedule",

@@ -41,7 +41,8 @@ Scheduler::Scheduler(int32_t max_slots, int32_t token_budget,
 }
 
 bool Scheduler::add_request(int64_t request_id, int32_t num_prompt_tokens,
-                            int32_t max_new_tokens, int32_t priority) {
+                            int32_t max_new_tokens, int32_t priority,
+                            int32_t num_cached) {
   std::lock_guard<std::mutex> lock(mu_);
   const std::string id = "request " + std::to_string(request_id);
   if (num_prompt_tokens < 1)
@@ -55,6 +56,10 @@ bool Scheduler::add_request(int64_t request_id, int32_t num_prompt_tokens,
         id + ": max_new_tokens=" + std::to_string(max_new_tokens) +
         " exceeds the context limit of " + std::to_string(max_context_) +
         " tokens including the " + std::to_string(num_prompt_tokens) + "-token prompt");
+  if (num_cached < 0 || num_cached >= num_prompt_tokens)
+    throw std::invalid_argument(id + ": num_cached=" + std::to_string(num_cached) +
+                                " must be in 0.." + std::to_string(num_prompt_tokens - 1) +
+                                " (at least one prompt token is computed)");
   if (seqs_.count(request_id))
     throw std::invalid_argument(id + " is already scheduled (duplicate request_id)");
   if (static_cast<int64_t>(waiting_.size()) >= max_waiting_) return false;
@@ -64,7 +69,7 @@ bool Scheduler::add_request(int64_t request_id, int32_t num_prompt_tokens,
   s.priority = priority;
   s.arrival = next_arrival_++;
   s.num_tokens = num_prompt_tokens;
-  s.num_computed = 0;
+  s.num_computed = num_cached;
   s.max_total = num_prompt_tokens + max_new_tokens;
   s.slot = -1;
   s.status = SeqStatus::Waiting;

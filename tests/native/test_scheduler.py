@@ -184,6 +184,29 @@ def test_higher_priority_preempts_lowest_priority_latest_arrival_with_recompute(
     assert out.preempted.size == 0
 
 
+def test_a_cached_prefix_starts_the_first_row_past_it_and_preemption_recomputes_all() -> None:
+    sched = make_scheduler(max_slots=1, token_budget=8)
+    sched.add_request(1, num_prompt_tokens=20, max_new_tokens=4, num_cached=16)
+    out = sched.schedule()
+    assert rows(out) == [(1, 0, 16, 4, True)]  # 4 tokens left to compute, within the budget
+    sched.append_tokens([1])
+    sched.add_request(2, num_prompt_tokens=4, max_new_tokens=4, priority=1)
+    out = sched.schedule()
+    assert out.preempted.tolist() == [1]
+    sched.finish_requests([2])
+    out = sched.schedule()
+    # Its slot was given away: the whole history (20 + 1 tokens) again, chunked by the budget.
+    assert rows(out) == [(1, 0, 0, 8, False)]
+
+
+@pytest.mark.parametrize("cached", [-1, 4, 5])
+def test_a_cached_prefix_leaves_at_least_one_prompt_token(cached: int) -> None:
+    sched = make_scheduler()
+    with pytest.raises(ValueError, match=f"num_cached={cached} must be in 0..3"):
+        sched.add_request(1, num_prompt_tokens=4, max_new_tokens=4, num_cached=cached)
+    assert sched.num_waiting == 0
+
+
 def test_equal_priority_never_preempts() -> None:
     sched = make_scheduler(max_slots=1, token_budget=64)
     sched.add_request(1, num_prompt_tokens=4, max_new_tokens=8, priority=3)

@@ -53,9 +53,15 @@ class Scheduler {
 
   // False when the waiting queue already holds max_waiting requests.
   // Throws std::invalid_argument on a duplicate id, num_prompt_tokens < 1,
-  // max_new_tokens < 1, or prompt + max_new_tokens > max_context.
+  // max_new_tokens < 1, prompt + max_new_tokens > max_context, or
+  // num_cached outside 0..num_prompt_tokens - 1.
+  //
+  // num_cached: prompt tokens whose KV the caller places in the slot when the
+  // request is admitted (a cached prefix), so its first row starts there. A
+  // request preempted later starts again from 0 (its slot was given away).
   bool add_request(int64_t request_id, int32_t num_prompt_tokens,
-                   int32_t max_new_tokens, int32_t priority = 0);
+                   int32_t max_new_tokens, int32_t priority = 0,
+                   int32_t num_cached = 0);
 
   SchedulerOutput schedule();
 
