@@ -78,6 +78,34 @@ class DecoderStepEngine(Protocol):
 
 
 @runtime_checkable
+class PrefixKVStore(Protocol):
+    """A step engine that can keep KV aside for prefix caching (optional): a pool of numbered
+    blocks, each `block_size` consecutive positions of one slot's KV, copied out of a slot and
+    back into any slot at the same positions (keys carry their rotary position)."""
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV one token holds (all layers, keys and values)."""
+        ...
+
+    def open_pool(self, num_blocks: int, block_size: int) -> None:
+        """Allocate (and touch, so resident memory is what it will be) the block pool."""
+        ...
+
+    def save_block(self, block: int, slot: int, start: int) -> None:
+        """Copy positions start..start+block_size of `slot` (computed) into pool `block`."""
+        ...
+
+    def load_blocks(self, slot: int, blocks: Sequence[int]) -> None:
+        """Copy `blocks` into `slot` at positions 0..len(blocks)*block_size, which become its
+        computed tokens (a prefill then continues from there)."""
+        ...
+
+    def slot_length(self, slot: int) -> int:
+        """Tokens computed so far in `slot`."""
+        ...
+
+
+@runtime_checkable
 class EncoderEngine(Protocol):
     """A sentence-embedding model."""
 
@@ -178,6 +206,10 @@ class StepObserver(Protocol):
     """Receives one call per engine step (the router's model metrics implement it)."""
 
     def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None: ...
+
+    def on_prefix_cache(self, hit_tokens: int, prompt_tokens: int) -> None:
+        """Prompt tokens looked up in the prefix cache since the last call, and those found."""
+        ...
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,9 @@ class OnnxDecoder:
         self._decode_bindings: dict[int, _Binding] = {}
         self._prefill_bindings: dict[int, _Binding] = {}
         self._lock = threading.Lock()
+        self._pool_keys: list[FloatArray] = []
+        self._pool_values: list[FloatArray] = []
+        self._block_size = 0
 
     # ------------------------------------------------------------------ bindings
     def _bind_kv(self, binding: _Binding, lo: int, hi: int) -> None:
@@ -241,6 +245,63 @@ class OnnxDecoder:
     def slot_length(self, slot: int) -> int:
         """Tokens computed so far in `slot` (0 after release)."""
         return int(self._lengths[self._check_slot(slot)])
+
+    # ------------------------------------------------------------------ prefix KV pool
+    def kv_bytes_per_token(self) -> int:
+        _, kv_heads, _, head_dim = self._keys[0].shape
+        return 2 * self._num_layers * kv_heads * head_dim * self._keys[0].itemsize
+
+    def open_pool(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
+        _, kv_heads, _, head_dim = self._keys[0].shape
+        shape = (num_blocks, kv_heads, block_size, head_dim)
+        with self._lock:
+            # np.ones, not zeros: every page is touched now, so the pool's resident memory is
+            # its budget from the start instead of growing as blocks are first written.
+            self._pool_keys = [np.ones(shape, np.float32) for _ in range(self._num_layers)]
+            self._pool_values = [np.ones(shape, np.float32) for _ in range(self._num_layers)]
+            self._block_size = block_size
+
+    def _check_block(self, block: int) -> int:
+        if not self._pool_keys:
+            raise ValueError("no prefix block pool: call open_pool first")
+        if not 0 <= block < len(self._pool_keys[0]):
+            raise ValueError(f"block={block} is out of range 0..{len(self._pool_keys[0]) - 1}")
+        return int(block)
+
+    def save_block(self, block: int, slot: int, start: int) -> None:
+        slot, block, size = self._check_slot(slot), self._check_block(block), self._block_size
+        with self._lock:
+            if not 0 <= start <= self._lengths[slot] - size:
+                raise ValueError(
+                    f"positions {start}..{start + size} of slot {slot} are not all computed "
+                    f"({int(self._lengths[slot])} are)"
+                )
+            for i in range(self._num_layers):
+                self._pool_keys[i][block] = self._keys[i][slot, :, start : start + size]
+                self._pool_values[i][block] = self._values[i][slot, :, start : start + size]
+
+    def load_blocks(self, slot: int, blocks: Sequence[int]) -> None:
+        slot = self._check_slot(slot)
+        for block in blocks:
+            self._check_block(block)
+        n = len(blocks) * self._block_size
+        if n > self.max_context:
+            raise ValueError(f"{len(blocks)} blocks hold {n} tokens, beyond max_context")
+        index = np.asarray(blocks, dtype=np.int64)
+        _, kv_heads, _, head_dim = self._keys[0].shape
+        with self._lock:
+            for i in range(self._num_layers):
+                for pool, cache in (
+                    (self._pool_keys, self._keys),
+                    (self._pool_values, self._values),
+                ):
+                    # [blocks, heads, size, dim] → [heads, blocks * size, dim], one gather each
+                    cache[i][slot, :, :n] = (
+                        pool[i][index].transpose(1, 0, 2, 3).reshape(kv_heads, n, head_dim)
+                    )
+            self._lengths[slot] = n
 
 
 class OnnxEncoder:

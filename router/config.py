@@ -94,6 +94,10 @@ class ModelConfig:
     full load) is shed at once with a RetryInfo of when to come back, and an admitted call that
     still has no slot then leaves the same way; 0 turns the bound off, leaving max_waiting
     alone."""
+    prefix_cache_mb: int = 128
+    """KV kept for prefix caching (decoders the router batches, e.g. ONNX Runtime): requests
+    sharing a prefix (system prompt, earlier turns) reuse its KV instead of computing it; 0 turns
+    it off. Allocated at start, so resident memory does not grow past it."""
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset (decoders)."""
     max_batch: int = 32
@@ -162,6 +166,10 @@ class ModelConfig:
             )
         if self.max_waiting < 0:
             raise ConfigError(f"{where}.max_waiting={self.max_waiting} must not be negative")
+        if self.prefix_cache_mb < 0:
+            raise ConfigError(
+                f"{where}.prefix_cache_mb={self.prefix_cache_mb} must be >= 0 (0 turns it off)"
+            )
         if not 1 <= self.default_max_tokens < self.max_context:
             raise ConfigError(
                 f"{where}.default_max_tokens={self.default_max_tokens} must be in "

@@ -59,6 +59,13 @@ class Metrics:
         self.queue_depth = Gauge(
             "irouter_queue_depth", "Requests waiting for a slot", ["model"], registry=r
         )
+        self.prefix_cache_tokens = Counter(
+            "irouter_prefix_cache_tokens",
+            "Prompt tokens of decoder requests: result=hit found in the prefix cache (their KV "
+            "copied, not computed), result=miss computed",
+            ["model", "result"],
+            registry=r,
+        )
         self.slots_in_use = Gauge(
             "irouter_kv_slots_in_use",
             "KV cache slots held by running sequences",
@@ -186,6 +193,8 @@ class ModelObserver:
         self._step = metrics.step_seconds.labels(model)
         self._queue = metrics.queue_depth.labels(model)
         self._slots = metrics.slots_in_use.labels(model)
+        self._prefix_hit = metrics.prefix_cache_tokens.labels(model, "hit")
+        self._prefix_miss = metrics.prefix_cache_tokens.labels(model, "miss")
 
     def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None:
         if batch_size:
@@ -193,6 +202,10 @@ class ModelObserver:
             self._step.observe(seconds)
         self._queue.set(waiting)
         self._slots.set(running)
+
+    def on_prefix_cache(self, hit_tokens: int, prompt_tokens: int) -> None:
+        self._prefix_hit.inc(hit_tokens)
+        self._prefix_miss.inc(prompt_tokens - hit_tokens)
 
     def on_batch(self, texts: int, seconds: float) -> None:
         self._batch.observe(texts)

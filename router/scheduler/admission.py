@@ -71,9 +71,7 @@ class Admission:
         self._in_flight = 0
         self._full_total = 0.0  # full-load seconds before the current full-load spell
         self._full_since: float | None = None  # when the current spell began
-        self._first_tokens: collections.deque[float] = collections.deque(
-            maxlen=FIRST_TOKEN_SAMPLES
-        )
+        self._first_tokens: collections.deque[float] = collections.deque(maxlen=FIRST_TOKEN_SAMPLES)
         self._slot_wait_s = limits.max_wait_s
 
     @property

@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from backends.base import DecoderStepEngine, StepObserver
+from backends.base import DecoderStepEngine, PrefixKVStore, StepObserver
 from router.errors import Internal
 from router.scheduler.admission import Admission
 from router.scheduler.detokenizer import TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits, error_chunk
+from router.scheduler.prefix_cache import BLOCK_TOKENS, PrefixCache
 from router.scheduler.request import Priority, Request, RequestStatus
 from router.scheduler.runner import ModelRunner
 from router.scheduler.scheduler import Out, Scheduler
@@ -30,6 +31,28 @@ logger = logging.getLogger(__name__)
 class _NullObserver:
     def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None:
         return None
+
+    def on_prefix_cache(self, hit_tokens: int, prompt_tokens: int) -> None:
+        return None
+
+
+def _prefix_cache(name: str, backend: DecoderStepEngine, budget: int) -> PrefixCache | None:
+    """The prefix cache within `budget` bytes, when the backend can keep KV blocks."""
+    if budget <= 0 or not isinstance(backend, PrefixKVStore):
+        return None
+    num_blocks = budget // (backend.kv_bytes_per_token() * BLOCK_TOKENS)
+    if num_blocks < 1:
+        logger.warning("engine %s: prefix_cache_mb holds no block of KV; prefix cache off", name)
+        return None
+    backend.open_pool(num_blocks, BLOCK_TOKENS)
+    logger.info(
+        "engine %s: prefix cache of %d blocks x %d tokens (%.0f MiB)",
+        name,
+        num_blocks,
+        BLOCK_TOKENS,
+        num_blocks * BLOCK_TOKENS * backend.kv_bytes_per_token() / 2**20,
+    )
+    return PrefixCache(backend, num_blocks)
 
 
 class DecoderEngine:
@@ -49,8 +72,9 @@ class DecoderEngine:
         self._live: dict[int, asyncio.Queue[Chunk]] = {}
         self._admission = Admission(name, limits)
         # Engine-thread side.
-        self._scheduler = Scheduler(name, limits, decoder, stop_ids)
-        self._runner = ModelRunner(name, backend)
+        self.prefix_cache = _prefix_cache(name, backend, limits.prefix_cache_bytes)
+        self._scheduler = Scheduler(name, limits, decoder, stop_ids, self.prefix_cache)
+        self._runner = ModelRunner(name, backend, self.prefix_cache)
         self._inbox: collections.deque[tuple[str, Request | int]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -148,6 +172,7 @@ class DecoderEngine:
 
     def _run(self) -> None:
         scheduler, runner = self._scheduler, self._runner
+        reported = (0, 0)  # prefix cache (hit, queried) tokens the observer has been told of
         while not self._stopping:
             out: Out = []
             self._drain_inbox(out)
@@ -173,6 +198,12 @@ class DecoderEngine:
             self._observer.on_step(
                 batch, scheduler.num_waiting, scheduler.num_running, time.perf_counter() - started
             )
+            cache = self.prefix_cache
+            if cache is not None and cache.queried_tokens != reported[1]:
+                self._observer.on_prefix_cache(
+                    cache.hit_tokens - reported[0], cache.queried_tokens - reported[1]
+                )
+                reported = (cache.hit_tokens, cache.queried_tokens)
 
     def _flush(self, out: Out) -> None:
         if out and self._loop is not None and not self._loop.is_closed():

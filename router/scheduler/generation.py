@@ -38,6 +38,9 @@ class EngineLimits:
     max_wait_s: float = 0.0
     """Expected wait for a slot past which a new call is shed (router.scheduler.admission);
     0: only the queue length limits."""
+    prefix_cache_bytes: int = 0
+    """KV kept for prefix caching (router.scheduler.prefix_cache), for step engines that can
+    keep it; 0: off."""
 
 
 class GenerationEngine(Protocol):

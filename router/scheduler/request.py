@@ -56,6 +56,8 @@ class Request:
     """Routed models: the caller waits for the whole answer (Complete), so it may be hedged."""
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
+    prefix_blocks: list[int] = field(default_factory=list)
+    """Cached prefix blocks pinned for this request until they are copied into its slot."""
     slot_at: float = 0.0
     """time.monotonic() when it first got a slot (0: not yet); admission measures the time from
     there to the first token."""

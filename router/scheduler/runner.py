@@ -1,7 +1,8 @@
 """The model runner: executes one SchedulerOutput on a step engine and samples.
 
-For each step: release the KV slots of requests that ended, decode every one-token row in one
-batched call, prefill each prompt chunk, then sample the rows whose logits give their next token
+For each step: release the KV slots of requests that ended, copy cached prefixes into the slots
+of requests admitted with one (prefix_cache.py), decode every one-token row in one batched call,
+prefill each prompt chunk, then sample the rows whose logits give their next token
 (the native sampler, GIL released, one call for the whole batch). Results come back by row, and
 so do failures: a batched call that raises is retried row by row, so one bad request fails alone
 and the others of the step keep their tokens.
@@ -14,8 +15,9 @@ import logging
 import numpy as np
 import numpy.typing as npt
 
-from backends.base import DecoderStepEngine
+from backends.base import DecoderStepEngine, PrefixKVStore
 from router import _native
+from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request
 from router.scheduler.scheduler import RunnerOutput, SchedulerOutput
 
@@ -25,9 +27,12 @@ FloatArray = npt.NDArray[np.float32]
 
 
 class ModelRunner:
-    def __init__(self, name: str, backend: DecoderStepEngine) -> None:
+    def __init__(
+        self, name: str, backend: DecoderStepEngine, prefix_cache: PrefixCache | None = None
+    ) -> None:
         self.name = name
         self._backend = backend
+        self._prefix_cache = prefix_cache
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         result = RunnerOutput()
@@ -35,11 +40,17 @@ class ModelRunner:
         plan, reqs = output.plan, output.requests
         if not reqs:
             return result
+        if output.loads:
+            self._load(output, result)
         logits: dict[int, FloatArray] = {}
         decode_rows = np.flatnonzero(plan.counts == 1)
+        if result.errors:
+            decode_rows = np.array([r for r in decode_rows if r not in result.errors], np.intp)
         if len(decode_rows):
             self._decode(reqs, decode_rows, plan.slots, plan.starts, logits, result)
         for row in np.flatnonzero(plan.counts > 1).tolist():
+            if row in result.errors:
+                continue
             req = reqs[row]
             start, count = int(plan.starts[row]), int(plan.counts[row])
             try:
@@ -53,6 +64,21 @@ class ModelRunner:
         if rows:
             self._sample(reqs, rows, logits, result)
         return result
+
+    def _load(self, output: SchedulerOutput, result: RunnerOutput) -> None:
+        """Copy each newly admitted request's cached prefix into its slot, and unpin it."""
+        assert self._prefix_cache is not None
+        store = self._backend
+        assert isinstance(store, PrefixKVStore)
+        for row, blocks in output.loads:
+            try:
+                store.load_blocks(int(output.plan.slots[row]), blocks)
+            except Exception:
+                req = output.requests[row]
+                logger.exception("engine %s: prefix load failed for %s", self.name, req.request_id)
+                result.errors[row] = "loading its cached prefix failed"
+            finally:
+                self._prefix_cache.release(blocks)
 
     def release(self, slots: list[int]) -> None:
         """The KV slots of requests that ended may be reused."""

@@ -31,6 +31,7 @@ from router import _native
 from router.errors import Internal, ResourceExhausted, RouterError
 from router.scheduler.detokenizer import Detokenizer, TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits, error_chunk
+from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class SchedulerOutput:
     freed_slots: list[int] = field(default_factory=list)
     """KV slots of requests that ended since the last step: the runner releases them before
     anything else (a freed slot may be handed to a new request in this very plan)."""
+    loads: list[tuple[int, list[int]]] = field(default_factory=list)
+    """(row, cached prefix blocks) of requests admitted in this plan with a cached prefix: the
+    runner copies the blocks into the row's slot (and unpins them) before computing it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +71,15 @@ class Scheduler:
     """See the module docstring. Used by the engine thread only."""
 
     def __init__(
-        self, name: str, limits: EngineLimits, decoder: TokenDecoder, stop_ids: Sequence[int]
+        self,
+        name: str,
+        limits: EngineLimits,
+        decoder: TokenDecoder,
+        stop_ids: Sequence[int],
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.name = name
+        self.prefix_cache = prefix_cache
         self.limits = limits
         self._decoder = decoder
         self._stop_ids = frozenset(stop_ids)
@@ -99,16 +109,22 @@ class Scheduler:
 
     def add_request(self, req: Request) -> RouterError | None:
         """Queue `req`; the error that refuses it instead (queue full), or None."""
+        cache = self.prefix_cache
+        blocks = [] if cache is None else cache.match(req.tokens, req.num_prompt)
+        req.prefix_blocks = blocks
         try:
             admitted = self._native.add_request(
                 request_id=req.engine_id,
                 num_prompt_tokens=req.num_prompt,
                 max_new_tokens=req.params.max_tokens,
                 priority=int(req.priority),
+                num_cached=len(blocks) * cache.block_size if cache is not None else 0,
             )
         except ValueError as exc:  # validated before submission; this is a bug if it happens
+            self._unpin(req)
             return Internal(str(exc))
         if not admitted:
+            self._unpin(req)
             return ResourceExhausted(
                 f"model {self.name!r} queue is full ({self.limits.max_waiting} waiting); "
                 "retry shortly"
@@ -126,6 +142,7 @@ class Scheduler:
             if req is None:
                 continue
             req.status = status
+            self._unpin(req)
             if req.slot >= 0:
                 self._freed.append(req.slot)
                 req.slot = -1
@@ -147,14 +164,25 @@ class Scheduler:
             if req is not None:
                 req.status = RequestStatus.PREEMPTED
                 req.slot = -1
+                self._unpin(req)  # it will compute everything again (its slot was given away)
         reqs = [self.requests[int(i)] for i in plan.request_ids]
         now = time.monotonic()
-        for req, slot in zip(reqs, plan.slots.tolist(), strict=True):
+        loads: list[tuple[int, list[int]]] = []
+        for row, (req, slot) in enumerate(zip(reqs, plan.slots.tolist(), strict=True)):
             req.slot = slot
             req.status = RequestStatus.RUNNING
             if not req.slot_at:
                 req.slot_at = now
-        return SchedulerOutput(plan, reqs, self.take_freed_slots())
+            if req.prefix_blocks:  # admitted now: its cached prefix goes into its slot first
+                loads.append((row, req.prefix_blocks))
+                req.prefix_blocks = []
+        return SchedulerOutput(plan, reqs, self.take_freed_slots(), loads)
+
+    def _unpin(self, req: Request) -> None:
+        """Release a request's cached prefix blocks that were never copied into a slot."""
+        if req.prefix_blocks and self.prefix_cache is not None:
+            self.prefix_cache.release(req.prefix_blocks)
+        req.prefix_blocks = []
 
     def take_freed_slots(self) -> list[int]:
         """Slots of requests that ended since the last call, for the runner to release."""
@@ -168,6 +196,8 @@ class Scheduler:
         reqs = output.requests
         for row, message in result.errors.items():
             self.fail(reqs[row].engine_id, Internal(message), out)
+        if self.prefix_cache is not None:
+            self._save_prefill(output, result)
         appended: list[int] = []
         for row, token in result.tokens.items():
             req = reqs[row]
@@ -187,6 +217,17 @@ class Scheduler:
         if appended:
             self._native.append_tokens(np.array(appended, dtype=np.int64))
         return out
+
+    def _save_prefill(self, output: SchedulerOutput, result: RunnerOutput) -> None:
+        """Keep the prompt blocks this step's prefill rows computed, so that requests arriving
+        meanwhile with the same prefix find it (not only once this one ends)."""
+        assert self.prefix_cache is not None
+        plan = output.plan
+        for row in np.flatnonzero(plan.counts > 1).tolist():
+            req = output.requests[row]
+            if row not in result.errors and req.engine_id in self.requests:
+                end = int(plan.starts[row] + plan.counts[row])
+                self.prefix_cache.save(req.slot, req.tokens, min(end, req.num_prompt))
 
     def _update(self, req: Request, token: int) -> Chunk:
         """Append one sampled token; the chunk saying what it means for the caller."""

@@ -76,7 +76,12 @@ def load_engine(model: ServedModel, metrics: Metrics) -> None:
         backend = create_backend(cfg.backend, model.model_dir, **options)
         model.context_length = context
         limits = EngineLimits(
-            cfg.max_slots, cfg.token_budget, cfg.max_waiting, context, cfg.max_queue_wait_s
+            cfg.max_slots,
+            cfg.token_budget,
+            cfg.max_waiting,
+            context,
+            cfg.max_queue_wait_s,
+            cfg.prefix_cache_mb * 2**20,
         )
         stop_ids = [int(i) for i in model.manifest["stop_token_ids"]]
         if isinstance(backend, RequestEngine):

@@ -25,6 +25,7 @@ T = TypeVar("T")
 OFF_LOOP_CHARS = 16_384
 """Texts up to this long are tokenized inline (about 10 ms at most); longer ones on the worker."""
 
+
 async def off_loop(chars: int, fn: Callable[[], T]) -> T:
     """`fn()` (tokenizing `chars` characters) inline when short, else on the tokenizing
     worker, with the loop free meanwhile."""

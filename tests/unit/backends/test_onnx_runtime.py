@@ -9,7 +9,7 @@ import pytest
 from model_reference import bert_embeddings
 from tokenizers import Tokenizer
 
-from backends.base import DecoderStepEngine, EncoderEngine
+from backends.base import DecoderStepEngine, EncoderEngine, PrefixKVStore
 from backends.onnx_runtime import OnnxDecoder, OnnxEncoder
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -71,7 +71,7 @@ def _greedy_solo(
 
 
 def test_engines_satisfy_protocols(int4: OnnxDecoder, prepared_models: dict[str, Path]) -> None:
-    assert isinstance(int4, DecoderStepEngine)
+    assert isinstance(int4, DecoderStepEngine) and isinstance(int4, PrefixKVStore)
     assert isinstance(OnnxEncoder(prepared_models["all-minilm-l6-v2"], threads=1), EncoderEngine)
     assert int4.capabilities.generate and int4.capabilities.max_batch == 6
     assert int4.vocab_size == 49152
@@ -161,6 +161,36 @@ def test_chunked_prefill_equals_one_shot(engine: OnnxDecoder, tokenizer: Tokeniz
     d0 = engine.decode(np.array([0]), np.array([nxt]), np.array([len(ids)]))
     d1 = engine.decode(np.array([1]), np.array([nxt]), np.array([len(ids)]))
     np.testing.assert_allclose(d0, d1, atol=1e-3, rtol=0)
+
+
+def test_prefix_blocks_loaded_into_another_slot_equal_computing_them(
+    engine: OnnxDecoder, tokenizer: Tokenizer
+) -> None:
+    engine.open_pool(num_blocks=4, block_size=8)
+    ids = _ids(tokenizer, PROMPTS[1] + " Apples, bananas and cherries are all fruits.")
+    assert len(ids) > 17
+    want, want_logits = _greedy_solo(engine, 0, ids, 6)
+    engine.prefill(0, ids[:16], 0)
+    engine.save_block(3, 0, 0)
+    engine.save_block(1, 0, 8)
+    engine.release(0)
+    engine.prefill(2, _ids(tokenizer, PROMPTS[3]), 0)  # the slot held something else before
+    engine.release(2)
+    engine.load_blocks(2, [3, 1])
+    assert engine.slot_length(2) == 16
+    logits = engine.prefill(2, ids[16:], 16)
+    np.testing.assert_allclose(logits, want_logits[0], atol=1e-3, rtol=0)
+    toks = [int(np.argmax(logits))]
+    for i in range(5):
+        out = engine.decode(np.array([2]), np.array([toks[-1]]), np.array([len(ids) + i]))[0]
+        toks.append(int(np.argmax(out)))
+    assert toks == want
+    engine.release(2)
+    with pytest.raises(ValueError, match="not all computed"):
+        engine.save_block(0, 2, 0)
+    with pytest.raises(ValueError, match="block=4 is out of range"):
+        engine.load_blocks(2, [4])
+    assert engine.kv_bytes_per_token() == 2 * 30 * 3 * 64 * 4
 
 
 def test_released_slot_is_reusable(engine: OnnxDecoder, tokenizer: Tokenizer) -> None:

@@ -82,6 +82,9 @@ class RecordingObserver:
         with self.lock:
             self.steps.append((batch_size, waiting, running))
 
+    def on_prefix_cache(self, hit_tokens: int, prompt_tokens: int) -> None:
+        return None
+
     def last(self) -> tuple[int, int, int]:
         with self.lock:
             return self.steps[-1]

@@ -10,8 +10,10 @@ import pytest
 from backends.base import SamplingParams
 from router.errors import Internal, ResourceExhausted
 from router.scheduler.generation import Chunk, EngineLimits
+from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request, RequestStatus
 from router.scheduler.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from tests.unit.router.scheduler.test_prefix_cache import TokenStore
 
 EOS = 2
 BAD = 99
@@ -151,3 +153,34 @@ def test_a_cancelled_request_frees_its_slot_for_the_next_one() -> None:
     step = scheduler.schedule()
     assert step.requests == [second] and second.slot == 0
     assert step.freed_slots == [0]  # the runner releases it before prefilling the second
+
+
+def test_a_cached_prefix_is_loaded_into_the_slot_and_its_blocks_unpinned_on_every_path() -> None:
+    store = TokenStore()
+    store.open_pool(8, 4)
+    cache = PrefixCache(store, num_blocks=8, block_size=4)
+    limits = EngineLimits(1, token_budget=64, max_waiting=4, max_context=128)
+    scheduler = Scheduler("test", limits, Decoder(), stop_ids=[EOS], prefix_cache=cache)
+    first = make_request(n_prompt=11)
+    assert scheduler.add_request(first) is None
+    step = scheduler.schedule()
+    assert step.loads == [] and step.plan.starts.tolist() == [0]
+    store.compute(step.plan.slots[0], first.tokens[:11])  # what the runner's prefill did
+    scheduler.update_from_output(step, RunnerOutput(tokens={0: 5}))
+    assert cache.cached_blocks == 2  # its prompt's whole blocks, saved after the prefill
+
+    second = make_request(n_prompt=11)  # the same prompt ids
+    waiting = make_request(n_prompt=11)
+    assert scheduler.add_request(second) is None and scheduler.add_request(waiting) is None
+    scheduler.finish_requests([first.engine_id], RequestStatus.FINISHED_CANCELLED)
+    step = scheduler.schedule()
+    # Admitted with 8 of its 11 prompt tokens cached: the runner loads 2 blocks, then computes 3.
+    assert step.requests == [second] and [(r, len(b)) for r, b in step.loads] == [(0, 2)]
+    assert step.plan.starts.tolist() == [8] and step.plan.counts.tolist() == [3]
+    assert second.prefix_blocks == []  # the blocks are the runner's to unpin now
+    cache.release(step.loads[0][1])
+    # The waiting request still pins its blocks; cancelling it unpins them, so all can go.
+    assert waiting.prefix_blocks
+    scheduler.finish_requests([waiting.engine_id], RequestStatus.FINISHED_CANCELLED)
+    assert waiting.prefix_blocks == []
+    assert all(refs == 0 for refs in cache._refs)

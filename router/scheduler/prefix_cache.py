@@ -1,0 +1,154 @@
+"""Prefix caching: requests that share a prefix (a system prompt, the earlier turns of a
+conversation) reuse its KV instead of computing it again.
+
+KV is kept in whole blocks of BLOCK_TOKENS positions, in a pool the step engine holds
+(backends.base.PrefixKVStore) under a byte budget. A block is known by its parent block and its
+own token ids, so a block stands for exactly one prefix: two prompts share a block only when all
+their tokens up to its end are equal (the dict compares the ids; no hash can collide). When a
+request is queued, the longest cached run of blocks of its prompt (leaving at least one prompt
+token to compute, whose logits give the first new token) is pinned and handed to the scheduler
+as computed; the runner copies those blocks into the request's slot when it is admitted, and
+unpins them. Prompt blocks are saved as prefill chunks finish, copying the slot's KV into free
+blocks, or into the least recently used unpinned ones, whose descendants go with them (a child
+keyed by a reused parent id would stand for the wrong prefix).
+
+Generated tokens are not cached, although a conversation's next turn holds them: their KV was
+computed by decode steps, which at batch 1 run the int4 kernels on another path than a prefill
+(activations not quantized to int8), so reusing it would change later greedy answers. A next
+turn finds its history up to its previous question and computes the previous reply again.
+
+Copying costs ~46 KB per token for SmolLM2-135M (a few ms for a 300-token system prompt), where
+computing it costs ~5 ms per token on a 2-core AVX2 machine.
+
+Why by hand: the pool lives in the engine's own KV layout (one contiguous buffer per slot, which
+the batched decode graph needs), which no prefix-cache library manages; the bookkeeping is
+vLLM's (block hashes chained through the parent, reference counts, LRU of unpinned blocks).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from backends.base import PrefixKVStore
+
+BLOCK_TOKENS = 16
+"""Positions per cached block: prefixes are matched in whole blocks."""
+
+MIN_COMPUTED = 2
+"""Prompt tokens always computed: the last one's logits give the first new token, and a chunk of
+one token would run through the decode path, whose int4 kernels round differently from a
+prefill's (batch-1 rows are not quantized to int8): the logits must be the ones a full prefill
+gives, so that the cache never changes an answer."""
+
+_Key = tuple[int, bytes]
+"""(parent block or -1 at the root, this block's token ids as bytes)."""
+
+
+class PrefixCache:
+    """Block bookkeeping over a PrefixKVStore's pool; used by the engine thread only."""
+
+    def __init__(
+        self, store: PrefixKVStore, num_blocks: int, block_size: int = BLOCK_TOKENS
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self._store = store
+        self._index: dict[_Key, int] = {}
+        self._key: list[_Key | None] = [None] * num_blocks
+        self._children: list[set[int]] = [set() for _ in range(num_blocks)]
+        self._refs = [0] * num_blocks
+        self._unpinned: collections.OrderedDict[int, None] = collections.OrderedDict()
+        """Cached blocks no request holds, least recently used first: the eviction order."""
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self.hit_tokens = 0
+        """Prompt tokens found cached, since start."""
+        self.queried_tokens = 0
+        """Prompt tokens looked up, since start."""
+
+    @property
+    def cached_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def _walk(self, tokens: npt.NDArray[np.int64], limit: int) -> list[int]:
+        """The cached blocks of the longest prefix of tokens[:limit], root first."""
+        size, parent, path = self.block_size, -1, []
+        for start in range(0, limit - size + 1, size):
+            block = self._index.get((parent, tokens[start : start + size].tobytes()))
+            if block is None:
+                break
+            path.append(block)
+            parent = block
+        return path
+
+    def match(self, tokens: npt.NDArray[np.int64], num_prompt: int) -> list[int]:
+        """Pin and return the blocks of the longest cached prefix of the prompt
+        tokens[:num_prompt], leaving at least its last MIN_COMPUTED tokens to compute.
+        `release` them (the runner does, once they are copied into the request's slot)."""
+        path = self._walk(tokens, num_prompt - MIN_COMPUTED)
+        for block in path:
+            self._pin(block)
+        self.queried_tokens += num_prompt
+        self.hit_tokens += len(path) * self.block_size
+        return path
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Unpin `blocks` (from `match`); leaf first, so the root ends most recently used and a
+        prefix's blocks are evicted from its end."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._unpinned[block] = None
+
+    def _pin(self, block: int) -> None:
+        if self._refs[block] == 0:
+            self._unpinned.pop(block, None)
+        self._refs[block] += 1
+
+    def save(self, slot: int, tokens: npt.NDArray[np.int64], computed: int) -> None:
+        """Keep the whole blocks of tokens[:computed], whose KV `slot` holds, that are not
+        cached yet (as many as free or evictable blocks allow)."""
+        size, parent = self.block_size, -1
+        path: list[int] = []  # pinned while we walk, so no eviction takes a block of this path
+        try:
+            for start in range(0, computed - size + 1, size):
+                key = (parent, tokens[start : start + size].tobytes())
+                block = self._index.get(key)
+                if block is None:
+                    block = self._allocate()
+                    if block is None:
+                        break  # every block is pinned
+                    self._store.save_block(block, slot, start)
+                    self._index[key] = block
+                    self._key[block] = key
+                    if parent >= 0:
+                        self._children[parent].add(block)
+                self._pin(block)
+                path.append(block)
+                parent = block
+        finally:
+            self.release(path)
+
+    def _allocate(self) -> int | None:
+        if not self._free and self._unpinned:
+            self._evict(next(iter(self._unpinned)))
+        return self._free.pop() if self._free else None
+
+    def _evict(self, block: int) -> None:
+        """Forget `block` and its descendants (unpinned too: a pinned block's whole prefix is
+        pinned), freeing them."""
+        for child in list(self._children[block]):
+            self._evict(child)
+        key = self._key[block]
+        assert key is not None and self._refs[block] == 0
+        del self._index[key]
+        if key[0] >= 0:
+            self._children[key[0]].discard(block)
+        self._key[block] = None
+        self._unpinned.pop(block, None)
+        self._free.append(block)

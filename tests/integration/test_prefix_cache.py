@@ -1,0 +1,122 @@
+"""Prefix caching against a real router and the real SmolLM2 model (issue 12, item 4): requests
+that share a system prompt, and the turns of one conversation, find their prefix's KV cached,
+and never generate anything different from the same model with the cache off."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from router.config import ModelConfig
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from router.server import RouterServer
+from tests.integration.conftest import GEN, make_config, running
+
+NO_CACHE = "smollm2-no-prefix-cache"
+SYSTEM = (
+    "You are the support assistant of Example Rail, a regional train company. Answer in one "
+    "short sentence. Tickets can be bought online, at stations and on board with a surcharge. "
+    "Children under six travel free; bicycles need a reservation on weekdays before nine. "
+    "Refunds are possible up to one day before departure, minus a fee of two euros."
+)
+QUESTIONS = [
+    "Can I take my bike at 8 am on a Monday?",
+    "Do kids pay?",
+    "Where can I buy a ticket?",
+    "Can I get my money back?",
+]
+
+
+@pytest.fixture(scope="module")
+async def stub(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[RouterServer, pb_grpc.InferenceServiceStub]]:
+    def model(name: str, prefix_cache_mb: int) -> ModelConfig:
+        return ModelConfig(
+            name=name,
+            kind="generate",
+            artifact=GEN,
+            max_slots=4,
+            max_context=1024,
+            prefix_cache_mb=prefix_cache_mb,
+        )
+
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("collections"),
+        model(GEN, 16),
+        model(NO_CACHE, 0),
+        retrieval=False,
+    )
+    async with (
+        running(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        yield server, pb_grpc.InferenceServiceStub(channel)
+
+
+def _tokens(server: RouterServer, result: str) -> float:
+    value = server.metrics.registry.get_sample_value(
+        "irouter_prefix_cache_tokens_total", {"model": GEN, "result": result}
+    )
+    return value or 0.0
+
+
+async def _complete(
+    stub: pb_grpc.InferenceServiceStub, model: str, messages: list[tuple[str, str]]
+) -> list[int]:
+    response = await stub.Complete(
+        pb.CompleteRequest(
+            model=model,
+            chat=pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]),
+            sampling=pb.SamplingParams(max_tokens=16, temperature=0.0),
+            return_token_ids=True,
+            cache_mode=pb.CACHE_MODE_BYPASS,  # the engine must run, not the response cache
+        )
+    )
+    return list(response.token_ids)
+
+
+async def test_a_shared_system_prompt_is_computed_once_and_changes_no_answer(
+    stub: tuple[RouterServer, pb_grpc.InferenceServiceStub],
+) -> None:
+    server, client = stub
+    for question in QUESTIONS:  # one at a time: no batching differences, only the cache's
+        messages = [("system", SYSTEM), ("user", question)]
+        hits = _tokens(server, "hit")
+        cached = await _complete(client, GEN, messages)
+        assert cached == await _complete(client, NO_CACHE, messages), question
+        if question != QUESTIONS[0]:
+            assert _tokens(server, "hit") - hits >= 64, "the system prompt was computed again"
+    # Together, too: every one of them finds it (each prompt is ~90 tokens; ~80 are shared).
+    hits, misses = _tokens(server, "hit"), _tokens(server, "miss")
+    await asyncio.gather(
+        *(_complete(client, GEN, [("system", SYSTEM), ("user", q + " Thanks.")]) for q in QUESTIONS)
+    )
+    assert _tokens(server, "hit") - hits >= 4 * 64
+    assert _tokens(server, "miss") - misses < 4 * 32
+
+
+async def test_a_conversations_next_turn_reuses_its_history_and_its_answers_are_unchanged(
+    stub: tuple[RouterServer, pb_grpc.InferenceServiceStub],
+) -> None:
+    server, client = stub
+    history: list[tuple[str, str]] = []
+    tokenizer = server.models.get(GEN, "generate").tokenizer
+    assert tokenizer is not None
+    for turn, question in enumerate(["Hi! What is a train?", *QUESTIONS[:3]]):
+        history.append(("user", question))
+        hits, misses = _tokens(server, "hit"), _tokens(server, "miss")
+        cached = await _complete(client, GEN, history)
+        assert cached == await _complete(client, NO_CACHE, history), turn
+        if turn:
+            # Up to the previous question is cached; its reply (16 tokens), the new question
+            # and the partial block before them are computed (generated KV is not reused).
+            assert _tokens(server, "miss") - misses < 16 + 48, turn
+            assert _tokens(server, "hit") - hits >= 16 * turn
+        history.append(("assistant", tokenizer.decode(cached)))
