@@ -265,7 +265,7 @@ class ReferenceScheduler:
                         budget += row[2]  # type: ignore[operator]
                         row[0] = None
                 self.running.remove(victim)
-                self.free_slots.append(victim.slot)
+                self._free(victim.slot)
                 victim.slot, victim.num_computed = -1, 0
                 self.waiting.append(victim)
                 self.waiting.sort(key=lambda s: s.urgency)
@@ -297,7 +297,7 @@ class ReferenceScheduler:
                 continue
             if seq in self.running:
                 self.running.remove(seq)
-                self.free_slots.append(seq.slot)
+                self._free(seq.slot)
             else:
                 self.waiting.remove(seq)
 
@@ -308,6 +308,11 @@ class ReferenceScheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    def _free(self, slot: int) -> None:
+        """Descending, so pop() gives the lowest free slot (as the native core does)."""
+        self.free_slots.append(slot)
+        self.free_slots.sort(reverse=True)
 
     @property
     def num_free_slots(self) -> int:

@@ -1,6 +1,7 @@
 #include "irouter/scheduler.h"
 
 #include <algorithm>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -88,7 +89,12 @@ void Scheduler::erase_running(Sequence* seq) {
 }
 
 void Scheduler::release_slot(Sequence* seq) {
-  free_slots_.push_back(seq->slot);
+  // Kept in descending order, so back() is the lowest free slot: a batched decode spans slots
+  // 0..highest in use, so a lone stream left in slot 15 after a burst decoded 16 rows a step
+  // (measured: 10 instead of 80 tokens/s on 2 cores) where slot 0 decodes one.
+  free_slots_.insert(std::upper_bound(free_slots_.begin(), free_slots_.end(), seq->slot,
+                                      std::greater<int32_t>()),
+                     seq->slot);
   seq->slot = -1;
 }
 

@@ -162,6 +162,20 @@ def test_slots_are_distinct_and_reused() -> None:
     assert rows(out)[-1] == (10, freed, 0, 2, True)
 
 
+def test_a_new_request_takes_the_lowest_free_slot_whatever_the_order_they_were_freed() -> None:
+    """A batched decode spans slots 0..highest in use: a lone stream must not sit in slot 15."""
+    sched = make_scheduler(max_slots=4, token_budget=64)
+    for rid in range(4):
+        sched.add_request(rid, num_prompt_tokens=2, max_new_tokens=2)
+    out = sched.schedule()
+    slot_of = dict(zip(out.request_ids.tolist(), out.slots.tolist(), strict=True))
+    for rid in sorted(slot_of, key=slot_of.__getitem__):  # freed lowest first, highest last
+        sched.finish_requests([rid])
+    sched.add_request(10, num_prompt_tokens=2, max_new_tokens=2)
+    sched.add_request(11, num_prompt_tokens=2, max_new_tokens=2)
+    assert sched.schedule().slots.tolist() == [0, 1]
+
+
 def test_higher_priority_preempts_lowest_priority_latest_arrival_with_recompute() -> None:
     sched = make_scheduler(max_slots=2, token_budget=64)
     sched.add_request(1, num_prompt_tokens=4, max_new_tokens=8, priority=1)
