@@ -1,0 +1,176 @@
+"""Prefix caching against a real `irouter serve` (issue 12, item 4): the same model served twice
+in one router, with the prefix cache on (the default) and off, measured in the same run.
+
+- 16 requests sharing a ~300-token system prompt, each with its own question, submitted
+  together (after one request has put the system prompt in the cache, as earlier traffic
+  would): time to first token min / median / max, cache on and off;
+- a growing conversation (5 turns, 48-token replies): each turn's time to first token, and turn
+  5 ÷ turn 1 with the cache on and off (goal: ≤ 0.5 with it on);
+- one stream's decode speed with the cache on ÷ off (what looking up and saving costs a request
+  that shares nothing).
+
+    python -m loadtest.benchmarks.prefix_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from loadtest.benchmarks.serve_bench import GEN, line, router_process
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+
+CACHED, UNCACHED = "cached", "uncached"
+SYSTEM = " ".join(
+    f"Rule {i}: answer politely, cite the timetable of line {i}, and never invent a platform."
+    for i in range(1, 16)
+)
+QUESTIONS = [
+    f"Which platform does the {h}:{m:02d} train to {city} leave from?"
+    for h, m, city in [
+        (6, 5, "Lyon"),
+        (7, 12, "Nice"),
+        (8, 20, "Lille"),
+        (9, 33, "Brest"),
+        (10, 41, "Dijon"),
+        (11, 50, "Metz"),
+        (12, 2, "Pau"),
+        (13, 15, "Tours"),
+        (14, 27, "Reims"),
+        (15, 38, "Nancy"),
+        (16, 44, "Caen"),
+        (17, 53, "Rouen"),
+        (18, 6, "Nantes"),
+        (19, 19, "Annecy"),
+        (20, 31, "Toulon"),
+        (21, 47, "Amiens"),
+    ]
+]
+CONFIG = f"""
+models:
+  - name: {CACHED}
+    kind: generate
+    artifact: {GEN}
+    max_queue_wait_s: 0
+  - name: {UNCACHED}
+    kind: generate
+    artifact: {GEN}
+    max_queue_wait_s: 0
+    prefix_cache_mb: 0
+"""
+"""max_queue_wait_s off: on a slow CPU, 16 uncached 300-token prompts take longer to prefill
+than its 10 s bound, and this measures the cache, not admission."""
+
+
+def _request(model: str, messages: list[tuple[str, str]], max_tokens: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model=model,
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        cache_mode=pb.CACHE_MODE_BYPASS,
+        return_token_ids=True,
+    )
+
+
+async def _ttft_and_text(
+    stub: pb_grpc.InferenceServiceStub, request: pb.GenerateRequest
+) -> tuple[float, str, float]:
+    """Seconds to the first token, the text, and decode tokens/s after the first token."""
+    started = time.perf_counter()
+    first = 0.0
+    text, tokens = [], 0
+    async for chunk in stub.Generate(request, timeout=600):
+        if not first and chunk.token_ids:
+            first = time.perf_counter() - started
+        text.append(chunk.text)
+        tokens += len(chunk.token_ids)
+    rest = time.perf_counter() - started - first
+    return first, "".join(text), (tokens - 1) / rest if rest > 0 else 0.0
+
+
+async def shared_system_prompt(stub: pb_grpc.InferenceServiceStub, model: str) -> list[float]:
+    await _ttft_and_text(stub, _request(model, [("system", SYSTEM), ("user", "Hello.")], 4))
+    results = await asyncio.gather(
+        *(
+            _ttft_and_text(stub, _request(model, [("system", SYSTEM), ("user", q)], 16))
+            for q in QUESTIONS
+        )
+    )
+    return [r[0] for r in results]
+
+
+async def conversation(stub: pb_grpc.InferenceServiceStub, model: str) -> list[float]:
+    history: list[tuple[str, str]] = []
+    ttfts = []
+    for question in QUESTIONS[:5]:
+        history.append(("user", question))
+        ttft, text, _ = await _ttft_and_text(stub, _request(model, history, 48))
+        ttfts.append(ttft)
+        history.append(("assistant", text))
+    return ttfts
+
+
+async def run(target: str, quick: bool) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for model in (CACHED, UNCACHED):  # warm both engines up
+            await _ttft_and_text(stub, _request(model, [("user", "Hi")], 4))
+
+        print("16 requests sharing a ~300-token system prompt, submitted together:")
+        maxima = {}
+        for model in (CACHED, UNCACHED):
+            ttfts = sorted(await shared_system_prompt(stub, model))
+            maxima[model] = ttfts[-1]
+            print(
+                f"  prefix cache {'on ' if model == CACHED else 'off'}: TTFT min / median / max "
+                f"{ttfts[0] * 1000:.0f} / {statistics.median(ttfts) * 1000:.0f} / "
+                f"{ttfts[-1] * 1000:.0f} ms",
+                flush=True,
+            )
+        line("TTFT max, cache on", maxima[CACHED] * 1000, "ms", maxima[UNCACHED] * 1000, "vs off")
+
+        print("A growing conversation (5 turns, 48-token replies), time to first token per turn:")
+        ratio = {}
+        for model in (CACHED, UNCACHED):
+            ttfts = await conversation(stub, model)
+            ratio[model] = ttfts[-1] / ttfts[0]
+            print(
+                f"  prefix cache {'on ' if model == CACHED else 'off'}: "
+                + " / ".join(f"{t * 1000:.0f}" for t in ttfts)
+                + f" ms; turn 5 ÷ turn 1 {ratio[model]:.2f}",
+                flush=True,
+            )
+        line("turn 5 TTFT ÷ turn 1, cache on", ratio[CACHED], "x", None, "goal <= 0.5")
+
+        speeds = {}
+        rounds = 2 if quick else 4
+        for model in (CACHED, UNCACHED):
+            samples = []
+            for i in range(rounds):  # a prompt sharing nothing with anything cached
+                request = _request(model, [("user", f"Count from {i * 7} to {i * 7 + 40}.")], 64)
+                samples.append((await _ttft_and_text(stub, request))[2])
+            speeds[model] = statistics.median(samples)
+        line("1 stream decode tok/s, cache on", speeds[CACHED], "tok/s", speeds[UNCACHED], "vs off")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(f"# prefix-cache benchmark, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(CONFIG)
+        with router_process(config=config) as target:
+            asyncio.run(run(target, args.quick))
+
+
+if __name__ == "__main__":
+    main()
