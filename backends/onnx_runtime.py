@@ -259,7 +259,7 @@ class OnnxDecoder:
     # ------------------------------------------------------------------ prefix KV pool
     def kv_bytes_per_token(self) -> int:
         _, kv_heads, _, head_dim = self._keys[0].shape
-        return 2 * self._num_layers * kv_heads * head_dim * self._keys[0].itemsize
+        return int(2 * self._num_layers * kv_heads * head_dim * self._keys[0].itemsize)
 
     def open_pool(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
