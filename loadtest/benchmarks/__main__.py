@@ -13,6 +13,7 @@ if __name__ == "__main__":
     subprocess.run([sys.executable, "-m", "loadtest.benchmarks.matcher_bench"], check=True)
     for title, module in (
         ("serving", "serve_bench"),
+        ("batching against standalone engines", "batching_bench"),
         ("prefix cache", "prefix_bench"),
         ("OpenVINO vs ONNX Runtime", "openvino_bench"),
         ("guard", "guard_bench"),

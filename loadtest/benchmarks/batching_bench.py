@@ -1,0 +1,225 @@
+"""Batching at the engine's limit (issue 12): the router's default configuration against the best
+standalone engines on the same CPU, in one run.
+
+Workload (the issue's): 8 chat prompts (37-58 tokens with SmolLM2's default system prompt)
+cycled to N, greedy, exactly NEW tokens each (ignore_eos), all N submitted at once.
+
+- bare ONNX Runtime batched loop: the same int4 step engine the router uses (OnnxDecoder), no
+  scheduler, no gRPC: prefill each prompt, then decode all rows together until done;
+- OpenVINO GenAI ContinuousBatchingPipeline, standalone in this process, on the model's GGUF
+  (its cached IR), 2 threads, `add_request`/`step`, its prefix caching on (the prompts share
+  SmolLM2's default system prompt, as the router's cache sees them share it);
+- the router: `irouter serve` with its defaults, driven over gRPC, response cache bypassed.
+
+Every engine is warmed up with one request first (which also puts the shared system prompt in
+the prefix caches), then measured ROUNDS times; the median aggregate is reported.
+
+Each figure: aggregate tokens/s and time to first token min / median / max; the router's
+aggregate as a ratio to the best standalone engine at the same N (goal: >= 1.0 at 16, >= 0.95 of
+the bare loop at 1).
+
+    python -m loadtest.benchmarks.batching_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+from tokenizers import Tokenizer
+
+from loadtest.benchmarks.serve_bench import GEN, line, router_process
+from router.config_file import load_config
+from router.models.chat_template import render_chat
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a binary search does, briefly.",
+    "Name three fruits that are red.",
+    "How many legs does a spider have?",
+    "Give me a tip for sleeping better.",
+    "Translate 'good morning' into Spanish.",
+    "What is 17 times 3?",
+]
+
+if TYPE_CHECKING:
+    from backends.onnx_runtime import OnnxDecoder
+
+Run = tuple[float, list[float]]
+"""Aggregate generated tokens/s, and each request's time to first token in seconds."""
+
+
+def prompt_ids(model_dir: Path, n: int) -> list[list[int]]:
+    manifest = load_manifest(model_dir)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    texts = [
+        render_chat(manifest["chat_template"], [{"role": "user", "content": q}]) for q in QUESTIONS
+    ]
+    ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    return [ids[i % len(ids)] for i in range(n)]
+
+
+def load_manifest(model_dir: Path) -> dict[str, object]:
+    from backends.artifact import read_manifest
+
+    return dict(read_manifest(model_dir))
+
+
+def bare_onnx(model_dir: Path, prompts: list[list[int]], new: int, rounds: int) -> Run:
+    from backends.onnx_runtime import OnnxDecoder
+
+    decoder = OnnxDecoder(model_dir, max_slots=len(prompts), max_context=512, threads=2)
+    decoder.prefill(0, np.array(prompts[0], np.int64), 0)  # warm up
+    decoder.release(0)
+    return _median([_bare_round(decoder, prompts, new) for _ in range(rounds)])
+
+
+def _bare_round(decoder: OnnxDecoder, prompts: list[list[int]], new: int) -> Run:
+    n = len(prompts)
+    for slot in range(n):
+        decoder.release(slot)
+    started = time.perf_counter()
+    ttfts, tokens = [], []
+    for slot, ids in enumerate(prompts):
+        logits = decoder.prefill(slot, np.array(ids, np.int64), 0)
+        tokens.append(int(np.argmax(logits)))
+        ttfts.append(time.perf_counter() - started)
+    slots = np.arange(n, dtype=np.int64)
+    positions = np.array([len(p) for p in prompts], np.int64)
+    last = np.array(tokens, np.int64)
+    for _ in range(new - 1):
+        logits = decoder.decode(slots, last, positions)
+        last = np.argmax(logits, axis=1).astype(np.int64)
+        positions += 1
+    return n * new / (time.perf_counter() - started), ttfts
+
+
+def _median(runs: list[Run]) -> Run:
+    return statistics.median(r[0] for r in runs), [t for r in runs for t in r[1]]
+
+
+def openvino_cb(model_dir: Path, prompts: list[list[int]], new: int, rounds: int) -> Run:
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    from backends.openvino.ir import cached_ir
+
+    scheduler = ov_genai.SchedulerConfig()
+    scheduler.max_num_seqs = 16
+    scheduler.max_num_batched_tokens = 256
+    scheduler.dynamic_split_fuse = True
+    scheduler.cache_size = 1  # GB of KV
+    scheduler.enable_prefix_caching = True
+    pipe = ov_genai.ContinuousBatchingPipeline(
+        str(cached_ir(model_dir, exact=False)), scheduler, "CPU", {"INFERENCE_NUM_THREADS": 2}
+    )
+    eos = int(load_manifest(model_dir)["eos_token_id"])  # type: ignore[call-overload]
+    config = ov_genai.GenerationConfig()
+    config.max_new_tokens = new
+    config.set_eos_token_id(eos)
+    config.stop_token_ids = {eos}
+    config.ignore_eos = True
+
+    def run(batch: list[list[int]]) -> Run:
+        started = time.perf_counter()
+        handles = [
+            pipe.add_request(i, ov.Tensor(np.array([ids], np.int64)), config)
+            for i, ids in enumerate(batch)
+        ]
+        first: dict[int, float] = {}
+        generated = 0
+        while pipe.has_non_finished_requests():
+            pipe.step()
+            for i, handle in enumerate(handles):
+                while handle.can_read():
+                    for output in handle.read().values():
+                        generated += len(output.generated_ids)
+                        if output.generated_ids and i not in first:
+                            first[i] = time.perf_counter() - started
+        return generated / (time.perf_counter() - started), list(first.values())
+
+    run(prompts[:1])  # warm up (the first compiled model runs slowly at first)
+    return _median([run(prompts) for _ in range(rounds)])
+
+
+async def router_run(target: str, n: int, new: int, rounds: int) -> Run:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+
+        async def one(question: str) -> tuple[float, int]:
+            request = pb.GenerateRequest(
+                model=GEN,
+                chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=question)]),
+                sampling=pb.SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True),
+                cache_mode=pb.CACHE_MODE_BYPASS,
+                return_token_ids=True,
+            )
+            started, first, count = time.perf_counter(), 0.0, 0
+            async for chunk in stub.Generate(request, timeout=600):
+                if chunk.token_ids and not first:
+                    first = time.perf_counter() - started
+                count += len(chunk.token_ids)
+            return first, count
+
+        async def round_() -> Run:
+            started = time.perf_counter()
+            results = await asyncio.gather(*(one(QUESTIONS[i % len(QUESTIONS)]) for i in range(n)))
+            elapsed = time.perf_counter() - started
+            return sum(r[1] for r in results) / elapsed, [r[0] for r in results]
+
+        await one("Hello")  # warm up
+        return _median([await round_() for _ in range(rounds)])
+
+
+def report(name: str, n: int, run: Run, baseline: float | None, goal: str = "") -> None:
+    rate, ttfts = run
+    ms = sorted(t * 1000 for t in ttfts)
+    line(f"{name}, N={n}", rate, "tok/s", baseline, goal)
+    print(
+        f"    TTFT min / median / max {ms[0]:.0f} / {statistics.median(ms):.0f} / {ms[-1]:.0f} ms",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    new = 64 if args.quick else 128
+    sizes = (1, 16) if args.quick else (1, 4, 16)
+    rounds = 1 if args.quick else 3
+    model_dir = load_config(None).model_cache / GEN
+    print(f"# batching benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {new} new tokens", flush=True)
+    best: dict[int, tuple[str, float]] = {}
+    for n in sizes:
+        prompts = prompt_ids(model_dir, n)
+        bare = bare_onnx(model_dir, prompts, new, rounds)
+        report("bare ONNX Runtime batched loop", n, bare, None)
+        try:
+            ov = openvino_cb(model_dir, prompts, new, rounds)
+        except (ImportError, RuntimeError) as exc:  # no openvino, or no IR converted yet
+            print(f"    OpenVINO GenAI CB standalone: not measured ({exc})", flush=True)
+        else:
+            report("OpenVINO GenAI CB standalone", n, ov, bare[0], "vs bare loop")
+            if ov[0] > bare[0]:
+                best[n] = ("OpenVINO GenAI CB", ov[0])
+        best.setdefault(n, ("bare loop", bare[0]))
+    with router_process() as target:
+        runs = {n: asyncio.run(router_run(target, n, new, rounds)) for n in sizes}
+    for n, run in runs.items():
+        name, rate = best[n]
+        goal = "goal >= 0.95 of the bare loop" if n == 1 else "goal >= 1.0"
+        report(f"router default, vs best ({name})", n, run, rate, goal)
+
+
+if __name__ == "__main__":
+    main()
