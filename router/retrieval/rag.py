@@ -17,6 +17,7 @@ from router.errors import FailedPrecondition, InvalidArgument
 from router.retrieval.config import MAX_TOP_K, RagConfig
 from router.retrieval.spec import Filter, Hit
 from router.retrieval.store import CollectionStore
+from router.serving import tokenize
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
 from router.serving.prompt import prompt_ids
@@ -209,12 +210,22 @@ class Retriever:
         def count(m: Messages | None, p: str | None) -> int:
             return len(prompt_ids(model, prompt=p, messages=m))
 
-        return fit(
-            self.config,
-            messages,
-            prompt,
-            passages,
-            count,
-            limit=model.context_length - reserve,
-            max_passage_tokens=rag.max_context_tokens,
+        # Fitting renders and tokenizes the input once per candidate number of passages: on
+        # the tokenizing worker when that is long, not on the loop.
+        chars = (
+            len(prompt or "")
+            + sum(len(m.get("content", "")) for m in messages or ())
+            + sum(len(p.text) for p in passages)
+        )
+        return await tokenize.off_loop(
+            chars * (len(passages) + 1),
+            lambda: fit(
+                self.config,
+                messages,
+                prompt,
+                passages,
+                count,
+                limit=model.context_length - reserve,
+                max_passage_tokens=rag.max_context_tokens,
+            ),
         )

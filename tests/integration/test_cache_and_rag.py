@@ -4,8 +4,10 @@ with the real SmolLM2 and MiniLM models (and a real redis-server for the shared 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,6 +20,7 @@ from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.proto.irouter.v1 import retrieval_service_pb2 as rpb
 from router.proto.irouter.v1 import retrieval_service_pb2_grpc as rpb_grpc
+from router.retrieval import rag
 from router.retrieval.rag import Retriever
 from router.server import RouterServer
 from router.services.inference import InferenceServicer
@@ -288,6 +291,33 @@ async def test_a_long_question_is_never_cut_for_passages(
     assert not response.passages  # no room: the input went in unchanged
     plain = await stub.Complete(pb.CompleteRequest(model=GEN, prompt=question, sampling=greedy(8)))
     assert response.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+async def test_fitting_passages_to_a_long_input_runs_off_the_loop(
+    router: RouterServer,
+    stub: pb_grpc.InferenceServiceStub,
+    retrieval: rpb_grpc.RetrievalServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads: list[str] = []
+    real_fit = rag.fit
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(rag, "fit", fit)
+    question = "Tell me about the ocean. " * 160  # ~4,000 characters, tokenized once per passage
+    response = await stub.Complete(
+        pb.CompleteRequest(
+            model=GEN,
+            prompt=question,
+            sampling=greedy(4),
+            retrieval=pb.RetrievalOptions(collection="rag_facts", query="ocean", top_k=5),
+        )
+    )
+    assert response.passages
+    assert threads and threads[0].startswith("irouter-offload"), threads
 
 
 async def test_retrieval_bad_input_gets_named_statuses(
