@@ -3,6 +3,7 @@ input and output guardrails, the audit log."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -227,11 +228,17 @@ async def test_audit_log_has_one_line_per_call_and_no_credentials(
     await stub.Complete(hello(3), metadata=key_md(key))
     await error_of(stub.Embed(pb.EmbedRequest(model=EMB, texts=["x"]), metadata=key_md(key)))
     assert server.guard is not None
-    server.guard.recorder.flush()
-    text = (tmp / "audit.jsonl").read_text()
+    # The client has its status as soon as the server sends it; the server records the call
+    # when its handler ends, a moment later: wait for both lines.
+    for _ in range(250):
+        server.guard.recorder.flush()
+        text = (tmp / "audit.jsonl").read_text()
+        lines = [json.loads(row) for row in text.splitlines()]
+        mine = [r for r in lines if r["tenant"] == "audited"]
+        if len(mine) >= 2:
+            break
+        await asyncio.sleep(0.02)
     assert key not in text
-    lines = [json.loads(row) for row in text.splitlines()]
-    mine = [r for r in lines if r["tenant"] == "audited"]
     assert [(r["method"].rsplit("/", 1)[-1], r["status"]) for r in mine] == [
         ("Complete", "OK"),
         ("Embed", "PERMISSION_DENIED"),
