@@ -50,8 +50,10 @@ class Scheduler:
         Queue a request; False when the waiting queue is full (shed load). num_cached prompt tokens come from a prefix cache: its first row starts there. Raises ValueError on a duplicate id or a request that cannot fit.
         """
 
-    def schedule(self) -> SchedulerOutput:
-        """Plan the next step and advance num_computed by it."""
+    def schedule(self, budget: int = 0) -> SchedulerOutput:
+        """
+        Plan the next step and advance num_computed by it; budget (tokens this step, at most token_budget; 0: token_budget) keeps a step short while sequences decode.
+        """
 
     @overload
     def append_tokens(self, request_ids: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)]) -> None:

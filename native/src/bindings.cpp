@@ -248,15 +248,17 @@ NB_MODULE(_native, m) {
            "Raises ValueError on a duplicate id or a request that cannot fit.")
       .def(
           "schedule",
-          [](Scheduler& s) {
+          [](Scheduler& s, int32_t budget) {
             irouter::SchedulerOutput out;
             {
               nb::gil_scoped_release release;
-              out = s.schedule();
+              out = s.schedule(budget);
             }
             return wrap(std::move(out));
           },
-          "Plan the next step and advance num_computed by it.")
+          "budget"_a = 0,
+          "Plan the next step and advance num_computed by it; budget (tokens this step, at "
+          "most token_budget; 0: token_budget) keeps a step short while sequences decode.")
       .def(
           "append_tokens",
           [](Scheduler& s, In<int64_t> request_ids) {

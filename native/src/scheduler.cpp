@@ -98,7 +98,7 @@ void Scheduler::release_slot(Sequence* seq) {
   seq->slot = -1;
 }
 
-SchedulerOutput Scheduler::schedule() {
+SchedulerOutput Scheduler::schedule(int32_t step_budget) {
   // One step spends at most token_budget tokens; a decode row costs 1, a
   // prefill chunk its length. There are no separate prefill/decode phases:
   // every sequence just has num_tokens - num_computed tokens to catch up on.
@@ -131,7 +131,8 @@ SchedulerOutput Scheduler::schedule() {
   std::vector<Row> rows;
   rows.reserve(running_.size() + 4);
   SchedulerOutput out;
-  int32_t budget = token_budget_;
+  int32_t budget =
+      step_budget > 0 ? std::min(step_budget, token_budget_) : token_budget_;
 
   auto add_row = [&](Sequence* s, int32_t count) {
     rows.push_back({s, s->num_computed, count});

@@ -221,6 +221,20 @@ def test_a_cached_prefix_leaves_at_least_one_prompt_token(cached: int) -> None:
     assert sched.num_waiting == 0
 
 
+def test_a_step_budget_lowers_the_token_budget_for_one_step_only() -> None:
+    sched = make_scheduler(max_slots=2, token_budget=16)
+    sched.add_request(1, num_prompt_tokens=4, max_new_tokens=8)
+    sched.schedule()
+    sched.append_tokens([1])
+    sched.add_request(2, num_prompt_tokens=40, max_new_tokens=8)
+    # The decode row first, then what is left of a 6-token step for the new prompt.
+    assert rows(sched.schedule(budget=6)) == [(1, 0, 4, 1, True), (2, 1, 0, 5, False)]
+    sched.append_tokens([1])
+    assert rows(sched.schedule()) == [(1, 0, 5, 1, True), (2, 1, 5, 15, False)]  # 0: all 16
+    sched.append_tokens([1])
+    assert rows(sched.schedule(budget=100)) == [(1, 0, 6, 1, True), (2, 1, 20, 15, False)]
+
+
 def test_equal_priority_never_preempts() -> None:
     sched = make_scheduler(max_slots=1, token_budget=64)
     sched.add_request(1, num_prompt_tokens=4, max_new_tokens=8, priority=3)

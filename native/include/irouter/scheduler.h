@@ -63,7 +63,10 @@ class Scheduler {
                    int32_t max_new_tokens, int32_t priority = 0,
                    int32_t num_cached = 0);
 
-  SchedulerOutput schedule();
+  // budget: tokens this step may compute, at most token_budget; 0 or less
+  // means token_budget. The caller lowers it to keep a step short while
+  // sequences are decoding (prefill chunks then wait for later steps).
+  SchedulerOutput schedule(int32_t budget = 0);
 
   // Each listed sequence received one sampled token. Unknown ids (e.g.
   // cancelled while the step ran) are ignored. Throws std::invalid_argument
