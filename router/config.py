@@ -85,7 +85,9 @@ class ModelConfig:
     max_slots: int = 16
     """Sequences decoded together; each holds a KV slot of max_context tokens (decoders)."""
     token_budget: int = 512
-    """Tokens computed per engine step: decode rows cost 1, prefill chunks their length."""
+    """Most tokens computed per engine step: decode rows cost 1, prefill chunks their length.
+    While sequences decode, the router's own engine gives a step less (router.scheduler.pacing),
+    so that a long prefill chunk does not stall every stream's next token."""
     max_waiting: int = 256
     """Requests queued beyond the running ones before new ones are shed (RESOURCE_EXHAUSTED)."""
     max_queue_wait_s: float = 10.0

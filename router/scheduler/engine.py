@@ -15,11 +15,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
+import numpy as np
+
 from backends.base import DecoderStepEngine, PrefixKVStore, StepObserver
 from router.errors import Internal
 from router.scheduler.admission import Admission
 from router.scheduler.detokenizer import TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits, error_chunk
+from router.scheduler.pacing import StepPacer
 from router.scheduler.prefix_cache import BLOCK_TOKENS, PrefixCache
 from router.scheduler.request import Priority, Request, RequestStatus
 from router.scheduler.runner import ModelRunner
@@ -75,6 +78,7 @@ class DecoderEngine:
         self.prefix_cache = _prefix_cache(name, backend, limits.prefix_cache_bytes)
         self._scheduler = Scheduler(name, limits, decoder, stop_ids, self.prefix_cache)
         self._runner = ModelRunner(name, backend, self.prefix_cache)
+        self._pacer = StepPacer(limits.token_budget)
         self._inbox: collections.deque[tuple[str, Request | int]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -171,7 +175,7 @@ class DecoderEngine:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        scheduler, runner = self._scheduler, self._runner
+        scheduler, runner, pacer = self._scheduler, self._runner, self._pacer
         reported = (0, 0)  # prefix cache (hit, queried) tokens the observer has been told of
         while not self._stopping:
             out: Out = []
@@ -188,9 +192,15 @@ class DecoderEngine:
             started = time.perf_counter()
             batch = 0
             try:
-                step = scheduler.schedule()
+                step = scheduler.schedule(pacer.budget(scheduler.num_running))
                 batch = len(step.requests)
-                out += scheduler.update_from_output(step, runner.execute(step))
+                result = runner.execute(step)
+                counts = step.plan.counts
+                decode_rows = int(np.count_nonzero(counts == 1))
+                pacer.observe(
+                    decode_rows, int(counts.sum()) - decode_rows, time.perf_counter() - started
+                )
+                out += scheduler.update_from_output(step, result)
             except Exception:  # a bug in the loop itself: fail what is running, keep serving
                 logger.exception("engine %s: step failed; failing its requests", self.name)
                 scheduler.fail_all(Internal(f"model {self.name!r} failed a step"), out)

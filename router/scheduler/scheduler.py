@@ -157,8 +157,9 @@ class Scheduler:
         for engine_id in list(self.requests):
             self.fail(engine_id, error, out)
 
-    def schedule(self) -> SchedulerOutput:
-        plan = self._native.schedule()
+    def schedule(self, budget: int = 0) -> SchedulerOutput:
+        """The next step's plan; `budget` tokens at most (0: the token_budget)."""
+        plan = self._native.schedule(budget=budget)
         for engine_id in plan.preempted:
             req = self.requests.get(int(engine_id))
             if req is not None:
