@@ -88,14 +88,22 @@ class PrefixCache:
 
     def match(self, tokens: npt.NDArray[np.int64], num_prompt: int) -> list[int]:
         """Pin and return the blocks of the longest cached prefix of the prompt
-        tokens[:num_prompt], leaving at least its last MIN_COMPUTED tokens to compute.
-        `release` them (the runner does, once they are copied into the request's slot)."""
+        tokens[:num_prompt], leaving at least its last MIN_COMPUTED tokens to compute. `load`
+        them into the request's slot (the runner does; that unpins them) or `release` them."""
         path = self._walk(tokens, num_prompt - MIN_COMPUTED)
         for block in path:
             self._pin(block)
         self.queried_tokens += num_prompt
         self.hit_tokens += len(path) * self.block_size
         return path
+
+    def load(self, slot: int, blocks: Sequence[int]) -> None:
+        """Copy `blocks` (from `match`) into `slot` as its first computed tokens, and unpin
+        them, also when the copy fails."""
+        try:
+            self._store.load_blocks(slot, blocks)
+        finally:
+            self.release(blocks)
 
     def release(self, blocks: Sequence[int]) -> None:
         """Unpin `blocks` (from `match`); leaf first, so the root ends most recently used and a

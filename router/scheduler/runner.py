@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import numpy.typing as npt
 
-from backends.base import DecoderStepEngine, PrefixKVStore
+from backends.base import DecoderStepEngine
 from router import _native
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request
@@ -66,19 +66,15 @@ class ModelRunner:
         return result
 
     def _load(self, output: SchedulerOutput, result: RunnerOutput) -> None:
-        """Copy each newly admitted request's cached prefix into its slot, and unpin it."""
+        """Copy each newly admitted request's cached prefix into its slot."""
         assert self._prefix_cache is not None
-        store = self._backend
-        assert isinstance(store, PrefixKVStore)
         for row, blocks in output.loads:
             try:
-                store.load_blocks(int(output.plan.slots[row]), blocks)
+                self._prefix_cache.load(int(output.plan.slots[row]), blocks)
             except Exception:
                 req = output.requests[row]
                 logger.exception("engine %s: prefix load failed for %s", self.name, req.request_id)
                 result.errors[row] = "loading its cached prefix failed"
-            finally:
-                self._prefix_cache.release(blocks)
 
     def release(self, slots: list[int]) -> None:
         """The KV slots of requests that ended may be reused."""
