@@ -1,4 +1,5 @@
-"""`irouter` command line: serve, models prepare."""
+"""`irouter` command line: serve, proxy, models (prepare, and the registry's commands), keys,
+loadtest."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from router import logs
 from router.config import ConfigError
 from router.config_file import load_config
 from router.keys_cli import register_cli, run_cli
+from router.models_cli import is_registry_command
+from router.models_cli import register_cli as register_models_cli
+from router.models_cli import run_cli as run_models_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     prep = models_sub.add_parser("prepare", help="convert the packaged models into the cache")
     prep.add_argument("--config", type=Path, help="YAML config file")
     prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    register_models_cli(models_sub)
 
     proxy = sub.add_parser("proxy", help="REST proxy speaking the OpenAI API to a router")
     proxy.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "loadtest":
         return run_loadtest_cli(args)
+    if args.command == "models" and is_registry_command(args.models_command):
+        return run_models_cli(args)
     reload = None
     try:
         if args.command == "serve":

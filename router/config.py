@@ -16,6 +16,7 @@ from backends.factory import KServeConfig, OpenAIHttpConfig
 from router import logs
 from router.cache.config import CacheConfig
 from router.guard.config import GuardConfig
+from router.registry.config import RegistryConfig
 from router.retrieval.config import RagConfig
 from router.routing.config import RoutingConfig
 from router.tls import TlsConfig
@@ -258,6 +259,8 @@ class RouterConfig:
     """Deployments of replicas (local devices or remote servers) behind one name, aliases that
     split traffic across them, task routes; a models[] entry a deployment serves is then reached
     through its deployments only."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """The control plane's database: registered model versions and the audit log of changes."""
 
     def validate(self) -> RouterConfig:
         s = self.server
@@ -294,6 +297,7 @@ class RouterConfig:
             self.cache.validate()
             self.retrieval.validate()
             self.routing.validate()
+            self.registry.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._check_routing()

@@ -176,6 +176,11 @@ def load_config(
         config = dataclasses.replace(
             config, server=dataclasses.replace(config.server, **server_changes)
         )
+    registry_url = env.get(ENV_PREFIX + "REGISTRY_URL")
+    if registry_url:
+        config = dataclasses.replace(
+            config, registry=dataclasses.replace(config.registry, url=registry_url)
+        )
     cache = env.get(ENV_PREFIX + "MODEL_CACHE")
     if cache:
         config = dataclasses.replace(config, model_cache=Path(os.path.expanduser(cache)))

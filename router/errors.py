@@ -75,6 +75,12 @@ class AlreadyExists(RouterError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class Aborted(RouterError):
+    """A change lost a race with another change to the same thing; read it again and retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class ResourceExhausted(RouterError):
     """Load shed or quota hit. `retry_after_s` becomes a google.rpc.RetryInfo detail and each
     (subject, description) in `violations` a google.rpc.QuotaFailure violation."""

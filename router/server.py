@@ -12,6 +12,7 @@ import os
 import signal
 import types
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,9 +23,10 @@ from router.cache.embedding import Embedder
 from router.cache.response import ResponseCache
 from router.cache.semantic import SemanticCache
 from router.config import ConfigError, ModelConfig, RouterConfig
-from router.errors import FailedPrecondition
+from router.errors import FailedPrecondition, Unavailable
 from router.guard.setup import Guard
 from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import model_service_pb2 as model_pb
 from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
 from router.retrieval.rag import Retriever
 from router.retrieval.store import CollectionStore
@@ -40,10 +42,14 @@ from router.serving.model import ServedModel
 from router.telemetry import Metrics
 from router.tls import CertificateReloader
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 RETRIEVAL_SERVICE = retrieval_pb.DESCRIPTOR.services_by_name["RetrievalService"]
+MODEL_SERVICE = model_pb.DESCRIPTOR.services_by_name["ModelService"]
 """Longest sleep of the health-check loop between two looks at what is due."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -109,6 +115,17 @@ class RouterServer:
                 chain,
             )
             self._services.append(RETRIEVAL_SERVICE.full_name)
+        self.registry: Engine | None = None
+        if config.registry.enabled:
+            from router.registry.database import create_engine
+            from router.registry.version_store import ModelVersionStore
+            from router.services.models import ModelServicer
+
+            # Connects (and migrates, in start()) lazily: nothing blocks here.
+            self.registry = create_engine(config.registry.resolved_url())
+            servicer = ModelServicer(ModelVersionStore(self.registry))
+            add_service(self.server, MODEL_SERVICE, servicer, self.metrics, chain)
+            self._services.append(MODEL_SERVICE.full_name)
         retriever = Retriever(r.rag, self.collections, self.models, self.embedder)
         answering = Answering(self.embedder, self.responses, semantic, retriever)
         add_service(
@@ -138,6 +155,12 @@ class RouterServer:
             raise OSError(f"cannot bind {s.host}:{s.port}: in use, or not an address of this host")
         if self.collections is not None:
             await self.collections.load()
+        if self.registry is not None:
+            from router.registry.database import open_schema
+
+            # Unavailable (naming the database) when it cannot be reached: the router does not
+            # start with a control plane it cannot keep.
+            await asyncio.to_thread(open_schema, self.registry)
         if self.guard is not None:
             await self.guard.start()
             self._housekeeping = asyncio.get_running_loop().create_task(self._flush_audit())
@@ -148,6 +171,8 @@ class RouterServer:
         await self.health.set(INFERENCE_SERVICE.full_name, NOT_SERVING)
         if self.collections is not None:
             await self.health.set(RETRIEVAL_SERVICE.full_name, SERVING)
+        if self.registry is not None:
+            await self.health.set(MODEL_SERVICE.full_name, SERVING)
         if s.metrics_port:
             self.metrics.serve(s.metrics_port + self._worker, s.host)
         self._loading = asyncio.get_running_loop().create_task(self._load_all())
@@ -293,6 +318,8 @@ class RouterServer:
         await self.models.stop()
         if self.collections is not None:
             await self.collections.close()
+        if self.registry is not None:
+            self.registry.dispose()
         if self.responses is not None:
             await self.responses.close()
         if self._housekeeping is not None:
@@ -346,7 +373,10 @@ def _run_one(config: RouterConfig, worker: int, reload: ConfigSource | None = No
         config.server.library_log_level,
         f"%(asctime)s %(levelname)s [w{worker}] %(name)s: %(message)s",
     )
-    uvloop.run(serve(config, worker=worker, reload=reload))
+    try:
+        uvloop.run(serve(config, worker=worker, reload=reload))
+    except Unavailable as exc:  # the registry database cannot be reached at start
+        raise SystemExit(f"irouter: {exc}") from None
 
 
 def _tell(procs: Sequence[multiprocessing.process.BaseProcess], signum: int) -> None:

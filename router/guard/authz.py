@@ -33,6 +33,12 @@ DEFAULT_METHOD_SCOPES: Mapping[str, str] = {
     "/irouter.v1.RetrievalService/DropCollection": "retrieval:write",
     "/irouter.v1.RetrievalService/Upsert": "retrieval:write",
     "/irouter.v1.RetrievalService/Delete": "retrieval:write",
+    "/irouter.v1.ModelService/GetModelVersion": "models:read",
+    "/irouter.v1.ModelService/ListModelVersions": "models:read",
+    "/irouter.v1.ModelService/RegisterModelVersion": "models:write",
+    "/irouter.v1.ModelService/UpdateModelVersion": "models:write",
+    "/irouter.v1.ModelService/DeprecateModelVersion": "models:write",
+    "/irouter.v1.ModelService/DeleteModelVersion": "models:write",
 }
 """Full method name -> scope it needs ('' = any authenticated caller)."""
 

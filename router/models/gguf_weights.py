@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -57,13 +58,21 @@ class LlamaWeights:
     """Per block: attn_norm, q, k, v, o, ffn_norm, gate, up, down."""
 
 
-def field_value(reader: GGUFReader, key: str) -> Any:
+class MetadataSource(Protocol):
+    """What field_value reads: gguf's GGUFReader, or gguf_metadata.GGUFMetadata (fast, no
+    weights)."""
+
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
+
+
+def field_value(reader: MetadataSource, key: str) -> Any:
     """Return the decoded value of a GGUF metadata field, or None when absent."""
     f = reader.fields.get(key)
     return None if f is None else f.contents()
 
 
-def read_config(reader: GGUFReader) -> LlamaConfig:
+def read_config(reader: MetadataSource) -> LlamaConfig:
     arch = field_value(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"general.architecture={arch!r} is not supported; expected 'llama'")

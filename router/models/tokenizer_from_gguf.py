@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gguf import GGUFReader
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from router.models.gguf_weights import field_value
+from router.models.gguf_metadata import GGUFMetadata
+from router.models.gguf_weights import MetadataSource, field_value
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ _USER_DEFINED = 4
 _DIGIT_SPLITTING = {"smollm": True, "starcoder": True, "gpt-2": False, "gpt2": False}
 
 
-def tokenizer_from_gguf(reader: GGUFReader) -> Tokenizer:
+def tokenizer_from_gguf(reader: MetadataSource) -> Tokenizer:
     """A byte-level BPE tokenizer with ids identical to the GGUF vocabulary."""
     model = field_value(reader, "tokenizer.ggml.model")
     if model != "gpt2":
@@ -59,6 +59,6 @@ def tokenizer_from_gguf(reader: GGUFReader) -> Tokenizer:
 
 
 def write_tokenizer_json(gguf_path: Path, out_path: Path) -> Tokenizer:
-    tokenizer = tokenizer_from_gguf(GGUFReader(str(gguf_path)))
+    tokenizer = tokenizer_from_gguf(GGUFMetadata.read(gguf_path))
     tokenizer.save(str(out_path))
     return tokenizer

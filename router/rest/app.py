@@ -13,7 +13,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from router.proto.irouter.v1 import inference_service_pb2, retrieval_service_pb2
+from router.proto.irouter.v1 import (
+    inference_service_pb2,
+    model_service_pb2,
+    retrieval_service_pb2,
+)
 from router.rest.docs import docs_routes
 from router.rest.errors import ApiError, api_error_handler, http_error, server_error
 from router.rest.grpc_client import ClientDisconnected, RouterClient
@@ -27,6 +31,7 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 SERVICES = (
     inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"],
     retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
 )
 
 logger = logging.getLogger(__name__)

@@ -176,6 +176,9 @@ def set_from_strings(
     """Set the scalar (or repeated scalar) field at the end of `chain` from path or query
     strings. With `conflict_check`, a different value already set (from the body) is an error."""
     leaf = chain[-1]
+    if leaf.message_type is not None and leaf.message_type.full_name in _STRING_WKTS:
+        _set_well_known(message, chain, values, where)
+        return
     if leaf.message_type is not None:
         raise FieldError(where, "is a message; set its fields instead (e.g. a.b=1)")
     if not leaf.is_repeated and len(values) > 1:
@@ -205,6 +208,41 @@ def set_from_strings(
             where, f"is {new!r} in the path but {getattr(parent, leaf.name)!r} in the body"
         )
     setattr(parent, leaf.name, new)
+
+
+_STRING_WKTS = {
+    "google.protobuf.FieldMask",
+    "google.protobuf.Timestamp",
+    "google.protobuf.Duration",
+}
+"""Well-known message types whose JSON form is one string: set from a path or query value as
+that string (`?update_mask=description,tags`), as grpc-gateway does."""
+
+
+def _set_well_known(
+    message: Message, chain: Sequence[FieldDescriptor], values: list[str], where: str
+) -> None:
+    leaf = chain[-1]
+    assert leaf.message_type is not None
+    if leaf.is_repeated:
+        raise FieldError(where, "is a repeated message; send it in the body")
+    parent = message
+    for field in chain[:-1]:
+        if field.is_repeated:
+            raise FieldError(where, f"crosses the repeated field {field.name!r}")
+        parent = getattr(parent, field.name)
+    # A FieldMask given as ?mask=a&mask=b means both paths.
+    text = ",".join(values) if leaf.message_type.full_name == "google.protobuf.FieldMask" else None
+    if text is None:
+        if len(values) > 1:
+            raise FieldError(where, f"is a single value but was given {len(values)} times")
+        text = values[0]
+    probe = message_factory.GetMessageClass(cast(Descriptor, parent.DESCRIPTOR))()
+    try:
+        json_format.ParseDict({leaf.name: text}, probe)
+    except json_format.ParseError as exc:
+        raise FieldError(where, _reason(str(exc))) from None
+    getattr(parent, leaf.name).CopyFrom(getattr(probe, leaf.name))
 
 
 def _is_set(message: Message, field: FieldDescriptor) -> bool:

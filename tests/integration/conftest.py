@@ -11,6 +11,7 @@ import pytest
 from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
 from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from router.registry.config import RegistryConfig
 from router.server import RouterServer
 from tests.openai_servers import OpenAIServer, llama_cpp_missing, running_llama_server
 
@@ -44,8 +45,10 @@ def make_config(
 ) -> RouterConfig:
     """An in-process router for a test: free ports, no metrics port, no grace period (`server`
     overrides), collections under `data_dir` (`retrieval=False` turns them off, `fsync=False`
-    skips the write-ahead log's fsync), `models`
-    (default TEST_MODELS), and any other section (guard=, routing=, cache=). Validated."""
+    skips the write-ahead log's fsync), the registry a SQLite file there too, `models`
+    (default TEST_MODELS), and any other section (guard=, routing=, cache=, registry=).
+    Validated."""
+    sections.setdefault("registry", RegistryConfig(data_dir=data_dir))
     return RouterConfig(
         server=ServerConfig(**{"port": 0, "metrics_port": 0, "grace_seconds": 0, **(server or {})}),
         model_cache=model_cache,
