@@ -1,5 +1,5 @@
-"""`irouter` command line: serve, proxy, models (prepare, and the registry's commands), keys,
-loadtest."""
+"""`irouter` command line: serve, proxy, models (prepare, and the registry's commands),
+deployments, keys, loadtest."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from loadtest.harness.cli import run_cli as run_loadtest_cli
 from router import logs
 from router.config import ConfigError
 from router.config_file import load_config
+from router.deployments_cli import register_cli as register_deployments_cli
+from router.deployments_cli import run_cli as run_deployments_cli
 from router.keys_cli import register_cli, run_cli
 from router.models_cli import is_registry_command
 from router.models_cli import register_cli as register_models_cli
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = register_cli(sub)
     keys.add_argument("--config", type=Path, help="YAML config file (its guard.auth.registry)")
+    register_deployments_cli(sub)
     register_loadtest_cli(sub)
     return parser
 
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_loadtest_cli(args)
     if args.command == "models" and is_registry_command(args.models_command):
         return run_models_cli(args)
+    if args.command == "deployments":
+        return run_deployments_cli(args)
     reload = None
     try:
         if args.command == "serve":

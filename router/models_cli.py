@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format
 
+from router.cli_client import add_connection_flags, call, refused, table
 from router.proto.irouter.v1 import inference_service_pb2 as inference_pb
 from router.proto.irouter.v1 import model_service_pb2 as pb
 from router.proto.irouter.v1 import model_service_pb2_grpc as pb_grpc
@@ -32,16 +32,6 @@ _UPDATE_FLAGS = {
     "currency": "currency",
     "tags": "tags",
 }
-
-
-def _metadata_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="127.0.0.1:50051", help="the router's gRPC host:port")
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("IROUTER_API_KEY", ""),
-        help="API key with the models:read / models:write scope (default: $IROUTER_API_KEY)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON, not a table")
 
 
 def _version_flags(parser: argparse.ArgumentParser) -> None:
@@ -70,33 +60,33 @@ def register_cli(models_sub: argparse._SubParsersAction[argparse.ArgumentParser]
     reg.add_argument("--remote-model", default="", help="the model's name on the server")
     reg.add_argument("--context-length", type=int, default=0, help="token limit (0: own)")
     _version_flags(reg)
-    _metadata_flags(reg)
+    add_connection_flags(reg)
 
     lst = models_sub.add_parser("list", help="list registered model versions")
     lst.add_argument("name", nargs="?", default="", help="only this model's versions")
     lst.add_argument("--kind", choices=sorted(_KINDS), help="only this kind")
     lst.add_argument("--tag", default="", help="only versions with this tag")
     lst.add_argument("--all", action="store_true", help="include deprecated versions")
-    _metadata_flags(lst)
+    add_connection_flags(lst)
 
     for command, text in (("show", "show one version"), ("delete", "delete one version")):
         p = models_sub.add_parser(command, help=text)
         p.add_argument("name")
         p.add_argument("version")
-        _metadata_flags(p)
+        add_connection_flags(p)
 
     upd = models_sub.add_parser("update", help="change a version's metadata")
     upd.add_argument("name")
     upd.add_argument("version")
     _version_flags(upd)
     upd.add_argument("--generation", type=int, default=0, help="apply only at this generation")
-    _metadata_flags(upd)
+    add_connection_flags(upd)
 
     dep = models_sub.add_parser("deprecate", help="deprecate a version (no new deployments)")
     dep.add_argument("name")
     dep.add_argument("version")
     dep.add_argument("--reason", default="", help="why")
-    _metadata_flags(dep)
+    add_connection_flags(dep)
 
 
 def _tags(text: str | None) -> list[str]:
@@ -111,16 +101,6 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             found[field] = _tags(value) if field == "tags" else value
     return found
-
-
-def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
-    metadata: Sequence[tuple[str, str]] = (
-        (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
-    )
-    with grpc.insecure_channel(args.target) as channel:
-        stub = pb_grpc.ModelServiceStub(channel)
-        # Registering hashes the artifact (hundreds of MB for a GGUF): a generous deadline.
-        return getattr(stub, method)(request, metadata=metadata, timeout=300)
 
 
 def _request(args: argparse.Namespace) -> tuple[str, Any]:
@@ -203,10 +183,7 @@ def _print(response: Any, as_json: bool) -> None:
         print("(none)" if hasattr(response, "model_versions") else "done")
         return
     header = ["NAME", "VERSION", "KIND", "STATE", "CONTEXT", "ARTIFACT", "SHA256", "TAGS"]
-    rows = [header] + [_row(v) for v in versions]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    table([header] + [_row(v) for v in versions])
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -216,22 +193,16 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"irouter models: {exc}", file=sys.stderr)
         return 2
+    progress = ""
     if args.models_command == "register":
-        print(
-            f"checking the artifact and registering {args.name}/{args.version}...", file=sys.stderr
-        )
+        progress = f"checking the artifact of {args.name}/{args.version}..."
     try:
-        response = _call(args, method, request)
+        response = call(args, pb_grpc.ModelServiceStub, method, request, progress=progress)
     except grpc.RpcError as exc:
-        code = exc.code()
-        print(f"irouter models: {code.name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return refused("models", exc)
     _print(response, args.json)
     return 0
 
 
 def is_registry_command(command: str) -> bool:
     return command in COMMANDS
-
-
-__all__ = ["COMMANDS", "is_registry_command", "register_cli", "run_cli"]

@@ -22,34 +22,36 @@ from router import logs
 from router.cache.embedding import Embedder
 from router.cache.response import ResponseCache
 from router.cache.semantic import SemanticCache
-from router.config import ConfigError, ModelConfig, RouterConfig
-from router.errors import FailedPrecondition, Unavailable
+from router.config import ConfigError, RouterConfig
+from router.errors import Unavailable
 from router.guard.setup import Guard
+from router.proto.irouter.v1 import deployment_service_pb2 as deployment_pb
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import model_service_pb2 as model_pb
 from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
 from router.retrieval.rag import Retriever
 from router.retrieval.store import CollectionStore
-from router.routing.config import RoutingConfig
-from router.routing.health import HealthChecker
 from router.services.inference import InferenceServicer
 from router.services.retrieval import RetrievalServicer
 from router.services.rpc import add_service
-from router.serving import loader
 from router.serving.answer import Answering
 from router.serving.catalog import Catalog
-from router.serving.model import ServedModel
+from router.serving.lifecycle import Lifecycle
 from router.telemetry import Metrics
 from router.tls import CertificateReloader
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
+    from router.control.deployments import DeploymentController
+    from router.guard.chain import GuardChain
+
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 RETRIEVAL_SERVICE = retrieval_pb.DESCRIPTOR.services_by_name["RetrievalService"]
 MODEL_SERVICE = model_pb.DESCRIPTOR.services_by_name["ModelService"]
+DEPLOYMENT_SERVICE = deployment_pb.DESCRIPTOR.services_by_name["DeploymentService"]
 """Longest sleep of the health-check loop between two looks at what is due."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -63,12 +65,12 @@ class RouterServer:
         self.config = config
         self.metrics = Metrics()
         self.models = Catalog(config.models, config.model_cache, self.metrics, config.routing)
-        self.models.on_routing_change = self._routing_changed
-        self._checks: asyncio.Task[None] | None = None
-        self._publishing: asyncio.Task[None] | None = None
-        if self.models.dispatcher is not None:
-            self.metrics.watch_replicas(self.models.replica_samples)
+        # Deployments may also be created at run time: replicas are watched from the start.
+        self.metrics.watch_replicas(self.models.replica_samples)
         self.health = health.aio.HealthServicer()
+        self.serving = Lifecycle(self.models, self.health, self.metrics)
+        """Models and deployments added, scaled and removed while serving."""
+        self.models.on_routing_change = self.serving.routing_changed
         self.port = 0
         self.tls: CertificateReloader | None = None
         self._worker = worker
@@ -116,16 +118,9 @@ class RouterServer:
             )
             self._services.append(RETRIEVAL_SERVICE.full_name)
         self.registry: Engine | None = None
+        self.control: DeploymentController | None = None
         if config.registry.enabled:
-            from router.registry.database import create_engine
-            from router.registry.version_store import ModelVersionStore
-            from router.services.models import ModelServicer
-
-            # Connects (and migrates, in start()) lazily: nothing blocks here.
-            self.registry = create_engine(config.registry.resolved_url())
-            servicer = ModelServicer(ModelVersionStore(self.registry))
-            add_service(self.server, MODEL_SERVICE, servicer, self.metrics, chain)
-            self._services.append(MODEL_SERVICE.full_name)
+            self._serve_control_plane(chain)
         retriever = Retriever(r.rag, self.collections, self.models, self.embedder)
         answering = Answering(self.embedder, self.responses, semantic, retriever)
         add_service(
@@ -139,6 +134,26 @@ class RouterServer:
         reflection.enable_server_reflection(
             (*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
+
+    def _serve_control_plane(self, chain: GuardChain | None) -> None:
+        """ModelService and DeploymentService over the registry database."""
+        from router.control.deployments import DeploymentController
+        from router.registry.database import create_engine
+        from router.registry.deployments import DeploymentStore
+        from router.registry.version_store import ModelVersionStore
+        from router.services.deployments import DeploymentServicer
+        from router.services.models import ModelServicer
+
+        # Connects (and migrates, in start()) lazily: nothing blocks here.
+        self.registry = create_engine(self.config.registry.resolved_url())
+        versions = ModelVersionStore(self.registry)
+        self.control = DeploymentController(self, versions, DeploymentStore(self.registry))
+        for service, servicer in (
+            (MODEL_SERVICE, ModelServicer(versions)),
+            (DEPLOYMENT_SERVICE, DeploymentServicer(self.control)),
+        ):
+            add_service(self.server, service, servicer, self.metrics, chain)
+            self._services.append(service.full_name)
 
     async def start(self) -> int:
         s = self.config.server
@@ -173,6 +188,7 @@ class RouterServer:
             await self.health.set(RETRIEVAL_SERVICE.full_name, SERVING)
         if self.registry is not None:
             await self.health.set(MODEL_SERVICE.full_name, SERVING)
+            await self.health.set(DEPLOYMENT_SERVICE.full_name, SERVING)
         if s.metrics_port:
             self.metrics.serve(s.metrics_port + self._worker, s.host)
         self._loading = asyncio.get_running_loop().create_task(self._load_all())
@@ -185,121 +201,15 @@ class RouterServer:
             await asyncio.sleep(1.0)
             self.guard.recorder.flush()
 
-    async def _bring_up(self, model: ServedModel) -> bool:
-        """Load, start and (a model, not a deployment) warm up; False with model.error set when
-        that failed."""
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.models.load, model)
-            self.models.start(model)
-            if model.deployment is None:
-                await loader.warm_up(model, self.models.next_engine_id())
-        except Exception as exc:
-            model.ready = False
-            model.error = f"{type(exc).__name__}: {exc}"
-            logger.exception("model %s failed to load", model.name)
-            return False
-        return True
-
-    async def add_model(self, config: ModelConfig) -> ServedModel:
-        """Serve one more model, without a restart: registered (listed, NOT_SERVING), loaded,
-        warmed up, then SERVING. A config error or a failed load raises (ConfigError, or
-        FailedPrecondition naming what failed) and leaves nothing behind: no entry, no engine."""
-        model = self.models.add(config)
-        await self.health.set(model.name, NOT_SERVING)
-        if not await self._bring_up(model):
-            await self.models.remove(model.name, grace_s=0)
-            await self.health.set(model.name, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-            raise FailedPrecondition(f"model {model.name!r} could not be served: {model.error}")
-        await self.health.set(model.name, SERVING)
-        logger.info("model %s is serving (added at run time)", model.name)
-        return model
-
-    async def remove_model(self, name: str, *, grace_s: float) -> None:
-        """Stop serving a model: refused at once to new calls (health NOT_SERVING), in-flight
-        calls get `grace_s` to finish, then its engine stops and its name is free."""
-        if any(m.name == name and m.deployment is None for m in self.models):
-            await self.health.set(name, NOT_SERVING)
-        await self.models.remove(name, grace_s=grace_s)
-        await self.health.set(name, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-        logger.info("model %s removed", name)
-
     async def _load_all(self) -> None:
-        loop = asyncio.get_running_loop()
-        for model in list(self.models):  # models may be added while these load
-            if not await self._bring_up(model):
-                continue
-            if model.deployment is not None:
-                for replica in model.replicas:
-                    await self._load_replica(model, replica)
-                await self._publish(model)
-                logger.info(
-                    "deployment %s: %d of %d replicas healthy",
-                    model.name,
-                    sum(r.ready for r in model.replicas),
-                    len(model.replicas),
-                )
-                continue
-            await self.health.set(model.name, SERVING)
-            logger.info("model %s is serving", model.name)
+        await self.serving.load_all()
+        if self.control is not None:
+            await self.control.restore()  # the deployments created at run time before
         if self.models.dispatcher is not None:
-            checker = HealthChecker(self.models, self.metrics, self._publish)
-            self._checks = loop.create_task(checker.run())
+            self.serving.check_replicas()
         if all(m.ready for m in self.models):
             await self.health.set("", SERVING)
             await self.health.set(INFERENCE_SERVICE.full_name, SERVING)
-
-    async def _load_replica(self, deployment: ServedModel, replica: ServedModel) -> None:
-        """Load one replica and put it into rotation once a warm-up call went through; a remote
-        replica that does not answer yet is left to the health checks."""
-        assert deployment.deployment is not None and replica.replica is not None
-        dispatcher = self.models.dispatcher
-        assert dispatcher is not None
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(None, self.models.load, replica)
-            self.models.start(replica)
-        except Exception as exc:
-            replica.ready = False
-            replica.error = f"{type(exc).__name__}: {exc}"
-            logger.exception("replica %s failed to load", replica.name)
-            return
-        try:
-            await loader.warm_up(replica, self.models.next_engine_id())
-        except Exception as exc:
-            replica.ready = False
-            replica.error = f"warm-up failed: {type(exc).__name__}: {exc}"
-            logger.warning("replica %s is out of rotation: %s", replica.name, replica.error)
-            return
-        replica.error = ""
-        dispatcher.set_healthy(deployment.name, replica.replica.name, True)
-
-    async def reload_routing(self, routing: RoutingConfig) -> list[str]:
-        """Apply a new routing config to the running router (see ServedModels.reload_routing)
-        and republish the deployments' health; returns what changed."""
-        changes = self.models.reload_routing(routing)
-        await self._publish_all()
-        return changes
-
-    def _routing_changed(self) -> None:
-        """A breaker changed state: republish the deployments' health (once per burst)."""
-        if self._publishing is None or self._publishing.done():
-            self._publishing = asyncio.get_running_loop().create_task(self._publish_all())
-
-    async def _publish_all(self) -> None:
-        for model in self.models:
-            if model.deployment is not None:
-                await self._publish(model)
-
-    async def _publish(self, deployment: ServedModel) -> None:
-        """A deployment's health: SERVING while a replica of it, or of a fallback, would take
-        a call."""
-        dispatcher = self.models.dispatcher
-        assert dispatcher is not None
-        health = dispatcher.health()
-        serving = deployment.ready and any(
-            health[name].serving for name in dispatcher.chain(deployment.name)
-        )
-        await self.health.set(deployment.name, SERVING if serving else NOT_SERVING)
 
     async def wait_ready(self) -> None:
         if self._loading is not None:
@@ -312,9 +222,7 @@ class RouterServer:
         await self.server.stop(grace)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        for task in (self._checks, self._publishing):
-            if task is not None:
-                task.cancel()
+        self.serving.stop()
         await self.models.stop()
         if self.collections is not None:
             await self.collections.close()
@@ -358,7 +266,7 @@ async def _reload(router: RouterServer, reload: ConfigSource) -> None:
     logged and the running routing kept."""
     try:
         config = reload()
-        changes = await router.reload_routing(config.routing)
+        changes = await router.serving.reload_routing(config.routing)
     except ConfigError as exc:
         logger.error("SIGHUP: routing not reloaded: %s", exc)
         return

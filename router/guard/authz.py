@@ -39,6 +39,11 @@ DEFAULT_METHOD_SCOPES: Mapping[str, str] = {
     "/irouter.v1.ModelService/UpdateModelVersion": "models:write",
     "/irouter.v1.ModelService/DeprecateModelVersion": "models:write",
     "/irouter.v1.ModelService/DeleteModelVersion": "models:write",
+    "/irouter.v1.DeploymentService/GetDeployment": "deployments:read",
+    "/irouter.v1.DeploymentService/ListDeployments": "deployments:read",
+    "/irouter.v1.DeploymentService/CreateDeployment": "deployments:write",
+    "/irouter.v1.DeploymentService/ScaleDeployment": "deployments:write",
+    "/irouter.v1.DeploymentService/DeleteDeployment": "deployments:write",
 }
 """Full method name -> scope it needs ('' = any authenticated caller)."""
 

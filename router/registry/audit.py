@@ -58,6 +58,28 @@ def record(
     )
 
 
+def record_change(
+    connection: Connection,
+    *,
+    at: float,
+    actor: str,
+    action: str,
+    target: str,
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+) -> None:
+    """Add one event for a record changed in place: only the fields that differ."""
+    record(
+        connection,
+        at=at,
+        actor=actor,
+        action=action,
+        target=target,
+        before={k: v for k, v in before.items() if after.get(k) != v},
+        after={k: v for k, v in after.items() if before.get(k) != v},
+    )
+
+
 def events(engine: Engine, *, target: str = "", limit: int = 100) -> list[AuditEvent]:
     """The newest `limit` events, oldest first; only those about `target` when given."""
     query = sa.select(audit_events).order_by(audit_events.c.id.desc()).limit(limit)

@@ -16,7 +16,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, Row
 
-from router.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, quote
+from router.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    quote,
+)
 from router.registry import audit
 from router.registry.artifacts import Artifact, CheckedArtifact
 from router.registry.database import reachable
@@ -32,6 +39,7 @@ from router.registry.model_versions import (
     check_text,
     price_text,
 )
+from router.registry.schema import deployments
 from router.registry.schema import model_versions as table
 
 MAX_PAGE_SIZE = 1000
@@ -280,6 +288,17 @@ class ModelVersionStore:
             ).first()
             if row is None:
                 raise self._missing(name, version)
+            users = connection.execute(
+                sa.select(deployments.c.name).where(
+                    deployments.c.model_name == name, deployments.c.model_version == version
+                )
+            ).all()
+            if users:
+                raise FailedPrecondition(
+                    f"model version {quote(name + '/' + version)} is in use by deployment(s) "
+                    f"{sorted(r.name for r in users)}; delete them or roll them to another "
+                    "version first"
+                )
             connection.execute(table.delete().where(table.c.id == row.id))
             audit.record(
                 connection,
@@ -326,14 +345,14 @@ class ModelVersionStore:
                     sa.select(table.c.generation).where(table.c.id == row.id)
                 ).scalar()
                 raise self._raced(current.key, now_at or 0, current.generation)
-            audit.record(
+            audit.record_change(
                 connection,
                 at=now,
                 actor=actor,
                 action=action,
                 target=current.key,
-                before={k: v for k, v in before.items() if after[k] != v},
-                after={k: v for k, v in after.items() if before[k] != v},
+                before=before,
+                after=after,
             )
         return changed
 

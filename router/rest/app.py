@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from router.proto.irouter.v1 import (
+    deployment_service_pb2,
     inference_service_pb2,
     model_service_pb2,
     retrieval_service_pb2,
@@ -32,6 +33,7 @@ SERVICES = (
     inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"],
     retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
+    deployment_service_pb2.DESCRIPTOR.services_by_name["DeploymentService"],
 )
 
 logger = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from router.config import ConfigError, ModelConfig, replica_model
-from router.errors import InvalidArgument, NotFound, Unavailable, quote
+from router.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, quote
 from router.routing import reload
 from router.routing.attempt import AttemptInfo
 from router.routing.breaker import BreakerState
-from router.routing.config import RoutingConfig
+from router.routing.config import DeploymentConfig, ReplicaConfig, RoutingConfig
 from router.routing.dispatch import Dispatcher
 from router.routing.engine import RoutedEngine
 from router.scheduler.generation import GenerationEngine
@@ -46,6 +46,21 @@ def _in_flight(model: ServedModel) -> int:
     if model.batcher is not None:
         return model.batcher.num_pending
     return 0
+
+
+async def _drain(models: list[ServedModel], grace_s: float) -> None:
+    """Wait until none of `models` has a call in flight, at most `grace_s`."""
+    try:
+        async with asyncio.timeout(grace_s):
+            while any(_in_flight(m) for m in models):
+                await asyncio.sleep(_DRAIN_POLL_S)
+    except TimeoutError:
+        logger.warning(
+            "%s: %d call(s) still in flight after %.3gs; cancelling them",
+            ", ".join(m.name for m in models),
+            sum(_in_flight(m) for m in models),
+            grace_s,
+        )
 
 
 class Catalog:
@@ -79,36 +94,43 @@ class Catalog:
         }
         self.dispatcher: Dispatcher | None = None
         if routing.deployments:
-            self.dispatcher = Dispatcher(
-                routing,
-                on_breaker_change=self._breaker_changed,
-                on_attempt_failed=self._attempt_failed,
-            )
+            self.dispatcher = self._new_dispatcher(routing)
         for dep in routing.deployments:
-            model = by_name[dep.model_name]
-            replicas = tuple(
-                ServedModel(
-                    replica_model(model, dep.name, r), model_cache / model.artifact, replica=r
-                )
-                for r in dep.replicas
-            )
-            shell = ServedModel(
-                dataclasses.replace(model, name=dep.name),
-                model_cache / model.artifact,
-                deployment=dep,
-                replicas=replicas,
-            )
-            self._models[dep.name] = shell
-            for rc, served in zip(dep.replicas, replicas, strict=True):
-                self._replica_models[dep.name, rc.name] = served
-            assert self.dispatcher is not None
-            for r in dep.replicas:
-                self.dispatcher.set_healthy(dep.name, r.name, False)  # until it has loaded
+            self._register_deployment(by_name[dep.model_name], dep)
         self.on_routing_change: Callable[[], None] | None = None
         """Called (no arguments) when a breaker changes state; the server republishes health."""
 
     def __iter__(self) -> Any:
         return iter(self._models.values())
+
+    def _new_dispatcher(self, routing: RoutingConfig) -> Dispatcher:
+        return Dispatcher(
+            routing,
+            on_breaker_change=self._breaker_changed,
+            on_attempt_failed=self._attempt_failed,
+        )
+
+    def _replica(self, model: ModelConfig, deployment: str, rc: ReplicaConfig) -> ServedModel:
+        served = ServedModel(
+            replica_model(model, deployment, rc), self._model_cache / model.artifact, replica=rc
+        )
+        self._replica_models[deployment, rc.name] = served
+        assert self.dispatcher is not None
+        self.dispatcher.set_healthy(deployment, rc.name, False)  # until it has loaded
+        return served
+
+    def _register_deployment(self, model: ModelConfig, dep: DeploymentConfig) -> ServedModel:
+        """The deployment's shell (its name, the model's tokenizer) and its replicas, listed;
+        the dispatcher must know the deployment already."""
+        replicas = tuple(self._replica(model, dep.name, rc) for rc in dep.replicas)
+        shell = ServedModel(
+            dataclasses.replace(model, name=dep.name),
+            self._model_cache / model.artifact,
+            deployment=dep,
+            replicas=replicas,
+        )
+        self._models[dep.name] = shell
+        return shell
 
     def replicas(self) -> list[ServedModel]:
         """Every replica of every deployment."""
@@ -267,20 +289,91 @@ class Catalog:
         if model is None or model.deployment is not None:
             raise NotFound(f"model {quote(name)} is not a model this router serves")
         model.draining = True
-        try:
-            async with asyncio.timeout(grace_s):
-                while _in_flight(model):
-                    await asyncio.sleep(_DRAIN_POLL_S)
-        except TimeoutError:
-            logger.warning(
-                "model %s: %d call(s) still in flight after %.3gs; cancelling them",
-                name,
-                _in_flight(model),
-                grace_s,
-            )
+        await _drain([model], grace_s)
         await loader.stop(model)
         del self._models[name]
         return model
+
+    # A deployment added here (the control plane's DeploymentService) is served like one from
+    # the config file; the caller loads its shell and replicas as at start.
+
+    def add_deployment(self, model: ModelConfig, dep: DeploymentConfig) -> ServedModel:
+        """Register a deployment of `model` while serving: listed at once, not ready, its
+        replicas out of rotation until loaded. AlreadyExists for a name in use."""
+        model.validate()
+        if dep.name in self._models or dep.name in self.aliases:
+            raise AlreadyExists(f"the name {quote(dep.name)} is already served; choose another")
+        routing = dataclasses.replace(self.routing, deployments=(*self.routing.deployments, dep))
+        routing.validate()
+        if self.dispatcher is None:
+            self.dispatcher = self._new_dispatcher(routing)
+        else:
+            self.dispatcher.reconfigure(routing)
+        self.routing = routing
+        return self._register_deployment(model, dep)
+
+    def add_replicas(self, name: str, added: tuple[ReplicaConfig, ...]) -> list[ServedModel]:
+        """More replicas for a deployment (out of rotation until the caller has loaded them)."""
+        shell = self._deployment(name)
+        assert shell.deployment is not None and self.dispatcher is not None
+        dep = dataclasses.replace(shell.deployment, replicas=(*shell.deployment.replicas, *added))
+        self._set_deployment(shell, dep)
+        model = dataclasses.replace(shell.config, name=shell.deployment.model_name)
+        new = [self._replica(model, name, rc) for rc in added]
+        shell.replicas = (*shell.replicas, *new)
+        return new
+
+    async def remove_replicas(self, name: str, names: set[str], *, grace_s: float) -> None:
+        """Take replicas out of rotation, let their calls in flight finish (up to `grace_s`),
+        then stop them; the deployment keeps at least one."""
+        shell = self._deployment(name)
+        assert shell.deployment is not None and self.dispatcher is not None
+        leaving = [r for r in shell.replicas if r.replica is not None and r.replica.name in names]
+        for replica in leaving:
+            assert replica.replica is not None
+            self.dispatcher.set_healthy(name, replica.replica.name, False)
+        await _drain(leaving, grace_s)
+        kept = tuple(rc for rc in shell.deployment.replicas if rc.name not in names)
+        self._set_deployment(shell, dataclasses.replace(shell.deployment, replicas=kept))
+        shell.replicas = tuple(r for r in shell.replicas if r not in leaving)
+        for replica in leaving:
+            await loader.stop(replica)
+            assert replica.replica is not None
+            del self._replica_models[name, replica.replica.name]
+
+    async def remove_deployment(self, name: str, *, grace_s: float) -> None:
+        """Drain then unload a deployment: new calls are refused at once, calls in flight get
+        up to `grace_s`, then its replicas stop and its name is free."""
+        shell = self._deployment(name)
+        shell.draining = True
+        await _drain([shell], grace_s)
+        for replica in (*shell.replicas, shell):
+            await loader.stop(replica)
+            if replica.replica is not None:
+                del self._replica_models[name, replica.replica.name]
+        del self._models[name]
+        routing = dataclasses.replace(
+            self.routing, deployments=tuple(d for d in self.routing.deployments if d.name != name)
+        )
+        assert self.dispatcher is not None
+        self.dispatcher.reconfigure(routing)
+        self.routing = routing
+
+    def _deployment(self, name: str) -> ServedModel:
+        shell = self._models.get(name)
+        if shell is None or shell.deployment is None:
+            raise NotFound(f"deployment {quote(name)} is not served here")
+        return shell
+
+    def _set_deployment(self, shell: ServedModel, dep: DeploymentConfig) -> None:
+        routing = dataclasses.replace(
+            self.routing,
+            deployments=tuple(dep if d.name == dep.name else d for d in self.routing.deployments),
+        )
+        assert self.dispatcher is not None
+        self.dispatcher.reconfigure(routing)
+        self.routing = routing
+        shell.deployment = dep
 
     def next_engine_id(self) -> int:
         self._engine_ids += 1

@@ -55,7 +55,7 @@ async def test_a_model_added_at_run_time_serves_and_a_removed_one_drains(
     config = ModelConfig(name=ADDED, kind="generate", artifact=GEN, max_slots=2, max_context=512)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
-        await served.add_model(config)
+        await served.serving.add_model(config)
         assert await health_of(served, ADDED) == health_pb2.HealthCheckResponse.SERVING
         listed = await stub.ListModels(pb.ListModelsRequest())
         assert {m.name: m.ready for m in listed.models}[ADDED]
@@ -78,7 +78,7 @@ async def test_a_model_added_at_run_time_serves_and_a_removed_one_drains(
         chunks = stream.__aiter__()
         first = await anext(chunks)
         model = next(m for m in served.models if m.name == ADDED)
-        removal = asyncio.create_task(served.remove_model(ADDED, grace_s=60))
+        removal = asyncio.create_task(served.serving.remove_model(ADDED, grace_s=60))
         async with asyncio.timeout(10):
             while not model.draining:  # the removal has begun
                 await asyncio.sleep(0.01)
@@ -100,20 +100,20 @@ async def test_a_model_added_at_run_time_serves_and_a_removed_one_drains(
         # The built-in models were never touched.
         assert (await stub.Complete(complete(GEN))).text == builtin.text
         # The name is free again.
-        await served.add_model(config)
+        await served.serving.add_model(config)
         assert (await stub.Complete(complete(ADDED))).text == builtin.text
 
 
 async def test_an_embedding_model_is_added_and_removed(served: RouterServer) -> None:
     name = "mini-added"
-    await served.add_model(ModelConfig(name=name, kind="embed", artifact=EMB, max_batch=8))
+    await served.serving.add_model(ModelConfig(name=name, kind="embed", artifact=EMB, max_batch=8))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         added = await stub.Embed(pb.EmbedRequest(model=name, texts=["a cat", "a dog"]))
         builtin = await stub.Embed(pb.EmbedRequest(model=EMB, texts=["a cat", "a dog"]))
         for a, b in zip(added.embeddings, builtin.embeddings, strict=True):
             assert list(a.values) == pytest.approx(list(b.values), abs=1e-5)
-        await served.remove_model(name, grace_s=5)
+        await served.serving.remove_model(name, grace_s=5)
         with pytest.raises(grpc.aio.AioRpcError) as gone:
             await stub.Embed(pb.EmbedRequest(model=name, texts=["a cat"]))
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
@@ -122,7 +122,7 @@ async def test_an_embedding_model_is_added_and_removed(served: RouterServer) -> 
 async def test_a_model_that_cannot_load_leaves_nothing_behind(served: RouterServer) -> None:
     broken = ModelConfig(name="broken", kind="generate", artifact="no-such-artifact")
     with pytest.raises(FailedPrecondition, match=r"model 'broken' could not be served: .*manifest"):
-        await served.add_model(broken)
+        await served.serving.add_model(broken)
     assert "broken" not in {m.name for m in served.models}
     assert await health_of(served, "broken") == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
@@ -143,10 +143,10 @@ async def test_a_bad_model_config_is_refused_by_name(
 ) -> None:
     before = [m.name for m in served.models]
     with pytest.raises(ConfigError, match=message):
-        await served.add_model(config)
+        await served.serving.add_model(config)
     assert [m.name for m in served.models] == before
 
 
 async def test_removing_what_is_not_served_is_not_found(served: RouterServer) -> None:
     with pytest.raises(NotFound, match="'nope'"):
-        await served.remove_model("nope", grace_s=1)
+        await served.serving.remove_model("nope", grace_s=1)

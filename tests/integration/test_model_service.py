@@ -752,7 +752,7 @@ async def test_the_cli_drives_the_registry(
     register_args = ("models", "register", name, "1", "--kind", "embed", "--package", EMB)
     assert await irouter(*register_args, "--tags", "x,y", *target) == 0
     out, err = capsys.readouterr()
-    assert f"registering {name}/1" in err
+    assert f"checking the artifact of {name}/1" in err
     header, row = out.splitlines()
     assert header.split()[:4] == ["NAME", "VERSION", "KIND", "STATE"]
     assert row.split()[:5] == [name, "1", "embed", "active", "512"]

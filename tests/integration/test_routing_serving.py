@@ -335,7 +335,7 @@ async def test_reload_changes_weights_aliases_and_tasks_but_not_replicas(
         aliases={"assistant": {"chat": 1.0}},
         tasks={"code": "sticky", "chat": "assistant"},
     ).validate()
-    changes = await server.reload_routing(new)
+    changes = await server.serving.reload_routing(new)
     assert any("deployment 'chat'" in c for c in changes)
     assert any("aliases" in c for c in changes) and any("tasks" in c for c in changes)
     listed = {m.name: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
@@ -358,5 +358,5 @@ async def test_reload_changes_weights_aliases_and_tasks_but_not_replicas(
         ),
     ).validate()
     with pytest.raises(ConfigError, match=r"need a restart: deployment 'chat' replicas"):
-        await server.reload_routing(moved)
+        await server.serving.reload_routing(moved)
     assert [r.name for r in server.models.routing.deployment("chat").replicas] == ["a", "b"]

@@ -1,0 +1,224 @@
+"""Deployments created, scaled and deleted at run time: each change checked against the
+registry (the version exists, is active, its artifact unchanged; the context limit within the
+version's), applied to the running router (router.server: load → warm up → serve, drain →
+stop), and stored, so that a restart brings every deployment back (`restore`).
+
+A change is applied before it is stored, and undone when storing fails: a deployment that could
+not be served, or not recorded, leaves nothing behind (no replica, no row). Changes to one
+deployment run one at a time in this process; across processes the registry's generations
+decide (ABORTED for the loser).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from router.config import ModelConfig
+from router.errors import Aborted, FailedPrecondition, InvalidArgument, RouterError, quote
+from router.registry import deployments as spec
+from router.registry.artifacts import verify_unchanged
+from router.registry.database import call
+from router.registry.deployments import Deployment, DeploymentStore, ReplicaSpec
+from router.registry.model_versions import DEPRECATED, ModelVersion
+from router.registry.version_store import ModelVersionStore
+from router.routing.config import DeploymentConfig, ReplicaConfig
+from router.serving.model import ServedModel
+
+if TYPE_CHECKING:
+    from router.server import RouterServer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 2048
+"""max_context of a deployment that leaves it 0, when the version allows that much."""
+DRAIN_GRACE_S = 30.0
+"""How long a removed replica's (or deployment's) calls in flight may take to finish."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    name: str
+    ready: bool
+    error: str
+
+
+def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
+    """The models[] entry a deployment of `version` serves, or FailedPrecondition naming why
+    the version cannot be deployed (yet)."""
+    where = f"model version {quote(version.key)}"
+    if version.state == DEPRECATED:
+        raise FailedPrecondition(
+            f"{where} is deprecated ({version.deprecation_reason or 'no reason given'}); "
+            "deploy an active version"
+        )
+    artifact = version.artifact
+    if artifact.artifact.source == "remote":
+        raise FailedPrecondition(
+            f"{where} has only a remote artifact: the router still needs the model's tokenizer "
+            "and chat template locally. Register a version with a local artifact and give "
+            "its replicas the server's url"
+        )
+    if artifact.format == "gguf" and artifact.artifact.source == "path":
+        raise FailedPrecondition(
+            f"{where} is a GGUF file; deployments serve prepared folders: register the folder "
+            "`irouter models prepare` writes, or a packaged model"
+        )
+    if version.kind != "generate":
+        raise FailedPrecondition(
+            f"{where} is an embedding model; deployments serve generation models (serve "
+            "embedding models from the config file's models[])"
+        )
+    limit = version.context_length
+    max_context = d.max_context or min(DEFAULT_CONTEXT, limit)
+    if max_context > limit:
+        raise InvalidArgument(
+            f"deployment.max_context={max_context} is above the context limit of {where} ({limit})",
+            field="deployment.max_context",
+        )
+    if max_context < 2:
+        raise InvalidArgument("deployment.max_context must be at least 2", field="max_context")
+    location = artifact.artifact.location  # a package's folder name, or an absolute path
+    return ModelConfig(
+        name=d.name,
+        kind="generate",
+        artifact=location,
+        threads=d.threads,
+        max_context=max_context,
+        max_slots=d.max_slots,
+        prefix_cache_mb=d.prefix_cache_mb,
+        default_max_tokens=min(256, max_context - 1),
+    )
+
+
+def _replica(r: ReplicaSpec) -> ReplicaConfig:
+    return ReplicaConfig(
+        name=r.name,
+        backend=r.backend,
+        device=r.device,
+        url=r.url,
+        weight=r.weight,
+        remote_model=r.remote_model,
+    )
+
+
+def routing_config(d: Deployment) -> DeploymentConfig:
+    return DeploymentConfig(name=d.name, replicas=tuple(_replica(r) for r in d.replicas))
+
+
+class DeploymentController:
+    """The control plane's deployments, applied to one router."""
+
+    def __init__(
+        self, server: RouterServer, versions: ModelVersionStore, store: DeploymentStore
+    ) -> None:
+        self._server = server
+        self._versions = versions
+        self._store = store
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.failed: dict[str, str] = {}
+        """Stored deployments this router could not bring back at start, and why."""
+
+    async def _version(self, d: Deployment) -> tuple[ModelVersion, ModelConfig]:
+        version = await call(self._versions.get, d.model_name, d.model_version)
+        model = model_config(version, d)
+        # A package or a prepared folder must still be what was registered.
+        await asyncio.to_thread(verify_unchanged, version.artifact)
+        return version, model
+
+    async def create(self, d: Deployment, actor: str) -> Deployment:
+        """Serve `d` and store it; it serves on return (some replicas may have failed)."""
+        spec.validate(d)
+        async with self._locks[d.name]:
+            _, model = await self._version(d)
+            await self._server.serving.add_deployment(model, routing_config(d))
+            try:
+                return await call(self._store.insert, d, actor)
+            except BaseException:
+                await self._server.serving.remove_deployment(d.name, grace_s=0)
+                raise
+
+    async def scale(
+        self, name: str, count: int, actor: str, *, expected_generation: int = 0
+    ) -> Deployment:
+        """Run `count` replicas: new ones copy the first replica's settings (named r1, r2...),
+        removed ones (the last) leave rotation, drain, then stop."""
+        if not 1 <= count <= spec.MAX_REPLICAS:
+            raise InvalidArgument(
+                f"replica_count={count} must be in [1, {spec.MAX_REPLICAS}]", field="replica_count"
+            )
+        async with self._locks[name]:
+            current = await call(self._store.get, name)
+            self._check_generation(current, expected_generation)
+            replicas = list(current.replicas)
+            taken = {r.name for r in replicas}
+            template = replicas[0]
+            i = 1
+            while len(replicas) < count:
+                while f"r{i}" in taken:
+                    i += 1
+                replicas.append(dataclasses.replace(template, name=f"r{i}"))
+                taken.add(f"r{i}")
+            kept, removed = replicas[:count], replicas[count:]
+            changed = dataclasses.replace(current, replicas=tuple(kept))
+            stored = await call(self._store.replace, current, changed, actor, "deployment.scale")
+            added = tuple(_replica(r) for r in kept if r not in current.replicas)
+            if added:
+                await self._server.serving.add_replicas(name, added)
+            if removed:
+                await self._server.serving.remove_replicas(
+                    name, {r.name for r in removed}, grace_s=DRAIN_GRACE_S
+                )
+            return stored
+
+    async def delete(self, name: str, actor: str, *, grace_s: float = DRAIN_GRACE_S) -> None:
+        """Stop serving `name` (its calls in flight get `grace_s`) and forget it."""
+        async with self._locks[name]:
+            await call(self._store.get, name)  # NotFound before anything stops
+            await self._server.serving.remove_deployment(name, grace_s=grace_s)
+            await call(self._store.delete, name, actor)
+            self.failed.pop(name, None)
+
+    async def get(self, name: str) -> Deployment:
+        return await call(self._store.get, name)
+
+    async def all(self) -> list[Deployment]:
+        return await call(self._store.all)
+
+    def status(self, d: Deployment) -> list[ReplicaStatus]:
+        """Each replica as this router serves it now."""
+        shell = self._served(d.name)
+        if shell is None:
+            why = self.failed.get(d.name, "not served by this router")
+            return [ReplicaStatus(r.name, False, why) for r in d.replicas]
+        return [
+            ReplicaStatus(r.replica.name if r.replica else r.name, r.ready and not r.error, r.error)
+            for r in shell.replicas
+        ]
+
+    def _served(self, name: str) -> ServedModel | None:
+        return next(
+            (m for m in self._server.models if m.name == name and m.deployment is not None), None
+        )
+
+    async def restore(self) -> None:
+        """Bring back every stored deployment (at start, after the config's models). One that
+        cannot be served is logged and reported by `status`; the others serve."""
+        for d in await call(self._store.all):
+            try:
+                _, model = await self._version(d)
+                await self._server.serving.add_deployment(model, routing_config(d))
+            except RouterError as exc:
+                self.failed[d.name] = str(exc)
+                logger.error("deployment %s could not be restored: %s", d.name, exc)
+
+    @staticmethod
+    def _check_generation(current: Deployment, expected: int) -> None:
+        if expected and current.generation != expected:
+            raise Aborted(
+                f"deployment {quote(current.name)} is at generation {current.generation}, not "
+                f"{expected}; read it again and retry"
+            )

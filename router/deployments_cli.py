@@ -1,0 +1,128 @@
+"""`irouter deployments create|list|status|scale|delete`: deployments at run time, as a thin
+client of a running router's DeploymentService (gRPC)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from router.cli_client import add_connection_flags, call, refused, table
+from router.proto.irouter.v1 import deployment_service_pb2 as pb
+from router.proto.irouter.v1 import deployment_service_pb2_grpc as pb_grpc
+
+
+def register_cli(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the `deployments` command to `subparsers`."""
+    deployments = subparsers.add_parser("deployments", help="serve registered model versions")
+    sub = deployments.add_subparsers(dest="deployments_command", required=True)
+
+    create = sub.add_parser("create", help="serve a model version under a name (waits for it)")
+    create.add_argument("name", help="the name clients call")
+    create.add_argument("--model", required=True, help="registered model name")
+    create.add_argument("--version", required=True, help="its version")
+    create.add_argument("--replicas", type=int, default=1, help="how many replicas (r0, r1...)")
+    create.add_argument("--backend", default="onnxruntime", help="onnxruntime, openvino, ...")
+    create.add_argument("--device", default="", help="OpenVINO device of local replicas")
+    create.add_argument("--url", default="", help="remote replicas' server (openai_http...)")
+    create.add_argument("--remote-model", default="", help="the model's name on that server")
+    create.add_argument("--threads", type=int, default=0, help="threads per replica (0: 2)")
+    create.add_argument("--max-slots", type=int, default=0, help="sequences per replica (0: 16)")
+    create.add_argument("--max-context", type=int, default=0, help="tokens per sequence")
+    create.add_argument("--prefix-cache-mb", type=int, help="prefix KV per replica (MiB)")
+    add_connection_flags(create)
+
+    lst = sub.add_parser("list", help="list deployments and their replicas")
+    add_connection_flags(lst)
+    status = sub.add_parser("status", help="one deployment and its replicas")
+    status.add_argument("name")
+    add_connection_flags(status)
+    scale = sub.add_parser("scale", help="set the number of replicas (removed ones drain)")
+    scale.add_argument("name")
+    scale.add_argument("replicas", type=int, help="1 to 16")
+    scale.add_argument("--generation", type=int, default=0, help="apply only at this generation")
+    add_connection_flags(scale)
+    delete = sub.add_parser("delete", help="stop serving a deployment (calls in flight finish)")
+    delete.add_argument("name")
+    add_connection_flags(delete)
+    return deployments
+
+
+def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
+    """The method, its request, and a progress line ('' for quick calls)."""
+    command = args.deployments_command
+    if command == "create":
+        replica = {"backend": args.backend, "device": args.device, "url": args.url}
+        replicas = [
+            pb.Replica(name=f"r{i}", remote_model=args.remote_model, **replica)
+            for i in range(args.replicas)
+        ]
+        deployment = pb.Deployment(
+            name=args.name,
+            model_name=args.model,
+            model_version=args.version,
+            replicas=replicas,
+            threads=args.threads,
+            max_slots=args.max_slots,
+            max_context=args.max_context,
+        )
+        if args.prefix_cache_mb is not None:
+            deployment.prefix_cache_mb = args.prefix_cache_mb
+        request = pb.CreateDeploymentRequest(deployment=deployment)
+        return "CreateDeployment", request, f"loading {args.name}'s replicas..."
+    if command == "list":
+        return "ListDeployments", pb.ListDeploymentsRequest(), ""
+    if command == "status":
+        return "GetDeployment", pb.GetDeploymentRequest(name=args.name), ""
+    if command == "scale":
+        scale = pb.ScaleDeploymentRequest(
+            name=args.name, replica_count=args.replicas, expected_generation=args.generation
+        )
+        return "ScaleDeployment", scale, f"scaling {args.name} to {args.replicas}..."
+    return "DeleteDeployment", pb.DeleteDeploymentRequest(name=args.name), "draining..."
+
+
+def _print(response: Any, as_json: bool) -> None:
+    if as_json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+        return
+    found = list(getattr(response, "deployments", []))
+    single = getattr(response, "deployment", None)
+    if single is not None and single.name:
+        found = [single]
+    if not found:
+        print("(none)" if hasattr(response, "deployments") else "done")
+        return
+    rows = [["NAME", "VERSION", "GENERATION", "REPLICA", "BACKEND", "READY", "ERROR"]]
+    for d in found:
+        backends = {r.name: r.backend + (f" {r.url}" if r.url else "") for r in d.replicas}
+        for s in d.replica_states:
+            rows.append(
+                [
+                    d.name,
+                    f"{d.model_name}/{d.model_version}",
+                    str(d.generation),
+                    s.name,
+                    backends.get(s.name, ""),
+                    "yes" if s.ready else "no",
+                    s.error[:80],
+                ]
+            )
+    table(rows)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run a parsed `deployments` command; the exit status (1: the router refused)."""
+    method, request, progress = _request(args)
+    try:
+        response = call(
+            args, pb_grpc.DeploymentServiceStub, method, request, timeout_s=900, progress=progress
+        )
+    except grpc.RpcError as exc:
+        return refused("deployments", exc)
+    _print(response, args.json)
+    return 0

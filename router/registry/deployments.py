@@ -1,0 +1,287 @@
+"""Deployments in the registry: a registered model version served under a name by replicas
+(local engines on devices, or remote servers), with its engines' settings. What a router serves
+from them is router/control/; this module holds their rules and rows.
+
+Rows change one generation at a time, like model versions: of two concurrent changes to one
+deployment one wins and the other gets ABORTED naming the current generation. Statements block:
+callers on the event loop use router.registry.database.call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, Row
+
+from router.config import REMOTE_BACKENDS
+from router.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, quote
+from router.registry import audit
+from router.registry.database import reachable
+from router.registry.model_versions import check_name, check_version
+from router.registry.schema import deployments as table
+
+LOCAL_BACKENDS = ("onnxruntime", "openvino")
+"""Engines a local replica may run (TensorRT-LLM needs a CUDA host: config file only, for now)."""
+MAX_REPLICAS = 16
+MAX_THREADS = 256
+MAX_SLOTS = 256
+_REPLICA_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSpec:
+    """One copy of the deployment's model."""
+
+    name: str
+    """Unique within the deployment: 1-32 of a-z, 0-9, '_', '-'."""
+    backend: str = "onnxruntime"
+    """'onnxruntime' or 'openvino' (local), or 'openai_http' / 'kserve_grpc' (with a url)."""
+    device: str = ""
+    """OpenVINO device of a local replica ('CPU', 'GPU', ...); '' is the CPU."""
+    url: str = ""
+    """A remote replica's server."""
+    remote_model: str = ""
+    """The model's name on that server ('' : the version's remote model, else its name)."""
+    weight: float = 1.0
+    """Share of the deployment's traffic (> 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A model version served under `name`."""
+
+    name: str
+    model_name: str
+    model_version: str
+    replicas: tuple[ReplicaSpec, ...]
+    threads: int = 2
+    """Intra-op threads of each local replica."""
+    max_slots: int = 16
+    """Sequences each local replica decodes together (its KV budget with max_context)."""
+    max_context: int = 0
+    """Prompt plus completion tokens per sequence; 0: the version's limit, at most 2,048."""
+    prefix_cache_mb: int = 128
+    """KV kept aside for shared prefixes, per local replica; 0 turns it off."""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    created_by: str = ""
+    generation: int = 0
+
+
+def _check_replica(i: int, r: ReplicaSpec) -> None:
+    where = f"deployment.replicas[{i}]"
+    if not _REPLICA_RE.fullmatch(r.name):
+        raise InvalidArgument(
+            f"{where}.name {quote(r.name)} is not a replica name: 1-32 of a-z, 0-9, '_', '-'",
+            field=f"{where}.name",
+        )
+    if r.backend in REMOTE_BACKENDS:
+        if not r.url:
+            raise InvalidArgument(
+                f"{where}: backend {r.backend!r} is a remote server; give its url",
+                field=f"{where}.url",
+            )
+        if r.device:
+            raise InvalidArgument(
+                f"{where}.device {quote(r.device)} applies to a local replica, not a remote one",
+                field=f"{where}.device",
+            )
+    elif r.backend in LOCAL_BACKENDS:
+        if r.url or r.remote_model:
+            raise InvalidArgument(
+                f"{where}: backend {r.backend!r} runs here and takes no url or remote_model",
+                field=f"{where}.url",
+            )
+        if r.device and r.backend != "openvino":
+            raise InvalidArgument(
+                f"{where}.device {quote(r.device)}: devices are chosen with backend 'openvino'; "
+                "'onnxruntime' runs on the CPU",
+                field=f"{where}.device",
+            )
+    else:
+        raise InvalidArgument(
+            f"{where}.backend {quote(r.backend)} is unknown; use one of "
+            f"{(*LOCAL_BACKENDS, *REMOTE_BACKENDS)}",
+            field=f"{where}.backend",
+        )
+    if not (math.isfinite(r.weight) and r.weight > 0):
+        raise InvalidArgument(f"{where}.weight={r.weight} must be > 0", field=f"{where}.weight")
+
+
+def validate(d: Deployment) -> Deployment:
+    """InvalidArgument naming the first field that is wrong."""
+    check_name(d.name, "deployment.name")
+    check_name(d.model_name, "deployment.model_name")
+    check_version(d.model_version, "deployment.model_version")
+    if not d.replicas:
+        raise InvalidArgument("deployment.replicas is empty; give at least one replica")
+    if len(d.replicas) > MAX_REPLICAS:
+        raise InvalidArgument(f"deployment.replicas has {len(d.replicas)}; at most {MAX_REPLICAS}")
+    names = [r.name for r in d.replicas]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"deployment.replicas has duplicate names: {names}")
+    for i, r in enumerate(d.replicas):
+        _check_replica(i, r)
+    for key, low, high in (
+        ("threads", 1, MAX_THREADS),
+        ("max_slots", 1, MAX_SLOTS),
+        ("max_context", 0, 1 << 20),
+        ("prefix_cache_mb", 0, 1 << 16),
+    ):
+        value = getattr(d, key)
+        if not low <= value <= high:
+            raise InvalidArgument(
+                f"deployment.{key}={value} must be in [{low}, {high}]", field=f"deployment.{key}"
+            )
+    return d
+
+
+def _spec(d: Deployment) -> str:
+    return json.dumps(
+        {
+            "replicas": [dataclasses.asdict(r) for r in d.replicas],
+            "threads": d.threads,
+            "max_slots": d.max_slots,
+            "max_context": d.max_context,
+            "prefix_cache_mb": d.prefix_cache_mb,
+        },
+        sort_keys=True,
+    )
+
+
+def _row(d: Deployment) -> dict[str, Any]:
+    return {
+        "name": d.name,
+        "model_name": d.model_name,
+        "model_version": d.model_version,
+        "spec": _spec(d),
+        "created_at": d.created_at,
+        "updated_at": d.updated_at,
+        "created_by": d.created_by,
+        "generation": d.generation,
+    }
+
+
+def _deployment(row: Row[Any]) -> Deployment:
+    spec = json.loads(row.spec)
+    return Deployment(
+        name=row.name,
+        model_name=row.model_name,
+        model_version=row.model_version,
+        replicas=tuple(ReplicaSpec(**r) for r in spec["replicas"]),
+        threads=spec["threads"],
+        max_slots=spec["max_slots"],
+        max_context=spec["max_context"],
+        prefix_cache_mb=spec["prefix_cache_mb"],
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        created_by=row.created_by,
+        generation=row.generation,
+    )
+
+
+class DeploymentStore:
+    """Deployments in the registry database."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self._clock = clock
+
+    def insert(self, d: Deployment, actor: str) -> Deployment:
+        """Store a new deployment at generation 1; AlreadyExists when the name is taken."""
+        now = self._clock()
+        stored = dataclasses.replace(
+            d, created_at=now, updated_at=now, created_by=actor, generation=1
+        )
+        row = _row(stored)
+        try:
+            with reachable(self.engine) as connection:
+                connection.execute(table.insert().values(**row))
+                audit.record(
+                    connection,
+                    at=now,
+                    actor=actor,
+                    action="deployment.create",
+                    target=f"deployment/{d.name}",
+                    before={},
+                    after=row,
+                )
+        except sa.exc.IntegrityError:
+            raise AlreadyExists(f"deployment {quote(d.name)} already exists") from None
+        return stored
+
+    def get(self, name: str) -> Deployment:
+        with reachable(self.engine) as connection:
+            row = connection.execute(sa.select(table).where(table.c.name == name)).first()
+        if row is None:
+            raise NotFound(f"deployment {quote(name)} does not exist")
+        return _deployment(row)
+
+    def all(self) -> list[Deployment]:
+        """Every deployment, by name."""
+        with reachable(self.engine) as connection:
+            rows = connection.execute(sa.select(table).order_by(table.c.name)).all()
+        return [_deployment(r) for r in rows]
+
+    def using(self, model_name: str, model_version: str) -> list[str]:
+        """Names of the deployments that serve this model version."""
+        with reachable(self.engine) as connection:
+            rows = connection.execute(
+                sa.select(table.c.name).where(
+                    table.c.model_name == model_name, table.c.model_version == model_version
+                )
+            ).all()
+        return [r.name for r in rows]
+
+    def replace(
+        self, current: Deployment, changed: Deployment, actor: str, action: str
+    ) -> Deployment:
+        """Store `changed` in place of `current` (read earlier); ABORTED when it moved on."""
+        now = self._clock()
+        new = dataclasses.replace(changed, updated_at=now, generation=current.generation + 1)
+        before, after = _row(current), _row(new)
+        with reachable(self.engine) as connection:
+            done = connection.execute(
+                table.update()
+                .where(table.c.name == current.name, table.c.generation == current.generation)
+                .values(**after)
+            )
+            if done.rowcount != 1:
+                raise Aborted(
+                    f"deployment {quote(current.name)} changed meanwhile (it is past generation "
+                    f"{current.generation}); read it again and retry"
+                )
+            audit.record_change(
+                connection,
+                at=now,
+                actor=actor,
+                action=action,
+                target=f"deployment/{current.name}",
+                before=before,
+                after=after,
+            )
+        return new
+
+    def delete(self, name: str, actor: str) -> None:
+        with reachable(self.engine) as connection:
+            row = connection.execute(sa.select(table).where(table.c.name == name)).first()
+            if row is None:
+                raise NotFound(f"deployment {quote(name)} does not exist")
+            connection.execute(table.delete().where(table.c.id == row.id))
+            audit.record(
+                connection,
+                at=self._clock(),
+                actor=actor,
+                action="deployment.delete",
+                target=f"deployment/{name}",
+                before=_row(_deployment(row)),
+                after={},
+            )

@@ -1,0 +1,117 @@
+"""DeploymentService: proto ↔ domain translation only. What a change does is router/control/,
+what is stored router/registry/deployments.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from router.control.deployments import DeploymentController
+from router.errors import InvalidArgument
+from router.proto.irouter.v1 import deployment_service_pb2 as pb
+from router.registry.deployments import Deployment, ReplicaSpec
+from router.registry.model_versions import check_name
+from router.services.models import actor
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def deployment_from_pb(m: pb.Deployment) -> Deployment:
+    return Deployment(
+        name=m.name,
+        model_name=m.model_name,
+        model_version=m.model_version,
+        replicas=tuple(
+            ReplicaSpec(
+                name=r.name,
+                backend=r.backend or "onnxruntime",
+                device=r.device,
+                url=r.url,
+                remote_model=r.remote_model,
+                weight=r.weight or 1.0,
+            )
+            for r in m.replicas
+        ),
+        threads=m.threads or 2,
+        max_slots=m.max_slots or 16,
+        max_context=m.max_context,
+        prefix_cache_mb=m.prefix_cache_mb if m.HasField("prefix_cache_mb") else 128,
+    )
+
+
+class DeploymentServicer:
+    """Deployments over gRPC (and REST, transcoded)."""
+
+    def __init__(self, control: DeploymentController) -> None:
+        self._control = control
+
+    def _pb(self, d: Deployment) -> pb.Deployment:
+        message = pb.Deployment(
+            name=d.name,
+            model_name=d.model_name,
+            model_version=d.model_version,
+            replicas=[
+                pb.Replica(
+                    name=r.name,
+                    backend=r.backend,
+                    device=r.device,
+                    url=r.url,
+                    remote_model=r.remote_model,
+                    weight=r.weight,
+                )
+                for r in d.replicas
+            ],
+            threads=d.threads,
+            max_slots=d.max_slots,
+            max_context=d.max_context,
+            prefix_cache_mb=d.prefix_cache_mb,
+            replica_states=[
+                pb.ReplicaState(name=s.name, ready=s.ready, error=s.error)
+                for s in self._control.status(d)
+            ],
+            generation=d.generation,
+            created_by=d.created_by,
+        )
+        message.create_time.FromNanoseconds(int(d.created_at * 1e9))
+        message.update_time.FromNanoseconds(int(d.updated_at * 1e9))
+        return message
+
+    async def CreateDeployment(
+        self, request: pb.CreateDeploymentRequest, context: Context
+    ) -> pb.CreateDeploymentResponse:
+        if not request.HasField("deployment"):
+            raise InvalidArgument("deployment is required", field="deployment")
+        created = await self._control.create(deployment_from_pb(request.deployment), actor())
+        return pb.CreateDeploymentResponse(deployment=self._pb(created))
+
+    async def GetDeployment(
+        self, request: pb.GetDeploymentRequest, context: Context
+    ) -> pb.GetDeploymentResponse:
+        check_name(request.name)
+        return pb.GetDeploymentResponse(deployment=self._pb(await self._control.get(request.name)))
+
+    async def ListDeployments(
+        self, request: pb.ListDeploymentsRequest, context: Context
+    ) -> pb.ListDeploymentsResponse:
+        found = await self._control.all()
+        return pb.ListDeploymentsResponse(deployments=[self._pb(d) for d in found])
+
+    async def ScaleDeployment(
+        self, request: pb.ScaleDeploymentRequest, context: Context
+    ) -> pb.ScaleDeploymentResponse:
+        check_name(request.name)
+        scaled = await self._control.scale(
+            request.name,
+            request.replica_count,
+            actor(),
+            expected_generation=request.expected_generation,
+        )
+        return pb.ScaleDeploymentResponse(deployment=self._pb(scaled))
+
+    async def DeleteDeployment(
+        self, request: pb.DeleteDeploymentRequest, context: Context
+    ) -> pb.DeleteDeploymentResponse:
+        check_name(request.name)
+        await self._control.delete(request.name, actor())
+        return pb.DeleteDeploymentResponse()

@@ -1,0 +1,229 @@
+"""DeploymentService on a real in-process router: a registered SmolLM2 version deployed at run
+time and called by name, scaled up and down with streams in flight, listed by ListModels,
+health and metrics, refused by name when it cannot be served (leaving nothing behind), kept in
+use against deleting its version, brought back by a restart, and deleted (draining first).
+
+The router's own config serves only the embedder; each deployment of SmolLM2 is small (4 slots
+of 512 tokens, no prefix cache) so that several replicas fit and load quickly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from router.proto.irouter.v1 import deployment_service_pb2 as pb
+from router.proto.irouter.v1 import deployment_service_pb2_grpc as pb_grpc
+from router.proto.irouter.v1 import inference_service_pb2 as inference_pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as inference_grpc
+from router.proto.irouter.v1 import model_service_pb2 as model_pb
+from router.proto.irouter.v1 import model_service_pb2_grpc as model_grpc
+from router.registry import audit
+from router.server import RouterServer
+from tests.integration.conftest import EMB, GEN, make_config, running
+from tests.integration.registry_calls import EMBEDDER, TIMEOUT, minilm, register, status_of
+
+SMOL = model_pb.ModelVersion(
+    name="smol",
+    version="1",
+    kind=inference_pb.MODEL_KIND_GENERATE,
+    artifact=model_pb.Artifact(package=GEN),
+)
+
+
+def small(name: str, replicas: int | list[pb.Replica] = 1, **fields: object) -> pb.Deployment:
+    """A deployment of smol/1 sized for tests (`replicas`: how many local ones, or a list)."""
+    if isinstance(replicas, int):
+        replicas = [pb.Replica(name=f"r{i}") for i in range(replicas)]
+    deployment = pb.Deployment(
+        name=name,
+        model_name="smol",
+        model_version="1",
+        replicas=replicas,
+        threads=1,
+        max_slots=4,
+        max_context=512,
+        prefix_cache_mb=0,
+    )
+    for key, value in fields.items():
+        setattr(deployment, key, value)
+    return deployment
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("deployments")
+
+
+@pytest.fixture(scope="module")
+async def server(model_cache: Path, data_dir: Path) -> AsyncIterator[RouterServer]:
+    config = make_config(model_cache, data_dir, EMBEDDER, retrieval=False)
+    async with running(config) as router:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            await register(model_grpc.ModelServiceStub(channel), SMOL)
+        yield router
+
+
+@pytest.fixture(scope="module")
+async def channel(server: RouterServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.aio.Channel) -> pb_grpc.DeploymentServiceStub:
+    return pb_grpc.DeploymentServiceStub(channel)
+
+
+async def create(stub: pb_grpc.DeploymentServiceStub, d: pb.Deployment) -> pb.Deployment:
+    request = pb.CreateDeploymentRequest(deployment=d)
+    return (await stub.CreateDeployment(request, timeout=TIMEOUT)).deployment
+
+
+async def scale(stub: pb_grpc.DeploymentServiceStub, name: str, count: int) -> pb.Deployment:
+    request = pb.ScaleDeploymentRequest(name=name, replica_count=count)
+    return (await stub.ScaleDeployment(request, timeout=TIMEOUT)).deployment
+
+
+async def generate(channel: grpc.aio.Channel, model: str, max_tokens: int = 8) -> str:
+    stub = inference_grpc.InferenceServiceStub(channel)
+    request = inference_pb.GenerateRequest(
+        model=model,
+        prompt="The capital of France is",
+        sampling=inference_pb.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
+    chunks = [c async for c in stub.Generate(request, timeout=TIMEOUT)]
+    assert chunks[-1].finish_reason
+    return "".join(c.text for c in chunks)
+
+
+async def served_names(channel: grpc.aio.Channel) -> set[str]:
+    stub = inference_grpc.InferenceServiceStub(channel)
+    answer = await stub.ListModels(inference_pb.ListModelsRequest(), timeout=TIMEOUT)
+    return {m.name for m in answer.models}
+
+
+async def health_of(channel: grpc.aio.Channel, name: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    answer = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=TIMEOUT)
+    return int(answer.status)
+
+
+async def test_a_deployment_serves_at_once_and_scales_with_streams_in_flight(
+    server: RouterServer, channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    created = await create(stub, small("chat"))
+    assert (created.generation, created.created_by) == (1, "anonymous")
+    assert [(s.name, s.ready, s.error) for s in created.replica_states] == [("r0", True, "")]
+    assert "chat" in await served_names(channel)
+    assert await health_of(channel, "chat") == health_pb2.HealthCheckResponse.SERVING
+    first = await generate(channel, "chat")
+    assert first
+
+    scaled = await scale(stub, "chat", 2)
+    assert scaled.generation == 2
+    assert [(s.name, s.ready) for s in scaled.replica_states] == [("r0", True), ("r1", True)]
+    healthy = server.metrics.registry.get_sample_value(
+        "irouter_replica_healthy", {"deployment": "chat", "replica": "r1"}
+    )
+    assert healthy == 1.0
+
+    # Streams in flight on either replica finish while r1 leaves: it drains before it stops.
+    streams = [asyncio.create_task(generate(channel, "chat", max_tokens=48)) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    down = await scale(stub, "chat", 1)
+    assert [s.name for s in down.replica_states] == ["r0"]
+    assert all(await asyncio.gather(*streams))
+    assert await generate(channel, "chat") == first  # greedy: the same text on any replica
+    got = await stub.GetDeployment(pb.GetDeploymentRequest(name="chat"), timeout=TIMEOUT)
+    assert got.deployment.generation == 3
+
+
+async def test_refusals_name_the_reason_and_leave_nothing_behind(
+    server: RouterServer, channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    models = model_grpc.ModelServiceStub(channel)
+    await register(models, minilm("mini"))
+    await register(models, model_pb.ModelVersion(**{**_fields(SMOL), "version": "old"}))
+    await models.DeprecateModelVersion(
+        model_pb.DeprecateModelVersionRequest(name="smol", version="old", reason="gone"),
+        timeout=TIMEOUT,
+    )
+    cases = [
+        (small("bad", model_version="9"), grpc.StatusCode.NOT_FOUND, "has no version '9'"),
+        (small("bad", model_version="old"), grpc.StatusCode.FAILED_PRECONDITION, "deprecated"),
+        (small("bad", model_name="mini"), grpc.StatusCode.FAILED_PRECONDITION, "embedding"),
+        (small(EMB), grpc.StatusCode.ALREADY_EXISTS, f"{EMB!r} is already served"),
+        (small("bad", max_context=9000), grpc.StatusCode.INVALID_ARGUMENT, "above the context"),
+        (small("Bad"), grpc.StatusCode.INVALID_ARGUMENT, "deployment.name"),
+        (small("bad", replicas=0), grpc.StatusCode.INVALID_ARGUMENT, "replicas is empty"),
+        (
+            small("bad", replicas=[pb.Replica(name="r0", backend="tpu")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "backend 'tpu' is unknown",
+        ),
+        (
+            # Nothing listens there: the only replica cannot warm up, so nothing is served.
+            small(
+                "bad",
+                replicas=[pb.Replica(name="r0", backend="openai_http", url="http://127.0.0.1:9")],
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "could not be served",
+        ),
+    ]
+    for deployment, code, words in cases:
+        got, message = await status_of(create(stub, deployment))
+        assert (got, words in message) == (code, True), message
+    assert "bad" not in await served_names(channel)
+    listed = await stub.ListDeployments(pb.ListDeploymentsRequest(), timeout=TIMEOUT)
+    assert "bad" not in [d.name for d in listed.deployments]
+    assert not [e for e in audit.events(server.registry) if e.target == "deployment/bad"]  # type: ignore[arg-type]
+
+
+def _fields(version: model_pb.ModelVersion) -> dict[str, object]:
+    return {f.name: v for f, v in version.ListFields()}
+
+
+async def test_a_version_in_use_cannot_be_deleted(
+    channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    await create(stub, small("pinned"))
+    models = model_grpc.ModelServiceStub(channel)
+    code, message = await status_of(
+        models.DeleteModelVersion(
+            model_pb.DeleteModelVersionRequest(name="smol", version="1"), timeout=TIMEOUT
+        )
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "in use by deployment(s) ['chat', 'pinned']" in message or "'pinned'" in message
+    await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="pinned"), timeout=TIMEOUT)
+    assert "pinned" not in await served_names(channel)
+    code, message = await status_of(generate(channel, "pinned"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = await status_of(
+        stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="pinned"), timeout=TIMEOUT)
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_restarted_router_serves_its_deployments_again(
+    server: RouterServer, channel: grpc.aio.Channel, model_cache: Path, data_dir: Path
+) -> None:
+    # A second router on the same registry (the first one keeps serving): it restores "chat".
+    config = make_config(model_cache, data_dir, EMBEDDER, retrieval=False)
+    async with (
+        running(config) as again,
+        grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as other,
+    ):
+        assert "chat" in await served_names(other)
+        assert await generate(other, "chat") == await generate(channel, "chat")
+        stub = pb_grpc.DeploymentServiceStub(other)
+        got = await stub.GetDeployment(pb.GetDeploymentRequest(name="chat"), timeout=TIMEOUT)
+        assert [s.ready for s in got.deployment.replica_states] == [True]
+    events = [e.action for e in audit.events(server.registry) if e.target == "deployment/chat"]  # type: ignore[arg-type]
+    assert events[:3] == ["deployment.create", "deployment.scale", "deployment.scale"]
