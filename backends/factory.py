@@ -118,3 +118,12 @@ def create_remote_embedder(config: OpenAIHttpConfig) -> RemoteEmbedder:
     from backends.openai.engine import OpenAIHttpEmbedder
 
     return OpenAIHttpEmbedder(config)
+
+
+def openvino_devices() -> list[tuple[str, str]]:
+    """(device, its full name) for every device OpenVINO can run on here ('CPU', 'GPU.0',
+    'NPU'...). Imports OpenVINO (about half a second the first time)."""
+    from backends.openvino.engine import core
+
+    ov = core()
+    return [(d, str(ov.get_property(d, "FULL_DEVICE_NAME"))) for d in ov.available_devices]

@@ -1,5 +1,5 @@
 """`irouter` command line: serve, proxy, models (prepare, and the registry's commands),
-deployments, keys, loadtest."""
+deployments, resources, usage, keys, loadtest."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from router.keys_cli import register_cli, run_cli
 from router.models_cli import is_registry_command
 from router.models_cli import register_cli as register_models_cli
 from router.models_cli import run_cli as run_models_cli
+from router.resources_cli import register_cli as register_resources_cli
+from router.resources_cli import run_cli as run_resources_cli
+from router.usage_cli import register_cli as register_usage_cli
+from router.usage_cli import run_cli as run_usage_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     keys = register_cli(sub)
     keys.add_argument("--config", type=Path, help="YAML config file (its guard.auth.registry)")
     register_deployments_cli(sub)
+    register_resources_cli(sub)
+    register_usage_cli(sub)
     register_loadtest_cli(sub)
     return parser
 
@@ -65,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_models_cli(args)
     if args.command == "deployments":
         return run_deployments_cli(args)
+    if args.command == "resources":
+        return run_resources_cli(args)
+    if args.command == "usage":
+        return run_usage_cli(args)
     reload = None
     try:
         if args.command == "serve":

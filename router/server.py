@@ -4,6 +4,7 @@ graceful shutdown, and N worker processes sharing one port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copyreg
 import logging
 import multiprocessing
@@ -28,7 +29,9 @@ from router.guard.setup import Guard
 from router.proto.irouter.v1 import deployment_service_pb2 as deployment_pb
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import model_service_pb2 as model_pb
+from router.proto.irouter.v1 import resource_service_pb2 as resource_pb
 from router.proto.irouter.v1 import retrieval_service_pb2 as retrieval_pb
+from router.proto.irouter.v1 import usage_service_pb2 as usage_pb
 from router.retrieval.rag import Retriever
 from router.retrieval.store import CollectionStore
 from router.services.inference import InferenceServicer
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from router.control.deployments import DeploymentController
+    from router.control.usage import UsageRecorder
     from router.guard.chain import GuardChain
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 RETRIEVAL_SERVICE = retrieval_pb.DESCRIPTOR.services_by_name["RetrievalService"]
 MODEL_SERVICE = model_pb.DESCRIPTOR.services_by_name["ModelService"]
 DEPLOYMENT_SERVICE = deployment_pb.DESCRIPTOR.services_by_name["DeploymentService"]
+RESOURCE_SERVICE = resource_pb.DESCRIPTOR.services_by_name["ResourceService"]
+USAGE_SERVICE = usage_pb.DESCRIPTOR.services_by_name["UsageService"]
 """Longest sleep of the health-check loop between two looks at what is due."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -119,6 +125,8 @@ class RouterServer:
             self._services.append(RETRIEVAL_SERVICE.full_name)
         self.registry: Engine | None = None
         self.control: DeploymentController | None = None
+        self.usage: UsageRecorder | None = None
+        self._metering: asyncio.Task[None] | None = None
         if config.registry.enabled:
             self._serve_control_plane(chain)
         retriever = Retriever(r.rag, self.collections, self.models, self.embedder)
@@ -126,7 +134,12 @@ class RouterServer:
         add_service(
             self.server,
             INFERENCE_SERVICE,
-            InferenceServicer(self.models, self.metrics, answering),
+            InferenceServicer(
+                self.models,
+                self.metrics,
+                answering,
+                on_finished=None if self.usage is None else self.usage.record,
+            ),
             self.metrics,
             chain,
         )
@@ -136,21 +149,34 @@ class RouterServer:
         )
 
     def _serve_control_plane(self, chain: GuardChain | None) -> None:
-        """ModelService and DeploymentService over the registry database."""
+        """ModelService, DeploymentService, ResourceService and UsageService over the registry
+        database; usage metering of every call."""
         from router.control.deployments import DeploymentController
+        from router.control.usage import UsageRecorder
         from router.registry.database import create_engine
         from router.registry.deployments import DeploymentStore
         from router.registry.version_store import ModelVersionStore
         from router.services.deployments import DeploymentServicer
         from router.services.models import ModelServicer
+        from router.services.resources import ResourceServicer
+        from router.services.usage import UsageServicer
 
         # Connects (and migrates, in start()) lazily: nothing blocks here.
         self.registry = create_engine(self.config.registry.resolved_url())
         versions = ModelVersionStore(self.registry)
-        self.control = DeploymentController(self, versions, DeploymentStore(self.registry))
+        self.usage = UsageRecorder(self.registry, self.metrics)
+        self.control = DeploymentController(
+            self.serving,
+            self.config.model_cache,
+            versions,
+            DeploymentStore(self.registry),
+            self.usage,
+        )
         for service, servicer in (
             (MODEL_SERVICE, ModelServicer(versions)),
             (DEPLOYMENT_SERVICE, DeploymentServicer(self.control)),
+            (RESOURCE_SERVICE, ResourceServicer(self.models)),
+            (USAGE_SERVICE, UsageServicer(self.usage)),
         ):
             add_service(self.server, service, servicer, self.metrics, chain)
             self._services.append(service.full_name)
@@ -176,6 +202,8 @@ class RouterServer:
             # Unavailable (naming the database) when it cannot be reached: the router does not
             # start with a control plane it cannot keep.
             await asyncio.to_thread(open_schema, self.registry)
+            assert self.usage is not None
+            self._metering = asyncio.get_running_loop().create_task(self.usage.run())
         if self.guard is not None:
             await self.guard.start()
             self._housekeeping = asyncio.get_running_loop().create_task(self._flush_audit())
@@ -189,6 +217,8 @@ class RouterServer:
         if self.registry is not None:
             await self.health.set(MODEL_SERVICE.full_name, SERVING)
             await self.health.set(DEPLOYMENT_SERVICE.full_name, SERVING)
+            await self.health.set(RESOURCE_SERVICE.full_name, SERVING)
+            await self.health.set(USAGE_SERVICE.full_name, SERVING)
         if s.metrics_port:
             self.metrics.serve(s.metrics_port + self._worker, s.host)
         self._loading = asyncio.get_running_loop().create_task(self._load_all())
@@ -226,6 +256,10 @@ class RouterServer:
         await self.models.stop()
         if self.collections is not None:
             await self.collections.close()
+        if self._metering is not None:
+            self._metering.cancel()  # writes what is pending on its way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metering
         if self.registry is not None:
             self.registry.dispose()
         if self.responses is not None:

@@ -3,10 +3,12 @@ workers) in one process never collide on the global registry."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
@@ -136,7 +138,8 @@ class Metrics:
 
     def watch_replicas(self, source: Callable[[], Iterable[ReplicaSample]]) -> None:
         """Publish replica state read at scrape time (no cost per call): circuit state, health,
-        calls in flight."""
+        calls in flight. A bound method is held weakly: the metrics server's thread lives until
+        the process exits and must not keep the catalog (and its native engines) alive."""
         self.registry.register(_ReplicaCollector(source))
 
     def serve(self, port: int, host: str) -> None:
@@ -158,7 +161,9 @@ class ReplicaSample(NamedTuple):
 
 class _ReplicaCollector(Collector):
     def __init__(self, source: Callable[[], Iterable[ReplicaSample]]) -> None:
-        self._source = source
+        self._source: Callable[[], Callable[[], Iterable[ReplicaSample]] | None] = (
+            weakref.WeakMethod(source) if inspect.ismethod(source) else lambda: source
+        )
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         labels = ["deployment", "replica"]
@@ -175,7 +180,8 @@ class _ReplicaCollector(Collector):
         outstanding = GaugeMetricFamily(
             "irouter_replica_outstanding", "Calls in flight on the replica", labels=labels
         )
-        for sample in self._source():
+        source = self._source()
+        for sample in source() if source is not None else ():
             key = [sample.deployment, sample.replica]
             state.add_metric(key, sample.circuit_state)
             healthy.add_metric(key, 1.0 if sample.healthy else 0.0)

@@ -15,9 +15,13 @@ import asyncio
 import dataclasses
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from router.config import ModelConfig
+from router.config import REMOTE_BACKENDS, ModelConfig
+from router.control import resources
+from router.control.usage import Pricing, UsageRecorder
 from router.errors import Aborted, FailedPrecondition, InvalidArgument, RouterError, quote
 from router.registry import deployments as spec
 from router.registry.artifacts import verify_unchanged
@@ -29,7 +33,7 @@ from router.routing.config import DeploymentConfig, ReplicaConfig
 from router.serving.model import ServedModel
 
 if TYPE_CHECKING:
-    from router.server import RouterServer
+    from router.serving.lifecycle import Lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +117,18 @@ class DeploymentController:
     """The control plane's deployments, applied to one router."""
 
     def __init__(
-        self, server: RouterServer, versions: ModelVersionStore, store: DeploymentStore
+        self,
+        serving: Lifecycle,
+        model_cache: Path,
+        versions: ModelVersionStore,
+        store: DeploymentStore,
+        usage: UsageRecorder,
     ) -> None:
-        self._server = server
+        self._serving = serving
+        self._model_cache = model_cache
         self._versions = versions
         self._store = store
+        self._usage = usage
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.failed: dict[str, str] = {}
         """Stored deployments this router could not bring back at start, and why."""
@@ -129,17 +140,31 @@ class DeploymentController:
         await asyncio.to_thread(verify_unchanged, version.artifact)
         return version, model
 
+    def _bill(self, name: str, version: ModelVersion) -> None:
+        """Calls to `name` are metered at `version`'s prices from now on."""
+        pricing = Pricing(
+            version.name,
+            version.version,
+            version.input_price_per_1k,
+            version.output_price_per_1k,
+            version.currency,
+        )
+        self._usage.set_pricing(name, pricing)
+
     async def create(self, d: Deployment, actor: str) -> Deployment:
         """Serve `d` and store it; it serves on return (some replicas may have failed)."""
         spec.validate(d)
         async with self._locks[d.name]:
-            _, model = await self._version(d)
-            await self._server.serving.add_deployment(model, routing_config(d))
+            version, model = await self._version(d)
+            self._check_fits(model, d.replicas)
+            await self._serving.add_deployment(model, routing_config(d))
             try:
-                return await call(self._store.insert, d, actor)
+                stored = await call(self._store.insert, d, actor)
             except BaseException:
-                await self._server.serving.remove_deployment(d.name, grace_s=0)
+                await self._serving.remove_deployment(d.name, grace_s=0)
                 raise
+            self._bill(d.name, version)
+            return stored
 
     async def scale(
         self, name: str, count: int, actor: str, *, expected_generation: int = 0
@@ -163,13 +188,17 @@ class DeploymentController:
                 replicas.append(dataclasses.replace(template, name=f"r{i}"))
                 taken.add(f"r{i}")
             kept, removed = replicas[:count], replicas[count:]
+            served = self._served(name)
+            if served is not None:
+                fresh = [r for r in kept if r not in current.replicas]
+                self._check_fits(dataclasses.replace(served.config, name=name), fresh)
             changed = dataclasses.replace(current, replicas=tuple(kept))
             stored = await call(self._store.replace, current, changed, actor, "deployment.scale")
             added = tuple(_replica(r) for r in kept if r not in current.replicas)
             if added:
-                await self._server.serving.add_replicas(name, added)
+                await self._serving.add_replicas(name, added)
             if removed:
-                await self._server.serving.remove_replicas(
+                await self._serving.remove_replicas(
                     name, {r.name for r in removed}, grace_s=DRAIN_GRACE_S
                 )
             return stored
@@ -178,8 +207,9 @@ class DeploymentController:
         """Stop serving `name` (its calls in flight get `grace_s`) and forget it."""
         async with self._locks[name]:
             await call(self._store.get, name)  # NotFound before anything stops
-            await self._server.serving.remove_deployment(name, grace_s=grace_s)
+            await self._serving.remove_deployment(name, grace_s=grace_s)
             await call(self._store.delete, name, actor)
+            self._usage.set_pricing(name, None)
             self.failed.pop(name, None)
 
     async def get(self, name: str) -> Deployment:
@@ -199,9 +229,16 @@ class DeploymentController:
             for r in shell.replicas
         ]
 
+    def _check_fits(self, model: ModelConfig, replicas: Iterable[ReplicaSpec]) -> None:
+        """ResourceExhausted when the local ones of `replicas` would not fit in memory."""
+        local = sum(r.backend not in REMOTE_BACKENDS for r in replicas)
+        if local:
+            model_dir = self._model_cache / model.artifact
+            resources.check_fits(self._serving.models, model, model_dir, local)
+
     def _served(self, name: str) -> ServedModel | None:
         return next(
-            (m for m in self._server.models if m.name == name and m.deployment is not None), None
+            (m for m in self._serving.models if m.name == name and m.deployment is not None), None
         )
 
     async def restore(self) -> None:
@@ -209,8 +246,9 @@ class DeploymentController:
         cannot be served is logged and reported by `status`; the others serve."""
         for d in await call(self._store.all):
             try:
-                _, model = await self._version(d)
-                await self._server.serving.add_deployment(model, routing_config(d))
+                version, model = await self._version(d)
+                await self._serving.add_deployment(model, routing_config(d))
+                self._bill(d.name, version)
             except RouterError as exc:
                 self.failed[d.name] = str(exc)
                 logger.error("deployment %s could not be restored: %s", d.name, exc)

@@ -92,6 +92,25 @@ def create_engine(url: str) -> Engine:
     )
 
 
+@contextlib.contextmanager
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """Processes sharing one SQLite file (`--workers`, routers started together, the CLI)
+    migrate one at a time: an exclusive lock on a file beside it. SQLite would otherwise let
+    two of them create the same table, and the second fail."""
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    import fcntl
+
+    path = Path(str(engine.url.database)).with_suffix(".migrate.lock")
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def migrate(engine: Engine) -> str:
     """Bring the schema to the newest revision; returns it. Replicas starting together on one
     PostgreSQL migrate one at a time (an advisory lock held for the transaction)."""
@@ -99,7 +118,7 @@ def migrate(engine: Engine) -> str:
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
 
-    with engine.begin() as connection:
+    with _sqlite_migration_lock(engine), engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK})
         config = Config()

@@ -64,3 +64,22 @@ deployments = sa.Table(
     sa.Column("created_by", sa.Text, nullable=False),
     sa.Column("generation", sa.Integer, nullable=False),
 )
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("minute", sa.BigInteger, nullable=False),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("key_id", sa.String(128), nullable=False),
+    sa.Column("served", sa.String(64), nullable=False),
+    sa.Column("model_name", sa.String(64), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("calls", sa.BigInteger, nullable=False),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False),
+    sa.Column("cost_nanos", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint(
+        "minute", "tenant", "key_id", "served", "model_name", "model_version", "currency"
+    ),
+)

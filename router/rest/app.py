@@ -17,7 +17,9 @@ from router.proto.irouter.v1 import (
     deployment_service_pb2,
     inference_service_pb2,
     model_service_pb2,
+    resource_service_pb2,
     retrieval_service_pb2,
+    usage_service_pb2,
 )
 from router.rest.docs import docs_routes
 from router.rest.errors import ApiError, api_error_handler, http_error, server_error
@@ -34,6 +36,8 @@ SERVICES = (
     retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
     deployment_service_pb2.DESCRIPTOR.services_by_name["DeploymentService"],
+    resource_service_pb2.DESCRIPTOR.services_by_name["ResourceService"],
+    usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"],
 )
 
 logger = logging.getLogger(__name__)

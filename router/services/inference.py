@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 from backends.base import SamplingParams
 from router.errors import InvalidArgument
-from router.guard.chain import get_scope
+from router.guard.chain import CallScope, get_scope
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.retrieval.rag import RagRequest
 from router.routing.breaker import BreakerState
@@ -126,12 +126,20 @@ def generation_call(
 
 
 class InferenceServicer:
-    def __init__(self, models: Catalog, metrics: Metrics, answering: Answering) -> None:
+    def __init__(
+        self,
+        models: Catalog,
+        metrics: Metrics,
+        answering: Answering,
+        *,
+        on_finished: Callable[[CallScope], None] | None = None,
+    ) -> None:
         self._models = models
         self._metrics = metrics
         self._embedder = answering.embedder
         self._answerer = Answerer(models, metrics, answering)
-        self._routed = models.dispatcher is not None
+        self._finished = on_finished or _ignore
+        """Called with every call's scope when it ends, its tokens counted (usage metering)."""
         self._listed: tuple[tuple[bool, ...], pb.ListModelsResponse] | None = None
 
     def _final(
@@ -150,27 +158,40 @@ class InferenceServicer:
         self, message: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         scope = get_scope()
-        prepared = await self._answerer.prepare(
-            generation_call(message, context, stream=True, routed=self._routed), scope
-        )
-        with_ids = message.return_token_ids
-        completion = 0
-        async for piece in self._answerer.pieces(prepared, scope):
-            completion += piece.tokens
-            response = pb.GenerateResponse(id=prepared.request_id, text=piece.text)
-            if with_ids:
-                response.token_ids.extend(piece.token_ids)
-            if piece.finished:
-                self._final(prepared, response)
-                response.finish_reason = finish_reason(piece)
-                response.filter_reason = piece.filter_reason
-                response.usage.CopyFrom(_usage(prepared.num_prompt, completion))
-            yield response
+        try:
+            routed = self._models.dispatcher is not None
+            prepared = await self._answerer.prepare(
+                generation_call(message, context, stream=True, routed=routed), scope
+            )
+            with_ids = message.return_token_ids
+            completion = 0
+            async for piece in self._answerer.pieces(prepared, scope):
+                completion += piece.tokens
+                response = pb.GenerateResponse(id=prepared.request_id, text=piece.text)
+                if with_ids:
+                    response.token_ids.extend(piece.token_ids)
+                if piece.finished:
+                    self._final(prepared, response)
+                    response.finish_reason = finish_reason(piece)
+                    response.filter_reason = piece.filter_reason
+                    response.usage.CopyFrom(_usage(prepared.num_prompt, completion))
+                yield response
+        finally:
+            self._finished(scope)  # in the same generator: no extra layer per chunk
 
     async def Complete(self, message: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         scope = get_scope()
+        try:
+            return await self._complete(message, context, scope)
+        finally:
+            self._finished(scope)
+
+    async def _complete(
+        self, message: pb.CompleteRequest, context: Context, scope: CallScope
+    ) -> pb.CompleteResponse:
+        routed = self._models.dispatcher is not None
         prepared = await self._answerer.prepare(
-            generation_call(message, context, stream=False, routed=self._routed), scope
+            generation_call(message, context, stream=False, routed=routed), scope
         )
         cached = prepared.cached
         if cached is not None and scope.output_filter_factory is None:
@@ -207,6 +228,12 @@ class InferenceServicer:
 
     async def Embed(self, message: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         scope = get_scope()
+        try:
+            return await self._embed(message, scope)
+        finally:
+            self._finished(scope)
+
+    async def _embed(self, message: pb.EmbedRequest, scope: CallScope) -> pb.EmbedResponse:
         model = self._models.get(message.model, "embed")
         scope.use_model(model.name)
         texts = [scope.check_input(text) for text in message.texts]
@@ -320,6 +347,10 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
         ready=model.ready,
         max_batch=cfg.max_slots if generate else cfg.max_batch,
     )
+
+
+def _ignore(scope: CallScope) -> None:
+    pass
 
 
 def _usage(prompt: int, completion: int) -> pb.Usage:

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router import cli
 from router.proto.irouter.v1 import deployment_service_pb2 as pb
 from router.proto.irouter.v1 import deployment_service_pb2_grpc as pb_grpc
 from router.proto.irouter.v1 import inference_service_pb2 as inference_pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as inference_grpc
 from router.proto.irouter.v1 import model_service_pb2 as model_pb
 from router.proto.irouter.v1 import model_service_pb2_grpc as model_grpc
+from router.proto.irouter.v1 import resource_service_pb2 as resource_pb
+from router.proto.irouter.v1 import resource_service_pb2_grpc as resource_grpc
+from router.proto.irouter.v1 import usage_service_pb2 as usage_pb
+from router.proto.irouter.v1 import usage_service_pb2_grpc as usage_grpc
 from router.registry import audit
 from router.server import RouterServer
 from tests.integration.conftest import EMB, GEN, make_config, running
@@ -32,6 +38,8 @@ SMOL = model_pb.ModelVersion(
     version="1",
     kind=inference_pb.MODEL_KIND_GENERATE,
     artifact=model_pb.Artifact(package=GEN),
+    input_price_per_1k="0.5",
+    output_price_per_1k="1.5",
 )
 
 
@@ -227,3 +235,90 @@ async def test_a_restarted_router_serves_its_deployments_again(
         assert [s.ready for s in got.deployment.replica_states] == [True]
     events = [e.action for e in audit.events(server.registry) if e.target == "deployment/chat"]  # type: ignore[arg-type]
     assert events[:3] == ["deployment.create", "deployment.scale", "deployment.scale"]
+
+
+async def test_resources_list_the_host_and_refuse_what_does_not_fit(
+    channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    await create(stub, small("ledger"))
+    resources = resource_grpc.ResourceServiceStub(channel)
+    answer = await resources.GetResources(resource_pb.GetResourcesRequest(), timeout=TIMEOUT)
+    assert answer.cpu_cores >= 1 and answer.cpu_model
+    assert answer.memory_total_bytes > answer.memory_allocatable_bytes > 0
+    assert "CPU" in [d.name for d in answer.devices]
+    # No GPU on these machines, and the view says why; with one, it is listed instead.
+    assert "cuda" in {d.kind for d in answer.devices} | {a.kind for a in answer.absent}
+    held = {(a.model, a.replica): a for a in answer.allocations}
+    ledger = held["ledger", "r0"]
+    # SmolLM2: 30 layers x 3 KV heads x 64 dims x K and V x 4 bytes = 46,080 bytes a token.
+    assert ledger.kv_bytes == 4 * 512 * 46_080
+    assert ledger.weight_bytes > 0 and ledger.threads == 1
+    assert (EMB, "") in held
+    assert answer.memory_allocated_bytes == sum(a.kv_bytes + a.weight_bytes for a in held.values())
+
+    huge = small("huge", max_slots=256, max_context=8192, prefix_cache_mb=65536)
+    code, message = await status_of(create(stub, huge))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, message
+    assert "MiB is free" in message
+    assert "huge" not in await served_names(channel)
+    await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="ledger"), timeout=TIMEOUT)
+
+
+async def test_every_call_is_metered_at_its_version_s_prices(
+    server: RouterServer, channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    await create(stub, small("metered"))
+    for _ in range(3):
+        await generate(channel, "metered")
+    inference = inference_grpc.InferenceServiceStub(channel)
+    await inference.Embed(inference_pb.EmbedRequest(model=EMB, texts=["a", "b"]), timeout=TIMEOUT)
+    meter = usage_grpc.UsageServiceStub(channel)
+    request = usage_pb.GetUsageRequest(group_by=["tenant", "deployment", "model", "version"])
+    answer = await meter.GetUsage(request, timeout=TIMEOUT)
+    rows = {r.deployment: r for r in answer.rows}
+    metered = rows["metered"]
+    assert (metered.tenant, metered.model, metered.version) == ("anonymous", "smol", "1")
+    assert metered.calls == 3 and 0 < metered.output_tokens <= 3 * 8  # 8 each unless EOS
+    expected = (
+        Decimal("0.5") * metered.input_tokens + Decimal("1.5") * metered.output_tokens
+    ) / 1000
+    assert Decimal(metered.cost) == expected
+    embedder = rows[EMB]
+    assert (embedder.version, embedder.cost, embedder.calls) == ("", "0", 1)
+    assert embedder.input_tokens > 0 and embedder.output_tokens == 0
+    counted = server.metrics.registry.get_sample_value(
+        "irouter_usage_tokens_total",
+        {"tenant": "anonymous", "model": "metered", "version": "1", "kind": "output"},
+    )
+    assert counted == metered.output_tokens
+    await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="metered"), timeout=TIMEOUT)
+
+
+async def test_the_cli_drives_deployments_resources_and_usage(
+    server: RouterServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ("--target", f"127.0.0.1:{server.port}")
+
+    async def irouter(*argv: str) -> int:
+        return await asyncio.to_thread(cli.main, list(argv))
+
+    assert await irouter("deployments", "create", "cli", "--model", "smol", "--version", "1",
+                         "--threads", "1", "--max-slots", "2", "--max-context", "256",
+                         "--prefix-cache-mb", "0", *target) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "loading cli's replicas" in err and "cli" in out and "yes" in out
+    assert await irouter("deployments", "scale", "cli", "2", *target) == 0
+    assert await irouter("deployments", "status", "cli", "--json", *target) == 0
+    out, _ = capsys.readouterr()
+    assert '"replica_count"' not in out and out.count('"ready": true') == 2
+    assert await irouter("resources", *target) == 0
+    out, _ = capsys.readouterr()
+    assert "cpu:" in out and "cli" in out and "cuda" in out  # listed, or absent with why
+    assert await irouter("usage", "--since", "1h", "--group-by", "deployment", *target) == 0
+    out, _ = capsys.readouterr()
+    assert "DEPLOYMENT" in out and "COST" in out
+    assert await irouter("deployments", "delete", "cli", *target) == 0
+    assert await irouter("deployments", "scale", "cli", "2", *target) == 1
+    _, err = capsys.readouterr()
+    assert "NOT_FOUND" in err and "'cli' does not exist" in err
+    assert await irouter("usage", "--since", "soon", *target) == 2

@@ -3,6 +3,7 @@ tests). The artifact is a checked remote one, so nothing here hashes a model."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -75,10 +76,10 @@ def test_default_registry_is_a_sqlite_file_under_its_data_dir(tmp_path: Path) ->
 def test_migrations_are_idempotent_and_the_file_is_private(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sub' / 'r.db'}"
     engine = open_database(url)
-    assert migrate(engine) == migrate(engine) == "0002"
+    assert migrate(engine) == migrate(engine) == "0003"
     assert (tmp_path / "sub" / "r.db").stat().st_mode & 0o077 == 0
     names = set(sa.inspect(engine).get_table_names())
-    assert {"model_versions", "deployments", "audit_events", "alembic_version"} <= names
+    assert {"model_versions", "deployments", "usage", "audit_events", "alembic_version"} <= names
 
 
 def test_an_unreachable_postgresql_is_unavailable_naming_it() -> None:
@@ -203,3 +204,15 @@ def test_concurrent_changes_one_wins_the_other_is_aborted(store: ModelVersionSto
         t.join()
     assert sorted(results) == ["aborted"] * 7 + ["ok"]
     assert store.get("m", "1").generation == 2
+
+
+def test_processes_creating_one_registry_together_all_succeed(tmp_path: Path) -> None:
+    # Routers started together (--workers, the e2e tests) migrate a new SQLite file at once.
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    processes = [ctx.Process(target=open_database, args=(url,)) for _ in range(4)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+    assert [p.exitcode for p in processes] == [0, 0, 0, 0]
