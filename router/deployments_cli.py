@@ -4,6 +4,7 @@ client of a running router's DeploymentService (gRPC)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import grpc
@@ -46,6 +47,16 @@ def register_cli(
     scale.add_argument("replicas", type=int, help="1 to 16")
     scale.add_argument("--generation", type=int, default=0, help="apply only at this generation")
     add_connection_flags(scale)
+    rollout = sub.add_parser("rollout", help="move to another version by steps of traffic")
+    rollout.add_argument("name")
+    rollout.add_argument("version", help="the registered version to move to")
+    rollout.add_argument("--steps", default="10,50,100", help="percents of traffic, to 100")
+    rollout.add_argument("--step-interval", type=float, default=60.0, help="seconds per step")
+    rollout.add_argument("--max-error-rate", type=float, default=0.05, help="per step")
+    rollout.add_argument("--max-ttft-p95", type=float, default=0.0, help="seconds (0: off)")
+    rollout.add_argument("--min-calls", type=int, default=0, help="calls a step needs")
+    rollout.add_argument("--generation", type=int, default=0, help="apply only at this generation")
+    add_connection_flags(rollout)
     delete = sub.add_parser("delete", help="stop serving a deployment (calls in flight finish)")
     delete.add_argument("name")
     add_connection_flags(delete)
@@ -83,6 +94,22 @@ def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
             name=args.name, replica_count=args.replicas, expected_generation=args.generation
         )
         return "ScaleDeployment", scale, f"scaling {args.name} to {args.replicas}..."
+    if command == "rollout":
+        try:
+            steps = [int(p) for p in args.steps.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"--steps {args.steps!r}: give percents such as 10,50,100") from None
+        rollout = pb.RolloutDeploymentRequest(
+            name=args.name,
+            target_version=args.version,
+            steps=steps,
+            step_interval_s=args.step_interval,
+            max_error_rate=args.max_error_rate,
+            max_ttft_p95_s=args.max_ttft_p95,
+            min_calls=args.min_calls,
+            expected_generation=args.generation,
+        )
+        return "RolloutDeployment", rollout, f"loading version {args.version}..."
     return "DeleteDeployment", pb.DeleteDeploymentRequest(name=args.name), "draining..."
 
 
@@ -113,11 +140,22 @@ def _print(response: Any, as_json: bool) -> None:
                 ]
             )
     table(rows)
+    for d in found:
+        r = d.rollout
+        if r.target_version:
+            state = pb.RolloutState.Name(r.state).removeprefix("ROLLOUT_STATE_").lower()
+            share = f", {r.steps[r.step]}% of traffic" if state == "running" else ""
+            moving = f"{r.from_version} -> {r.target_version}"
+            print(f"{d.name}: rollout {moving} {state}{share}: {r.reason}")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run a parsed `deployments` command; the exit status (1: the router refused)."""
-    method, request, progress = _request(args)
+    try:
+        method, request, progress = _request(args)
+    except ValueError as exc:
+        print(f"irouter deployments: {exc}", file=sys.stderr)
+        return 2
     try:
         response = call(
             args, pb_grpc.DeploymentServiceStub, method, request, timeout_s=900, progress=progress

@@ -250,6 +250,8 @@ class RouterServer:
         await self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_seconds if grace is None else grace
         await self.server.stop(grace)
+        if self.control is not None:
+            await self.control.rollouts.stop()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         self.serving.stop()

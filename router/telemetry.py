@@ -129,6 +129,13 @@ class Metrics:
             ["deployment", "replica"],
             registry=r,
         )
+        self.replica_ttft = Histogram(
+            "irouter_replica_time_to_first_token_seconds",
+            "Seconds from a routed attempt's start to its first token, per replica",
+            ["deployment", "replica"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.health_checks = Counter(
             "irouter_replica_health_checks",
             "Active health checks per replica by result (pass, fail)",

@@ -21,12 +21,26 @@ from typing import TYPE_CHECKING
 
 from router.config import REMOTE_BACKENDS, ModelConfig
 from router.control import resources
+from router.control.rollout import (
+    SYSTEM,
+    RolloutRunner,
+    interrupted,
+    same_tokenizer,
+    target_replicas,
+    weights,
+)
 from router.control.usage import Pricing, UsageRecorder
 from router.errors import Aborted, FailedPrecondition, InvalidArgument, RouterError, quote
 from router.registry import deployments as spec
 from router.registry.artifacts import verify_unchanged
 from router.registry.database import call
-from router.registry.deployments import Deployment, DeploymentStore, ReplicaSpec
+from router.registry.deployments import (
+    Deployment,
+    DeploymentStore,
+    ReplicaSpec,
+    Rollout,
+    check_rollout,
+)
 from router.registry.model_versions import DEPRECATED, ModelVersion
 from router.registry.version_store import ModelVersionStore
 from router.routing.config import DeploymentConfig, ReplicaConfig
@@ -130,6 +144,9 @@ class DeploymentController:
         self._store = store
         self._usage = usage
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.rollouts = RolloutRunner(
+            serving, store, lambda name: self._locks[name], self._rolled_out
+        )
         self.failed: dict[str, str] = {}
         """Stored deployments this router could not bring back at start, and why."""
 
@@ -178,6 +195,7 @@ class DeploymentController:
         async with self._locks[name]:
             current = await call(self._store.get, name)
             self._check_generation(current, expected_generation)
+            self._check_no_rollout(current)
             replicas = list(current.replicas)
             taken = {r.name for r in replicas}
             template = replicas[0]
@@ -207,6 +225,7 @@ class DeploymentController:
         """Stop serving `name` (its calls in flight get `grace_s`) and forget it."""
         async with self._locks[name]:
             await call(self._store.get, name)  # NotFound before anything stops
+            await self.rollouts.cancel(name)
             await self._serving.remove_deployment(name, grace_s=grace_s)
             await call(self._store.delete, name, actor)
             self._usage.set_pricing(name, None)
@@ -246,12 +265,93 @@ class DeploymentController:
         cannot be served is logged and reported by `status`; the others serve."""
         for d in await call(self._store.all):
             try:
+                if d != (back := interrupted(d)):
+                    d = await call(self._store.replace, d, back, SYSTEM, "deployment.rollback")
+                    logger.warning("deployment %s: its rollout was rolled back", d.name)
                 version, model = await self._version(d)
                 await self._serving.add_deployment(model, routing_config(d))
                 self._bill(d.name, version)
             except RouterError as exc:
                 self.failed[d.name] = str(exc)
                 logger.error("deployment %s could not be restored: %s", d.name, exc)
+
+    async def rollout(
+        self, name: str, r: Rollout, actor: str, *, expected_generation: int = 0
+    ) -> Deployment:
+        """Start moving `name` to r.target_version: its replicas load (as many as the
+        deployment has, shaped like its first) and take the first step's share; the steps
+        run in the background (RolloutRunner). Returns the deployment as the rollout starts."""
+        check_rollout(r)
+        async with self._locks[name]:
+            current = await call(self._store.get, name)
+            self._check_generation(current, expected_generation)
+            self._check_no_rollout(current)
+            if r.target_version == current.model_version:
+                raise FailedPrecondition(
+                    f"deployment {quote(name)} already serves version {quote(r.target_version)}"
+                )
+            shell = self._served(name)
+            if shell is None:
+                raise FailedPrecondition(f"deployment {quote(name)} is not served by this router")
+            target = dataclasses.replace(current, model_version=r.target_version)
+            _, model = await self._version(target)
+            differs = same_tokenizer(
+                self._model_cache / shell.config.artifact, self._model_cache / model.artifact
+            )
+            if differs:
+                raise FailedPrecondition(
+                    f"version {quote(r.target_version)} tokenizes differently from "
+                    f"{quote(current.model_version)} ({differs}); one deployment tokenizes a "
+                    "call once, so roll out versions of the same tokenizer (another engine, "
+                    "quantization or device), or deploy it under a new name"
+                )
+            added = target_replicas(current, r.target_version)
+            self._check_fits(model, added)
+            first = dataclasses.replace(
+                current,
+                replicas=(*current.replicas, *added),
+                rollout=dataclasses.replace(
+                    r, from_version=current.model_version, state="running", step=0, reason=""
+                ),
+            )
+            share = weights(first, r.target_version, r.steps[0])
+            loaded = await self._serving.add_replicas(
+                name,
+                tuple(dataclasses.replace(_replica(x), weight=share[x.name]) for x in added),
+                dataclasses.replace(model, name=name),
+            )
+            if not any(x.error == "" and x.engine is not None for x in loaded):
+                await self._serving.remove_replicas(name, {x.name for x in added}, grace_s=0)
+                errors = "; ".join(f"{x.name}: {x.error}" for x in loaded)
+                raise FailedPrecondition(
+                    f"version {quote(r.target_version)} could not load: {errors}"
+                )
+            self._serving.models.set_weights(name, share)
+            try:
+                stored = await call(
+                    self._store.replace, current, first, actor, "deployment.rollout"
+                )
+            except BaseException:
+                self._serving.models.set_weights(name, {x.name: 1.0 for x in current.replicas})
+                await self._serving.remove_replicas(name, {x.name for x in added}, grace_s=0)
+                raise
+        self.rollouts.start(name)
+        return stored
+
+    async def _rolled_out(self, d: Deployment) -> None:
+        """A rollout completed: the deployment's own model and prices are the target's now."""
+        version, model = await self._version(d)
+        self._serving.models.set_model(d.name, model)
+        self._bill(d.name, version)
+
+    def _check_no_rollout(self, d: Deployment) -> None:
+        if self.rollouts.running(d.name) or (
+            d.rollout is not None and d.rollout.state == "running"
+        ):
+            raise FailedPrecondition(
+                f"deployment {quote(d.name)} is rolling out to version "
+                f"{quote(d.rollout.target_version if d.rollout else '?')}; wait for it to end"
+            )
 
     @staticmethod
     def _check_generation(current: Deployment, expected: int) -> None:

@@ -43,6 +43,7 @@ DEFAULT_METHOD_SCOPES: Mapping[str, str] = {
     "/irouter.v1.DeploymentService/ListDeployments": "deployments:read",
     "/irouter.v1.DeploymentService/CreateDeployment": "deployments:write",
     "/irouter.v1.DeploymentService/ScaleDeployment": "deployments:write",
+    "/irouter.v1.DeploymentService/RolloutDeployment": "deployments:write",
     "/irouter.v1.DeploymentService/DeleteDeployment": "deployments:write",
     "/irouter.v1.ResourceService/GetResources": "resources:read",
     "/irouter.v1.UsageService/GetUsage": "usage:read",

@@ -10,6 +10,7 @@ callers on the event loop use router.registry.database.call.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -52,6 +53,68 @@ class ReplicaSpec:
     """The model's name on that server ('' : the version's remote model, else its name)."""
     weight: float = 1.0
     """Share of the deployment's traffic (> 0)."""
+    model_version: str = ""
+    """The version it serves: '' is the deployment's; a rollout's target while one runs."""
+
+
+ROLLOUT_STATES = ("running", "completed", "rolled_back")
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """Moving a deployment to another version of its model by steps of traffic, judged at each
+    step by the new version's error rate and time to first token."""
+
+    target_version: str
+    from_version: str = ""
+    steps: tuple[int, ...] = (10, 50, 100)
+    """Percent of the traffic the target takes at each step; increasing, the last 100."""
+    step_interval_s: float = 60.0
+    """How long each step runs before it is judged."""
+    max_error_rate: float = 0.05
+    """Failed attempts / attempts on the target's replicas in a step above which it rolls back."""
+    max_ttft_p95_s: float = 0.0
+    """The target's 95th percentile time to first token in a step above which it rolls back
+    (0: not judged)."""
+    min_calls: int = 0
+    """Attempts the target must have had in a step for the step to pass (0: any)."""
+    state: str = "running"
+    step: int = 0
+    """Index in `steps` of the share the target has now."""
+    reason: str = ""
+    """Why it rolled back (or what the last step saw)."""
+
+    @property
+    def percent(self) -> int:
+        return self.steps[self.step] if self.state == "running" else 0
+
+
+def check_rollout(r: Rollout) -> Rollout:
+    """InvalidArgument naming the first parameter that is wrong."""
+    check_version(r.target_version, "target_version")
+    steps = list(r.steps)
+    if not steps or steps[-1] != 100 or any(not 0 < p <= 100 for p in steps):
+        raise InvalidArgument(
+            f"steps={steps} must be percents in (0, 100] ending at 100", field="steps"
+        )
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise InvalidArgument(f"steps={steps} must increase", field="steps")
+    if not (math.isfinite(r.step_interval_s) and 0 < r.step_interval_s <= 86_400):
+        raise InvalidArgument(
+            f"step_interval_s={r.step_interval_s} must be in (0, 86400]", field="step_interval_s"
+        )
+    if not (math.isfinite(r.max_error_rate) and 0 <= r.max_error_rate <= 1):
+        raise InvalidArgument(
+            f"max_error_rate={r.max_error_rate} must be in [0, 1]", field="max_error_rate"
+        )
+    if not (math.isfinite(r.max_ttft_p95_s) and r.max_ttft_p95_s >= 0):
+        raise InvalidArgument(
+            f"max_ttft_p95_s={r.max_ttft_p95_s} must be >= 0 (0: not judged)",
+            field="max_ttft_p95_s",
+        )
+    if r.min_calls < 0:
+        raise InvalidArgument(f"min_calls={r.min_calls} must be >= 0", field="min_calls")
+    return r
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +133,8 @@ class Deployment:
     """Prompt plus completion tokens per sequence; 0: the version's limit, at most 2,048."""
     prefix_cache_mb: int = 128
     """KV kept aside for shared prefixes, per local replica; 0 turns it off."""
+    rollout: Rollout | None = None
+    """The last rollout to another version (running, completed or rolled back)."""
     created_at: float = 0.0
     updated_at: float = 0.0
     created_by: str = ""
@@ -152,6 +217,7 @@ def _spec(d: Deployment) -> str:
             "max_slots": d.max_slots,
             "max_context": d.max_context,
             "prefix_cache_mb": d.prefix_cache_mb,
+            "rollout": None if d.rollout is None else dataclasses.asdict(d.rollout),
         },
         sort_keys=True,
     )
@@ -181,11 +247,18 @@ def _deployment(row: Row[Any]) -> Deployment:
         max_slots=spec["max_slots"],
         max_context=spec["max_context"],
         prefix_cache_mb=spec["prefix_cache_mb"],
+        rollout=_rollout(spec.get("rollout")),
         created_at=row.created_at,
         updated_at=row.updated_at,
         created_by=row.created_by,
         generation=row.generation,
     )
+
+
+def _rollout(data: dict[str, Any] | None) -> Rollout | None:
+    if data is None:
+        return None
+    return Rollout(**{**data, "steps": tuple(data["steps"])})
 
 
 class DeploymentStore:

@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 FailureListener = Callable[[AttemptInfo, str], None]
+FirstItemListener = Callable[[AttemptInfo, float], None]
+"""Told each streamed attempt's seconds from its start to its first item (its TTFT)."""
 
 
 class _Miss(enum.Enum):
@@ -86,6 +88,7 @@ class Dispatcher(Topology):
         clock: Clock = time.monotonic,
         on_breaker_change: BreakerListener | None = None,
         on_attempt_failed: FailureListener | None = None,
+        on_first_item: FirstItemListener | None = None,
     ) -> None:
         """`config` must be validated. `clock` drives breakers, budgets and deadlines (attempts
         are still timed by the event loop); `on_breaker_change(name, old, new)` sees every
@@ -93,6 +96,7 @@ class Dispatcher(Topology):
         every failed attempt that the call moved on from (retried, or handed to a fallback)."""
         super().__init__(config, rng=rng, clock=clock, on_breaker_change=on_breaker_change)
         self._on_attempt_failed = on_attempt_failed
+        self._on_first_item = on_first_item
 
     # ---- unary ---------------------------------------------------------------------------
 
@@ -268,6 +272,7 @@ class Dispatcher(Topology):
                 replica, ticket, info = started.replica, started.ticket, started.info
                 timeout = info.timeout_s
                 streamed = 0
+                opened = self._clock()
                 items: AsyncIterator[T] | None = None
                 try:
                     while True:
@@ -312,6 +317,8 @@ class Dispatcher(Topology):
                             # failure is recorded as well, so a replica that dies mid-stream
                             # still trips its breaker.
                             replica.breaker.on_success(ticket)
+                            if self._on_first_item is not None:
+                                self._on_first_item(info, self._clock() - opened)
                         streamed += 1
                         yield item
                 finally:

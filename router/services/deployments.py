@@ -10,11 +10,16 @@ import grpc
 from router.control.deployments import DeploymentController
 from router.errors import InvalidArgument
 from router.proto.irouter.v1 import deployment_service_pb2 as pb
-from router.registry.deployments import Deployment, ReplicaSpec
+from router.registry.deployments import Deployment, ReplicaSpec, Rollout
 from router.registry.model_versions import check_name
 from router.services.models import actor
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_ROLLOUT_STATES = {
+    "running": pb.ROLLOUT_STATE_RUNNING,
+    "completed": pb.ROLLOUT_STATE_COMPLETED,
+    "rolled_back": pb.ROLLOUT_STATE_ROLLED_BACK,
+}
 
 
 def deployment_from_pb(m: pb.Deployment) -> Deployment:
@@ -59,6 +64,7 @@ class DeploymentServicer:
                     url=r.url,
                     remote_model=r.remote_model,
                     weight=r.weight,
+                    model_version=r.model_version,
                 )
                 for r in d.replicas
             ],
@@ -75,7 +81,43 @@ class DeploymentServicer:
         )
         message.create_time.FromNanoseconds(int(d.created_at * 1e9))
         message.update_time.FromNanoseconds(int(d.updated_at * 1e9))
+        r = d.rollout
+        if r is not None:
+            message.rollout.CopyFrom(
+                pb.Rollout(
+                    target_version=r.target_version,
+                    from_version=r.from_version,
+                    steps=list(r.steps),
+                    step=r.step,
+                    step_interval_s=r.step_interval_s,
+                    max_error_rate=r.max_error_rate,
+                    max_ttft_p95_s=r.max_ttft_p95_s,
+                    min_calls=r.min_calls,
+                    state=_ROLLOUT_STATES[r.state],
+                    reason=r.reason,
+                )
+            )
         return message
+
+    async def RolloutDeployment(
+        self, request: pb.RolloutDeploymentRequest, context: Context
+    ) -> pb.RolloutDeploymentResponse:
+        check_name(request.name)
+        given: dict[str, Any] = {
+            "max_ttft_p95_s": request.max_ttft_p95_s,
+            "min_calls": request.min_calls,
+        }
+        if request.steps:
+            given["steps"] = tuple(request.steps)
+        if request.step_interval_s:
+            given["step_interval_s"] = request.step_interval_s
+        if request.HasField("max_error_rate"):
+            given["max_error_rate"] = request.max_error_rate
+        rollout = Rollout(target_version=request.target_version, **given)
+        started = await self._control.rollout(
+            request.name, rollout, actor(), expected_generation=request.expected_generation
+        )
+        return pb.RolloutDeploymentResponse(deployment=self._pb(started))
 
     async def CreateDeployment(
         self, request: pb.CreateDeploymentRequest, context: Context

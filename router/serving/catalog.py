@@ -28,6 +28,7 @@ from router.routing.breaker import BreakerState
 from router.routing.config import DeploymentConfig, ReplicaConfig, RoutingConfig
 from router.routing.dispatch import Dispatcher
 from router.routing.engine import RoutedEngine
+from router.routing.replica_stats import ReplicaStatsBook
 from router.scheduler.generation import GenerationEngine
 from router.serving import loader
 from router.serving.model import ServedModel
@@ -76,6 +77,8 @@ class Catalog:
     ):
         self._metrics = metrics
         self._model_cache = model_cache
+        self.stats = ReplicaStatsBook(metrics)
+        """Per-replica attempts, failures and first-token times (rollouts judge by them)."""
         self._engine_ids = 0
         self._attempt_counters: dict[tuple[str, str], Any] = {}
         self._replica_models: dict[tuple[str, str], ServedModel] = {}
@@ -108,6 +111,7 @@ class Catalog:
             routing,
             on_breaker_change=self._breaker_changed,
             on_attempt_failed=self._attempt_failed,
+            on_first_item=self.stats.first_item,
         )
 
     def _replica(self, model: ModelConfig, deployment: str, rc: ReplicaConfig) -> ServedModel:
@@ -176,6 +180,7 @@ class Catalog:
         return reload.routing_diff(old, routing)
 
     def _attempt_started(self, info: AttemptInfo) -> None:
+        self.stats.started(info)
         key = (info.deployment, info.replica.name)
         child = self._attempt_counters.get(key)
         if child is None:
@@ -183,6 +188,7 @@ class Catalog:
         child.inc()
 
     def _attempt_failed(self, info: AttemptInfo, reason: str) -> None:
+        self.stats.failed(info)
         self._metrics.failed_attempts.labels(info.deployment, info.replica.name).inc()
 
     def replica_samples(self) -> list[ReplicaSample]:
@@ -312,13 +318,18 @@ class Catalog:
         self.routing = routing
         return self._register_deployment(model, dep)
 
-    def add_replicas(self, name: str, added: tuple[ReplicaConfig, ...]) -> list[ServedModel]:
-        """More replicas for a deployment (out of rotation until the caller has loaded them)."""
+    def add_replicas(
+        self, name: str, added: tuple[ReplicaConfig, ...], model: ModelConfig | None = None
+    ) -> list[ServedModel]:
+        """More replicas for a deployment (out of rotation until the caller has loaded them),
+        of `model` when given (a rollout's new version: same tokenizer, other artifact or
+        engine settings), else of the deployment's own model."""
         shell = self._deployment(name)
         assert shell.deployment is not None and self.dispatcher is not None
         dep = dataclasses.replace(shell.deployment, replicas=(*shell.deployment.replicas, *added))
         self._set_deployment(shell, dep)
-        model = dataclasses.replace(shell.config, name=shell.deployment.model_name)
+        if model is None:
+            model = dataclasses.replace(shell.config, name=shell.deployment.model_name)
         new = [self._replica(model, name, rc) for rc in added]
         shell.replicas = (*shell.replicas, *new)
         return new
@@ -340,6 +351,27 @@ class Catalog:
             await loader.stop(replica)
             assert replica.replica is not None
             del self._replica_models[name, replica.replica.name]
+            self.stats.forget(name, replica.replica.name)
+
+    def set_weights(self, name: str, weights: dict[str, float]) -> None:
+        """Give the named replicas of a deployment these shares of its traffic (> 0)."""
+        shell = self._deployment(name)
+        assert shell.deployment is not None
+        replicas = tuple(
+            dataclasses.replace(rc, weight=weights.get(rc.name, rc.weight))
+            for rc in shell.deployment.replicas
+        )
+        self._set_deployment(shell, dataclasses.replace(shell.deployment, replicas=replicas))
+        for served in shell.replicas:
+            if served.replica is not None and served.replica.name in weights:
+                served.replica = dataclasses.replace(
+                    served.replica, weight=weights[served.replica.name]
+                )
+
+    def set_model(self, name: str, model: ModelConfig) -> None:
+        """The model a deployment's later replicas are made of (after a rollout)."""
+        shell = self._deployment(name)
+        shell.config = dataclasses.replace(model, name=name)
 
     async def remove_deployment(self, name: str, *, grace_s: float) -> None:
         """Drain then unload a deployment: new calls are refused at once, calls in flight get

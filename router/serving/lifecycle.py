@@ -133,12 +133,17 @@ class Lifecycle:
         )
         return shell
 
-    async def add_replicas(self, name: str, added: tuple[ReplicaConfig, ...]) -> None:
-        """Scale a deployment up: the new replicas join its rotation as each has loaded."""
+    async def add_replicas(
+        self, name: str, added: tuple[ReplicaConfig, ...], model: ModelConfig | None = None
+    ) -> list[ServedModel]:
+        """Scale a deployment up (with replicas of `model`, when given): the new replicas
+        join its rotation as each has loaded; returns them (their `error` says which failed)."""
         shell = next(m for m in self.models if m.name == name)
-        for replica in self.models.add_replicas(name, added):
+        new = self.models.add_replicas(name, added, model)
+        for replica in new:
             await self._load_replica(shell, replica)
         await self._publish(shell)
+        return new
 
     async def remove_replicas(self, name: str, names: set[str], *, grace_s: float) -> None:
         """Scale a deployment down: the replicas leave rotation, drain, then stop."""

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RolloutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_STATE_UNSPECIFIED: _RolloutState.ValueType  # 0
+    """No rollout."""
+    ROLLOUT_STATE_RUNNING: _RolloutState.ValueType  # 1
+    """Steps are running."""
+    ROLLOUT_STATE_COMPLETED: _RolloutState.ValueType  # 2
+    """The deployment serves the target version."""
+    ROLLOUT_STATE_ROLLED_BACK: _RolloutState.ValueType  # 3
+    """A step failed (or a restart cut it short): the old version serves."""
+
+class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
+    """RolloutState is where a rollout is."""
+
+ROLLOUT_STATE_UNSPECIFIED: RolloutState.ValueType  # 0
+"""No rollout."""
+ROLLOUT_STATE_RUNNING: RolloutState.ValueType  # 1
+"""Steps are running."""
+ROLLOUT_STATE_COMPLETED: RolloutState.ValueType  # 2
+"""The deployment serves the target version."""
+ROLLOUT_STATE_ROLLED_BACK: RolloutState.ValueType  # 3
+"""A step failed (or a restart cut it short): the old version serves."""
+Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
 
 @_typing.final
 class Replica(_message.Message):
@@ -31,6 +60,7 @@ class Replica(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     REMOTE_MODEL_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique within the deployment: 1-32 of a-z, 0-9, '_', '-'."""
     backend: _builtins.str
@@ -43,6 +73,8 @@ class Replica(_message.Message):
     """The model's name on that server (empty: the deployment's name)."""
     weight: _builtins.float
     """Share of the deployment's traffic (> 0; 0 means 1)."""
+    model_version: _builtins.str
+    """Output only. The version it serves while a rollout runs (empty: the deployment's)."""
     def __init__(
         self,
         *,
@@ -52,14 +84,75 @@ class Replica(_message.Message):
         url: _builtins.str = ...,
         remote_model: _builtins.str = ...,
         weight: _builtins.float = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "name", b"name", "remote_model", b"remote_model", "url", b"url", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "model_version", b"model_version", "name", b"name", "remote_model", b"remote_model", "url", b"url", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Replica: _TypeAlias = Replica  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """Rollout is the last rollout of a deployment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_VERSION_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STEP_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_TTFT_P95_S_FIELD_NUMBER: _builtins.int
+    MIN_CALLS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    target_version: _builtins.str
+    """The version it moves to."""
+    from_version: _builtins.str
+    """The version it moves from."""
+    step: _builtins.int
+    """Index in steps of the current share."""
+    step_interval_s: _builtins.float
+    """Seconds each step runs before it is judged."""
+    max_error_rate: _builtins.float
+    """Failed attempts / attempts of the target in a step above which it rolls back."""
+    max_ttft_p95_s: _builtins.float
+    """The target's TTFT p95 in a step above which it rolls back (0: not judged)."""
+    min_calls: _builtins.int
+    """Attempts the target must have had in a step for it to pass (0: any)."""
+    state: Global___RolloutState.ValueType
+    """Where it is."""
+    reason: _builtins.str
+    """What the last judged step saw, or why it rolled back."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percent of the traffic the target takes at each step."""
+
+    def __init__(
+        self,
+        *,
+        target_version: _builtins.str = ...,
+        from_version: _builtins.str = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        step: _builtins.int = ...,
+        step_interval_s: _builtins.float = ...,
+        max_error_rate: _builtins.float = ...,
+        max_ttft_p95_s: _builtins.float = ...,
+        min_calls: _builtins.int = ...,
+        state: Global___RolloutState.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_version", b"from_version", "max_error_rate", b"max_error_rate", "max_ttft_p95_s", b"max_ttft_p95_s", "min_calls", b"min_calls", "reason", b"reason", "state", b"state", "step", b"step", "step_interval_s", b"step_interval_s", "steps", b"steps", "target_version", b"target_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
 
 @_typing.final
 class ReplicaState(_message.Message):
@@ -110,6 +203,7 @@ class Deployment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients call: 1-64 of a-z, 0-9, '.', '_', '-'."""
     model_name: _builtins.str
@@ -146,6 +240,10 @@ class Deployment(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it last changed."""
 
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Output only. The last rollout (running, completed or rolled back), if any."""
+
     def __init__(
         self,
         *,
@@ -162,10 +260,11 @@ class Deployment(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        rollout: Global___Rollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "prefix_cache_mb", b"prefix_cache_mb", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "prefix_cache_mb", b"prefix_cache_mb", "rollout", b"rollout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "created_by", b"created_by", "generation", b"generation", "max_context", b"max_context", "max_slots", b"max_slots", "model_name", b"model_name", "model_version", b"model_version", "name", b"name", "prefix_cache_mb", b"prefix_cache_mb", "replica_states", b"replica_states", "replicas", b"replicas", "threads", b"threads", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "created_by", b"created_by", "generation", b"generation", "max_context", b"max_context", "max_slots", b"max_slots", "model_name", b"model_name", "model_version", b"model_version", "name", b"name", "prefix_cache_mb", b"prefix_cache_mb", "replica_states", b"replica_states", "replicas", b"replicas", "rollout", b"rollout", "threads", b"threads", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__prefix_cache_mb: _TypeAlias = _typing.Literal["prefix_cache_mb"]  # noqa: Y015
     _WhichOneofArgType__prefix_cache_mb: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb"]  # noqa: Y015
@@ -361,6 +460,84 @@ class ScaleDeploymentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScaleDeploymentResponse: _TypeAlias = ScaleDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class RolloutDeploymentRequest(_message.Message):
+    """RolloutDeploymentRequest starts a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TARGET_VERSION_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    STEP_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_TTFT_P95_S_FIELD_NUMBER: _builtins.int
+    MIN_CALLS_FIELD_NUMBER: _builtins.int
+    EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The deployment's name."""
+    target_version: _builtins.str
+    """The registered version of the same model to move to."""
+    step_interval_s: _builtins.float
+    """Seconds each step runs before it is judged (0: 60)."""
+    max_error_rate: _builtins.float
+    """Error rate above which a step rolls back (unset: 0.05)."""
+    max_ttft_p95_s: _builtins.float
+    """TTFT p95 in seconds above which a step rolls back (0: not judged)."""
+    min_calls: _builtins.int
+    """Attempts the target must have had in a step for it to pass (0: any)."""
+    expected_generation: _builtins.int
+    """When not 0, start only if the deployment is still at this generation (ABORTED otherwise)."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percents of traffic, increasing, ending at 100 (empty: 10, 50, 100)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        target_version: _builtins.str = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        step_interval_s: _builtins.float = ...,
+        max_error_rate: _builtins.float | None = ...,
+        max_ttft_p95_s: _builtins.float = ...,
+        min_calls: _builtins.int = ...,
+        expected_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "max_error_rate", b"max_error_rate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "expected_generation", b"expected_generation", "max_error_rate", b"max_error_rate", "max_ttft_p95_s", b"max_ttft_p95_s", "min_calls", b"min_calls", "name", b"name", "step_interval_s", b"step_interval_s", "steps", b"steps", "target_version", b"target_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
+
+Global___RolloutDeploymentRequest: _TypeAlias = RolloutDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class RolloutDeploymentResponse(_message.Message):
+    """RolloutDeploymentResponse is the deployment as its rollout starts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """With its rollout and replicas."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutDeploymentResponse: _TypeAlias = RolloutDeploymentResponse  # noqa: Y015
 
 @_typing.final
 class DeleteDeploymentRequest(_message.Message):

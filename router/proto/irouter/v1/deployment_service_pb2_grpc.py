@@ -59,6 +59,11 @@ class DeploymentServiceStub:
                 request_serializer=irouter_dot_v1_dot_deployment__service__pb2.ScaleDeploymentRequest.SerializeToString,
                 response_deserializer=irouter_dot_v1_dot_deployment__service__pb2.ScaleDeploymentResponse.FromString,
                 _registered_method=True)
+        self.RolloutDeployment = channel.unary_unary(
+                '/irouter.v1.DeploymentService/RolloutDeployment',
+                request_serializer=irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentRequest.SerializeToString,
+                response_deserializer=irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentResponse.FromString,
+                _registered_method=True)
         self.DeleteDeployment = channel.unary_unary(
                 '/irouter.v1.DeploymentService/DeleteDeployment',
                 request_serializer=irouter_dot_v1_dot_deployment__service__pb2.DeleteDeploymentRequest.SerializeToString,
@@ -105,6 +110,17 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RolloutDeployment(self, request, context):
+        """RolloutDeployment moves a deployment to another version of its model by steps of traffic
+        (10% -> 50% -> 100% by default), each step judged after its interval by the new version's
+        error rate and TTFT p95; a failing step rolls back at once. Returns as the first step
+        starts; GetDeployment shows the rollout's progress. FAILED_PRECONDITION when the versions
+        tokenize differently, a rollout is already running, or the new version cannot load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteDeployment(self, request, context):
         """DeleteDeployment stops serving a deployment: new calls are refused at once, calls in
         flight finish (up to 30 s), then its replicas stop and its name is free.
@@ -135,6 +151,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.ScaleDeployment,
                     request_deserializer=irouter_dot_v1_dot_deployment__service__pb2.ScaleDeploymentRequest.FromString,
                     response_serializer=irouter_dot_v1_dot_deployment__service__pb2.ScaleDeploymentResponse.SerializeToString,
+            ),
+            'RolloutDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RolloutDeployment,
+                    request_deserializer=irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentRequest.FromString,
+                    response_serializer=irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentResponse.SerializeToString,
             ),
             'DeleteDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDeployment,
@@ -255,6 +276,33 @@ class DeploymentService:
             '/irouter.v1.DeploymentService/ScaleDeployment',
             irouter_dot_v1_dot_deployment__service__pb2.ScaleDeploymentRequest.SerializeToString,
             irouter_dot_v1_dot_deployment__service__pb2.ScaleDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RolloutDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/irouter.v1.DeploymentService/RolloutDeployment',
+            irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentRequest.SerializeToString,
+            irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,13 @@ class DeploymentServiceStub:
     """ScaleDeployment sets the number of replicas: new ones copy the first replica's settings and
     join rotation once loaded; removed ones (the last) leave rotation and drain first.
     """
+    RolloutDeployment: _grpc.UnaryUnaryMultiCallable[_deployment_service_pb2.RolloutDeploymentRequest, _deployment_service_pb2.RolloutDeploymentResponse]
+    """RolloutDeployment moves a deployment to another version of its model by steps of traffic
+    (10% -> 50% -> 100% by default), each step judged after its interval by the new version's
+    error rate and TTFT p95; a failing step rolls back at once. Returns as the first step
+    starts; GetDeployment shows the rollout's progress. FAILED_PRECONDITION when the versions
+    tokenize differently, a rollout is already running, or the new version cannot load.
+    """
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_deployment_service_pb2.DeleteDeploymentRequest, _deployment_service_pb2.DeleteDeploymentResponse]
     """DeleteDeployment stops serving a deployment: new calls are refused at once, calls in
     flight finish (up to 30 s), then its replicas stop and its name is free.
@@ -78,6 +85,13 @@ class DeploymentServiceAsyncStub(DeploymentServiceStub):
     ScaleDeployment: _aio.UnaryUnaryMultiCallable[_deployment_service_pb2.ScaleDeploymentRequest, _deployment_service_pb2.ScaleDeploymentResponse]  # type: ignore[assignment]
     """ScaleDeployment sets the number of replicas: new ones copy the first replica's settings and
     join rotation once loaded; removed ones (the last) leave rotation and drain first.
+    """
+    RolloutDeployment: _aio.UnaryUnaryMultiCallable[_deployment_service_pb2.RolloutDeploymentRequest, _deployment_service_pb2.RolloutDeploymentResponse]  # type: ignore[assignment]
+    """RolloutDeployment moves a deployment to another version of its model by steps of traffic
+    (10% -> 50% -> 100% by default), each step judged after its interval by the new version's
+    error rate and TTFT p95; a failing step rolls back at once. Returns as the first step
+    starts; GetDeployment shows the rollout's progress. FAILED_PRECONDITION when the versions
+    tokenize differently, a rollout is already running, or the new version cannot load.
     """
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_deployment_service_pb2.DeleteDeploymentRequest, _deployment_service_pb2.DeleteDeploymentResponse]  # type: ignore[assignment]
     """DeleteDeployment stops serving a deployment: new calls are refused at once, calls in
@@ -127,6 +141,19 @@ class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_deployment_service_pb2.ScaleDeploymentResponse, _abc.Awaitable[_deployment_service_pb2.ScaleDeploymentResponse]]:
         """ScaleDeployment sets the number of replicas: new ones copy the first replica's settings and
         join rotation once loaded; removed ones (the last) leave rotation and drain first.
+        """
+
+    @_abc_1.abstractmethod
+    def RolloutDeployment(
+        self,
+        request: _deployment_service_pb2.RolloutDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployment_service_pb2.RolloutDeploymentResponse, _abc.Awaitable[_deployment_service_pb2.RolloutDeploymentResponse]]:
+        """RolloutDeployment moves a deployment to another version of its model by steps of traffic
+        (10% -> 50% -> 100% by default), each step judged after its interval by the new version's
+        error rate and TTFT p95; a failing step rolls back at once. Returns as the first step
+        starts; GetDeployment shows the rollout's progress. FAILED_PRECONDITION when the versions
+        tokenize differently, a rollout is already running, or the new version cannot load.
         """
 
     @_abc_1.abstractmethod
