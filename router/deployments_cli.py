@@ -35,6 +35,14 @@ def register_cli(
     create.add_argument("--max-slots", type=int, default=0, help="sequences per replica (0: 16)")
     create.add_argument("--max-context", type=int, default=0, help="tokens per sequence")
     create.add_argument("--prefix-cache-mb", type=int, help="prefix KV per replica (MiB)")
+    create.add_argument("--require-auth", action="store_true", help="refuse anonymous callers")
+    create.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="TIER=RPM/TPM/STREAMS",
+        help="per-tenant limits of a tier, e.g. default=100/100000/16 (repeat per tier)",
+    )
     add_connection_flags(create)
 
     lst = sub.add_parser("list", help="list deployments and their replicas")
@@ -83,6 +91,8 @@ def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
         )
         if args.prefix_cache_mb is not None:
             deployment.prefix_cache_mb = args.prefix_cache_mb
+        deployment.require_auth = args.require_auth
+        deployment.limits.extend(_limit(text) for text in args.limit)
         request = pb.CreateDeploymentRequest(deployment=deployment)
         return "CreateDeployment", request, f"loading {args.name}'s replicas..."
     if command == "list":
@@ -111,6 +121,19 @@ def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
         )
         return "RolloutDeployment", rollout, f"loading version {args.version}..."
     return "DeleteDeployment", pb.DeleteDeploymentRequest(name=args.name), "draining..."
+
+
+def _limit(text: str) -> pb.TierLimit:
+    tier, _, numbers = text.partition("=")
+    parts = numbers.split("/")
+    if not tier or len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(
+            f"--limit {text!r}: write TIER=RPM/TPM/STREAMS, e.g. default=100/100000/16"
+        )
+    rpm, tpm, streams = (int(p) for p in parts)
+    return pb.TierLimit(
+        tier=tier, requests_per_minute=rpm, tokens_per_minute=tpm, max_concurrent_streams=streams
+    )
 
 
 def _print(response: Any, as_json: bool) -> None:

@@ -171,6 +171,7 @@ class RouterServer:
             versions,
             DeploymentStore(self.registry),
             self.usage,
+            guarded=self.config.guard.auth.enabled,
         )
         for service, servicer in (
             (MODEL_SERVICE, ModelServicer(versions)),

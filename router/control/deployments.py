@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from router.config import REMOTE_BACKENDS, ModelConfig
 from router.control import resources
+from router.control.access import DeploymentAccess
 from router.control.rollout import (
     SYSTEM,
     RolloutRunner,
@@ -137,8 +138,11 @@ class DeploymentController:
         versions: ModelVersionStore,
         store: DeploymentStore,
         usage: UsageRecorder,
+        *,
+        guarded: bool = False,
     ) -> None:
         self._serving = serving
+        self._guarded = guarded
         self._model_cache = model_cache
         self._versions = versions
         self._store = store
@@ -171,6 +175,11 @@ class DeploymentController:
     async def create(self, d: Deployment, actor: str) -> Deployment:
         """Serve `d` and store it; it serves on return (some replicas may have failed)."""
         spec.validate(d)
+        if (d.require_auth or d.limits) and not self._guarded:
+            raise FailedPrecondition(
+                "deployment.require_auth and deployment.limits need the router's guard: turn "
+                "on guard.auth (API keys or JWTs) in its config"
+            )
         async with self._locks[d.name]:
             version, model = await self._version(d)
             self._check_fits(model, d.replicas)
@@ -181,6 +190,7 @@ class DeploymentController:
                 await self._serving.remove_deployment(d.name, grace_s=0)
                 raise
             self._bill(d.name, version)
+            self._set_access(d)
             return stored
 
     async def scale(
@@ -271,6 +281,7 @@ class DeploymentController:
                 version, model = await self._version(d)
                 await self._serving.add_deployment(model, routing_config(d))
                 self._bill(d.name, version)
+                self._set_access(d)
             except RouterError as exc:
                 self.failed[d.name] = str(exc)
                 logger.error("deployment %s could not be restored: %s", d.name, exc)
@@ -337,6 +348,10 @@ class DeploymentController:
                 raise
         self.rollouts.start(name)
         return stored
+
+    def _set_access(self, d: Deployment) -> None:
+        if d.require_auth or d.limits:
+            self._serving.models.access[d.name] = DeploymentAccess(d.name, d.require_auth, d.limits)
 
     async def _rolled_out(self, d: Deployment) -> None:
         """A rollout completed: the deployment's own model and prices are the target's now."""

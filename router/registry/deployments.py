@@ -15,7 +15,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine, Row
 
 from router.config import REMOTE_BACKENDS
 from router.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, quote
+from router.guard.limits.config import TierLimits
 from router.registry import audit
 from router.registry.database import reachable
 from router.registry.model_versions import check_name, check_version
@@ -135,6 +136,11 @@ class Deployment:
     """KV kept aside for shared prefixes, per local replica; 0 turns it off."""
     rollout: Rollout | None = None
     """The last rollout to another version (running, completed or rolled back)."""
+    require_auth: bool = False
+    """Refuse anonymous callers (the guard must be on)."""
+    limits: Mapping[str, TierLimits] = dataclasses.field(default_factory=dict)
+    """Per service tier: requests and tokens per minute and open streams, per tenant, to this
+    deployment alone ('default' required when any is given; the guard must be on)."""
     created_at: float = 0.0
     updated_at: float = 0.0
     created_by: str = ""
@@ -195,6 +201,17 @@ def validate(d: Deployment) -> Deployment:
         raise InvalidArgument(f"deployment.replicas has duplicate names: {names}")
     for i, r in enumerate(d.replicas):
         _check_replica(i, r)
+    if d.limits and "default" not in d.limits:
+        raise InvalidArgument(
+            f"deployment.limits names tiers {sorted(d.limits)} but not 'default', which serves "
+            "callers of any other tier; add it",
+            field="deployment.limits",
+        )
+    for tier, limits in d.limits.items():
+        try:
+            limits.validate(f"deployment.limits[{tier!r}]")
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field="deployment.limits") from None
     for key, low, high in (
         ("threads", 1, MAX_THREADS),
         ("max_slots", 1, MAX_SLOTS),
@@ -218,6 +235,8 @@ def _spec(d: Deployment) -> str:
             "max_context": d.max_context,
             "prefix_cache_mb": d.prefix_cache_mb,
             "rollout": None if d.rollout is None else dataclasses.asdict(d.rollout),
+            "require_auth": d.require_auth,
+            "limits": {tier: dataclasses.asdict(lim) for tier, lim in d.limits.items()},
         },
         sort_keys=True,
     )
@@ -248,6 +267,8 @@ def _deployment(row: Row[Any]) -> Deployment:
         max_context=spec["max_context"],
         prefix_cache_mb=spec["prefix_cache_mb"],
         rollout=_rollout(spec.get("rollout")),
+        require_auth=spec.get("require_auth", False),
+        limits={tier: TierLimits(**lim) for tier, lim in spec.get("limits", {}).items()},
         created_at=row.created_at,
         updated_at=row.updated_at,
         created_by=row.created_by,

@@ -9,6 +9,7 @@ import grpc
 
 from router.control.deployments import DeploymentController
 from router.errors import InvalidArgument
+from router.guard.limits.config import TierLimits
 from router.proto.irouter.v1 import deployment_service_pb2 as pb
 from router.registry.deployments import Deployment, ReplicaSpec, Rollout
 from router.registry.model_versions import check_name
@@ -42,6 +43,11 @@ def deployment_from_pb(m: pb.Deployment) -> Deployment:
         max_slots=m.max_slots or 16,
         max_context=m.max_context,
         prefix_cache_mb=m.prefix_cache_mb if m.HasField("prefix_cache_mb") else 128,
+        require_auth=m.require_auth,
+        limits={
+            t.tier: TierLimits(t.requests_per_minute, t.tokens_per_minute, t.max_concurrent_streams)
+            for t in m.limits
+        },
     )
 
 
@@ -78,6 +84,16 @@ class DeploymentServicer:
             ],
             generation=d.generation,
             created_by=d.created_by,
+            require_auth=d.require_auth,
+            limits=[
+                pb.TierLimit(
+                    tier=tier,
+                    requests_per_minute=lim.requests_per_minute,
+                    tokens_per_minute=lim.tokens_per_minute,
+                    max_concurrent_streams=lim.max_concurrent_streams,
+                )
+                for tier, lim in sorted(d.limits.items())
+            ],
         )
         message.create_time.FromNanoseconds(int(d.created_at * 1e9))
         message.update_time.FromNanoseconds(int(d.updated_at * 1e9))

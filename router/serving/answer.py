@@ -176,6 +176,9 @@ class Answerer:
         model = self._models.get(call.model, "generate", task=call.task, key=split_key)
         # Allowlists name what the client named: an alias allows what it splits across.
         scope.use_model(call.model or model.name)
+        access = self._models.access.get(model.name)
+        if access is not None:
+            access.check(scope)  # a deployment's own authentication and limits
         prompt_.check_input_size(model, prompt=call.prompt, messages=call.messages)
         messages = None
         prompt = None

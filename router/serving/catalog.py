@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.config import ConfigError, ModelConfig, replica_model
 from router.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, quote
@@ -33,6 +33,9 @@ from router.scheduler.generation import GenerationEngine
 from router.serving import loader
 from router.serving.model import ServedModel
 from router.telemetry import Metrics, ReplicaSample
+
+if TYPE_CHECKING:
+    from router.control.access import DeploymentAccess
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class Catalog:
     ):
         self._metrics = metrics
         self._model_cache = model_cache
+        self.access: dict[str, DeploymentAccess] = {}
+        """Deployments' own authentication and limits, by name (the control plane sets them)."""
         self.stats = ReplicaStatsBook(metrics)
         """Per-replica attempts, failures and first-token times (rollouts judge by them)."""
         self._engine_ids = 0
@@ -384,6 +389,7 @@ class Catalog:
             if replica.replica is not None:
                 del self._replica_models[name, replica.replica.name]
         del self._models[name]
+        self.access.pop(name, None)
         routing = dataclasses.replace(
             self.routing, deployments=tuple(d for d in self.routing.deployments if d.name != name)
         )

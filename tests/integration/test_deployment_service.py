@@ -168,6 +168,7 @@ async def test_refusals_name_the_reason_and_leave_nothing_behind(
         (small(EMB), grpc.StatusCode.ALREADY_EXISTS, f"{EMB!r} is already served"),
         (small("bad", max_context=9000), grpc.StatusCode.INVALID_ARGUMENT, "above the context"),
         (small("Bad"), grpc.StatusCode.INVALID_ARGUMENT, "deployment.name"),
+        (small("bad", require_auth=True), grpc.StatusCode.FAILED_PRECONDITION, "guard"),
         (small("bad", replicas=0), grpc.StatusCode.INVALID_ARGUMENT, "replicas is empty"),
         (
             small("bad", replicas=[pb.Replica(name="r0", backend="tpu")]),

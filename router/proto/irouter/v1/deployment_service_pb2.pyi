@@ -204,6 +204,8 @@ class Deployment(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    REQUIRE_AUTH_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients call: 1-64 of a-z, 0-9, '.', '_', '-'."""
     model_name: _builtins.str
@@ -224,6 +226,8 @@ class Deployment(_message.Message):
     """Output only. Starts at 1, grows with every change."""
     created_by: _builtins.str
     """Output only. Who created it."""
+    require_auth: _builtins.bool
+    """Refuse anonymous callers (needs the router's guard on)."""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
         """At least one, at most 16."""
@@ -244,6 +248,12 @@ class Deployment(_message.Message):
     def rollout(self) -> Global___Rollout:
         """Output only. The last rollout (running, completed or rolled back), if any."""
 
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierLimit]:
+        """Frequency limits and token quotas per tenant to this deployment alone, by service tier
+        ("default" required when any is given; needs the router's guard on).
+        """
+
     def __init__(
         self,
         *,
@@ -261,16 +271,52 @@ class Deployment(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
         rollout: Global___Rollout | None = ...,
+        require_auth: _builtins.bool = ...,
+        limits: _abc.Iterable[Global___TierLimit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "prefix_cache_mb", b"prefix_cache_mb", "rollout", b"rollout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "created_by", b"created_by", "generation", b"generation", "max_context", b"max_context", "max_slots", b"max_slots", "model_name", b"model_name", "model_version", b"model_version", "name", b"name", "prefix_cache_mb", b"prefix_cache_mb", "replica_states", b"replica_states", "replicas", b"replicas", "rollout", b"rollout", "threads", b"threads", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "created_by", b"created_by", "generation", b"generation", "limits", b"limits", "max_context", b"max_context", "max_slots", b"max_slots", "model_name", b"model_name", "model_version", b"model_version", "name", b"name", "prefix_cache_mb", b"prefix_cache_mb", "replica_states", b"replica_states", "replicas", b"replicas", "require_auth", b"require_auth", "rollout", b"rollout", "threads", b"threads", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__prefix_cache_mb: _TypeAlias = _typing.Literal["prefix_cache_mb"]  # noqa: Y015
     _WhichOneofArgType__prefix_cache_mb: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__prefix_cache_mb) -> _WhichOneofReturnType__prefix_cache_mb | None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class TierLimit(_message.Message):
+    """TierLimit is what callers of one service tier may use of a deployment, per tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _builtins.int
+    tier: _builtins.str
+    """The tier ("default", "premium"...), as the caller's API key or JWT says."""
+    requests_per_minute: _builtins.int
+    """Calls per minute (also the burst a fresh bucket admits at once)."""
+    tokens_per_minute: _builtins.int
+    """Prompt plus completion tokens per minute; a call reserves prompt + max_tokens up front."""
+    max_concurrent_streams: _builtins.int
+    """Streams one tenant may have open at once."""
+    def __init__(
+        self,
+        *,
+        tier: _builtins.str = ...,
+        requests_per_minute: _builtins.int = ...,
+        tokens_per_minute: _builtins.int = ...,
+        max_concurrent_streams: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent_streams", b"max_concurrent_streams", "requests_per_minute", b"requests_per_minute", "tier", b"tier", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierLimit: _TypeAlias = TierLimit  # noqa: Y015
 
 @_typing.final
 class CreateDeploymentRequest(_message.Message):
