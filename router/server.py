@@ -11,6 +11,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import types
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -127,6 +128,7 @@ class RouterServer:
         self.control: DeploymentController | None = None
         self.usage: UsageRecorder | None = None
         self._metering: asyncio.Task[None] | None = None
+        self._reconciling: asyncio.Task[None] | None = None
         if config.registry.enabled:
             self._serve_control_plane(chain)
         retriever = Retriever(r.rag, self.collections, self.models, self.embedder)
@@ -195,6 +197,8 @@ class RouterServer:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot bind {s.host}:{s.port}: in use, or not an address of this host")
+        if self.control is not None:
+            self.control.owner = f"{socket.gethostname()}:{self.port}"
         if self.collections is not None:
             await self.collections.load()
         if self.registry is not None:
@@ -235,7 +239,12 @@ class RouterServer:
     async def _load_all(self) -> None:
         await self.serving.load_all()
         if self.control is not None:
-            await self.control.restore()  # the deployments created at run time before
+            from router.control.reconcile import Reconciler
+
+            reconciler = Reconciler(self.control, self.serving)
+            await reconciler.restore()  # the deployments created at run time before
+            # Then follow the registry: changes made through other routers sharing it.
+            self._reconciling = asyncio.get_running_loop().create_task(reconciler.run())
         if self.models.dispatcher is not None:
             self.serving.check_replicas()
         if all(m.ready for m in self.models):
@@ -251,6 +260,8 @@ class RouterServer:
         await self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_seconds if grace is None else grace
         await self.server.stop(grace)
+        if self._reconciling is not None:
+            self._reconciling.cancel()
         if self.control is not None:
             await self.control.rollouts.stop()
         if self._loading is not None and not self._loading.done():

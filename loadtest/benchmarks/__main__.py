@@ -19,6 +19,7 @@ if __name__ == "__main__":
         ("guard", "guard_bench"),
         ("retrieval", "retrieval_bench"),
         ("routing", "routing_bench"),
+        ("control plane", "control_plane_bench"),
         ("load-test harness", "harness_bench"),
         ("REST proxy", "proxy_bench"),
         ("caches and RAG", "cache_bench"),

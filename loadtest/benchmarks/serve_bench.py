@@ -87,13 +87,14 @@ async def _stream(
     prompt: str,
     n: int,
     metadata: tuple[tuple[str, str], ...] = (),
+    model: str = GEN,
 ) -> tuple[float, int, float]:
     # The bare baseline's own conversation, so both sides prefill the same prompt.
     messages = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in CHAT]
     if prompt != CHAT[-1]["content"]:
         messages = [pb.ChatMessage(role="user", content=prompt)]
     request = pb.GenerateRequest(
-        model=GEN,
+        model=model,
         chat=pb.ChatMessages(messages=messages),
         sampling=pb.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
         cache_mode=pb.CACHE_MODE_BYPASS,  # these measure the engine, not the response cache
@@ -110,18 +111,23 @@ async def _stream(
 
 
 async def generate_load(
-    target: str, streams: int, n: int, rounds: int, metadata: tuple[tuple[str, str], ...] = ()
+    target: str,
+    streams: int,
+    n: int,
+    rounds: int,
+    metadata: tuple[tuple[str, str], ...] = (),
+    model: str = GEN,
 ) -> tuple[float, list[float]]:
     """Aggregate completion tok/s with `streams` submitted together; TTFTs of every stream."""
     rates: list[float] = []
     ttfts: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
-        await _stream(stub, "warm up", 8, metadata)
+        await _stream(stub, "warm up", 8, metadata, model)
         for _ in range(rounds):
             started = time.perf_counter()
             results = await asyncio.gather(
-                *(_stream(stub, CHAT[-1]["content"], n, metadata) for i in range(streams))
+                *(_stream(stub, CHAT[-1]["content"], n, metadata, model) for i in range(streams))
             )
             elapsed = time.perf_counter() - started
             rates.append(sum(r[1] for r in results) / elapsed)

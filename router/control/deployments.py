@@ -23,15 +23,14 @@ from router.config import REMOTE_BACKENDS, ModelConfig
 from router.control import resources
 from router.control.access import DeploymentAccess
 from router.control.rollout import (
-    SYSTEM,
     RolloutRunner,
-    interrupted,
     same_tokenizer,
     target_replicas,
     weights,
+    with_weights,
 )
 from router.control.usage import Pricing, UsageRecorder
-from router.errors import Aborted, FailedPrecondition, InvalidArgument, RouterError, quote
+from router.errors import Aborted, FailedPrecondition, InvalidArgument, quote
 from router.registry import deployments as spec
 from router.registry.artifacts import verify_unchanged
 from router.registry.database import call
@@ -113,7 +112,7 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
     )
 
 
-def _replica(r: ReplicaSpec) -> ReplicaConfig:
+def replica_config(r: ReplicaSpec) -> ReplicaConfig:
     return ReplicaConfig(
         name=r.name,
         backend=r.backend,
@@ -125,7 +124,7 @@ def _replica(r: ReplicaSpec) -> ReplicaConfig:
 
 
 def routing_config(d: Deployment) -> DeploymentConfig:
-    return DeploymentConfig(name=d.name, replicas=tuple(_replica(r) for r in d.replicas))
+    return DeploymentConfig(name=d.name, replicas=tuple(replica_config(r) for r in d.replicas))
 
 
 class DeploymentController:
@@ -145,23 +144,35 @@ class DeploymentController:
         self._guarded = guarded
         self._model_cache = model_cache
         self._versions = versions
-        self._store = store
+        self.store = store
         self._usage = usage
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.rollouts = RolloutRunner(
-            serving, store, lambda name: self._locks[name], self._rolled_out
-        )
+        self.rollouts = RolloutRunner(serving, store, self.lock, self._rolled_out)
+        self.rollouts.changed = self.applied
         self.failed: dict[str, str] = {}
         """Stored deployments this router could not bring back at start, and why."""
+        self.generations: dict[str, int] = {}
+        """The generation of each deployment this router serves as stored (the reconciler
+        applies what differs)."""
+        self.owner = ""
+        """This router as rollouts name their owner ('host:port'; set when it has bound)."""
 
-    async def _version(self, d: Deployment) -> tuple[ModelVersion, ModelConfig]:
+    def lock(self, name: str) -> asyncio.Lock:
+        """Changes to one deployment in this router run one at a time."""
+        return self._locks[name]
+
+    def applied(self, d: Deployment) -> None:
+        """This router serves `d` as stored."""
+        self.generations[d.name] = d.generation
+
+    async def version_of(self, d: Deployment) -> tuple[ModelVersion, ModelConfig]:
         version = await call(self._versions.get, d.model_name, d.model_version)
         model = model_config(version, d)
         # A package or a prepared folder must still be what was registered.
         await asyncio.to_thread(verify_unchanged, version.artifact)
         return version, model
 
-    def _bill(self, name: str, version: ModelVersion) -> None:
+    def bill(self, name: str, version: ModelVersion) -> None:
         """Calls to `name` are metered at `version`'s prices from now on."""
         pricing = Pricing(
             version.name,
@@ -180,17 +191,18 @@ class DeploymentController:
                 "deployment.require_auth and deployment.limits need the router's guard: turn "
                 "on guard.auth (API keys or JWTs) in its config"
             )
-        async with self._locks[d.name]:
-            version, model = await self._version(d)
+        async with self.lock(d.name):
+            version, model = await self.version_of(d)
             self._check_fits(model, d.replicas)
             await self._serving.add_deployment(model, routing_config(d))
             try:
-                stored = await call(self._store.insert, d, actor)
+                stored = await call(self.store.insert, d, actor)
             except BaseException:
                 await self._serving.remove_deployment(d.name, grace_s=0)
                 raise
-            self._bill(d.name, version)
-            self._set_access(d)
+            self.bill(d.name, version)
+            self.set_access(d)
+            self.applied(stored)
             return stored
 
     async def scale(
@@ -202,8 +214,8 @@ class DeploymentController:
             raise InvalidArgument(
                 f"replica_count={count} must be in [1, {spec.MAX_REPLICAS}]", field="replica_count"
             )
-        async with self._locks[name]:
-            current = await call(self._store.get, name)
+        async with self.lock(name):
+            current = await call(self.store.get, name)
             self._check_generation(current, expected_generation)
             self._check_no_rollout(current)
             replicas = list(current.replicas)
@@ -216,13 +228,14 @@ class DeploymentController:
                 replicas.append(dataclasses.replace(template, name=f"r{i}"))
                 taken.add(f"r{i}")
             kept, removed = replicas[:count], replicas[count:]
-            served = self._served(name)
+            served = self.served(name)
             if served is not None:
                 fresh = [r for r in kept if r not in current.replicas]
                 self._check_fits(dataclasses.replace(served.config, name=name), fresh)
             changed = dataclasses.replace(current, replicas=tuple(kept))
-            stored = await call(self._store.replace, current, changed, actor, "deployment.scale")
-            added = tuple(_replica(r) for r in kept if r not in current.replicas)
+            stored = await call(self.store.replace, current, changed, actor, "deployment.scale")
+            self.applied(stored)
+            added = tuple(replica_config(r) for r in kept if r not in current.replicas)
             if added:
                 await self._serving.add_replicas(name, added)
             if removed:
@@ -233,23 +246,31 @@ class DeploymentController:
 
     async def delete(self, name: str, actor: str, *, grace_s: float = DRAIN_GRACE_S) -> None:
         """Stop serving `name` (its calls in flight get `grace_s`) and forget it."""
-        async with self._locks[name]:
-            await call(self._store.get, name)  # NotFound before anything stops
+        async with self.lock(name):
+            await call(self.store.get, name)  # NotFound before anything stops
             await self.rollouts.cancel(name)
             await self._serving.remove_deployment(name, grace_s=grace_s)
-            await call(self._store.delete, name, actor)
+            await call(self.store.delete, name, actor)
+            self.generations.pop(name, None)
             self._usage.set_pricing(name, None)
             self.failed.pop(name, None)
 
+    async def forget(self, name: str, *, grace_s: float) -> None:
+        """Stop serving `name` here (its row is gone: deleted through another router)."""
+        await self.rollouts.cancel(name)
+        await self._serving.remove_deployment(name, grace_s=grace_s)
+        self.generations.pop(name, None)
+        self._usage.set_pricing(name, None)
+
     async def get(self, name: str) -> Deployment:
-        return await call(self._store.get, name)
+        return await call(self.store.get, name)
 
     async def all(self) -> list[Deployment]:
-        return await call(self._store.all)
+        return await call(self.store.all)
 
     def status(self, d: Deployment) -> list[ReplicaStatus]:
         """Each replica as this router serves it now."""
-        shell = self._served(d.name)
+        shell = self.served(d.name)
         if shell is None:
             why = self.failed.get(d.name, "not served by this router")
             return [ReplicaStatus(r.name, False, why) for r in d.replicas]
@@ -265,26 +286,10 @@ class DeploymentController:
             model_dir = self._model_cache / model.artifact
             resources.check_fits(self._serving.models, model, model_dir, local)
 
-    def _served(self, name: str) -> ServedModel | None:
+    def served(self, name: str) -> ServedModel | None:
         return next(
             (m for m in self._serving.models if m.name == name and m.deployment is not None), None
         )
-
-    async def restore(self) -> None:
-        """Bring back every stored deployment (at start, after the config's models). One that
-        cannot be served is logged and reported by `status`; the others serve."""
-        for d in await call(self._store.all):
-            try:
-                if d != (back := interrupted(d)):
-                    d = await call(self._store.replace, d, back, SYSTEM, "deployment.rollback")
-                    logger.warning("deployment %s: its rollout was rolled back", d.name)
-                version, model = await self._version(d)
-                await self._serving.add_deployment(model, routing_config(d))
-                self._bill(d.name, version)
-                self._set_access(d)
-            except RouterError as exc:
-                self.failed[d.name] = str(exc)
-                logger.error("deployment %s could not be restored: %s", d.name, exc)
 
     async def rollout(
         self, name: str, r: Rollout, actor: str, *, expected_generation: int = 0
@@ -293,19 +298,19 @@ class DeploymentController:
         deployment has, shaped like its first) and take the first step's share; the steps
         run in the background (RolloutRunner). Returns the deployment as the rollout starts."""
         check_rollout(r)
-        async with self._locks[name]:
-            current = await call(self._store.get, name)
+        async with self.lock(name):
+            current = await call(self.store.get, name)
             self._check_generation(current, expected_generation)
             self._check_no_rollout(current)
             if r.target_version == current.model_version:
                 raise FailedPrecondition(
                     f"deployment {quote(name)} already serves version {quote(r.target_version)}"
                 )
-            shell = self._served(name)
+            shell = self.served(name)
             if shell is None:
                 raise FailedPrecondition(f"deployment {quote(name)} is not served by this router")
             target = dataclasses.replace(current, model_version=r.target_version)
-            _, model = await self._version(target)
+            _, model = await self.version_of(target)
             differs = same_tokenizer(
                 self._model_cache / shell.config.artifact, self._model_cache / model.artifact
             )
@@ -322,13 +327,19 @@ class DeploymentController:
                 current,
                 replicas=(*current.replicas, *added),
                 rollout=dataclasses.replace(
-                    r, from_version=current.model_version, state="running", step=0, reason=""
+                    r,
+                    from_version=current.model_version,
+                    state="running",
+                    step=0,
+                    reason="",
+                    owner=self.owner,
                 ),
             )
+            first = with_weights(first)
             share = weights(first, r.target_version, r.steps[0])
             loaded = await self._serving.add_replicas(
                 name,
-                tuple(dataclasses.replace(_replica(x), weight=share[x.name]) for x in added),
+                tuple(dataclasses.replace(replica_config(x), weight=share[x.name]) for x in added),
                 dataclasses.replace(model, name=name),
             )
             if not any(x.error == "" and x.engine is not None for x in loaded):
@@ -339,25 +350,24 @@ class DeploymentController:
                 )
             self._serving.models.set_weights(name, share)
             try:
-                stored = await call(
-                    self._store.replace, current, first, actor, "deployment.rollout"
-                )
+                stored = await call(self.store.replace, current, first, actor, "deployment.rollout")
             except BaseException:
                 self._serving.models.set_weights(name, {x.name: 1.0 for x in current.replicas})
                 await self._serving.remove_replicas(name, {x.name for x in added}, grace_s=0)
                 raise
+        self.applied(stored)
         self.rollouts.start(name)
         return stored
 
-    def _set_access(self, d: Deployment) -> None:
+    def set_access(self, d: Deployment) -> None:
         if d.require_auth or d.limits:
             self._serving.models.access[d.name] = DeploymentAccess(d.name, d.require_auth, d.limits)
 
     async def _rolled_out(self, d: Deployment) -> None:
         """A rollout completed: the deployment's own model and prices are the target's now."""
-        version, model = await self._version(d)
+        version, model = await self.version_of(d)
         self._serving.models.set_model(d.name, model)
-        self._bill(d.name, version)
+        self.bill(d.name, version)
 
     def _check_no_rollout(self, d: Deployment) -> None:
         if self.rollouts.running(d.name) or (

@@ -102,8 +102,8 @@ class RolloutRunner:
         self._completed = completed
         """Told of a deployment that now serves its rollout's target (metering, model)."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.changed: Callable[[str], None] = lambda name: None
-        """Told of each change a rollout stores (WatchDeployment listens)."""
+        self.changed: Callable[[Deployment], None] = lambda stored: None
+        """Told of each change a rollout stores (the controller notes its generation)."""
 
     def start(self, name: str) -> None:
         self._tasks[name] = asyncio.get_running_loop().create_task(self._run(name))
@@ -157,10 +157,12 @@ class RolloutRunner:
             )
             if r.step + 1 < len(r.steps):
                 rollout = dataclasses.replace(r, step=r.step + 1, reason=seen)
-                changed = dataclasses.replace(d, rollout=rollout)
-                await call(self._store.replace, d, changed, SYSTEM, "deployment.rollout_step")
+                changed = with_weights(dataclasses.replace(d, rollout=rollout))
+                stored = await call(
+                    self._store.replace, d, changed, SYSTEM, "deployment.rollout_step"
+                )
                 logger.info("deployment %s: %s; now %d%%", name, seen, rollout.steps[rollout.step])
-                self.changed(name)
+                self.changed(stored)
                 return True
             await self._complete(d, r, seen)
             return False
@@ -172,9 +174,9 @@ class RolloutRunner:
         await self._serving.remove_replicas(d.name, target, grace_s=DRAIN_GRACE_S)
         rollout = dataclasses.replace(r, state="rolled_back", reason=why)
         changed = dataclasses.replace(d, replicas=kept, rollout=rollout)
-        await call(self._store.replace, d, changed, SYSTEM, "deployment.rollback")
+        stored = await call(self._store.replace, d, changed, SYSTEM, "deployment.rollback")
         logger.warning("deployment %s rolled back to version %s: %s", d.name, r.from_version, why)
-        self.changed(d.name)
+        self.changed(stored)
 
     async def _complete(self, d: Deployment, r: Rollout, seen: str) -> None:
         old = {x.name for x in d.replicas if x.model_version != r.target_version}
@@ -192,13 +194,25 @@ class RolloutRunner:
         stored = await call(self._store.replace, d, changed, SYSTEM, "deployment.rollout_done")
         await self._completed(stored)
         logger.info("deployment %s now serves version %s", d.name, r.target_version)
-        self.changed(d.name)
+        self.changed(stored)
 
 
-def interrupted(d: Deployment) -> Deployment:
-    """A deployment whose rollout a restart cut short, rolled back: the old replicas only."""
+def with_weights(d: Deployment) -> Deployment:
+    """The deployment with its replicas' weights for its running rollout's current step
+    (stored, so that every router sharing the registry splits the traffic alike)."""
     r = d.rollout
     if r is None or r.state != "running":
+        return d
+    shares = weights(d, r.target_version, r.steps[r.step])
+    replicas = tuple(dataclasses.replace(x, weight=shares[x.name]) for x in d.replicas)
+    return dataclasses.replace(d, replicas=replicas)
+
+
+def interrupted(d: Deployment, owner: str) -> Deployment:
+    """A deployment whose rollout this router (`owner`) ran before it restarted, rolled back:
+    the old replicas only. Another router's rollout is left to it."""
+    r = d.rollout
+    if r is None or r.state != "running" or r.owner not in ("", owner):
         return d
     kept = tuple(
         dataclasses.replace(x, weight=1.0)

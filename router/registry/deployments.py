@@ -84,6 +84,8 @@ class Rollout:
     """Index in `steps` of the share the target has now."""
     reason: str = ""
     """Why it rolled back (or what the last step saw)."""
+    owner: str = ""
+    """The router that runs it ('host:port'); the others mirror what it stores."""
 
     @property
     def percent(self) -> int:
@@ -324,6 +326,12 @@ class DeploymentStore:
         with reachable(self.engine) as connection:
             rows = connection.execute(sa.select(table).order_by(table.c.name)).all()
         return [_deployment(r) for r in rows]
+
+    def generations(self) -> dict[str, int]:
+        """Every deployment's name and generation (what routers poll to converge)."""
+        with reachable(self.engine) as connection:
+            rows = connection.execute(sa.select(table.c.name, table.c.generation)).all()
+        return {r.name: r.generation for r in rows}
 
     def using(self, model_name: str, model_version: str) -> list[str]:
         """Names of the deployments that serve this model version."""

@@ -9,7 +9,7 @@ of 512 tokens, no prefix cache) so that several replicas fit and load quickly.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -323,3 +323,59 @@ async def test_the_cli_drives_deployments_resources_and_usage(
     _, err = capsys.readouterr()
     assert "NOT_FOUND" in err and "'cli' does not exist" in err
     assert await irouter("usage", "--since", "soon", *target) == 2
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 20.0) -> None:
+    """Until `check` holds (routers converge about once a second)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "did not converge"
+        await asyncio.sleep(0.25)
+
+
+async def test_routers_sharing_a_registry_converge_without_a_restart(
+    channel: grpc.aio.Channel,
+    stub: pb_grpc.DeploymentServiceStub,
+    model_cache: Path,
+    data_dir: Path,
+) -> None:
+    config = make_config(model_cache, data_dir, EMBEDDER, retrieval=False)
+    async with (
+        running(config) as other,
+        grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as there,
+    ):
+        elsewhere = pb_grpc.DeploymentServiceStub(there)
+
+        async def replicas_there() -> list[str]:
+            try:
+                got = await elsewhere.GetDeployment(
+                    pb.GetDeploymentRequest(name="shared"), timeout=TIMEOUT
+                )
+            except grpc.aio.AioRpcError:
+                return []
+            return [s.name for s in got.deployment.replica_states if s.ready]
+
+        await create(stub, small("shared"))
+        await eventually(lambda: _serving(there, "shared"))
+        assert await generate(there, "shared") == await generate(channel, "shared")
+        await scale(stub, "shared", 2)
+        await eventually(lambda: _equals(replicas_there, ["r0", "r1"]))
+        await scale(stub, "shared", 1)
+        await eventually(lambda: _equals(replicas_there, ["r0"]))
+        await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="shared"), timeout=TIMEOUT)
+        await eventually(lambda: _lacks(there, "shared"))
+
+
+async def _serving(channel: grpc.aio.Channel, name: str) -> bool:
+    try:
+        return await health_of(channel, name) == health_pb2.HealthCheckResponse.SERVING
+    except grpc.aio.AioRpcError:  # NOT_FOUND until health knows the name
+        return False
+
+
+async def _lacks(channel: grpc.aio.Channel, name: str) -> bool:
+    return name not in await served_names(channel)
+
+
+async def _equals(read: Callable[[], Awaitable[list[str]]], expected: list[str]) -> bool:
+    return await read() == expected

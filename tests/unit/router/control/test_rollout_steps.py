@@ -61,13 +61,15 @@ def test_rollout_parameters_are_checked_by_name() -> None:
             check_rollout(dataclasses.replace(R, **fields))  # type: ignore[arg-type]
 
 
-def test_a_restart_rolls_an_unfinished_rollout_back() -> None:
-    back = interrupted(D)
+def test_a_restart_rolls_back_the_rollout_this_router_ran() -> None:
+    mine = dataclasses.replace(D, rollout=dataclasses.replace(R, owner="host:1"))
+    back = interrupted(mine, "host:1")
     assert [r.name for r in back.replicas] == ["r0", "r1"]
     assert back.rollout is not None and back.rollout.state == "rolled_back"
     assert "restart" in back.rollout.reason
+    assert interrupted(mine, "host:2") is mine  # another router's: left to it
     done = dataclasses.replace(D, rollout=dataclasses.replace(R, state="completed"))
-    assert interrupted(done) is done
+    assert interrupted(done, "host:1") is done
 
 
 def test_target_replicas_copy_the_first_and_take_free_names() -> None:
