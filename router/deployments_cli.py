@@ -65,6 +65,9 @@ def register_cli(
     rollout.add_argument("--min-calls", type=int, default=0, help="calls a step needs")
     rollout.add_argument("--generation", type=int, default=0, help="apply only at this generation")
     add_connection_flags(rollout)
+    watch = sub.add_parser("watch", help="print a deployment at every change until deleted")
+    watch.add_argument("name")
+    add_connection_flags(watch)
     delete = sub.add_parser("delete", help="stop serving a deployment (calls in flight finish)")
     delete.add_argument("name")
     add_connection_flags(delete)
@@ -172,8 +175,24 @@ def _print(response: Any, as_json: bool) -> None:
             print(f"{d.name}: rollout {moving} {state}{share}: {r.reason}")
 
 
+def _watch(args: argparse.Namespace) -> int:
+    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
+    request = pb.WatchDeploymentRequest(name=args.name)
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            for change in pb_grpc.DeploymentServiceStub(channel).WatchDeployment(
+                request, metadata=metadata
+            ):
+                _print(change, args.json)
+        except grpc.RpcError as exc:
+            return refused("deployments", exc)
+    return 0
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """Run a parsed `deployments` command; the exit status (1: the router refused)."""
+    if args.deployments_command == "watch":
+        return _watch(args)
     try:
         method, request, progress = _request(args)
     except ValueError as exc:

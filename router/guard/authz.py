@@ -41,6 +41,7 @@ DEFAULT_METHOD_SCOPES: Mapping[str, str] = {
     "/irouter.v1.ModelService/DeleteModelVersion": "models:write",
     "/irouter.v1.DeploymentService/GetDeployment": "deployments:read",
     "/irouter.v1.DeploymentService/ListDeployments": "deployments:read",
+    "/irouter.v1.DeploymentService/WatchDeployment": "deployments:read",
     "/irouter.v1.DeploymentService/CreateDeployment": "deployments:write",
     "/irouter.v1.DeploymentService/ScaleDeployment": "deployments:write",
     "/irouter.v1.DeploymentService/RolloutDeployment": "deployments:write",

@@ -3,12 +3,14 @@ what is stored router/registry/deployments.py."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from router.control.deployments import DeploymentController
-from router.errors import InvalidArgument
+from router.errors import InvalidArgument, NotFound
 from router.guard.limits.config import TierLimits
 from router.proto.irouter.v1 import deployment_service_pb2 as pb
 from router.registry.deployments import Deployment, ReplicaSpec, Rollout
@@ -21,6 +23,16 @@ _ROLLOUT_STATES = {
     "completed": pb.ROLLOUT_STATE_COMPLETED,
     "rolled_back": pb.ROLLOUT_STATE_ROLLED_BACK,
 }
+
+
+WATCH_POLL_S = 0.25
+"""How often a watch looks at its deployment (the registry, and this router's replicas)."""
+
+
+def _changed(before: pb.Deployment, after: pb.Deployment) -> bool:
+    return before.generation != after.generation or list(before.replica_states) != list(
+        after.replica_states
+    )
 
 
 def deployment_from_pb(m: pb.Deployment) -> Deployment:
@@ -166,6 +178,24 @@ class DeploymentServicer:
             expected_generation=request.expected_generation,
         )
         return pb.ScaleDeploymentResponse(deployment=self._pb(scaled))
+
+    async def WatchDeployment(
+        self, request: pb.WatchDeploymentRequest, context: Context
+    ) -> AsyncIterator[pb.WatchDeploymentResponse]:
+        check_name(request.name)
+        last: pb.Deployment | None = None
+        while True:
+            try:
+                d = await self._control.get(request.name)
+            except NotFound:
+                if last is None:
+                    raise
+                return  # deleted: the watch is over
+            now = self._pb(d)
+            if last is None or _changed(last, now):
+                yield pb.WatchDeploymentResponse(deployment=now)
+                last = now
+            await asyncio.sleep(WATCH_POLL_S)
 
     async def DeleteDeployment(
         self, request: pb.DeleteDeploymentRequest, context: Context

@@ -379,3 +379,35 @@ async def _lacks(channel: grpc.aio.Channel, name: str) -> bool:
 
 async def _equals(read: Callable[[], Awaitable[list[str]]], expected: list[str]) -> bool:
     return await read() == expected
+
+
+async def test_a_watch_streams_each_change_until_the_deployment_is_deleted(
+    stub: pb_grpc.DeploymentServiceStub,
+) -> None:
+    await create(stub, small("watched"))
+    seen: list[tuple[int, tuple[bool, ...]]] = []
+
+    async def watch() -> None:
+        request = pb.WatchDeploymentRequest(name="watched")
+        async for change in stub.WatchDeployment(request, timeout=TIMEOUT):
+            states = tuple(s.ready for s in change.deployment.replica_states)
+            seen.append((change.deployment.generation, states))
+
+    watching = asyncio.create_task(watch())
+    await eventually(lambda: _true(bool(seen)))
+    await scale(stub, "watched", 2)
+    await eventually(lambda: _true(seen[-1] == (2, (True, True))))
+    await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="watched"), timeout=TIMEOUT)
+    await asyncio.wait_for(watching, 30)  # the stream ends with the deployment
+    assert seen[0] == (1, (True,)) and seen[-1] == (2, (True, True))
+    code, _ = await status_of(_drain(stub.WatchDeployment(pb.WatchDeploymentRequest(name="nope"))))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _drain(stream: AsyncIterator[object]) -> None:
+    async for _ in stream:
+        pass

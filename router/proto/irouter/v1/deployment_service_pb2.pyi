@@ -586,6 +586,52 @@ class RolloutDeploymentResponse(_message.Message):
 Global___RolloutDeploymentResponse: _TypeAlias = RolloutDeploymentResponse  # noqa: Y015
 
 @_typing.final
+class WatchDeploymentRequest(_message.Message):
+    """WatchDeploymentRequest names the deployment to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The deployment's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDeploymentRequest: _TypeAlias = WatchDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class WatchDeploymentResponse(_message.Message):
+    """WatchDeploymentResponse is the deployment as it is now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """With its replicas' state and rollout."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDeploymentResponse: _TypeAlias = WatchDeploymentResponse  # noqa: Y015
+
+@_typing.final
 class DeleteDeploymentRequest(_message.Message):
     """DeleteDeploymentRequest names the deployment to delete."""
 

@@ -64,6 +64,11 @@ class DeploymentServiceStub:
                 request_serializer=irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentRequest.SerializeToString,
                 response_deserializer=irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentResponse.FromString,
                 _registered_method=True)
+        self.WatchDeployment = channel.unary_stream(
+                '/irouter.v1.DeploymentService/WatchDeployment',
+                request_serializer=irouter_dot_v1_dot_deployment__service__pb2.WatchDeploymentRequest.SerializeToString,
+                response_deserializer=irouter_dot_v1_dot_deployment__service__pb2.WatchDeploymentResponse.FromString,
+                _registered_method=True)
         self.DeleteDeployment = channel.unary_unary(
                 '/irouter.v1.DeploymentService/DeleteDeployment',
                 request_serializer=irouter_dot_v1_dot_deployment__service__pb2.DeleteDeploymentRequest.SerializeToString,
@@ -121,6 +126,15 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchDeployment(self, request, context):
+        """WatchDeployment streams a deployment: at once, then on every change (a new generation:
+        scaled, a rollout step, rolled back or out; a replica that becomes ready or fails), until
+        it is deleted (the stream then ends) or the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteDeployment(self, request, context):
         """DeleteDeployment stops serving a deployment: new calls are refused at once, calls in
         flight finish (up to 30 s), then its replicas stop and its name is free.
@@ -156,6 +170,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.RolloutDeployment,
                     request_deserializer=irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentRequest.FromString,
                     response_serializer=irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentResponse.SerializeToString,
+            ),
+            'WatchDeployment': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchDeployment,
+                    request_deserializer=irouter_dot_v1_dot_deployment__service__pb2.WatchDeploymentRequest.FromString,
+                    response_serializer=irouter_dot_v1_dot_deployment__service__pb2.WatchDeploymentResponse.SerializeToString,
             ),
             'DeleteDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDeployment,
@@ -303,6 +322,33 @@ class DeploymentService:
             '/irouter.v1.DeploymentService/RolloutDeployment',
             irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentRequest.SerializeToString,
             irouter_dot_v1_dot_deployment__service__pb2.RolloutDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/irouter.v1.DeploymentService/WatchDeployment',
+            irouter_dot_v1_dot_deployment__service__pb2.WatchDeploymentRequest.SerializeToString,
+            irouter_dot_v1_dot_deployment__service__pb2.WatchDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,

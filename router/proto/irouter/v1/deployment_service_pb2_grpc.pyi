@@ -58,6 +58,11 @@ class DeploymentServiceStub:
     starts; GetDeployment shows the rollout's progress. FAILED_PRECONDITION when the versions
     tokenize differently, a rollout is already running, or the new version cannot load.
     """
+    WatchDeployment: _grpc.UnaryStreamMultiCallable[_deployment_service_pb2.WatchDeploymentRequest, _deployment_service_pb2.WatchDeploymentResponse]
+    """WatchDeployment streams a deployment: at once, then on every change (a new generation:
+    scaled, a rollout step, rolled back or out; a replica that becomes ready or fails), until
+    it is deleted (the stream then ends) or the caller cancels.
+    """
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_deployment_service_pb2.DeleteDeploymentRequest, _deployment_service_pb2.DeleteDeploymentResponse]
     """DeleteDeployment stops serving a deployment: new calls are refused at once, calls in
     flight finish (up to 30 s), then its replicas stop and its name is free.
@@ -92,6 +97,11 @@ class DeploymentServiceAsyncStub(DeploymentServiceStub):
     error rate and TTFT p95; a failing step rolls back at once. Returns as the first step
     starts; GetDeployment shows the rollout's progress. FAILED_PRECONDITION when the versions
     tokenize differently, a rollout is already running, or the new version cannot load.
+    """
+    WatchDeployment: _aio.UnaryStreamMultiCallable[_deployment_service_pb2.WatchDeploymentRequest, _deployment_service_pb2.WatchDeploymentResponse]  # type: ignore[assignment]
+    """WatchDeployment streams a deployment: at once, then on every change (a new generation:
+    scaled, a rollout step, rolled back or out; a replica that becomes ready or fails), until
+    it is deleted (the stream then ends) or the caller cancels.
     """
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_deployment_service_pb2.DeleteDeploymentRequest, _deployment_service_pb2.DeleteDeploymentResponse]  # type: ignore[assignment]
     """DeleteDeployment stops serving a deployment: new calls are refused at once, calls in
@@ -154,6 +164,17 @@ class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
         error rate and TTFT p95; a failing step rolls back at once. Returns as the first step
         starts; GetDeployment shows the rollout's progress. FAILED_PRECONDITION when the versions
         tokenize differently, a rollout is already running, or the new version cannot load.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchDeployment(
+        self,
+        request: _deployment_service_pb2.WatchDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_deployment_service_pb2.WatchDeploymentResponse], _abc.AsyncIterator[_deployment_service_pb2.WatchDeploymentResponse]]:
+        """WatchDeployment streams a deployment: at once, then on every change (a new generation:
+        scaled, a rollout step, rolled back or out; a replica that becomes ready or fails), until
+        it is deleted (the stream then ends) or the caller cancels.
         """
 
     @_abc_1.abstractmethod
