@@ -118,7 +118,7 @@ def test_an_administrator_runs_the_control_plane(
         caller = threading.Thread(target=traffic)
         caller.start()
         try:
-            steps = ("--steps", "50,100", "--step-interval", "1", "--min-calls", "1")
+            steps = ("--steps", "50,100", "--step-interval", "2", "--min-calls", "1")
             irouter(router, "deployments", "rollout", "chat", "2", *steps)
             deadline = time.monotonic() + 120
             while status(router).get("rollout", {}).get("state") == "ROLLOUT_STATE_RUNNING":

@@ -27,7 +27,7 @@ from router.server import RouterServer
 from tests.integration.conftest import GEN, make_config, running
 from tests.integration.registry_calls import EMBEDDER, TIMEOUT, register, status_of
 
-STEP_S = 1.5
+STEP_S = 2.0
 
 
 def smol(version: str, artifact: model_pb.Artifact) -> model_pb.ModelVersion:
