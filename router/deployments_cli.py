@@ -63,6 +63,9 @@ def register_cli(
     rollout.add_argument("--max-error-rate", type=float, default=0.05, help="per step")
     rollout.add_argument("--max-ttft-p95", type=float, default=0.0, help="seconds (0: off)")
     rollout.add_argument("--min-calls", type=int, default=0, help="calls a step needs")
+    rollout.add_argument("--backend", help="the new version's replicas' backend (default: as r0)")
+    rollout.add_argument("--device", default="", help="their OpenVINO device")
+    rollout.add_argument("--url", default="", help="their remote server")
     rollout.add_argument("--generation", type=int, default=0, help="apply only at this generation")
     add_connection_flags(rollout)
     watch = sub.add_parser("watch", help="print a deployment at every change until deleted")
@@ -122,6 +125,10 @@ def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
             min_calls=args.min_calls,
             expected_generation=args.generation,
         )
+        if args.backend or args.device or args.url:
+            rollout.target_replica.CopyFrom(
+                pb.Replica(backend=args.backend or "onnxruntime", device=args.device, url=args.url)
+            )
         return "RolloutDeployment", rollout, f"loading version {args.version}..."
     return "DeleteDeployment", pb.DeleteDeploymentRequest(name=args.name), "draining..."
 

@@ -292,7 +292,13 @@ class DeploymentController:
         )
 
     async def rollout(
-        self, name: str, r: Rollout, actor: str, *, expected_generation: int = 0
+        self,
+        name: str,
+        r: Rollout,
+        actor: str,
+        *,
+        expected_generation: int = 0,
+        template: ReplicaSpec | None = None,
     ) -> Deployment:
         """Start moving `name` to r.target_version: its replicas load (as many as the
         deployment has, shaped like its first) and take the first step's share; the steps
@@ -321,7 +327,8 @@ class DeploymentController:
                     "call once, so roll out versions of the same tokenizer (another engine, "
                     "quantization or device), or deploy it under a new name"
                 )
-            added = target_replicas(current, r.target_version)
+            added = target_replicas(current, r.target_version, template)
+            spec.validate(dataclasses.replace(current, replicas=(*current.replicas, *added)))
             self._check_fits(model, added)
             first = dataclasses.replace(
                 current,

@@ -223,10 +223,13 @@ def interrupted(d: Deployment, owner: str) -> Deployment:
     return dataclasses.replace(d, replicas=kept, rollout=rollout)
 
 
-def target_replicas(d: Deployment, target: str) -> tuple[ReplicaSpec, ...]:
-    """Replicas for `target`, shaped like the deployment's first (names continue r0, r1...)."""
+def target_replicas(
+    d: Deployment, target: str, template: ReplicaSpec | None = None
+) -> tuple[ReplicaSpec, ...]:
+    """As many replicas for `target` as the deployment has, shaped like `template` (another
+    backend or device, say) or else like its first replica; names continue r0, r1..."""
     taken = {r.name for r in d.replicas}
-    template = d.replicas[0]
+    template = template or d.replicas[0]
     found: list[ReplicaSpec] = []
     i = 0
     while len(found) < len(d.replicas):

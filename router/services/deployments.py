@@ -142,8 +142,23 @@ class DeploymentServicer:
         if request.HasField("max_error_rate"):
             given["max_error_rate"] = request.max_error_rate
         rollout = Rollout(target_version=request.target_version, **given)
+        template = None
+        if request.HasField("target_replica"):
+            t = request.target_replica
+            template = ReplicaSpec(
+                name="r0",
+                backend=t.backend or "onnxruntime",
+                device=t.device,
+                url=t.url,
+                remote_model=t.remote_model,
+                weight=t.weight or 1.0,
+            )
         started = await self._control.rollout(
-            request.name, rollout, actor(), expected_generation=request.expected_generation
+            request.name,
+            rollout,
+            actor(),
+            expected_generation=request.expected_generation,
+            template=template,
         )
         return pb.RolloutDeploymentResponse(deployment=self._pb(started))
 

@@ -3,7 +3,8 @@ smol/2 by steps and judged at each (completed), then moved back with a TTFT boun
 meet (rolled back at the first judged step), and the rollouts the router refuses by name.
 
 Version 2 registers the prepared SmolLM2 folder by path (version 1 is the package): the same
-tokenizer, as a rollout needs, served by new replicas."""
+tokenizer, as a rollout needs, served by new replicas. The tests share one deployment and run in
+file order, each from where the previous one left it (as an administrator's session would)."""
 
 from __future__ import annotations
 
@@ -169,6 +170,7 @@ async def test_rollouts_that_cannot_run_are_refused_by_name(
         ({"target_version": "1", "steps": [50, 20, 100]}, invalid, "increase"),
         ({"target_version": "1", "steps": [50]}, invalid, "ending at 100"),
         ({"target_version": "1", "max_error_rate": 2.0}, invalid, "max_error_rate"),
+        ({"target_version": "1", "target_replica": pb.Replica(backend="tpu")}, invalid, "tpu"),
     ]
     for fields, code, words in cases:
         request = pb.RolloutDeploymentRequest(name="roll", **fields)  # type: ignore[arg-type]

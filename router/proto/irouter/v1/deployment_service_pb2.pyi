@@ -521,6 +521,7 @@ class RolloutDeploymentRequest(_message.Message):
     MAX_TTFT_P95_S_FIELD_NUMBER: _builtins.int
     MIN_CALLS_FIELD_NUMBER: _builtins.int
     EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
+    TARGET_REPLICA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The deployment's name."""
     target_version: _builtins.str
@@ -539,6 +540,12 @@ class RolloutDeploymentRequest(_message.Message):
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Percents of traffic, increasing, ending at 100 (empty: 10, 50, 100)."""
 
+    @_builtins.property
+    def target_replica(self) -> Global___Replica:
+        """What the new version's replicas run on (backend, device, url...; its name is ignored);
+        unset: like the deployment's first replica. E.g. the same model moved to OpenVINO.
+        """
+
     def __init__(
         self,
         *,
@@ -550,10 +557,11 @@ class RolloutDeploymentRequest(_message.Message):
         max_ttft_p95_s: _builtins.float = ...,
         min_calls: _builtins.int = ...,
         expected_generation: _builtins.int = ...,
+        target_replica: Global___Replica | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "max_error_rate", b"max_error_rate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "max_error_rate", b"max_error_rate", "target_replica", b"target_replica"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "expected_generation", b"expected_generation", "max_error_rate", b"max_error_rate", "max_ttft_p95_s", b"max_ttft_p95_s", "min_calls", b"min_calls", "name", b"name", "step_interval_s", b"step_interval_s", "steps", b"steps", "target_version", b"target_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "expected_generation", b"expected_generation", "max_error_rate", b"max_error_rate", "max_ttft_p95_s", b"max_ttft_p95_s", "min_calls", b"min_calls", "name", b"name", "step_interval_s", b"step_interval_s", "steps", b"steps", "target_replica", b"target_replica", "target_version", b"target_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
     _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015

@@ -72,9 +72,12 @@ def test_a_restart_rolls_back_the_rollout_this_router_ran() -> None:
     assert interrupted(done, "host:1") is done
 
 
-def test_target_replicas_copy_the_first_and_take_free_names() -> None:
+def test_target_replicas_copy_the_first_or_a_template_and_take_free_names() -> None:
     made = target_replicas(D, "2")
     assert [(r.name, r.model_version) for r in made] == [("r3", "2"), ("r4", "2"), ("r5", "2")]
+    on_gpu = target_replicas(D, "2", ReplicaSpec("x", backend="openvino", device="GPU"))
+    assert {(r.backend, r.device, r.model_version) for r in on_gpu} == {("openvino", "GPU", "2")}
+    assert [r.name for r in on_gpu] == ["r3", "r4", "r5"]
 
 
 def test_same_tokenizer_compares_the_tokenizer_and_chat_template(tmp_path: Path) -> None:
