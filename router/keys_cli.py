@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from router.cli_client import table
 from router.errors import NotFound
 from router.registry.keys import KeyRecord, KeyStore
 
@@ -108,9 +109,6 @@ def _print_table(records: list[KeyRecord]) -> None:
         )
         for r in records
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]))
+    table([list(row) for row in rows])
     if not records:
         print("(no keys)")

@@ -26,7 +26,6 @@ from router.control.rollout import (
     RolloutRunner,
     same_tokenizer,
     target_replicas,
-    weights,
     with_weights,
 )
 from router.control.usage import Pricing, UsageRecorder
@@ -342,12 +341,11 @@ class DeploymentController:
                     owner=self.owner,
                 ),
             )
-            first = with_weights(first)
-            share = weights(first, r.target_version, r.steps[0])
+            first = with_weights(first)  # the first step's shares, stored with the replicas
+            share = {x.name: x.weight for x in first.replicas}
+            new = tuple(x for x in first.replicas if x.model_version == r.target_version)
             loaded = await self._serving.add_replicas(
-                name,
-                tuple(dataclasses.replace(replica_config(x), weight=share[x.name]) for x in added),
-                dataclasses.replace(model, name=name),
+                name, tuple(replica_config(x) for x in new), dataclasses.replace(model, name=name)
             )
             if not any(x.error == "" and x.engine is not None for x in loaded):
                 await self._serving.remove_replicas(name, {x.name for x in added}, grace_s=0)

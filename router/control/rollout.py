@@ -138,7 +138,8 @@ class RolloutRunner:
         if r is None or r.state != "running":
             return False
         target = [x.name for x in d.replicas if x.model_version == r.target_version]
-        self._serving.models.set_weights(name, weights(d, r.target_version, r.steps[r.step]))
+        # The step's shares as stored (with_weights), which the other routers apply too.
+        self._serving.models.set_weights(name, {x.name: x.weight for x in d.replicas})
         stats = self._serving.models.stats
         start, at = stats.snapshot(name, target), time.monotonic()
         await asyncio.sleep(r.step_interval_s)

@@ -142,7 +142,11 @@ async def test_a_deployment_serves_at_once_and_scales_with_streams_in_flight(
 
     # Streams in flight on either replica finish while r1 leaves: it drains before it stops.
     streams = [asyncio.create_task(generate(channel, "chat", max_tokens=48)) for _ in range(4)]
-    await asyncio.sleep(0.5)
+
+    async def r1_busy() -> bool:  # the stream(s) the balancer gave r1 are under way
+        return any(r.outstanding for r in server.models.replica_samples() if r.replica == "r1")
+
+    await eventually(r1_busy)
     down = await scale(stub, "chat", 1)
     assert [s.name for s in down.replica_states] == ["r0"]
     assert all(await asyncio.gather(*streams))
