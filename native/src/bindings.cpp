@@ -2,6 +2,7 @@
 // GIL release around the work, and zero-copy NumPy results. No logic here.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
@@ -104,7 +105,8 @@ Out<int64_t> py_sample(In<float> logits, In<float> temperature, In<int32_t> top_
                        In<float> top_p, In<float> min_p, In<float> repetition_penalty,
                        In<float> presence_penalty, In<float> frequency_penalty,
                        In<uint64_t> seeds, In<int64_t> tokens, In<int64_t> offsets,
-                       In<int64_t> prompt_lens) {
+                       In<int64_t> prompt_lens, std::optional<In<uint32_t>> masks,
+                       std::optional<In<int32_t>> mask_rows) {
   expect_shape(logits, "logits", {-1, -1}, "(B, V)");
   const int64_t B = static_cast<int64_t>(logits.shape(0));
   expect_shape(temperature, "temperature", {B}, "(B,) with B = logits.shape[0]");
@@ -135,6 +137,16 @@ Out<int64_t> py_sample(In<float> logits, In<float> temperature, In<int32_t> top_
   in.num_tokens = static_cast<int64_t>(tokens.shape(0));
   in.offsets = offsets.data();
   in.prompt_lens = prompt_lens.data();
+  if (masks.has_value() != mask_rows.has_value())
+    throw nb::value_error("masks and mask_rows go together: pass both or neither");
+  if (masks) {
+    expect_shape(*masks, "masks", {-1, -1}, "(M, W)");
+    expect_shape(*mask_rows, "mask_rows", {B}, "(B,) with B = logits.shape[0]");
+    in.masks = masks->data();
+    in.num_masks = static_cast<int64_t>(masks->shape(0));
+    in.mask_words = static_cast<int64_t>(masks->shape(1));
+    in.mask_rows = mask_rows->data();
+  }
 
   std::vector<int64_t> out(static_cast<size_t>(B));
   {
@@ -303,9 +315,12 @@ NB_MODULE(_native, m) {
 
   m.def("sample", &py_sample, "logits"_a.noconvert(), "temperature"_a, "top_k"_a, "top_p"_a,
         "min_p"_a, "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a,
-        "seeds"_a, "tokens"_a, "offsets"_a, "prompt_lens"_a,
-        "One token per row of logits (float32[B, V], never modified). Exact semantics "
-        "and RNG are documented in native/include/irouter/sampler.h.");
+        "seeds"_a, "tokens"_a, "offsets"_a, "prompt_lens"_a, "masks"_a = nb::none(),
+        "mask_rows"_a = nb::none(),
+        "One token per row of logits (float32[B, V], never modified). masks (uint32[M, W], "
+        "bit t of a row allows token t) with mask_rows (int32[B], -1: free) restrict rows to "
+        "the tokens a grammar allows. Exact semantics and RNG are documented in "
+        "native/include/irouter/sampler.h.");
 
   using irouter::Matcher;
   nb::class_<Matcher>(m, "Matcher",

@@ -27,6 +27,7 @@ constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 // parallel. Sized to the vocabulary on first use.
 struct Workspace {
   std::vector<float> z;        // penalised, temperature-scaled logits
+  std::vector<float> allowed;  // a masked row's logits, -inf where its mask says no
   std::vector<double> e;       // exp(z - m) for candidates
   std::vector<int32_t> order;  // token ids, sorted prefix first
   std::vector<int32_t> by_index;  // selection buffer, then candidates by index
@@ -37,6 +38,7 @@ struct Workspace {
     const size_t v = static_cast<size_t>(vocab);
     if (z.size() < v) {
       z.resize(v);
+      allowed.resize(v);
       e.resize(v);
       order.resize(v);
       by_index.resize(v);
@@ -206,6 +208,25 @@ void apply_penalties(const float* x, float* z, const RowParams& p, Workspace& ws
   }
 }
 
+// Copies x to ws.allowed with every token the mask does not allow at -inf.
+const float* apply_mask(const float* x, int64_t V, const uint32_t* mask, Workspace& ws) {
+  float* out = ws.allowed.data();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t w = 0; w * 32 < V; ++w) {
+    const uint32_t bits = mask[w];
+    const int64_t base = w * 32;
+    const int64_t n = std::min<int64_t>(32, V - base);
+    if (bits == 0xFFFFFFFFu && n == 32) {
+      std::copy(x + base, x + base + 32, out + base);
+    } else if (bits == 0) {
+      std::fill(out + base, out + base + n, ninf);
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[base + i] = (bits >> i) & 1u ? x[base + i] : ninf;
+    }
+  }
+  return out;
+}
+
 int64_t sample_row(const float* x, int64_t V, const RowParams& p, Workspace& ws) {
   const bool penalised =
       p.ctx_len > 0 && (p.rep != 1.0f || p.presence != 0.0f || p.frequency != 0.0f);
@@ -332,6 +353,27 @@ void validate(const SamplingBatch& in) {
   if (in.vocab > std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("logits vocabulary of " + std::to_string(in.vocab) +
                                 " tokens exceeds 2^31 - 1");
+  if (in.masks != nullptr) {
+    if (in.mask_words * 32 < in.vocab)
+      throw std::invalid_argument("masks must have at least ceil(V / 32) = " +
+                                  std::to_string((in.vocab + 31) / 32) + " words per row, got " +
+                                  std::to_string(in.mask_words));
+    for (int64_t b = 0; b < in.batch; ++b) {
+      const int32_t k = in.mask_rows[b];
+      if (k < -1 || k >= in.num_masks)
+        bad_row("mask_rows", b, std::to_string(k),
+                ("must be -1 (free) or a row of masks in [0, " + std::to_string(in.num_masks) +
+                 ")").c_str());
+      if (k < 0) continue;
+      const uint32_t* m = in.masks + k * in.mask_words;
+      bool any = false;
+      for (int64_t w = 0; w * 32 < in.vocab && !any; ++w) {
+        const int64_t n = std::min<int64_t>(32, in.vocab - w * 32);
+        any = (m[w] & (n == 32 ? 0xFFFFFFFFu : ((1u << n) - 1u))) != 0;
+      }
+      if (!any) bad_row("mask_rows", b, std::to_string(k), "names a mask that allows no token");
+    }
+  }
   if (in.offsets[0] < 0 || in.offsets[in.batch] > in.num_tokens)
     throw std::invalid_argument("offsets must lie within [0, len(tokens)=" +
                                 std::to_string(in.num_tokens) + "]");
@@ -378,7 +420,10 @@ void sample(const SamplingBatch& in, int64_t* out) {
                   in.top_k[b],              in.seeds[b],
                   in.tokens + in.offsets[b], in.offsets[b + 1] - in.offsets[b],
                   in.prompt_lens[b]};
-      out[b] = sample_row(in.logits + b * in.vocab, in.vocab, p, ws);
+      const float* x = in.logits + b * in.vocab;
+      if (in.masks != nullptr && in.mask_rows[b] >= 0)
+        x = apply_mask(x, in.vocab, in.masks + in.mask_rows[b] * in.mask_words, ws);
+      out[b] = sample_row(x, in.vocab, p, ws);
     }
     pool().give(std::move(owned));
   };

@@ -137,6 +137,62 @@ def test_masked_tokens_are_never_sampled_and_all_masked_gives_token_0() -> None:
     assert _native.sample(logits, **kwargs)[0] == 0
 
 
+def bitmask(allowed: list[set[int]], vocab: int, words: int | None = None) -> np.ndarray:
+    """uint32[len(allowed), ceil(vocab / 32)]: bit t % 32 of word t // 32 allows token t."""
+    out = np.zeros((len(allowed), words or (vocab + 31) // 32), np.uint32)
+    for row, tokens in enumerate(allowed):
+        for t in tokens:
+            out[row, t // 32] |= np.uint32(1 << (t % 32))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_grammar_masks_restrict_their_rows_and_leave_free_rows_as_they_were(
+    temperature: float,
+) -> None:
+    rng = np.random.default_rng(11)
+    vocab = 1000  # not a multiple of 32: the last word is partial
+    logits, kwargs = make_batch(
+        rng, batch=6, vocab=vocab, temperature=temperature, repetition_penalty=1.3
+    )
+    allowed = [{3, 999}, {500}, set(range(0, vocab, 7))]
+    masks = bitmask(allowed, vocab)
+    mask_rows = np.array([0, -1, 1, -1, 2, 0], np.int32)
+    got = _native.sample(logits, **kwargs, masks=masks, mask_rows=mask_rows)
+    free = _native.sample(logits, **kwargs)
+    for row, k in enumerate(mask_rows.tolist()):
+        if k < 0:
+            assert got[row] == free[row]
+        else:
+            assert int(got[row]) in allowed[k]
+    # A masked row samples exactly as the same row with the disallowed logits at -inf.
+    masked = logits.copy()
+    for row, k in enumerate(mask_rows.tolist()):
+        if k >= 0:
+            keep = np.zeros(vocab, bool)
+            keep[list(allowed[k])] = True
+            masked[row, ~keep] = -np.inf
+    assert got.tolist() == _native.sample(masked, **kwargs).tolist()
+
+
+def test_a_mask_allowing_no_token_or_a_bad_mask_row_is_refused_by_name() -> None:
+    rng = np.random.default_rng(12)
+    logits, kwargs = make_batch(rng, batch=2, vocab=40)
+    empty = bitmask([set(), {1}], 40)
+    empty[0, 1] = np.uint32(0xFFFF0000)  # bits past the vocabulary allow nothing
+    with pytest.raises(ValueError, match=r"mask_rows\[1\]=0 names a mask that allows no token"):
+        _native.sample(logits, **kwargs, masks=empty, mask_rows=np.array([1, 0], np.int32))
+    ok = bitmask([{1}], 40)
+    with pytest.raises(ValueError, match=r"mask_rows\[0\]=5 must be -1 \(free\)"):
+        _native.sample(logits, **kwargs, masks=ok, mask_rows=np.array([5, -1], np.int32))
+    with pytest.raises(ValueError, match="at least ceil"):
+        _native.sample(logits, **kwargs, masks=ok[:, :1], mask_rows=np.array([0, 0], np.int32))
+    with pytest.raises(ValueError, match="pass both or neither"):
+        _native.sample(logits, **kwargs, masks=ok)
+    with pytest.raises(ValueError, match="mask_rows must have shape"):
+        _native.sample(logits, **kwargs, masks=ok, mask_rows=np.array([0], np.int32))
+
+
 def test_penalties_follow_the_documented_formulas() -> None:
     rng = np.random.default_rng(0)
     logits = np.array([[3.0, 2.9, -1.0, -1.1]], np.float32)

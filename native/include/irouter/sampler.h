@@ -3,6 +3,11 @@
 // For row b with logits x (float32[V]), context c = tokens[offsets[b] :
 // offsets[b+1]], prompt = c[:prompt_lens[b]], output = c[prompt_lens[b]:]:
 //
+//  0. Allowed tokens (structured outputs): when masks are given and
+//     mask_rows[b] = k >= 0, token t may be drawn only if bit t % 32 of
+//     masks[k][t / 32] is set (LSB first: llguidance's and xgrammar's layout);
+//     every other token's logit is -inf from here on. A row whose mask allows
+//     no token is an error. mask_rows[b] = -1: the row is free.
 //  1. Penalties, in float32 arithmetic, each touched token once:
 //     - repetition (HF/vLLM), for every distinct token t in prompt + output:
 //         z[t] = z[t] > 0 ? z[t] / rep : z[t] * rep          (rep = 1: off)
@@ -60,6 +65,10 @@ struct SamplingBatch {
   int64_t num_tokens = 0;
   const int64_t* offsets = nullptr;  // batch + 1 entries
   const int64_t* prompt_lens = nullptr;
+  const uint32_t* masks = nullptr;  // [num_masks, mask_words] allowed-token bits, or null
+  int64_t num_masks = 0;
+  int64_t mask_words = 0;  // at least ceil(vocab / 32)
+  const int32_t* mask_rows = nullptr;  // [batch]: -1 free, else a row of masks
 };
 
 uint64_t splitmix64(uint64_t z);
