@@ -44,6 +44,9 @@ class Capabilities:
     """Request engines: chunks carry detokenized text (else the router detokenizes the ids)."""
     stop_strings: bool = False
     """Request engines: GenerationRequest.stop is honoured by the engine (else by the router)."""
+    structured_output: bool = False
+    """Request engines: GenerationRequest.structured is enforced by the engine (else a request
+    with one is refused: only the router's own step loop can enforce it)."""
 
 
 @runtime_checkable
@@ -133,6 +136,22 @@ class RemoteEmbedder(Protocol):
         ...
 
 
+STRUCTURED_KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "grammar")
+"""What a StructuredOutput may constrain the output to."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The format an output must have (see SamplingParams.structured). Engines that batch
+    themselves honour it only when their capabilities say structured_output; the router enforces
+    it for step engines, token by token."""
+
+    kind: str
+    """One of STRUCTURED_KINDS."""
+    text: str = ""
+    """The JSON schema (JSON text), regex or Lark grammar; empty for json_object."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample: every field a client may set, with the value that leaves sampling as the
@@ -163,6 +182,8 @@ class SamplingParams:
     """None draws a random seed."""
     ignore_eos: bool = False
     """Keep going past end tokens."""
+    structured: StructuredOutput | None = None
+    """Only outputs of this format may be generated (None: any)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,7 @@ if __name__ == "__main__":
         ("serving", "serve_bench"),
         ("batching against standalone engines", "batching_bench"),
         ("prefix cache", "prefix_bench"),
+        ("structured outputs", "structured_bench"),
         ("OpenVINO vs ONNX Runtime", "openvino_bench"),
         ("guard", "guard_bench"),
         ("retrieval", "retrieval_bench"),

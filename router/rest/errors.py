@@ -101,6 +101,8 @@ def error_from_status(
             if bad.field_violations:
                 # The proto nests sampling fields; OpenAI names them at the top level.
                 param = bad.field_violations[0].field.removeprefix("sampling.")
+                if param.startswith("structured_output"):
+                    param = "response_format"  # the one OpenAI field that sets it
     if status == 500:
         # An internal status may carry internals in its message; the client gets the code only.
         logger.warning("router answered %s: %s", code.name, message)

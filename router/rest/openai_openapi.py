@@ -55,6 +55,36 @@ _SAMPLING: Schema = {
     "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
     "n": {"type": "integer", "enum": [1]},
     "ignore_eos": {"type": "boolean"},
+    "response_format": {
+        "description": "Structured output: any JSON object, or JSON valid for a schema",
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {"type": {"enum": ["text", "json_object"]}},
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "json_schema"},
+                    "json_schema": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "description": {"type": "string"},
+                            "schema": {"type": "object"},
+                            "strict": {"type": "boolean"},
+                        },
+                        "required": ["name"],
+                        "additionalProperties": False,
+                    },
+                },
+                "required": ["type", "json_schema"],
+                "additionalProperties": False,
+            },
+        ],
+    },
     "stream": {"type": "boolean"},
     "stream_options": {
         "type": "object",

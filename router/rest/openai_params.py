@@ -3,7 +3,7 @@
 Ignoring a parameter is worse than refusing it: a client that asked for JSON output, token
 log-probabilities or a logit bias, and got a plain answer with status 200, cannot tell. So a
 body field is accepted only when the router honours it, or when its value asks for nothing
-(`logprobs: false`, `n: 1`, `response_format: {"type": "text"}`, `tools: []`), which is how many
+(`logprobs: false`, `n: 1`, `tools: []`), which is how many
 clients send their defaults. Anything else, unknown fields included, is a 400 whose `param`
 names the field (OpenAI answers unknown fields so too).
 """
@@ -31,6 +31,7 @@ SAMPLING = frozenset(
         "seed",
         "stop",
         "ignore_eos",
+        "response_format",  # openai_schema.structured_output
     }
 )
 """Sampling fields both completion routes honour (top_k, min_p, repetition_penalty and
@@ -67,7 +68,6 @@ NEUTRAL: Mapping[str, Callable[[Any], bool]] = {
     "logprobs": _off,
     "top_logprobs": _absent,
     "logit_bias": _empty,
-    "response_format": _one_of({"type": "text"}),
     "tools": _empty,
     "functions": _empty,
     "tool_choice": _one_of("none"),

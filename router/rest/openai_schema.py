@@ -150,7 +150,63 @@ def sampling(body: Body) -> pb.SamplingParams:
         out.stop.extend(stop)
     elif stop is not None:
         raise _type_error("stop", "a string or a list of strings", stop)
+    structured = structured_output(body)
+    if structured is not None:
+        out.structured_output.CopyFrom(structured)
     return out
+
+
+_JSON_SCHEMA_FIELDS = frozenset({"name", "description", "schema", "strict"})
+
+
+def structured_output(body: Body) -> pb.StructuredOutput | None:
+    """`response_format` as the router's StructuredOutput: `json_object` (any JSON object) or
+    `json_schema` (its `schema`, enforced whether or not `strict` is set: an output that
+    validates is what a non-strict request hopes for too); `text` or none: no constraint."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise _type_error("response_format", "an object with a string 'type'", value)
+    kind = value["type"]
+    extra = sorted(set(value) - {"type", "json_schema"})
+    if extra or (kind != "json_schema" and "json_schema" in value):
+        name = extra[0] if extra else "json_schema"
+        raise bad_request(
+            f"unrecognized argument 'response_format.{name}' for type {kind!r}",
+            param=f"response_format.{name}",
+            code="unknown_parameter",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return pb.StructuredOutput(json_object=True)
+    if kind != "json_schema":
+        raise bad_request(
+            f"'response_format.type'={json.dumps(kind)} is not supported; use one of text, "
+            "json_object, json_schema",
+            param="response_format.type",
+            code="invalid_value",
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _type_error("response_format.json_schema", "an object with 'name' and 'schema'", spec)
+    for key in sorted(set(spec) - _JSON_SCHEMA_FIELDS):
+        raise bad_request(
+            f"unrecognized argument 'response_format.json_schema.{key}'",
+            param=f"response_format.json_schema.{key}",
+            code="unknown_parameter",
+        )
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise _type_error("response_format.json_schema.name", "a non-empty string", name)
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _type_error("response_format.json_schema.strict", "a boolean", strict)
+    schema = spec.get("schema", {})  # OpenAI: absent means any JSON value of the schema {}
+    if not isinstance(schema, dict):
+        raise _type_error("response_format.json_schema.schema", "a JSON Schema object", schema)
+    return pb.StructuredOutput(json_schema=json.dumps(schema))
 
 
 def chat_messages(body: Body) -> pb.ChatMessages:

@@ -61,6 +61,15 @@ class RoutedEngine:
         return sum(engine.num_active for engine in self._engines())
 
     @property
+    def structured_output(self) -> str:
+        """ "" when a replica cannot enforce it (a call may land there), else "router" when one
+        needs the grammar compiled (replicas that enforce it themselves ignore the grammar)."""
+        kinds = {engine.structured_output for engine in self._engines()}
+        if "" in kinds:
+            return ""
+        return "router" if "router" in kinds else "engine"
+
+    @property
     def last_output_at(self) -> float:
         return max((engine.last_output_at for engine in self._engines()), default=0.0)
 
@@ -111,6 +120,7 @@ class RoutedEngine:
                 priority=request.priority,
                 seed=request.seed,
                 prompt_text=request.prompt_text,
+                grammar=request.grammar,
             )
         stream = engine.generate(request)
         try:

@@ -119,6 +119,11 @@ class DecoderEngine:
         """Requests the engine thread holds (each owns or awaits a slot)."""
         return len(self._scheduler.requests)
 
+    @property
+    def structured_output(self) -> str:
+        """The runner masks each constrained row (router.structured.masks)."""
+        return "router"
+
     async def generate(self, request: Request) -> AsyncIterator[Chunk]:
         """Yield chunks until the request finishes. Closing the iterator early (client gone,
         deadline passed) cancels the request; its slot is freed within one step."""

@@ -70,6 +70,13 @@ class GenerationEngine(Protocol):
         """Requests the backend holds."""
         ...
 
+    @property
+    def structured_output(self) -> str:
+        """Who enforces SamplingParams.structured: "router" (a request needs its grammar
+        compiled: the router's step loop masks each step), "engine" (the backend does), or ""
+        (no one: such a request is refused)."""
+        ...
+
     def generate(self, request: Request) -> AsyncIterator[Chunk]:
         """Chunks until one is finished; closing the iterator cancels the request."""
         ...

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from backends.base import SamplingParams
 from router.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
+    from router.structured.compiler import CompiledGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -54,6 +60,10 @@ class Request:
     """Routed models: the caller's time left when the call was made (None: no deadline)."""
     unary: bool = False
     """Routed models: the caller waits for the whole answer (Complete), so it may be hedged."""
+    grammar: CompiledGrammar | None = None
+    """Structured output the router enforces (params.structured compiled for this model)."""
+    matcher: LLMatcher | None = None
+    """The grammar's state for this request: made and advanced on the engine thread."""
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
     prefix_blocks: list[int] = field(default_factory=list)

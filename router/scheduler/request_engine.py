@@ -198,6 +198,10 @@ class RequestEngineAdapter:
     def num_active(self) -> int:
         return self._engine.num_active
 
+    @property
+    def structured_output(self) -> str:
+        return "engine" if self._engine.capabilities.structured_output else ""
+
     async def ready(self, timeout_s: float | None = None) -> bool:
         """The backend's own probe when it has one (remote servers), else True."""
         probe = getattr(self._engine, "ready", None)

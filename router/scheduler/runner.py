@@ -3,7 +3,8 @@
 For each step: release the KV slots of requests that ended, copy cached prefixes into the slots
 of requests admitted with one (prefix_cache.py), decode every one-token row in one batched call,
 prefill each prompt chunk, then sample the rows whose logits give their next token
-(the native sampler, GIL released, one call for the whole batch). Results come back by row, and
+(the native sampler, GIL released, one call for the whole batch; rows with a structured output
+draw only what their grammar allows, router.structured.masks). Results come back by row, and
 so do failures: a batched call that raises is retried row by row, so one bad request fails alone
 and the others of the step keep their tokens.
 """
@@ -20,6 +21,7 @@ from router import _native
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request
 from router.scheduler.scheduler import RunnerOutput, SchedulerOutput
+from router.structured import masks
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +123,11 @@ class ModelRunner:
         batch = [reqs[r] for r in rows]
         try:
             tokens = sample(batch, [logits[r] for r in rows])
-        except Exception:
+        except Exception as exc:
             if len(rows) == 1:
+                if isinstance(exc, masks.ConstraintError):
+                    result.errors[rows[0]] = str(exc)
+                    return
                 logger.exception(
                     "engine %s: sampling failed for %s", self.name, batch[0].request_id
                 )
@@ -132,7 +137,10 @@ class ModelRunner:
             for row in rows:
                 self._sample(reqs, [row], logits, result)
             return
-        result.tokens.update(zip(rows, tokens, strict=True))
+        for k, error in masks.advance(batch, tokens).items():
+            result.errors[rows[k]] = error
+            tokens[k] = -1
+        result.tokens.update((r, t) for r, t in zip(rows, tokens, strict=True) if t >= 0)
 
 
 def sample(reqs: list[Request], logits: list[FloatArray]) -> list[int]:
@@ -145,6 +153,7 @@ def sample(reqs: list[Request], logits: list[FloatArray]) -> list[int]:
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     history = np.concatenate([r.tokens[: r.num_tokens] for r in reqs])
+    allowed = masks.fill(reqs, stacked.shape[1])
     tokens = _native.sample(
         logits=stacked,
         temperature=np.array([x.temperature for x in p], dtype=np.float32),
@@ -158,6 +167,8 @@ def sample(reqs: list[Request], logits: list[FloatArray]) -> list[int]:
         tokens=history,
         offsets=offsets,
         prompt_lens=np.array([r.num_prompt for r in reqs], dtype=np.int64),
+        masks=None if allowed is None else allowed[0],
+        mask_rows=None if allowed is None else allowed[1],
     )
     out: list[int] = tokens.tolist()
     return out

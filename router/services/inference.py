@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from backends.base import SamplingParams
+from backends.base import SamplingParams, StructuredOutput
 from router.errors import InvalidArgument
 from router.guard.chain import CallScope, get_scope
 from router.proto.irouter.v1 import inference_service_pb2 as pb
@@ -40,7 +40,7 @@ _CACHE_MODES = frozenset(pb.CacheMode.values())
 _OPTIONAL_SAMPLING = tuple(
     f.name
     for f in dataclasses.fields(SamplingParams)
-    if f.name not in ("stop", "stop_token_ids", "ignore_eos")
+    if f.name not in ("stop", "stop_token_ids", "ignore_eos", "structured")
 )
 """SamplingParams fields that are `optional` in the proto (unset: the default applies)."""
 _CACHE_STATUS = {
@@ -62,6 +62,22 @@ def rag_from_proto(r: pb.RetrievalOptions) -> RagRequest:
     )
 
 
+def structured_from_proto(s: pb.StructuredOutput) -> StructuredOutput | None:
+    """The format the output must have; None when no format is set."""
+    which = s.WhichOneof("format")
+    if which is None:
+        return None
+    if which == "json_object":
+        if not s.json_object:
+            raise InvalidArgument(
+                "sampling.structured_output.json_object is false; set it to true or leave "
+                "structured_output unset",
+                field="sampling.structured_output.json_object",
+            )
+        return StructuredOutput("json_object")
+    return StructuredOutput(which, getattr(s, which))
+
+
 def sampling_from_proto(s: pb.SamplingParams) -> tuple[SamplingParams, bool]:
     """Proto → SamplingParams with defaults for unset fields; also whether max_tokens was set."""
     kwargs: dict[str, Any] = {}
@@ -73,6 +89,7 @@ def sampling_from_proto(s: pb.SamplingParams) -> tuple[SamplingParams, bool]:
             stop=tuple(s.stop),
             stop_token_ids=tuple(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
+            structured=structured_from_proto(s.structured_output),
             **kwargs,
         ),
         s.HasField("max_tokens"),

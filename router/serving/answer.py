@@ -241,6 +241,7 @@ class Answerer:
             max_tokens_set=max_tokens_set,
             priority=priority,
         )
+        await prompt_.constrain(model, request)
         if model.deployment is not None:
             request.route_key = route_key
             request.timeout_s = call.timeout_s

@@ -14,6 +14,7 @@ from router.config import ModelConfig
 from router.routing.config import DeploymentConfig, ReplicaConfig
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.generation import GenerationEngine
+from router.structured.compiler import GrammarCompiler
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ServedModel:
     """A deployment's replicas, in config order."""
     replica: ReplicaConfig | None = None
     """Set on a replica of a deployment."""
+    grammars: GrammarCompiler | None = None
+    """Structured outputs compiled for its tokenizer (made at the first call that asks)."""
 
     @property
     def name(self) -> str:

@@ -13,6 +13,8 @@ from router.models.chat_template import render_chat
 from router.scheduler.request import Priority, Request, validate_sampling
 from router.serving import tokenize
 from router.serving.model import ServedModel
+from router.structured.compiler import GrammarCompiler
+from router.structured.grammar import FIELD, field
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -134,3 +136,37 @@ async def build_request(
         seed=seed,
         prompt_text=text,
     )
+
+
+async def constrain(model: ServedModel, request: Request) -> None:
+    """Make `request` honour its structured output: compiled for the model's tokenizer when the
+    router enforces it, or left to an engine that enforces it itself; InvalidArgument when no
+    engine behind `model` can, or when the spec does not compile."""
+    spec = request.params.structured
+    if spec is None:
+        return
+    if request.params.ignore_eos:
+        raise InvalidArgument(
+            f"sampling.ignore_eos cannot be combined with {FIELD}: the output ends with the "
+            "model's end token once it is complete",
+            field="sampling.ignore_eos",
+        )
+    assert model.engine is not None
+    who = model.engine.structured_output
+    if not who:
+        raise InvalidArgument(
+            f"model {model.name!r} is served by a backend that cannot enforce {FIELD}",
+            field=field(spec),
+        )
+    if who != "router":
+        return
+    compiler = model.grammars
+    if compiler is None:
+        assert model.tokenizer is not None
+        compiler = model.grammars = GrammarCompiler(
+            model.name,
+            model.tokenizer,
+            int(model.manifest["vocab_size"]),
+            [int(i) for i in model.manifest["stop_token_ids"]],
+        )
+    request.grammar = await compiler.compile(spec)

@@ -194,7 +194,7 @@ async def test_bad_bodies_get_400_naming_the_problem(
 @pytest.mark.parametrize(
     ("route", "extra", "param"),
     [
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type"),
         ("/v1/chat/completions", {"logit_bias": {"42": 5}}, "logit_bias"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"logprobs": True}, "logprobs"),

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from backends.base import GenerationRequest, SamplingParams
+from backends.base import GenerationRequest, SamplingParams, StructuredOutput
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.services.inference import sampling_from_proto
 
+PROTO_NAMES = {"structured": "structured_output"}
+"""Fields whose proto name differs (the proto's is the message's name)."""
+
 
 def test_every_sampling_field_is_in_the_proto() -> None:
-    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    names = {PROTO_NAMES.get(f.name, f.name) for f in dataclasses.fields(SamplingParams)}
     assert names <= set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
@@ -29,10 +32,14 @@ def test_a_proto_with_every_field_set_reaches_sampling_params() -> None:
         stop=["x"],
         stop_token_ids=[5],
         ignore_eos=True,
+        structured_output=pb.StructuredOutput(regex="[0-9]+"),
     )
     params, max_tokens_set = sampling_from_proto(message)
     assert max_tokens_set
     for f in dataclasses.fields(SamplingParams):
+        if f.name == "structured":
+            assert params.structured == StructuredOutput("regex", "[0-9]+")
+            continue
         expected = getattr(message, f.name)
         if f.name in ("stop", "stop_token_ids"):
             expected = tuple(expected)

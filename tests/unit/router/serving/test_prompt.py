@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import SamplingParams
+from backends.base import SamplingParams, StructuredOutput
 from router.config import ModelConfig
 from router.errors import InvalidArgument
 from router.scheduler.request import Priority, Request
@@ -114,3 +114,44 @@ def test_sampling_is_validated_against_the_vocabulary(model: ServedModel) -> Non
 def test_an_unseeded_request_gets_a_seed_of_its_own(model: ServedModel) -> None:
     seeds = {build(model, "Hello").seed for _ in range(8)}
     assert len(seeds) > 1
+
+
+class _Engine:
+    def __init__(self, who: str) -> None:
+        self.structured_output = who
+
+
+def constrain(model: ServedModel, who: str, **params: object) -> Request:
+    request = build(model, "Hello", **params)
+    model.engine = _Engine(who)  # type: ignore[assignment]
+    try:
+        asyncio.run(prompt.constrain(model, request))
+    finally:
+        model.engine = None
+    return request
+
+
+def test_the_router_compiles_a_structured_output_for_its_own_step_loop(
+    model: ServedModel,
+) -> None:
+    spec = StructuredOutput("regex", "[0-9]+")
+    request = constrain(model, "router", structured=spec)
+    assert request.grammar is not None and request.grammar.spec == spec
+    assert constrain(model, "router").grammar is None  # no structured output: nothing compiled
+
+
+def test_an_engine_that_enforces_it_itself_gets_no_grammar(model: ServedModel) -> None:
+    request = constrain(model, "engine", structured=StructuredOutput("json_object"))
+    assert request.grammar is None and request.params.structured is not None
+
+
+def test_a_structured_output_no_engine_can_enforce_is_refused(model: ServedModel) -> None:
+    with pytest.raises(InvalidArgument, match=r"cannot enforce sampling\.structured_output") as e:
+        constrain(model, "", structured=StructuredOutput("json_object"))
+    assert e.value.field == "sampling.structured_output.json_object"
+
+
+def test_ignore_eos_with_a_structured_output_is_refused(model: ServedModel) -> None:
+    with pytest.raises(InvalidArgument, match="cannot be combined") as e:
+        constrain(model, "router", structured=StructuredOutput("json_object"), ignore_eos=True)
+    assert e.value.field == "sampling.ignore_eos"
