@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -34,7 +35,7 @@ def _compile(template: str) -> jinja2.Template:
 
 def render_chat(
     template: str,
-    messages: list[dict[str, str]],
+    messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool = True,
     **special: Any,
 ) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -81,6 +82,20 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+_TOOL_FIELD = re.compile(r"tools\[(\d+)\]\.(\w+)")
+
+
+def openai_param(field: str) -> str:
+    """A router field (google.rpc.BadRequest) as OpenAI names it in a body."""
+    param = field.removeprefix("sampling.")  # OpenAI names sampling fields at the top level
+    if param.startswith("structured_output"):
+        return "response_format"  # the one OpenAI field that sets it
+    if param.startswith("tool_choice"):
+        return "tool_choice"
+    param = param.removeprefix("chat.")  # chat.messages[i]... is messages[i]...
+    return _TOOL_FIELD.sub(r"tools[\1].function.\2", param)
+
+
 def error_from_status(
     code: grpc.StatusCode, message: str, details: Iterable[any_pb2.Any] = ()
 ) -> ApiError:
@@ -99,10 +114,7 @@ def error_from_status(
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             if bad.field_violations:
-                # The proto nests sampling fields; OpenAI names them at the top level.
-                param = bad.field_violations[0].field.removeprefix("sampling.")
-                if param.startswith("structured_output"):
-                    param = "response_format"  # the one OpenAI field that sets it
+                param = openai_param(bad.field_violations[0].field)
     if status == 500:
         # An internal status may carry internals in its message; the client gets the code only.
         logger.warning("router answered %s: %s", code.name, message)

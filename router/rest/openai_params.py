@@ -42,7 +42,7 @@ SESSION_KEYS = ("prompt_cache_key", "safety_identifier", "user")
 (a conversation stays on one replica, where its prefix is warm)."""
 
 _GENERATING = SAMPLING | {"model", "stream", "stream_options", *SESSION_KEYS}
-CHAT = _GENERATING | {"messages"}
+CHAT = _GENERATING | {"messages", "tools", "tool_choice", "parallel_tool_calls"}
 COMPLETIONS = _GENERATING | {"prompt"}
 EMBEDDINGS = frozenset({"model", "input", "encoding_format", *SESSION_KEYS})
 STREAM_OPTIONS = frozenset({"include_usage"})

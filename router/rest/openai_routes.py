@@ -19,6 +19,7 @@ from starlette.routing import Route
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.rest import openai_params as params
 from router.rest import openai_schema as schema
+from router.rest import openai_tools
 from router.rest.errors import ApiError
 from router.rest.grpc_client import RouterClient
 from router.rest.openai_params import refuse_unhonoured
@@ -28,6 +29,7 @@ _FINISH = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
     pb.FINISH_REASON_CANCELLED: "stop",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -75,14 +77,18 @@ class OpenAIRoutes:
         model = schema.get_model(body)
         messages = schema.chat_messages(body)
         sampling = schema.sampling(body)
+        tools = openai_tools.tool_fields(body)
         stream, include_usage = schema.get_stream(body)
         session = params.session_key(body)
         if stream:
-            generate = pb.GenerateRequest(model=model, chat=messages, sampling=sampling)
+            generate = pb.GenerateRequest(model=model, chat=messages, sampling=sampling, **tools)
             return await self._stream(request, generate, include_usage, _chat_chunk, session)
-        answer = await self._client.complete(
-            request, pb.CompleteRequest(model=model, chat=messages, sampling=sampling), session
-        )
+        call = pb.CompleteRequest(model=model, chat=messages, sampling=sampling, **tools)
+        answer = await self._client.complete(request, call, session)
+        message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+        if answer.tool_calls:
+            message["content"] = answer.text or None
+            message["tool_calls"] = openai_tools.message_calls(answer.tool_calls)
         return JSONResponse(
             {
                 "id": answer.id,
@@ -92,7 +98,7 @@ class OpenAIRoutes:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": answer.text},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": _finish(answer.finish_reason),
                     }
@@ -240,9 +246,11 @@ def _base64(values: Any) -> str:
 
 
 def _chat_chunk(c: pb.GenerateResponse, created: int, first: bool) -> dict[str, Any]:
-    delta: dict[str, str] = {"role": "assistant"} if first else {}
-    if c.text or first:
+    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+    if c.text or (first and not c.tool_calls):
         delta["content"] = c.text
+    if c.tool_calls:
+        delta["tool_calls"] = openai_tools.delta_calls(c.tool_calls)
     return {
         "id": c.id,
         "object": "chat.completion.chunk",

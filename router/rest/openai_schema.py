@@ -9,6 +9,7 @@ from typing import Any
 from starlette.requests import Request
 
 from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.rest import openai_tools
 from router.rest.body import read_body
 from router.rest.errors import ApiError, bad_request
 from router.rest.openai_params import STREAM_OPTIONS, refuse_unhonoured
@@ -18,7 +19,13 @@ Body = dict[str, Any]
 _UINT32 = 2**32 - 1
 _UINT64 = 2**64 - 1
 # OpenAI's roles → the chat template's; "developer" is OpenAI's newer name for "system".
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def _reject_constant(name: str) -> float:
@@ -228,7 +235,17 @@ def chat_messages(body: Body) -> pb.ChatMessages:
                 param=f"{where}.role",
                 code="invalid_value",
             )
-        out.messages.add(role=_ROLES[role], content=_content(message.get("content"), where))
+        calls = openai_tools.history_calls(message, where) if role == "assistant" else []
+        content = message.get("content")
+        if content is None and calls:  # an assistant turn that only called tools
+            content = ""
+        turn = out.messages.add(role=_ROLES[role], content=_content(content, where))
+        turn.tool_calls.extend(calls)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise _type_error(f"{where}.tool_call_id", "a string", call_id)
+            turn.tool_call_id = call_id
     return out
 
 

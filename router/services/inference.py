@@ -17,6 +17,7 @@ from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.retrieval.rag import RagRequest
 from router.routing.breaker import BreakerState
 from router.scheduler.request import Priority, RequestStatus
+from router.services import tool_protos
 from router.services.retrieval import filter_from_proto
 from router.serving import embedding
 from router.serving.answer import Answerer, Answering, CacheStatus, GenerationCall, Piece, Prepared
@@ -31,6 +32,7 @@ _FINISH = {
     RequestStatus.FINISHED_LENGTH: pb.FINISH_REASON_LENGTH,
     RequestStatus.FINISHED_CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
+"""How a call ended (a stopped answer that made tool calls ends with FINISH_REASON_TOOL_CALLS)."""
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.NORMAL,
     pb.PRIORITY_LOW: Priority.LOW,
@@ -99,6 +101,8 @@ def sampling_from_proto(s: pb.SamplingParams) -> tuple[SamplingParams, bool]:
 def finish_reason(piece: Piece) -> pb.FinishReason.ValueType:
     if piece.filter_reason:
         return pb.FINISH_REASON_CONTENT_FILTER
+    if piece.called and piece.status == RequestStatus.FINISHED_STOPPED:
+        return pb.FINISH_REASON_TOOL_CALLS
     return _FINISH.get(piece.status, pb.FINISH_REASON_UNSPECIFIED)
 
 
@@ -114,7 +118,9 @@ def generation_call(
     which = message.WhichOneof("input")
     messages = None
     if which == "chat":
-        messages = [{"role": m.role, "content": m.content} for m in message.chat.messages]
+        messages = [
+            tool_protos.message_from_proto(m, i) for i, m in enumerate(message.chat.messages)
+        ]
     params, max_tokens_set = sampling_from_proto(message.sampling)
     priority = _PRIORITY.get(message.priority)
     if priority is None:
@@ -133,13 +139,19 @@ def generation_call(
         params=params,
         max_tokens_set=max_tokens_set,
         priority=priority,
-        sampling_key=functools.partial(message.sampling.SerializeToString, deterministic=True),
+        sampling_key=functools.partial(_sampling_key, message),
         stream=stream,
         bypass_cache=message.cache_mode == pb.CACHE_MODE_BYPASS,
         rag=rag_from_proto(message.retrieval) if message.HasField("retrieval") else None,
         session_key=conversation_key(message, context) if routed else None,
         timeout_s=context.time_remaining() if routed else None,
+        tools=tool_protos.tools_from_proto(message),
     )
+
+
+def _sampling_key(message: pb.GenerateRequest | pb.CompleteRequest) -> bytes:
+    """The sampling fields and tools as the exact cache keys them."""
+    return message.sampling.SerializeToString(deterministic=True) + tool_protos.key_bytes(message)
 
 
 class InferenceServicer:
@@ -185,6 +197,8 @@ class InferenceServicer:
             async for piece in self._answerer.pieces(prepared, scope):
                 completion += piece.tokens
                 response = pb.GenerateResponse(id=prepared.request_id, text=piece.text)
+                if piece.tool_calls:
+                    response.tool_calls.extend(map(tool_protos.delta_to_proto, piece.tool_calls))
                 if with_ids:
                     response.token_ids.extend(piece.token_ids)
                 if piece.finished:
@@ -211,7 +225,8 @@ class InferenceServicer:
             generation_call(message, context, stream=False, routed=routed), scope
         )
         cached = prepared.cached
-        if cached is not None and scope.output_filter_factory is None:
+        calls: list[pb.ToolCall] = []
+        if cached is not None and scope.output_filter_factory is None and not prepared.tools:
             # A hit with no output guardrails: the whole answer at once, no piece loop.
             ids = cached.token_ids
             text = cached.text
@@ -227,6 +242,10 @@ class InferenceServicer:
                 parts.append(piece.text)
                 collected.extend(piece.token_ids)
                 completion += piece.tokens
+                for d in piece.tool_calls:
+                    if d.id:
+                        calls.append(pb.ToolCall(id=d.id, name=d.name))
+                    calls[d.index].arguments += d.arguments
                 last = piece
             text = "".join(parts)
             ids = tuple(collected)
@@ -237,6 +256,7 @@ class InferenceServicer:
             finish_reason=finish,
             filter_reason=filter_reason,
             usage=_usage(prepared.num_prompt, completion),
+            tool_calls=calls,
         )
         self._final(prepared, response)
         if message.return_token_ids:

@@ -34,7 +34,10 @@ from router.scheduler.request import Priority, Request, RequestStatus
 from router.serving import prompt as prompt_
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
+from router.serving.tooling import check_room_for_a_call, offer_tools
 from router.telemetry import Metrics
+from router.tools.parser import ToolCallParser
+from router.tools.spec import ToolCallDelta, Tools
 
 _RAG_OPTION = "the retrieval option"
 
@@ -71,6 +74,8 @@ class GenerationCall:
     """What keeps a conversation on one replica (routed models)."""
     timeout_s: float | None = None
     """The caller's time left (routed models: attempts and hedges stay within it)."""
+    tools: Tools | None = None
+    """Functions the model may call, and whether it must (router.tools)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,10 @@ class Piece:
     """Set when an output guardrail ended the answer here."""
     tokens: int
     """Tokens it stands for (len(token_ids), or a text-only engine's count)."""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    """Pieces of the tool calls being written (the text then holds none of them)."""
+    called: bool = False
+    """The answer is tool calls (the last piece says so for the finish reason)."""
 
     @property
     def finished(self) -> bool:
@@ -95,7 +104,7 @@ def input_bytes(messages: list[dict[str, str]] | None, prompt: str | None) -> by
     """The input as the exact cache keys it: the prompt, or the chat turns (role and content)."""
     if messages is None:
         return b"p" + (prompt or "").encode("utf-8", "surrogatepass")
-    return b"c" + json.dumps([(m["role"], m["content"]) for m in messages]).encode()
+    return b"c" + json.dumps([sorted(m.items()) for m in messages]).encode()
 
 
 def semantic_text(
@@ -140,6 +149,8 @@ class Prepared:
     similarity: float = 0.0
     semantic: tuple[bytes, Vectors] | None = None
     """(namespace, prompt vector) to remember after a miss, when the semantic cache is on."""
+    tools: bool = False
+    """The answer may be tool calls: its text goes through a ToolCallParser."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,13 +194,13 @@ class Answerer:
         messages = None
         prompt = None
         if call.messages is not None:
-            messages = [
-                {"role": m["role"], "content": scope.check_input(m["content"])}
-                for m in call.messages
-            ]
+            messages = [{**m, "content": scope.check_input(m["content"])} for m in call.messages]
         elif call.prompt is not None:
             prompt = scope.check_input(call.prompt)
         params, max_tokens_set, priority = call.params, call.max_tokens_set, call.priority
+        tools = call.tools
+        if tools is not None or (messages and any(len(m) > 2 for m in messages)):
+            messages, params = offer_tools(model, tools, messages, params)
         stream = call.stream
         question = (messages, prompt)
         passages: tuple[Passage, ...] = ()
@@ -229,6 +240,7 @@ class Answerer:
                     passages=passages,
                     cached=cached,
                     cache_status=CacheStatus.EXACT_HIT,
+                    tools=tools is not None and bool(tools.offered),
                 )
         assert model.engine is not None
         model.engine.check_admission(priority)  # a call to be shed is not tokenized first
@@ -236,11 +248,13 @@ class Answerer:
             model,
             request_id,
             engine_id=self._models.next_engine_id(),
-            text=prompt_.render(model, prompt=prompt, messages=messages),
+            text=prompt_.render(model, prompt=prompt, messages=messages, tools=tools),
             params=params,
             max_tokens_set=max_tokens_set,
             priority=priority,
         )
+        if tools is not None:
+            check_room_for_a_call(model, tools, request.params.max_tokens)
         await prompt_.constrain(model, request)
         if model.deployment is not None:
             request.route_key = route_key
@@ -253,6 +267,7 @@ class Answerer:
         )
         self._metrics.prompt_tokens.labels(model.name).inc(request.num_prompt)
         prepared = Prepared(model, request_id, request.num_prompt, request, passages, key)
+        prepared.tools = tools is not None and bool(tools.offered)
         if key is not None:
             prepared.cache_status = CacheStatus.MISS
             if self._semantic is not None:
@@ -322,6 +337,7 @@ class Answerer:
         ttft = self._metrics.ttft.labels(model.name)
         itl = self._metrics.itl.labels(model.name)
         output = scope.output_filter()
+        parser = ToolCallParser() if prepared.tools else None
         store = engine_run and prepared.cache_key is not None
         raw: list[tuple[tuple[int, ...], str]] = []
         started = last = time.perf_counter()
@@ -354,7 +370,21 @@ class Answerer:
                 if finished and store:
                     answer = CachedAnswer(tuple(raw), chunk.status, prepared.num_prompt, tokens)
                     self._remember(prepared, answer)
-                yield Piece(chunk.token_ids, text, chunk.status, "", chunk.num_tokens)
+                if parser is None:
+                    yield Piece(chunk.token_ids, text, chunk.status, "", chunk.num_tokens)
+                    continue
+                text, deltas = parser.feed(text)
+                if finished:
+                    text += parser.finish()
+                yield Piece(
+                    chunk.token_ids,
+                    text,
+                    chunk.status,
+                    "",
+                    chunk.num_tokens,
+                    tuple(deltas),
+                    parser.called,
+                )
         finally:
             scope.record_usage(tokens)
             if engine_run:

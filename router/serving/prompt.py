@@ -15,8 +15,10 @@ from router.serving import tokenize
 from router.serving.model import ServedModel
 from router.structured.compiler import GrammarCompiler
 from router.structured.grammar import FIELD, field
+from router.tools import prompt as tool_prompt
+from router.tools.spec import Tools
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def render(
@@ -24,8 +26,11 @@ def render(
     *,
     prompt: str | None,
     messages: list[dict[str, str]] | None,
+    tools: Tools | None = None,
 ) -> str:
-    """The prompt text the model sees: chat messages through its template, or the prompt."""
+    """The prompt text the model sees: chat messages through its template, or the prompt. A
+    template that takes tools gets them and the tool history (router.serving.tooling has put
+    them into the messages for one that does not)."""
     if messages is not None:
         if not messages:
             raise InvalidArgument("chat.messages is empty", field="chat.messages")
@@ -35,8 +40,15 @@ def render(
                     f"chat.messages[{i}].role={m['role']!r} is not one of {CHAT_ROLES}",
                     field=f"chat.messages[{i}].role",
                 )
+        template = model.manifest["chat_template"]
         try:
-            return render_chat(model.manifest["chat_template"], messages)
+            if tool_prompt.takes_tools(template):
+                return render_chat(
+                    template,
+                    tool_prompt.structured_history(messages),
+                    tools=tool_prompt.template_tools(tools),
+                )
+            return render_chat(template, messages)
         except ValueError as exc:
             raise InvalidArgument(str(exc), field="chat.messages") from None
     if prompt:

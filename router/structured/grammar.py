@@ -21,10 +21,10 @@ FIELD = "sampling.structured_output"
 MAX_SPEC_BYTES = 64 * 1024
 """A schema, regex or grammar larger than this is refused before it is parsed or compiled."""
 
-_JSON_OVERRIDES: JsonCompileOptions = {"lenient": False}
+STRICT: JsonCompileOptions = {"lenient": False}
 """Keywords llguidance does not implement are refused, never ignored."""
 
-_JSON_DEFAULTS: JsonCompileOptions = {
+COMPACT: JsonCompileOptions = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",
@@ -52,7 +52,7 @@ def to_grammar(spec: StructuredOutput) -> str:
         )
     if spec.kind == "json_object":
         return LLMatcher.grammar_from_json_schema(
-            {"type": "object"}, defaults=_JSON_DEFAULTS, overrides=_JSON_OVERRIDES
+            {"type": "object"}, defaults=COMPACT, overrides=STRICT
         )
     if not spec.text:
         raise InvalidArgument(f"{where} is empty", field=where)
@@ -68,6 +68,4 @@ def to_grammar(spec: StructuredOutput) -> str:
         raise InvalidArgument(
             f"{where} must be a JSON object (a schema), got {type(schema).__name__}", field=where
         )
-    return LLMatcher.grammar_from_json_schema(
-        schema, defaults=_JSON_DEFAULTS, overrides=_JSON_OVERRIDES
-    )
+    return LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT, overrides=STRICT)

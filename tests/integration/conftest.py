@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import openai
 import pytest
 
 from router.config import ModelConfig, RetrievalConfig, RouterConfig, ServerConfig
@@ -13,7 +15,10 @@ from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.registry.config import RegistryConfig
 from router.server import RouterServer
+from tests.integration.rest_proxy import serve_proxy
 from tests.openai_servers import OpenAIServer, llama_cpp_missing, running_llama_server
+
+T = TypeVar("T")
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
@@ -107,3 +112,24 @@ def llama() -> Iterator[OpenAIServer]:
         pytest.skip(reason)
     with running_llama_server(smollm2_gguf_path(), threads=1, threads_batch=1) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+async def openai_client(router: RouterServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK through the OpenAI proxy in front of the session router."""
+    async with (
+        serve_proxy(f"127.0.0.1:{router.port}") as url,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as c,
+    ):
+        yield c
+
+
+async def in_waves(n: int, call: Callable[[int], Awaitable[T]]) -> list[T]:
+    """`call(0..n-1)`, at most the session router's slots at a time (more would be shed)."""
+    gate = asyncio.Semaphore(TEST_MODELS[0].max_slots)
+
+    async def one(i: int) -> T:
+        async with gate:
+            return await call(i)
+
+    return await asyncio.gather(*(one(i) for i in range(n)))

@@ -168,7 +168,7 @@ def chat_body(**extra: object) -> bytes:
         (chat_body(max_tokens=-1), "'max_tokens'"),
         (chat_body(stop=[1]), "'stop'"),
         (
-            json.dumps({"model": GEN, "messages": [{"role": "tool", "content": "x"}]}).encode(),
+            json.dumps({"model": GEN, "messages": [{"role": "function", "content": "x"}]}).encode(),
             "role",
         ),
         (
@@ -198,8 +198,9 @@ async def test_bad_bodies_get_400_naming_the_problem(
         ("/v1/chat/completions", {"logit_bias": {"42": 5}}, "logit_bias"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools[0].function"),
         ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/completions", {"tools": [{"type": "function"}]}, "tools"),
         ("/v1/chat/completions", {"store": True}, "store"),
         ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
         ("/v1/chat/completions", {"no_such_option": 1}, "no_such_option"),

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
 
 import grpc
 import jsonschema_rs
@@ -17,13 +18,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from backends.onnx_runtime import OnnxDecoder
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
-from tests.integration.conftest import GEN
-from tests.integration.rest_proxy import serve_proxy
-
-T = TypeVar("T")
+from tests.integration.conftest import GEN, in_waves
+from tests.integration.greedy import check_same_or_near_tie
 
 PERSON = {
     "type": "object",
@@ -45,28 +45,6 @@ CITIES = (
 )
 """A prompt after which a free JSON object is short (asked for any object, a 135M model writes
 one until max_tokens)."""
-CONCURRENCY = 8
-"""The session router's slots and queue (tests/integration/conftest.py)."""
-
-
-@pytest.fixture(scope="module")
-async def client(router: RouterServer) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with (
-        serve_proxy(f"127.0.0.1:{router.port}") as url,
-        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as c,
-    ):
-        yield c
-
-
-async def in_waves(n: int, call: Callable[[int], Awaitable[T]]) -> list[T]:
-    """`n` calls, at most CONCURRENCY at a time (more would be shed by the test router)."""
-    gate = asyncio.Semaphore(CONCURRENCY)
-
-    async def one(i: int) -> T:
-        async with gate:
-            return await call(i)
-
-    return await asyncio.gather(*(one(i) for i in range(n)))
 
 
 def chat() -> pb.ChatMessages:
@@ -82,7 +60,7 @@ def sampling(temperature: float = 1.0, **structured: Any) -> pb.SamplingParams:
 
 
 async def test_fifty_sampled_json_schema_answers_all_validate(
-    client: openai.AsyncOpenAI,
+    openai_client: openai.AsyncOpenAI,
 ) -> None:
     validator = jsonschema_rs.validator_for(PERSON)
     response_format: Any = {
@@ -91,7 +69,7 @@ async def test_fifty_sampled_json_schema_answers_all_validate(
     }
 
     async def call(i: int) -> str:
-        answer = await client.chat.completions.create(
+        answer = await openai_client.chat.completions.create(
             model=GEN,
             messages=ASK,  # type: ignore[arg-type]
             temperature=1.0,
@@ -109,15 +87,15 @@ async def test_fifty_sampled_json_schema_answers_all_validate(
 
 
 async def test_streamed_deltas_concatenate_to_the_same_valid_json(
-    client: openai.AsyncOpenAI,
+    openai_client: openai.AsyncOpenAI,
 ) -> None:
     response_format: Any = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
     kwargs: dict[str, Any] = dict(
         model=GEN, messages=ASK, temperature=1.0, max_tokens=160, response_format=response_format
     )
     for seed in (1, 2, 3):
-        whole = await client.chat.completions.create(**kwargs, seed=seed)
-        stream = await client.chat.completions.create(**kwargs, seed=seed, stream=True)
+        whole = await openai_client.chat.completions.create(**kwargs, seed=seed)
+        stream = await openai_client.chat.completions.create(**kwargs, seed=seed, stream=True)
         deltas = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         streamed = "".join(deltas)
         assert len([d for d in deltas if d]) > 1
@@ -165,30 +143,49 @@ async def test_json_object_regex_and_grammar_outputs_have_their_format(
         assert re.fullmatch(r"yes|no|maybe, [0-9]{1,2}%", answer.text), answer.text
 
 
+@pytest.fixture(scope="module")
+def reference_decoder(model_cache: Path) -> OnnxDecoder:
+    return OnnxDecoder(model_cache / GEN, max_slots=1, max_context=256, threads=1)
+
+
 async def test_greedy_output_without_constraints_is_unchanged_beside_constrained_rows(
-    stub: pb_grpc.InferenceServiceStub,
+    router: RouterServer, stub: pb_grpc.InferenceServiceStub, reference_decoder: OnnxDecoder
 ) -> None:
-    free = pb.SamplingParams(temperature=0.0, max_tokens=40)
-    request = pb.CompleteRequest(
-        model=GEN, chat=chat(), sampling=free, cache_mode=pb.CACHE_MODE_BYPASS
-    )
-    alone = await stub.Complete(request)
+    model = router.models.get(GEN, "generate")
+
+    async def free() -> list[int]:
+        sampling = pb.SamplingParams(temperature=0.0, max_tokens=32)
+        answer = await stub.Complete(
+            pb.CompleteRequest(
+                model=GEN,
+                chat=chat(),
+                sampling=sampling,
+                return_token_ids=True,
+                cache_mode=pb.CACHE_MODE_BYPASS,
+            )
+        )
+        return list(answer.token_ids)
 
     async def constrained(i: int) -> pb.CompleteResponse:
         s = sampling(json_schema=json.dumps(PERSON))
         s.seed = i
         return await stub.Complete(pb.CompleteRequest(model=GEN, chat=chat(), sampling=s))
 
-    together = await asyncio.gather(stub.Complete(request), *(constrained(i) for i in range(5)))
-    assert together[0].text == alone.text
+    alone = await free()
+    for _ in range(2):
+        together = await asyncio.gather(free(), *(constrained(i) for i in range(5)))
+        check_same_or_near_tie(model, reference_decoder, ASK[0]["content"], together[0], alone)
     constrained_greedy = await stub.Complete(
         pb.CompleteRequest(
-            model=GEN, chat=chat(), sampling=sampling(0.0, json_schema=json.dumps(PERSON))
+            model=GEN,
+            chat=chat(),
+            sampling=sampling(0.0, json_schema=json.dumps(PERSON)),
+            return_token_ids=True,
         )
     )
     # Same prompt and greedy: a cached free answer must not answer the constrained call.
     jsonschema_rs.validate(PERSON, json.loads(constrained_greedy.text))
-    assert constrained_greedy.text != alone.text
+    assert list(constrained_greedy.token_ids) != alone
 
 
 async def _error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
@@ -257,10 +254,10 @@ async def test_ignore_eos_with_a_structured_output_is_refused(
     ],
 )
 async def test_bad_response_formats_are_400_naming_the_param(
-    client: openai.AsyncOpenAI, response_format: Any, param: str, needle: str
+    openai_client: openai.AsyncOpenAI, response_format: Any, param: str, needle: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        await client.chat.completions.create(
+        await openai_client.chat.completions.create(
             model=GEN,
             messages=ASK,
             max_tokens=8,
@@ -271,8 +268,8 @@ async def test_bad_response_formats_are_400_naming_the_param(
     assert needle in caught.value.message
 
 
-async def test_json_object_over_the_openai_routes(client: openai.AsyncOpenAI) -> None:
-    answer = await client.completions.create(
+async def test_json_object_over_the_openai_routes(openai_client: openai.AsyncOpenAI) -> None:
+    answer = await openai_client.completions.create(
         model=GEN,
         prompt=CITIES,
         temperature=1.0,
@@ -281,7 +278,7 @@ async def test_json_object_over_the_openai_routes(client: openai.AsyncOpenAI) ->
     )
     assert answer.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(answer.choices[0].text), dict)
-    chat = await client.chat.completions.create(
+    chat = await openai_client.chat.completions.create(
         model=GEN,
         messages=[
             {"role": "user", "content": "London as JSON"},

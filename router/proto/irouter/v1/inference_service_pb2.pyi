@@ -20,6 +20,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ToolChoiceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolChoiceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolChoiceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ToolChoiceMode.ValueType  # 0
+    """The default: AUTO when tools are given."""
+    TOOL_CHOICE_MODE_AUTO: _ToolChoiceMode.ValueType  # 1
+    """The model answers in text or calls tools."""
+    TOOL_CHOICE_MODE_NONE: _ToolChoiceMode.ValueType  # 2
+    """The model answers in text; the tools are not shown to it."""
+    TOOL_CHOICE_MODE_REQUIRED: _ToolChoiceMode.ValueType  # 3
+    """The model calls one or more tools."""
+
+class ToolChoiceMode(_ToolChoiceMode, metaclass=_ToolChoiceModeEnumTypeWrapper):
+    """ToolChoiceMode says whether the model must call a tool."""
+
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.ValueType  # 0
+"""The default: AUTO when tools are given."""
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.ValueType  # 1
+"""The model answers in text or calls tools."""
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 2
+"""The model answers in text; the tools are not shown to it."""
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
+"""The model calls one or more tools."""
+Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
+
 class _Priority:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -60,6 +88,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """The request was cancelled."""
     FINISH_REASON_CONTENT_FILTER: _FinishReason.ValueType  # 4
     """An output guardrail stopped the stream; GenerateResponse.filter_reason names the policy."""
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 5
+    """The model called tools (see tool_calls) and stopped."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """FinishReason says why generation ended."""
@@ -74,6 +104,8 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The request was cancelled."""
 FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 4
 """An output guardrail stopped the stream; GenerateResponse.filter_reason names the policy."""
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 5
+"""The model called tools (see tool_calls) and stopped."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _CacheMode:
@@ -184,23 +216,159 @@ class ChatMessage(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     role: _builtins.str
-    """Role of the author: "system", "user" or "assistant"."""
+    """Role of the author: "system", "user", "assistant" or "tool" (a tool's result)."""
     content: _builtins.str
     """Text of the message."""
+    tool_call_id: _builtins.str
+    """Tool turns: the id of the call whose result this is."""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """Assistant turns: the calls the model made in this turn."""
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class Tool(_message.Message):
+    """Tool is a function the model may call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name: letters, digits, '_' and '-', 1 to 64 characters, not starting with a digit or
+    '-'; unique among a request's tools.
+    """
+    description: _builtins.str
+    """What it does, for the model."""
+    parameters: _builtins.str
+    """JSON Schema (JSON text) of its arguments, an object; empty: any JSON object."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    """ToolChoice says whether and which tool the model must call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoiceMode.ValueType
+    """Whether the model must call a tool."""
+    function: _builtins.str
+    """The name of the tool the model must call."""
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoiceMode.ValueType = ...,
+        function: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "function", b"function", "mode", b"mode"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "function", b"function", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_choice: _TypeAlias = _typing.Literal["mode", "function"]  # noqa: Y015
+    _WhichOneofArgType_choice: _TypeAlias = _typing.Literal["choice", b"choice"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_choice) -> _WhichOneofReturnType_choice | None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """ToolCall is a call the model made: in a CompleteResponse, or earlier in the conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Its id (a tool turn answering it names it)."""
+    name: _builtins.str
+    """The function called."""
+    arguments: _builtins.str
+    """Its arguments, JSON text of an object valid for the tool's parameters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class ToolCallDelta(_message.Message):
+    """ToolCallDelta streams a tool call: the first delta of call `index` has its id and name, the
+    later ones add to its arguments (concatenated, they are the arguments' JSON text).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Which call of the answer, from 0."""
+    id: _builtins.str
+    """The call's id (first delta only)."""
+    name: _builtins.str
+    """The function called (first delta only)."""
+    arguments: _builtins.str
+    """The next piece of its arguments' JSON text."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
 
 @_typing.final
 class ChatMessages(_message.Message):
@@ -511,6 +679,9 @@ class GenerateRequest(_message.Message):
     RETRIEVAL_FIELD_NUMBER: _builtins.int
     CACHE_MODE_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served model (see ListModels)."""
     prompt: _builtins.str
@@ -525,6 +696,8 @@ class GenerateRequest(_message.Message):
     """A task (e.g. "chat", "code", "tools") to route by instead of naming a model: the router
     sends the call to the deployment or alias configured for it. Leave model empty when set.
     """
+    parallel_tool_calls: _builtins.bool
+    """Whether the model may make several calls in one answer (unset: true)."""
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """Chat messages, rendered with the model's chat template."""
@@ -536,6 +709,16 @@ class GenerateRequest(_message.Message):
     @_builtins.property
     def retrieval(self) -> Global___RetrievalOptions:
         """Search a collection and add the best passages to the prompt."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Functions the model may call (chat input only). With tool_choice other than NONE the
+        output is a call or text as tool_choice says, enforced token by token.
+        """
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether and which tool the model must call (unset: AUTO)."""
 
     def __init__(
         self,
@@ -549,13 +732,21 @@ class GenerateRequest(_message.Message):
         retrieval: Global___RetrievalOptions | None = ...,
         cache_mode: Global___CacheMode.ValueType = ...,
         task: _builtins.str = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "chat", b"chat", "input", b"input", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
@@ -576,6 +767,7 @@ class GenerateResponse(_message.Message):
     PASSAGES_FIELD_NUMBER: _builtins.int
     CACHE_STATUS_FIELD_NUMBER: _builtins.int
     CACHE_SIMILARITY_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Request id assigned by the router (the same on every chunk)."""
     text: _builtins.str
@@ -602,6 +794,12 @@ class GenerateResponse(_message.Message):
     def passages(self) -> _containers.RepeatedCompositeFieldContainer[Global___PassageRef]:
         """With a retrieval option, on the last chunk: the passages put into the prompt, best first."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallDelta]:
+        """Tool calls the model is making: their pieces as they are generated (text stays empty
+        while a call is written).
+        """
+
     def __init__(
         self,
         *,
@@ -615,10 +813,11 @@ class GenerateResponse(_message.Message):
         passages: _abc.Iterable[Global___PassageRef] | None = ...,
         cache_status: Global___CacheStatus.ValueType = ...,
         cache_similarity: _builtins.float = ...,
+        tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_similarity", b"cache_similarity", "cache_status", b"cache_status", "filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "passages", b"passages", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_similarity", b"cache_similarity", "cache_status", b"cache_status", "filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "passages", b"passages", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -639,6 +838,9 @@ class CompleteRequest(_message.Message):
     RETRIEVAL_FIELD_NUMBER: _builtins.int
     CACHE_MODE_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served model (see ListModels)."""
     prompt: _builtins.str
@@ -653,6 +855,8 @@ class CompleteRequest(_message.Message):
     """A task (e.g. "chat", "code", "tools") to route by instead of naming a model: the router
     sends the call to the deployment or alias configured for it. Leave model empty when set.
     """
+    parallel_tool_calls: _builtins.bool
+    """Whether the model may make several calls in one answer (unset: true)."""
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """Chat messages, rendered with the model's chat template."""
@@ -664,6 +868,16 @@ class CompleteRequest(_message.Message):
     @_builtins.property
     def retrieval(self) -> Global___RetrievalOptions:
         """Search a collection and add the best passages to the prompt."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Functions the model may call (chat input only). With tool_choice other than NONE the
+        output is a call or text as tool_choice says, enforced token by token.
+        """
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether and which tool the model must call (unset: AUTO)."""
 
     def __init__(
         self,
@@ -677,13 +891,21 @@ class CompleteRequest(_message.Message):
         retrieval: Global___RetrievalOptions | None = ...,
         cache_mode: Global___CacheMode.ValueType = ...,
         task: _builtins.str = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "chat", b"chat", "input", b"input", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "cache_mode", b"cache_mode", "chat", b"chat", "input", b"input", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "priority", b"priority", "prompt", b"prompt", "retrieval", b"retrieval", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___CompleteRequest: _TypeAlias = CompleteRequest  # noqa: Y015
@@ -704,6 +926,7 @@ class CompleteResponse(_message.Message):
     PASSAGES_FIELD_NUMBER: _builtins.int
     CACHE_STATUS_FIELD_NUMBER: _builtins.int
     CACHE_SIMILARITY_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Request id assigned by the router."""
     text: _builtins.str
@@ -730,6 +953,10 @@ class CompleteResponse(_message.Message):
     def passages(self) -> _containers.RepeatedCompositeFieldContainer[Global___PassageRef]:
         """With a retrieval option: the passages put into the prompt, best first."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The tool calls the model made (text is then what it wrote besides them, usually empty)."""
+
     def __init__(
         self,
         *,
@@ -743,10 +970,11 @@ class CompleteResponse(_message.Message):
         passages: _abc.Iterable[Global___PassageRef] | None = ...,
         cache_status: Global___CacheStatus.ValueType = ...,
         cache_similarity: _builtins.float = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_similarity", b"cache_similarity", "cache_status", b"cache_status", "filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "passages", b"passages", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_similarity", b"cache_similarity", "cache_status", b"cache_status", "filter_reason", b"filter_reason", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "passages", b"passages", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

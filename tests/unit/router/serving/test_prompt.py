@@ -60,7 +60,7 @@ def test_a_raw_prompt_is_sent_as_is(model: ServedModel) -> None:
     ("prompt_text", "messages", "field"),
     [
         (None, [], "chat.messages"),
-        (None, [{"role": "tool", "content": "x"}], "chat.messages[0].role"),
+        (None, [{"role": "function", "content": "x"}], "chat.messages[0].role"),
         ("", None, "prompt"),
         (None, None, "input"),
     ],
