@@ -22,6 +22,13 @@ def offer_tools(
     """The conversation the model sees (tools and tool history in the documented format unless
     its template takes them) and the sampling parameters with the tool grammar."""
     if tools is not None and tools.offered:
+        assert model.engine is not None
+        if not model.engine.structured_output:
+            raise InvalidArgument(
+                f"model {model.name!r} is served by a backend that cannot enforce tools (only "
+                "the router's own step loop can)",
+                field="tools",
+            )
         if messages is None:
             raise InvalidArgument(
                 "tools need chat input (chat.messages), not a prompt", field="tools"

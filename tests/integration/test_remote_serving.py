@@ -11,6 +11,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from backends.openai.config import OpenAIHttpConfig
 from router.config import ModelConfig
@@ -113,6 +115,34 @@ async def test_a_parameter_the_server_cannot_honour_is_named(
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "stop_token_ids" in (info.value.details() or "")
+
+
+async def test_structured_outputs_and_tools_are_refused_naming_the_field(
+    stub: pb_grpc.InferenceServiceStub,
+) -> None:
+    """Only the router's own step loop enforces them; a remote engine must not ignore them."""
+    structured = pb.SamplingParams(
+        max_tokens=8, structured_output=pb.StructuredOutput(json_object=True)
+    )
+    tools = {
+        "tools": [pb.Tool(name="f")],
+        "tool_choice": pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED),
+    }
+    for sampling, extra, field in (
+        (structured, {}, "sampling.structured_output.json_object"),
+        (pb.SamplingParams(max_tokens=32), tools, "tools"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Complete(
+                pb.CompleteRequest(model="remote", chat=chat("hi"), sampling=sampling, **extra)
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'remote' is served by a backend that cannot enforce" in (info.value.details() or "")
+        status = rpc_status.from_call(info.value)
+        assert status is not None
+        bad = error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(bad)
+        assert bad.field_violations[0].field == field
 
 
 async def test_an_unreachable_server_is_unavailable_naming_it(
