@@ -101,7 +101,66 @@ _USAGE: Schema = {
         "total_tokens": {"type": "integer"},
     },
 }
-_FINISH: Schema = {"type": ["string", "null"], "enum": ["stop", "length", "content_filter", None]}
+_FINISH: Schema = {
+    "type": ["string", "null"],
+    "enum": ["stop", "length", "content_filter", "tool_calls", None],
+}
+_TOOL_CALL: Schema = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+            "required": ["name", "arguments"],
+        },
+    },
+    "required": ["id", "type", "function"],
+}
+_TOOLS: Schema = {
+    "tools": {
+        "type": "array",
+        "maxItems": 128,
+        "items": {
+            "type": "object",
+            "properties": {
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_-]{0,63}$"},
+                        "description": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "strict": {"type": "boolean"},
+                    },
+                    "required": ["name"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["type", "function"],
+            "additionalProperties": False,
+        },
+    },
+    "tool_choice": {
+        "oneOf": [
+            {"type": "string", "enum": ["auto", "none", "required"]},
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string"}},
+                        "required": ["name"],
+                    },
+                },
+                "required": ["type", "function"],
+            },
+        ]
+    },
+    "parallel_tool_calls": {"type": "boolean"},
+}
 
 OPENAI_SCHEMAS: dict[str, Schema] = {
     "openai.Error": {
@@ -132,10 +191,13 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                     "properties": {
                         "role": {
                             "type": "string",
-                            "enum": ["system", "developer", "user", "assistant"],
+                            "enum": ["system", "developer", "user", "assistant", "tool"],
                         },
+                        "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                        "tool_call_id": {"type": "string"},
                         "content": {
                             "oneOf": [
+                                {"type": "null"},
                                 {"type": "string"},
                                 {
                                     "type": "array",
@@ -152,9 +214,10 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                             ]
                         },
                     },
-                    "required": ["role", "content"],
+                    "required": ["role"],
                 },
             },
+            **_TOOLS,
         },
         "required": ["model", "messages"],
     },
@@ -205,7 +268,8 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                             "type": "object",
                             "properties": {
                                 "role": {"const": "assistant"},
-                                "content": {"type": "string"},
+                                "content": {"type": ["string", "null"]},
+                                "tool_calls": {"type": "array", "items": _TOOL_CALL},
                             },
                         },
                         "finish_reason": _FINISH,
