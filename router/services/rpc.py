@@ -5,6 +5,7 @@ them handles these itself."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,20 @@ OFF_LOOP_BYTES = 256 * 1024
 """Requests bigger than this are parsed on the worker thread (router.offload), not by grpc on
 the loop: a 3.9 MB prompt takes ~2.5 ms to parse, and sixteen arriving together held every other
 call behind ~40 ms of parsing."""
+
+
+_request_data: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
+    "irouter_request_data", default=None
+)
+
+
+def take_request_data() -> bytes | None:
+    """The serialized request of this call when it was too big to parse on the loop (None
+    otherwise), once: a handler may check sizes in it without decoding its strings."""
+    data = _request_data.get()
+    if data is not None:
+        _request_data.set(None)
+    return data
 
 
 class Unparsed:
@@ -133,6 +148,7 @@ def _wrap_unary(fn: Unary, m: _Method) -> Unary:
             # Without a guard (scope None) no coroutine is made for it: this is every call.
             timeout = None if scope is None else await m.enter(scope, context)
             if type(request) is Unparsed:
+                _request_data.set(request.data)
                 request = await request.parsed()
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.reason)
@@ -166,6 +182,7 @@ def _wrap_stream(fn: Streaming, m: _Method) -> Streaming:
             # Without a guard (scope None) no coroutine is made for it: this is every call.
             timeout = None if scope is None else await m.enter(scope, context)
             if type(request) is Unparsed:
+                _request_data.set(request.data)
                 request = await request.parsed()
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.reason)

@@ -79,6 +79,18 @@ def check_input_size(
     )
 
 
+def check_input_bytes(model: ServedModel, nbytes: int, field: str) -> None:
+    """`check_input_size` for an input of `nbytes` text bytes counted on the wire
+    (router.services.wire_text), before its strings are decoded."""
+    tokenize.check_bytes(
+        nbytes,
+        limit_tokens=model.context_length - 1,
+        token_bytes=model.max_token_bytes,
+        what=f"model {model.name!r}",
+        field=field,
+    )
+
+
 def encode(model: ServedModel, text: str) -> list[int]:
     """A rendered prompt's token ids (BOS added when the model wants one). On the loop only for
     short texts; `encode_async` picks."""

@@ -66,8 +66,14 @@ def check_fits(
         return
     if nbytes <= limit:
         nbytes = sum(len(text.encode("utf-8", "replace")) for text in texts)
-        if nbytes <= limit:
-            return
+    check_bytes(nbytes, limit_tokens=limit_tokens, token_bytes=token_bytes, what=what, field=field)
+
+
+def check_bytes(nbytes: int, *, limit_tokens: int, token_bytes: int, what: str, field: str) -> None:
+    """`check_fits` for texts of `nbytes` UTF-8 bytes in all."""
+    limit = limit_tokens * token_bytes
+    if token_bytes <= 0 or nbytes <= limit:
+        return
     raise InvalidArgument(
         f"{field} has at least {nbytes} bytes, hence at least "
         f"{math.ceil(nbytes / token_bytes)} tokens (the longest token of {what} is "

@@ -159,6 +159,28 @@ async def test_an_embed_text_too_big_for_the_window_is_refused_from_its_size(
     assert "texts[1] has" in details and "bytes, hence at least" in details, details
 
 
+async def test_a_huge_prompt_is_refused_from_its_wire_size_without_decoding_it(
+    channel: grpc.aio.Channel,
+) -> None:
+    """The refusal counts the prompt's UTF-8 bytes from the request's length prefixes
+    (router.services.wire_text): 2 bytes per "é", where a count of the decoded str would give
+    its characters."""
+    stub = pb_grpc.InferenceServiceStub(channel)
+    chars = HUGE // 2
+    for request in (
+        pb.CompleteRequest(model=GEN, prompt="é" * chars),
+        pb.CompleteRequest(
+            model=GEN,
+            chat=pb.ChatMessages(
+                messages=[pb.ChatMessage(role="user", content="é" * (chars // 2))] * 2
+            ),
+        ),
+    ):
+        code, details = await _code(stub.Complete(request, timeout=60))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"has at least {2 * chars} bytes" in details, details
+
+
 async def test_a_big_request_is_parsed_off_the_loop_and_a_malformed_one_refused_by_name(
     channel: grpc.aio.Channel, big_router: RouterServer
 ) -> None:
