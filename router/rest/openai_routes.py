@@ -169,6 +169,8 @@ class OpenAIRoutes:
                 is_first = True
                 while current is not None:
                     payload = chunk(current, created, is_first)
+                    # The router names the model on the last chunk; OpenAI on every one.
+                    payload["model"] = payload["model"] or message.model
                     if include_usage:
                         payload["usage"] = None
                     yield _sse(payload)

@@ -17,7 +17,7 @@ import pytest
 
 from backends.base import RequestEngine, UnsupportedParameter
 from backends.openai.config import OpenAIHttpConfig
-from backends.openai.engine import OpenAIHttpEmbedder, OpenAIHttpEngine
+from backends.openai.engine import DRAIN_S, OpenAIHttpEmbedder, OpenAIHttpEngine
 from backends.remote import (
     RemoteChunk,
     RemoteHTTPError,
@@ -248,6 +248,70 @@ async def test_usage_from_the_server_rides_on_the_last_chunk() -> None:
     assert [(c.text, c.finish_reason) for c in chunks] == [("Hi", None), ("!", "stop")]
     last = chunks[-1]
     assert isinstance(last, RemoteChunk) and (last.prompt_tokens, last.completion_tokens) == (7, 2)
+
+
+@contextlib.asynccontextmanager
+async def keep_alive_server(events: list[str], *, end_body: bool) -> AsyncIterator[list[int]]:
+    """A server that answers every request on a connection with `events` as a chunked SSE body
+    (one chunk per event, as vLLM and llama.cpp send them), keeping the connection open; the
+    list it yields is [connections accepted, port]. Without `end_body` it never sends the
+    body's last chunk."""
+    stats = [0, 0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stats[0] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+                for event in events:
+                    data = f"data: {event}\n\n".encode()
+                    writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    await writer.drain()
+                if not end_body:
+                    await asyncio.sleep(3600)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    stats[1] = server.sockets[0].getsockname()[1]
+    async with server:
+        yield stats
+
+
+FINISHED = [TEXT_EVENT, '{"choices": [{"text": "!", "finish_reason": "stop"}]}', "[DONE]"]
+
+
+async def test_the_connection_is_reused_after_a_whole_stream() -> None:
+    async with keep_alive_server(FINISHED, end_body=True) as stats:
+        config = OpenAIHttpConfig(url=f"http://127.0.0.1:{stats[1]}", model="m")
+        async with started(config) as engine:
+            for _ in range(5):
+                chunks = await collect(engine, make_request())
+                assert "".join(c.text for c in chunks) == "Hi!"
+        assert stats[0] == 1  # one TCP connection for five requests
+
+
+async def test_a_body_left_open_after_done_is_not_waited_for() -> None:
+    async with keep_alive_server(FINISHED, end_body=False) as stats:
+        config = OpenAIHttpConfig(url=f"http://127.0.0.1:{stats[1]}", model="m")
+        async with started(config) as engine:
+            started_at = asyncio.get_running_loop().time()
+            chunks = await collect(engine, make_request())
+            waited = asyncio.get_running_loop().time() - started_at
+        assert "".join(c.text for c in chunks) == "Hi!"
+        assert waited < DRAIN_S + 5  # the drain gave up; the answer was whole
 
 
 async def test_503_is_retryable() -> None:

@@ -77,6 +77,7 @@ async def test_streamed_chat_joins_to_the_unstreamed_text(client: openai.AsyncOp
     )
     chunks = [c async for c in stream]
     assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert all(c.model == GEN for c in chunks)  # every chunk names the model, as OpenAI's do
     assert len({c.id for c in chunks}) == 1
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
