@@ -17,7 +17,7 @@ from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.retrieval.rag import RagRequest
 from router.routing.breaker import BreakerState
 from router.scheduler.request import Priority, RequestStatus
-from router.services import rpc, tool_protos, wire_text
+from router.services import tool_protos, wire_text
 from router.services.retrieval import filter_from_proto
 from router.serving import embedding
 from router.serving.answer import Answerer, Answering, CacheStatus, GenerationCall, Piece, Prepared
@@ -184,15 +184,15 @@ class InferenceServicer:
         response.cache_status = _CACHE_STATUS[prepared.cache_status]
         response.cache_similarity = prepared.similarity
 
-    def _refuse_oversized(self, message: pb.GenerateRequest | pb.CompleteRequest) -> None:
-        """A big request whose input text alone cannot fit the model is refused from its wire
-        form, before anything decodes the text (router.services.wire_text)."""
-        data = rpc.take_request_data()
-        found = None if data is None else wire_text.input_text_bytes(data)
-        if found is not None:
-            field, nbytes = found
-            model = self._models.get(message.model, "generate", task=message.task)
-            check_input_bytes(model, nbytes, field)
+    def check_Generate_bytes(self, data: bytes) -> None:
+        """A big request whose input text alone cannot fit its model is refused from its wire
+        form, before it is parsed and before anything decodes the text (wire_text)."""
+        size = wire_text.input_size(data)
+        if size is not None:
+            model = self._models.get(size.model, "generate", task=size.task)
+            check_input_bytes(model, size.nbytes, size.field)
+
+    check_Complete_bytes = check_Generate_bytes
 
     async def Generate(
         self, message: pb.GenerateRequest, context: Context
@@ -200,7 +200,6 @@ class InferenceServicer:
         scope = get_scope()
         try:
             routed = self._models.dispatcher is not None
-            self._refuse_oversized(message)
             prepared = await self._answerer.prepare(
                 generation_call(message, context, stream=True, routed=routed), scope
             )
@@ -233,7 +232,6 @@ class InferenceServicer:
         self, message: pb.CompleteRequest, context: Context, scope: CallScope
     ) -> pb.CompleteResponse:
         routed = self._models.dispatcher is not None
-        self._refuse_oversized(message)
         prepared = await self._answerer.prepare(
             generation_call(message, context, stream=False, routed=routed), scope
         )

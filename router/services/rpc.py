@@ -5,7 +5,6 @@ them handles these itself."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,20 +40,6 @@ OFF_LOOP_BYTES = 256 * 1024
 """Requests bigger than this are parsed on the worker thread (router.offload), not by grpc on
 the loop: a 3.9 MB prompt takes ~2.5 ms to parse, and sixteen arriving together held every other
 call behind ~40 ms of parsing."""
-
-
-_request_data: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
-    "irouter_request_data", default=None
-)
-
-
-def take_request_data() -> bytes | None:
-    """The serialized request of this call when it was too big to parse on the loop (None
-    otherwise), once: a handler may check sizes in it without decoding its strings."""
-    data = _request_data.get()
-    if data is not None:
-        _request_data.set(None)
-    return data
 
 
 class Unparsed:
@@ -96,11 +81,19 @@ class _Method:
     deadline, errors answered as statuses, and the method's metrics. One wrapper per call, so a
     streamed response passes through one generator layer, not one per concern."""
 
-    __slots__ = ("_children", "_guard", "_latency", "_metrics", "_name", "_path")
+    __slots__ = ("_children", "_guard", "_latency", "_metrics", "_name", "_path", "precheck")
 
     def __init__(
-        self, metrics: Metrics, service: ServiceDescriptor, method: str, guard: GuardChain | None
+        self,
+        metrics: Metrics,
+        service: ServiceDescriptor,
+        method: str,
+        guard: GuardChain | None,
+        precheck: Callable[[bytes], None] | None = None,
     ) -> None:
+        self.precheck = precheck
+        """Looks at a big request's bytes before they are parsed (raises RouterError to refuse
+        it): the servicer's `check_<method>_bytes`, when it has one."""
         self._metrics = metrics
         self._name = f"{service.name}/{method}"  # the metrics' label
         self._path = f"/{service.full_name}/{method}"  # what the guard and its audit see
@@ -148,7 +141,8 @@ def _wrap_unary(fn: Unary, m: _Method) -> Unary:
             # Without a guard (scope None) no coroutine is made for it: this is every call.
             timeout = None if scope is None else await m.enter(scope, context)
             if type(request) is Unparsed:
-                _request_data.set(request.data)
+                if m.precheck is not None:
+                    m.precheck(request.data)  # may refuse it before it is parsed
                 request = await request.parsed()
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.reason)
@@ -182,7 +176,8 @@ def _wrap_stream(fn: Streaming, m: _Method) -> Streaming:
             # Without a guard (scope None) no coroutine is made for it: this is every call.
             timeout = None if scope is None else await m.enter(scope, context)
             if type(request) is Unparsed:
-                _request_data.set(request.data)
+                if m.precheck is not None:
+                    m.precheck(request.data)  # may refuse it before it is parsed
                 request = await request.parsed()
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.reason)
@@ -228,12 +223,14 @@ def add_service(
     guard: GuardChain | None = None,
 ) -> None:
     """Register every method of `service` on `server`, implemented by `servicer`'s methods of
-    the same names, each call run through `guard` unless the method is public."""
+    the same names, each call run through `guard` unless the method is public. A request too big
+    to parse on the loop is first given to `servicer.check_<method>_bytes(data)` if it exists."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         fn = getattr(servicer, method.name)
         request_cls = GetMessageClass(method.input_type)
-        mm = _Method(metrics, service, method.name, guard)
+        precheck = getattr(servicer, f"check_{method.name}_bytes", None)
+        mm = _Method(metrics, service, method.name, guard, precheck)
         parse = _parser(request_cls)
         serialize = _serializer
         if method.server_streaming:

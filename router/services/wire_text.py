@@ -9,8 +9,10 @@ protobuf's runtimes offer no way to learn a string field's size without material
 
 from __future__ import annotations
 
-PROMPT, CHAT = 2, 3
-"""GenerateRequest/CompleteRequest fields (inference_service.proto): prompt, chat."""
+from dataclasses import dataclass
+
+MODEL, PROMPT, CHAT, TASK = 1, 2, 3, 9
+"""GenerateRequest/CompleteRequest fields (inference_service.proto)."""
 MESSAGES, CONTENT = 1, 2
 """ChatMessages.messages and ChatMessage.content."""
 
@@ -52,14 +54,28 @@ def _fields(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def input_text_bytes(data: bytes) -> tuple[str, int] | None:
-    """("prompt" or "chat.messages", UTF-8 bytes of the prompt or of every message's content)
-    for a serialized GenerateRequest or CompleteRequest; None when no input is set or the bytes
-    are not well formed (parsing them says why)."""
+@dataclass(frozen=True)
+class InputSize:
+    model: str
+    task: str
+    field: str
+    """"prompt" or "chat.messages"."""
+    nbytes: int
+    """UTF-8 bytes of the prompt, or of every chat message's content."""
+
+
+def input_size(data: bytes) -> InputSize | None:
+    """What a serialized GenerateRequest or CompleteRequest asks of which model, sized; None
+    when no input is set or the bytes are not well formed (parsing them says why)."""
     try:
-        which, total = "", 0
+        model = task = which = ""
+        total = 0
         for number, start, end in _fields(data, 0, len(data)):
-            if number == PROMPT:  # a oneof: the last one set wins
+            if number == MODEL:
+                model = data[start:end].decode()
+            elif number == TASK:
+                task = data[start:end].decode()
+            elif number == PROMPT:  # a oneof: the last one set wins
                 which, total = "prompt", end - start
             elif number == CHAT:
                 if which != "chat.messages":
@@ -67,6 +83,6 @@ def input_text_bytes(data: bytes) -> tuple[str, int] | None:
                 for n, s, e in _fields(data, start, end):
                     if n == MESSAGES:
                         total += sum(e2 - s2 for n2, s2, e2 in _fields(data, s, e) if n2 == CONTENT)
-        return (which, total) if which else None
-    except (ValueError, IndexError):
+        return InputSize(model, task, which, total) if which else None
+    except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError
         return None

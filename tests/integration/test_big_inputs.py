@@ -191,7 +191,7 @@ async def test_a_big_request_is_parsed_off_the_loop_and_a_malformed_one_refused_
         response_deserializer=pb.CompleteResponse.FromString,
     )
     valid = pb.CompleteRequest(model=GEN, prompt="x " * (HUGE // 2)).SerializeToString()
-    broken = valid[:-1] + b"\xff"  # the prompt's last byte no longer UTF-8
+    broken = b"\x0a\x01\xff" + valid  # a model name that is not UTF-8
     code, details = await _code(raw(broken, timeout=60))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid irouter.v1.CompleteRequest message" in details, details

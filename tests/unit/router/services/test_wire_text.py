@@ -7,7 +7,7 @@ import random
 import pytest
 
 from router.proto.irouter.v1 import inference_service_pb2 as pb
-from router.services.wire_text import input_text_bytes
+from router.services.wire_text import input_size
 
 ALPHABET = "aé€𝄞 \n\x00"
 
@@ -38,14 +38,17 @@ def test_bytes_counted_on_the_wire_equal_the_decoded_texts(seed: int) -> None:
             )
         message.chat.SetInParent()
         want = ("chat.messages", sum(len(m.content.encode()) for m in message.chat.messages))
-    assert input_text_bytes(message.SerializeToString()) == want
+    size = input_size(message.SerializeToString())
+    assert size is not None
+    assert (size.model, size.task, size.field, size.nbytes) == (message.model, "", *want)
 
 
 def test_no_input_or_bad_bytes_give_none() -> None:
-    assert input_text_bytes(pb.GenerateRequest(model="m").SerializeToString()) is None
-    assert input_text_bytes(b"\x12\x05ab") is None  # a length past the end
-    assert input_text_bytes(b"\x12") is None
-    assert input_text_bytes(b"\x0f") is None  # wire type 7
+    assert input_size(pb.GenerateRequest(model="m").SerializeToString()) is None
+    assert input_size(b"\x12\x05ab") is None  # a length past the end
+    assert input_size(b"\x12") is None
+    assert input_size(b"\x0f") is None  # wire type 7
+    assert input_size(b"\x0a\x01\xff\x12\x01a") is None  # a model name that is not UTF-8
 
 
 def test_the_last_input_set_wins_as_in_the_parser() -> None:
@@ -53,6 +56,9 @@ def test_the_last_input_set_wins_as_in_the_parser() -> None:
     second = pb.GenerateRequest(
         chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="yy")])
     ).SerializeToString()
-    assert input_text_bytes(first + second) == ("chat.messages", 2)
+    task = pb.GenerateRequest(task="code").SerializeToString()
+    size = input_size(first + second + task)
+    assert size is not None and (size.task, size.field, size.nbytes) == ("code", "chat.messages", 2)
     assert pb.GenerateRequest.FromString(first + second).WhichOneof("input") == "chat"
-    assert input_text_bytes(second + first) == ("prompt", 10)
+    size = input_size(second + first)
+    assert size is not None and (size.field, size.nbytes) == ("prompt", 10)
