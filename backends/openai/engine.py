@@ -160,6 +160,7 @@ class OpenAIHttpEngine(_HttpRemote):
             context_length=cfg.context_length,
             text_output=True,
             stop_strings=not DIALECTS[cfg.dialect].router_stops,
+            structured_output=bool(DIALECTS[cfg.dialect].structured),
         )
         self.vocab_size = cfg.vocab_size
         self.max_slots = cfg.max_connections

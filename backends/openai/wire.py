@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from backends.base import GenerationRequest, UnsupportedParameter
+from backends.base import GenerationRequest, StructuredOutput, UnsupportedParameter
 from backends.remote import (
     FINISH_REASONS,
     RemoteHTTPError,
@@ -64,12 +64,22 @@ class Dialect:
     """Accepts the prompt as a list of token ids."""
     router_stops: bool = False
     """Stop strings are left to the router (capabilities.stop_strings=False), not sent."""
+    structured: frozenset[str] = frozenset()
+    """StructuredOutput kinds the server enforces itself (sent as vLLM's `structured_outputs`);
+    any other kind is refused by name."""
 
 
 DIALECTS: Mapping[str, Dialect] = MappingProxyType(
     {
         "openai": Dialect("/v1", _OPENAI),
-        "vllm": Dialect("/v1", _VLLM, token_id_prompts=True),
+        # vLLM >= 0.10.2 (`structured_outputs`; the older `guided_*` fields went in 0.12). Its
+        # `grammar` is read by whichever backend vLLM picks (GBNF for xgrammar), not Lark.
+        "vllm": Dialect(
+            "/v1",
+            _VLLM,
+            token_id_prompts=True,
+            structured=frozenset({"json_schema", "json_object", "regex"}),
+        ),
         "trtllm": Dialect("/v1", _VLLM, token_id_prompts=True),
         # llama-cpp-python's server and llama.cpp's llama-server. Their defaults (top_k 40,
         # min_p 0.05, repeat_penalty 1.1) are not neutral, so every request carries ours;
@@ -127,6 +137,16 @@ def completion_body(
     }
     if kind.usage_in_stream:
         body["stream_options"] = {"include_usage": True}
+    spec = request.structured
+    if spec is not None:
+        if spec.kind not in kind.structured:
+            raise UnsupportedParameter(
+                f"structured_output.{spec.kind}",
+                f"structured_output.{spec.kind} cannot be enforced by the remote {dialect!r} "
+                f"server of model {model!r}"
+                + (f" (it takes {', '.join(sorted(kind.structured))})" if kind.structured else ""),
+            )
+        body["structured_outputs"] = _structured_outputs(spec)
     for name, neutral in NEUTRAL.items():
         value = getattr(request, name)
         if name in kind.honoured and value != neutral:
@@ -134,6 +154,15 @@ def completion_body(
                 list(value) if isinstance(value, tuple) else value
             )
     return body
+
+
+def _structured_outputs(spec: StructuredOutput) -> dict[str, Any]:
+    """vLLM's StructuredOutputsParams for `spec`."""
+    if spec.kind == "json_schema":
+        return {"json": json.loads(spec.text)}
+    if spec.kind == "json_object":
+        return {"json_object": True}
+    return {"regex": spec.text}
 
 
 class CompletionEvent(NamedTuple):

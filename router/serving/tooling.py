@@ -23,7 +23,7 @@ def offer_tools(
     its template takes them) and the sampling parameters with the tool grammar."""
     if tools is not None and tools.offered:
         assert model.engine is not None
-        if not model.engine.structured_output:
+        if model.engine.structured_output != "router":
             raise InvalidArgument(
                 f"model {model.name!r} is served by a backend that cannot enforce tools (only "
                 "the router's own step loop can)",

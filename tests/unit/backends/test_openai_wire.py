@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from backends.base import GenerationRequest, UnsupportedParameter
+from backends.base import GenerationRequest, StructuredOutput, UnsupportedParameter
 from backends.openai.config import OpenAIHttpConfig
 from backends.openai.engine import OpenAIHttpEngine
 from backends.openai.sse import SSEDecoder
@@ -169,3 +169,42 @@ def test_endpoint_joins_root_and_prefix() -> None:
     cfg = OpenAIHttpConfig(url="http://h:8000/", model="m")
     assert cfg.endpoint("/models") == "http://h:8000/v1/models"
     assert OpenAIHttpConfig(url="http://h", model="m", api_prefix="").endpoint("/x") == "http://h/x"
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "sent"),
+    [
+        ("json_schema", '{"type": "object"}', {"json": {"type": "object"}}),
+        ("json_object", "", {"json_object": True}),
+        ("regex", "[0-9]+", {"regex": "[0-9]+"}),
+    ],
+)
+def test_vllm_enforces_structured_outputs_itself(kind: str, text: str, sent: Any) -> None:
+    """vLLM >= 0.10.2's published `structured_outputs` field (docs.vllm.ai, Structured
+    Outputs); a contract test, no vLLM here."""
+    b = body("vllm", structured=StructuredOutput(kind, text))
+    assert b["structured_outputs"] == sent
+
+
+@pytest.mark.parametrize(
+    ("dialect", "kind"),
+    [
+        ("vllm", "grammar"),  # vLLM's grammar dialect depends on its backend: not Lark
+        ("openai", "json_schema"),  # /completions has no structured-output field
+        ("trtllm", "json_object"),
+        ("llama.cpp", "regex"),
+        ("ovms", "json_schema"),
+    ],
+)
+def test_other_servers_refuse_structured_outputs_by_name(dialect: str, kind: str) -> None:
+    with pytest.raises(UnsupportedParameter, match="cannot be enforced") as e:
+        body(dialect, structured=StructuredOutput(kind, "x"))
+    assert e.value.field == f"structured_output.{kind}"
+
+
+def test_only_dialects_that_enforce_structured_outputs_say_so() -> None:
+    def engine(dialect: str) -> OpenAIHttpEngine:
+        return OpenAIHttpEngine(OpenAIHttpConfig(url="http://x", model="m", dialect=dialect))
+
+    assert engine("vllm").capabilities.structured_output
+    assert not engine("llama.cpp").capabilities.structured_output
