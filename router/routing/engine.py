@@ -62,12 +62,10 @@ class RoutedEngine:
 
     @property
     def structured_output(self) -> str:
-        """ "" when a replica cannot enforce it (a call may land there), else "router" when one
-        needs the grammar compiled (replicas that enforce it themselves ignore the grammar)."""
+        """What every replica says when they agree; "" (refused) when one cannot enforce it or
+        when they enforce it differently (the router's grammar and a server's own differ)."""
         kinds = {engine.structured_output for engine in self._engines()}
-        if "" in kinds:
-            return ""
-        return "router" if "router" in kinds else "engine"
+        return kinds.pop() if len(kinds) == 1 else ""
 
     @property
     def last_output_at(self) -> float:

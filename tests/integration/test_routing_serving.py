@@ -4,6 +4,7 @@ and metrics say about each replica."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -149,6 +150,34 @@ async def test_a_task_routes_to_its_deployment(stub: pb_grpc.InferenceServiceStu
         sampling=pb.SamplingParams(max_tokens=4, temperature=0.0),
     ))]  # fmt: skip
     assert chunks[-1].model == "chat" and chunks[-1].finish_reason
+
+
+async def test_a_tools_task_on_a_deployment_of_local_replicas_makes_the_call(
+    stub: pb_grpc.InferenceServiceStub,
+) -> None:
+    """The README's worked example: a task routed to a deployment whose replicas are the
+    router's own engines enforces the tool grammar on whichever replica takes the call; a
+    deployment with a remote replica refuses it by name."""
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    tools = [pb.Tool(name="get_weather", parameters=json.dumps(weather))]
+    for _ in range(4):  # p2c: both replicas take some
+        request = ask("Weather in Paris?", task="code", tools=tools)
+        request.tool_choice.function = "get_weather"
+        request.sampling.max_tokens = 40
+        answer = await stub.Complete(request)
+        assert answer.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        assert "city" in json.loads(answer.tool_calls[0].arguments)
+    request = ask(model="dead", tools=tools)
+    request.tool_choice.function = "get_weather"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Complete(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot enforce tools" in (info.value.details() or "")
 
 
 async def test_an_alias_splits_across_its_deployments(stub: pb_grpc.InferenceServiceStub) -> None:
