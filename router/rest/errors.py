@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -80,6 +82,25 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def type_error(name: str, expected: str, value: object) -> ApiError:
+    """A 400 for body field `name` holding the wrong kind of value."""
+    return bad_request(
+        f"'{name}' must be {expected}, got {json.dumps(value)[:80]}",
+        param=name,
+        code="invalid_type",
+    )
+
+
+def refuse_unknown(where: str, fields: Mapping[str, Any], known: frozenset[str]) -> None:
+    """A 400 naming the first key of the object at `where` that is not in `known`."""
+    for key in sorted(set(fields) - known):
+        raise bad_request(
+            f"unrecognized argument '{where}.{key}'",
+            param=f"{where}.{key}",
+            code="unknown_parameter",
+        )
 
 
 _TOOL_FIELD = re.compile(r"tools\[(\d+)\]\.(\w+)")

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.rest import openai_tools
 from router.rest.body import read_body
-from router.rest.errors import ApiError, bad_request
+from router.rest.errors import bad_request, refuse_unknown, type_error
 from router.rest.openai_params import STREAM_OPTIONS, refuse_unhonoured
 
 Body = dict[str, Any]
@@ -52,14 +52,6 @@ async def read_json(request: Request, max_bytes: int) -> Body:
     return body
 
 
-def _type_error(name: str, expected: str, value: object) -> ApiError:
-    return bad_request(
-        f"'{name}' must be {expected}, got {json.dumps(value)[:80]}",
-        param=name,
-        code="invalid_type",
-    )
-
-
 def get_str(body: Body, name: str, *, required: bool = False) -> str | None:
     value = body.get(name)
     if value is None:
@@ -67,7 +59,7 @@ def get_str(body: Body, name: str, *, required: bool = False) -> str | None:
             raise bad_request(f"'{name}' is required", param=name, code="missing_required_field")
         return None
     if not isinstance(value, str):
-        raise _type_error(name, "a string", value)
+        raise type_error(name, "a string", value)
     return value
 
 
@@ -76,7 +68,7 @@ def get_bool(body: Body, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _type_error(name, "true or false", value)
+        raise type_error(name, "true or false", value)
     return value
 
 
@@ -85,7 +77,7 @@ def get_int(body: Body, name: str, lo: int, hi: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _type_error(name, "an integer", value)
+        raise type_error(name, "an integer", value)
     if not lo <= value <= hi:
         raise bad_request(
             f"'{name}'={value} is out of range [{lo}, {hi}]", param=name, code="invalid_value"
@@ -98,7 +90,7 @@ def get_float(body: Body, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _type_error(name, "a number", value)
+        raise type_error(name, "a number", value)
     return float(value)
 
 
@@ -115,7 +107,7 @@ def get_stream(body: Body) -> tuple[bool, bool]:
     if options is None:
         return stream, False
     if not isinstance(options, dict):
-        raise _type_error("stream_options", "an object", options)
+        raise type_error("stream_options", "an object", options)
     refuse_unhonoured(options, STREAM_OPTIONS, "stream_options.")
     return stream, get_bool(options, "include_usage")
 
@@ -156,7 +148,7 @@ def sampling(body: Body) -> pb.SamplingParams:
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         out.stop.extend(stop)
     elif stop is not None:
-        raise _type_error("stop", "a string or a list of strings", stop)
+        raise type_error("stop", "a string or a list of strings", stop)
     structured = structured_output(body)
     if structured is not None:
         out.structured_output.CopyFrom(structured)
@@ -174,7 +166,7 @@ def structured_output(body: Body) -> pb.StructuredOutput | None:
     if value is None:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise _type_error("response_format", "an object with a string 'type'", value)
+        raise type_error("response_format", "an object with a string 'type'", value)
     kind = value["type"]
     extra = sorted(set(value) - {"type", "json_schema"})
     if extra or (kind != "json_schema" and "json_schema" in value):
@@ -197,22 +189,17 @@ def structured_output(body: Body) -> pb.StructuredOutput | None:
         )
     spec = value.get("json_schema")
     if not isinstance(spec, dict):
-        raise _type_error("response_format.json_schema", "an object with 'name' and 'schema'", spec)
-    for key in sorted(set(spec) - _JSON_SCHEMA_FIELDS):
-        raise bad_request(
-            f"unrecognized argument 'response_format.json_schema.{key}'",
-            param=f"response_format.json_schema.{key}",
-            code="unknown_parameter",
-        )
+        raise type_error("response_format.json_schema", "an object with 'name' and 'schema'", spec)
+    refuse_unknown("response_format.json_schema", spec, _JSON_SCHEMA_FIELDS)
     name = spec.get("name")
     if not isinstance(name, str) or not name:
-        raise _type_error("response_format.json_schema.name", "a non-empty string", name)
+        raise type_error("response_format.json_schema.name", "a non-empty string", name)
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
-        raise _type_error("response_format.json_schema.strict", "a boolean", strict)
+        raise type_error("response_format.json_schema.strict", "a boolean", strict)
     schema = spec.get("schema", {})  # OpenAI: absent means any JSON value of the schema {}
     if not isinstance(schema, dict):
-        raise _type_error("response_format.json_schema.schema", "a JSON Schema object", schema)
+        raise type_error("response_format.json_schema.schema", "a JSON Schema object", schema)
     return pb.StructuredOutput(json_schema=json.dumps(schema))
 
 
@@ -221,12 +208,12 @@ def chat_messages(body: Body) -> pb.ChatMessages:
     if raw is None:
         raise bad_request("'messages' is required", param="messages", code="missing_required_field")
     if not isinstance(raw, list) or not raw:
-        raise _type_error("messages", "a non-empty list of messages", raw)
+        raise type_error("messages", "a non-empty list of messages", raw)
     out = pb.ChatMessages()
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _type_error(where, "an object with 'role' and 'content'", message)
+            raise type_error(where, "an object with 'role' and 'content'", message)
         role = message.get("role")
         if role not in _ROLES:
             raise bad_request(
@@ -244,7 +231,7 @@ def chat_messages(body: Body) -> pb.ChatMessages:
         if role == "tool":
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str):
-                raise _type_error(f"{where}.tool_call_id", "a string", call_id)
+                raise type_error(f"{where}.tool_call_id", "a string", call_id)
             turn.tool_call_id = call_id
     return out
 
@@ -266,10 +253,10 @@ def _content(content: object, where: str) -> str:
                 )
             text = part.get("text")
             if not isinstance(text, str):
-                raise _type_error(f"{name}.text", "a string", text)
+                raise type_error(f"{name}.text", "a string", text)
             texts.append(text)
         return "".join(texts)
-    raise _type_error(name, "a string or a list of text parts", content)
+    raise type_error(name, "a string or a list of text parts", content)
 
 
 def prompt(body: Body) -> str:
@@ -280,7 +267,7 @@ def prompt(body: Body) -> str:
     if isinstance(raw, list) and len(raw) == 1:
         raw = raw[0]
     if not isinstance(raw, str):
-        raise _type_error("prompt", "a string (token arrays and batches are not supported)", raw)
+        raise type_error("prompt", "a string (token arrays and batches are not supported)", raw)
     return raw
 
 
@@ -292,7 +279,7 @@ def embedding_input(body: Body) -> list[str]:
         return [raw]
     if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
         return raw
-    raise _type_error("input", "a string or a non-empty list of strings", raw)
+    raise type_error("input", "a string or a non-empty list of strings", raw)
 
 
 def encoding_format(body: Body) -> str:

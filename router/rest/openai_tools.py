@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from router.proto.irouter.v1 import inference_service_pb2 as pb
-from router.rest.errors import ApiError, bad_request
+from router.rest.errors import bad_request, refuse_unknown, type_error
 
 Body = dict[str, Any]
 _TOOL_FIELDS = frozenset({"type", "function"})
@@ -21,43 +21,26 @@ _MODES = {
 }
 
 
-def _type_error(name: str, expected: str, value: object) -> ApiError:
-    return bad_request(
-        f"'{name}' must be {expected}, got {json.dumps(value)[:80]}",
-        param=name,
-        code="invalid_type",
-    )
-
-
-def _unknown(where: str, fields: dict[str, Any], known: frozenset[str]) -> None:
-    for key in sorted(set(fields) - known):
-        raise bad_request(
-            f"unrecognized argument '{where}.{key}'",
-            param=f"{where}.{key}",
-            code="unknown_parameter",
-        )
-
-
 def _tool(raw: object, where: str) -> pb.Tool:
     if not isinstance(raw, dict) or raw.get("type") != "function":
-        raise _type_error(where, "an object with type 'function'", raw)
-    _unknown(where, raw, _TOOL_FIELDS)
+        raise type_error(where, "an object with type 'function'", raw)
+    refuse_unknown(where, raw, _TOOL_FIELDS)
     function = raw.get("function")
     if not isinstance(function, dict):
-        raise _type_error(f"{where}.function", "an object with a 'name'", function)
-    _unknown(f"{where}.function", function, _FUNCTION_FIELDS)
+        raise type_error(f"{where}.function", "an object with a 'name'", function)
+    refuse_unknown(f"{where}.function", function, _FUNCTION_FIELDS)
     name = function.get("name")
     if not isinstance(name, str):
-        raise _type_error(f"{where}.function.name", "a string", name)
+        raise type_error(f"{where}.function.name", "a string", name)
     description = function.get("description", "")
     if not isinstance(description, str):
-        raise _type_error(f"{where}.function.description", "a string", description)
+        raise type_error(f"{where}.function.description", "a string", description)
     parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
-        raise _type_error(f"{where}.function.parameters", "a JSON Schema object", parameters)
+        raise type_error(f"{where}.function.parameters", "a JSON Schema object", parameters)
     strict = function.get("strict")
     if strict is not None and not isinstance(strict, bool):
-        raise _type_error(f"{where}.function.strict", "a boolean", strict)
+        raise type_error(f"{where}.function.strict", "a boolean", strict)
     # Arguments are enforced to the schema whether or not `strict` is set.
     return pb.Tool(
         name=name,
@@ -72,7 +55,7 @@ def tool_fields(body: Body) -> dict[str, Any]:
     raw = body.get("tools")
     if raw is not None:
         if not isinstance(raw, list):
-            raise _type_error("tools", "a list of tools", raw)
+            raise type_error("tools", "a list of tools", raw)
         out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(raw)]
     choice = body.get("tool_choice")
     if isinstance(choice, str):
@@ -87,19 +70,19 @@ def tool_fields(body: Body) -> dict[str, Any]:
     elif isinstance(choice, dict):
         function = choice.get("function")
         if choice.get("type") != "function" or not isinstance(function, dict):
-            raise _type_error(
+            raise type_error(
                 "tool_choice", "{'type': 'function', 'function': {'name': ...}}", choice
             )
         name = function.get("name")
         if not isinstance(name, str):
-            raise _type_error("tool_choice.function.name", "a string", name)
+            raise type_error("tool_choice.function.name", "a string", name)
         out["tool_choice"] = pb.ToolChoice(function=name)
     elif choice is not None:
-        raise _type_error("tool_choice", "a string or an object", choice)
+        raise type_error("tool_choice", "a string or an object", choice)
     parallel = body.get("parallel_tool_calls")
     if parallel is not None:
         if not isinstance(parallel, bool):
-            raise _type_error("parallel_tool_calls", "a boolean", parallel)
+            raise type_error("parallel_tool_calls", "a boolean", parallel)
         out["parallel_tool_calls"] = parallel
     return out
 
@@ -110,16 +93,16 @@ def history_calls(message: Body, where: str) -> list[pb.ToolCall]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _type_error(f"{where}.tool_calls", "a list of tool calls", raw)
+        raise type_error(f"{where}.tool_calls", "a list of tool calls", raw)
     calls = []
     for j, call in enumerate(raw):
         at = f"{where}.tool_calls[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(call, dict) or not isinstance(function, dict):
-            raise _type_error(at, "an object with 'id' and 'function'", call)
+            raise type_error(at, "an object with 'id' and 'function'", call)
         call_id, name, arguments = call.get("id"), function.get("name"), function.get("arguments")
         if not (isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, str)):
-            raise _type_error(at, "{'id', 'function': {'name', 'arguments'}} of strings", call)
+            raise type_error(at, "{'id', 'function': {'name', 'arguments'}} of strings", call)
         calls.append(pb.ToolCall(id=call_id, name=name, arguments=arguments))
     return calls
 

@@ -37,6 +37,7 @@ from router.serving.model import ServedModel
 from router.serving.tooling import check_room_for_a_call, offer_tools
 from router.telemetry import Metrics
 from router.tools.parser import ToolCallParser
+from router.tools.prompt import has_tool_history
 from router.tools.spec import ToolCallDelta, Tools
 
 _RAG_OPTION = "the retrieval option"
@@ -199,7 +200,8 @@ class Answerer:
             prompt = scope.check_input(call.prompt)
         params, max_tokens_set, priority = call.params, call.max_tokens_set, call.priority
         tools = call.tools
-        if tools is not None or (messages and any(len(m) > 2 for m in messages)):
+        offered = tools is not None and bool(tools.offered)
+        if tools is not None or (messages is not None and has_tool_history(messages)):
             messages, params = offer_tools(model, tools, messages, params)
         stream = call.stream
         question = (messages, prompt)
@@ -240,7 +242,7 @@ class Answerer:
                     passages=passages,
                     cached=cached,
                     cache_status=CacheStatus.EXACT_HIT,
-                    tools=tools is not None and bool(tools.offered),
+                    tools=offered,
                 )
         assert model.engine is not None
         model.engine.check_admission(priority)  # a call to be shed is not tokenized first
@@ -267,7 +269,7 @@ class Answerer:
         )
         self._metrics.prompt_tokens.labels(model.name).inc(request.num_prompt)
         prepared = Prepared(model, request_id, request.num_prompt, request, passages, key)
-        prepared.tools = tools is not None and bool(tools.offered)
+        prepared.tools = offered
         if key is not None:
             prepared.cache_status = CacheStatus.MISS
             if self._semantic is not None:

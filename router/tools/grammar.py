@@ -4,6 +4,7 @@ arguments valid for its tool's parameters."""
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -34,9 +35,11 @@ def _call_schema(tools: tuple[Tool, ...]) -> dict[str, Any]:
     return {**schema, "x-guidance": {**COMPACT, **STRICT}}
 
 
+@functools.lru_cache(maxsize=256)
 def structured(tools: Tools) -> StructuredOutput | None:
     """What the output may be under `tools.choice`: text or calls (auto), calls (required), a
-    call of one function; None when the model is not offered tools."""
+    call of one function; None when the model is not offered tools. Cached: the same tools come
+    with every call of an agent (building the grammar of 10 tools takes ~0.2 ms)."""
     offered = tools.offered
     if not offered:
         return None

@@ -35,6 +35,11 @@ RULES = {
 }
 
 
+def has_tool_history(messages: list[Message]) -> bool:
+    """Whether a turn carries tool calls or a tool's result (which need rendering)."""
+    return any("tool_calls" in m or "tool_call_id" in m for m in messages)
+
+
 def takes_tools(template: str) -> bool:
     """Whether a chat template renders a `tools` variable itself."""
     return "tools" in template

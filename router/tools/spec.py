@@ -3,6 +3,7 @@ bad one is refused naming its field."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -120,22 +121,26 @@ def _check_parameters(tool: Tool, where: str) -> None:
     field = f"{where}.parameters"
     if len(tool.parameters.encode()) > MAX_PARAMETERS_BYTES:
         raise InvalidArgument(f"{field} has more than {MAX_PARAMETERS_BYTES} bytes", field=field)
-    if not tool.parameters:
-        return
+    if tool.parameters:
+        problem = _parameters_problem(tool.parameters)
+        if problem:
+            raise InvalidArgument(f"{field} {problem}", field=field)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parameters_problem(parameters: str) -> str:
+    """What is wrong with a tool's parameters schema ("" when nothing), cached by its text: an
+    agent sends the same tools with every call, and llguidance's check takes ~0.3 ms per tool
+    (3 ms for 10 tools, on the event loop)."""
     try:
-        schema = json.loads(tool.parameters)
+        schema = json.loads(parameters)
     except ValueError as exc:
-        raise InvalidArgument(f"{field} is not valid JSON: {exc}", field=field) from None
+        return f"is not valid JSON: {exc}"
     if not isinstance(schema, dict):
-        raise InvalidArgument(
-            f"{field} must be a JSON Schema object, got {type(schema).__name__}", field=field
-        )
+        return f"must be a JSON Schema object, got {type(schema).__name__}"
     kind = schema.get("type", "object")
     if kind != "object":
-        raise InvalidArgument(
-            f"{field} must describe an object (type 'object'), got type {kind!r}", field=field
-        )
+        return f"must describe an object (type 'object'), got type {kind!r}"
     # Compiled for real with the call's grammar; checked here so that an error names the tool.
     error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema, overrides=STRICT))
-    if error:
-        raise InvalidArgument(f"{field} is not usable: {error}", field=field)
+    return f"is not usable: {error}" if error else ""

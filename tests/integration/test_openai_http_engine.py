@@ -257,9 +257,13 @@ async def keep_alive_server(events: list[str], *, end_body: bool) -> AsyncIterat
     list it yields is [connections accepted, port]. Without `end_body` it never sends the
     body's last chunk."""
     stats = [0, 0]
+    handlers: set[asyncio.Task[None]] = set()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stats[0] += 1
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -278,16 +282,23 @@ async def keep_alive_server(events: list[str], *, end_body: bool) -> AsyncIterat
                     writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                     await writer.drain()
                 if not end_body:
-                    await asyncio.sleep(3600)
+                    await asyncio.Event().wait()  # the body stays open until the server closes
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went away
+        finally:
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     stats[1] = server.sockets[0].getsockname()[1]
-    async with server:
-        yield stats
+    try:
+        async with server:
+            yield stats
+    finally:
+        for task in handlers:  # a body left open: its handler waits until cancelled here
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 FINISHED = [TEXT_EVENT, '{"choices": [{"text": "!", "finish_reason": "stop"}]}', "[DONE]"]
