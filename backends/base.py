@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +47,9 @@ class Capabilities:
     structured_output: bool = False
     """Request engines: GenerationRequest.structured is enforced by the engine (else a request
     with one is refused: only the router's own step loop can enforce it)."""
+    chat: bool = False
+    """Request engines: takes a conversation as it is (GenerationRequest.chat) and renders it
+    itself, with its own chat template and tool-call parser (remote OpenAI-compatible servers)."""
 
 
 @runtime_checkable
@@ -186,6 +189,24 @@ class SamplingParams:
     """Only outputs of this format may be generated (None: any)."""
 
 
+@dataclass(frozen=True)
+class ChatRequest:
+    """A conversation for an engine that renders it itself (Capabilities.chat): a model served
+    with no local artifact, whose server holds the chat template and the tool-call parser. In
+    the OpenAI chat API's form, which every such server takes."""
+
+    messages: tuple[Mapping[str, Any], ...]
+    """OpenAI chat messages (role, content as a string or a list of parts, tool_calls,
+    tool_call_id), sent as they are."""
+    tools: tuple[Mapping[str, Any], ...] = ()
+    """OpenAI tool definitions ({"type": "function", "function": {...}})."""
+    tool_choice: str | Mapping[str, Any] | None = None
+    """"auto", "none", "required" or {"type": "function", "function": {"name": ...}}; None:
+    not sent."""
+    parallel_tool_calls: bool | None = None
+    """None: not sent (the server's default)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest(SamplingParams):
     """One whole request for an engine that schedules requests itself (see RequestEngine): the
@@ -200,6 +221,20 @@ class GenerationRequest(SamplingParams):
     """The rendered prompt text (chat template applied), for engines that tokenize themselves."""
     seed: int = 0
     """Sampling seed (the router draws one when the client sets none)."""
+    chat: ChatRequest | None = None
+    """The conversation itself, for an engine that renders it (prompt and prompt_ids are then
+    empty); None: the router rendered and tokenized the input."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A streamed piece of tool call number `index`: its first piece has the id and name, later
+    pieces append to its arguments."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +246,11 @@ class GenerationChunk:
     text: str | None = None
     """Their text when the engine detokenizes (capabilities.text_output), else None."""
     finish_reason: str | None = None
-    """On the last chunk only: 'stop' (an end or stop token/string) or 'length' (max_tokens)."""
+    """On the last chunk only: 'stop' (an end or stop token/string), 'length' (max_tokens),
+    'tool_calls' (a chat engine's answer is tool calls) or 'content_filter' (the server's own
+    filter ended it)."""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    """Chat engines: pieces of the tool calls the server parsed from the output."""
 
 
 class UnsupportedParameter(ValueError):

@@ -30,6 +30,7 @@ __all__ = [
     "OpenAIHttpConfig",
     "create_backend",
     "create_remote_embedder",
+    "create_remote_generator",
 ]
 
 Engine = DecoderStepEngine | RequestEngine | EncoderEngine
@@ -111,6 +112,22 @@ def create_backend(kind: str, model_dir: Path, **options: Any) -> Engine:
     if model_kind == "decoder":
         return OnnxDecoder(Path(model_dir), **options)
     return OnnxEncoder(Path(model_dir), **options)
+
+
+def create_remote_generator(
+    config: OpenAIHttpConfig, *, max_slots: int, max_context: int
+) -> RequestEngine:
+    """A generation model served by the OpenAI-compatible server `config` names, with no local
+    artifact: it takes conversations as they are (Capabilities.chat)."""
+    from backends.openai.engine import OpenAIHttpEngine
+
+    return OpenAIHttpEngine(
+        dataclasses.replace(
+            config,
+            context_length=max_context,
+            max_connections=max(config.max_connections, max_slots),
+        )
+    )
 
 
 def create_remote_embedder(config: OpenAIHttpConfig) -> RemoteEmbedder:

@@ -60,8 +60,9 @@ class ModelConfig:
     """Name clients use in requests."""
     kind: str
     """'generate' (decoder) or 'embed' (encoder)."""
-    artifact: str
-    """Folder under model_cache prepared by `irouter models prepare`."""
+    artifact: str = ""
+    """Folder under model_cache prepared by `irouter models prepare`. Empty only with backend
+    'openai_http': the model is then served with no local artifact (`passthrough`)."""
     backend: str = "onnxruntime"
     """Backend kind (see backends.base.create_backend): 'onnxruntime', 'openvino' or
     'tensorrt_llm' (CUDA hosts with TensorRT-LLM installed; unverified on hardware)."""
@@ -73,9 +74,11 @@ class ModelConfig:
     """TensorRT-LLM: the model given to tensorrt_llm.LLM (HF checkpoint or engine folder; empty:
     the artifact folder). The artifact still supplies the tokenizer and chat template."""
     remote: OpenAIHttpConfig | None = None
-    """openai_http: the OpenAI-compatible server (url, model, dialect, timeouts, ...). The
-    artifact still supplies the tokenizer and chat template: the router renders the prompt
-    (generation), or validates and counts the texts it sends to /v1/embeddings (embedding)."""
+    """openai_http: the OpenAI-compatible server (url, model, dialect, timeouts, ...). With an
+    artifact, it supplies the tokenizer and chat template: the router renders the prompt
+    (generation), or validates and counts the texts it sends to /v1/embeddings (embedding).
+    With none, the server renders chats itself and token counts are the server's (or estimated:
+    router.serving.passthrough)."""
     kserve: KServeConfig | None = None
     """kserve_grpc: the KServe v2 gRPC server (url 'host:port', model, tensor names, stream,
     timeouts). The artifact still supplies the tokenizer and chat template."""
@@ -108,10 +111,21 @@ class ModelConfig:
     max_delay_ms: float = 2.0
     """How long the encoder batcher waits to fill a batch after the first text arrives."""
 
+    @property
+    def passthrough(self) -> bool:
+        """Served with no local artifact: a remote server's chat template, tool-call parser and
+        token counts stand (router.serving.passthrough)."""
+        return not self.artifact
+
     def validate(self) -> None:
         where = f"models[{self.name!r}]"
         if not self.name:
             raise ConfigError("models[].name must not be empty")
+        if not self.artifact and self.backend != "openai_http":
+            raise ConfigError(
+                f"{where}.artifact is empty: backend {self.backend!r} serves a prepared artifact "
+                "(see `irouter models prepare`); only backend 'openai_http' serves with none"
+            )
         if self.kind not in MODEL_KINDS:
             raise ConfigError(f"{where}.kind={self.kind!r} is unknown; use one of {MODEL_KINDS}")
         if self.backend not in BACKEND_KINDS:

@@ -1,9 +1,12 @@
 """A remote OpenAI-compatible HTTP server (vLLM, trtllm-serve, llama.cpp, OpenVINO Model Server)
-as engines: `OpenAIHttpEngine` (a RequestEngine) streams /v1/completions, `OpenAIHttpEmbedder`
-calls /v1/embeddings; both share one pooled httpx client per server.
+as engines: `OpenAIHttpEngine` (a RequestEngine) streams /v1/completions or
+/v1/chat/completions, `OpenAIHttpEmbedder` calls /v1/embeddings; both share one pooled httpx
+client per server.
 
-The router renders the chat template itself and sends the finished prompt text, so a prompt is
-identical whichever backend serves it (see wire.py for what each server kind is sent).
+A model with a local artifact has its chat template rendered by the router, which sends the
+finished prompt text to /completions, so a prompt is identical whichever backend serves it (see
+wire.py for what each server kind is sent). A model with none sends the conversation itself to
+/chat/completions (chat.py): the server renders it and parses its tool calls.
 
 Failures raise a `RemoteError` (backends/remote.py) whose message names the URL; `retryable` is True
 only while nothing was generated and the fault is the server's or the network's, so another
@@ -22,9 +25,16 @@ import httpx
 import numpy as np
 
 from backends.base import Capabilities, FloatArray, GenerationChunk, GenerationRequest
+from backends.openai.chat import chat_body, parse_chat_event
 from backends.openai.config import OpenAIHttpConfig
 from backends.openai.sse import SSEDecoder
-from backends.openai.wire import DIALECTS, completion_body, http_error, parse_event
+from backends.openai.wire import (
+    DIALECTS,
+    CompletionEvent,
+    completion_body,
+    http_error,
+    parse_event,
+)
 from backends.remote import (
     RemoteChunk,
     RemoteError,
@@ -161,6 +171,7 @@ class OpenAIHttpEngine(_HttpRemote):
             text_output=True,
             stop_strings=not DIALECTS[cfg.dialect].router_stops,
             structured_output=bool(DIALECTS[cfg.dialect].structured),
+            chat=True,
         )
         self.vocab_size = cfg.vocab_size
         self.max_slots = cfg.max_connections
@@ -173,14 +184,19 @@ class OpenAIHttpEngine(_HttpRemote):
         return self._active
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        """Stream `request`. Its first step, before any I/O, refuses fields the server would
+        """Stream `request`: a conversation (request.chat) to /chat/completions, a rendered
+        prompt to /completions. Its first step, before any I/O, refuses fields the server would
         ignore (UnsupportedParameter)."""
         cfg = self.config
-        body = completion_body(
-            request, model=cfg.model, dialect=cfg.dialect, prompt_format=cfg.prompt_format
-        )
+        if request.chat is not None:
+            body = chat_body(request, model=cfg.model, dialect=cfg.dialect)
+            url, parse = self.config.endpoint("/chat/completions"), parse_chat_event
+        else:
+            body = completion_body(
+                request, model=cfg.model, dialect=cfg.dialect, prompt_format=cfg.prompt_format
+            )
+            url, parse = self.config.endpoint("/completions"), parse_event
         request_id = request.request_id
-        url = self.config.endpoint("/completions")
         emitted = False
         self._active += 1
         try:
@@ -188,7 +204,7 @@ class OpenAIHttpEngine(_HttpRemote):
                 if response.status_code >= 400:
                     text = (await response.aread()).decode("utf-8", "replace")
                     raise http_error(url, response.status_code, response.reason_phrase, text)
-                finish: tuple[str, str] | None = None  # (text, reason) of the last choice
+                finish: CompletionEvent | None = None  # the last choice's event
                 usage: tuple[int | None, int | None] = (None, None)
                 decoder = SSEDecoder()
                 done = False
@@ -200,31 +216,31 @@ class OpenAIHttpEngine(_HttpRemote):
                     if data == "[DONE]":
                         done = True
                         break
-                    event = parse_event(url, data, emitted=emitted)
+                    event = parse(url, data, emitted=emitted)
                     usage = event.usage or usage
                     if event.finish_reason is not None:
-                        # Held back: a usage event may follow it.
-                        finish = (event.text, event.finish_reason)
-                    elif event.text:
+                        finish = event  # held back: a usage event may follow it
+                    elif event.text or event.tool_calls:
                         emitted = True
-                        yield GenerationChunk(token_ids=(), text=event.text)
+                        yield GenerationChunk((), event.text, tool_calls=event.tool_calls)
                 if done:
                     await _drain(lines)
                 else:
                     data = decoder.flush()  # an event the server did not terminate
                     if data is not None and data != "[DONE]":
-                        event = parse_event(url, data, emitted=emitted)
+                        event = parse(url, data, emitted=emitted)
                         usage = event.usage or usage
                         if event.finish_reason is not None:
-                            finish = (event.text, event.finish_reason)
+                            finish = event
                 if finish is None:
                     raise RemoteProtocolError(
                         url, "the stream ended without a finish_reason", retryable=not emitted
                     )
                 yield RemoteChunk(
                     token_ids=(),
-                    text=finish[0],
-                    finish_reason=finish[1],
+                    text=finish.text,
+                    finish_reason=finish.finish_reason,
+                    tool_calls=finish.tool_calls,
                     prompt_tokens=usage[0],
                     completion_tokens=usage[1],
                 )

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from backends.base import GenerationRequest, StructuredOutput, UnsupportedParameter
+from backends.base import (
+    GenerationRequest,
+    StructuredOutput,
+    ToolCallDelta,
+    UnsupportedParameter,
+)
 from backends.remote import (
     FINISH_REASONS,
     RemoteHTTPError,
@@ -67,11 +72,16 @@ class Dialect:
     structured: frozenset[str] = frozenset()
     """StructuredOutput kinds the server enforces itself (sent as vLLM's `structured_outputs`);
     any other kind is refused by name."""
+    response_formats: frozenset[str] = frozenset({"json_schema", "json_object"})
+    """StructuredOutput kinds a chat call sends as OpenAI's `response_format` (models with no
+    local artifact); `structured` kinds beyond them go as `structured_outputs`."""
+    max_tokens_key: str = "max_tokens"
+    """The chat body's key for max_tokens (OpenAI's API: max_completion_tokens)."""
 
 
 DIALECTS: Mapping[str, Dialect] = MappingProxyType(
     {
-        "openai": Dialect("/v1", _OPENAI),
+        "openai": Dialect("/v1", _OPENAI, max_tokens_key="max_completion_tokens"),
         # vLLM >= 0.10.2 (`structured_outputs`; the older `guided_*` fields went in 0.12). Its
         # `grammar` is read by whichever backend vLLM picks (GBNF for xgrammar), not Lark.
         "vllm": Dialect(
@@ -103,14 +113,9 @@ DIALECTS: Mapping[str, Dialect] = MappingProxyType(
 """Server kinds, by the name OpenAIHttpConfig.dialect takes."""
 
 
-def completion_body(
-    request: GenerationRequest, *, model: str, dialect: str, prompt_format: str = "text"
-) -> dict[str, Any]:
-    """The JSON body of a streamed /completions call for `request` to a `dialect` server.
-
-    Raises UnsupportedParameter (its field: the first one) naming every field set to a
-    non-neutral value that the server would ignore.
-    """
+def refuse_unhonoured(request: GenerationRequest, model: str, dialect: str) -> None:
+    """Raise UnsupportedParameter (its field: the first one) naming every field set to a
+    non-neutral value that a `dialect` server would ignore."""
     kind = DIALECTS[dialect]
     refused = [
         name
@@ -125,6 +130,32 @@ def completion_body(
             f"{', '.join(refused)} cannot be honoured by the remote {dialect!r} server of "
             f"model {model!r}; leave {'it' if len(refused) == 1 else 'them'} unset",
         )
+
+
+def sampling_fields(request: GenerationRequest, dialect: str) -> dict[str, Any]:
+    """The optional sampling fields a `dialect` server honours, where not neutral, with its
+    always-sent values (checked first by refuse_unhonoured)."""
+    kind = DIALECTS[dialect]
+    out: dict[str, Any] = dict(kind.always)
+    for name, neutral in NEUTRAL.items():
+        value = getattr(request, name)
+        if name in kind.honoured and value != neutral:
+            out[kind.wire_names.get(name, name)] = (
+                list(value) if isinstance(value, tuple) else value
+            )
+    return out
+
+
+def completion_body(
+    request: GenerationRequest, *, model: str, dialect: str, prompt_format: str = "text"
+) -> dict[str, Any]:
+    """The JSON body of a streamed /completions call for `request` to a `dialect` server.
+
+    Raises UnsupportedParameter (its field: the first one) naming every field set to a
+    non-neutral value that the server would ignore.
+    """
+    kind = DIALECTS[dialect]
+    refuse_unhonoured(request, model, dialect)
     body: dict[str, Any] = {
         "model": model,
         "prompt": list(request.prompt_ids) if prompt_format == "token_ids" else request.prompt,
@@ -133,7 +164,6 @@ def completion_body(
         "temperature": request.temperature,
         "top_p": request.top_p,
         "seed": request.seed,
-        **kind.always,
     }
     if kind.usage_in_stream:
         body["stream_options"] = {"include_usage": True}
@@ -146,17 +176,12 @@ def completion_body(
                 f"server of model {model!r}"
                 + (f" (it takes {', '.join(sorted(kind.structured))})" if kind.structured else ""),
             )
-        body["structured_outputs"] = _structured_outputs(spec)
-    for name, neutral in NEUTRAL.items():
-        value = getattr(request, name)
-        if name in kind.honoured and value != neutral:
-            body[kind.wire_names.get(name, name)] = (
-                list(value) if isinstance(value, tuple) else value
-            )
+        body["structured_outputs"] = structured_outputs(spec)
+    body.update(sampling_fields(request, dialect))
     return body
 
 
-def _structured_outputs(spec: StructuredOutput) -> dict[str, Any]:
+def structured_outputs(spec: StructuredOutput) -> dict[str, Any]:
     """vLLM's StructuredOutputsParams for `spec`."""
     if spec.kind == "json_schema":
         return {"json": json.loads(spec.text)}
@@ -172,6 +197,36 @@ class CompletionEvent(NamedTuple):
     finish_reason: str | None
     usage: tuple[int | None, int | None] | None
     """(prompt tokens, completion tokens) when the event reports usage."""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    """Chat events: pieces of the tool calls the server parsed."""
+
+
+def load_event(url: str, data: str, *, emitted: bool) -> dict[str, Any]:
+    """One SSE event's JSON object. Raises RemoteHTTPError for an error event, and ValueError
+    or TypeError for one that is not a JSON object (the callers' RemoteProtocolError)."""
+    event = json.loads(data)
+    if not isinstance(event, dict):
+        raise TypeError(f"a JSON {type(event).__name__}, not an object")
+    if "error" in event or event.get("object") == "error":
+        error = event.get("error", event)
+        message = error.get("message", error) if isinstance(error, dict) else error
+        code = error.get("code") if isinstance(error, dict) else None
+        status = code if isinstance(code, int) and code >= 400 else 500
+        raise RemoteHTTPError(
+            url,
+            f"error event mid-stream: {message}",
+            status=status,
+            retryable=not emitted and status in RETRYABLE_STATUS,
+        )
+    return event
+
+
+def usage_counts(event: dict[str, Any]) -> tuple[int | None, int | None] | None:
+    """(prompt tokens, completion tokens) when the event reports usage."""
+    usage = event.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return usage.get("prompt_tokens"), usage.get("completion_tokens")
 
 
 def parse_event(url: str, data: str, *, emitted: bool) -> CompletionEvent:
@@ -181,26 +236,8 @@ def parse_event(url: str, data: str, *, emitted: bool) -> CompletionEvent:
     a completion chunk; `emitted` (text was already passed on) makes neither retryable.
     """
     try:
-        event = json.loads(data)
-        if not isinstance(event, dict):
-            raise TypeError(f"a JSON {type(event).__name__}, not an object")
-        if "error" in event or event.get("object") == "error":
-            error = event.get("error", event)
-            message = error.get("message", error) if isinstance(error, dict) else error
-            code = error.get("code") if isinstance(error, dict) else None
-            status = code if isinstance(code, int) and code >= 400 else 500
-            raise RemoteHTTPError(
-                url,
-                f"error event mid-stream: {message}",
-                status=status,
-                retryable=not emitted and status in RETRYABLE_STATUS,
-            )
-        usage = event.get("usage")
-        counts = (
-            (usage.get("prompt_tokens"), usage.get("completion_tokens"))
-            if isinstance(usage, dict)
-            else None
-        )
+        event = load_event(url, data, emitted=emitted)
+        counts = usage_counts(event)
         choices = event["choices"]
         if not choices:  # the usage event
             return CompletionEvent("", None, counts)

@@ -85,7 +85,7 @@ class Embedder:
                     model, todo, positions=missing, field=field, truncate=truncate
                 ),
             )
-            tokens += sum(len(piece.ids) for piece in pieces)
+            tokens += sum(piece.num_tokens for piece in pieces)
         return EmbedPlan(model, out, keys, missing, pieces, tokens)
 
     async def run(self, plan: EmbedPlan) -> Vectors:
@@ -100,7 +100,7 @@ class Embedder:
                 out[i] = vectors[row]
                 if cache is not None:
                     vector = out[i].copy()
-                    cache.put(plan.keys[i], (vector, len(piece.ids)), vector.nbytes + 64)
+                    cache.put(plan.keys[i], (vector, piece.num_tokens), vector.nbytes + 64)
         if cache is not None and plan.pieces:
             self._bytes.set(cache.bytes)
         return out

@@ -105,7 +105,7 @@ def model_build(name: str, manifest: dict[str, Any]) -> str:
 
 def request_key(model_id: str, sampling: bytes, request_input: bytes) -> bytes:
     """Same key ⇔ same model build, same sampling parameters as sent (their deterministic proto
-    encoding) and the same input (see router.services.inference.input_bytes)."""
+    encoding) and the same input (see router.cache.keys.input_bytes)."""
     h = hashlib.blake2b(digest_size=20)
     h.update(model_id.encode())
     h.update(b"\0")

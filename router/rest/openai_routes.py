@@ -39,12 +39,20 @@ class Limits:
     max_body_bytes: int
 
 
-def _usage(usage: pb.Usage) -> dict[str, int]:
-    return {
+_SOURCES = {pb.USAGE_SOURCE_SERVER: "server", pb.USAGE_SOURCE_ESTIMATE: "estimate"}
+"""Usage not counted by the router's own tokenizer says so (`usage.source`, an extension)."""
+
+
+def _usage(usage: pb.Usage) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    source = _SOURCES.get(usage.source)
+    if source is not None:
+        out["source"] = source
+    return out
 
 
 def _finish(reason: pb.FinishReason.ValueType) -> str | None:

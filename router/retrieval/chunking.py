@@ -29,6 +29,13 @@ class Piece:
 
     text: str
     ids: list[int]
+    tokens: int = -1
+    """Tokens it stands for when there are no ids (a model with no local tokenizer: the
+    estimate of router.serving.passthrough); -1: len(ids)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids) if self.tokens < 0 else self.tokens
 
 
 def chunk_id(parent: str, n: int) -> str:

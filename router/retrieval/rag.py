@@ -20,6 +20,7 @@ from router.retrieval.store import CollectionStore
 from router.serving import tokenize
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
+from router.serving.passthrough import estimate_tokens
 from router.serving.prompt import prompt_ids
 
 Messages = list[dict[str, str]]
@@ -208,6 +209,8 @@ class Retriever:
         passages = passages_from_hits(hits, rag.min_score)
 
         def count(m: Messages | None, p: str | None) -> int:
+            if model.config.passthrough:  # no tokenizer here: the documented estimate
+                return estimate_tokens(prompt=p, messages=m)
             return len(prompt_ids(model, prompt=p, messages=m))
 
         # Fitting renders and tokenizes the input once per candidate number of passages: on

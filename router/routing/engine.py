@@ -110,16 +110,7 @@ class RoutedEngine:
         if info.attempt > 1:
             # A retry: the failed attempt's engine may have started on the request (status,
             # generated tokens), so the next one gets a fresh copy under a new engine id.
-            request = Request(
-                request_id=request.request_id,
-                engine_id=self._next_id(),
-                prompt_ids=request.prompt_ids,
-                params=request.params,
-                priority=request.priority,
-                seed=request.seed,
-                prompt_text=request.prompt_text,
-                grammar=request.grammar,
-            )
+            request = request.copy(self._next_id())
         stream = engine.generate(request)
         try:
             async for chunk in stream:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from backends.base import ToolCallDelta
 from router.errors import RouterError
 from router.scheduler.request import Priority, Request, RequestStatus
 
@@ -23,6 +24,13 @@ class Chunk:
     tokens: int = -1
     """Tokens this chunk stands for; -1: len(token_ids). Engines that stream text only (remote
     servers) set it, so usage and quotas still count what was generated."""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    """Pieces of tool calls a chat engine's server parsed (models with no local artifact)."""
+    prompt_tokens: int = -1
+    """On the last chunk: the prompt's tokens as the server counted them; -1: not reported
+    (the router's own count stands)."""
+    filter_reason: str = ""
+    """Set when the server's own content filter ended the answer here."""
 
     @property
     def num_tokens(self) -> int:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from backends.base import SamplingParams
+from backends.base import ChatRequest, SamplingParams
 from router.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -68,6 +68,9 @@ class Request:
     slot: int = -1
     prefix_blocks: list[int] = field(default_factory=list)
     """Cached prefix blocks pinned for this request until they are copied into its slot."""
+    chat: ChatRequest | None = None
+    """The conversation itself, for an engine that renders it (a model with no local artifact:
+    prompt_ids is then empty)."""
     slot_at: float = 0.0
     """time.monotonic() when it first got a slot (0: not yet); admission measures the time from
     there to the first token."""
@@ -80,6 +83,20 @@ class Request:
         self.tokens = np.zeros(self.num_prompt + self.params.max_tokens, dtype=np.int64)
         self.tokens[: self.num_prompt] = self.prompt_ids
         self.num_tokens = self.num_prompt
+
+    def copy(self, engine_id: int) -> Request:
+        """A fresh copy under another engine id, as submitted (a retry on another replica)."""
+        return Request(
+            request_id=self.request_id,
+            engine_id=engine_id,
+            prompt_ids=self.prompt_ids,
+            params=self.params,
+            priority=self.priority,
+            seed=self.seed,
+            prompt_text=self.prompt_text,
+            grammar=self.grammar,
+            chat=self.chat,
+        )
 
     @property
     def num_output(self) -> int:

@@ -54,6 +54,7 @@ def generation_request(request: Request) -> GenerationRequest:
         prompt_ids=tuple(request.prompt_ids),
         prompt=request.prompt_text,
         seed=request.seed,
+        chat=request.chat,
         **{name: getattr(p, name) for name in _SAMPLING_FIELDS},
     )
 
@@ -64,7 +65,7 @@ class _Output:
     def __init__(
         self,
         request: Request,
-        decoder: TokenDecoder,
+        decoder: TokenDecoder | None,
         stop_ids: frozenset[int],
         engine_text: bool,
         engine_stops: bool,
@@ -73,7 +74,9 @@ class _Output:
         self._stop_ids = frozenset() if request.params.ignore_eos else stop_ids
         self._extra_stops = frozenset(request.params.stop_token_ids)
         stop = () if engine_stops else request.params.stop
-        self._detok = None if engine_text else Detokenizer(decoder, stop)
+        if not engine_text:
+            assert decoder is not None, "an engine that streams ids needs the model's tokenizer"
+        self._detok = None if engine_text or decoder is None else Detokenizer(decoder, stop)
         self._stops = StopStrings(stop) if engine_text else None
         self._counted = 0  # tokens reported so far for a text-only stream
 
@@ -105,9 +108,12 @@ class _Output:
             texts.append(text)
             if hit:
                 status = RequestStatus.FINISHED_STOPPED
+        filtered = ""
         if status == RequestStatus.RUNNING and piece.finish_reason is not None:
             length = piece.finish_reason == "length"
             status = RequestStatus.FINISHED_LENGTH if length else RequestStatus.FINISHED_STOPPED
+            if piece.finish_reason == "content_filter":
+                filtered = "the remote server's content filter"
         if status.is_finished:
             # Text held back only because it might have begun a stop string is released.
             if self._detok is not None:
@@ -120,9 +126,19 @@ class _Output:
             # A text-only stream: one event per token (llama.cpp, vLLM, trtllm-serve stream so),
             # corrected to the server's own count when its last chunk reports one.
             reported = getattr(piece, "completion_tokens", None)
-            total = reported if reported is not None else self._counted + (1 if piece.text else 0)
+            event = 1 if piece.text or piece.tool_calls else 0
+            total = reported if reported is not None else self._counted + event
             counted, self._counted = max(0, total - self._counted), max(total, self._counted)
-        return Chunk(tuple(tokens), "".join(texts), status, tokens=counted)
+        prompt = getattr(piece, "prompt_tokens", None) if status.is_finished else None
+        return Chunk(
+            tuple(tokens),
+            "".join(texts),
+            status,
+            tokens=counted,
+            tool_calls=piece.tool_calls,
+            prompt_tokens=-1 if prompt is None else prompt,
+            filter_reason=filtered,
+        )
 
 
 class RequestEngineAdapter:
@@ -132,7 +148,7 @@ class RequestEngineAdapter:
         self,
         name: str,
         engine: RequestEngine,
-        decoder: TokenDecoder,
+        decoder: TokenDecoder | None,
         limits: EngineLimits,
         stop_ids: Sequence[int],
     ) -> None:

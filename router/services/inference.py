@@ -20,7 +20,15 @@ from router.scheduler.request import Priority, RequestStatus
 from router.services import tool_protos, wire_text
 from router.services.retrieval import filter_from_proto
 from router.serving import embedding
-from router.serving.answer import Answerer, Answering, CacheStatus, GenerationCall, Piece, Prepared
+from router.serving.answer import (
+    Answerer,
+    Answering,
+    CacheStatus,
+    GenerationCall,
+    Piece,
+    Prepared,
+    UsageSource,
+)
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
 from router.serving.prompt import check_input_bytes
@@ -46,6 +54,11 @@ _OPTIONAL_SAMPLING = tuple(
     if f.name not in ("stop", "stop_token_ids", "ignore_eos", "structured")
 )
 """SamplingParams fields that are `optional` in the proto (unset: the default applies)."""
+_USAGE_SOURCE = {
+    UsageSource.ROUTER: pb.USAGE_SOURCE_ROUTER,
+    UsageSource.SERVER: pb.USAGE_SOURCE_SERVER,
+    UsageSource.ESTIMATE: pb.USAGE_SOURCE_ESTIMATE,
+}
 _CACHE_STATUS = {
     CacheStatus.NONE: pb.CACHE_STATUS_UNSPECIFIED,
     CacheStatus.MISS: pb.CACHE_STATUS_MISS,
@@ -216,7 +229,9 @@ class InferenceServicer:
                     self._final(prepared, response)
                     response.finish_reason = finish_reason(piece)
                     response.filter_reason = piece.filter_reason
-                    response.usage.CopyFrom(_usage(prepared.num_prompt, completion))
+                    response.usage.CopyFrom(
+                        _usage(prepared.num_prompt, completion, prepared.usage_source)
+                    )
                 yield response
         finally:
             self._finished(scope)  # in the same generator: no extra layer per chunk
@@ -266,7 +281,7 @@ class InferenceServicer:
             text=text,
             finish_reason=finish,
             filter_reason=filter_reason,
-            usage=_usage(prepared.num_prompt, completion),
+            usage=_usage(prepared.num_prompt, completion, prepared.usage_source),
             tool_calls=calls,
         )
         self._final(prepared, response)
@@ -295,7 +310,12 @@ class InferenceServicer:
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=row) for row in vectors.tolist()],
             model=model.name,
-            usage=_usage(prompt_tokens, 0),
+            # A model with no local tokenizer: the texts' documented estimate.
+            usage=_usage(
+                prompt_tokens,
+                0,
+                UsageSource.ESTIMATE if model.config.passthrough else UsageSource.ROUTER,
+            ),
         )
 
     async def ListModels(
@@ -401,7 +421,10 @@ def _ignore(scope: CallScope) -> None:
     pass
 
 
-def _usage(prompt: int, completion: int) -> pb.Usage:
+def _usage(prompt: int, completion: int, source: UsageSource = UsageSource.ROUTER) -> pb.Usage:
     return pb.Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        source=_USAGE_SOURCE[source],
     )

@@ -76,7 +76,13 @@ class RetrievalServicer:
     async def _chunk(self, model_name: str, texts: list[str]) -> list[list[chunking.Piece]]:
         model = self._models.get(model_name, "embed")
         tokenizer = model.tokenizer
-        assert tokenizer is not None
+        if tokenizer is None:
+            raise InvalidArgument(
+                f"embedding model {model_name!r} is served with no local artifact, so the router "
+                "cannot split texts into chunks by its tokens; upsert vectors, or use a "
+                "collection whose embedding model has an artifact",
+                field="documents",
+            )
         return await tokenize.off_loop(
             sum(map(len, texts)),
             lambda: chunking.split(tokenizer, texts, model.context_length),

@@ -13,9 +13,7 @@ The InferenceService turns protos into a GenerationCall and Pieces back into res
 from __future__ import annotations
 
 import enum
-import hashlib
 import itertools
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 
 from backends.base import SamplingParams
 from router.cache.embedding import Embedder, Vectors
+from router.cache.keys import input_bytes, semantic_namespace, semantic_text
 from router.cache.response import CachedAnswer, ResponseCache, model_build, request_key
 from router.cache.semantic import SemanticCache
 from router.errors import InvalidArgument
@@ -31,6 +30,7 @@ from router.guard.chain import CallScope
 from router.retrieval.rag import Passage, RagRequest, Retriever, require_store
 from router.scheduler.generation import Chunk
 from router.scheduler.request import Priority, Request, RequestStatus
+from router.serving import passthrough as passthrough_
 from router.serving import prompt as prompt_
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
@@ -41,6 +41,15 @@ from router.tools.prompt import has_tool_history
 from router.tools.spec import ToolCallDelta, Tools
 
 _RAG_OPTION = "the retrieval option"
+
+
+class UsageSource(enum.Enum):
+    ROUTER = 1
+    """Counted by the router with the model's own tokenizer."""
+    SERVER = 2
+    """Reported by the remote server (a model served with no local artifact)."""
+    ESTIMATE = 3
+    """Estimated (router.serving.passthrough): the server reported no count."""
 
 
 class CacheStatus(enum.Enum):
@@ -101,37 +110,6 @@ class Piece:
         return bool(self.filter_reason) or self.status.is_finished
 
 
-def input_bytes(messages: list[dict[str, str]] | None, prompt: str | None) -> bytes:
-    """The input as the exact cache keys it: the prompt, or the chat turns (role and content)."""
-    if messages is None:
-        return b"p" + (prompt or "").encode("utf-8", "surrogatepass")
-    return b"c" + json.dumps([sorted(m.items()) for m in messages]).encode()
-
-
-def semantic_text(
-    messages: list[dict[str, str]] | None, prompt: str | None
-) -> tuple[str, bytes] | None:
-    """(the question, everything else) for the semantic cache: the prompt and no context, or a
-    chat's last message when it is the user's and the earlier turns. None: not comparable."""
-    if messages is None:
-        return (prompt, b"") if prompt else None
-    if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"]:
-        return None
-    return messages[-1]["content"], json.dumps(messages[:-1]).encode()
-
-
-def semantic_namespace(
-    model_id: str, request: Request, context: bytes, rag: RagRequest | None
-) -> bytes:
-    """Prompts match semantically only within one namespace: same model build, sampling
-    parameters, earlier turns and retrieval option."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (model_id.encode(), repr(request.params).encode(), context, repr(rag).encode()):
-        h.update(part)
-        h.update(b"\0")
-    return h.digest()
-
-
 @dataclass(slots=True)
 class Prepared:
     """A Generate/Complete call ready to run: admitted, and either answered from the cache or
@@ -152,6 +130,9 @@ class Prepared:
     """(namespace, prompt vector) to remember after a miss, when the semantic cache is on."""
     tools: bool = False
     """The answer may be tool calls: its text goes through a ToolCallParser."""
+    usage_source: UsageSource = UsageSource.ROUTER
+    """Who counted num_prompt and the completion's tokens (a passthrough model's server, once
+    it reports them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +181,12 @@ class Answerer:
             prompt = scope.check_input(call.prompt)
         params, max_tokens_set, priority = call.params, call.max_tokens_set, call.priority
         tools = call.tools
-        offered = tools is not None and bool(tools.offered)
-        if tools is not None or (messages is not None and has_tool_history(messages)):
+        passthrough = model.config.passthrough
+        # A passthrough model's server parses its own tool calls: its chunks carry them.
+        offered = tools is not None and bool(tools.offered) and not passthrough
+        if passthrough:
+            pass  # tools and their history go to the server as they are
+        elif tools is not None or (messages is not None and has_tool_history(messages)):
             messages, params = offer_tools(model, tools, messages, params)
         stream = call.stream
         question = (messages, prompt)
@@ -246,30 +231,46 @@ class Answerer:
                 )
         assert model.engine is not None
         model.engine.check_admission(priority)  # a call to be shed is not tokenized first
-        request = await prompt_.build_request(
-            model,
-            request_id,
-            engine_id=self._models.next_engine_id(),
-            text=prompt_.render(model, prompt=prompt, messages=messages, tools=tools),
-            params=params,
-            max_tokens_set=max_tokens_set,
-            priority=priority,
-        )
-        if tools is not None:
-            check_room_for_a_call(model, tools, request.params.max_tokens)
-        await prompt_.constrain(model, request)
+        if passthrough:
+            request, num_prompt = passthrough_.build_request(
+                model,
+                request_id,
+                engine_id=self._models.next_engine_id(),
+                prompt=prompt,
+                messages=messages,
+                tools=tools,
+                params=params,
+                max_tokens_set=max_tokens_set,
+                priority=priority,
+            )
+        else:
+            request = await prompt_.build_request(
+                model,
+                request_id,
+                engine_id=self._models.next_engine_id(),
+                text=prompt_.render(model, prompt=prompt, messages=messages, tools=tools),
+                params=params,
+                max_tokens_set=max_tokens_set,
+                priority=priority,
+            )
+            num_prompt = request.num_prompt
+            if tools is not None:
+                check_room_for_a_call(model, tools, request.params.max_tokens)
+            await prompt_.constrain(model, request)
         if model.deployment is not None:
             request.route_key = route_key
             request.timeout_s = call.timeout_s
             request.unary = not stream
         await scope.admit(
-            prompt_tokens=request.num_prompt,
-            reserve_tokens=request.num_prompt + request.params.max_tokens,
+            prompt_tokens=num_prompt,
+            reserve_tokens=num_prompt + request.params.max_tokens,
             stream=stream,
         )
-        self._metrics.prompt_tokens.labels(model.name).inc(request.num_prompt)
-        prepared = Prepared(model, request_id, request.num_prompt, request, passages, key)
+        self._metrics.prompt_tokens.labels(model.name).inc(num_prompt)
+        prepared = Prepared(model, request_id, num_prompt, request, passages, key)
         prepared.tools = offered
+        if passthrough:
+            prepared.usage_source = UsageSource.ESTIMATE
         if key is not None:
             prepared.cache_status = CacheStatus.MISS
             if self._semantic is not None:
@@ -279,7 +280,11 @@ class Answerer:
     def _build(self, model: ServedModel) -> str:
         build = self._builds.get(model.name)
         if build is None:
-            build = self._builds[model.name] = model_build(model.name, model.manifest)
+            if model.config.passthrough:
+                build = passthrough_.build_id(model)
+            else:
+                build = model_build(model.name, model.manifest)
+            self._builds[model.name] = build
         return build
 
     async def _semantic_look_up(
@@ -344,6 +349,7 @@ class Answerer:
         raw: list[tuple[tuple[int, ...], str]] = []
         started = last = time.perf_counter()
         first = True
+        called = False
         tokens = 0
         try:
             async for chunk in self._chunks(prepared):
@@ -359,7 +365,13 @@ class Answerer:
                 if store:
                     raw.append((chunk.token_ids, chunk.text))
                 finished = chunk.status.is_finished
+                if chunk.prompt_tokens >= 0:  # the server's own count settles the estimate
+                    prepared.num_prompt = scope.prompt_tokens = chunk.prompt_tokens
+                    prepared.usage_source = UsageSource.SERVER
                 text = chunk.text
+                if chunk.tool_calls:  # a passthrough model's server parsed them
+                    called = True
+                    store = False  # a cached answer replays text only
                 if output is not None:
                     text, stopped = output.feed(text)
                     if finished and stopped is None:
@@ -373,7 +385,15 @@ class Answerer:
                     answer = CachedAnswer(tuple(raw), chunk.status, prepared.num_prompt, tokens)
                     self._remember(prepared, answer)
                 if parser is None:
-                    yield Piece(chunk.token_ids, text, chunk.status, "", chunk.num_tokens)
+                    yield Piece(
+                        chunk.token_ids,
+                        text,
+                        chunk.status,
+                        chunk.filter_reason,
+                        chunk.num_tokens,
+                        chunk.tool_calls,
+                        called,
+                    )
                     continue
                 text, deltas = parser.feed(text)
                 if finished:

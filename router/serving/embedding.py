@@ -12,7 +12,7 @@ from backends.remote import RemoteError
 from router.errors import InvalidArgument
 from router.retrieval import chunking
 from router.scheduler.remote_errors import remote_error
-from router.serving import tokenize
+from router.serving import passthrough, tokenize
 from router.serving.model import ServedModel
 
 
@@ -38,9 +38,12 @@ def encode_texts(
 ) -> list[chunking.Piece]:
     """Each text with its encoder token ids, checked to be non-empty and to fit the window.
     `positions` are the texts' indexes in the request (for the error's field name);
-    `truncate` keeps the first window of a longer text instead of refusing it (queries)."""
-    assert model.tokenizer is not None
+    `truncate` keeps the first window of a longer text instead of refusing it (queries).
+    A model with no local tokenizer gets the texts as they are, counted by estimate; its server
+    refuses one longer than its window (a query is cut to the estimate's window first)."""
     where = positions if positions is not None else range(len(texts))
+    if model.tokenizer is None:
+        return _estimated(model, texts, where, field=field, truncate=truncate)
     for i, text in zip(where, texts, strict=True):
         if not text:
             raise InvalidArgument(f"{field}[{i}] is empty", field=f"{field}[{i}]")
@@ -70,6 +73,21 @@ def encode_texts(
                 field=f"{field}[{i}]",
             )
         out.append(chunking.Piece(text, enc.ids))
+    return out
+
+
+def _estimated(
+    model: ServedModel, texts: Sequence[str], where: Sequence[int], *, field: str, truncate: bool
+) -> list[chunking.Piece]:
+    out: list[chunking.Piece] = []
+    for i, text in zip(where, texts, strict=True):
+        if not text:
+            raise InvalidArgument(f"{field}[{i}] is empty", field=f"{field}[{i}]")
+        if truncate:
+            text = text[: model.context_length * passthrough.BYTES_PER_TOKEN]
+        out.append(
+            chunking.Piece(text, [], passthrough.estimate_tokens(prompt=text, messages=None))
+        )
     return out
 
 

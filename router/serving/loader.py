@@ -15,14 +15,14 @@ from tokenizers import Tokenizer
 
 from backends.artifact import read_manifest
 from backends.base import DecoderStepEngine, EncoderEngine, RequestEngine, SamplingParams
-from backends.factory import create_backend, create_remote_embedder
+from backends.factory import create_backend, create_remote_embedder, create_remote_generator
 from router.models.prepare import smollm2_gguf_path
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.engine import DecoderEngine
 from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Priority
 from router.scheduler.request_engine import RequestEngineAdapter
-from router.serving import embedding, prompt, tokenize
+from router.serving import embedding, passthrough, prompt, tokenize
 from router.serving.model import ServedModel
 from router.telemetry import Metrics
 
@@ -38,7 +38,14 @@ def _gguf_source(manifest: dict[str, Any]) -> Path | None:
 
 
 def load_artifact(model: ServedModel) -> None:
-    """The model's manifest and tokenizer, from its prepared folder."""
+    """The model's manifest and tokenizer, from its prepared folder (none for a model served
+    with no artifact: its context is the remote server's)."""
+    if model.config.passthrough:
+        remote = model.config.remote
+        model.context_length = min(
+            model.config.max_context, remote.context_length if remote else model.config.max_context
+        )
+        return
     model.manifest = read_manifest(model.model_dir)
     model.tokenizer = Tokenizer.from_file(str(model.model_dir / "tokenizer.json"))
     model.max_token_bytes = tokenize.max_token_bytes(model.tokenizer)
@@ -50,6 +57,9 @@ def load_engine(model: ServedModel, metrics: Metrics) -> None:
     """Build what serves a model or a deployment's replica (after load_artifact), from its
     config: backend kind, device, limits and remote endpoint."""
     cfg = model.config
+    if cfg.passthrough:
+        _load_passthrough(model)
+        return
     assert model.tokenizer is not None
     observer = metrics.model_observer(cfg.name)
     if cfg.kind == "generate":
@@ -123,6 +133,26 @@ def load_engine(model: ServedModel, metrics: Metrics) -> None:
         )
 
 
+def _load_passthrough(model: ServedModel) -> None:
+    """A model with no artifact: its remote server renders chats and counts tokens."""
+    cfg = model.config
+    assert cfg.remote is not None
+    if cfg.kind == "embed":
+        model.remote_embedder = create_remote_embedder(cfg.remote)
+        return
+    backend = create_remote_generator(
+        cfg.remote, max_slots=cfg.max_slots, max_context=model.context_length
+    )
+    limits = EngineLimits(
+        cfg.max_slots,
+        cfg.token_budget,
+        cfg.max_waiting,
+        model.context_length,
+        cfg.max_queue_wait_s,
+    )
+    model.engine = RequestEngineAdapter(cfg.name, backend, None, limits, ())
+
+
 def start(model: ServedModel) -> None:
     """On the event loop, after loading: start the engine thread or batcher task."""
     if model.engine is not None:
@@ -148,15 +178,29 @@ async def stop(model: ServedModel) -> None:
 async def warm_up(model: ServedModel, engine_id: int) -> None:
     """A first call through the real path, so the first client does not pay for it."""
     if model.engine is not None:
-        request = await prompt.build_request(
-            model,
-            "warm-up",
-            engine_id=engine_id,
-            text="Hello",
-            params=SamplingParams(max_tokens=2, temperature=0.0),
-            max_tokens_set=True,
-            priority=Priority.NORMAL,
-        )
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        if model.config.passthrough:
+            request, _ = passthrough.build_request(
+                model,
+                "warm-up",
+                engine_id=engine_id,
+                prompt=None,
+                messages=[{"role": "user", "content": "Hello"}],
+                tools=None,
+                params=params,
+                max_tokens_set=True,
+                priority=Priority.NORMAL,
+            )
+        else:
+            request = await prompt.build_request(
+                model,
+                "warm-up",
+                engine_id=engine_id,
+                text="Hello",
+                params=params,
+                max_tokens_set=True,
+                priority=Priority.NORMAL,
+            )
         async for _ in model.engine.generate(request):
             pass
     if model.config.kind == "embed":

@@ -45,7 +45,7 @@ def takes_tools(template: str) -> bool:
     return "tools" in template
 
 
-def _signatures(tools: Tools) -> list[dict[str, Any]]:
+def signatures(tools: Tools) -> list[dict[str, Any]]:
     return [
         {
             "type": "function",
@@ -98,8 +98,8 @@ def plain(messages: list[Message], tools: Tools | None) -> list[Message]:
             content = f"<tool_response>{json.dumps({**result, 'content': content})}</tool_response>"
         out.append({"role": role, "content": content})
     if tools is not None and tools.offered:
-        signatures = "\n".join(json.dumps(s) for s in _signatures(tools))
-        system = SYSTEM.format(tools=signatures, rule=_rule(tools))
+        listed = "\n".join(json.dumps(s) for s in signatures(tools))
+        system = SYSTEM.format(tools=listed, rule=_rule(tools))
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{system}"}
         else:
@@ -133,4 +133,4 @@ def template_tools(tools: Tools | None) -> list[dict[str, Any]] | None:
     """The `tools` variable for a tool-aware template (None: no tools offered)."""
     if tools is None or not tools.offered:
         return None
-    return _signatures(tools)
+    return signatures(tools)

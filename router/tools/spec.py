@@ -11,6 +11,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
+from backends.base import ToolCallDelta as ToolCallDelta  # one type for engines and router
 from router.errors import InvalidArgument
 from router.structured.grammar import STRICT
 
@@ -39,17 +40,6 @@ class ToolCall:
     id: str
     name: str
     arguments: str
-
-
-@dataclass(frozen=True)
-class ToolCallDelta:
-    """A streamed piece of call number `index`: its first piece has the id and name, later
-    pieces append to its arguments."""
-
-    index: int
-    id: str = ""
-    name: str = ""
-    arguments: str = ""
 
 
 @dataclass(frozen=True)

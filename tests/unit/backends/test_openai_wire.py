@@ -99,11 +99,11 @@ def test_ovms_leaves_stop_strings_to_the_router() -> None:
 
 def test_parse_event_reads_text_finish_and_usage() -> None:
     chunk = {"choices": [{"index": 0, "text": "Hel", "finish_reason": None}]}
-    assert parse_event(URL, json.dumps(chunk), emitted=False) == ("Hel", None, None)
+    assert parse_event(URL, json.dumps(chunk), emitted=False) == ("Hel", None, None, ())
     last = {"choices": [{"text": "", "finish_reason": "length"}], "usage": None}
-    assert parse_event(URL, json.dumps(last), emitted=True) == ("", "length", None)
+    assert parse_event(URL, json.dumps(last), emitted=True) == ("", "length", None, ())
     usage = {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}
-    assert parse_event(URL, json.dumps(usage), emitted=True) == ("", None, (9, 4))
+    assert parse_event(URL, json.dumps(usage), emitted=True) == ("", None, (9, 4), ())
 
 
 @pytest.mark.parametrize(

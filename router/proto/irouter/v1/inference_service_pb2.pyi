@@ -108,6 +108,40 @@ FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 5
 """The model called tools (see tool_calls) and stopped."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _UsageSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_SOURCE_UNSPECIFIED: _UsageSource.ValueType  # 0
+    """Not said (servers before this field)."""
+    USAGE_SOURCE_ROUTER: _UsageSource.ValueType  # 1
+    """The router, with the model's own tokenizer: exact."""
+    USAGE_SOURCE_SERVER: _UsageSource.ValueType  # 2
+    """The remote server of a model served with no local artifact, which reported its own count."""
+    USAGE_SOURCE_ESTIMATE: _UsageSource.ValueType  # 3
+    """Estimated, for a model served with no local artifact whose server reported no count: the
+    prompt at ceil(UTF-8 bytes / 4) per text plus 4 per chat message, the completion at one
+    token per streamed event.
+    """
+
+class UsageSource(_UsageSource, metaclass=_UsageSourceEnumTypeWrapper):
+    """UsageSource says who counted a call's tokens."""
+
+USAGE_SOURCE_UNSPECIFIED: UsageSource.ValueType  # 0
+"""Not said (servers before this field)."""
+USAGE_SOURCE_ROUTER: UsageSource.ValueType  # 1
+"""The router, with the model's own tokenizer: exact."""
+USAGE_SOURCE_SERVER: UsageSource.ValueType  # 2
+"""The remote server of a model served with no local artifact, which reported its own count."""
+USAGE_SOURCE_ESTIMATE: UsageSource.ValueType  # 3
+"""Estimated, for a model served with no local artifact whose server reported no count: the
+prompt at ceil(UTF-8 bytes / 4) per text plus 4 per chat message, the completion at one
+token per streamed event.
+"""
+Global___UsageSource: _TypeAlias = UsageSource  # noqa: Y015
+
 class _CacheMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -557,22 +591,26 @@ class Usage(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens in the prompt after the chat template."""
     completion_tokens: _builtins.int
     """Tokens generated."""
     total_tokens: _builtins.int
     """Sum of both."""
+    source: Global___UsageSource.ValueType
+    """Who counted them."""
     def __init__(
         self,
         *,
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
+        source: Global___UsageSource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "source", b"source", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,357 @@
+"""Models served with no local artifact (`backend: openai_http`, no `artifact`): conversations
+go to the server's /v1/chat/completions as they are, prompts to /v1/completions, texts to
+/v1/embeddings; tool calls, response formats and token counts are the server's.
+
+Against a real server where one installs here (llama-cpp-python's, rendering SmolLM2's chat
+template itself) and, for what it cannot show (tool-call deltas, usage events, error statuses),
+against `tests/fake_openai.py`: contract tests on OpenAI's published wire format."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from backends.openai.config import OpenAIHttpConfig
+from router.config import ModelConfig
+from router.proto.irouter.v1 import inference_service_pb2 as pb
+from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.fake_openai import Answer, FakeOpenAI, chat_event, fake_openai, usage_event
+from tests.integration.conftest import make_config, running
+from tests.openai_servers import OpenAIServer
+
+
+def passthrough(
+    name: str, url: str, model: str, dialect: str, kind: str = "generate"
+) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        kind=kind,
+        backend="openai_http",
+        max_slots=4,
+        max_context=1024,
+        remote=OpenAIHttpConfig(url=url, model=model, dialect=dialect, read_timeout_s=120),
+    )
+
+
+@pytest.fixture(scope="module")
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with fake_openai() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+async def stub(
+    fake: FakeOpenAI,
+    llama: OpenAIServer,
+    model_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
+    config = make_config(
+        model_cache,
+        tmp_path_factory.mktemp("c"),
+        passthrough("up", fake.url, fake.model, "vllm"),
+        passthrough("up-openai", fake.url, fake.model, "openai"),
+        passthrough("up-embed", fake.url, fake.model, "openai", kind="embed"),
+        passthrough("llama", llama.url, llama.model, "llama.cpp"),
+        retrieval=False,
+    )
+    async with (
+        running(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        yield pb_grpc.InferenceServiceStub(channel)
+
+
+def chat(*turns: tuple[str, str]) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in turns])
+
+
+def last_body(fake: FakeOpenAI) -> dict[str, Any]:
+    return fake.generations()[-1].body
+
+
+async def test_a_conversation_goes_to_the_chat_route_as_it_is(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    turns = (("system", "Be brief."), ("user", "Hi there"))
+    answer = await stub.Complete(
+        pb.CompleteRequest(
+            model="up",
+            chat=chat(*turns),
+            sampling=pb.SamplingParams(max_tokens=9, temperature=0.5, top_k=3),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+    )
+    request = fake.generations()[-1]
+    assert request.path == "/v1/chat/completions"
+    body = request.body
+    assert body["model"] == fake.model and body["stream"] is True
+    assert body["messages"] == [{"role": r, "content": c} for r, c in turns]
+    assert (body["max_tokens"], body["temperature"], body["top_k"]) == (9, 0.5, 3)
+    assert "prompt" not in body
+    assert answer.text == "ok" and answer.finish_reason == pb.FINISH_REASON_STOP
+    # The server's usage event settles the router's estimate.
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (5, 1)
+    assert answer.usage.source == pb.USAGE_SOURCE_SERVER
+
+
+async def test_the_openai_dialect_gets_max_completion_tokens(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    await stub.Complete(
+        pb.CompleteRequest(
+            model="up-openai",
+            chat=chat(("user", "Hi")),
+            sampling=pb.SamplingParams(max_tokens=7),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+    )
+    body = last_body(fake)
+    assert body["max_completion_tokens"] == 7 and "max_tokens" not in body
+
+
+async def test_a_prompt_goes_to_the_completions_route_with_no_template(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    answer = await stub.Complete(
+        pb.CompleteRequest(model="up", prompt="Once upon", cache_mode=pb.CACHE_MODE_BYPASS)
+    )
+    request = fake.generations()[-1]
+    assert request.path == "/v1/completions" and request.body["prompt"] == "Once upon"
+    assert answer.text == "ok"
+
+
+async def test_the_servers_tool_calls_are_relayed(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    call = {"index": 0, "id": "call_1", "type": "function"}
+    events = [
+        chat_event(tool_calls=[{**call, "function": {"name": "get_weather", "arguments": ""}}]),
+        chat_event(tool_calls=[{"index": 0, "function": {"arguments": '{"city": '}}]),
+        chat_event(tool_calls=[{"index": 0, "function": {"arguments": '"Paris"}'}}]),
+        chat_event(finish="tool_calls"),
+        usage_event(40, 12),
+    ]
+    tool = pb.Tool(
+        name="get_weather",
+        description="Weather in a city",
+        parameters='{"type": "object", "properties": {"city": {"type": "string"}}}',
+    )
+    request = pb.CompleteRequest(
+        model="up",
+        chat=chat(("user", "Weather in Paris?")),
+        tools=[tool],
+        tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED),
+        cache_mode=pb.CACHE_MODE_BYPASS,
+    )
+    fake.script(Answer(events))
+    answer = await stub.Complete(request)
+    assert answer.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert [(c.id, c.name, c.arguments) for c in answer.tool_calls] == [
+        ("call_1", "get_weather", '{"city": "Paris"}')
+    ]
+    assert answer.usage.completion_tokens == 12
+    body = last_body(fake)
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": json.loads(tool.parameters),
+            },
+        }
+    ]
+    assert body["tool_choice"] == "required" and "parallel_tool_calls" not in body
+    # Streamed: the deltas as the server sent them, then the finish reason.
+    fake.script(Answer(events))
+    chunks = [c async for c in stub.Generate(pb.GenerateRequest(**_fields(request)))]
+    deltas = [d for c in chunks for d in c.tool_calls]
+    assert (deltas[0].index, deltas[0].id, deltas[0].name) == (0, "call_1", "get_weather")
+    assert "".join(d.arguments for d in deltas) == '{"city": "Paris"}'
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
+
+def _fields(request: pb.CompleteRequest) -> dict[str, Any]:
+    return {f.name: v for f, v in request.ListFields()}
+
+
+async def test_tool_history_goes_in_the_apis_form(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    made = pb.ToolCall(id="call_9", name="add", arguments='{"a": 1, "b": 2}')
+    messages = pb.ChatMessages(
+        messages=[
+            pb.ChatMessage(role="user", content="1+2?"),
+            pb.ChatMessage(role="assistant", tool_calls=[made]),
+            pb.ChatMessage(role="tool", content="3", tool_call_id="call_9"),
+        ]
+    )
+    await stub.Complete(
+        pb.CompleteRequest(
+            model="up",
+            chat=messages,
+            tools=[pb.Tool(name="add")],
+            tool_choice=pb.ToolChoice(function="add"),
+            parallel_tool_calls=False,
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+    )
+    body = last_body(fake)
+    assert body["messages"] == [
+        {"role": "user", "content": "1+2?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_9",
+                    "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": "3", "tool_call_id": "call_9"},
+    ]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "add"}}
+    assert body["parallel_tool_calls"] is False
+
+
+async def test_structured_outputs_go_as_response_format_or_are_refused(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}}'
+
+    def request(model: str, **structured: Any) -> pb.CompleteRequest:
+        return pb.CompleteRequest(
+            model=model,
+            chat=chat(("user", "A number")),
+            sampling=pb.SamplingParams(structured_output=pb.StructuredOutput(**structured)),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+
+    await stub.Complete(request("up-openai", json_schema=schema))
+    assert last_body(fake)["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": json.loads(schema), "strict": True},
+    }
+    await stub.Complete(request("up", regex="[0-9]+"))  # vLLM's own structured_outputs
+    assert last_body(fake)["structured_outputs"] == {"regex": "[0-9]+"}
+    sent = len(fake.generations())
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Complete(request("up-openai", regex="[0-9]+"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured_output.regex cannot be enforced by the remote 'openai' server" in (
+        e.value.details() or ""
+    )
+    assert len(fake.generations()) == sent  # refused before anything was sent
+
+
+async def test_an_upstream_refusal_names_the_upstream_and_its_message(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    fake.script(Answer(status=400, error={"message": "messages[0] is too long"}))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Complete(pb.CompleteRequest(model="up", chat=chat(("user", "Hi"))))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = e.value.details() or ""
+    assert f"{fake.url}/v1/chat/completions" in details
+    assert "HTTP 400" in details and "messages[0] is too long" in details
+
+
+async def test_a_truncated_stream_ends_with_an_error_not_a_short_answer(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    fake.script(Answer([chat_event("Hel"), chat_event("lo")], done=False))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for _ in stub.Generate(
+            pb.GenerateRequest(
+                model="up", chat=chat(("user", "Hi")), cache_mode=pb.CACHE_MODE_BYPASS
+            )
+        ):
+            pass
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the stream ended without a finish_reason" in (e.value.details() or "")
+
+
+async def test_the_servers_content_filter_is_the_finish_reason(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    fake.script(Answer([chat_event("I can"), chat_event(finish="content_filter")]))
+    answer = await stub.Complete(
+        pb.CompleteRequest(model="up", chat=chat(("user", "Hi")), cache_mode=pb.CACHE_MODE_BYPASS)
+    )
+    assert answer.finish_reason == pb.FINISH_REASON_CONTENT_FILTER
+    assert answer.text == "I can"
+
+
+async def test_without_a_usage_event_the_usage_is_an_estimate(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    fake.script(Answer([chat_event("a"), chat_event("b"), chat_event(finish="stop")]))
+    content = "x" * 40
+    answer = await stub.Complete(
+        pb.CompleteRequest(
+            model="up", chat=chat(("user", content)), cache_mode=pb.CACHE_MODE_BYPASS
+        )
+    )
+    assert answer.usage.source == pb.USAGE_SOURCE_ESTIMATE
+    # ceil(40 bytes / 4) + 4 for the message; one token per streamed event.
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (14, 2)
+
+
+async def test_embeddings_go_to_the_embeddings_route(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    answer = await stub.Embed(pb.EmbedRequest(model="up-embed", texts=["abc", "defgh"]))
+    assert [e.values[0] for e in answer.embeddings] == [3.0, 5.0]
+    assert fake.requests[-1].path == "/v1/embeddings"
+    assert fake.requests[-1].body["input"] == ["abc", "defgh"]
+    assert answer.usage.source == pb.USAGE_SOURCE_ESTIMATE and answer.usage.prompt_tokens == 3
+
+
+async def test_llama_cpp_renders_the_conversation_with_its_own_template(
+    stub: pb_grpc.InferenceServiceStub, llama: OpenAIServer
+) -> None:
+    question = "What is the capital of France?"
+    answer = await stub.Complete(
+        pb.CompleteRequest(
+            model="llama",
+            chat=chat(("user", question)),
+            sampling=pb.SamplingParams(max_tokens=12, temperature=0.0),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+    )
+    async with httpx.AsyncClient(timeout=120) as client:
+        direct = await client.post(
+            f"{llama.url}/v1/chat/completions",
+            json={
+                "model": llama.model,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 12,
+                "temperature": 0.0,
+                "top_k": 0,
+                "min_p": 0.0,
+                "repeat_penalty": 1.0,
+            },
+        )
+    direct.raise_for_status()
+    assert answer.text == direct.json()["choices"][0]["message"]["content"]
+    assert answer.text  # the model said something
+    assert answer.usage.source == pb.USAGE_SOURCE_ESTIMATE  # llama-cpp-python streams no usage
+
+
+async def test_a_config_without_artifact_needs_the_openai_http_backend(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    from router.config import ConfigError
+
+    model = ModelConfig(name="local", kind="generate")
+    with pytest.raises(ConfigError, match=r"models\['local'\]\.artifact is empty: backend"):
+        make_config(model_cache, tmp_path, model, retrieval=False)
