@@ -36,10 +36,20 @@ def _bounded(message: str) -> str:
     return f"{kept}... (message cut to {len(kept)} of {len(message)} characters)"
 
 
+ERROR_DOMAIN = "irouter.dev"
+"""google.rpc.ErrorInfo.domain of the router's errors."""
+UPSTREAM_STATUS = "UPSTREAM_HTTP_STATUS"
+"""ErrorInfo reason: a remote server answered an HTTP error; metadata `http_status` and
+`upstream` (its URL). The REST proxy answers a 4xx with that same status."""
+
+
 class RouterError(Exception):
     """Base of every error a client may see. The message names what was wrong."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = ""
+    """A google.rpc.ErrorInfo reason (with `metadata`), when the error carries one."""
+    metadata: dict[str, str] | None = None
 
 
 class InvalidArgument(RouterError):
@@ -162,6 +172,12 @@ def to_status(error: RouterError) -> grpc.Status:
             )
     elif isinstance(error, Unavailable) and error.retry_after_s is not None:
         add(_retry_info(error.retry_after_s))
+    if error.reason:
+        add(
+            error_details_pb2.ErrorInfo(
+                reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata or {}
+            )
+        )
     status = status_pb2.Status(code=error.code.value[0], message=text, details=details)
     converted: grpc.Status = rpc_status.to_status(status)
     return converted

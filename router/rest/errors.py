@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from router.errors import ERROR_DOMAIN, UPSTREAM_STATUS
+
 logger = logging.getLogger(__name__)
 
 # (HTTP status, OpenAI error type) per gRPC status; anything else is a 500 server_error.
@@ -104,6 +106,7 @@ def refuse_unknown(where: str, fields: Mapping[str, Any], known: frozenset[str])
 
 
 _TOOL_FIELD = re.compile(r"tools\[(\d+)\]\.(\w+)")
+_PARTS_FIELD = re.compile(r"\.parts\b")
 
 
 def openai_param(field: str) -> str:
@@ -114,6 +117,7 @@ def openai_param(field: str) -> str:
     if param.startswith("tool_choice"):
         return "tool_choice"
     param = param.removeprefix("chat.")  # chat.messages[i]... is messages[i]...
+    param = _PARTS_FIELD.sub(".content", param)  # a message's parts are its content
     return _TOOL_FIELD.sub(r"tools[\1].function.\2", param)
 
 
@@ -136,11 +140,38 @@ def error_from_status(
             detail.Unpack(bad)
             if bad.field_violations:
                 param = openai_param(bad.field_violations[0].field)
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            upstream = _upstream_status(info)
+            if upstream is not None:  # a remote server's refusal keeps its own status
+                status, kind = upstream, _UPSTREAM_TYPES.get(upstream, "invalid_request_error")
     if status == 500:
         # An internal status may carry internals in its message; the client gets the code only.
         logger.warning("router answered %s: %s", code.name, message)
         message = f"the router failed the request ({code.name})"
     return ApiError(status, message, kind, param, code.name.lower(), headers)
+
+
+_UPSTREAM_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+}
+
+
+def _upstream_status(info: error_details_pb2.ErrorInfo) -> int | None:
+    """The HTTP status a remote server refused a request with (4xx), from the router's
+    ErrorInfo (router.errors.UPSTREAM_STATUS)."""
+    if info.reason != UPSTREAM_STATUS or info.domain != ERROR_DOMAIN:
+        return None
+    try:
+        status = int(info.metadata["http_status"])
+    except (KeyError, ValueError):
+        return None
+    return status if 400 <= status < 500 else None
 
 
 def grpc_code(status: int) -> grpc.StatusCode:

@@ -226,7 +226,8 @@ def chat_messages(body: Body) -> pb.ChatMessages:
         content = message.get("content")
         if content is None and calls:  # an assistant turn that only called tools
             content = ""
-        turn = out.messages.add(role=_ROLES[role], content=_content(content, where))
+        text, parts = _content(content, where)
+        turn = out.messages.add(role=_ROLES[role], content=text, parts=parts)
         turn.tool_calls.extend(calls)
         if role == "tool":
             call_id = message.get("tool_call_id")
@@ -236,27 +237,52 @@ def chat_messages(body: Body) -> pb.ChatMessages:
     return out
 
 
-def _content(content: object, where: str) -> str:
-    """A string, or a list of text parts (joined); images, audio and files are refused."""
+def _content(content: object, where: str) -> tuple[str, list[pb.ContentPart]]:
+    """A string, or a list of text parts (joined) and image_url parts (as parts, when there is
+    one: the router refuses them unless the model's server reads images); audio and files are
+    refused."""
     if isinstance(content, str):
-        return content
+        return content, []
     name = f"{where}.content"
-    if isinstance(content, list):
-        texts: list[str] = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise bad_request(
-                    f"'{name}' has a part of type {json.dumps(kind)}; only text is supported",
-                    param=name,
-                    code="unsupported_content",
-                )
+    if not isinstance(content, list):
+        raise type_error(name, "a string or a list of text and image_url parts", content)
+    texts: list[str] = []
+    parts: list[pb.ContentPart] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "text":
             text = part.get("text")
             if not isinstance(text, str):
-                raise type_error(f"{name}.text", "a string", text)
+                raise type_error(f"{name}[{j}].text", "a string", text)
             texts.append(text)
-        return "".join(texts)
-    raise type_error(name, "a string or a list of text parts", content)
+            parts.append(pb.ContentPart(text=text))
+        elif kind == "image_url":
+            parts.append(pb.ContentPart(image_url=_image_url(part, f"{name}[{j}]")))
+        else:
+            raise bad_request(
+                f"'{name}' has a part of type {json.dumps(kind)}; only text and image_url are "
+                "supported",
+                param=name,
+                code="unsupported_content",
+            )
+    if len(texts) == len(parts):
+        return "".join(texts), []
+    return "", parts
+
+
+def _image_url(part: dict[str, Any], where: str) -> pb.ImageUrl:
+    image = part.get("image_url")
+    if isinstance(image, str):  # some clients send the URL itself
+        return pb.ImageUrl(url=image)
+    if not isinstance(image, dict):
+        raise type_error(f"{where}.image_url", "an object with 'url'", image)
+    refuse_unknown(f"{where}.image_url", image, frozenset({"url", "detail"}))
+    url, detail = image.get("url"), image.get("detail", "")
+    if not isinstance(url, str):
+        raise type_error(f"{where}.image_url.url", "a string", url)
+    if not isinstance(detail, str):
+        raise type_error(f"{where}.image_url.detail", "a string", detail)
+    return pb.ImageUrl(url=url, detail=detail)
 
 
 def prompt(body: Body) -> str:

@@ -4,7 +4,13 @@ remote embedding models."""
 from __future__ import annotations
 
 from backends.remote import RemoteError, RemoteHTTPError, RemoteStatusError, RemoteTimeout
-from router.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
+from router.errors import (
+    UPSTREAM_STATUS,
+    DeadlineExceeded,
+    InvalidArgument,
+    RouterError,
+    Unavailable,
+)
 
 
 def remote_error(model: str, exc: RemoteError) -> RouterError:
@@ -14,7 +20,10 @@ def remote_error(model: str, exc: RemoteError) -> RouterError:
     if isinstance(exc, RemoteTimeout):
         return DeadlineExceeded(f"model {model!r}: {exc}")
     if isinstance(exc, RemoteHTTPError) and 400 <= exc.status < 500 and not exc.retryable:
-        return InvalidArgument(f"model {model!r} refused the request: {exc}")
+        error = InvalidArgument(f"model {model!r} refused the request: {exc}")
+        error.reason = UPSTREAM_STATUS  # the REST proxy answers with the server's own status
+        error.metadata = {"http_status": str(exc.status), "upstream": exc.url}
+        return error
     if isinstance(exc, RemoteStatusError) and exc.request_fault:
         return InvalidArgument(f"model {model!r} refused the request: {exc}")
     return Unavailable(f"model {model!r}: {exc}")

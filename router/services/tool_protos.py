@@ -48,8 +48,10 @@ def tools_from_proto(message: pb.GenerateRequest | pb.CompleteRequest) -> Tools 
 
 
 def message_from_proto(m: pb.ChatMessage, i: int) -> dict[str, str]:
-    """A chat turn with its tool-call history as serving.answer takes it."""
+    """A chat turn with its tool-call history and images as serving.answer takes it."""
     out = {"role": m.role, "content": m.content}
+    if m.parts:
+        out.update(_parts(m, i))
     if m.tool_calls:
         if m.role != "assistant":
             raise InvalidArgument(
@@ -77,6 +79,49 @@ def message_from_proto(m: pb.ChatMessage, i: int) -> dict[str, str]:
                 field=f"chat.messages[{i}].tool_call_id",
             )
         out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+IMAGE_SCHEMES = ("http://", "https://", "data:")
+IMAGE_DETAILS = ("", "auto", "low", "high")
+
+
+def _parts(m: pb.ChatMessage, i: int) -> dict[str, str]:
+    """`content` as the parts' text joined, and `parts` (the OpenAI API's form, as JSON text)
+    when an image is among them."""
+    where = f"chat.messages[{i}]"
+    if m.content:
+        raise InvalidArgument(
+            f"{where} sets both content and parts; set one", field=f"{where}.parts"
+        )
+    texts: list[str] = []
+    parts: list[dict[str, object]] = []
+    for j, part in enumerate(m.parts):
+        which = part.WhichOneof("part")
+        if which == "text":
+            texts.append(part.text)
+            parts.append({"type": "text", "text": part.text})
+        elif which == "image_url":
+            image = part.image_url
+            field = f"{where}.parts[{j}].image_url"
+            if not image.url.startswith(IMAGE_SCHEMES):
+                raise InvalidArgument(
+                    f"{field}.url must be an http://, https:// or data: URL", field=f"{field}.url"
+                )
+            if image.detail not in IMAGE_DETAILS:
+                raise InvalidArgument(
+                    f"{field}.detail={image.detail!r} is not one of auto, low, high",
+                    field=f"{field}.detail",
+                )
+            url: dict[str, str] = {"url": image.url}
+            if image.detail:
+                url["detail"] = image.detail
+            parts.append({"type": "image_url", "image_url": url})
+        else:
+            raise InvalidArgument(f"{where}.parts[{j}] is empty", field=f"{where}.parts[{j}]")
+    out = {"content": "".join(texts)}
+    if len(texts) < len(parts):
+        out["parts"] = json.dumps(parts)
     return out
 
 

@@ -176,7 +176,8 @@ class Answerer:
         messages = None
         prompt = None
         if call.messages is not None:
-            messages = [{**m, "content": scope.check_input(m["content"])} for m in call.messages]
+            passthrough_.refuse_images(model, call.messages)
+            messages = [passthrough_.guarded(m, scope.check_input) for m in call.messages]
         elif call.prompt is not None:
             prompt = scope.check_input(call.prompt)
         params, max_tokens_set, priority = call.params, call.max_tokens_set, call.priority

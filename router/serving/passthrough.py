@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 from backends.base import ChatRequest, SamplingParams
@@ -35,6 +36,8 @@ BYTES_PER_TOKEN = 4
 """The estimate's UTF-8 bytes per token."""
 TOKENS_PER_MESSAGE = 4
 """The estimate's tokens per chat message beyond its text (role and template markers)."""
+IMAGE_TOKENS = 85
+"""The estimate's tokens per image (OpenAI's price of a low-detail image)."""
 UNKNOWN_VOCAB = 2**31 - 1
 """top_k's bound when the server's vocabulary size is not configured."""
 
@@ -48,7 +51,34 @@ def estimate_tokens(*, prompt: str | None, messages: list[dict[str, str]] | None
         text = m["content"] + m.get("tool_calls", "")
         total += -(-len(text.encode("utf-8", "surrogatepass")) // BYTES_PER_TOKEN)
         total += TOKENS_PER_MESSAGE
+        if "parts" in m:
+            parts = json.loads(m["parts"])
+            total += IMAGE_TOKENS * sum(p["type"] == "image_url" for p in parts)
     return max(1, total)
+
+
+def guarded(message: dict[str, str], check: Callable[[str], str]) -> dict[str, str]:
+    """A chat turn with its text through `check` (the input guardrails), its parts' included."""
+    out = {**message, "content": check(message["content"])}
+    if "parts" in message:
+        parts = json.loads(message["parts"])
+        for part in parts:
+            if part["type"] == "text":
+                part["text"] = check(part["text"])
+        out["parts"] = json.dumps(parts)
+    return out
+
+
+def refuse_images(model: ServedModel, messages: list[dict[str, str]]) -> None:
+    """Images are read by the server of a model with no local artifact; the router renders
+    every other model's chat with its template, which takes text."""
+    for i, m in enumerate(messages):
+        if "parts" in m and not model.config.passthrough:
+            raise InvalidArgument(
+                f"chat.messages[{i}] holds an image; model {model.name!r} takes text only (images "
+                "go to models served with no local artifact, whose server reads them)",
+                field=f"chat.messages[{i}].parts",
+            )
 
 
 def chat_request(messages: list[dict[str, str]], tools: Tools | None) -> ChatRequest:
@@ -64,7 +94,8 @@ def chat_request(messages: list[dict[str, str]], tools: Tools | None) -> ChatReq
     tool_prompt.check_history(messages)
     turns: list[dict[str, Any]] = []
     for m in messages:
-        turn: dict[str, Any] = {"role": m["role"], "content": m["content"]}
+        content = json.loads(m["parts"]) if "parts" in m else m["content"]
+        turn: dict[str, Any] = {"role": m["role"], "content": content}
         if m.get("tool_calls"):
             turn["tool_calls"] = [
                 {

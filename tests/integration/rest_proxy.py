@@ -14,7 +14,7 @@ from router.rest import create_app
 MAX_BODY = 4096
 
 
-class _Server(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     """uvicorn without its signal handlers: pytest owns the process's signals."""
 
     @contextlib.contextmanager
@@ -29,7 +29,7 @@ async def serve_proxy(target: str) -> AsyncIterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, lifespan="on", log_level="warning", ws="none"))
+    server = QuietServer(uvicorn.Config(app, lifespan="on", log_level="warning", ws="none"))
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started:
         assert not task.done(), "the proxy failed to start"

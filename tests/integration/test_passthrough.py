@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import httpx
+import openai
 import pytest
 
 from backends.openai.config import OpenAIHttpConfig
@@ -22,7 +23,8 @@ from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.fake_openai import Answer, FakeOpenAI, chat_event, fake_openai, usage_event
-from tests.integration.conftest import make_config, running
+from tests.integration.conftest import TEST_MODELS, make_config, running
+from tests.integration.rest_proxy import serve_proxy
 from tests.openai_servers import OpenAIServer
 
 
@@ -46,26 +48,41 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-async def stub(
+async def target(
     fake: FakeOpenAI,
     llama: OpenAIServer,
     model_cache: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
+) -> AsyncIterator[str]:
+    """The router's address: the passthrough models and the packaged SmolLM2 (with artifact)."""
     config = make_config(
         model_cache,
         tmp_path_factory.mktemp("c"),
+        TEST_MODELS[0],
         passthrough("up", fake.url, fake.model, "vllm"),
         passthrough("up-openai", fake.url, fake.model, "openai"),
         passthrough("up-embed", fake.url, fake.model, "openai", kind="embed"),
         passthrough("llama", llama.url, llama.model, "llama.cpp"),
         retrieval=False,
     )
-    async with (
-        running(config) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
+    async with running(config) as server:
+        yield f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+async def stub(target: str) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
+    async with grpc.aio.insecure_channel(target) as channel:
         yield pb_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+async def sdk(target: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK through the OpenAI proxy in front of the router."""
+    async with (
+        serve_proxy(target) as url,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        yield client
 
 
 def chat(*turns: tuple[str, str]) -> pb.ChatMessages:
@@ -355,3 +372,90 @@ async def test_a_config_without_artifact_needs_the_openai_http_backend(
     model = ModelConfig(name="local", kind="generate")
     with pytest.raises(ConfigError, match=r"models\['local'\]\.artifact is empty: backend"):
         make_config(model_cache, tmp_path, model, retrieval=False)
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+async def test_the_sdk_gets_the_servers_tool_calls_for_an_image_question(
+    sdk: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    call = {"index": 0, "id": "call_7", "type": "function"}
+    events = [
+        chat_event(tool_calls=[{**call, "function": {"name": "get_weather", "arguments": ""}}]),
+        chat_event(tool_calls=[{"index": 0, "function": {"arguments": '{"city": "Oslo"}'}}]),
+        chat_event(finish="tool_calls"),
+        usage_event(120, 9),
+    ]
+    content = [{"type": "text", "text": "Where is this? Weather there?"}, IMAGE]
+    fake.script(Answer(events))
+    answer = await sdk.chat.completions.create(
+        model="up",
+        messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="auto",
+    )
+    # The image and the tools reached the server as the client sent them.
+    body = last_body(fake)
+    assert body["messages"] == [{"role": "user", "content": content}]
+    assert body["tools"] == [WEATHER] and body["tool_choice"] == "auto"
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    [made] = choice.message.tool_calls
+    assert (made.id, made.function.name, made.function.arguments) == (
+        "call_7",
+        "get_weather",
+        '{"city": "Oslo"}',
+    )
+    assert answer.usage is not None and answer.usage.prompt_tokens == 120
+    assert (answer.usage.model_extra or {}).get("source") == "server"
+    # Streamed, as the SDK assembles the deltas.
+    fake.script(Answer(events))
+    stream = await sdk.chat.completions.create(
+        model="up",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    arguments, finish = "", None
+    async for chunk in stream:
+        for choice_chunk in chunk.choices:
+            for delta in choice_chunk.delta.tool_calls or ():
+                arguments += delta.function.arguments or "" if delta.function else ""
+            finish = choice_chunk.finish_reason or finish
+    assert (arguments, finish) == ('{"city": "Oslo"}', "tool_calls")
+
+
+async def test_an_upstream_4xx_keeps_its_status_through_the_proxy(
+    sdk: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    fake.script(Answer(status=404, error={"message": "The model `x` does not exist"}))
+    with pytest.raises(openai.NotFoundError) as e:
+        await sdk.chat.completions.create(
+            model="up", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+        )
+    assert e.value.status_code == 404
+    assert f"{fake.url}/v1/chat/completions: HTTP 404" in e.value.message
+    assert "does not exist" in e.value.message
+
+
+async def test_an_image_for_a_model_with_an_artifact_is_refused_by_name(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        await sdk.chat.completions.create(
+            model=TEST_MODELS[0].name,
+            messages=[{"role": "user", "content": [IMAGE]}],  # type: ignore[list-item]
+        )
+    assert "takes text only" in e.value.message
+    assert e.value.param == "messages[0].content"
