@@ -49,6 +49,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    query: dict[str, str] = field(default_factory=dict)
 
 
 def chat_event(
@@ -99,7 +100,9 @@ class FakeOpenAI:
 
     async def _record(self, request: Request) -> dict[str, Any]:
         body = await request.json() if request.method == "POST" else {}
-        self.requests.append(Recorded(request.url.path, dict(request.headers), body))
+        self.requests.append(
+            Recorded(request.url.path, dict(request.headers), body, dict(request.query_params))
+        )
         return body
 
     async def models(self, request: Request) -> Response:
@@ -150,6 +153,11 @@ class FakeOpenAI:
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/v1/chat/completions", self.generate, methods=["POST"]),
                 Route("/v1/completions", self.generate, methods=["POST"]),
+                # Azure OpenAI's deployment routes
+                Route(
+                    "/openai/deployments/{name}/chat/completions", self.generate, methods=["POST"]
+                ),
+                Route("/openai/deployments/{name}/embeddings", self.embeddings, methods=["POST"]),
             ]
         )
 

@@ -31,7 +31,9 @@ class OpenAIHttpConfig:
     max_connections: int = 64
     """Requests in flight to this server (pooled connections); more wait for a free one."""
     api_key: str | None = None
-    """Sent as 'Authorization: Bearer <api_key>' when set."""
+    """Sent as 'Authorization: Bearer <api_key>' when set (dialect azure: as 'api-key')."""
+    api_version: str = ""
+    """Dialect azure: the API version every URL carries (?api-version=, e.g. '2024-10-21')."""
     context_length: int = 2048
     """Prompt plus completion tokens the remote model accepts."""
     vocab_size: int = 0
@@ -64,6 +66,12 @@ class OpenAIHttpConfig:
                 f"prompt_format='token_ids' is not accepted by a {self.dialect!r} server; "
                 "use 'text'"
             )
+        if DIALECTS[self.dialect].api_version and not self.api_version:
+            raise ValueError(
+                f"api_version is missing: a {self.dialect!r} server needs one, e.g. '2024-10-21'"
+            )
+        if self.api_version and not DIALECTS[self.dialect].api_version:
+            raise ValueError(f"api_version applies to dialect 'azure' only, not {self.dialect!r}")
         for name in ("connect_timeout_s", "read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -76,6 +84,17 @@ class OpenAIHttpConfig:
 
     def endpoint(self, path: str) -> str:
         """Full URL of an API path such as '/completions'."""
-        prefix = DIALECTS[self.dialect].api_prefix if self.api_prefix is None else self.api_prefix
+        kind = DIALECTS[self.dialect]
+        prefix = kind.api_prefix if self.api_prefix is None else self.api_prefix
         prefix = prefix.strip("/")
-        return f"{self.url.rstrip('/')}{'/' + prefix if prefix else ''}{path}"
+        url = f"{self.url.rstrip('/')}{'/' + prefix if prefix else ''}{path}"
+        return f"{url}?api-version={self.api_version}" if kind.api_version else url
+
+    def headers(self) -> dict[str, str]:
+        """The headers every request carries (the API key, as the dialect sends it)."""
+        if not self.api_key:
+            return {}
+        header = DIALECTS[self.dialect].key_header
+        if header == "Authorization":
+            return {header: f"Bearer {self.api_key}"}
+        return {header: self.api_key}

@@ -77,11 +77,28 @@ class Dialect:
     local artifact); `structured` kinds beyond them go as `structured_outputs`."""
     max_tokens_key: str = "max_tokens"
     """The chat body's key for max_tokens (OpenAI's API: max_completion_tokens)."""
+    key_header: str = "Authorization"
+    """The header that carries api_key (as 'Bearer <key>' in Authorization, else the key)."""
+    lists_models: bool = True
+    """GET <prefix>/models lists the served models (ready() looks for `model` there)."""
+    api_version: bool = False
+    """Every URL carries ?api-version=<OpenAIHttpConfig.api_version> (Azure OpenAI)."""
 
 
 DIALECTS: Mapping[str, Dialect] = MappingProxyType(
     {
         "openai": Dialect("/v1", _OPENAI, max_tokens_key="max_completion_tokens"),
+        # Azure OpenAI: url is a deployment's (https://R.openai.azure.com/openai/deployments/D),
+        # which names the model (the body's `model` is ignored there); `api-key` header; no
+        # per-deployment model list, so readiness is judged by calls (breakers), not a probe.
+        "azure": Dialect(
+            "",
+            _OPENAI,
+            max_tokens_key="max_completion_tokens",
+            key_header="api-key",
+            lists_models=False,
+            api_version=True,
+        ),
         # vLLM >= 0.10.2 (`structured_outputs`; the older `guided_*` fields went in 0.12). Its
         # `grammar` is read by whichever backend vLLM picks (GBNF for xgrammar), not Lark.
         "vllm": Dialect(

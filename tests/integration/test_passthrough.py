@@ -29,7 +29,7 @@ from tests.openai_servers import OpenAIServer
 
 
 def passthrough(
-    name: str, url: str, model: str, dialect: str, kind: str = "generate"
+    name: str, url: str, model: str, dialect: str, kind: str = "generate", **remote: Any
 ) -> ModelConfig:
     return ModelConfig(
         name=name,
@@ -37,7 +37,9 @@ def passthrough(
         backend="openai_http",
         max_slots=4,
         max_context=1024,
-        remote=OpenAIHttpConfig(url=url, model=model, dialect=dialect, read_timeout_s=120),
+        remote=OpenAIHttpConfig(
+            url=url, model=model, dialect=dialect, read_timeout_s=120, **remote
+        ),
     )
 
 
@@ -63,6 +65,14 @@ async def target(
         passthrough("up-openai", fake.url, fake.model, "openai"),
         passthrough("up-embed", fake.url, fake.model, "openai", kind="embed"),
         passthrough("llama", llama.url, llama.model, "llama.cpp"),
+        passthrough(
+            "azure",
+            f"{fake.url}/openai/deployments/gpt-4o",
+            "gpt-4o",
+            "azure",
+            api_version="2024-10-21",
+            api_key="azure-key",
+        ),
         retrieval=False,
     )
     async with running(config) as server:
@@ -131,6 +141,24 @@ async def test_the_openai_dialect_gets_max_completion_tokens(
     )
     body = last_body(fake)
     assert body["max_completion_tokens"] == 7 and "max_tokens" not in body
+
+
+async def test_azure_gets_its_deployment_url_api_version_and_key_header(
+    stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    await stub.Complete(
+        pb.CompleteRequest(
+            model="azure",
+            chat=chat(("user", "Hi")),
+            sampling=pb.SamplingParams(max_tokens=5),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+    )
+    request = fake.generations()[-1]
+    assert request.path == "/openai/deployments/gpt-4o/chat/completions"
+    assert request.query == {"api-version": "2024-10-21"}
+    assert request.headers["api-key"] == "azure-key" and "authorization" not in request.headers
+    assert request.body["max_completion_tokens"] == 5
 
 
 async def test_a_prompt_goes_to_the_completions_route_with_no_template(

@@ -123,3 +123,21 @@ def test_an_error_event_is_the_servers_error() -> None:
     with pytest.raises(RemoteHTTPError, match="overloaded") as e:
         parse_chat_event(URL, data, emitted=False)
     assert e.value.status == 503 and e.value.retryable
+
+
+def test_azure_needs_an_api_version_and_sends_its_key_as_api_key() -> None:
+    from backends.openai.config import OpenAIHttpConfig
+
+    url = "https://r.openai.azure.com/openai/deployments/d"
+    with pytest.raises(ValueError, match="api_version is missing"):
+        OpenAIHttpConfig(url=url, model="d", dialect="azure").validate()
+    with pytest.raises(ValueError, match="api_version applies to dialect 'azure' only"):
+        OpenAIHttpConfig(url=url, model="d", api_version="2024-10-21").validate()
+    cfg = OpenAIHttpConfig(
+        url=url, model="d", dialect="azure", api_version="2024-10-21", api_key="k"
+    ).validate()
+    assert cfg.endpoint("/chat/completions") == f"{url}/chat/completions?api-version=2024-10-21"
+    assert cfg.headers() == {"api-key": "k"}
+    assert OpenAIHttpConfig(url=url, model="d", api_key="k").headers() == {
+        "Authorization": "Bearer k"
+    }

@@ -153,7 +153,7 @@ def test_sse_decoder_frames_events() -> None:
         ({"url": "10.0.0.7:8000"}, "url='10.0.0.7:8000' must start with http://"),
         ({"url": ""}, "url is missing: set it to the server root"),
         ({"model": ""}, "model is missing: set it to the model's name at http://10.0.0.7:8000"),
-        ({"dialect": "tgi"}, "dialect='tgi' is unknown; accepted: openai, vllm"),
+        ({"dialect": "tgi"}, "dialect='tgi' is unknown; accepted: openai, azure, vllm"),
         ({"prompt_format": "token_ids"}, "not accepted by a 'openai' server"),
         ({"read_timeout_s": 0}, "read_timeout_s=0 must be positive"),
         ({"max_connections": 0}, "max_connections=0 must be at least 1"),
