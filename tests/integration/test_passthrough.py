@@ -22,6 +22,12 @@ from backends.openai.config import OpenAIHttpConfig
 from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from router.routing.config import (
+    DeploymentConfig,
+    HealthCheckConfig,
+    ReplicaConfig,
+    RoutingConfig,
+)
 from tests.fake_openai import Answer, FakeOpenAI, chat_event, fake_openai, usage_event
 from tests.integration.conftest import TEST_MODELS, make_config, running
 from tests.integration.rest_proxy import serve_proxy
@@ -487,3 +493,47 @@ async def test_an_image_for_a_model_with_an_artifact_is_refused_by_name(
         )
     assert "takes text only" in e.value.message
     assert e.value.param == "messages[0].content"
+
+
+async def test_a_deployment_of_passthrough_replicas_retries_before_the_first_token(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    async with fake_openai() as bad, fake_openai() as good:
+        warm_up = Answer([chat_event("ok"), chat_event(finish="stop")])
+        bad.script(warm_up, *[Answer(status=503, error={"message": "overloaded"})] * 8)
+        routing = RoutingConfig(
+            deployments=(
+                DeploymentConfig(
+                    name="dep",
+                    model="remote",
+                    balancer="round_robin",
+                    replicas=tuple(
+                        ReplicaConfig(
+                            name=f"r{i}", backend="openai_http", url=s.url, remote_model=s.model
+                        )
+                        for i, s in enumerate((bad, good))
+                    ),
+                    health_check=HealthCheckConfig(interval_s=0),
+                ),
+            )
+        )
+        remote = OpenAIHttpConfig(dialect="vllm", read_timeout_s=30)
+        model = ModelConfig(name="remote", kind="generate", backend="openai_http", remote=remote)
+        config = make_config(model_cache, tmp_path, model, retrieval=False, routing=routing)
+        async with (
+            running(config) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            stub = pb_grpc.InferenceServiceStub(channel)
+            bad.requests.clear()  # the warm-up's
+            good.requests.clear()
+            for _ in range(4):
+                answer = await stub.Complete(
+                    pb.CompleteRequest(
+                        model="dep", chat=chat(("user", "Hi")), cache_mode=pb.CACHE_MODE_BYPASS
+                    )
+                )
+                assert answer.text == "ok" and answer.usage.source == pb.USAGE_SOURCE_SERVER
+    assert len(bad.generations()) >= 1  # round robin sent some to the failing replica...
+    assert len(good.generations()) == 4  # ...whose calls were retried on the other
+    assert all(r.body["messages"] == [{"role": "user", "content": "Hi"}] for r in bad.generations())
