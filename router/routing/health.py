@@ -85,6 +85,8 @@ class HealthChecker:
                 ok = await engine.ready(hc.timeout_s)
         except Exception:  # a probe that raises or times out failed
             ok = False
+        if deployment.draining or replica not in deployment.replicas:
+            return  # removed while it was probed: its verdict must not bring it back
         if not ok and engine.last_output_at > started:
             # Busy, not dead: it streamed to a caller while the probe waited (a llama.cpp server
             # answers its model list only between two generations, and must not leave the
