@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backends.factory import OpenAIHttpConfig
 from router.config import REMOTE_BACKENDS, ModelConfig
 from router.control import resources
 from router.control.access import DeploymentAccess
@@ -73,11 +74,12 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
             "deploy an active version"
         )
     artifact = version.artifact
-    if artifact.artifact.source == "remote":
+    remote = artifact.artifact.source == "remote"
+    if remote and artifact.artifact.remote_backend != "openai_http":
         raise FailedPrecondition(
-            f"{where} has only a remote artifact: the router still needs the model's tokenizer "
-            "and chat template locally. Register a version with a local artifact and give "
-            "its replicas the server's url"
+            f"{where} has only a remote {artifact.artifact.remote_backend} artifact: a KServe "
+            "model needs its tokenizer and chat template here. Register a version with a local "
+            "artifact and give its replicas the server's url"
         )
     if artifact.format == "gguf" and artifact.artifact.source == "path":
         raise FailedPrecondition(
@@ -99,6 +101,22 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
     if max_context < 2:
         raise InvalidArgument("deployment.max_context must be at least 2", field="max_context")
     location = artifact.artifact.location  # a package's folder name, or an absolute path
+    if remote:
+        # No artifact: the server renders chats and counts tokens (router.serving.passthrough).
+        # Its replicas are the version's server unless they name their own.
+        return ModelConfig(
+            name=d.name,
+            kind="generate",
+            backend="openai_http",
+            remote=OpenAIHttpConfig(
+                url=location.rstrip("/").removesuffix("/v1"),  # the dialect adds its prefix
+                model=artifact.artifact.remote_model or version.name,
+                context_length=max_context,
+            ),
+            max_context=max_context,
+            max_slots=d.max_slots,
+            default_max_tokens=min(256, max_context - 1),
+        )
     return ModelConfig(
         name=d.name,
         kind="generate",
@@ -279,7 +297,16 @@ class DeploymentController:
         ]
 
     def _check_fits(self, model: ModelConfig, replicas: Iterable[ReplicaSpec]) -> None:
-        """ResourceExhausted when the local ones of `replicas` would not fit in memory."""
+        """ResourceExhausted when the local ones of `replicas` would not fit in memory;
+        FailedPrecondition for a replica a version with no local artifact cannot have."""
+        replicas = list(replicas)
+        for r in replicas:
+            if model.passthrough and r.backend != "openai_http":
+                raise FailedPrecondition(
+                    f"replica {quote(r.name)} has backend {quote(r.backend or 'onnxruntime')}: "
+                    "this version has no local artifact, so its replicas are OpenAI-compatible "
+                    "servers (backend 'openai_http' and their url)"
+                )
         local = sum(r.backend not in REMOTE_BACKENDS for r in replicas)
         if local:
             model_dir = self._model_cache / model.artifact
@@ -316,6 +343,12 @@ class DeploymentController:
                 raise FailedPrecondition(f"deployment {quote(name)} is not served by this router")
             target = dataclasses.replace(current, model_version=r.target_version)
             _, model = await self.version_of(target)
+            if model.passthrough != shell.config.passthrough:
+                raise FailedPrecondition(
+                    f"version {quote(r.target_version)} and {quote(current.model_version)} differ "
+                    "in having a local artifact: calls to one are tokenized by the router, to "
+                    "the other by its server; deploy it under a new name"
+                )
             differs = same_tokenizer(
                 self._model_cache / shell.config.artifact, self._model_cache / model.artifact
             )

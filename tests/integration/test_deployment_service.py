@@ -30,6 +30,7 @@ from router.proto.irouter.v1 import usage_service_pb2 as usage_pb
 from router.proto.irouter.v1 import usage_service_pb2_grpc as usage_grpc
 from router.registry import audit
 from router.server import RouterServer
+from tests.fake_openai import fake_openai
 from tests.integration.conftest import EMB, GEN, make_config, running
 from tests.integration.registry_calls import EMBEDDER, TIMEOUT, minilm, register, status_of
 
@@ -415,3 +416,42 @@ async def _true(value: bool) -> bool:
 async def _drain(stream: AsyncIterator[object]) -> None:
     async for _ in stream:
         pass
+
+
+async def test_a_remote_version_deploys_with_no_local_artifact(
+    channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    async with fake_openai() as fake:
+        remote = model_pb.RemoteArtifact(backend="openai_http", url=f"{fake.url}/v1", model="up")
+        hosted = model_pb.ModelVersion(
+            name="hosted",
+            version="1",
+            kind=inference_pb.MODEL_KIND_GENERATE,
+            artifact=model_pb.Artifact(remote=remote),
+            context_length=8192,
+        )
+        await register(model_grpc.ModelServiceStub(channel), hosted)
+        local = small("hosted-local", model_name="hosted")  # a replica here needs an artifact
+        got, message = await status_of(create(stub, local))
+        assert got != grpc.StatusCode.OK and "artifact" in message, message
+        replica = pb.Replica(name="r0", backend="openai_http", url=fake.url, remote_model="up")
+        await create(stub, small("hosted-dep", replicas=[replica], model_name="hosted"))
+        try:
+            answer = await inference_grpc.InferenceServiceStub(channel).Complete(
+                inference_pb.CompleteRequest(
+                    model="hosted-dep",
+                    chat=inference_pb.ChatMessages(
+                        messages=[inference_pb.ChatMessage(role="user", content="Hi")]
+                    ),
+                    cache_mode=inference_pb.CACHE_MODE_BYPASS,
+                ),
+                timeout=TIMEOUT,
+            )
+            assert answer.text == "ok" and answer.usage.source == inference_pb.USAGE_SOURCE_SERVER
+            sent = fake.generations()[-1]
+            assert sent.path == "/v1/chat/completions"
+            assert sent.body["messages"] == [{"role": "user", "content": "Hi"}]
+        finally:
+            await stub.DeleteDeployment(
+                pb.DeleteDeploymentRequest(name="hosted-dep"), timeout=TIMEOUT
+            )
