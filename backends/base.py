@@ -224,6 +224,9 @@ class GenerationRequest(SamplingParams):
     chat: ChatRequest | None = None
     """The conversation itself, for an engine that renders it (prompt and prompt_ids are then
     empty); None: the router rendered and tokenized the input."""
+    stream: bool = True
+    """False: the caller takes the answer whole (a unary call), so an engine may fetch it in
+    one piece (a remote server's non-streamed answer) and yield it as one chunk."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,41 @@ def usage_event(prompt: int, completion: int) -> str:
     return json.dumps({"id": "up-1", "choices": [], "usage": usage})
 
 
+def whole(events: list[str], chat: bool) -> dict[str, Any]:
+    """The non-streamed answer the streamed `events` add up to (what a server answers when the
+    request says "stream": false)."""
+    text, reason, usage = "", None, None
+    calls: dict[int, dict[str, Any]] = {}
+    for data in events:
+        event = json.loads(data)
+        usage = event.get("usage") or usage
+        for choice in event.get("choices") or ():
+            reason = choice.get("finish_reason") or reason
+            delta = choice.get("delta", {}) if chat else {"content": choice.get("text")}
+            text += delta.get("content") or ""
+            for piece in delta.get("tool_calls") or ():
+                call = calls.setdefault(
+                    piece["index"],
+                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                call["id"] = piece.get("id") or call["id"]
+                function = piece.get("function") or {}
+                call["function"]["name"] += function.get("name") or ""
+                call["function"]["arguments"] += function.get("arguments") or ""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        choice["message"] = message
+    else:
+        choice["text"] = text
+    out: dict[str, Any] = {"id": "up-1", "model": MODEL, "choices": [choice]}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
@@ -125,6 +160,8 @@ class FakeOpenAI:
         answer = self._script.pop(0) if self._script else self._default(body, chat)
         if answer.status != 200:
             return JSONResponse({"error": answer.error or {}}, status_code=answer.status)
+        if not body.get("stream"):
+            return JSONResponse(whole(answer.events, chat))
         events = [*answer.events, *(["[DONE]"] if answer.done else [])]
 
         async def stream() -> AsyncIterator[bytes]:
@@ -136,7 +173,8 @@ class FakeOpenAI:
 
     @staticmethod
     def _default(body: dict[str, Any], chat: bool) -> Answer:
-        usage = (body.get("stream_options") or {}).get("include_usage")
+        # A whole answer always reports usage; a stream when the request asks for it.
+        usage = not body.get("stream") or (body.get("stream_options") or {}).get("include_usage")
         if chat:
             events = [chat_event("ok"), chat_event(finish="stop")]
         else:

@@ -14,6 +14,7 @@ from typing import Any
 
 from backends.base import GenerationRequest, StructuredOutput, ToolCallDelta, UnsupportedParameter
 from backends.openai.wire import (
+    CHAT_FINISH_REASONS,
     DIALECTS,
     CompletionEvent,
     load_event,
@@ -23,15 +24,6 @@ from backends.openai.wire import (
     usage_counts,
 )
 from backends.remote import RemoteProtocolError
-
-CHAT_FINISH_REASONS = {
-    "stop": "stop",
-    "length": "length",
-    "tool_calls": "tool_calls",
-    "function_call": "tool_calls",  # the API's older name, still sent by some servers
-    "content_filter": "content_filter",
-}
-"""A chat choice's finish_reason → the engine's."""
 
 
 def chat_body(request: GenerationRequest, *, model: str, dialect: str) -> dict[str, Any]:

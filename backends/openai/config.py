@@ -27,7 +27,11 @@ class OpenAIHttpConfig:
     connect_timeout_s: float = 5.0
     """Longest wait for a TCP connection."""
     read_timeout_s: float = 60.0
-    """Longest silence in an answer (time to first token included) before RemoteTimeout."""
+    """Longest silence in a streamed answer (time to first token included) before
+    RemoteTimeout."""
+    unary_timeout_s: float = 600.0
+    """Longest wait for a non-streamed answer (a unary call's, fetched whole) before
+    RemoteTimeout: the whole generation is one silence."""
     max_connections: int = 64
     """Requests in flight to this server (pooled connections); more wait for a free one."""
     api_key: str | None = None
@@ -72,7 +76,7 @@ class OpenAIHttpConfig:
             )
         if self.api_version and not DIALECTS[self.dialect].api_version:
             raise ValueError(f"api_version applies to dialect 'azure' only, not {self.dialect!r}")
-        for name in ("connect_timeout_s", "read_timeout_s"):
+        for name in ("connect_timeout_s", "read_timeout_s", "unary_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         for name in ("max_connections", "context_length"):

@@ -274,6 +274,51 @@ def parse_event(url: str, data: str, *, emitted: bool) -> CompletionEvent:
     return CompletionEvent(text, reason, counts)
 
 
+CHAT_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",  # the API's older name, still sent by some servers
+    "content_filter": "content_filter",
+}
+"""A chat choice's finish_reason → the engine's (a completion's are only stop and length)."""
+
+
+def parse_answer(url: str, data: bytes, *, chat: bool) -> CompletionEvent:
+    """Read a non-streamed /completions or /chat/completions answer: its text (a chat's
+    message content), tool calls (whole, as one piece each), finish reason and usage. Raises
+    RemoteProtocolError for anything else (retryable: nothing was passed on)."""
+    try:
+        answer = load_event(url, data.decode("utf-8"), emitted=False)
+        choice = answer["choices"][0]
+        calls: tuple[ToolCallDelta, ...] = ()
+        if chat:
+            message = choice["message"]
+            text = message.get("content") or ""
+            calls = tuple(
+                ToolCallDelta(
+                    i, c.get("id") or "", c["function"]["name"], c["function"]["arguments"]
+                )
+                for i, c in enumerate(message.get("tool_calls") or ())
+            )
+        else:
+            text = choice.get("text") or ""
+        reason = choice.get("finish_reason")
+        if not isinstance(text, str) or not isinstance(reason, str):
+            raise TypeError("text and finish_reason must be strings")
+        for call in calls:
+            if not (isinstance(call.name, str) and isinstance(call.arguments, str)):
+                raise TypeError("tool_calls[].function name and arguments must be strings")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise RemoteProtocolError(
+            url, f"malformed answer {data[:200]!r} ({exc})", retryable=True
+        ) from None
+    known = CHAT_FINISH_REASONS.get(reason) if chat else reason
+    if known is None or known not in CHAT_FINISH_REASONS:
+        raise RemoteProtocolError(url, f"finish_reason={reason!r} is not known", retryable=True)
+    return CompletionEvent(text, known, usage_counts(answer), calls)
+
+
 def http_error(url: str, status: int, reason: str, body: str) -> RemoteHTTPError:
     """The error for an HTTP status >= 400, with the server's own message when it sent one."""
     detail = body[:300]

@@ -59,7 +59,8 @@ class Request:
     timeout_s: float | None = None
     """Routed models: the caller's time left when the call was made (None: no deadline)."""
     unary: bool = False
-    """Routed models: the caller waits for the whole answer (Complete), so it may be hedged."""
+    """The caller waits for the whole answer (Complete): a routed one may be hedged, and a
+    request engine may fetch it whole (GenerationRequest.stream)."""
     grammar: CompiledGrammar | None = None
     """Structured output the router enforces (params.structured compiled for this model)."""
     matcher: LLMatcher | None = None
@@ -96,6 +97,7 @@ class Request:
             prompt_text=self.prompt_text,
             grammar=self.grammar,
             chat=self.chat,
+            unary=self.unary,
         )
 
     @property

@@ -55,6 +55,7 @@ def generation_request(request: Request) -> GenerationRequest:
         prompt=request.prompt_text,
         seed=request.seed,
         chat=request.chat,
+        stream=not request.unary,
         **{name: getattr(p, name) for name in _SAMPLING_FIELDS},
     )
 

@@ -258,10 +258,10 @@ class Answerer:
             if tools is not None:
                 check_room_for_a_call(model, tools, request.params.max_tokens)
             await prompt_.constrain(model, request)
+        request.unary = not stream
         if model.deployment is not None:
             request.route_key = route_key
             request.timeout_s = call.timeout_s
-            request.unary = not stream
         await scope.admit(
             prompt_tokens=num_prompt,
             reserve_tokens=num_prompt + request.params.max_tokens,

@@ -73,6 +73,17 @@ async def test_greedy_stream_matches_the_servers_own_answer(
     assert text == direct.json()["choices"][0]["text"] and text.strip()
 
 
+async def test_a_unary_request_is_fetched_whole_with_the_servers_usage(
+    engine: OpenAIHttpEngine,
+) -> None:
+    streamed = joined(await collect(engine, make_request(max_tokens=24)))
+    chunks = await collect(engine, make_request(max_tokens=24, stream=False))
+    [whole] = chunks
+    assert isinstance(whole, RemoteChunk) and whole.text == streamed
+    assert whole.finish_reason in ("stop", "length") and whole.completion_tokens
+    assert whole.prompt_tokens and engine.num_active == 0
+
+
 async def test_max_tokens_is_honoured(engine: OpenAIHttpEngine) -> None:
     short = await collect(engine, make_request(COUNT, max_tokens=5))
     longer = await collect(engine, make_request(COUNT, max_tokens=20))

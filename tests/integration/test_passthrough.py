@@ -124,7 +124,9 @@ async def test_a_conversation_goes_to_the_chat_route_as_it_is(
     request = fake.generations()[-1]
     assert request.path == "/v1/chat/completions"
     body = request.body
-    assert body["model"] == fake.model and body["stream"] is True
+    # A unary call fetches the answer whole: one JSON body, not an event per token.
+    assert body["model"] == fake.model and body["stream"] is False
+    assert "stream_options" not in body
     assert body["messages"] == [{"role": r, "content": c} for r, c in turns]
     assert (body["max_tokens"], body["temperature"], body["top_k"]) == (9, 0.5, 3)
     assert "prompt" not in body
@@ -345,16 +347,20 @@ async def test_the_servers_content_filter_is_the_finish_reason(
 async def test_without_a_usage_event_the_usage_is_an_estimate(
     stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
 ) -> None:
-    fake.script(Answer([chat_event("a"), chat_event("b"), chat_event(finish="stop")]))
-    content = "x" * 40
-    answer = await stub.Complete(
-        pb.CompleteRequest(
-            model="up", chat=chat(("user", content)), cache_mode=pb.CACHE_MODE_BYPASS
-        )
+    events = [chat_event("a"), chat_event("bcdef"), chat_event(finish="stop")]
+    request = pb.GenerateRequest(
+        model="up", chat=chat(("user", "x" * 40)), cache_mode=pb.CACHE_MODE_BYPASS
     )
-    assert answer.usage.source == pb.USAGE_SOURCE_ESTIMATE
+    fake.script(Answer(events))
+    usage = [c async for c in stub.Generate(request)][-1].usage
+    assert usage.source == pb.USAGE_SOURCE_ESTIMATE
     # ceil(40 bytes / 4) + 4 for the message; one token per streamed event.
-    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (14, 2)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (14, 2)
+    fake.script(Answer(events))
+    usage = (await stub.Complete(pb.CompleteRequest(**_fields(request)))).usage
+    assert usage.source == pb.USAGE_SOURCE_ESTIMATE
+    # Fetched whole: ceil(6 bytes / 4) for the completion.
+    assert (usage.prompt_tokens, usage.completion_tokens) == (14, 2)
 
 
 async def test_embeddings_go_to_the_embeddings_route(
@@ -395,7 +401,8 @@ async def test_llama_cpp_renders_the_conversation_with_its_own_template(
     direct.raise_for_status()
     assert answer.text == direct.json()["choices"][0]["message"]["content"]
     assert answer.text  # the model said something
-    assert answer.usage.source == pb.USAGE_SOURCE_ESTIMATE  # llama-cpp-python streams no usage
+    # Fetched whole, with the server's usage (llama-cpp-python streams none).
+    assert answer.usage.source == pb.USAGE_SOURCE_SERVER
 
 
 async def test_a_config_without_artifact_needs_the_openai_http_backend(

@@ -141,3 +141,27 @@ def test_azure_needs_an_api_version_and_sends_its_key_as_api_key() -> None:
     assert OpenAIHttpConfig(url=url, model="d", api_key="k").headers() == {
         "Authorization": "Bearer k"
     }
+
+
+def test_a_whole_answer_is_read_with_its_tool_calls_and_usage() -> None:
+    from backends.openai.wire import parse_answer
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    data = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12},
+    }
+    got = parse_answer(URL, json.dumps(data).encode(), chat=True)
+    assert got == ("", "tool_calls", (7, 5), (ToolCallDelta(0, "c1", "f", '{"a": 1}'),))
+    text = {"choices": [{"index": 0, "text": "Hi", "finish_reason": "length"}]}
+    assert parse_answer(URL, json.dumps(text).encode(), chat=False) == ("Hi", "length", None, ())
+    for bad in (b"{", b'{"choices": []}', b'{"choices": [{"text": "x", "finish_reason": "?"}]}'):
+        with pytest.raises(RemoteProtocolError, match=rf"^{URL}: ") as e:
+            parse_answer(URL, bad, chat=False)
+        assert e.value.retryable
