@@ -40,7 +40,9 @@ def _response(body: bytes, content_type: bytes = b"application/json") -> bytes:
 
 def _chunked(events: list[bytes]) -> bytes:
     """An SSE body sent chunked, one HTTP chunk per event (as vLLM and llama.cpp send them)."""
-    out = [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"]
+    out = [
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    ]
     for event in events:
         out.append(f"{len(event):x}\r\n".encode() + event + b"\r\n")
     out.append(b"0\r\n\r\n")
@@ -49,6 +51,16 @@ def _chunked(events: list[bytes]) -> bytes:
 
 def _sse(payload: object) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _event(kind: str, part: dict[str, object], finish: str | None) -> bytes:
+    choice = {"index": 0, **part, "finish_reason": finish}
+    return _sse({"id": "up", "object": f"{kind}.chunk", "model": MODEL, "choices": [choice]})
+
+
+def _event(kind: str, part: dict[str, object], finish: str | None) -> bytes:
+    choice = {"index": 0, **part, "finish_reason": finish}
+    return _sse({"id": "up", "object": f"{kind}.chunk", "model": MODEL, "choices": [choice]})
 
 
 def _answers() -> dict[tuple[bytes, bool, bool], bytes]:
@@ -68,14 +80,11 @@ def _answers() -> dict[tuple[bytes, bool, bool], bytes]:
             json.dumps(whole).encode()
         )
         for usage in (False, True):
-            events = []
-            for word in WORDS:
-                part = {"delta": {"content": word}} if chat else {"text": word}
-                events.append(_sse({"id": "up", "object": f"{kind}.chunk", "model": MODEL,
-                                    "choices": [{"index": 0, **part, "finish_reason": None}]}))  # fmt: skip
-            last = {"delta": {}} if chat else {"text": ""}
-            events.append(_sse({"id": "up", "object": f"{kind}.chunk", "model": MODEL,
-                                "choices": [{"index": 0, **last, "finish_reason": "stop"}]}))  # fmt: skip
+            events = [
+                _event(kind, {"delta": {"content": w}} if chat else {"text": w}, None)
+                for w in WORDS
+            ]
+            events.append(_event(kind, {"delta": {}} if chat else {"text": ""}, "stop"))
             if usage:
                 events.append(_sse({"id": "up", "choices": [], "usage": USAGE}))
             events.append(b"data: [DONE]\n\n")
@@ -84,7 +93,9 @@ def _answers() -> dict[tuple[bytes, bool, bool], bytes]:
 
 
 ANSWERS = _answers()
-MODELS = _response(json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
+MODELS = _response(
+    json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
+)
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
 
 

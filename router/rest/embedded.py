@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from router import logs
 from router.config import RouterConfig
 from router.rest.app import create_app
 from router.server import RouterServer
@@ -105,9 +106,11 @@ def run_with_proxy(config: RouterConfig, http_port: int) -> int:
     except ValueError as exc:
         print(f"irouter serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # As `serve` alone: libraries at their own level (httpx logs every upstream call at INFO).
+    logs.configure(
+        config.server.log_level,
+        config.server.library_log_level,
+        "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     uvloop.run(serve_with_proxy(config, http_port))
     return 0
