@@ -133,7 +133,8 @@ class RouterServer:
             self._serve_control_plane(chain)
         retriever = Retriever(r.rag, self.collections, self.models, self.embedder)
         answering = Answering(self.embedder, self.responses, semantic, retriever)
-        add_service(
+        # The wrapped handlers, for callers in this process (serve --http-port's OpenAI routes).
+        self.local_handlers = add_service(
             self.server,
             INFERENCE_SERVICE,
             InferenceServicer(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -24,6 +25,7 @@ from router.proto.irouter.v1 import (
 from router.rest.docs import docs_routes
 from router.rest.errors import ApiError, api_error_handler, http_error, server_error
 from router.rest.grpc_client import ClientDisconnected, RouterClient
+from router.rest.local_client import LocalRouterClient
 from router.rest.openai_routes import Limits, OpenAIRoutes
 from router.rest.openapi import openapi_document
 from router.rest.status import StatusError, from_api_error
@@ -67,15 +69,24 @@ def _by_path(transcoder: Transcoder, to_error: Callable[[Request, Exception], Ap
 
 
 def create_app(
-    target: str, *, timeout_s: float = 600, max_body_bytes: int = 1_048_576
+    target: str,
+    *,
+    timeout_s: float = 600,
+    max_body_bytes: int = 1_048_576,
+    local: Mapping[str, Any] | None = None,
 ) -> Starlette:
     """The proxy as an ASGI app calling the router at `target` ("host:port") over one channel,
-    opened at startup and closed at shutdown; `timeout_s` is every call's deadline."""
+    opened at startup and closed at shutdown; `timeout_s` is every call's deadline. With
+    `local` (the router's InferenceService handlers, in this process: RouterServer's
+    local_handlers), the OpenAI routes call them directly instead (router.rest.local_client)."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s} must be positive")
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes={max_body_bytes} must be positive")
     client = RouterClient(target, timeout_s)
+    calls: RouterClient | LocalRouterClient = client
+    if local is not None:
+        calls = LocalRouterClient(local, timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -86,7 +97,7 @@ def create_app(
         finally:
             await client.aclose()
 
-    openai = OpenAIRoutes(client, Limits(max_body_bytes=max_body_bytes))
+    openai = OpenAIRoutes(calls, Limits(max_body_bytes=max_body_bytes))
     transcoder = Transcoder(client, SERVICES, max_body_bytes)
     document = openapi_document(transcoder.bindings)
     return Starlette(

@@ -1,6 +1,7 @@
-"""`irouter serve --http-port`: the REST proxy in the router's own process and event loop,
-calling the router's gRPC port over loopback (the same path, guard chain included, as any
-other client)."""
+"""`irouter serve --http-port`: the REST proxy in the router's own process and event loop. Its
+OpenAI routes call the router's InferenceService handlers directly (router.rest.local_client:
+the same guard chain, deadline, statuses and metrics as a gRPC call, without the loopback hop);
+the transcoded routes call the gRPC port over loopback."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ async def serve_with_proxy(config: RouterConfig, http_port: int) -> None:
     s = config.server
     router = RouterServer(config)
     grpc_port = await router.start()
-    app = create_app(f"{loopback(s.host)}:{grpc_port}")
+    # The OpenAI routes call the router's handlers in this process; the others its gRPC port.
+    app = create_app(f"{loopback(s.host)}:{grpc_port}", local=router.local_handlers)
     proxy = _Server(
         uvicorn.Config(
             app,

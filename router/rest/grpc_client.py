@@ -75,12 +75,31 @@ def call_timeout(headers: Headers, limit_s: float) -> float:
     return limit_s
 
 
-class RouterClient:
+class CallOptions:
+    """What a call made for an HTTP request carries: the client's credentials and request id
+    as metadata, and its deadline."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+
+    def options(
+        self, request: Request, session: str | None = None
+    ) -> tuple[float, tuple[tuple[str, str], ...]]:
+        """(timeout, metadata) for a call made on behalf of `request`; `session` (the OpenAI
+        body's session key, openai_params.session_key) becomes the x-session-id the router
+        routes a conversation by, unless the client sent that header itself."""
+        metadata = call_metadata(request.headers)
+        if session and "x-session-id" not in request.headers:
+            metadata += (("x-session-id", session_id(session)),)
+        return call_timeout(request.headers, self._timeout_s), metadata
+
+
+class RouterClient(CallOptions):
     """A gRPC client of the router's InferenceService over one shared channel."""
 
     def __init__(self, target: str, timeout_s: float) -> None:
+        super().__init__(timeout_s)
         self._target = target
-        self._timeout_s = timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._stub: InferenceServiceAsyncStub | None = None
 
@@ -107,17 +126,6 @@ class RouterClient:
         if self._stub is None:
             raise ApiError(503, "the REST proxy is not connected", "service_unavailable_error")
         return self._stub
-
-    def options(
-        self, request: Request, session: str | None = None
-    ) -> tuple[float, tuple[tuple[str, str], ...]]:
-        """(timeout, metadata) for a call made on behalf of `request`; `session` (the OpenAI
-        body's session key, openai_params.session_key) becomes the x-session-id the router
-        routes a conversation by, unless the client sent that header itself."""
-        metadata = call_metadata(request.headers)
-        if session and "x-session-id" not in request.headers:
-            metadata += (("x-session-id", session_id(session)),)
-        return call_timeout(request.headers, self._timeout_s), metadata
 
     async def complete(
         self, request: Request, message: pb.CompleteRequest, session: str | None = None
@@ -164,7 +172,7 @@ async def _chunks(
         call.cancel()  # a no-op once the call has ended
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     """Returns when the client disconnects; call it only once the body has been read."""
     while True:
         message = await request.receive()
@@ -180,7 +188,7 @@ async def unary_call(request: Request, call: grpc.aio.UnaryUnaryCall[Any, T]) ->
 
     async def watch() -> None:
         nonlocal gone
-        await _disconnected(request)
+        await disconnected(request)
         gone = True
         call.cancel()
 
@@ -205,7 +213,7 @@ async def unary_call(request: Request, call: grpc.aio.UnaryUnaryCall[Any, T]) ->
 async def unless_disconnected(request: Request, call: Awaitable[T]) -> T:
     """Await a unary call, cancelling it if the HTTP client disconnects first."""
     answer = asyncio.ensure_future(call)
-    watch = asyncio.ensure_future(_disconnected(request))
+    watch = asyncio.ensure_future(disconnected(request))
     try:
         await asyncio.wait((answer, watch), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # the handler itself was cancelled

@@ -22,6 +22,7 @@ from router.rest import openai_schema as schema
 from router.rest import openai_tools
 from router.rest.errors import ApiError
 from router.rest.grpc_client import RouterClient
+from router.rest.local_client import LocalRouterClient
 from router.rest.openai_params import refuse_unhonoured
 
 _FINISH = {
@@ -66,7 +67,7 @@ def _sse(payload: dict[str, Any]) -> bytes:
 class OpenAIRoutes:
     """Handlers over one RouterClient; `routes()` lists them for the Starlette app."""
 
-    def __init__(self, client: RouterClient, limits: Limits) -> None:
+    def __init__(self, client: RouterClient | LocalRouterClient, limits: Limits) -> None:
         self._client = client
         self._limits = limits
         self._created = int(time.time())

@@ -221,11 +221,14 @@ def add_service(
     servicer: object,
     metrics: Metrics,
     guard: GuardChain | None = None,
-) -> None:
+) -> dict[str, Unary | Streaming]:
     """Register every method of `service` on `server`, implemented by `servicer`'s methods of
     the same names, each call run through `guard` unless the method is public. A request too big
-    to parse on the loop is first given to `servicer.check_<method>_bytes(data)` if it exists."""
+    to parse on the loop is first given to `servicer.check_<method>_bytes(data)` if it exists.
+    Returns the wrapped handlers by "<service>/<method>", for callers in this process
+    (router.rest.local_client): the same guard, deadline, statuses and metrics as over gRPC."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    local: dict[str, Unary | Streaming] = {}
     for method in service.methods:
         fn = getattr(servicer, method.name)
         request_cls = GetMessageClass(method.input_type)
@@ -234,16 +237,19 @@ def add_service(
         parse = _parser(request_cls)
         serialize = _serializer
         if method.server_streaming:
+            stream = local[f"{service.full_name}/{method.name}"] = _wrap_stream(fn, mm)
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(fn, mm), request_deserializer=parse, response_serializer=serialize
+                stream, request_deserializer=parse, response_serializer=serialize
             )
         else:
+            unary = local[f"{service.full_name}/{method.name}"] = _wrap_unary(fn, mm)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(fn, mm), request_deserializer=parse, response_serializer=serialize
+                unary, request_deserializer=parse, response_serializer=serialize
             )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+    return local
 
 
 def _serializer(response: message.Message) -> bytes:

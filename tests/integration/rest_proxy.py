@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
 
 import uvicorn
 
@@ -23,9 +24,11 @@ class QuietServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve_proxy(target: str) -> AsyncIterator[str]:
-    """The proxy in front of the router at `target`; yields its base URL."""
-    app = create_app(target, timeout_s=60, max_body_bytes=MAX_BODY)
+async def serve_proxy(target: str, local: Mapping[str, Any] | None = None) -> AsyncIterator[str]:
+    """The proxy in front of the router at `target`; yields its base URL. With `local` (the
+    router's local_handlers), the OpenAI routes call the router in process, as
+    `serve --http-port` does."""
+    app = create_app(target, timeout_s=60, max_body_bytes=MAX_BODY, local=local)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -28,6 +28,7 @@ from router.routing.config import (
     ReplicaConfig,
     RoutingConfig,
 )
+from router.server import RouterServer
 from tests.fake_openai import Answer, FakeOpenAI, chat_event, fake_openai, usage_event
 from tests.integration.conftest import TEST_MODELS, make_config, running
 from tests.integration.rest_proxy import serve_proxy
@@ -56,13 +57,13 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-async def target(
+async def router(
     fake: FakeOpenAI,
     llama: OpenAIServer,
     model_cache: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[str]:
-    """The router's address: the passthrough models and the packaged SmolLM2 (with artifact)."""
+) -> AsyncIterator[RouterServer]:
+    """The router: the passthrough models and the packaged SmolLM2 (with artifact)."""
     config = make_config(
         model_cache,
         tmp_path_factory.mktemp("c"),
@@ -82,20 +83,21 @@ async def target(
         retrieval=False,
     )
     async with running(config) as server:
-        yield f"127.0.0.1:{server.port}"
+        yield server
 
 
 @pytest.fixture(scope="module")
-async def stub(target: str) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def stub(router: RouterServer) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
         yield pb_grpc.InferenceServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
-async def sdk(target: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    """The official SDK through the OpenAI proxy in front of the router."""
+async def sdk(router: RouterServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK through the OpenAI routes calling the router in process, as
+    `serve --http-port` serves them (tests/integration/test_rest_openai.py holds both ways)."""
     async with (
-        serve_proxy(target) as url,
+        serve_proxy(f"127.0.0.1:{router.port}", router.local_handlers) as url,
         openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client,
     ):
         yield client

@@ -26,9 +26,12 @@ from tests.integration.rest_proxy import MAX_BODY, serve_proxy
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module")
-async def base_url(router: RouterServer) -> AsyncIterator[str]:
-    async with serve_proxy(f"127.0.0.1:{router.port}") as url:
+@pytest.fixture(scope="module", params=["grpc", "in-process"])
+async def base_url(router: RouterServer, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """The proxy calling the router over gRPC (`irouter proxy`), and in process (`irouter
+    serve --http-port`): every test holds for both."""
+    local = router.local_handlers if request.param == "in-process" else None
+    async with serve_proxy(f"127.0.0.1:{router.port}", local) as url:
         yield url
 
 
@@ -341,3 +344,20 @@ async def test_client_that_goes_away_cancels_its_call(
         await http.post("/v1/chat/completions", json=long, timeout=0.3)
     assert await _slots_freed(router)
     assert [m async for m in client.models.list()]
+
+
+async def test_a_client_deadline_ends_the_call_with_504_and_frees_its_slot(
+    router: RouterServer, http: httpx.AsyncClient
+) -> None:
+    long = {
+        "model": GEN,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 900,
+        "ignore_eos": True,
+    }
+    answer = await http.post(
+        "/v1/chat/completions", json=long, headers={"x-request-timeout": "0.5"}
+    )
+    assert answer.status_code == 504, answer.text
+    assert answer.json()["error"]["code"] == "deadline_exceeded"
+    assert await _slots_freed(router)
