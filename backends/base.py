@@ -254,6 +254,9 @@ class GenerationChunk:
     filter ended it)."""
     tool_calls: tuple[ToolCallDelta, ...] = ()
     """Chat engines: pieces of the tool calls the server parsed from the output."""
+    tokens: int = -1
+    """Engines that stream text only: the tokens it stands for when more than its one event
+    (a remote server's events that arrived together); -1: one if it holds output."""
 
 
 class UnsupportedParameter(ValueError):

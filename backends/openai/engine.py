@@ -25,7 +25,13 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from backends.base import Capabilities, FloatArray, GenerationChunk, GenerationRequest
+from backends.base import (
+    Capabilities,
+    FloatArray,
+    GenerationChunk,
+    GenerationRequest,
+    ToolCallDelta,
+)
 from backends.openai.chat import chat_body, parse_chat_event
 from backends.openai.config import OpenAIHttpConfig
 from backends.openai.sse import SSEDecoder
@@ -146,13 +152,38 @@ class _HttpRemote:
         return True
 
 
-async def _lines(url: str, response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The body's lines, without their line endings."""
-    try:
-        async for raw in response.content:
-            yield raw.decode("utf-8", "replace").rstrip("\r\n")
-    except ValueError as exc:  # aiohttp's "Chunk too big": a line past its 128 KiB buffer
-        raise RemoteProtocolError(url, f"an event line too long ({exc})", retryable=False) from None
+MAX_LINE_BYTES = 1 << 20
+"""Longest line of a streamed answer (an event's data) that is read."""
+
+
+async def _reads(url: str, response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:
+    """The body's complete lines (without their line endings), as each read brings them."""
+    pending = b""
+    async for block in response.content.iter_any():
+        parts = (pending + block).split(b"\n")
+        pending = parts.pop()
+        if len(pending) > MAX_LINE_BYTES:
+            raise RemoteProtocolError(
+                url, f"a line of the stream is longer than {MAX_LINE_BYTES} bytes", retryable=False
+            )
+        if parts:
+            yield [p.decode("utf-8", "replace").rstrip("\r") for p in parts]
+    if pending:
+        yield [pending.decode("utf-8", "replace").rstrip("\r")]
+
+
+def _merged(calls: list[ToolCallDelta]) -> tuple[ToolCallDelta, ...]:
+    """Tool-call pieces that arrived together, a call's later pieces joined to its first."""
+    out: list[ToolCallDelta] = []
+    for piece in calls:
+        last = out[-1] if out else None
+        if last is not None and piece.index == last.index and not piece.id and not piece.name:
+            out[-1] = ToolCallDelta(
+                last.index, last.id, last.name, last.arguments + piece.arguments
+            )
+        else:
+            out.append(piece)
+    return tuple(out)
 
 
 ESTIMATE_BYTES_PER_TOKEN = 4
@@ -243,20 +274,34 @@ class OpenAIHttpEngine(_HttpRemote):
                 usage: tuple[int | None, int | None] = (None, None)
                 decoder = SSEDecoder()
                 done = False
-                async for line in _lines(url, response):
-                    data = decoder.feed(line)
-                    if data is None:
-                        continue
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    event = parse(url, data, emitted=emitted)
-                    usage = event.usage or usage
-                    if event.finish_reason is not None:
-                        finish = event  # held back: a usage event may follow it
-                    elif event.text or event.tool_calls:
+                # What one read brings is passed on as one chunk: events that arrived together
+                # cost one trip through the router, not one each (their count rides along).
+                async for lines in _reads(url, response):
+                    texts: list[str] = []
+                    calls: list[ToolCallDelta] = []
+                    events = 0
+                    for line in lines:
+                        data = decoder.feed(line)
+                        if data is None:
+                            continue
+                        if data == "[DONE]":
+                            done = True
+                            break
+                        event = parse(url, data, emitted=emitted)
+                        usage = event.usage or usage
+                        if event.finish_reason is not None:
+                            finish = event  # held back: a usage event may follow it
+                        elif event.text or event.tool_calls:
+                            texts.append(event.text)
+                            calls.extend(event.tool_calls)
+                            events += 1
+                    if events:
                         emitted = True
-                        yield GenerationChunk((), event.text, tool_calls=event.tool_calls)
+                        yield GenerationChunk(
+                            (), "".join(texts), tool_calls=_merged(calls), tokens=events
+                        )
+                    if done:
+                        break
                 if done:
                     await _drain(response)
                 else:

@@ -6,7 +6,12 @@ tokenizer and template ("up-artifact"), and h2load (a C client) on core 0 beside
     non-streamed chat p50 at 1 in flight      direct to the upstream, then through the router:
                                               the difference is what the gateway adds
     non-streamed chat req/s at 32 in flight   through the router, against the upstream direct
-    streamed chat (20 chunks) req/s at 16     the same, streamed
+    streamed chat (20 chunks) req/s at 16     the same, streamed: the upstream sends all 20
+                                              events at once, so they reach the router in
+                                              one read or a few (and pass as one chunk each)
+    the same, paced                           each event PACE_S after the last, as a real
+                                              server streams; under load the router still
+                                              finds several of a stream's events per read
     gateway CPU per request                   the router process's user+system time / requests
 
 Every figure comes from this run; the upstream's own figures are the baseline each ratio is
@@ -31,7 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtest.benchmarks.instant_upstream import MODEL
+from loadtest.benchmarks.instant_upstream import MODEL, PACE_S, PACED
 from loadtest.benchmarks.serve_bench import ROOT, line
 from loadtest.processes import free_port
 from router.config_file import load_config
@@ -83,6 +88,8 @@ def router_config(path: Path, upstream: str, *, passthrough: bool) -> None:
     ]  # fmt: skip
     if passthrough:
         models.append({**models[0], "name": "up", "artifact": ""})
+        paced = {**remote, "model": PACED}
+        models.append({**models[0], "name": "up-paced", "artifact": "", "remote": paced})
     config = {
         "models": models,
         "cache": {"response": {"enabled": False}},
@@ -130,6 +137,8 @@ def bench(quick: bool, passthrough: bool) -> None:
             ("up", up, False),
             ("up-stream", up, True),
             ("up-artifact", "up-artifact", False),
+            ("direct-paced", PACED, True),
+            ("up-paced", "up-paced" if passthrough else up, True),
         ):
             path = bodies[name] = Path(tmp) / f"{name}.json"
             path.write_text(json.dumps({**CHAT, "model": model, "stream": stream}))
@@ -156,6 +165,8 @@ def bench(quick: bool, passthrough: bool) -> None:
             cpu_per_request = (cpu_seconds(router.pid) - cpu) / n32
             _, direct_stream = h2load(chat, bodies["direct-stream"], requests=n32, clients=16)
             _, stream_rps = h2load(routed, bodies["up-stream"], requests=n32 // 2, clients=16)
+            _, direct_paced = h2load(chat, bodies["direct-paced"], requests=n32 // 4, clients=16)
+            _, paced_rps = h2load(routed, bodies["up-paced"], requests=n32 // 4, clients=16)
     line("upstream direct, non-streamed chat p50 (1 in flight)", direct_p50, "ms")
     line("via the router, no artifact: p50", p50, "ms", direct_p50)
     line("  added by the router", p50 - direct_p50, "ms", None, "goal <= 1.0 ms")
@@ -166,6 +177,9 @@ def bench(quick: bool, passthrough: bool) -> None:
     line("  router CPU per request", cpu_per_request * 1000, "ms")
     line("upstream direct, streamed req/s (16 in flight)", direct_stream, "req/s")
     line("via the router, streamed req/s (16 in flight)", stream_rps, "req/s", direct_stream)
+    pace = f"events {PACE_S * 1000:g} ms apart"
+    line(f"upstream direct, streamed, {pace} (16 in flight)", direct_paced, "req/s")
+    line(f"via the router, streamed, {pace}", paced_rps, "req/s", direct_paced)
 
 
 def main() -> None:

@@ -3,7 +3,9 @@ uvloop process speaking just enough HTTP/1.1 (keep-alive, Content-Length bodies)
 
     GET  /v1/models                 the one model, MODEL
     POST /v1/chat/completions       "stream": true → CHUNKS content events, a finish event,
-    POST /v1/completions            a usage event when asked, [DONE]; else one JSON answer
+    POST /v1/completions            a usage event when asked, [DONE]; else one JSON answer;
+                                    a request whose model name holds "paced" gets its events
+                                    PACE_S apart (each arrives in its own read)
 
 with canned bytes, so that its own cost stays far below the gateway's (about 17,000 requests/s
 on one core here). Not a test double for behaviour (tests/fake_openai.py is): it reads no field
@@ -38,15 +40,16 @@ def _response(body: bytes, content_type: bytes = b"application/json") -> bytes:
     )
 
 
-def _chunked(events: list[bytes]) -> bytes:
-    """An SSE body sent chunked, one HTTP chunk per event (as vLLM and llama.cpp send them)."""
-    out = [
+def _chunked(events: list[bytes]) -> list[bytes]:
+    """An SSE response sent chunked, one HTTP chunk per event (as vLLM and llama.cpp send
+    them): the head with the first event, each later event, the last chunk."""
+    head = (
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    ]
-    for event in events:
-        out.append(f"{len(event):x}\r\n".encode() + event + b"\r\n")
-    out.append(b"0\r\n\r\n")
-    return b"".join(out)
+    )
+    out = [f"{len(event):x}\r\n".encode() + event + b"\r\n" for event in events]
+    out[0] = head + out[0]
+    out[-1] += b"0\r\n\r\n"
+    return out
 
 
 def _sse(payload: object) -> bytes:
@@ -61,6 +64,13 @@ def _event(kind: str, part: dict[str, object], finish: str | None) -> bytes:
 def _event(kind: str, part: dict[str, object], finish: str | None) -> bytes:
     choice = {"index": 0, **part, "finish_reason": finish}
     return _sse({"id": "up", "object": f"{kind}.chunk", "model": MODEL, "choices": [choice]})
+
+
+PIECES: dict[tuple[bytes, bool], list[bytes]] = {}
+"""(path, include_usage) → a streamed response's writes, one per event (paced answers)."""
+PACE_S = 0.0005
+"""Between two events of a paced answer (a request whose model name holds "paced"): each
+arrives on its own, as a real server's tokens do, instead of all in one read."""
 
 
 def _answers() -> dict[tuple[bytes, bool, bool], bytes]:
@@ -88,13 +98,17 @@ def _answers() -> dict[tuple[bytes, bool, bool], bytes]:
             if usage:
                 events.append(_sse({"id": "up", "choices": [], "usage": USAGE}))
             events.append(b"data: [DONE]\n\n")
-            answers[path, True, usage] = _chunked(events)
+            PIECES[path, usage] = _chunked(events)
+            answers[path, True, usage] = b"".join(PIECES[path, usage])
     return answers
 
 
 ANSWERS = _answers()
+PACED = f"{MODEL}-paced"
 MODELS = _response(
-    json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
+    json.dumps(
+        {"object": "list", "data": [{"id": m, "object": "model"} for m in (MODEL, PACED)]}
+    ).encode()
 )
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
 
@@ -115,6 +129,12 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 continue
             stream = b'"stream":true' in body.replace(b" ", b"")
             usage = b'"include_usage":true' in body.replace(b" ", b"")
+            if stream and b"paced" in body and (path, usage) in PIECES:
+                for piece in PIECES[path, usage]:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(PACE_S)
+                continue
             writer.write(ANSWERS.get((path, stream, usage), NOT_FOUND))
     except (asyncio.IncompleteReadError, ConnectionError):
         pass

@@ -70,6 +70,9 @@ async def serve_with_proxy(config: RouterConfig, http_port: int) -> None:
             lifespan="on",
             log_level=s.log_level.lower(),
             access_log=False,  # the router's metrics and audit log record every call
+            # No X-Forwarded-* rewriting: nothing here reads the client's address, and the
+            # middleware is one more layer on every request.
+            proxy_headers=False,
             ws="none",
             http="httptools",
             timeout_graceful_shutdown=max(int(s.grace_seconds), 1),

@@ -127,7 +127,7 @@ class _Output:
             # A text-only stream: one event per token (llama.cpp, vLLM, trtllm-serve stream so),
             # corrected to the server's own count when its last chunk reports one.
             reported = getattr(piece, "completion_tokens", None)
-            event = 1 if piece.text or piece.tool_calls else 0
+            event = piece.tokens if piece.tokens >= 0 else int(bool(piece.text or piece.tool_calls))
             total = reported if reported is not None else self._counted + event
             counted, self._counted = max(0, total - self._counted), max(total, self._counted)
         prompt = getattr(piece, "prompt_tokens", None) if status.is_finished else None

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from backends.base import SamplingParams
 from router.cache.embedding import Embedder, Vectors
@@ -135,6 +136,13 @@ class Prepared:
     it reports them)."""
 
 
+class ModelMetrics(NamedTuple):
+    prompt_tokens: Any
+    completion_tokens: Any
+    ttft: Any
+    itl: Any
+
+
 @dataclass(frozen=True, slots=True)
 class Answering:
     """What answers a call besides the engine; each part is optional (off in config)."""
@@ -156,6 +164,7 @@ class Answerer:
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}"
         self._builds: dict[str, str] = {}
+        self._metric_children: dict[str, ModelMetrics] = {}
 
     async def prepare(self, call: GenerationCall, scope: CallScope) -> Prepared:
         """Admit the call and make it ready to run: the model resolved (aliases and tasks by
@@ -220,7 +229,7 @@ class Answerer:
                 await scope.admit(
                     prompt_tokens=n, reserve_tokens=n + cached.num_tokens, stream=stream
                 )
-                self._metrics.prompt_tokens.labels(model.name).inc(n)
+                self._children(model.name).prompt_tokens.inc(n)
                 return Prepared(
                     model,
                     request_id,
@@ -267,7 +276,7 @@ class Answerer:
             reserve_tokens=num_prompt + request.params.max_tokens,
             stream=stream,
         )
-        self._metrics.prompt_tokens.labels(model.name).inc(num_prompt)
+        self._children(model.name).prompt_tokens.inc(num_prompt)
         prepared = Prepared(model, request_id, num_prompt, request, passages, key)
         prepared.tools = offered
         if passthrough:
@@ -277,6 +286,19 @@ class Answerer:
             if self._semantic is not None:
                 await self._semantic_look_up(prepared, self._semantic, question, rag)
         return prepared
+
+    def _children(self, name: str) -> ModelMetrics:
+        """The model's metric children (labels() resolved once per model, not per call)."""
+        children = self._metric_children.get(name)
+        if children is None:
+            m = self._metrics
+            children = self._metric_children[name] = ModelMetrics(
+                m.prompt_tokens.labels(name),
+                m.completion_tokens.labels(name),
+                m.ttft.labels(name),
+                m.itl.labels(name),
+            )
+        return children
 
     def _build(self, model: ServedModel) -> str:
         build = self._builds.get(model.name)
@@ -342,8 +364,8 @@ class Answerer:
         cache when the engine produced a whole answer."""
         model = prepared.model
         engine_run = prepared.cached is None
-        ttft = self._metrics.ttft.labels(model.name)
-        itl = self._metrics.itl.labels(model.name)
+        children = self._children(model.name)
+        ttft, itl = children.ttft, children.itl
         output = scope.output_filter()
         parser = ToolCallParser() if prepared.tools else None
         store = engine_run and prepared.cache_key is not None
@@ -411,7 +433,7 @@ class Answerer:
         finally:
             scope.record_usage(tokens)
             if engine_run:
-                self._metrics.completion_tokens.labels(model.name).inc(tokens)
+                children.completion_tokens.inc(tokens)
 
     def _remember(self, prepared: Prepared, answer: CachedAnswer) -> None:
         assert self._responses is not None and prepared.cache_key is not None

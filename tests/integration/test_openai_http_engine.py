@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from backends.base import RequestEngine, UnsupportedParameter
+from backends.base import ChatRequest, RequestEngine, ToolCallDelta, UnsupportedParameter
 from backends.openai.config import OpenAIHttpConfig
 from backends.openai.engine import DRAIN_S, OpenAIHttpEmbedder, OpenAIHttpEngine
 from backends.remote import (
@@ -233,7 +233,8 @@ TEXT_EVENT = '{"choices": [{"text": "Hi", "finish_reason": null}]}'
     ("events", "message", "retryable"),
     [
         (["{not json"], "malformed completion event '{not json'", True),
-        ([TEXT_EVENT, '{"object": "text_completion"}'], "malformed completion event", False),
+        # Arriving in the same read as the text, before anything was passed on: retryable.
+        ([TEXT_EVENT, '{"object": "text_completion"}'], "malformed completion event", True),
         ([TEXT_EVENT, "[DONE]"], "the stream ended without a finish_reason", False),
     ],
 )
@@ -245,6 +246,30 @@ async def test_malformed_streams_are_protocol_errors(
         with pytest.raises(RemoteProtocolError, match=rf"^{url}/v1/completions: {message}") as e:
             await collect(engine, make_request())
     assert e.value.retryable is retryable
+
+
+async def test_events_that_arrive_together_are_one_chunk_with_their_count() -> None:
+    call = (
+        '{"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}'
+    )
+    more = '{"index": 0, "function": {"arguments": "}"}}'
+    events = [
+        TEXT_EVENT,
+        TEXT_EVENT,
+        f'{{"choices": [{{"index": 0, "delta": {{"tool_calls": [{call}]}}}}]}}',
+        f'{{"choices": [{{"index": 0, "delta": {{"tool_calls": [{more}]}}}}]}}',
+        '{"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}',
+        "[DONE]",
+    ]
+    # A chat stream whose events all arrive in one read (the text events are completions'; the
+    # chat parser reads their missing delta as no content).
+    chat = [e.replace('"text": "Hi"', '"delta": {"content": "Hi"}') for e in events]
+    async with engine_on(sse_response(*chat)) as engine:
+        chunks = await collect(engine, make_request(chat=ChatRequest(({"role": "user"},))))
+    first, last = chunks
+    assert (first.text, first.tokens) == ("HiHi", 4)  # four events, one token each
+    assert first.tool_calls == (ToolCallDelta(0, "c", "f", "{}"),)
+    assert isinstance(last, RemoteChunk) and last.finish_reason == "tool_calls"
 
 
 async def test_usage_from_the_server_rides_on_the_last_chunk() -> None:

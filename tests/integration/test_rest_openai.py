@@ -361,3 +361,27 @@ async def test_a_client_deadline_ends_the_call_with_504_and_frees_its_slot(
     assert answer.status_code == 504, answer.text
     assert answer.json()["error"]["code"] == "deadline_exceeded"
     assert await _slots_freed(router)
+
+
+async def test_a_client_deadline_ends_a_stream_with_an_error_event(
+    router: RouterServer, http: httpx.AsyncClient
+) -> None:
+    long = {
+        "model": GEN,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events = []
+    async with http.stream(
+        "POST", "/v1/chat/completions", json=long, headers={"x-request-timeout": "1"}
+    ) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "deadline_exceeded"
+    assert len(events) > 3  # it streamed before the deadline
+    assert await _slots_freed(router)
