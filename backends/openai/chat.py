@@ -56,7 +56,7 @@ def chat_body(request: GenerationRequest, *, model: str, dialect: str) -> dict[s
     spec = request.structured
     if spec is not None:
         if spec.kind in kind.response_formats:
-            body["response_format"] = response_format(spec)
+            body["response_format"] = response_format(spec, kind.schema_in_json_object)
         elif spec.kind in kind.structured:
             body["structured_outputs"] = structured_outputs(spec)
         else:
@@ -70,10 +70,13 @@ def chat_body(request: GenerationRequest, *, model: str, dialect: str) -> dict[s
     return body
 
 
-def response_format(spec: StructuredOutput) -> dict[str, Any]:
-    """OpenAI's response_format for a json_schema or json_object spec."""
+def response_format(spec: StructuredOutput, schema_in_json_object: bool = False) -> dict[str, Any]:
+    """OpenAI's response_format for a json_schema or json_object spec (a schema inside
+    json_object for llama.cpp's servers)."""
     if spec.kind == "json_object":
         return {"type": "json_object"}
+    if schema_in_json_object:
+        return {"type": "json_object", "schema": json.loads(spec.text)}
     return {
         "type": "json_schema",
         "json_schema": {"name": "output", "schema": json.loads(spec.text), "strict": True},

@@ -75,6 +75,9 @@ class Dialect:
     response_formats: frozenset[str] = frozenset({"json_schema", "json_object"})
     """StructuredOutput kinds a chat call sends as OpenAI's `response_format` (models with no
     local artifact); `structured` kinds beyond them go as `structured_outputs`."""
+    schema_in_json_object: bool = False
+    """A JSON schema goes as {"type": "json_object", "schema": ...} (llama.cpp's servers; both
+    take it, llama-cpp-python no other form) instead of OpenAI's json_schema."""
     max_tokens_key: str = "max_tokens"
     """The chat body's key for max_tokens (OpenAI's API: max_completion_tokens)."""
     key_header: str = "Authorization"
@@ -117,6 +120,7 @@ DIALECTS: Mapping[str, Dialect] = MappingProxyType(
             wire_names={"repetition_penalty": "repeat_penalty"},
             always={"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0},
             usage_in_stream=False,
+            schema_in_json_object=True,
         ),
         # OpenVINO Model Server streams a matched stop string (include_stop_str_in_output must
         # be true when streaming), so the router cuts the text itself.

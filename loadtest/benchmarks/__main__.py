@@ -23,6 +23,7 @@ if __name__ == "__main__":
         ("control plane", "control_plane_bench"),
         ("load-test harness", "harness_bench"),
         ("REST proxy", "proxy_bench"),
+        ("gateway to an OpenAI-compatible server", "gateway_bench"),
         ("caches and RAG", "cache_bench"),
         ("remote OpenAI-HTTP engine", "remote_bench"),
         ("hostile input", "hostile_bench"),

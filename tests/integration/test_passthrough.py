@@ -546,3 +546,33 @@ async def test_a_deployment_of_passthrough_replicas_retries_before_the_first_tok
     assert len(bad.generations()) >= 1  # round robin sent some to the failing replica...
     assert len(good.generations()) == 4  # ...whose calls were retried on the other
     assert all(r.body["messages"] == [{"role": "user", "content": "Hi"}] for r in bad.generations())
+
+
+@pytest.mark.parametrize(
+    "structured",
+    [
+        {"json_object": True},
+        {"json_schema": '{"type": "object", "properties": {"capital": {"type": "string"}}, '
+                        '"required": ["capital"], "additionalProperties": false}'},
+    ],
+)  # fmt: skip
+async def test_llama_cpp_enforces_a_response_format_itself(
+    stub: pb_grpc.InferenceServiceStub, structured: dict[str, Any]
+) -> None:
+    answer = await stub.Complete(
+        pb.CompleteRequest(
+            model="llama",
+            chat=chat(("user", "What is the capital of France? Answer in JSON.")),
+            sampling=pb.SamplingParams(
+                max_tokens=48,
+                temperature=0.0,
+                structured_output=pb.StructuredOutput(**structured),
+            ),
+            cache_mode=pb.CACHE_MODE_BYPASS,
+        )
+    )
+    assert answer.finish_reason == pb.FINISH_REASON_STOP, answer.text
+    value = json.loads(answer.text)
+    assert isinstance(value, dict)
+    if "json_schema" in structured:
+        assert set(value) == {"capital"} and isinstance(value["capital"], str)

@@ -62,9 +62,11 @@ def test_tools_and_choice_are_sent_when_given() -> None:
     ("dialect", "spec", "key", "value"),
     [
         ("openai", StructuredOutput("json_object"), "response_format", {"type": "json_object"}),
-        ("llama.cpp", StructuredOutput("json_schema", '{"type": "integer"}'), "response_format",
+        ("openai", StructuredOutput("json_schema", '{"type": "integer"}'), "response_format",
          {"type": "json_schema",
           "json_schema": {"name": "output", "schema": {"type": "integer"}, "strict": True}}),
+        ("llama.cpp", StructuredOutput("json_schema", '{"type": "integer"}'), "response_format",
+         {"type": "json_object", "schema": {"type": "integer"}}),
         ("vllm", StructuredOutput("regex", "a+"), "structured_outputs", {"regex": "a+"}),
     ],
 )  # fmt: skip
