@@ -120,7 +120,7 @@ def h2load(url: str, body: Path, *, requests: int, clients: int) -> tuple[float,
     return p50_ms, requests / elapsed
 
 
-def bench(quick: bool, passthrough: bool) -> None:
+def bench(quick: bool, passthrough: bool, litellm: str | None) -> None:
     n1 = 1_000 if quick else 4_000
     n32 = 2_000 if quick else 8_000
     upstream_port, grpc_port, http_port = free_port(), free_port(), free_port()
@@ -167,6 +167,9 @@ def bench(quick: bool, passthrough: bool) -> None:
             _, stream_rps = h2load(routed, bodies["up-stream"], requests=n32 // 2, clients=16)
             _, direct_paced = h2load(chat, bodies["direct-paced"], requests=n32 // 4, clients=16)
             _, paced_rps = h2load(routed, bodies["up-paced"], requests=n32 // 4, clients=16)
+            lite = None
+            if litellm:
+                lite = bench_litellm(litellm, upstream, Path(tmp), n1=n1 // 4, n32=n32 // 4)
     line("upstream direct, non-streamed chat p50 (1 in flight)", direct_p50, "ms")
     line("via the router, no artifact: p50", p50, "ms", direct_p50)
     line("  added by the router", p50 - direct_p50, "ms", None, "goal <= 1.0 ms")
@@ -180,6 +183,36 @@ def bench(quick: bool, passthrough: bool) -> None:
     pace = f"events {PACE_S * 1000:g} ms apart"
     line(f"upstream direct, streamed, {pace} (16 in flight)", direct_paced, "req/s")
     line(f"via the router, streamed, {pace}", paced_rps, "req/s", direct_paced)
+    if lite is not None:
+        # Each ratio: LiteLLM's figure against the router's, both measured above.
+        line("LiteLLM proxy, non-streamed p50 (1 in flight)", lite[0], "ms", p50)
+        line("LiteLLM proxy, non-streamed req/s (32 in flight)", lite[1], "req/s", rps)
+        line("  irouter / LiteLLM, req/s at 32 in flight", rps / lite[1], "x", None, "goal >= 10")
+        line("LiteLLM proxy, streamed req/s (16 in flight)", lite[2], "req/s", stream_rps)
+        line("  irouter / LiteLLM, streamed req/s", stream_rps / lite[2], "x")
+
+
+def bench_litellm(binary: str, upstream: str, tmp: Path, *, n1: int, n32: int) -> tuple[float, ...]:
+    """LiteLLM's proxy on core 1 in front of the same upstream (one worker): (p50 ms at 1 in
+    flight, req/s at 32, streamed req/s at 16). Optional: `--litellm PATH` to its binary, from
+    a venv of its own (`pip install 'litellm[proxy]'`; not one of the router's dependencies)."""
+    port = free_port()
+    config = tmp / "litellm.yaml"
+    params = {"model": f"openai/{MODEL}", "api_base": f"{upstream}/v1", "api_key": "unused"}
+    config.write_text(json.dumps({"model_list": [{"model_name": "up", "litellm_params": params}]}))
+    cmd = ["taskset", "-c", "1", binary, "--config", str(config), "--port", str(port),
+           "--num_workers", "1"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    with process(cmd, f"http://127.0.0.1:{port}/health/liveliness"):
+        body, stream = tmp / "litellm.json", tmp / "litellm-stream.json"
+        body.write_text(json.dumps({**CHAT, "model": "up", "stream": False}))
+        stream.write_text(json.dumps({**CHAT, "model": "up", "stream": True}))
+        _wait_serving(url, [body])
+        h2load(url, body, requests=100, clients=4)
+        p50, _ = h2load(url, body, requests=n1, clients=1)
+        _, rps = h2load(url, body, requests=n32, clients=32)
+        _, stream_rps = h2load(url, stream, requests=n32 // 2, clients=16)
+    return p50, rps, stream_rps
 
 
 def main() -> None:
@@ -190,12 +223,15 @@ def main() -> None:
         action="store_true",
         help="only the model with an artifact (a router from before models without one)",
     )
+    parser.add_argument(
+        "--litellm", metavar="PATH", help="also measure LiteLLM's proxy (its `litellm` binary)"
+    )
     args = parser.parse_args()
     cache = load_config().model_cache
     prepare_models(cache, progress=False)
     os.environ.setdefault("IROUTER_MODEL_CACHE", str(cache))
     print(f"CPU: {_cpu_model()}", flush=True)
-    bench(args.quick, not args.artifact_only)
+    bench(args.quick, not args.artifact_only, args.litellm)
 
 
 def _cpu_model() -> str:

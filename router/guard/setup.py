@@ -142,6 +142,8 @@ class RateLimitLink:
         )
 
         async def settle(done: CallScope, held: Reservation = reservation) -> None:
+            # A remote server's own count may have replaced the estimate reserved for.
+            held.prompt_tokens = done.prompt_tokens
             await self._limiter.settle(
                 held, used_tokens=done.prompt_tokens + done.completion_tokens
             )

@@ -276,7 +276,8 @@ class Answerer:
             reserve_tokens=num_prompt + request.params.max_tokens,
             stream=stream,
         )
-        self._children(model.name).prompt_tokens.inc(num_prompt)
+        if not passthrough:  # else counted when the server has said how many (pieces)
+            self._children(model.name).prompt_tokens.inc(num_prompt)
         prepared = Prepared(model, request_id, num_prompt, request, passages, key)
         prepared.tools = offered
         if passthrough:
@@ -434,6 +435,8 @@ class Answerer:
             scope.record_usage(tokens)
             if engine_run:
                 children.completion_tokens.inc(tokens)
+                if prepared.usage_source is not UsageSource.ROUTER:
+                    children.prompt_tokens.inc(prepared.num_prompt)
 
     def _remember(self, prepared: Prepared, answer: CachedAnswer) -> None:
         assert self._responses is not None and prepared.cache_key is not None

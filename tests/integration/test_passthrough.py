@@ -138,6 +138,25 @@ async def test_a_conversation_goes_to_the_chat_route_as_it_is(
     assert answer.usage.source == pb.USAGE_SOURCE_SERVER
 
 
+async def test_the_metrics_count_the_servers_tokens_not_the_estimate(
+    router: RouterServer, stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
+) -> None:
+    def counted(name: str) -> float:
+        value = router.metrics.registry.get_sample_value(f"{name}_total", {"model": "up"})
+        return value or 0.0
+
+    before = counted("irouter_prompt_tokens"), counted("irouter_completion_tokens")
+    fake.script(Answer([chat_event("ok"), chat_event(finish="stop"), usage_event(321, 7)]))
+    answer = await stub.Complete(
+        pb.CompleteRequest(
+            model="up", chat=chat(("user", "x" * 400)), cache_mode=pb.CACHE_MODE_BYPASS
+        )
+    )
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (321, 7)
+    after = counted("irouter_prompt_tokens"), counted("irouter_completion_tokens")
+    assert (after[0] - before[0], after[1] - before[1]) == (321, 7)
+
+
 async def test_the_openai_dialect_gets_max_completion_tokens(
     stub: pb_grpc.InferenceServiceStub, fake: FakeOpenAI
 ) -> None:
