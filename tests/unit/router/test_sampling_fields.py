@@ -49,4 +49,4 @@ def test_a_proto_with_every_field_set_reaches_sampling_params() -> None:
 def test_engines_see_the_same_fields() -> None:
     sampling = {f.name for f in dataclasses.fields(SamplingParams)}
     request = {f.name for f in dataclasses.fields(GenerationRequest)}
-    assert request - sampling == {"request_id", "prompt_ids", "prompt", "chat"}
+    assert request - sampling == {"request_id", "prompt_ids", "prompt", "chat", "stream"}
