@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copyreg
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -248,6 +249,10 @@ class RouterServer:
             self._reconciling = asyncio.get_running_loop().create_task(reconciler.run())
         if self.models.dispatcher is not None:
             self.serving.check_replicas()
+        # What loading made lives as long as the process: out of the collector's generations,
+        # so that a full collection no longer walks it (gateway calls at 1 in flight: mean
+        # 1.16-1.29 ms against 1.25-1.38 ms without, within this machine's noise).
+        gc.freeze()
         if all(m.ready for m in self.models):
             await self.health.set("", SERVING)
             await self.health.set(INFERENCE_SERVICE.full_name, SERVING)
