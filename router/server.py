@@ -249,10 +249,6 @@ class RouterServer:
             self._reconciling = asyncio.get_running_loop().create_task(reconciler.run())
         if self.models.dispatcher is not None:
             self.serving.check_replicas()
-        # What loading made lives as long as the process: out of the collector's generations,
-        # so that a full collection no longer walks it (gateway calls at 1 in flight: mean
-        # 1.16-1.29 ms against 1.25-1.38 ms without, within this machine's noise).
-        gc.freeze()
         if all(m.ready for m in self.models):
             await self.health.set("", SERVING)
             await self.health.set(INFERENCE_SERVICE.full_name, SERVING)
@@ -295,11 +291,21 @@ ConfigSource = Callable[[], RouterConfig]
 """Reads the configuration again (file, environment, flags), for SIGHUP."""
 
 
+async def freeze_when_ready(router: RouterServer) -> None:
+    """Once loaded, move what the process holds for good out of the garbage collector's
+    generations, so a full collection no longer walks it (gateway calls at 1 in flight: mean
+    1.16-1.29 ms against 1.25-1.38 ms without, within this machine's noise). Process entry
+    points only: a test session starting many routers would keep their cyclic garbage."""
+    await router.wait_ready()
+    gc.freeze()
+
+
 async def serve(
     config: RouterConfig, *, worker: int = 0, reload: ConfigSource | None = None
 ) -> None:
     router = RouterServer(config, worker=worker)
     await router.start()
+    frozen = asyncio.get_running_loop().create_task(freeze_when_ready(router))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -307,6 +313,7 @@ async def serve(
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(router, reload)))
     await stop.wait()
+    frozen.cancel()
     logger.info("shutting down: in-flight calls get %.1fs", config.server.grace_seconds)
     await router.stop()
     # The SIGHUP handler holds the router: drop it, so the router and its engines' native

@@ -16,7 +16,7 @@ import uvicorn
 from router import logs
 from router.config import RouterConfig
 from router.rest.app import create_app
-from router.server import RouterServer
+from router.server import RouterServer, freeze_when_ready
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ async def serve_with_proxy(config: RouterConfig, http_port: int) -> None:
     s = config.server
     router = RouterServer(config)
     grpc_port = await router.start()
+    frozen = asyncio.ensure_future(freeze_when_ready(router))
     # The OpenAI routes call the router's handlers in this process; the others its gRPC port.
     app = create_app(f"{loopback(s.host)}:{grpc_port}", local=router.local_handlers)
     proxy = _Server(
@@ -94,6 +95,7 @@ async def serve_with_proxy(config: RouterConfig, http_port: int) -> None:
             logger.error("the REST proxy on %s:%d stopped on its own", s.host, http_port)
     finally:
         stopping.cancel()
+        frozen.cancel()
         proxy.should_exit = True
         await serving
         logger.info("shutting down: in-flight calls get %.1fs", s.grace_seconds)
