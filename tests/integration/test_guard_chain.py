@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import httpx
 import jwt
 import pytest
 from google.rpc import error_details_pb2
@@ -26,6 +27,7 @@ from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.registry.keys import KeyStore
 from router.server import RouterServer
 from tests.integration.conftest import EMB, GEN, make_config, running
+from tests.integration.rest_proxy import serve_proxy
 
 SECRET = "a-shared-secret-of-at-least-32-bytes!!"
 ISSUER = "https://issuer.test"
@@ -298,3 +300,30 @@ async def test_the_retrieval_option_needs_retrieval_read(
     _, reader = make_key(tmp, "inference:generate", "retrieval:read")
     err = await error_of(stub.Complete(request, metadata=key_md(reader)))
     assert err.code() == grpc.StatusCode.NOT_FOUND  # past the guard, to the collection lookup
+
+
+async def test_the_in_process_openai_routes_run_the_same_guard(
+    guarded: tuple[RouterServer, Path],
+) -> None:
+    server, tmp = guarded
+    _, key = make_key(tmp, "inference:generate", "inference:read")
+    body = {"model": GEN, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    async with (
+        serve_proxy(f"127.0.0.1:{server.port}", server.local_handlers) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        refused = await http.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 401, refused.text
+        assert "x-api-key" in refused.json()["error"]["message"]
+        answered = await http.post("/v1/chat/completions", json=body, headers={"x-api-key": key})
+        assert answered.status_code == 200, answered.text
+        # The output guardrail applies as over gRPC (test_output_guardrail_stops_the_stream).
+        paris = [{"role": "user", "content": "What is the capital of France?"}]
+        filtered = await http.post(
+            "/v1/chat/completions",
+            json={**body, "messages": paris, "max_tokens": 32, "temperature": 0},
+            headers={"x-api-key": key},
+        )
+        choice = filtered.json()["choices"][0]
+        assert choice["finish_reason"] == "content_filter", choice
+        assert "Paris" not in choice["message"]["content"]
