@@ -16,7 +16,7 @@ import uvicorn
 from router import logs
 from router.config import RouterConfig
 from router.rest.app import create_app
-from router.server import RouterServer, freeze_when_ready
+from router.server import RouterServer, freeze_when_ready, thaw
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ async def serve_with_proxy(config: RouterConfig, http_port: int) -> None:
         await serving
         logger.info("shutting down: in-flight calls get %.1fs", s.grace_seconds)
         await router.stop()
+        thaw()
 
 
 def run_with_proxy(config: RouterConfig, http_port: int) -> int:
