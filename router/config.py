@@ -397,6 +397,8 @@ def replica_model(model: ModelConfig, deployment: str, replica: Any) -> ModelCon
         changes[key] = dataclasses.replace(
             base, url=replica.url, model=replica.remote_model or base.model or model.name
         )
+        if backend == "openai_http" and replica.dialect:
+            changes[key] = dataclasses.replace(changes[key], dialect=replica.dialect)
     if replica.device:
         changes["device"] = replica.device
     elif model.backend != replica.backend:

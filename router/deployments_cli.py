@@ -31,6 +31,11 @@ def register_cli(
     create.add_argument("--device", default="", help="OpenVINO device of local replicas")
     create.add_argument("--url", default="", help="remote replicas' server (openai_http...)")
     create.add_argument("--remote-model", default="", help="the model's name on that server")
+    create.add_argument(
+        "--dialect",
+        default="",
+        help="openai_http: the server kind (openai, vllm, trtllm, llama.cpp, ovms)",
+    )
     create.add_argument("--threads", type=int, default=0, help="threads per replica (0: 2)")
     create.add_argument("--max-slots", type=int, default=0, help="sequences per replica (0: 16)")
     create.add_argument("--max-context", type=int, default=0, help="tokens per sequence")
@@ -83,7 +88,9 @@ def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
     if command == "create":
         replica = {"backend": args.backend, "device": args.device, "url": args.url}
         replicas = [
-            pb.Replica(name=f"r{i}", remote_model=args.remote_model, **replica)
+            pb.Replica(
+                name=f"r{i}", remote_model=args.remote_model, dialect=args.dialect, **replica
+            )
             for i in range(args.replicas)
         ]
         deployment = pb.Deployment(

@@ -137,6 +137,7 @@ def replica_config(r: ReplicaSpec) -> ReplicaConfig:
         url=r.url,
         weight=r.weight,
         remote_model=r.remote_model,
+        dialect=r.dialect,
     )
 
 

@@ -56,9 +56,13 @@ class ReplicaSpec:
     """Share of the deployment's traffic (> 0)."""
     model_version: str = ""
     """The version it serves: '' is the deployment's; a rollout's target while one runs."""
+    dialect: str = ""
+    """An openai_http replica's server kind ('' : openai); see backends.openai.wire.DIALECTS."""
 
 
 ROLLOUT_STATES = ("running", "completed", "rolled_back")
+REPLICA_DIALECTS = ("openai", "vllm", "trtllm", "llama.cpp", "ovms")
+"""Server kinds a replica may name (azure needs an api_version and key the API does not carry)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +170,12 @@ def _check_replica(i: int, r: ReplicaSpec) -> None:
             raise InvalidArgument(
                 f"{where}.device {quote(r.device)} applies to a local replica, not a remote one",
                 field=f"{where}.device",
+            )
+        if r.dialect and (r.backend != "openai_http" or r.dialect not in REPLICA_DIALECTS):
+            raise InvalidArgument(
+                f"{where}.dialect {quote(r.dialect)}: backend 'openai_http' takes one of "
+                f"{', '.join(REPLICA_DIALECTS)}",
+                field=f"{where}.dialect",
             )
     elif r.backend in LOCAL_BACKENDS:
         if r.url or r.remote_model:

@@ -53,6 +53,8 @@ class ReplicaConfig:
     """Relative share of the deployment's traffic this replica takes (> 0)."""
     remote_model: str = ""
     """Model name on a remote server; empty: the model's `remote.model`, else its name."""
+    dialect: str = ""
+    """An openai_http replica's server kind; empty: the model's `remote.dialect`."""
 
     @property
     def remote(self) -> bool:

@@ -48,6 +48,7 @@ def deployment_from_pb(m: pb.Deployment) -> Deployment:
                 url=r.url,
                 remote_model=r.remote_model,
                 weight=r.weight or 1.0,
+                dialect=r.dialect,
             )
             for r in m.replicas
         ),
@@ -83,6 +84,7 @@ class DeploymentServicer:
                     remote_model=r.remote_model,
                     weight=r.weight,
                     model_version=r.model_version,
+                    dialect=r.dialect,
                 )
                 for r in d.replicas
             ],
@@ -152,6 +154,7 @@ class DeploymentServicer:
                 url=t.url,
                 remote_model=t.remote_model,
                 weight=t.weight or 1.0,
+                dialect=t.dialect,
             )
         started = await self._control.rollout(
             request.name,

@@ -434,7 +434,12 @@ async def test_a_remote_version_deploys_with_no_local_artifact(
         local = small("hosted-local", model_name="hosted")  # a replica here needs an artifact
         got, message = await status_of(create(stub, local))
         assert got != grpc.StatusCode.OK and "artifact" in message, message
-        replica = pb.Replica(name="r0", backend="openai_http", url=fake.url, remote_model="up")
+        bad = pb.Replica(name="r0", backend="openai_http", url=fake.url, dialect="tgi")
+        got, message = await status_of(create(stub, small("hosted-bad", replicas=[bad])))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT and "replicas[0].dialect" in message
+        replica = pb.Replica(
+            name="r0", backend="openai_http", url=fake.url, remote_model="up", dialect="vllm"
+        )
         await create(stub, small("hosted-dep", replicas=[replica], model_name="hosted"))
         try:
             answer = await inference_grpc.InferenceServiceStub(channel).Complete(
@@ -443,13 +448,14 @@ async def test_a_remote_version_deploys_with_no_local_artifact(
                     chat=inference_pb.ChatMessages(
                         messages=[inference_pb.ChatMessage(role="user", content="Hi")]
                     ),
+                    sampling=inference_pb.SamplingParams(top_k=5),  # vLLM takes it
                     cache_mode=inference_pb.CACHE_MODE_BYPASS,
                 ),
                 timeout=TIMEOUT,
             )
             assert answer.text == "ok" and answer.usage.source == inference_pb.USAGE_SOURCE_SERVER
             sent = fake.generations()[-1]
-            assert sent.path == "/v1/chat/completions"
+            assert sent.path == "/v1/chat/completions" and sent.body["top_k"] == 5
             assert sent.body["messages"] == [{"role": "user", "content": "Hi"}]
         finally:
             await stub.DeleteDeployment(

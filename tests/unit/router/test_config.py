@@ -385,3 +385,30 @@ routing:
         "smol",
     )
     assert a.remote.dialect == "llama.cpp" and b.remote.read_timeout_s == 30
+
+
+def test_a_replica_names_its_servers_dialect_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    from router.config import replica_model
+
+    text = """
+models:
+  - {{name: hosted, kind: generate, backend: openai_http, remote: {{dialect: openai}}}}
+routing:
+  deployments:
+    - name: chat
+      model: hosted
+      replicas:
+        - {{name: a, backend: openai_http, url: "http://10.0.0.7:8000", dialect: {dialect}}}
+        - {{name: b, backend: openai_http, url: "http://10.0.0.8:8000"}}
+"""
+    path = tmp_path / "router.yaml"
+    path.write_text(text.format(dialect="vllm"))
+    config = load_config(path, env={})
+    hosted = config.models[0]
+    assert hosted.passthrough  # no artifact
+    a, b = (replica_model(hosted, "chat", r) for r in config.routing.deployment("chat").replicas)
+    assert a.remote is not None and b.remote is not None
+    assert (a.remote.dialect, b.remote.dialect) == ("vllm", "openai")
+    path.write_text(text.format(dialect="tgi"))
+    with pytest.raises(ConfigError, match=r"replicas\['a'\].*dialect='tgi' is unknown"):
+        load_config(path, env={})

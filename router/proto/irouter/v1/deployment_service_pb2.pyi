@@ -61,6 +61,7 @@ class Replica(_message.Message):
     REMOTE_MODEL_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    DIALECT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique within the deployment: 1-32 of a-z, 0-9, '_', '-'."""
     backend: _builtins.str
@@ -75,6 +76,10 @@ class Replica(_message.Message):
     """Share of the deployment's traffic (> 0; 0 means 1)."""
     model_version: _builtins.str
     """Output only. The version it serves while a rollout runs (empty: the deployment's)."""
+    dialect: _builtins.str
+    """An openai_http replica's server kind: "openai" (default), "vllm", "trtllm", "llama.cpp"
+    or "ovms" (what each is sent: README, Remote models).
+    """
     def __init__(
         self,
         *,
@@ -85,10 +90,11 @@ class Replica(_message.Message):
         remote_model: _builtins.str = ...,
         weight: _builtins.float = ...,
         model_version: _builtins.str = ...,
+        dialect: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "model_version", b"model_version", "name", b"name", "remote_model", b"remote_model", "url", b"url", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dialect", b"dialect", "model_version", b"model_version", "name", b"name", "remote_model", b"remote_model", "url", b"url", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
