@@ -129,6 +129,16 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
     )
 
 
+def _pricing(version: ModelVersion) -> Pricing:
+    return Pricing(
+        version.name,
+        version.version,
+        version.input_price_per_1k,
+        version.output_price_per_1k,
+        version.currency,
+    )
+
+
 def replica_config(r: ReplicaSpec) -> ReplicaConfig:
     return ReplicaConfig(
         name=r.name,
@@ -182,6 +192,9 @@ class DeploymentController:
     def applied(self, d: Deployment) -> None:
         """This router serves `d` as stored."""
         self.generations[d.name] = d.generation
+        self._usage.set_replica_versions(
+            d.name, {r.name: r.model_version or d.model_version for r in d.replicas}
+        )
 
     async def version_of(self, d: Deployment) -> tuple[ModelVersion, ModelConfig]:
         version = await call(self._versions.get, d.model_name, d.model_version)
@@ -192,14 +205,12 @@ class DeploymentController:
 
     def bill(self, name: str, version: ModelVersion) -> None:
         """Calls to `name` are metered at `version`'s prices from now on."""
-        pricing = Pricing(
-            version.name,
-            version.version,
-            version.input_price_per_1k,
-            version.output_price_per_1k,
-            version.currency,
-        )
-        self._usage.set_pricing(name, pricing)
+        self._usage.set_pricing(name, _pricing(version))
+
+    def bill_also(self, name: str, version: ModelVersion) -> None:
+        """Calls `name`'s replicas of `version` serve (a rollout's target) are metered at its
+        prices."""
+        self._usage.add_pricing(name, _pricing(version))
 
     async def create(self, d: Deployment, actor: str) -> Deployment:
         """Serve `d` and store it; it serves on return (some replicas may have failed)."""
@@ -343,7 +354,7 @@ class DeploymentController:
             if shell is None:
                 raise FailedPrecondition(f"deployment {quote(name)} is not served by this router")
             target = dataclasses.replace(current, model_version=r.target_version)
-            _, model = await self.version_of(target)
+            target_version, model = await self.version_of(target)
             if model.passthrough != shell.config.passthrough:
                 raise FailedPrecondition(
                     f"version {quote(r.target_version)} and {quote(current.model_version)} differ "
@@ -378,6 +389,7 @@ class DeploymentController:
             first = with_weights(first)  # the first step's shares, stored with the replicas
             share = {x.name: x.weight for x in first.replicas}
             new = tuple(x for x in first.replicas if x.model_version == r.target_version)
+            self.bill_also(name, target_version)  # its replicas bill at its prices
             loaded = await self._serving.add_replicas(
                 name, tuple(replica_config(x) for x in new), dataclasses.replace(model, name=name)
             )

@@ -121,7 +121,9 @@ class Reconciler:
             if not missing:
                 continue
             target = dataclasses.replace(d, model_version=version_name)
-            _, replica_model = await control.version_of(target)
+            other_version, replica_model = await control.version_of(target)
+            if version_name != d.model_version:
+                control.bill_also(d.name, other_version)  # a rollout's target: its own prices
             await self._serving.add_replicas(
                 d.name,
                 tuple(replica_config(r) for r in missing),

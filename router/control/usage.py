@@ -100,6 +100,10 @@ class UsageRecorder:
         self.engine = engine
         self._clock = clock
         self._prices: dict[str, Pricing] = {}
+        self._version_prices: dict[tuple[str, str], Pricing] = {}
+        """(served, version) → its prices: during a rollout a served name has two versions."""
+        self._replica_versions: dict[str, dict[str, str]] = {}
+        """served → {replica: the version it serves}, as the deployment is stored."""
         self._pending: dict[BucketKey, Bucket] = {}
         self._counters: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
         """Prometheus children by bucket key less its minute: labels() is resolved once."""
@@ -126,8 +130,33 @@ class UsageRecorder:
         """How calls to `served` bill from now on (None: as a model of no version, free)."""
         if pricing is None:
             self._prices.pop(served, None)
+            self._replica_versions.pop(served, None)
+            for key in [k for k in self._version_prices if k[0] == served]:
+                del self._version_prices[key]
         else:
             self._prices[served] = pricing
+            self.add_pricing(served, pricing)
+
+    def add_pricing(self, served: str, pricing: Pricing) -> None:
+        """Another version `served` has replicas of (a rollout's target): calls its replicas
+        serve bill at its prices (set_replica_versions says which replicas)."""
+        self._version_prices[served, pricing.model_version] = pricing
+
+    def set_replica_versions(self, served: str, versions: dict[str, str]) -> None:
+        """Which version each replica of `served` serves (replica name → version)."""
+        self._replica_versions[served] = dict(versions)
+
+    def _price(self, scope: CallScope) -> Pricing:
+        """The served name's prices, or those of the version the replica that answered serves
+        (a rollout's target bills at its own prices, not the old version's)."""
+        price = self._prices.get(scope.model)
+        if price is None:
+            return Pricing(scope.model, "")
+        if scope.served_replica:
+            version = self._replica_versions.get(scope.model, {}).get(scope.served_replica)
+            if version and version != price.model_version:
+                price = self._version_prices.get((scope.model, version), price)
+        return price
 
     def record(self, scope: CallScope) -> None:
         """One finished call (its tokens are on the scope). On the loop, no I/O."""
@@ -136,7 +165,7 @@ class UsageRecorder:
         identity = scope.identity
         tenant = identity.tenant if identity is not None else ANONYMOUS_SUBJECT
         key_id = (identity.key_id or identity.subject) if identity is not None else ""
-        price = self._prices.get(scope.model) or Pricing(scope.model, "")
+        price = self._price(scope)
         prompt, completion = scope.prompt_tokens, scope.completion_tokens
         cost = price.cost(prompt, completion)
         minute = int(self._clock()) // 60 * 60

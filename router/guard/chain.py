@@ -53,6 +53,8 @@ class CallScope:
     context: grpc.aio.ServicerContext[Any, Any] | None = None
     identity: Identity | None = None
     model: str = ""
+    served_replica: str = ""
+    """The deployment's replica whose attempt ran last (what usage bills a rollout by)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)

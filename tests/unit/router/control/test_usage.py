@@ -89,3 +89,32 @@ async def test_buckets_wait_while_the_database_refuses_them(engine, monkeypatch)
     await recorder.flush()
     (row,) = usage.query(engine, T0 - 60, T0 + 60, [])
     assert (row.calls, row.input_tokens, row.output_tokens) == (2, 20, 2)
+
+
+async def test_during_a_rollout_each_replica_bills_at_its_versions_prices(engine) -> None:  # type: ignore[no-untyped-def]
+    recorder = UsageRecorder(engine, Metrics(), clock=lambda: float(T0))
+    recorder.set_pricing("chat", Pricing("smol", "1", Decimal("1"), Decimal("0")))
+    recorder.add_pricing("chat", Pricing("smol", "2", Decimal("10"), Decimal("0")))
+    recorder.set_replica_versions("chat", {"r0": "1", "r1": "2"})
+
+    def call(replica: str) -> CallScope:
+        s = scope("chat", 1000, 0, tenant="acme")
+        s.served_replica = replica
+        return s
+
+    recorder.record(call("r0"))  # the old version's replica: its prices
+    recorder.record(call("r1"))  # the rollout's target: the target's prices, not the old ones
+    recorder.record(call(""))  # not routed (unknown replica): the deployment's own version
+    await recorder.flush()
+    rows = usage.query(engine, T0 - DAY, T0 + DAY, ["version"])
+    assert {r.version: (r.calls, r.cost) for r in rows} == {
+        "1": (2, Decimal(2)),
+        "2": (1, Decimal(10)),
+    }
+    # The rollout completes: the deployment bills at version 2 alone.
+    recorder.set_pricing("chat", Pricing("smol", "2", Decimal("10"), Decimal("0")))
+    recorder.set_replica_versions("chat", {"r1": "2"})
+    recorder.record(call("r1"))
+    await recorder.flush()
+    rows = usage.query(engine, T0 - DAY, T0 + DAY, ["version"])
+    assert {r.version: r.calls for r in rows} == {"1": 2, "2": 2}
