@@ -105,6 +105,7 @@ class RoutedEngine:
 
     async def _attempt(self, request: Request, info: AttemptInfo) -> AsyncGenerator[Chunk, None]:
         engine = self._lookup(info.deployment, info.replica.name)
+        request.served_by = info.replica.name  # the call's own Request: what usage bills by
         if self._on_attempt is not None:
             self._on_attempt(info)
         if info.attempt > 1:

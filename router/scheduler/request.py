@@ -72,6 +72,8 @@ class Request:
     chat: ChatRequest | None = None
     """The conversation itself, for an engine that renders it (a model with no local artifact:
     prompt_ids is then empty)."""
+    served_by: str = ""
+    """Routed models: the replica whose attempt ran last (a rollout bills by its version)."""
     slot_at: float = 0.0
     """time.monotonic() when it first got a slot (0: not yet); admission measures the time from
     there to the first token."""

@@ -432,6 +432,8 @@ class Answerer:
                     parser.called,
                 )
         finally:
+            if prepared.request is not None:
+                scope.served_replica = prepared.request.served_by
             scope.record_usage(tokens)
             if engine_run:
                 children.completion_tokens.inc(tokens)

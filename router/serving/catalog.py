@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from router.config import ConfigError, ModelConfig, replica_model
 from router.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, quote
-from router.guard.chain import current_scope
 from router.routing import reload
 from router.routing.attempt import AttemptInfo
 from router.routing.breaker import BreakerState
@@ -187,9 +186,6 @@ class Catalog:
 
     def _attempt_started(self, info: AttemptInfo) -> None:
         self.stats.started(info)
-        scope = current_scope.get()
-        if scope is not None:  # the call's task context: usage bills by the serving replica
-            scope.served_replica = info.replica.name
         key = (info.deployment, info.replica.name)
         child = self._attempt_counters.get(key)
         if child is None:

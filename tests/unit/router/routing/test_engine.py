@@ -113,6 +113,7 @@ async def test_a_failed_first_attempt_is_retried_with_a_fresh_request() -> None:
     assert retried is not original and retried.engine_id == 100
     assert retried.prompt_ids == original.prompt_ids and retried.params == original.params
     assert down.closed == up.closed == 1 and engine.num_unfinished == 0
+    assert original.served_by == "up"  # the replica that answered: what usage bills by
     health = dispatcher.health()["d"]
     assert [r.outstanding for r in health.replicas] == [0, 0]
     assert await engine.ready()

@@ -81,18 +81,3 @@ def test_engine_ids_are_unique() -> None:
     ids = [catalog.next_engine_id() for _ in range(100)]
     assert len(set(ids)) == 100
 
-
-def test_a_routed_attempt_names_its_replica_on_the_calls_scope() -> None:
-    from router.guard.chain import CallScope, current_scope
-    from router.routing.attempt import AttemptInfo
-
-    rc = ReplicaConfig(name="r1", backend="onnxruntime")
-    routing = RoutingConfig(deployments=(DeploymentConfig(name="chat", model=GEN, replicas=(rc,)),))
-    catalog = make_catalog(routing)
-    scope = CallScope(method="/m", request_id="", metadata={})
-    token = current_scope.set(scope)
-    try:
-        catalog._attempt_started(AttemptInfo("chat", GEN, rc, 1, None))
-    finally:
-        current_scope.reset(token)
-    assert scope.served_replica == "r1"  # what usage bills a rollout's calls by
