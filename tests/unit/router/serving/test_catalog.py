@@ -80,4 +80,3 @@ def test_engine_ids_are_unique() -> None:
     catalog = make_catalog()
     ids = [catalog.next_engine_id() for _ in range(100)]
     assert len(set(ids)) == 100
-
