@@ -209,10 +209,11 @@ async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake.port = sock.getsockname()[1]
     server = QuietServer(uvicorn.Config(fake.app(), log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()  # raises why it could not start
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(30):  # poll uvicorn's start, with a deadline
+        while not server.started:
+            if task.done():
+                task.result()  # raises why it could not start
+            await asyncio.sleep(0.01)
     try:
         yield fake
     finally:

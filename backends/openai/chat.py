@@ -17,11 +17,10 @@ from backends.openai.wire import (
     CHAT_FINISH_REASONS,
     DIALECTS,
     CompletionEvent,
-    load_event,
+    first_choice,
     refuse_unhonoured,
     sampling_fields,
     structured_outputs,
-    usage_counts,
 )
 from backends.remote import RemoteProtocolError
 
@@ -91,12 +90,9 @@ def parse_chat_event(url: str, data: str, *, emitted: bool) -> CompletionEvent:
     a chat completion chunk; `emitted` (output was already passed on) makes neither retryable.
     """
     try:
-        event = load_event(url, data, emitted=emitted)
-        counts = usage_counts(event)
-        choices = event["choices"]
-        if not choices:  # the usage event
+        choice, counts = first_choice(url, data, emitted=emitted)
+        if choice is None:  # the usage event
             return CompletionEvent("", None, counts)
-        choice = choices[0]
         delta = choice.get("delta") or {}
         text = delta.get("content") or ""
         if not isinstance(text, str):

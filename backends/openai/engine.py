@@ -130,6 +130,21 @@ class _HttpRemote:
         assert self._session is not None
         return self._session
 
+    async def _post(
+        self, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout | None = None
+    ) -> bytes:
+        """A whole JSON answer's bytes; RemoteError naming the URL for a failure or an HTTP
+        error (retryable as its status says: nothing was passed on yet)."""
+        try:
+            async with self.session.post(url, json=body, timeout=timeout) as response:
+                data = await response.read()
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(url, exc, emitted=False) from exc
+        if response.status >= 400:
+            text = data.decode("utf-8", "replace")
+            raise http_error(url, response.status, response.reason or "", text)
+        return data
+
     async def ready(self, timeout_s: float | None = None) -> bool:
         """Whether GET /models answers and lists config.model: a health probe that never
         raises and waits at most timeout_s in all (None: connect_timeout_s per phase)."""
@@ -339,15 +354,7 @@ class OpenAIHttpEngine(_HttpRemote):
         bounded by unary_timeout_s (the whole generation is one silence), not read_timeout_s."""
         body["stream"] = False
         body.pop("stream_options", None)
-        timeout = _timeout(self.config, self.config.unary_timeout_s)
-        try:
-            async with self.session.post(url, json=body, timeout=timeout) as response:
-                data = await response.read()
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(url, exc, emitted=False) from exc
-        if response.status >= 400:
-            text = data.decode("utf-8", "replace")
-            raise http_error(url, response.status, response.reason or "", text)
+        data = await self._post(url, body, _timeout(self.config, self.config.unary_timeout_s))
         answer = parse_answer(url, data, chat=chat)
         prompt, completion = answer.usage or (None, None)
         if completion is None:  # a server that reports no usage: the documented estimate
@@ -376,15 +383,7 @@ class OpenAIHttpEmbedder(_HttpRemote):
         if not texts:
             return np.zeros((0, self.dim or 0), np.float32)
         url = self.config.endpoint("/embeddings")
-        body = {"model": self.config.model, "input": list(texts)}
-        try:
-            async with self.session.post(url, json=body) as response:
-                data = await response.read()
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(url, exc, emitted=False) from exc
-        if response.status >= 400:
-            text = data.decode("utf-8", "replace")
-            raise http_error(url, response.status, response.reason or "", text)
+        data = await self._post(url, {"model": self.config.model, "input": list(texts)})
         try:
             items = sorted(json.loads(data)["data"], key=lambda item: int(item["index"]))
             out = np.asarray([item["embedding"] for item in items], dtype=np.float32)

@@ -250,6 +250,16 @@ def usage_counts(event: dict[str, Any]) -> tuple[int | None, int | None] | None:
     return usage.get("prompt_tokens"), usage.get("completion_tokens")
 
 
+def first_choice(
+    url: str, data: str, *, emitted: bool
+) -> tuple[dict[str, Any] | None, tuple[int | None, int | None] | None]:
+    """(the event's first choice, or None for a usage event; its usage counts). Raises what
+    load_event raises, and KeyError/IndexError/TypeError for an event without choices."""
+    event = load_event(url, data, emitted=emitted)
+    choices = event["choices"]
+    return (choices[0] if choices else None), usage_counts(event)
+
+
 def parse_event(url: str, data: str, *, emitted: bool) -> CompletionEvent:
     """Read the data of one /completions SSE event (not '[DONE]').
 
@@ -257,12 +267,9 @@ def parse_event(url: str, data: str, *, emitted: bool) -> CompletionEvent:
     a completion chunk; `emitted` (text was already passed on) makes neither retryable.
     """
     try:
-        event = load_event(url, data, emitted=emitted)
-        counts = usage_counts(event)
-        choices = event["choices"]
-        if not choices:  # the usage event
+        choice, counts = first_choice(url, data, emitted=emitted)
+        if choice is None:  # the usage event
             return CompletionEvent("", None, counts)
-        choice = choices[0]
         text = choice.get("text") or ""
         if not isinstance(text, str):
             raise TypeError(f"choices[0].text is a {type(text).__name__}")

@@ -192,11 +192,12 @@ class Answerer:
         params, max_tokens_set, priority = call.params, call.max_tokens_set, call.priority
         tools = call.tools
         passthrough = model.config.passthrough
-        # A passthrough model's server parses its own tool calls: its chunks carry them.
+        # A passthrough model's server renders tools and parses its own tool calls (its chunks
+        # carry them): tools and their history go to it as they are.
         offered = tools is not None and bool(tools.offered) and not passthrough
-        if passthrough:
-            pass  # tools and their history go to the server as they are
-        elif tools is not None or (messages is not None and has_tool_history(messages)):
+        if not passthrough and (
+            tools is not None or (messages is not None and has_tool_history(messages))
+        ):
             messages, params = offer_tools(model, tools, messages, params)
         stream = call.stream
         question = (messages, prompt)

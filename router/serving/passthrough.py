@@ -28,7 +28,7 @@ from backends.base import ChatRequest, SamplingParams
 from router.errors import InvalidArgument
 from router.scheduler.request import Priority, Request, validate_sampling
 from router.serving.model import ServedModel
-from router.serving.prompt import CHAT_ROLES
+from router.serving.prompt import check_messages
 from router.tools import prompt as tool_prompt
 from router.tools.spec import Tools
 
@@ -83,14 +83,7 @@ def refuse_images(model: ServedModel, messages: list[dict[str, str]]) -> None:
 
 def chat_request(messages: list[dict[str, str]], tools: Tools | None) -> ChatRequest:
     """The conversation and tools in the OpenAI chat API's form."""
-    if not messages:
-        raise InvalidArgument("chat.messages is empty", field="chat.messages")
-    for i, m in enumerate(messages):
-        if m["role"] not in CHAT_ROLES:
-            raise InvalidArgument(
-                f"chat.messages[{i}].role={m['role']!r} is not one of {CHAT_ROLES}",
-                field=f"chat.messages[{i}].role",
-            )
+    check_messages(messages)
     tool_prompt.check_history(messages)
     turns: list[dict[str, Any]] = []
     for m in messages:

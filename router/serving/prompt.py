@@ -21,6 +21,18 @@ from router.tools.spec import Tools
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
+def check_messages(messages: list[dict[str, str]]) -> None:
+    """A conversation has turns, each of a known role; InvalidArgument naming the field."""
+    if not messages:
+        raise InvalidArgument("chat.messages is empty", field="chat.messages")
+    for i, m in enumerate(messages):
+        if m["role"] not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"chat.messages[{i}].role={m['role']!r} is not one of {CHAT_ROLES}",
+                field=f"chat.messages[{i}].role",
+            )
+
+
 def render(
     model: ServedModel,
     *,
@@ -32,14 +44,7 @@ def render(
     template that takes tools gets them and the tool history (router.serving.tooling has put
     them into the messages for one that does not)."""
     if messages is not None:
-        if not messages:
-            raise InvalidArgument("chat.messages is empty", field="chat.messages")
-        for i, m in enumerate(messages):
-            if m["role"] not in CHAT_ROLES:
-                raise InvalidArgument(
-                    f"chat.messages[{i}].role={m['role']!r} is not one of {CHAT_ROLES}",
-                    field=f"chat.messages[{i}].role",
-                )
+        check_messages(messages)
         template = model.manifest["chat_template"]
         try:
             if tool_prompt.takes_tools(template):

@@ -26,6 +26,15 @@ from tests.integration.rest_proxy import MAX_BODY, serve_proxy
 QUESTION = "What is the capital of France?"
 
 
+LONG_CALL = {
+    "model": GEN,
+    "messages": [{"role": "user", "content": QUESTION}],
+    "max_tokens": 900,
+    "ignore_eos": True,
+}
+"""900 tokens without EOS: many seconds here, a call to cancel or run past its deadline."""
+
+
 @pytest.fixture(scope="module", params=["grpc", "in-process"])
 async def base_url(router: RouterServer, request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """The proxy calling the router over gRPC (`irouter proxy`), and in process (`irouter
@@ -328,12 +337,7 @@ async def test_client_that_goes_away_cancels_its_call(
     router: RouterServer, http: httpx.AsyncClient, client: openai.AsyncOpenAI
 ) -> None:
     # 900 tokens without EOS take many seconds here; only a cancelled call frees its slot in 3 s.
-    long = {
-        "model": GEN,
-        "messages": [{"role": "user", "content": QUESTION}],
-        "max_tokens": 900,
-        "ignore_eos": True,
-    }
+    long = LONG_CALL
     async with http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():
@@ -349,12 +353,7 @@ async def test_client_that_goes_away_cancels_its_call(
 async def test_a_client_deadline_ends_the_call_with_504_and_frees_its_slot(
     router: RouterServer, http: httpx.AsyncClient
 ) -> None:
-    long = {
-        "model": GEN,
-        "messages": [{"role": "user", "content": QUESTION}],
-        "max_tokens": 900,
-        "ignore_eos": True,
-    }
+    long = LONG_CALL
     answer = await http.post(
         "/v1/chat/completions", json=long, headers={"x-request-timeout": "0.5"}
     )
@@ -366,13 +365,7 @@ async def test_a_client_deadline_ends_the_call_with_504_and_frees_its_slot(
 async def test_a_client_deadline_ends_a_stream_with_an_error_event(
     router: RouterServer, http: httpx.AsyncClient
 ) -> None:
-    long = {
-        "model": GEN,
-        "messages": [{"role": "user", "content": QUESTION}],
-        "max_tokens": 900,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    long = {**LONG_CALL, "stream": True}
     events = []
     async with http.stream(
         "POST", "/v1/chat/completions", json=long, headers={"x-request-timeout": "1"}
