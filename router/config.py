@@ -337,11 +337,6 @@ class RouterConfig:
                 raise ConfigError(
                     f"{where}.model={dep.model_name!r} is not in models[]; models: {sorted(models)}"
                 )
-            if model.kind != "generate":
-                raise ConfigError(
-                    f"{where}.model={dep.model_name!r} is an embedding model; deployments serve "
-                    "generation models"
-                )
             if dep.name in models and dep.name != dep.model_name:
                 raise ConfigError(
                     f"{where} has the name of models[{dep.name!r}]; rename one of them"
@@ -378,6 +373,20 @@ class RouterConfig:
             if alias in models and alias not in served:
                 raise ConfigError(
                     f"routing.aliases[{alias!r}] has the name of models[{alias!r}]; rename one"
+                )
+        # Aliases and tasks pick a deployment per Generate call; an embedding deployment is
+        # called by its name (vectors of two models must not be mixed by a traffic split).
+        kinds = {d.name: models[d.model_name].kind for d in routing.deployments}
+        routed = [
+            (f"routing.aliases[{alias!r}]", target)
+            for alias, targets in routing.aliases.items()
+            for target in targets
+        ] + [(f"routing.tasks[{task!r}]", target) for task, target in routing.tasks.items()]
+        for label, target in routed:
+            if kinds.get(target, "generate") != "generate":
+                raise ConfigError(
+                    f"{label} names {target!r}, an embedding deployment; aliases and tasks "
+                    "route generation calls (call an embedding deployment by its name)"
                 )
 
 

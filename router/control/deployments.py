@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backends.factory import OpenAIHttpConfig
 from router.config import REMOTE_BACKENDS, ModelConfig
 from router.control import resources
 from router.control.access import DeploymentAccess
@@ -29,6 +28,7 @@ from router.control.rollout import (
     target_replicas,
     with_weights,
 )
+from router.control.served_config import model_config, replica_config, routing_config
 from router.control.usage import Pricing, UsageRecorder
 from router.errors import Aborted, FailedPrecondition, InvalidArgument, quote
 from router.registry import deployments as spec
@@ -41,9 +41,8 @@ from router.registry.deployments import (
     Rollout,
     check_rollout,
 )
-from router.registry.model_versions import DEPRECATED, ModelVersion
+from router.registry.model_versions import ModelVersion
 from router.registry.version_store import ModelVersionStore
-from router.routing.config import DeploymentConfig, ReplicaConfig
 from router.serving.model import ServedModel
 
 if TYPE_CHECKING:
@@ -51,8 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONTEXT = 2048
-"""max_context of a deployment that leaves it 0, when the version allows that much."""
 DRAIN_GRACE_S = 30.0
 """How long a removed replica's (or deployment's) calls in flight may take to finish."""
 
@@ -64,71 +61,6 @@ class ReplicaStatus:
     error: str
 
 
-def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
-    """The models[] entry a deployment of `version` serves, or FailedPrecondition naming why
-    the version cannot be deployed (yet)."""
-    where = f"model version {quote(version.key)}"
-    if version.state == DEPRECATED:
-        raise FailedPrecondition(
-            f"{where} is deprecated ({version.deprecation_reason or 'no reason given'}); "
-            "deploy an active version"
-        )
-    artifact = version.artifact
-    remote = artifact.artifact.source == "remote"
-    if remote and artifact.artifact.remote_backend != "openai_http":
-        raise FailedPrecondition(
-            f"{where} has only a remote {artifact.artifact.remote_backend} artifact: a KServe "
-            "model needs its tokenizer and chat template here. Register a version with a local "
-            "artifact and give its replicas the server's url"
-        )
-    if artifact.format == "gguf" and artifact.artifact.source == "path":
-        raise FailedPrecondition(
-            f"{where} is a GGUF file; deployments serve prepared folders: register the folder "
-            "`irouter models prepare` writes, or a packaged model"
-        )
-    if version.kind != "generate":
-        raise FailedPrecondition(
-            f"{where} is an embedding model; deployments serve generation models (serve "
-            "embedding models from the config file's models[])"
-        )
-    limit = version.context_length
-    max_context = d.max_context or min(DEFAULT_CONTEXT, limit)
-    if max_context > limit:
-        raise InvalidArgument(
-            f"deployment.max_context={max_context} is above the context limit of {where} ({limit})",
-            field="deployment.max_context",
-        )
-    if max_context < 2:
-        raise InvalidArgument("deployment.max_context must be at least 2", field="max_context")
-    location = artifact.artifact.location  # a package's folder name, or an absolute path
-    if remote:
-        # No artifact: the server renders chats and counts tokens (router.serving.passthrough).
-        # Its replicas are the version's server unless they name their own.
-        return ModelConfig(
-            name=d.name,
-            kind="generate",
-            backend="openai_http",
-            remote=OpenAIHttpConfig(
-                url=location.rstrip("/").removesuffix("/v1"),  # the dialect adds its prefix
-                model=artifact.artifact.remote_model or version.name,
-                context_length=max_context,
-            ),
-            max_context=max_context,
-            max_slots=d.max_slots,
-            default_max_tokens=min(256, max_context - 1),
-        )
-    return ModelConfig(
-        name=d.name,
-        kind="generate",
-        artifact=location,
-        threads=d.threads,
-        max_context=max_context,
-        max_slots=d.max_slots,
-        prefix_cache_mb=d.prefix_cache_mb,
-        default_max_tokens=min(256, max_context - 1),
-    )
-
-
 def _pricing(version: ModelVersion) -> Pricing:
     return Pricing(
         version.name,
@@ -137,22 +69,6 @@ def _pricing(version: ModelVersion) -> Pricing:
         version.output_price_per_1k,
         version.currency,
     )
-
-
-def replica_config(r: ReplicaSpec) -> ReplicaConfig:
-    return ReplicaConfig(
-        name=r.name,
-        backend=r.backend,
-        device=r.device,
-        url=r.url,
-        weight=r.weight,
-        remote_model=r.remote_model,
-        dialect=r.dialect,
-    )
-
-
-def routing_config(d: Deployment) -> DeploymentConfig:
-    return DeploymentConfig(name=d.name, replicas=tuple(replica_config(r) for r in d.replicas))
 
 
 class DeploymentController:
@@ -353,6 +269,12 @@ class DeploymentController:
             shell = self.served(name)
             if shell is None:
                 raise FailedPrecondition(f"deployment {quote(name)} is not served by this router")
+            if shell.config.kind == "embed":
+                raise FailedPrecondition(
+                    f"deployment {quote(name)} embeds: vectors of two model versions are not "
+                    "comparable, so a traffic split would mix them in one collection or cache; "
+                    "deploy the new version under a new name and embed the texts again"
+                )
             target = dataclasses.replace(current, model_version=r.target_version)
             target_version, model = await self.version_of(target)
             if model.passthrough != shell.config.passthrough:
@@ -393,7 +315,7 @@ class DeploymentController:
             loaded = await self._serving.add_replicas(
                 name, tuple(replica_config(x) for x in new), dataclasses.replace(model, name=name)
             )
-            if not any(x.error == "" and x.engine is not None for x in loaded):
+            if not any(x.error == "" and x.loaded for x in loaded):
                 await self._serving.remove_replicas(name, {x.name for x in added}, grace_s=0)
                 errors = "; ".join(f"{x.name}: {x.error}" for x in loaded)
                 raise FailedPrecondition(

@@ -17,8 +17,8 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from router.control.deployments import replica_config, routing_config
 from router.control.rollout import SYSTEM, interrupted
+from router.control.served_config import replica_config, routing_config
 from router.errors import RouterError
 from router.registry.database import call
 from router.registry.deployments import Deployment

@@ -216,7 +216,7 @@ def allocations(models: Iterable[ServedModel]) -> list[Allocation]:
     for model in models:
         engines = model.replicas if model.deployment is not None else (model,)
         for engine in engines:
-            if engine.engine is None and engine.batcher is None and not engine.ready:
+            if not engine.loaded and not engine.ready:
                 continue  # not loaded (failed, or stopped): holds nothing
             kv, weights = need(engine.config, engine.model_dir)
             remote = engine.config.backend in REMOTE_BACKENDS

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from router.serving import embedding
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
 from router.telemetry import Metrics
@@ -56,7 +57,7 @@ class HealthChecker:
                         continue
                     for replica in deployment.replicas:
                         name = replica.name
-                        if replica.engine is None or name in checking:
+                        if not replica.loaded or name in checking:
                             continue
                         if due.get(name, 0.0) > now:
                             continue
@@ -76,18 +77,21 @@ class HealthChecker:
         dispatcher = self._catalog.dispatcher
         dc = deployment.deployment
         assert dispatcher is not None and dc is not None
-        assert replica.engine is not None and replica.replica is not None
+        assert replica.replica is not None
         hc = dc.health_check
         engine = replica.engine
         started = time.monotonic()
         try:
             async with asyncio.timeout(hc.timeout_s):
-                ok = await engine.ready(hc.timeout_s)
+                if engine is not None:
+                    ok = await engine.ready(hc.timeout_s)
+                else:
+                    ok = await _embeds(deployment, replica)
         except Exception:  # a probe that raises or times out failed
             ok = False
         if deployment.draining or replica not in deployment.replicas:
             return  # removed while it was probed: its verdict must not bring it back
-        if not ok and engine.last_output_at > started:
+        if not ok and engine is not None and engine.last_output_at > started:
             # Busy, not dead: it streamed to a caller while the probe waited (a llama.cpp server
             # answers its model list only between two generations, and must not leave the
             # rotation while it answers a long one).
@@ -120,6 +124,13 @@ class HealthChecker:
             for m in self._catalog
             if m.deployment is not None and m.deployment.health_check.enabled
         ] or [CHECK_TICK_S]
+
+
+async def _embeds(deployment: ServedModel, replica: ServedModel) -> bool:
+    """An embedding replica's probe: it embeds a text, into vectors of the deployment's
+    dimension (a server that came back serving another model must stay out)."""
+    vectors = await embedding.embed_pieces(replica, embedding.encode_texts(replica, ["ping"]))
+    return int(vectors.shape[1]) == (deployment.dimension or int(vectors.shape[1]))
 
 
 def _forget(checking: dict[str, asyncio.Task[None]], name: str, _: asyncio.Task[None]) -> None:

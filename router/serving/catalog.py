@@ -16,21 +16,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from router.config import ConfigError, ModelConfig, replica_model
 from router.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, quote
+from router.retrieval import chunking
 from router.routing import reload
 from router.routing.attempt import AttemptInfo
 from router.routing.breaker import BreakerState
 from router.routing.config import DeploymentConfig, ReplicaConfig, RoutingConfig
 from router.routing.dispatch import Dispatcher
+from router.routing.embedder import RoutedEmbedder, Vectors
 from router.routing.engine import RoutedEngine
 from router.routing.replica_stats import ReplicaStatsBook
 from router.scheduler.generation import GenerationEngine
-from router.serving import loader
+from router.serving import embedding, loader
 from router.serving.model import ServedModel
 from router.telemetry import Metrics, ReplicaSample
 
@@ -49,6 +51,8 @@ def _in_flight(model: ServedModel) -> int:
         return model.engine.num_unfinished
     if model.batcher is not None:
         return model.batcher.num_pending
+    if model.routed_embedder is not None:
+        return sum(_in_flight(r) for r in model.replicas)
     return 0
 
 
@@ -213,6 +217,15 @@ class Catalog:
             raise Unavailable(f"replica {deployment}/{replica} is not loaded{why}")
         return served.engine
 
+    async def _replica_embed(
+        self, deployment: str, replica: str, pieces: Sequence[chunking.Piece]
+    ) -> Vectors:
+        served = self._replica_models[deployment, replica]
+        if not served.loaded:
+            why = f": {served.error}" if served.error else " (still loading)"
+            raise Unavailable(f"replica {deployment}/{replica} is not loaded{why}")
+        return await embedding.embed_pieces(served, pieces)
+
     # ---- life cycle --------------------------------------------------------------------------
 
     def load(self, model: ServedModel) -> None:
@@ -223,6 +236,11 @@ class Catalog:
             loader.load_engine(model, self._metrics)
             return
         assert self.dispatcher is not None
+        if model.config.kind == "embed":
+            model.routed_embedder = RoutedEmbedder(
+                model.name, self.dispatcher, self._replica_embed, on_attempt=self._attempt_started
+            )
+            return
         replicas = model.replicas
         model.engine = RoutedEngine(
             model.name,

@@ -95,7 +95,12 @@ async def embed_pieces(
     model: ServedModel, pieces: Sequence[chunking.Piece]
 ) -> npt.NDArray[np.float32]:
     """One batch (at most the model's max_batch) through its encoder: the local batcher
-    takes the token ids, a remote server the texts."""
+    takes the token ids, a remote server the texts; a deployment hands the batch to one of its
+    replicas (each one of those)."""
+    if model.routed_embedder is not None:
+        vectors = await model.routed_embedder.embed(pieces)
+        model.dimension = model.dimension or int(vectors.shape[1])
+        return vectors
     if model.remote_embedder is not None:
         try:
             vectors = await model.remote_embedder.embed([p.text for p in pieces])

@@ -118,7 +118,7 @@ class Lifecycle:
         if await self._bring_up(shell):
             for replica in shell.replicas:
                 await self._load_replica(shell, replica)
-        if not any(r.error == "" and r.engine is not None for r in shell.replicas):
+        if not any(r.error == "" and r.loaded for r in shell.replicas):
             errors = "; ".join(f"{r.name}: {r.error}" for r in shell.replicas) or shell.error
             await self.models.remove_deployment(shell.name, grace_s=0)
             await self.health.set(shell.name, UNKNOWN)
@@ -181,6 +181,17 @@ class Lifecycle:
             replica.error = f"warm-up failed: {type(exc).__name__}: {exc}"
             logger.warning("replica %s is out of rotation: %s", replica.name, replica.error)
             return
+        if deployment.config.kind == "embed" and deployment.dimension != replica.dimension:
+            if deployment.dimension:
+                # Its vectors would not be comparable with the others'.
+                replica.ready = False
+                replica.error = (
+                    f"it gives {replica.dimension}-dimensional vectors; the deployment's are "
+                    f"{deployment.dimension}-dimensional"
+                )
+                logger.warning("replica %s is out of rotation: %s", replica.name, replica.error)
+                return
+            deployment.dimension = replica.dimension  # a remote server's, learned at warm-up
         replica.error = ""
         dispatcher.set_healthy(deployment.name, replica.replica.name, True)
 

@@ -49,7 +49,15 @@ def load_artifact(model: ServedModel) -> None:
     model.manifest = read_manifest(model.model_dir)
     model.tokenizer = Tokenizer.from_file(str(model.model_dir / "tokenizer.json"))
     model.max_token_bytes = tokenize.max_token_bytes(model.tokenizer)
-    if model.deployment is not None:
+    if model.deployment is None:
+        return
+    if model.config.kind == "embed":
+        # The deployment tokenizes and checks each text once; its replicas embed the pieces.
+        model.tokenizer.no_padding()
+        model.tokenizer.no_truncation()
+        model.context_length = min(model.config.max_context, int(model.manifest["max_length"]))
+        model.dimension = int(model.manifest["embedding_dim"])
+    else:
         model.context_length = min(model.config.max_context, int(model.manifest["context_length"]))
 
 

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from backends.base import RemoteEmbedder
 from router.config import ModelConfig
 from router.routing.config import DeploymentConfig, ReplicaConfig
+from router.routing.embedder import RoutedEmbedder
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.generation import GenerationEngine
 from router.structured.compiler import GrammarCompiler
@@ -27,6 +28,8 @@ class ServedModel:
     batcher: EncoderBatcher | None = None
     remote_embedder: RemoteEmbedder | None = None
     """An embedding model served by a remote server (instead of `batcher`)."""
+    routed_embedder: RoutedEmbedder | None = None
+    """An embedding deployment: its replicas as one embedder (instead of `batcher`)."""
     context_length: int = 0
     max_token_bytes: int = 0
     """The most UTF-8 bytes one of its tokens stands for (router.serving.tokenize); 0 unknown."""
@@ -47,3 +50,11 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def loaded(self) -> bool:
+        """Whether loading built what serves it (an engine, encoder or embedder)."""
+        return any(
+            x is not None
+            for x in (self.engine, self.batcher, self.remote_embedder, self.routed_embedder)
+        )

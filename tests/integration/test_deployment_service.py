@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -32,7 +33,14 @@ from router.registry import audit
 from router.server import RouterServer
 from tests.fake_openai import fake_openai
 from tests.integration.conftest import EMB, GEN, make_config, running
-from tests.integration.registry_calls import EMBEDDER, TIMEOUT, minilm, register, status_of
+from tests.integration.registry_calls import (
+    EMBED,
+    EMBEDDER,
+    TIMEOUT,
+    minilm,
+    register,
+    status_of,
+)
 
 SMOL = model_pb.ModelVersion(
     name="smol",
@@ -169,7 +177,7 @@ async def test_refusals_name_the_reason_and_leave_nothing_behind(
     cases = [
         (small("bad", model_version="9"), grpc.StatusCode.NOT_FOUND, "has no version '9'"),
         (small("bad", model_version="old"), grpc.StatusCode.FAILED_PRECONDITION, "deprecated"),
-        (small("bad", model_name="mini"), grpc.StatusCode.FAILED_PRECONDITION, "embedding"),
+        (small("bad", model_name="mini"), grpc.StatusCode.INVALID_ARGUMENT, "max_slots=4"),
         (small(EMB), grpc.StatusCode.ALREADY_EXISTS, f"{EMB!r} is already served"),
         (small("bad", max_context=9000), grpc.StatusCode.INVALID_ARGUMENT, "above the context"),
         (small("Bad"), grpc.StatusCode.INVALID_ARGUMENT, "deployment.name"),
@@ -460,4 +468,93 @@ async def test_a_remote_version_deploys_with_no_local_artifact(
         finally:
             await stub.DeleteDeployment(
                 pb.DeleteDeploymentRequest(name="hosted-dep"), timeout=TIMEOUT
+            )
+
+
+def embedder(name: str, version: str, replicas: list[pb.Replica]) -> pb.Deployment:
+    return pb.Deployment(
+        name=name, model_name=version, model_version="1", replicas=replicas, threads=1
+    )
+
+
+async def embed(channel: grpc.aio.Channel, model: str, texts: list[str]) -> np.ndarray:
+    stub = inference_grpc.InferenceServiceStub(channel)
+    answer = await stub.Embed(inference_pb.EmbedRequest(model=model, texts=texts), timeout=TIMEOUT)
+    assert answer.model == model
+    return np.array([e.values for e in answer.embeddings], dtype=np.float32)
+
+
+async def test_an_embedding_version_deploys_scales_and_is_metered(
+    server: RouterServer, channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    await register(model_grpc.ModelServiceStub(channel), minilm("vec"))
+    slotted = embedder("vectors-bad", "vec", [pb.Replica(name="r0")])
+    slotted.max_slots = 4
+    got, message = await status_of(create(stub, slotted))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "max_slots=4 applies to gen" in message
+    created = await create(stub, embedder("vectors", "vec", [pb.Replica(name="r0")]))
+    assert [(s.name, s.ready) for s in created.replica_states] == [("r0", True)]
+    texts = ["The capital of France is Paris.", "A spider has eight legs."]
+    # The same packaged MiniLM as the router's own embedder: the same vectors.
+    own = await embed(channel, EMB, texts)
+    np.testing.assert_allclose(await embed(channel, "vectors", texts), own, atol=1e-5)
+    await scale(stub, "vectors", 2)
+    # Calls at once spread over both replicas (least outstanding; texts not cached yet).
+    await asyncio.gather(*(embed(channel, "vectors", [f"text number {i}"]) for i in range(4)))
+    attempts = {
+        r: server.metrics.registry.get_sample_value(
+            "irouter_routing_attempts_total", {"deployment": "vectors", "replica": r}
+        )
+        for r in ("r0", "r1")
+    }
+    assert all(attempts.values()), attempts
+    listed = await inference_grpc.InferenceServiceStub(channel).ListModels(
+        inference_pb.ListModelsRequest(), timeout=TIMEOUT
+    )
+    info = next(m for m in listed.models if m.name == "vectors")
+    assert (info.kind, info.dimension, len(info.replicas)) == (EMBED, 384, 2)
+    await register(model_grpc.ModelServiceStub(channel), minilm("vec", "2"))
+    rollout = pb.RolloutDeploymentRequest(name="vectors", target_version="2")
+    got, message = await status_of(stub.RolloutDeployment(rollout, timeout=TIMEOUT))
+    assert got == grpc.StatusCode.FAILED_PRECONDITION and "not comparable" in message, message
+    await scale(stub, "vectors", 1)
+    meter = usage_grpc.UsageServiceStub(channel)
+    answer = await meter.GetUsage(
+        usage_pb.GetUsageRequest(group_by=["deployment", "model", "version"]), timeout=TIMEOUT
+    )
+    row = next(r for r in answer.rows if r.deployment == "vectors")
+    assert (row.model, row.version, row.calls) == ("vec", "1", 5) and row.input_tokens > 0
+    await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="vectors"), timeout=TIMEOUT)
+    assert "vectors" not in await served_names(channel)
+
+
+async def test_a_remote_embedding_version_fails_over_between_servers(
+    channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    async with fake_openai() as fake:
+        remote = model_pb.RemoteArtifact(backend="openai_http", url=f"{fake.url}/v1", model="up")
+        hosted = model_pb.ModelVersion(
+            name="hosted-vec",
+            version="1",
+            kind=inference_pb.MODEL_KIND_EMBED,
+            artifact=model_pb.Artifact(remote=remote),
+            context_length=512,
+        )
+        await register(model_grpc.ModelServiceStub(channel), hosted)
+        replicas = [
+            pb.Replica(name="gone", backend="openai_http", url="http://127.0.0.1:9"),
+            pb.Replica(name="up", backend="openai_http", url=fake.url),
+        ]
+        created = await create(stub, embedder("hosted-vectors", "hosted-vec", replicas))
+        states = {s.name: (s.ready, bool(s.error)) for s in created.replica_states}
+        assert states == {"gone": (False, True), "up": (True, False)}
+        try:
+            for _ in range(3):
+                vectors = await embed(channel, "hosted-vectors", ["abc", "hello"])
+                np.testing.assert_array_equal(vectors[:, 0], [3.0, 5.0])  # the server's own
+            assert fake.requests[-1].path == "/v1/embeddings"
+            assert fake.requests[-1].body["input"] == ["abc", "hello"]
+        finally:
+            await stub.DeleteDeployment(
+                pb.DeleteDeploymentRequest(name="hosted-vectors"), timeout=TIMEOUT
             )

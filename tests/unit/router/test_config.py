@@ -230,8 +230,12 @@ def test_replica_model_takes_the_replicas_backend_and_url() -> None:
             "routing.deployments['d'].model='nope' is not in models[]",
         ),
         (
-            "{deployments: [{name: d, model: mini, replicas: [{name: r}]}]}",
-            "is an embedding model",
+            "{deployments: [{name: d, model: mini, replicas: [{name: r}]}], aliases: {a: {d: 1}}}",
+            "routing.aliases['a'] names 'd', an embedding deployment",
+        ),
+        (
+            "{deployments: [{name: d, model: mini, replicas: [{name: r}]}], tasks: {t: d}}",
+            "routing.tasks['t'] names 'd', an embedding deployment",
         ),
         (
             "{deployments: [{name: other, model: smol, replicas: [{name: r}]}]}",

@@ -8,8 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import numpy as np
+
+from backends.remote import RemoteUnavailable
 from router.config import ModelConfig
-from router.routing.config import DeploymentConfig, ReplicaConfig
+from router.routing.config import DeploymentConfig, HealthCheckConfig, ReplicaConfig
 from router.routing.health import HealthChecker
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
@@ -58,3 +61,45 @@ async def test_a_replica_removed_during_its_probe_stays_out() -> None:
     engine.release.set()
     await check
     assert (replica.ready, calls, published) == (False, [], [])
+
+
+class Server:
+    """A remote embedding server giving vectors of `dimension` (0: down)."""
+
+    def __init__(self, dimension: int) -> None:
+        self.dimension = dimension
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        if not self.dimension:
+            raise RemoteUnavailable("http://up", "connection refused")
+        return np.ones((len(texts), self.dimension), dtype=np.float32)
+
+
+async def test_an_embedding_replica_is_probed_by_embedding_and_its_dimension() -> None:
+    calls: list[tuple[str, str, bool]] = []
+    dispatcher = SimpleNamespace(set_healthy=lambda *args: calls.append(args))
+    catalog = cast(Catalog, SimpleNamespace(dispatcher=dispatcher))
+
+    async def publish(model: ServedModel) -> None:
+        pass
+
+    config = ModelConfig(name="m", kind="embed", backend="openai_http")
+    rc = ReplicaConfig(name="r0", backend="openai_http", url="http://up")
+    replica = ServedModel(config, Path("."), replica=rc)
+    server = Server(0)
+    replica.remote_embedder = cast(Any, server)
+    deployment = DeploymentConfig(
+        name="d", replicas=(rc,), health_check=HealthCheckConfig(healthy_after=1)
+    )
+    shell = ServedModel(config, Path("."), deployment=deployment, replicas=(replica,))
+    shell.dimension = 4
+    replica.context_length = 512
+    checker = HealthChecker(catalog, Metrics(), publish)
+    runs: dict[str, int] = {}
+    await checker.check_one(shell, replica, runs)  # down: stays out
+    server.dimension = 8  # back, serving another model: its vectors would not compare
+    await checker.check_one(shell, replica, runs)
+    assert (replica.ready, calls) == (False, [])
+    server.dimension = 4
+    await checker.check_one(shell, replica, runs)
+    assert (replica.ready, calls) == (True, [("d", "r0", True)])

@@ -1,0 +1,132 @@
+"""What a deployment serves, as the router's own configuration: a registered version and its
+deployment's settings become a models[] entry (refused by name when the version cannot be
+deployed), its replicas the routing section's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from backends.factory import OpenAIHttpConfig
+from router.config import ModelConfig
+from router.errors import FailedPrecondition, InvalidArgument, quote
+from router.registry.deployments import Deployment, ReplicaSpec
+from router.registry.model_versions import DEPRECATED, ModelVersion
+from router.routing.config import DeploymentConfig, ReplicaConfig
+
+DEFAULT_CONTEXT = 2048
+"""max_context of a deployment that leaves it 0, when the version allows that much."""
+
+
+def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
+    """The models[] entry a deployment of `version` serves, or FailedPrecondition naming why
+    the version cannot be deployed (yet)."""
+    where = f"model version {quote(version.key)}"
+    if version.state == DEPRECATED:
+        raise FailedPrecondition(
+            f"{where} is deprecated ({version.deprecation_reason or 'no reason given'}); "
+            "deploy an active version"
+        )
+    artifact = version.artifact
+    remote = artifact.artifact.source == "remote"
+    if remote and artifact.artifact.remote_backend != "openai_http":
+        raise FailedPrecondition(
+            f"{where} has only a remote {artifact.artifact.remote_backend} artifact: a KServe "
+            "model needs its tokenizer and chat template here. Register a version with a local "
+            "artifact and give its replicas the server's url"
+        )
+    if artifact.format == "gguf" and artifact.artifact.source == "path":
+        raise FailedPrecondition(
+            f"{where} is a GGUF file; deployments serve prepared folders: register the folder "
+            "`irouter models prepare` writes, or a packaged model"
+        )
+    if version.kind == "embed":
+        return _embedder_config(version, d)
+    limit = version.context_length
+    max_context = d.max_context or min(DEFAULT_CONTEXT, limit)
+    if max_context > limit:
+        raise InvalidArgument(
+            f"deployment.max_context={max_context} is above the context limit of {where} ({limit})",
+            field="deployment.max_context",
+        )
+    if max_context < 2:
+        raise InvalidArgument("deployment.max_context must be at least 2", field="max_context")
+    location = artifact.artifact.location  # a package's folder name, or an absolute path
+    if remote:
+        # No artifact: the server renders chats and counts tokens (router.serving.passthrough).
+        # Its replicas are the version's server unless they name their own.
+        return ModelConfig(
+            name=d.name,
+            kind="generate",
+            backend="openai_http",
+            remote=OpenAIHttpConfig(
+                url=location.rstrip("/").removesuffix("/v1"),  # the dialect adds its prefix
+                model=artifact.artifact.remote_model or version.name,
+                context_length=max_context,
+            ),
+            max_context=max_context,
+            max_slots=d.max_slots,
+            default_max_tokens=min(256, max_context - 1),
+        )
+    return ModelConfig(
+        name=d.name,
+        kind="generate",
+        artifact=location,
+        threads=d.threads,
+        max_context=max_context,
+        max_slots=d.max_slots,
+        prefix_cache_mb=d.prefix_cache_mb,
+        default_max_tokens=min(256, max_context - 1),
+    )
+
+
+def _embedder_config(version: ModelVersion, d: Deployment) -> ModelConfig:
+    """The models[] entry of an embedding deployment: the encoder's own window unless
+    max_context is smaller; the decoders' settings (slots, prefix cache) refused by name."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Deployment)}
+    for key in ("max_slots", "prefix_cache_mb"):
+        if getattr(d, key) not in (defaults[key], 0):
+            raise InvalidArgument(
+                f"deployment.{key}={getattr(d, key)} applies to generation models; "
+                f"{quote(version.key)} embeds (leave it unset)",
+                field=f"deployment.{key}",
+            )
+    limit = version.context_length
+    if d.max_context > limit:
+        raise InvalidArgument(
+            f"deployment.max_context={d.max_context} is above the window of model version "
+            f"{quote(version.key)} ({limit} tokens)",
+            field="deployment.max_context",
+        )
+    artifact = version.artifact.artifact
+    window = d.max_context or limit
+    if artifact.source == "remote":
+        return ModelConfig(
+            name=d.name,
+            kind="embed",
+            backend="openai_http",
+            remote=OpenAIHttpConfig(
+                url=artifact.location.rstrip("/").removesuffix("/v1"),
+                model=artifact.remote_model or version.name,
+                context_length=window,
+            ),
+            max_context=window,
+        )
+    return ModelConfig(
+        name=d.name, kind="embed", artifact=artifact.location, threads=d.threads, max_context=window
+    )
+
+
+def replica_config(r: ReplicaSpec) -> ReplicaConfig:
+    return ReplicaConfig(
+        name=r.name,
+        backend=r.backend,
+        device=r.device,
+        url=r.url,
+        weight=r.weight,
+        remote_model=r.remote_model,
+        dialect=r.dialect,
+    )
+
+
+def routing_config(d: Deployment) -> DeploymentConfig:
+    return DeploymentConfig(name=d.name, replicas=tuple(replica_config(r) for r in d.replicas))
