@@ -28,7 +28,13 @@ from router.control.rollout import (
     target_replicas,
     with_weights,
 )
-from router.control.served_config import model_config, replica_config, routing_config
+from router.control.served_config import (
+    model_config,
+    needs_preparing,
+    prepare_gguf,
+    replica_config,
+    routing_config,
+)
 from router.control.usage import Pricing, UsageRecorder
 from router.errors import Aborted, FailedPrecondition, InvalidArgument, quote
 from router.registry import deployments as spec
@@ -115,8 +121,10 @@ class DeploymentController:
     async def version_of(self, d: Deployment) -> tuple[ModelVersion, ModelConfig]:
         version = await call(self._versions.get, d.model_name, d.model_version)
         model = model_config(version, d)
-        # A package or a prepared folder must still be what was registered.
+        # A package, a prepared folder or a GGUF must still be what was registered.
         await asyncio.to_thread(verify_unchanged, version.artifact)
+        if needs_preparing(version):
+            await asyncio.to_thread(prepare_gguf, version, self._model_cache)
         return version, model
 
     def bill(self, name: str, version: ModelVersion) -> None:

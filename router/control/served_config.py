@@ -5,10 +5,12 @@ deployed), its replicas the routing section's."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from backends.factory import OpenAIHttpConfig
 from router.config import ModelConfig
 from router.errors import FailedPrecondition, InvalidArgument, quote
+from router.models import prepare
 from router.registry.deployments import Deployment, ReplicaSpec
 from router.registry.model_versions import DEPRECATED, ModelVersion
 from router.routing.config import DeploymentConfig, ReplicaConfig
@@ -34,11 +36,6 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
             "model needs its tokenizer and chat template here. Register a version with a local "
             "artifact and give its replicas the server's url"
         )
-    if artifact.format == "gguf" and artifact.artifact.source == "path":
-        raise FailedPrecondition(
-            f"{where} is a GGUF file; deployments serve prepared folders: register the folder "
-            "`irouter models prepare` writes, or a packaged model"
-        )
     if version.kind == "embed":
         return _embedder_config(version, d)
     limit = version.context_length
@@ -50,7 +47,7 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
         )
     if max_context < 2:
         raise InvalidArgument("deployment.max_context must be at least 2", field="max_context")
-    location = artifact.artifact.location  # a package's folder name, or an absolute path
+    location = artifact_folder(version)
     if remote:
         # No artifact: the server renders chats and counts tokens (router.serving.passthrough).
         # Its replicas are the version's server unless they name their own.
@@ -77,6 +74,39 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
         prefix_cache_mb=d.prefix_cache_mb,
         default_max_tokens=min(256, max_context - 1),
     )
+
+
+def artifact_folder(version: ModelVersion) -> str:
+    """The folder under the model cache a local replica loads: a package's name, a prepared
+    folder's absolute path, or the folder a GGUF file is prepared into, named by its digest
+    (prepared when it is first deployed: `prepare_gguf`); a remote version's url."""
+    checked = version.artifact
+    if needs_preparing(version):
+        return f"gguf-{checked.sha256[:16]}"
+    return checked.artifact.location
+
+
+def needs_preparing(version: ModelVersion) -> bool:
+    """Whether the version is a GGUF file, which replicas load prepared (ONNX, int4)."""
+    return version.artifact.format == "gguf" and version.artifact.artifact.source == "path"
+
+
+def prepare_gguf(version: ModelVersion, model_cache: Path) -> None:
+    """Prepare a GGUF version's folder (`artifact_folder`) unless it is there already; blocking
+    (~20 s for a 135M model on two cores): run it on a worker thread. FailedPrecondition names
+    what the preparation could not do."""
+    try:
+        prepare.prepare_decoders(
+            model_cache,
+            gguf_path=Path(version.artifact.artifact.location),
+            name=artifact_folder(version),
+            progress=False,
+        )
+    except Exception as exc:  # whatever a file that passed registration's checks still fails
+        raise FailedPrecondition(
+            f"model version {quote(version.key)}: its GGUF could not be prepared for serving "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _embedder_config(version: ModelVersion, d: Deployment) -> ModelConfig:

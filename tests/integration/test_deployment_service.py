@@ -9,6 +9,8 @@ of 512 tokens, no prefix cache) so that several replicas fit and load quickly.""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router import cli
+from router.models.prepare import smollm2_gguf_path
 from router.proto.irouter.v1 import deployment_service_pb2 as pb
 from router.proto.irouter.v1 import deployment_service_pb2_grpc as pb_grpc
 from router.proto.irouter.v1 import inference_service_pb2 as inference_pb
@@ -558,3 +561,29 @@ async def test_a_remote_embedding_version_fails_over_between_servers(
             await stub.DeleteDeployment(
                 pb.DeleteDeploymentRequest(name="hosted-vectors"), timeout=TIMEOUT
             )
+
+
+async def test_a_gguf_file_is_prepared_when_first_deployed(
+    channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub, model_cache: Path
+) -> None:
+    gguf = smollm2_gguf_path()
+    version = model_pb.ModelVersion(
+        name="from-file",
+        version="1",
+        kind=inference_pb.MODEL_KIND_GENERATE,
+        artifact=model_pb.Artifact(path=str(gguf)),
+    )
+    registered = await register(model_grpc.ModelServiceStub(channel), version)
+    folder = model_cache / f"gguf-{registered.artifact_sha256[:16]}"
+    shutil.rmtree(folder, ignore_errors=True)  # prepared by this deployment, not a past run
+    await create(stub, small("from-file", model_name="from-file"))
+    await create(stub, small("packaged"))
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert (manifest["source"], manifest["quantization"]) == (gguf.name, "int4")
+        # The same GGUF as the packaged model, prepared the same way: the same greedy text.
+        assert await generate(channel, "from-file", 12) == await generate(channel, "packaged", 12)
+    finally:
+        for name in ("from-file", "packaged"):
+            await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name=name), timeout=TIMEOUT)
+        shutil.rmtree(folder, ignore_errors=True)
