@@ -16,6 +16,7 @@ from router.config import ConfigError
 from router.config_file import load_config
 from router.deployments_cli import register_cli as register_deployments_cli
 from router.deployments_cli import run_cli as run_deployments_cli
+from router.guard.config import keys_location
 from router.keys_cli import register_cli, run_cli
 from router.models_cli import is_registry_command
 from router.models_cli import register_cli as register_models_cli
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "keys":
-        return run_cli(args, default_db=config.guard.auth.registry)
+        registry_url = config.registry.resolved_url() if config.registry.enabled else ""
+        return run_cli(args, default_db=keys_location(config.guard.auth, registry_url))
 
     from router.models.prepare import prepare_models
 

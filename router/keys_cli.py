@@ -8,25 +8,27 @@ on its next verification of that key (see `router.registry.keys`), so no restart
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from router.cli_client import table
 from router.errors import NotFound
-from router.registry.keys import KeyRecord, KeyStore
+from router.registry.keys import KeyRecord, KeyStore, open_key_store
 
 
 def register_cli(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-    default_db: Path | None = None,
+    default_db: Path | str | None = None,
 ) -> argparse.ArgumentParser:
     """Add the `keys` command to `subparsers` (from `ArgumentParser.add_subparsers()`)."""
     keys = subparsers.add_parser("keys", help="manage API keys")
-    db_help = "registry database (SQLite file)" + (
-        f"; default {default_db}" if default_db is not None else ""
-    )
-    keys.add_argument("--db", type=Path, default=default_db, help=db_help)
+    db_help = (
+        "where the keys are: a SQLite file, or the registry's postgresql:// URL; default: "
+        "the config's guard.auth.registry, else its registry database"
+    ) + (f" ({default_db})" if default_db is not None else "")
+    keys.add_argument("--db", default=default_db, help=db_help)
     sub = keys.add_subparsers(dest="keys_command", required=True)
 
     create = sub.add_parser("create", help="create a key and print it (shown only once)")
@@ -44,15 +46,15 @@ def register_cli(
     return keys
 
 
-def run_cli(args: argparse.Namespace, default_db: Path | None = None) -> int:
+def run_cli(args: argparse.Namespace, default_db: Path | str | None = None) -> int:
     """Run a parsed `keys` command; returns the process exit status."""
-    db: Path | None = getattr(args, "db", None) or default_db
+    db: Path | str | None = getattr(args, "db", None) or default_db
     if db is None:
         print("irouter keys: no registry database: pass --db PATH", file=sys.stderr)
         return 2
     try:
-        store = KeyStore(db)
-    except Exception as exc:  # sqlite3 errors, permissions: say which file, not a traceback
+        store = open_key_store(os.path.expanduser(db) if isinstance(db, str) else db)
+    except Exception as exc:  # database errors, permissions: say which, not a traceback
         print(f"irouter keys: cannot open registry {db}: {exc}", file=sys.stderr)
         return 1
     try:

@@ -45,6 +45,8 @@ class ApiKeyVerifier(Protocol):
 
     def verify(self, plaintext: str) -> KeyRecord | None: ...
 
+    async def averify(self, plaintext: str) -> KeyRecord | None: ...
+
 
 class TokenCache:
     """Verified tokens: sha256(token) -> Identity, until each token's expiry, LRU-bounded.
@@ -168,14 +170,14 @@ class Authenticator:
         if authorization is not None and api_key is not None:
             raise Unauthenticated("send one credential: 'authorization' or 'x-api-key', not both")
         if api_key is not None:
-            return self.authenticate_api_key(api_key.strip())
+            return await self.authenticate_api_key(api_key.strip())
         if authorization is not None:
             scheme, _, credential = authorization.strip().partition(" ")
             credential = credential.strip()
             if scheme.lower() != "bearer" or not credential:
                 raise Unauthenticated("the 'authorization' header must read 'Bearer <token>'")
             if credential.startswith(API_KEY_PREFIX):
-                return self.authenticate_api_key(credential)
+                return await self.authenticate_api_key(credential)
             return await self.authenticate_token(credential)
         if self._config.allow_anonymous:
             return self._anonymous
@@ -183,10 +185,10 @@ class Authenticator:
             "missing credentials: send 'authorization: Bearer <token>' or 'x-api-key'"
         )
 
-    def authenticate_api_key(self, key: str) -> Identity:
+    async def authenticate_api_key(self, key: str) -> Identity:
         if self._api_keys is None:
             raise Unauthenticated("API keys are not accepted by this router")
-        record = self._api_keys.verify(key) if len(key) <= _MAX_API_KEY_CHARS else None
+        record = await self._api_keys.averify(key) if len(key) <= _MAX_API_KEY_CHARS else None
         if record is None:
             if not looks_like_api_key(key):
                 raise Unauthenticated(

@@ -11,9 +11,16 @@ from router.guard.authz import AuthzConfig
 from router.guard.guardrails_config import GuardrailsConfig
 from router.guard.limits.config import RateLimitConfig
 
+STANDALONE_KEYS = Path("~/.local/share/irouter/registry.db")
+"""The API keys' own SQLite file when neither guard.auth.registry nor the registry is set."""
 
-def _default_registry() -> Path:
-    return Path("~/.local/share/irouter/registry.db").expanduser()
+
+def keys_location(auth: AuthSection, registry_url: str) -> Path | str:
+    """Where the API keys are: guard.auth.registry, else the registry database's URL (when the
+    registry is on), else STANDALONE_KEYS."""
+    if auth.registry is not None:
+        return auth.registry
+    return registry_url or STANDALONE_KEYS.expanduser()
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,10 @@ class AuthSection:
     """JWT issuers, anonymous access, token cache (router.guard.auth_config.AuthConfig)."""
     api_keys: bool = True
     """Accept API keys made with `irouter keys create`."""
-    registry: Path = field(default_factory=_default_registry)
-    """SQLite registry holding the API keys (hashed)."""
+    registry: Path | None = None
+    """A SQLite file of its own holding the API keys (hashed). Unset: the keys live in the
+    registry database (`registry.url`: its SQLite file, or a cluster's PostgreSQL), or, with the
+    registry off, in ~/.local/share/irouter/registry.db."""
     mtls_identities: Mapping[str, MtlsIdentity] = field(default_factory=dict)
     """Client-certificate URI SAN (e.g. spiffe://acme/billing) or subject CN -> identity."""
 

@@ -12,7 +12,7 @@ from router.errors import Unauthenticated
 from router.guard.auth import Authenticator
 from router.guard.authz import AuthzConfig, check_method, check_model, check_scope, is_public
 from router.guard.chain import CallScope, GuardChain, Link, RequestContextLink
-from router.guard.config import GuardConfig, MtlsIdentity
+from router.guard.config import GuardConfig, MtlsIdentity, keys_location
 from router.guard.guardrails import (
     FilterResult,
     Finding,
@@ -22,7 +22,7 @@ from router.guard.guardrails import (
 )
 from router.guard.identity import Identity
 from router.guard.limits.limiter import RateLimiter, Reservation
-from router.registry.keys import KeyStore
+from router.registry.keys import KeyStore, open_key_store
 from router.telemetry import CallRecorder, Metrics
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,9 @@ class GuardrailsLink:
 class Guard:
     """The guard chain plus what it owns; `start()` on the running loop, `close()` at shutdown."""
 
-    def __init__(self, config: GuardConfig, metrics: Metrics) -> None:
+    def __init__(self, config: GuardConfig, metrics: Metrics, *, registry_url: str = "") -> None:
+        """`registry_url`: the registry database, where the API keys live unless
+        guard.auth.registry names a file of their own."""
         self.config = config
         self.recorder = CallRecorder(metrics, config.audit_log)
         self.key_store: KeyStore | None = None
@@ -218,7 +220,7 @@ class Guard:
         auth = config.auth
         if auth.enabled:
             if auth.api_keys:
-                self.key_store = KeyStore(auth.registry)
+                self.key_store = open_key_store(keys_location(auth, registry_url))
             self.authenticator = Authenticator(auth.config, api_keys=self.key_store)
             links.append(AuthLink(self.authenticator, auth.mtls_identities))
             links.append(AuthzLink(config.authz))

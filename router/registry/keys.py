@@ -13,6 +13,11 @@ revocation committed by another process (`irouter keys revoke`) while the router
 verification asks SQLite for `PRAGMA data_version`, which changes when another connection has
 committed, and drops the whole cache when it did. Revocations are rare, so a full drop is simpler
 than tracking which entries changed and costs only a few uncached lookups afterwards.
+
+The keys live in a SQLite file of their own (`guard.auth.registry`), or in the registry
+database (the default): its SQLite file, or a cluster's PostgreSQL, where revocations made
+elsewhere are seen within half a second (router.registry.postgres_keys) and a key not cached yet
+is read off the event loop (`averify`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from router.errors import NotFound, Unavailable
 from router.registry.sqlite_db import KeyRow, SqliteKeyTable
@@ -100,17 +106,57 @@ def _record(row: KeyRow) -> KeyRecord:
     )
 
 
+class KeyTable(Protocol):
+    """Where the keys are stored: a SQLite file (router.registry.sqlite_db) or the registry's
+    PostgreSQL database (router.registry.postgres_keys)."""
+
+    @property
+    def path(self) -> object:
+        """Where the keys are, for messages."""
+        ...
+
+    @property
+    def remote(self) -> bool:
+        """Whether a read is a round trip to a server (then a cache miss is read off the loop)."""
+        ...
+
+    def close(self) -> None: ...
+    def data_version(self) -> int: ...
+    def insert(self, row: KeyRow) -> None: ...
+    def get(self, key_id: str) -> KeyRow | None: ...
+    def revoke(self, key_id: str, at: float) -> bool: ...
+    def all(self) -> builtins.list[KeyRow]: ...
+
+
+def open_key_store(location: Path | str) -> KeyStore:
+    """The keys at `location`: a SQLite file's path (or sqlite:/// URL), or the registry's
+    postgresql:// URL (its schema brought to the newest revision first)."""
+    if isinstance(location, Path) or "://" not in location:
+        return KeyStore(Path(location))
+    from router.registry.database import engine_url, open_database
+
+    url = engine_url(location)  # ValueError naming what is wrong
+    if url.drivername == "sqlite":
+        return KeyStore(Path(str(url.database)).expanduser())
+    from router.registry.postgres_keys import PostgresKeyTable
+
+    return KeyStore(PostgresKeyTable(open_database(location)))
+
+
 class KeyStore:
-    """API keys and their tenants in one SQLite file (see the module docstring)."""
+    """API keys and their tenants in a SQLite file or the registry's database (see the module
+    docstring)."""
 
     def __init__(
         self,
-        path: Path | str,
+        table: Path | str | KeyTable,
         *,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._table = SqliteKeyTable(Path(path))
+        self._table: KeyTable = (
+            SqliteKeyTable(Path(table)) if isinstance(table, (Path, str)) else table
+        )
         self._clock = clock
         self._cache_size = cache_size
         # sha256(key) -> record, least recently used first.
@@ -121,7 +167,8 @@ class KeyStore:
         self._epoch = 0
 
     @property
-    def path(self) -> Path:
+    def path(self) -> object:
+        """The SQLite file, or the database URL (no password)."""
         return self._table.path
 
     def close(self) -> None:
@@ -187,22 +234,43 @@ class KeyStore:
             return None
         try:
             return self._verify(plaintext, parts[0])
-        except sqlite3.Error as exc:
+        except sqlite3.Error as exc:  # (the PostgreSQL table raises Unavailable itself)
             logger.error("reading API keys from %s failed: %s", self.path, exc)
             raise Unavailable("the API key registry cannot be read; retry shortly") from None
 
-    def _verify(self, plaintext: str, key_id: str) -> KeyRecord | None:
-        digest = _digest(plaintext)
+    async def averify(self, plaintext: str) -> KeyRecord | None:
+        """`verify` for the event loop: a key in the cache is answered at once; a miss on a
+        database server is read on the registry's threads, so the loop does not wait for it."""
+        if not self._table.remote:
+            return self.verify(plaintext)
+        parts = _split(plaintext)
+        if parts is None:
+            return None
+        cached, _, _ = self._cached(_digest(plaintext))
+        if cached is not None:
+            return cached
+        from router.registry.database import call
+
+        return await call(self.verify, plaintext)
+
+    def _cached(self, digest: bytes) -> tuple[KeyRecord | None, int, int]:
+        """The cached record (after dropping the cache if a revocation was seen), and the data
+        version and epoch it was looked up at."""
         version = self._table.data_version()
         with self._cache_lock:
             if version != self._seen_version:
                 self._cache.clear()
                 self._seen_version = version
-            epoch = self._epoch
             cached = self._cache.get(digest)
             if cached is not None:
                 self._cache.move_to_end(digest)
-                return cached
+            return cached, version, self._epoch
+
+    def _verify(self, plaintext: str, key_id: str) -> KeyRecord | None:
+        digest = _digest(plaintext)
+        cached, version, epoch = self._cached(digest)
+        if cached is not None:
+            return cached
         row = self._table.get(key_id)
         # compare_digest: the stored hash is compared in constant time so response timing tells
         # a caller nothing about how much of a guess matched.

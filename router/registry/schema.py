@@ -83,3 +83,16 @@ usage = sa.Table(
         "minute", "tenant", "key_id", "served", "model_name", "model_version", "currency"
     ),
 )
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.Text, primary_key=True),
+    sa.Column("key_hash", sa.LargeBinary, nullable=False),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("scopes", sa.Text, nullable=False),
+    sa.Column("tier", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)

@@ -49,6 +49,9 @@ class SqliteKeyTable:
     tools from others, and sqlite3 connections must not be used by two threads at once.
     """
 
+    remote = False
+    """Reads are local and take microseconds: verification runs them on the event loop."""
+
     def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from router.registry.config import RegistryConfig
 from router.server import RouterServer
 from tests.integration.rest_proxy import serve_proxy
 from tests.openai_servers import OpenAIServer, llama_cpp_missing, running_llama_server
+from tests.postgres_server import PostgresServer, postgres_path, running_postgres
 
 T = TypeVar("T")
 
@@ -133,3 +134,12 @@ async def in_waves(n: int, call: Callable[[int], Awaitable[T]]) -> list[T]:
             return await call(i)
 
     return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the module's tests (skipped where none is installed)."""
+    if postgres_path() is None:
+        pytest.skip("needs PostgreSQL's initdb and postgres ($PG_BIN or Debian's package)")
+    with running_postgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server

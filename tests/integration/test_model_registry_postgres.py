@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -33,15 +33,7 @@ from tests.integration.registry_calls import (
     status_of,
     update,
 )
-from tests.postgres_server import PostgresServer, postgres_path, running_postgres
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    if postgres_path() is None:
-        pytest.skip("needs PostgreSQL's initdb and postgres ($PG_BIN or Debian's package)")
-    with running_postgres(tmp_path_factory.mktemp("postgres")) as server:
-        yield server
+from tests.postgres_server import PostgresServer
 
 
 @pytest.fixture(scope="module")

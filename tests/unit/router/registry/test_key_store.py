@@ -8,9 +8,12 @@ import stat
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from router.errors import NotFound, Unavailable
-from router.registry.keys import KeyStore, looks_like_api_key
+from router.guard.config import STANDALONE_KEYS, AuthSection, keys_location
+from router.registry.database import migrate, open_database
+from router.registry.keys import KeyStore, looks_like_api_key, open_key_store
 
 
 @pytest.fixture
@@ -131,3 +134,28 @@ def test_an_unreadable_registry_is_unavailable_not_an_unknown_key(
     with pytest.raises(Unavailable, match="registry cannot be read"):
         store.verify(key)
     store.close()
+
+
+def test_keys_live_in_the_registry_database_unless_a_file_of_their_own_is_named(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'data' / 'registry.db'}"
+    assert keys_location(AuthSection(), url) == url
+    assert keys_location(AuthSection(registry=tmp_path / "own.db"), url) == tmp_path / "own.db"
+    assert keys_location(AuthSection(), "") == STANDALONE_KEYS.expanduser()
+    # The key store may open the registry's file before the registry migrates it: one table.
+    store = open_key_store(url)
+    _, key = store.create("acme", {"inference:embed"})
+    engine = open_database(url)
+    try:
+        assert migrate(engine) == "0004"
+        with engine.connect() as connection:
+            tenants = connection.execute(sa.text("SELECT tenant FROM api_keys")).scalars()
+            assert list(tenants) == ["acme"]
+    finally:
+        engine.dispose()
+    record = store.verify(key)
+    assert record is not None and record.tenant == "acme"
+    store.close()
+    with pytest.raises(ValueError, match=r"registry\.url uses 'mysql'"):
+        open_key_store("mysql://h/db")
