@@ -184,6 +184,7 @@ class RouterServer:
             DeploymentStore(self.registry),
             self.usage,
             guarded=self.config.guard.auth.enabled,
+            guard_limiter=self.guard.limiter if self.guard is not None else None,
         )
         for service, servicer in (
             (MODEL_SERVICE, ModelServicer(versions)),

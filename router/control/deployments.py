@@ -52,6 +52,7 @@ from router.registry.version_store import ModelVersionStore
 from router.serving.model import ServedModel
 
 if TYPE_CHECKING:
+    from router.guard.limits.limiter import RateLimiter
     from router.serving.lifecycle import Lifecycle
 
 logger = logging.getLogger(__name__)
@@ -89,9 +90,13 @@ class DeploymentController:
         usage: UsageRecorder,
         *,
         guarded: bool = False,
+        guard_limiter: RateLimiter | None = None,
     ) -> None:
+        """`guarded`: the guard authenticates callers; `guard_limiter`: its rate limiter, whose
+        Redis deployments' own limits share."""
         self._serving = serving
         self._guarded = guarded
+        self._guard_limiter = guard_limiter
         self._model_cache = model_cache
         self._versions = versions
         self.store = store
@@ -341,8 +346,18 @@ class DeploymentController:
         return stored
 
     def set_access(self, d: Deployment) -> None:
+        """`d`'s own authentication and limits; unchanged rules keep their counters (a scale,
+        a rollout step or another router's change must not reset a tenant's limits)."""
+        access = self._serving.models.access
+        current = access.get(d.name)
+        if current is not None and current.same_rules(d.require_auth, d.limits):
+            return
         if d.require_auth or d.limits:
-            self._serving.models.access[d.name] = DeploymentAccess(d.name, d.require_auth, d.limits)
+            access[d.name] = DeploymentAccess(
+                d.name, d.require_auth, d.limits, guard_limiter=self._guard_limiter
+            )
+        else:
+            access.pop(d.name, None)
 
     async def _rolled_out(self, d: Deployment) -> None:
         """A rollout completed: the deployment's own model and prices are the target's now."""

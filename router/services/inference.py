@@ -299,6 +299,9 @@ class InferenceServicer:
     async def _embed(self, message: pb.EmbedRequest, scope: CallScope) -> pb.EmbedResponse:
         model = self._models.get(message.model, "embed")
         scope.use_model(model.name)
+        access = self._models.access.get(model.name)
+        if access is not None:
+            access.check(scope)  # an embedding deployment's own authentication and limits
         texts = [scope.check_input(text) for text in message.texts]
         embedding.check_batch(model, texts)
         # The quota is charged before embedding: a call over quota must not cost an encoder pass.

@@ -12,7 +12,7 @@ import numpy as np
 
 from router.cache.embedding import Embedder
 from router.config import RetrievalConfig
-from router.errors import InvalidArgument, quote
+from router.errors import FailedPrecondition, InvalidArgument, quote
 from router.proto.irouter.v1 import retrieval_service_pb2 as pb
 from router.retrieval import chunking
 from router.retrieval.collection import Collection
@@ -29,6 +29,7 @@ from router.retrieval.spec import (
 from router.retrieval.store import CollectionStore
 from router.serving import embedding, tokenize
 from router.serving.catalog import Catalog
+from router.serving.model import ServedModel
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -60,12 +61,24 @@ class RetrievalServicer:
         self._embedder = embedder
         self._max_text_bytes = max_text_bytes
 
+    def _embedding_model(self, name: str) -> ServedModel:
+        """A collection's embedding model. A collection embeds for every caller of it, so a
+        deployment with its own authentication or limits (for its callers) cannot be one."""
+        model = self._models.get(name, "embed")
+        if name in self._models.access:
+            raise FailedPrecondition(
+                f"embedding_model {quote(name)} is a deployment with its own authentication or "
+                "limits, which apply to its callers; a collection embeds on behalf of all of its "
+                "own: use an embedding model or deployment without them"
+            )
+        return model
+
     async def _embed_pieces(self, model_name: str, pieces: list[chunking.Piece]) -> Vectors:
         """Embed texts whose token ids already fit the model's window (see chunking.split).
         One batch at a time, on purpose: the encoder runs one batch at a time, and calls that
         arrive meanwhile (a RAG query's embedding) go in the next batch instead of waiting
         behind every chunk of a long document."""
-        model = self._models.get(model_name, "embed")
+        model = self._embedding_model(model_name)
         step = model.config.max_batch
         parts = [
             await embedding.embed_pieces(model, pieces[i : i + step])
@@ -74,7 +87,7 @@ class RetrievalServicer:
         return np.concatenate(parts).astype(np.float32)
 
     async def _chunk(self, model_name: str, texts: list[str]) -> list[list[chunking.Piece]]:
-        model = self._models.get(model_name, "embed")
+        model = self._embedding_model(model_name)
         tokenizer = model.tokenizer
         if tokenizer is None:
             raise InvalidArgument(
@@ -97,7 +110,7 @@ class RetrievalServicer:
                 f"collection {spec.name!r} has no embedding_model, so it takes vector queries only",
                 field="text",
             )
-        model = self._models.get(spec.embedding_model, "embed")
+        model = self._embedding_model(spec.embedding_model)
         vectors, _ = await self._embedder.embed(model, [text], field="text", truncate=True)
         return vectors
 
@@ -137,7 +150,7 @@ class RetrievalServicer:
             raise InvalidArgument(f"metric={c.metric} is not a known Metric", field="config.metric")
         dimension = c.dimension
         if c.embedding_model:
-            model = self._models.get(c.embedding_model, "embed")
+            model = self._embedding_model(c.embedding_model)
             if dimension and dimension != model.dimension:
                 raise InvalidArgument(
                     f"dimension={dimension} but embedding_model {model.name!r} gives "

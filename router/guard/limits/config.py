@@ -73,6 +73,9 @@ class RateLimitConfig:
     stream_slot_ttl_s: float = 3600.0
     """A Redis stream slot not released by then is freed (a crashed replica's slots); the longest
     stream expected."""
+    namespace: str = ""
+    """Set by the router, not in config files: keeps a limiter's counters apart from others
+    sharing the Redis (a deployment's own limits beside the guard's global ones)."""
 
     def validate(self) -> None:
         if "default" not in self.tiers:

@@ -134,15 +134,19 @@ class RateLimiter:
         config: RateLimitConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        redis: RedisStore | None = None,
     ) -> None:
+        """`redis`: a store another limiter already opened on config.redis_url, to share its
+        connections (the caller closes it); None opens one when config.store is 'redis'."""
         self.config = config or RateLimitConfig()
         self.config.validate()
         self._clock = clock
         self._local = MemoryStore(clock)
         self._redis: RedisStore | None = None
         self._redis_target = ""
+        self._owns_redis = redis is None
         if self.config.store == "redis":
-            self._redis = RedisStore(
+            self._redis = redis or RedisStore(
                 self.config.redis_url,
                 timeout_s=self.config.redis_timeout_s,
                 slot_ttl_s=self.config.stream_slot_ttl_s,
@@ -243,7 +247,7 @@ class RateLimiter:
             self._redis_failed(exc, "refund")
 
     async def close(self) -> None:
-        if self._redis is not None:
+        if self._redis is not None and self._owns_redis:
             await self._redis.close()
         await self._local.close()
 
@@ -319,7 +323,8 @@ class RateLimiter:
         # Every key of a tenant carries the hash tag {tenant}, so one script's keys share a
         # Redis Cluster slot. Keys do not name the tier: a tenant moved to another tier keeps
         # its debt (in seconds), and its new limits apply from the next call.
-        base = f"irouter:rl:{{{tenant}}}"
+        space = f":{self.config.namespace}" if self.config.namespace else ""
+        base = f"irouter:rl{space}:{{{tenant}}}"
         requests = [Bucket(f"{base}:req", plan.req_interval)]
         tokens = [Bucket(f"{base}:tok", plan.tok_interval)]
         if not self.config.per_key or self.config.key_share >= 1.0:
