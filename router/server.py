@@ -251,8 +251,10 @@ class RouterServer:
         await self.serving.load_all()
         if self.control is not None:
             from router.control.reconcile import Reconciler
+            from router.registry.routers import RouterBook
 
-            reconciler = Reconciler(self.control, self.serving)
+            assert self.registry is not None
+            reconciler = Reconciler(self.control, self.serving, RouterBook(self.registry))
             await reconciler.restore()  # the deployments created at run time before
             # Then follow the registry: changes made through other routers sharing it.
             self._reconciling = asyncio.get_running_loop().create_task(reconciler.run())

@@ -7,7 +7,11 @@ Polling the generations is one small indexed query a second per router on SQLite
 PostgreSQL alike (PostgreSQL's LISTEN/NOTIFY would save the query but needs a connection held
 open per router, and SQLite has no such thing). A database that cannot be reached leaves
 serving as it is until it is back. A rollout is run by the router that started it (its
-owner); the others mirror the replicas and weights it stores.
+owner); the others mirror the replicas and weights it stores. Every router writes a heartbeat
+each second (router.registry.routers); when a rollout's owner has written none for
+TAKEOVER_S, the first router to notice takes the rollout over (stored with the deployment's
+generation, so one router wins) and runs it on from its current step, judging that step
+afresh.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from router.control.rollout import SYSTEM, interrupted
 from router.control.served_config import replica_config, routing_config
-from router.errors import RouterError
+from router.errors import Aborted, RouterError
 from router.registry.database import call
 from router.registry.deployments import Deployment
+from router.registry.routers import RouterBook
 
 if TYPE_CHECKING:
     from router.control.deployments import DeploymentController
@@ -31,14 +37,22 @@ logger = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0
 DRAIN_GRACE_S = 30.0
+TAKEOVER_S = 10.0
+"""A rollout whose owner has not been seen for this long is taken over."""
 
 
 class Reconciler:
     """Applies the registry's deployments to one router."""
 
-    def __init__(self, control: DeploymentController, serving: Lifecycle) -> None:
+    def __init__(
+        self, control: DeploymentController, serving: Lifecycle, routers: RouterBook
+    ) -> None:
         self._control = control
         self._serving = serving
+        self._routers = routers
+        self._mirrored: dict[str, tuple[str, float]] = {}
+        """Deployments whose rollout another router runs: that router, and when it last stored
+        the deployment (a sign of life before its first heartbeat)."""
 
     async def restore(self) -> None:
         """Bring back every stored deployment (at start, after the config's models); a rollout
@@ -59,15 +73,49 @@ class Reconciler:
                     logger.error("deployment %s could not be restored: %s", d.name, exc)
 
     async def run(self) -> None:
-        """Reconcile every INTERVAL_S until cancelled."""
+        """Beat and reconcile every INTERVAL_S until cancelled."""
         while True:
-            await asyncio.sleep(INTERVAL_S)
             try:
+                await call(self._routers.beat, self._control.owner, time.time())
                 await self.once()
+                await self.take_over()
             except RouterError as exc:  # the database is away: serve on as it is
                 logger.debug("reconciling deployments skipped: %s", exc)
             except Exception:
                 logger.exception("reconciling deployments failed")
+            await asyncio.sleep(INTERVAL_S)
+
+    async def take_over(self) -> None:
+        """Run the rollouts whose owner has written no heartbeat for TAKEOVER_S."""
+        if not self._mirrored:
+            return
+        seen = await call(self._routers.last_seen)
+        now = time.time()
+        control = self._control
+        for name, (owner, stored_at) in sorted(self._mirrored.items()):
+            silent = now - max(seen.get(owner, 0.0), stored_at)
+            if silent < TAKEOVER_S or control.rollouts.running(name):
+                continue
+            async with control.lock(name):
+                d = await call(control.store.get, name)
+                r = d.rollout
+                if r is None or r.state != "running" or r.owner != owner:
+                    continue  # ended, or taken over already: the next apply follows it
+                why = f"taken over from {owner}: not seen for {silent:.0f} s"
+                mine = dataclasses.replace(r, owner=control.owner, reason=why)
+                try:
+                    stored = await call(
+                        control.store.replace,
+                        d,
+                        dataclasses.replace(d, rollout=mine),
+                        SYSTEM,
+                        "deployment.rollout_takeover",
+                    )
+                except Aborted:
+                    continue  # another router took it first
+                logger.warning("deployment %s: rollout to %s %s", name, r.target_version, why)
+                await self.apply(stored)
+            control.rollouts.start(name)
 
     async def once(self) -> None:
         control = self._control
@@ -133,3 +181,8 @@ class Reconciler:
         control.bill(d.name, version)
         control.set_access(d)
         control.applied(d)
+        r = d.rollout
+        if r is not None and r.state == "running" and r.owner not in ("", control.owner):
+            self._mirrored[d.name] = (r.owner, d.updated_at)
+        else:
+            self._mirrored.pop(d.name, None)

@@ -96,3 +96,10 @@ api_keys = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
 )
+
+routers = sa.Table(
+    "routers",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("seen_at", sa.Float, nullable=False),
+)

@@ -125,6 +125,7 @@ class DeploymentServicer:
                     min_calls=r.min_calls,
                     state=_ROLLOUT_STATES[r.state],
                     reason=r.reason,
+                    owner=r.owner,
                 )
             )
         return message

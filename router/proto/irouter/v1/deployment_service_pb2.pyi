@@ -116,6 +116,7 @@ class Rollout(_message.Message):
     MIN_CALLS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     target_version: _builtins.str
     """The version it moves to."""
     from_version: _builtins.str
@@ -134,6 +135,8 @@ class Rollout(_message.Message):
     """Where it is."""
     reason: _builtins.str
     """What the last judged step saw, or why it rolled back."""
+    owner: _builtins.str
+    """The router that runs it ('host:port'); another takes it over when it stops being seen."""
     @_builtins.property
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Percent of the traffic the target takes at each step."""
@@ -151,10 +154,11 @@ class Rollout(_message.Message):
         min_calls: _builtins.int = ...,
         state: Global___RolloutState.ValueType = ...,
         reason: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_version", b"from_version", "max_error_rate", b"max_error_rate", "max_ttft_p95_s", b"max_ttft_p95_s", "min_calls", b"min_calls", "reason", b"reason", "state", b"state", "step", b"step", "step_interval_s", b"step_interval_s", "steps", b"steps", "target_version", b"target_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_version", b"from_version", "max_error_rate", b"max_error_rate", "max_ttft_p95_s", b"max_ttft_p95_s", "min_calls", b"min_calls", "owner", b"owner", "reason", b"reason", "state", b"state", "step", b"step", "step_interval_s", b"step_interval_s", "steps", b"steps", "target_version", b"target_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

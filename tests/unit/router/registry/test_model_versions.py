@@ -76,7 +76,7 @@ def test_default_registry_is_a_sqlite_file_under_its_data_dir(tmp_path: Path) ->
 def test_migrations_are_idempotent_and_the_file_is_private(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sub' / 'r.db'}"
     engine = open_database(url)
-    assert migrate(engine) == migrate(engine) == "0004"
+    assert migrate(engine) == migrate(engine) == "0005"
     assert (tmp_path / "sub" / "r.db").stat().st_mode & 0o077 == 0
     names = set(sa.inspect(engine).get_table_names())
     assert {"model_versions", "deployments", "usage", "audit_events", "alembic_version"} <= names
