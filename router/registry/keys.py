@@ -23,11 +23,14 @@ is read off the event loop (`averify`).
 from __future__ import annotations
 
 import builtins
+import getpass
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Protocol
 
 from router.errors import NotFound, Unavailable
-from router.registry.sqlite_db import KeyRow, SqliteKeyTable
+from router.registry.sqlite_db import KeyEvent, KeyRow, SqliteKeyTable
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +125,9 @@ class KeyTable(Protocol):
 
     def close(self) -> None: ...
     def data_version(self) -> int: ...
-    def insert(self, row: KeyRow) -> None: ...
+    def insert(self, row: KeyRow, event: KeyEvent | None = None) -> None: ...
     def get(self, key_id: str) -> KeyRow | None: ...
-    def revoke(self, key_id: str, at: float) -> bool: ...
+    def revoke(self, key_id: str, at: float, event: KeyEvent | None = None) -> bool: ...
     def all(self) -> builtins.list[KeyRow]: ...
 
 
@@ -175,10 +178,17 @@ class KeyStore:
         self._table.close()
 
     def create(
-        self, tenant: str, scopes: Iterable[str], tier: str = "default", name: str = ""
+        self,
+        tenant: str,
+        scopes: Iterable[str],
+        tier: str = "default",
+        name: str = "",
+        *,
+        actor: str = "",
     ) -> tuple[str, str]:
         """Store a new key; returns (key_id, plaintext key). The plaintext exists only in this
-        return value: show it to the user once."""
+        return value: show it to the user once. In the registry's database the creation is an
+        audit event by `actor` (default: the OS user and host running this)."""
         scope_set = frozenset(scopes)
         _check_name(tenant, "tenant")
         _check_name(tier, "tier")
@@ -191,24 +201,37 @@ class KeyStore:
             raise ValueError(f"key name must be printable and at most {_MAX_LABEL} characters")
         key_id = secrets.token_hex(_KEY_ID_BYTES)
         plaintext = f"{API_KEY_PREFIX}{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
-        self._table.insert(
-            KeyRow(
-                key_id=key_id,
-                key_hash=_digest(plaintext),
-                tenant=tenant,
-                scopes=" ".join(sorted(scope_set)),
-                tier=tier,
-                name=name,
-                created_at=self._clock(),
-                revoked_at=None,
-            )
+        now = self._clock()
+        row = KeyRow(
+            key_id=key_id,
+            key_hash=_digest(plaintext),
+            tenant=tenant,
+            scopes=" ".join(sorted(scope_set)),
+            tier=tier,
+            name=name,
+            created_at=now,
+            revoked_at=None,
         )
+        described = {"tenant": tenant, "scopes": sorted(scope_set), "tier": tier, "name": name}
+        event = KeyEvent(
+            now, actor or _os_actor(), "api_key.create", f"api_key/{key_id}", {}, described
+        )
+        self._table.insert(row, event)
         return key_id, plaintext
 
-    def revoke(self, key_id: str) -> bool:
+    def revoke(self, key_id: str, *, actor: str = "") -> bool:
         """Revoke a key at once. True if it was live, False if it was already revoked; raises
-        NotFound for an unknown id."""
-        revoked = self._table.revoke(key_id, self._clock())
+        NotFound for an unknown id. Audited as `create` is."""
+        now = self._clock()
+        event = KeyEvent(
+            now,
+            actor or _os_actor(),
+            "api_key.revoke",
+            f"api_key/{key_id}",
+            {"revoked_at": None},
+            {"revoked_at": now},
+        )
+        revoked = self._table.revoke(key_id, now, event)
         # data_version does not change for this connection's own commits: drop the cache here.
         with self._cache_lock:
             self._cache.clear()
@@ -290,6 +313,15 @@ class KeyStore:
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return record
+
+
+def _os_actor() -> str:
+    """Who changes keys from a shell: the OS user and host (the audit log's actor)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        user = f"uid {os.getuid()}"
+    return f"os:{user}@{socket.gethostname()}"
 
 
 def _check_name(value: str, what: str) -> None:

@@ -18,11 +18,12 @@ import threading
 from collections.abc import Iterator
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from router.errors import Unavailable
+from router.registry import audit
 from router.registry.schema import api_keys as table
-from router.registry.sqlite_db import KeyRow
+from router.registry.sqlite_db import KeyEvent, KeyRow
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class PostgresKeyTable:
                 "the API key registry cannot be read; retry shortly", retry_after_s=1.0
             ) from None
 
-    def insert(self, row: KeyRow) -> None:
+    def insert(self, row: KeyRow, event: KeyEvent | None = None) -> None:
         with self._reading(), self._engine.begin() as connection:
             connection.execute(
                 table.insert().values(
@@ -113,13 +114,14 @@ class PostgresKeyTable:
                     revoked_at=row.revoked_at,
                 )
             )
+            _audit(connection, event)
 
     def get(self, key_id: str) -> KeyRow | None:
         with self._reading(), self._engine.connect() as connection:
             found = connection.execute(sa.select(*_COLUMNS).where(table.c.key_id == key_id)).first()
         return None if found is None else KeyRow(*found)
 
-    def revoke(self, key_id: str, at: float) -> bool:
+    def revoke(self, key_id: str, at: float, event: KeyEvent | None = None) -> bool:
         """Mark the key revoked; False when there is no such key or it already was."""
         statement = (
             table.update()
@@ -127,10 +129,25 @@ class PostgresKeyTable:
             .values(revoked_at=at)
         )
         with self._reading(), self._engine.begin() as connection:
-            changed = connection.execute(statement).rowcount
-        return changed == 1
+            if connection.execute(statement).rowcount != 1:
+                return False
+            _audit(connection, event)
+        return True
 
     def all(self) -> list[KeyRow]:
         statement = sa.select(*_COLUMNS).order_by(table.c.tenant, table.c.created_at)
         with self._reading(), self._engine.connect() as connection:
             return [KeyRow(*row) for row in connection.execute(statement)]
+
+
+def _audit(connection: Connection, event: KeyEvent | None) -> None:
+    if event is not None:
+        audit.record(
+            connection,
+            at=event.at,
+            actor=event.actor,
+            action=event.action,
+            target=event.target,
+            before=event.before,
+            after=event.after,
+        )

@@ -4,11 +4,15 @@ module with a PostgreSQL one offering the same methods; nothing else in the regi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -40,6 +44,18 @@ class KeyRow:
 
 
 _COLUMNS = "key_id, key_hash, tenant, scopes, tier, name, created_at, revoked_at"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """The audit event of a change to a key (router.registry.audit's fields)."""
+
+    at: float
+    actor: str
+    action: str
+    target: str
+    before: dict[str, Any]
+    after: dict[str, Any]
 
 
 class SqliteKeyTable:
@@ -80,8 +96,8 @@ class SqliteKeyTable:
             row = self._db.execute("PRAGMA data_version").fetchone()
         return int(row[0])
 
-    def insert(self, row: KeyRow) -> None:
-        with self._lock:
+    def insert(self, row: KeyRow, event: KeyEvent | None = None) -> None:
+        with self._lock, self._transaction():
             self._db.execute(
                 f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -95,6 +111,39 @@ class SqliteKeyTable:
                     row.revoked_at,
                 ),
             )
+            self._audit(event)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction (hold the lock): a change and its audit event."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _audit(self, event: KeyEvent | None) -> None:
+        """Record `event` in the transaction when the file is the registry's (it has the audit
+        log); a key file of its own has none."""
+        audited = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_events'"
+        ).fetchone()
+        if event is None or not audited:
+            return
+        self._db.execute(
+            "INSERT INTO audit_events (at, actor, action, target, before, after) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                event.at,
+                event.actor,
+                event.action,
+                event.target,
+                json.dumps(event.before, sort_keys=True),
+                json.dumps(event.after, sort_keys=True),
+            ),
+        )
 
     def get(self, key_id: str) -> KeyRow | None:
         with self._lock:
@@ -103,14 +152,18 @@ class SqliteKeyTable:
             ).fetchone()
         return None if found is None else KeyRow(*found)
 
-    def revoke(self, key_id: str, at: float) -> bool:
-        """Mark the key revoked; False when there is no such key or it already was."""
-        with self._lock:
+    def revoke(self, key_id: str, at: float, event: KeyEvent | None = None) -> bool:
+        """Mark the key revoked; False when there is no such key or it already was (then no
+        event is recorded)."""
+        with self._lock, self._transaction():
             cursor = self._db.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                 (at, key_id),
             )
-        return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            self._audit(event)
+        return True
 
     def all(self) -> list[KeyRow]:
         with self._lock:

@@ -19,6 +19,7 @@ from router.guard.config import AuthSection, GuardConfig
 from router.keys_cli import register_cli, run_cli
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from router.registry import audit
 from router.registry.config import RegistryConfig
 from router.registry.keys import open_key_store
 from router.registry.postgres_keys import POLL_S
@@ -100,6 +101,8 @@ async def test_keys_made_on_the_cluster_database_work_and_revoke_everywhere(
         with engine.connect() as connection:
             query = sa.text("SELECT tenant, revoked_at IS NOT NULL FROM api_keys WHERE key_id = :k")
             assert connection.execute(query, {"k": key_id}).one() == ("acme", True)
+        actions = [e.action for e in audit.events(engine, target=f"api_key/{key_id}")]
+        assert actions == ["api_key.create", "api_key.revoke"]
     finally:
         engine.dispose()
 

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from router.errors import NotFound, Unavailable
 from router.guard.config import STANDALONE_KEYS, AuthSection, keys_location
+from router.registry import audit
 from router.registry.database import migrate, open_database
 from router.registry.keys import KeyStore, looks_like_api_key, open_key_store
 
@@ -152,10 +153,21 @@ def test_keys_live_in_the_registry_database_unless_a_file_of_their_own_is_named(
         with engine.connect() as connection:
             tenants = connection.execute(sa.text("SELECT tenant FROM api_keys")).scalars()
             assert list(tenants) == ["acme"]
-    finally:
+    except BaseException:
         engine.dispose()
+        raise
     record = store.verify(key)
     assert record is not None and record.tenant == "acme"
+    # Changes to keys are audit events of the registry, in the change's transaction.
+    key_id, _ = store.create("globex", {"admin"}, actor="cli:ops")
+    store.revoke(key_id, actor="cli:ops")
+    events = audit.events(engine, target=f"api_key/{key_id}")
+    assert [(e.action, e.actor) for e in events] == [
+        ("api_key.create", "cli:ops"),
+        ("api_key.revoke", "cli:ops"),
+    ]
+    assert events[0].after["tenant"] == "globex" and "hash" not in str(events[0].after)
+    engine.dispose()
     store.close()
     with pytest.raises(ValueError, match=r"registry\.url uses 'mysql'"):
         open_key_store("mysql://h/db")
