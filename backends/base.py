@@ -138,6 +138,10 @@ class RemoteEmbedder(Protocol):
         """float32 [len(texts), dim]; raises a RemoteError naming the server on failure."""
         ...
 
+    async def embed_counted(self, texts: Sequence[str]) -> tuple[FloatArray, int | None]:
+        """`embed`, and the server's count of the texts' tokens (None when it gives none)."""
+        ...
+
 
 STRUCTURED_KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "grammar")
 """What a StructuredOutput may constrain the output to."""

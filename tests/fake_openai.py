@@ -120,6 +120,8 @@ class FakeOpenAI:
         self.port = 0
         self.model = MODEL
         self.dimension = 4
+        self.embedding_usage = True
+        """Whether /v1/embeddings answers carry a usage (3 tokens a text)."""
 
     @property
     def url(self) -> str:
@@ -151,8 +153,10 @@ class FakeOpenAI:
             {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0, 0.0]}
             for i, t in enumerate(texts)
         ]
-        usage = {"prompt_tokens": 3 * len(texts), "total_tokens": 3 * len(texts)}
-        return JSONResponse({"object": "list", "data": data, "model": self.model, "usage": usage})
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": self.model}
+        if self.embedding_usage:
+            answer["usage"] = {"prompt_tokens": 3 * len(texts), "total_tokens": 3 * len(texts)}
+        return JSONResponse(answer)
 
     async def generate(self, request: Request) -> Response:
         body = await self._record(request)

@@ -380,12 +380,17 @@ class OpenAIHttpEmbedder(_HttpRemote):
 
     async def embed(self, texts: Sequence[str]) -> FloatArray:
         """float32 [len(texts), dim]; raises a RemoteError naming the URL on failure."""
+        return (await self.embed_counted(texts))[0]
+
+    async def embed_counted(self, texts: Sequence[str]) -> tuple[FloatArray, int | None]:
+        """`embed`, and the answer's usage.prompt_tokens (None when it has none)."""
         if not texts:
-            return np.zeros((0, self.dim or 0), np.float32)
+            return np.zeros((0, self.dim or 0), np.float32), 0
         url = self.config.endpoint("/embeddings")
         data = await self._post(url, {"model": self.config.model, "input": list(texts)})
         try:
-            items = sorted(json.loads(data)["data"], key=lambda item: int(item["index"]))
+            answer = json.loads(data)
+            items = sorted(answer["data"], key=lambda item: int(item["index"]))
             out = np.asarray([item["embedding"] for item in items], dtype=np.float32)
         except (ValueError, KeyError, TypeError) as exc:
             raise RemoteProtocolError(
@@ -401,4 +406,8 @@ class OpenAIHttpEmbedder(_HttpRemote):
             raise RemoteProtocolError(
                 url, f"embeddings have {out.shape[1]} dimensions, not {self.dim}", retryable=False
             )
-        return out
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        counted = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        # A count that is not a non-negative integer is no count (bool is an int in Python).
+        ok = isinstance(counted, int) and not isinstance(counted, bool) and counted >= 0
+        return out, counted if ok else None

@@ -33,6 +33,10 @@ class EmbedPlan:
     """Rows still to embed, with their texts and token ids in `pieces`."""
     pieces: list[Piece]
     tokens: int
+    """Tokens the texts take: counted here, or estimated for a model with no tokenizer (then
+    `run` replaces the estimate with the server's count when every batch had one)."""
+    counted: bool = False
+    """Whether `tokens` is a count (the router's tokenizer, or the server's after `run`)."""
 
 
 class Embedder:
@@ -86,15 +90,18 @@ class Embedder:
                 ),
             )
             tokens += sum(piece.num_tokens for piece in pieces)
-        return EmbedPlan(model, out, keys, missing, pieces, tokens)
+        return EmbedPlan(model, out, keys, missing, pieces, tokens, model.tokenizer is not None)
 
     async def run(self, plan: EmbedPlan) -> Vectors:
         """Embed what the plan found missing (in model batches) and cache it."""
         model, out, cache = plan.model, plan.out, self._cache
         step = model.config.max_batch
+        server: list[int] = []
+        batches = 0
         for start in range(0, len(plan.pieces), step):
             batch = plan.pieces[start : start + step]
-            vectors = await embedding.embed_pieces(model, batch)
+            batches += 1
+            vectors = await embedding.embed_pieces(model, batch, server)
             rows = plan.missing[start : start + step]
             for row, (i, piece) in enumerate(zip(rows, batch, strict=True)):
                 out[i] = vectors[row]
@@ -103,6 +110,10 @@ class Embedder:
                     cache.put(plan.keys[i], (vector, piece.num_tokens), vector.nbytes + 64)
         if cache is not None and plan.pieces:
             self._bytes.set(cache.bytes)
+        if not plan.counted and batches and len(server) == batches:
+            # The server counted what was sent; texts from the cache keep their estimate.
+            plan.tokens += sum(server) - sum(piece.num_tokens for piece in plan.pieces)
+            plan.counted = len(plan.missing) == len(plan.out)
         return out
 
     async def embed(

@@ -19,9 +19,10 @@ from router.routing.attempt import AttemptInfo
 from router.routing.dispatch import Dispatcher
 
 Vectors = npt.NDArray[np.float32]
-ReplicaEmbed = Callable[[str, str, Sequence[Any]], Awaitable[Vectors]]
-"""(deployment, replica, pieces) → their vectors from that replica; raises Unavailable when it
-is not loaded, or the replica's own error."""
+ReplicaEmbed = Callable[[str, str, Sequence[Any], list[int] | None], Awaitable[Vectors]]
+"""(deployment, replica, pieces, counted) → their vectors from that replica (a remote server's
+token count appended to `counted`); raises Unavailable when it is not loaded, or the replica's
+own error."""
 
 
 class RoutedEmbedder:
@@ -41,17 +42,25 @@ class RoutedEmbedder:
         self._on_attempt = on_attempt
 
     async def embed(
-        self, pieces: Sequence[Any], *, timeout_s: float | None = None, request_id: str = ""
+        self,
+        pieces: Sequence[Any],
+        counted: list[int] | None = None,
+        *,
+        timeout_s: float | None = None,
+        request_id: str = "",
     ) -> Vectors:
-        """The pieces' vectors from the first replica that answers."""
+        """The pieces' vectors from the first replica that answers (its server's token count,
+        if any, appended to `counted`)."""
         return await self._dispatcher.unary(
             self.name,
-            lambda info: self._attempt(pieces, info),
+            lambda info: self._attempt(pieces, counted, info),
             timeout_s=timeout_s,
             request_id=request_id,
         )
 
-    async def _attempt(self, pieces: Sequence[Any], info: AttemptInfo) -> Vectors:
+    async def _attempt(
+        self, pieces: Sequence[Any], counted: list[int] | None, info: AttemptInfo
+    ) -> Vectors:
         if self._on_attempt is not None:
             self._on_attempt(info)
-        return await self._embed_on(info.deployment, info.replica.name, pieces)
+        return await self._embed_on(info.deployment, info.replica.name, pieces, counted)

@@ -309,16 +309,17 @@ class InferenceServicer:
         prompt_tokens = plan.tokens
         await scope.admit(prompt_tokens=prompt_tokens, reserve_tokens=prompt_tokens, stream=False)
         vectors = await self._embedder.run(plan)
+        source = UsageSource.ROUTER
+        if model.tokenizer is None:
+            # The server's count, where it gave one, replaces the estimate reserved for (the
+            # quotas settle with it); an estimate when some texts were not counted by it.
+            prompt_tokens = scope.prompt_tokens = plan.tokens
+            source = UsageSource.SERVER if plan.counted else UsageSource.ESTIMATE
         self._metrics.prompt_tokens.labels(model.name).inc(prompt_tokens)
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=row) for row in vectors.tolist()],
             model=model.name,
-            # A model with no local tokenizer: the texts' documented estimate.
-            usage=_usage(
-                prompt_tokens,
-                0,
-                UsageSource.ESTIMATE if model.config.passthrough else UsageSource.ROUTER,
-            ),
+            usage=_usage(prompt_tokens, 0, source),
         )
 
     async def ListModels(

@@ -218,13 +218,17 @@ class Catalog:
         return served.engine
 
     async def _replica_embed(
-        self, deployment: str, replica: str, pieces: Sequence[chunking.Piece]
+        self,
+        deployment: str,
+        replica: str,
+        pieces: Sequence[chunking.Piece],
+        counted: list[int] | None,
     ) -> Vectors:
         served = self._replica_models[deployment, replica]
         if not served.loaded:
             why = f": {served.error}" if served.error else " (still loading)"
             raise Unavailable(f"replica {deployment}/{replica} is not loaded{why}")
-        return await embedding.embed_pieces(served, pieces)
+        return await embedding.embed_pieces(served, pieces, counted)
 
     # ---- life cycle --------------------------------------------------------------------------
 

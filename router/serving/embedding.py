@@ -92,21 +92,24 @@ def _estimated(
 
 
 async def embed_pieces(
-    model: ServedModel, pieces: Sequence[chunking.Piece]
+    model: ServedModel, pieces: Sequence[chunking.Piece], counted: list[int] | None = None
 ) -> npt.NDArray[np.float32]:
     """One batch (at most the model's max_batch) through its encoder: the local batcher
     takes the token ids, a remote server the texts; a deployment hands the batch to one of its
-    replicas (each one of those)."""
+    replicas (each one of those). A remote server's count of the batch's tokens, when it gives
+    one, is appended to `counted`."""
     if model.routed_embedder is not None:
-        vectors = await model.routed_embedder.embed(pieces)
+        vectors = await model.routed_embedder.embed(pieces, counted)
         model.dimension = model.dimension or int(vectors.shape[1])
         return vectors
     if model.remote_embedder is not None:
         try:
-            vectors = await model.remote_embedder.embed([p.text for p in pieces])
+            vectors, tokens = await model.remote_embedder.embed_counted([p.text for p in pieces])
         except RemoteError as exc:
             raise remote_error(model.name, exc) from None
         model.dimension = model.dimension or int(vectors.shape[1])
+        if counted is not None and tokens is not None:
+            counted.append(tokens)
         return vectors
     assert model.batcher is not None
     return await model.batcher.embed([p.ids for p in pieces])

@@ -391,7 +391,17 @@ async def test_embeddings_go_to_the_embeddings_route(
     assert [e.values[0] for e in answer.embeddings] == [3.0, 5.0]
     assert fake.requests[-1].path == "/v1/embeddings"
     assert fake.requests[-1].body["input"] == ["abc", "defgh"]
-    assert answer.usage.source == pb.USAGE_SOURCE_ESTIMATE and answer.usage.prompt_tokens == 3
+    # The server's count (3 a text, in the fake) settles the estimate reserved for.
+    assert answer.usage.source == pb.USAGE_SOURCE_SERVER and answer.usage.prompt_tokens == 6
+    # One text from the embedding cache (its estimate), one counted: an estimate in all.
+    answer = await stub.Embed(pb.EmbedRequest(model="up-embed", texts=["abc", "not cached yet"]))
+    assert answer.usage.source == pb.USAGE_SOURCE_ESTIMATE and answer.usage.prompt_tokens == 1 + 3
+    fake.embedding_usage = False  # a server that counts nothing: the documented estimate
+    try:
+        answer = await stub.Embed(pb.EmbedRequest(model="up-embed", texts=["nor is this one"]))
+    finally:
+        fake.embedding_usage = True
+    assert answer.usage.source == pb.USAGE_SOURCE_ESTIMATE and answer.usage.prompt_tokens == 4
 
 
 async def test_llama_cpp_renders_the_conversation_with_its_own_template(

@@ -69,10 +69,10 @@ class Server:
     def __init__(self, dimension: int) -> None:
         self.dimension = dimension
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
+    async def embed_counted(self, texts: list[str]) -> tuple[np.ndarray, int | None]:
         if not self.dimension:
             raise RemoteUnavailable("http://up", "connection refused")
-        return np.ones((len(texts), self.dimension), dtype=np.float32)
+        return np.ones((len(texts), self.dimension), dtype=np.float32), None
 
 
 async def test_an_embedding_replica_is_probed_by_embedding_and_its_dimension() -> None:
