@@ -390,6 +390,18 @@ class RouterConfig:
                 )
 
 
+def replica_secret(variable: str) -> str:
+    """The value of environment variable `variable` (a replica's API key); ConfigError naming it
+    when this router's environment does not set it."""
+    value = os.environ.get(variable, "")
+    if not value:
+        raise ConfigError(
+            f"api_key_env={variable!r}: the environment variable is not set on this router; "
+            "set it to the server's API key on every router that serves the replica"
+        )
+    return value
+
+
 def replica_model(model: ModelConfig, deployment: str, replica: Any) -> ModelConfig:
     """The models[] entry as one replica of a deployment runs it: its backend, device or URL."""
     changes: dict[str, Any] = {"name": f"{deployment}/{replica.name}", "backend": replica.backend}
@@ -406,8 +418,15 @@ def replica_model(model: ModelConfig, deployment: str, replica: Any) -> ModelCon
         changes[key] = dataclasses.replace(
             base, url=replica.url, model=replica.remote_model or base.model or model.name
         )
-        if backend == "openai_http" and replica.dialect:
-            changes[key] = dataclasses.replace(changes[key], dialect=replica.dialect)
+        if backend == "openai_http":
+            remote = changes[key]
+            if replica.dialect:
+                remote = dataclasses.replace(remote, dialect=replica.dialect)
+            if replica.api_version:
+                remote = dataclasses.replace(remote, api_version=replica.api_version)
+            if replica.api_key_env:
+                remote = dataclasses.replace(remote, api_key=replica_secret(replica.api_key_env))
+            changes[key] = remote
     if replica.device:
         changes["device"] = replica.device
     elif model.backend != replica.backend:

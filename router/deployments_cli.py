@@ -34,8 +34,14 @@ def register_cli(
     create.add_argument(
         "--dialect",
         default="",
-        help="openai_http: the server kind (openai, vllm, trtllm, llama.cpp, ovms)",
+        help="openai_http: the server kind (openai, azure, vllm, trtllm, llama.cpp, ovms)",
     )
+    create.add_argument(
+        "--api-key-env",
+        default="",
+        help="openai_http: the environment variable holding the server's API key on the routers",
+    )
+    create.add_argument("--api-version", default="", help="dialect azure: the API version")
     create.add_argument("--threads", type=int, default=0, help="threads per replica (0: 2)")
     create.add_argument("--max-slots", type=int, default=0, help="sequences per replica (0: 16)")
     create.add_argument("--max-context", type=int, default=0, help="tokens per sequence")
@@ -89,7 +95,12 @@ def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
         replica = {"backend": args.backend, "device": args.device, "url": args.url}
         replicas = [
             pb.Replica(
-                name=f"r{i}", remote_model=args.remote_model, dialect=args.dialect, **replica
+                name=f"r{i}",
+                remote_model=args.remote_model,
+                dialect=args.dialect,
+                api_key_env=args.api_key_env,
+                api_version=args.api_version,
+                **replica,
             )
             for i in range(args.replicas)
         ]

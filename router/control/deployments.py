@@ -29,6 +29,7 @@ from router.control.rollout import (
     with_weights,
 )
 from router.control.served_config import (
+    check_secrets,
     model_config,
     needs_preparing,
     prepare_gguf,
@@ -241,6 +242,7 @@ class DeploymentController:
         """ResourceExhausted when the local ones of `replicas` would not fit in memory;
         FailedPrecondition for a replica a version with no local artifact cannot have."""
         replicas = list(replicas)
+        check_secrets(replicas)
         for r in replicas:
             if model.passthrough and r.backend != "openai_http":
                 raise FailedPrecondition(

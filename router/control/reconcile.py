@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from router.control.rollout import SYSTEM, interrupted
-from router.control.served_config import replica_config, routing_config
+from router.control.served_config import check_secrets, replica_config, routing_config
 from router.errors import Aborted, RouterError
 from router.registry.database import call
 from router.registry.deployments import Deployment
@@ -143,6 +143,7 @@ class Reconciler:
     async def apply(self, d: Deployment) -> None:
         """Serve `d` as stored: create it, or add and remove replicas and set their weights."""
         control, models = self._control, self._serving.models
+        check_secrets(d.replicas)  # a replica's API key must be in this router's environment too
         version, model = await control.version_of(d)
         own = [r for r in d.replicas if r.model_version in ("", d.model_version)]
         others = [r for r in d.replicas if r not in own]

@@ -5,6 +5,8 @@ deployed), its replicas the routing section's."""
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from backends.factory import OpenAIHttpConfig
@@ -155,7 +157,20 @@ def replica_config(r: ReplicaSpec) -> ReplicaConfig:
         weight=r.weight,
         remote_model=r.remote_model,
         dialect=r.dialect,
+        api_key_env=r.api_key_env,
+        api_version=r.api_version,
     )
+
+
+def check_secrets(replicas: Iterable[ReplicaSpec]) -> None:
+    """FailedPrecondition naming the first replica whose API key's environment variable this
+    router does not have (nothing is loaded then)."""
+    for r in replicas:
+        if r.api_key_env and not os.environ.get(r.api_key_env):
+            raise FailedPrecondition(
+                f"replica {quote(r.name)}: environment variable {r.api_key_env} (its API key) is "
+                "not set on this router; set it on every router that serves the replica"
+            )
 
 
 def routing_config(d: Deployment) -> DeploymentConfig:

@@ -29,6 +29,7 @@ from router.registry import audit
 from router.registry.database import reachable
 from router.registry.model_versions import check_name, check_version
 from router.registry.schema import deployments as table
+from router.routing.config import API_KEY_ENV_RE
 
 LOCAL_BACKENDS = ("onnxruntime", "openvino")
 """Engines a local replica may run (TensorRT-LLM needs a CUDA host: config file only, for now)."""
@@ -58,11 +59,16 @@ class ReplicaSpec:
     """The version it serves: '' is the deployment's; a rollout's target while one runs."""
     dialect: str = ""
     """An openai_http replica's server kind ('' : openai); see backends.openai.wire.DIALECTS."""
+    api_key_env: str = ""
+    """An openai_http replica's API key: the environment variable holding it on every router
+    (the key is never stored)."""
+    api_version: str = ""
+    """Dialect azure: the API version its requests carry."""
 
 
 ROLLOUT_STATES = ("running", "completed", "rolled_back")
-REPLICA_DIALECTS = ("openai", "vllm", "trtllm", "llama.cpp", "ovms")
-"""Server kinds a replica may name (azure needs an api_version and key the API does not carry)."""
+REPLICA_DIALECTS = ("openai", "azure", "vllm", "trtllm", "llama.cpp", "ovms")
+"""Server kinds a replica may name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +183,25 @@ def _check_replica(i: int, r: ReplicaSpec) -> None:
                 f"{', '.join(REPLICA_DIALECTS)}",
                 field=f"{where}.dialect",
             )
-    elif r.backend in LOCAL_BACKENDS:
-        if r.url or r.remote_model:
+        if (r.dialect == "azure") != bool(r.api_version):
             raise InvalidArgument(
-                f"{where}: backend {r.backend!r} runs here and takes no url or remote_model",
+                f"{where}.api_version {quote(r.api_version)}: dialect 'azure' needs one (e.g. "
+                "'2024-10-21'), and only it takes one",
+                field=f"{where}.api_version",
+            )
+        if r.api_key_env and (
+            r.backend != "openai_http" or not API_KEY_ENV_RE.fullmatch(r.api_key_env)
+        ):
+            raise InvalidArgument(
+                f"{where}.api_key_env {quote(r.api_key_env)}: backend 'openai_http' takes the "
+                "name of an environment variable (a letter or '_', then letters, digits or '_')",
+                field=f"{where}.api_key_env",
+            )
+    elif r.backend in LOCAL_BACKENDS:
+        if r.url or r.remote_model or r.api_key_env or r.api_version or r.dialect:
+            raise InvalidArgument(
+                f"{where}: backend {r.backend!r} runs here and takes no url, remote_model, "
+                "dialect, api_key_env or api_version",
                 field=f"{where}.url",
             )
         if r.device and r.backend != "openvino":

@@ -13,6 +13,7 @@ the loader turns into `ConfigError`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,6 +37,10 @@ def _at_least(where: str, value: int, low: int) -> None:
         raise ValueError(f"{where}={value!r} must be an integer >= {low}")
 
 
+API_KEY_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+"""An environment variable's name, as a replica names the one holding its API key."""
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaConfig:
     """One copy of a deployment's model: a local engine on a device, or a remote URL."""
@@ -55,6 +60,11 @@ class ReplicaConfig:
     """Model name on a remote server; empty: the model's `remote.model`, else its name."""
     dialect: str = ""
     """An openai_http replica's server kind; empty: the model's `remote.dialect`."""
+    api_key_env: str = ""
+    """An openai_http replica's API key: the environment variable holding it (empty: the
+    model's `remote.api_key`)."""
+    api_version: str = ""
+    """Dialect azure: the API version (empty: the model's `remote.api_version`)."""
 
     @property
     def remote(self) -> bool:
@@ -75,6 +85,11 @@ class ReplicaConfig:
         _positive(f"{where}.weight", self.weight)
         if self.remote_model and not self.url:
             raise ValueError(f"{where}.remote_model applies to a remote replica (one with a url)")
+        if self.api_key_env and not API_KEY_ENV_RE.fullmatch(self.api_key_env):
+            raise ValueError(
+                f"{where}.api_key_env={self.api_key_env!r} is not an environment variable's "
+                "name: a letter or '_', then up to 127 letters, digits or '_'"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,8 @@ def deployment_from_pb(m: pb.Deployment) -> Deployment:
                 remote_model=r.remote_model,
                 weight=r.weight or 1.0,
                 dialect=r.dialect,
+                api_key_env=r.api_key_env,
+                api_version=r.api_version,
             )
             for r in m.replicas
         ),
@@ -85,6 +87,8 @@ class DeploymentServicer:
                     weight=r.weight,
                     model_version=r.model_version,
                     dialect=r.dialect,
+                    api_key_env=r.api_key_env,
+                    api_version=r.api_version,
                 )
                 for r in d.replicas
             ],
@@ -156,6 +160,8 @@ class DeploymentServicer:
                 remote_model=t.remote_model,
                 weight=t.weight or 1.0,
                 dialect=t.dialect,
+                api_key_env=t.api_key_env,
+                api_version=t.api_version,
             )
         started = await self._control.rollout(
             request.name,

@@ -588,3 +588,56 @@ async def test_a_gguf_file_is_prepared_when_first_deployed(
         for name in ("from-file", "packaged"):
             await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name=name), timeout=TIMEOUT)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_an_azure_replica_takes_its_key_from_the_routers_environment(
+    channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with fake_openai() as fake:
+        remote = model_pb.RemoteArtifact(backend="openai_http", url=f"{fake.url}/v1", model="up")
+        hosted = model_pb.ModelVersion(
+            name="hosted-az",
+            version="1",
+            kind=inference_pb.MODEL_KIND_GENERATE,
+            artifact=model_pb.Artifact(remote=remote),
+            context_length=8192,
+        )
+        await register(model_grpc.ModelServiceStub(channel), hosted)
+        replica = pb.Replica(
+            name="r0",
+            backend="openai_http",
+            url=f"{fake.url}/openai/deployments/chat-deployment",  # Azure: the deployment's URL
+            dialect="azure",
+            api_key_env="IROUTER_TEST_AZURE_KEY",
+            api_version="2024-10-21",
+        )
+        azure = small("az", replicas=[replica], model_name="hosted-az")
+        no_version = pb.Replica(name="r0", backend="openai_http", url=fake.url, dialect="azure")
+        got, message = await status_of(create(stub, small("az", replicas=[no_version])))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT and "api_version" in message, message
+        monkeypatch.delenv("IROUTER_TEST_AZURE_KEY", raising=False)
+        got, message = await status_of(create(stub, azure))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION, message
+        assert "IROUTER_TEST_AZURE_KEY" in message and "az" not in await served_names(channel)
+        monkeypatch.setenv("IROUTER_TEST_AZURE_KEY", "sk-test-123")
+        created = await create(stub, azure)
+        try:
+            assert created.replicas[0].api_key_env == "IROUTER_TEST_AZURE_KEY"
+            assert "sk-test-123" not in str(created)  # the key is never stored or returned
+            answer = await inference_grpc.InferenceServiceStub(channel).Complete(
+                inference_pb.CompleteRequest(
+                    model="az",
+                    chat=inference_pb.ChatMessages(
+                        messages=[inference_pb.ChatMessage(role="user", content="Hi")]
+                    ),
+                    cache_mode=inference_pb.CACHE_MODE_BYPASS,
+                ),
+                timeout=TIMEOUT,
+            )
+            assert answer.text == "ok"
+            sent = fake.generations()[-1]
+            assert sent.path == "/openai/deployments/chat-deployment/chat/completions"
+            assert sent.headers["api-key"] == "sk-test-123"
+            assert sent.query["api-version"] == "2024-10-21"
+        finally:
+            await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="az"), timeout=TIMEOUT)

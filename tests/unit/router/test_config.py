@@ -416,3 +416,37 @@ routing:
     path.write_text(text.format(dialect="tgi"))
     with pytest.raises(ConfigError, match=r"replicas\['a'\].*dialect='tgi' is unknown"):
         load_config(path, env={})
+
+
+def test_a_replica_takes_its_api_key_from_the_environment_variable_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from router.config import replica_model
+
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        """
+models:
+  - {name: hosted, kind: generate, backend: openai_http}
+routing:
+  deployments:
+    - name: chat
+      model: hosted
+      replicas:
+        - name: az
+          backend: openai_http
+          url: "https://res.openai.azure.com/openai/deployments/gpt"
+          dialect: azure
+          api_version: "2024-10-21"
+          api_key_env: TEST_AZURE_KEY
+"""
+    )
+    monkeypatch.delenv("TEST_AZURE_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"replicas\['az'\].*TEST_AZURE_KEY.*not set"):
+        load_config(path, env={})
+    monkeypatch.setenv("TEST_AZURE_KEY", "secret")
+    config = load_config(path, env={})
+    replica = config.routing.deployment("chat").replicas[0]
+    remote = replica_model(config.models[0], "chat", replica).remote
+    assert remote is not None
+    assert (remote.api_key, remote.api_version, remote.dialect) == ("secret", "2024-10-21", "azure")

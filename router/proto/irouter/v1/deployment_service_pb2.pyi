@@ -62,6 +62,8 @@ class Replica(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     DIALECT_FIELD_NUMBER: _builtins.int
+    API_KEY_ENV_FIELD_NUMBER: _builtins.int
+    API_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique within the deployment: 1-32 of a-z, 0-9, '_', '-'."""
     backend: _builtins.str
@@ -77,9 +79,15 @@ class Replica(_message.Message):
     model_version: _builtins.str
     """Output only. The version it serves while a rollout runs (empty: the deployment's)."""
     dialect: _builtins.str
-    """An openai_http replica's server kind: "openai" (default), "vllm", "trtllm", "llama.cpp"
-    or "ovms" (what each is sent: README, Remote models).
+    """An openai_http replica's server kind: "openai" (default), "azure", "vllm", "trtllm",
+    "llama.cpp" or "ovms" (what each is sent: README, Remote models).
     """
+    api_key_env: _builtins.str
+    """An openai_http replica's API key: the name of an environment variable holding it on every
+    router that serves the replica (the key itself is never stored or returned).
+    """
+    api_version: _builtins.str
+    """Dialect "azure": the API version every request carries (e.g. "2024-10-21")."""
     def __init__(
         self,
         *,
@@ -91,10 +99,12 @@ class Replica(_message.Message):
         weight: _builtins.float = ...,
         model_version: _builtins.str = ...,
         dialect: _builtins.str = ...,
+        api_key_env: _builtins.str = ...,
+        api_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dialect", b"dialect", "model_version", b"model_version", "name", b"name", "remote_model", b"remote_model", "url", b"url", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_env", b"api_key_env", "api_version", b"api_version", "backend", b"backend", "device", b"device", "dialect", b"dialect", "model_version", b"model_version", "name", b"name", "remote_model", b"remote_model", "url", b"url", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
