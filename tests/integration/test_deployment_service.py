@@ -429,19 +429,26 @@ async def _drain(stream: AsyncIterator[object]) -> None:
         pass
 
 
+async def register_remote(
+    channel: grpc.aio.Channel, name: str, url: str, kind: int, context_length: int
+) -> None:
+    """Version 1 of `name`: only a remote artifact, the OpenAI-compatible server at `url`."""
+    remote = model_pb.RemoteArtifact(backend="openai_http", url=f"{url}/v1", model="up")
+    version = model_pb.ModelVersion(
+        name=name,
+        version="1",
+        kind=kind,  # type: ignore[arg-type]
+        artifact=model_pb.Artifact(remote=remote),
+        context_length=context_length,
+    )
+    await register(model_grpc.ModelServiceStub(channel), version)
+
+
 async def test_a_remote_version_deploys_with_no_local_artifact(
     channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
 ) -> None:
     async with fake_openai() as fake:
-        remote = model_pb.RemoteArtifact(backend="openai_http", url=f"{fake.url}/v1", model="up")
-        hosted = model_pb.ModelVersion(
-            name="hosted",
-            version="1",
-            kind=inference_pb.MODEL_KIND_GENERATE,
-            artifact=model_pb.Artifact(remote=remote),
-            context_length=8192,
-        )
-        await register(model_grpc.ModelServiceStub(channel), hosted)
+        await register_remote(channel, "hosted", fake.url, inference_pb.MODEL_KIND_GENERATE, 8192)
         local = small("hosted-local", model_name="hosted")  # a replica here needs an artifact
         got, message = await status_of(create(stub, local))
         assert got != grpc.StatusCode.OK and "artifact" in message, message
@@ -535,15 +542,7 @@ async def test_a_remote_embedding_version_fails_over_between_servers(
     channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
 ) -> None:
     async with fake_openai() as fake:
-        remote = model_pb.RemoteArtifact(backend="openai_http", url=f"{fake.url}/v1", model="up")
-        hosted = model_pb.ModelVersion(
-            name="hosted-vec",
-            version="1",
-            kind=inference_pb.MODEL_KIND_EMBED,
-            artifact=model_pb.Artifact(remote=remote),
-            context_length=512,
-        )
-        await register(model_grpc.ModelServiceStub(channel), hosted)
+        await register_remote(channel, "hosted-vec", fake.url, inference_pb.MODEL_KIND_EMBED, 512)
         replicas = [
             pb.Replica(name="gone", backend="openai_http", url="http://127.0.0.1:9"),
             pb.Replica(name="up", backend="openai_http", url=fake.url),
@@ -594,15 +593,8 @@ async def test_an_azure_replica_takes_its_key_from_the_routers_environment(
     channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with fake_openai() as fake:
-        remote = model_pb.RemoteArtifact(backend="openai_http", url=f"{fake.url}/v1", model="up")
-        hosted = model_pb.ModelVersion(
-            name="hosted-az",
-            version="1",
-            kind=inference_pb.MODEL_KIND_GENERATE,
-            artifact=model_pb.Artifact(remote=remote),
-            context_length=8192,
-        )
-        await register(model_grpc.ModelServiceStub(channel), hosted)
+        generate = inference_pb.MODEL_KIND_GENERATE
+        await register_remote(channel, "hosted-az", fake.url, generate, 8192)
         replica = pb.Replica(
             name="r0",
             backend="openai_http",
