@@ -97,9 +97,9 @@ class ModelConfig:
     max_queue_wait_s: float = 10.0
     """The bound on a call's wait for its first token: a call that could expect to wait longer
     for a slot than this less the model's measured slot-to-first-token time (from its rate under
-    full load) is shed at once with a RetryInfo of when to come back, and an admitted call that
-    still has no slot then leaves the same way; 0 turns the bound off, leaving max_waiting
-    alone."""
+    full load; until 16 first tokens are measured, half the bound) is shed at once with a
+    RetryInfo of when to come back, and an admitted call that still has no slot then leaves the
+    same way; 0 turns the bound off, leaving max_waiting alone."""
     prefix_cache_mb: int = 128
     """KV kept for prefix caching (decoders the router batches, e.g. ONNX Runtime): requests
     sharing a prefix (system prompt, earlier turns) reuse its KV instead of computing it; 0 turns

@@ -14,7 +14,8 @@ the engines apply it), so no call waits longer than the bound for a slot:
 The bound is on the first token, not only on the slot: once a call has its slot, its prefill
 and first step still take time (seconds on a busy CPU). The engines report that time
 (`first_token`), and a call may wait for a slot only the bound less its 90th percentile over
-the last FIRST_TOKEN_SAMPLES calls (`slot_wait_s`, never under MIN_SLOT_FRACTION of the bound).
+the last FIRST_TOKEN_SAMPLES calls (`slot_wait_s`, never under MIN_SLOT_FRACTION of the bound,
+and that fraction until MIN_FIRST_TOKENS have been seen).
 
 Departures (calls leaving their slot: finished, cancelled, failed) count only while every slot
 is taken, and on a clock that runs only then: a departure while slots stand free says nothing of
@@ -49,6 +50,11 @@ is margin for the estimate's error (it is a mean, the bound a maximum)."""
 FIRST_TOKEN_SAMPLES = 64
 """Slot-to-first-token times the first-token estimate is taken over."""
 FIRST_TOKEN_QUANTILE = 0.9
+MIN_FIRST_TOKENS = 16
+"""Slot-to-first-token times seen before their estimate is trusted; until then a call may wait
+for a slot MIN_SLOT_FRACTION of the bound. (The first calls of a burst are the first prefilled,
+so its early samples are its fastest: trusting them let a cold burst's last calls pass the bound
+by a second and more.)"""
 MIN_SLOT_FRACTION = 0.5
 """However slow first tokens are, a call may wait this part of the bound for a slot."""
 
@@ -74,7 +80,7 @@ class Admission:
         self._first_tokens: collections.deque[float] = collections.deque(maxlen=FIRST_TOKEN_SAMPLES)
         self._unsorted = 0
         """Samples since the estimate was last computed."""
-        self._slot_wait_s = limits.max_wait_s
+        self._slot_wait_s = limits.max_wait_s * MIN_SLOT_FRACTION
 
     @property
     def in_flight(self) -> int:
@@ -132,6 +138,8 @@ class Admission:
         self._unsorted += 1
         # Re-estimated every few samples once the window is full: a sort per call showed up
         # in profiles of a busy gateway.
+        if len(samples) < MIN_FIRST_TOKENS:
+            return
         if self._max_wait_s > 0 and (self._unsorted >= 8 or len(samples) < FIRST_TOKEN_SAMPLES):
             self._unsorted = 0
             ordered = sorted(samples)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.errors import ResourceExhausted
-from router.scheduler.admission import MIN_DEPARTURES, Admission
+from router.scheduler.admission import MIN_DEPARTURES, MIN_FIRST_TOKENS, Admission
 from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Priority
 
@@ -22,6 +22,13 @@ class Clock:
 
 def make(clock: Clock, *, slots: int = 2, waiting: int = 100, bound: float = 10.0) -> Admission:
     return Admission("m", EngineLimits(slots, 512, waiting, 2048, bound), clock=clock)
+
+
+def instant_first_tokens(admission: Admission) -> Admission:
+    """First tokens measured as instant: a call may wait the whole bound for a slot."""
+    for _ in range(MIN_FIRST_TOKENS):
+        admission.first_token(0.0)
+    return admission
 
 
 def saturate_with_rate(admission: Admission, clock: Clock, per_s: float, slots: int = 2) -> None:
@@ -59,7 +66,7 @@ def test_a_free_slot_means_no_wait_and_no_rate_means_only_the_length_limit() -> 
 
 def test_a_call_that_would_wait_past_the_bound_is_shed_with_the_drain_time() -> None:
     clock = Clock()
-    admission = make(clock, bound=10.0)
+    admission = instant_first_tokens(make(clock, bound=10.0))
     saturate_with_rate(admission, clock, per_s=2.0)  # 2 slots busy, 0 waiting, 2 leave per s
     assert admission.departures_per_s() == pytest.approx(2.0)
     assert admission.expected_wait_s(N) == pytest.approx(0.5)  # the next departure
@@ -76,7 +83,7 @@ def test_a_call_that_would_wait_past_the_bound_is_shed_with_the_drain_time() -> 
 
 def test_high_priority_calls_only_wait_behind_their_own_kind() -> None:
     clock = Clock()
-    admission = make(clock, bound=3.0)
+    admission = instant_first_tokens(make(clock, bound=3.0))
     saturate_with_rate(admission, clock, per_s=1.0)
     admission.admit(N)  # waits 1 s, within half the bound; now one NORMAL call is waiting
     with pytest.raises(ResourceExhausted, match=r"a LOW call would wait about 2\.0 s"):
@@ -138,10 +145,14 @@ def test_check_says_what_admit_would_and_counts_nothing() -> None:
 def test_the_bound_is_for_the_first_token_so_slow_first_tokens_shorten_the_slot_wait() -> None:
     clock = Clock()
     admission = make(clock, bound=10.0)
-    assert admission.slot_wait_s == 10.0  # nothing measured yet: the whole bound
-    for _ in range(9):
+    # Nothing measured yet, and then too little: half the bound (a cold burst's first samples
+    # are its fastest prefills).
+    assert admission.slot_wait_s == 5.0
+    for _ in range(MIN_FIRST_TOKENS - 2):
         admission.first_token(0.5)
-    admission.first_token(3.0)  # one slow prefill in ten: the 90th percentile stays 0.5 s
+    assert admission.slot_wait_s == 5.0
+    admission.first_token(0.5)
+    admission.first_token(3.0)  # one slow prefill in 16: the 90th percentile stays 0.5 s
     assert admission.slot_wait_s == pytest.approx(9.5)
     for _ in range(20):
         admission.first_token(3.0)
