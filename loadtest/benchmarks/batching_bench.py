@@ -34,8 +34,9 @@ import grpc
 import numpy as np
 from tokenizers import Tokenizer
 
-from loadtest.benchmarks.serve_bench import GEN, line, router_process
+from loadtest.benchmarks.serve_bench import GEN, ROUTER_PIDS, line, router_process
 from router.config_file import load_config
+from router.control import resources
 from router.models.chat_template import render_chat
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
@@ -261,8 +262,11 @@ def main() -> None:
                 best[n] = ("OpenVINO GenAI CB", ov[0])
         best.setdefault(n, ("bare loop", bare[0]))
     with router_process() as target:
+        loaded = rss_mib(ROUTER_PIDS[target])
         runs = {n: asyncio.run(router_run(target, n, new, rounds)) for n in sizes}
+        after = rss_mib(ROUTER_PIDS[target])
         median, p99 = asyncio.run(arrivals(target, 20.0 if args.quick else 60.0))
+        peak = rss_mib(ROUTER_PIDS[target], "VmHWM")
     for n, run in runs.items():
         name, rate = best[n]
         goal = "goal >= 0.95 of the bare loop" if n == 1 else "goal >= 1.0"
@@ -273,6 +277,28 @@ def main() -> None:
         "ms",
     )
     line("  ITL p99", p99 * 1000, "ms", median * 1000, "vs median; goal <= 3")
+    # Issue 12, item 6: the KV the default configuration holds, and the router's memory.
+    config = next(m for m in load_config(None).models if m.name == GEN)
+    kv, weights = resources.need(config, model_dir)
+    prefix = config.prefix_cache_mb * 2**20
+    per_slot = (kv - prefix) / config.max_slots
+    print(
+        f"  KV per slot {per_slot / 2**20:.1f} MiB ({config.max_context} tokens); "
+        f"{config.max_slots} slots {(kv - prefix) / 2**20:.0f} MiB + prefix cache "
+        f"{config.prefix_cache_mb} MiB; weights {weights / 2**20:.0f} MiB",
+        flush=True,
+    )
+    line("router RSS once loaded", loaded, "MiB")
+    line(f"router RSS after N={max(sizes)} runs", after, "MiB", loaded, "vs loaded")
+    line("router peak RSS (VmHWM), arrivals included", peak, "MiB", loaded, "vs loaded")
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (or its peak, VmHWM) in MiB, from /proc."""
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith(f"{field}:"):
+            return int(row.split()[1]) / 1024
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.benchmarks.serve_bench import GEN, line, router_process
+from loadtest.benchmarks.batching_bench import rss_mib
+from loadtest.benchmarks.serve_bench import GEN, ROUTER_PIDS, line, router_process
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -169,7 +170,11 @@ def main() -> None:
         config = Path(tmp) / "config.yaml"
         config.write_text(CONFIG)
         with router_process(config=config) as target:
+            loaded = rss_mib(ROUTER_PIDS[target])
             asyncio.run(run(target, args.quick))
+            # The prefix caches are allocated at start: filling them must not grow memory.
+            peak = rss_mib(ROUTER_PIDS[target], "VmHWM")
+            line("router peak RSS after the runs", peak, "MiB", loaded, "vs once loaded")
 
 
 if __name__ == "__main__":
