@@ -101,9 +101,10 @@ class ModelConfig:
     RetryInfo of when to come back, and an admitted call that still has no slot then leaves the
     same way; 0 turns the bound off, leaving max_waiting alone."""
     prefix_cache_mb: int = 128
-    """KV kept for prefix caching (decoders the router batches, e.g. ONNX Runtime): requests
-    sharing a prefix (system prompt, earlier turns) reuse its KV instead of computing it; 0 turns
-    it off. Allocated at start, so resident memory does not grow past it."""
+    """KV kept for prefix caching (decoders the router batches, e.g. ONNX Runtime; with
+    backend 'openvino', extra blocks for GenAI's own prefix caching): requests sharing a prefix
+    (system prompt, earlier turns) reuse its KV instead of computing it; 0 turns it off.
+    Allocated at start, so resident memory does not grow past it."""
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset (decoders)."""
     max_batch: int = 32

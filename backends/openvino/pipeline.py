@@ -44,6 +44,10 @@ from backends.openvino.ir import load_pipeline
 
 logger = logging.getLogger(__name__)
 
+BURST_GAP_S = 0.003
+"""Woken from idle, the engine waits this long for another call before its first step..."""
+BURST_WINDOW_S = 0.025
+"""...and at most this long in all (see OpenVinoGenerator._gather_burst)."""
 KV_BLOCK_TOKENS = 32
 """Tokens per KV block on CPU (sizes the cache for max_slots sequences of max_context)."""
 
@@ -85,8 +89,11 @@ class OpenVinoGenerator:
         max_slots: int = 16,
         max_context: int = 2048,
         token_budget: int = 256,
+        prefix_cache_mb: int = 0,
         observer: StepObserver | None = None,
     ) -> None:
+        """`prefix_cache_mb`: KV kept beyond the slots' for GenAI's prefix caching (requests
+        sharing a prefix reuse its blocks); 0 turns it off."""
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         if manifest.get("kind") != "decoder":
@@ -126,6 +133,13 @@ class OpenVinoGenerator:
         scheduler.max_num_batched_tokens = max(token_budget, max_slots)
         scheduler.dynamic_split_fuse = True
         scheduler.num_kv_blocks = max_slots * -(-max_context // KV_BLOCK_TOKENS)
+        if prefix_cache_mb > 0:
+            # Blocks of finished requests stay cached (LRU) in the pool: more blocks hold them.
+            per_token = 2 * int(manifest["num_layers"]) * int(manifest["num_kv_heads"])
+            per_token *= int(manifest["head_dim"]) * (4 if exact else 1)  # f32, else u8 KV
+            extra = (prefix_cache_mb << 20) // (per_token * KV_BLOCK_TOKENS)
+            scheduler.num_kv_blocks += extra
+            scheduler.enable_prefix_caching = True
         started = time.perf_counter()
         self._pipe = load_pipeline(
             model_dir,
@@ -283,6 +297,7 @@ class OpenVinoGenerator:
                     self._observer.on_step(0, 0, 0, 0.0)
                 self._wake.wait()
                 self._wake.clear()
+                self._gather_burst()
                 continue
             started = time.perf_counter()
             batch = len(self._handles)
@@ -304,6 +319,17 @@ class OpenVinoGenerator:
         for _, handle, _ in self._handles.values():
             handle.cancel()
         self._handles.clear()
+
+    def _gather_burst(self) -> None:
+        """Woken from idle: let the rest of a burst arrive before the first step. Calls that
+        come together reach this thread a few ms apart (each is parsed and tokenized on the
+        event loop first); stepping at once would prefill the first alone while the others wait
+        out that step, and GenAI then took seconds longer to reach their first tokens (16 calls
+        at once, AMD EPYC: TTFT median 2.0 s, 0.70 s with the burst gathered). A lone call waits
+        BURST_GAP_S."""
+        deadline = time.monotonic() + BURST_WINDOW_S
+        while time.monotonic() < deadline and self._wake.wait(BURST_GAP_S):
+            self._wake.clear()
 
     def _flush(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
         if out and self._loop is not None and not self._loop.is_closed():

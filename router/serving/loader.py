@@ -88,6 +88,7 @@ def load_engine(model: ServedModel, metrics: Metrics) -> None:
                 "device": cfg.device,
                 "precision": cfg.precision,
                 "token_budget": cfg.token_budget,
+                "prefix_cache_mb": cfg.prefix_cache_mb,
                 "gguf_path": _gguf_source(model.manifest),
                 "observer": observer,
             }

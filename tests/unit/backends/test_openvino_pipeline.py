@@ -45,6 +45,7 @@ async def engine(prepared_models: dict[str, Path]) -> AsyncIterator[OpenVinoGene
         precision="f32",
         max_slots=4,
         max_context=256,
+        prefix_cache_mb=8,  # every test runs with GenAI's prefix caching on
     )
     engine.start()
     yield engine
@@ -103,6 +104,8 @@ async def test_greedy_f32_equals_the_onnx_fp32_reference(
     tokens, reason = await run(engine, request(tokenizer, PROMPTS[0]))
     assert tokens == reference[0]
     assert reason == "length"
+    # Again, its prompt's blocks now cached (prefix caching): the same tokens.
+    assert (await run(engine, request(tokenizer, PROMPTS[0])))[0] == reference[0]
     # The converted IR is cached: later loads skip the GGUF.
     model_dir = prepared_models["smollm2-135m-instruct"]
     assert (cached_ir(model_dir, exact=True) / IR_XML).is_file()
@@ -178,3 +181,32 @@ async def test_prompt_plus_max_tokens_beyond_the_context_is_refused(
     with pytest.raises(UnsupportedParameter, match="max_context=256") as info:
         await run(engine, request(tokenizer, PROMPTS[0], max_tokens=250))
     assert info.value.field == "max_tokens"
+
+
+class Steps:
+    """An observer that records each step's batch (requests stepped)."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def on_step(self, batch: int, waiting: int, running: int, seconds: float) -> None:
+        if batch:
+            self.batches.append(batch)
+
+
+async def test_a_burst_arriving_while_idle_starts_in_one_step(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer, reference: list[list[int]]
+) -> None:
+    await wait_idle(engine)
+    steps = Steps()
+    engine._observer = steps  # type: ignore[assignment]
+    try:
+        calls = []
+        for prompt in PROMPTS:  # a burst: the calls reach the engine a millisecond apart
+            calls.append(asyncio.create_task(run(engine, request(tokenizer, prompt))))
+            await asyncio.sleep(0.001)
+        results = await asyncio.gather(*calls)
+    finally:
+        engine._observer = None
+    assert [tokens for tokens, _ in results] == reference
+    assert steps.batches[0] == len(PROMPTS), steps.batches[:4]
