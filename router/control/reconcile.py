@@ -8,7 +8,7 @@ PostgreSQL alike (PostgreSQL's LISTEN/NOTIFY would save the query but needs a co
 open per router, and SQLite has no such thing). A database that cannot be reached leaves
 serving as it is until it is back. A rollout is run by the router that started it (its
 owner); the others mirror the replicas and weights it stores. Every router writes a heartbeat
-each second (router.registry.routers); when a rollout's owner has written none for
+every BEAT_S (router.registry.routers); when a rollout's owner has written none for
 TAKEOVER_S, the first router to notice takes the rollout over (stored with the deployment's
 generation, so one router wins) and runs it on from its current step, judging that step
 afresh.
@@ -37,8 +37,11 @@ logger = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0
 DRAIN_GRACE_S = 30.0
+BEAT_S = 3.0
+"""How often a router writes its heartbeat (a write, so not every second: a laptop's lone
+router would sync its SQLite file forever)."""
 TAKEOVER_S = 10.0
-"""A rollout whose owner has not been seen for this long is taken over."""
+"""A rollout whose owner has not been seen for this long (three missed beats) is taken over."""
 
 
 class Reconciler:
@@ -73,10 +76,13 @@ class Reconciler:
                     logger.error("deployment %s could not be restored: %s", d.name, exc)
 
     async def run(self) -> None:
-        """Beat and reconcile every INTERVAL_S until cancelled."""
+        """Reconcile every INTERVAL_S, and beat every BEAT_S, until cancelled."""
+        beaten = float("-inf")
         while True:
             try:
-                await call(self._routers.beat, self._control.owner, time.time())
+                if time.monotonic() - beaten >= BEAT_S:
+                    await call(self._routers.beat, self._control.owner, time.time())
+                    beaten = time.monotonic()
                 await self.once()
                 await self.take_over()
             except RouterError as exc:  # the database is away: serve on as it is

@@ -1,8 +1,9 @@
 """Routers' heartbeats in the registry: each router sharing it writes when it was last seen,
-about once a second, so that the others can tell a router that died (its rollouts are then
-taken over: router.control.reconcile). Times are each router's own clock (Unix time): routers
-of one cluster are expected to keep them in step (NTP), well within the takeover's margin.
-Statements block: callers on the event loop use router.registry.database.call.
+every few seconds (reconcile.BEAT_S), so that the others can tell a router that died (its
+rollouts are then taken over: router.control.reconcile). Times are each router's own clock
+(Unix time): routers of one cluster are expected to keep them in step (NTP), well within the
+takeover's margin. Statements block: callers on the event loop use
+router.registry.database.call.
 """
 
 from __future__ import annotations
