@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "keys":
-        registry_url = config.registry.resolved_url() if config.registry.enabled else ""
-        return run_cli(args, default_db=keys_location(config.guard.auth, registry_url))
+        return run_cli(args, default_db=keys_location(config.guard.auth, config.registry))
 
     from router.models.prepare import prepare_models
 

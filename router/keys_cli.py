@@ -8,7 +8,6 @@ on its next verification of that key (see `router.registry.keys`), so no restart
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def run_cli(args: argparse.Namespace, default_db: Path | str | None = None) -> i
         print("irouter keys: no registry database: pass --db PATH", file=sys.stderr)
         return 2
     try:
-        store = open_key_store(os.path.expanduser(db) if isinstance(db, str) else db)
+        store = open_key_store(db)
     except Exception as exc:  # database errors, permissions: say which, not a traceback
         print(f"irouter keys: cannot open registry {db}: {exc}", file=sys.stderr)
         return 1

@@ -92,13 +92,7 @@ class RouterServer:
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
         self.guard = (
-            Guard(
-                config.guard,
-                self.metrics,
-                registry_url=config.registry.resolved_url() if config.registry.enabled else "",
-            )
-            if config.guard.active
-            else None
+            Guard(config.guard, self.metrics, config.registry) if config.guard.active else None
         )
         self.server = grpc.aio.server(options=options)
         chain = self.guard.chain if self.guard is not None else None

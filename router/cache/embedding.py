@@ -96,11 +96,9 @@ class Embedder:
         """Embed what the plan found missing (in model batches) and cache it."""
         model, out, cache = plan.model, plan.out, self._cache
         step = model.config.max_batch
-        server: list[int] = []
-        batches = 0
+        server: list[int] = []  # a remote server's token count of each batch, when it gives one
         for start in range(0, len(plan.pieces), step):
             batch = plan.pieces[start : start + step]
-            batches += 1
             vectors = await embedding.embed_pieces(model, batch, server)
             rows = plan.missing[start : start + step]
             for row, (i, piece) in enumerate(zip(rows, batch, strict=True)):
@@ -110,6 +108,7 @@ class Embedder:
                     cache.put(plan.keys[i], (vector, piece.num_tokens), vector.nbytes + 64)
         if cache is not None and plan.pieces:
             self._bytes.set(cache.bytes)
+        batches = -(-len(plan.pieces) // step)
         if not plan.counted and batches and len(server) == batches:
             # The server counted what was sent; texts from the cache keep their estimate.
             plan.tokens += sum(server) - sum(piece.num_tokens for piece in plan.pieces)

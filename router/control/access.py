@@ -41,9 +41,9 @@ class DeploymentAccess:
         if not limits:
             return
         config = RateLimitConfig(tiers=dict(limits), per_key=False)
-        shared = guard_limiter.redis if guard_limiter is not None else None
-        if guard_limiter is not None and shared is not None:
-            g = guard_limiter.config
+        shared = None
+        if guard_limiter is not None and guard_limiter.redis is not None:
+            shared, g = guard_limiter.redis, guard_limiter.config
             config = dataclasses.replace(
                 config,
                 store="redis",

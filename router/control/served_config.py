@@ -5,12 +5,11 @@ deployed), its replicas the routing section's."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from backends.factory import OpenAIHttpConfig
-from router.config import ModelConfig
+from router.config import ConfigError, ModelConfig, replica_secret
 from router.errors import FailedPrecondition, InvalidArgument, quote
 from router.models import prepare
 from router.registry.deployments import Deployment, ReplicaSpec
@@ -57,11 +56,7 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
             name=d.name,
             kind="generate",
             backend="openai_http",
-            remote=OpenAIHttpConfig(
-                url=location.rstrip("/").removesuffix("/v1"),  # the dialect adds its prefix
-                model=artifact.artifact.remote_model or version.name,
-                context_length=max_context,
-            ),
+            remote=_remote(version, max_context),
             max_context=max_context,
             max_slots=d.max_slots,
             default_max_tokens=min(256, max_context - 1),
@@ -75,6 +70,17 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
         max_slots=d.max_slots,
         prefix_cache_mb=d.prefix_cache_mb,
         default_max_tokens=min(256, max_context - 1),
+    )
+
+
+def _remote(version: ModelVersion, context: int) -> OpenAIHttpConfig:
+    """The server of a version registered with only a remote artifact (its replicas' unless they
+    name their own)."""
+    artifact = version.artifact.artifact
+    return OpenAIHttpConfig(
+        url=artifact.location.rstrip("/").removesuffix("/v1"),  # the dialect adds its prefix
+        model=artifact.remote_model or version.name,
+        context_length=context,
     )
 
 
@@ -136,11 +142,7 @@ def _embedder_config(version: ModelVersion, d: Deployment) -> ModelConfig:
             name=d.name,
             kind="embed",
             backend="openai_http",
-            remote=OpenAIHttpConfig(
-                url=artifact.location.rstrip("/").removesuffix("/v1"),
-                model=artifact.remote_model or version.name,
-                context_length=window,
-            ),
+            remote=_remote(version, window),
             max_context=window,
         )
     return ModelConfig(
@@ -166,11 +168,11 @@ def check_secrets(replicas: Iterable[ReplicaSpec]) -> None:
     """FailedPrecondition naming the first replica whose API key's environment variable this
     router does not have (nothing is loaded then)."""
     for r in replicas:
-        if r.api_key_env and not os.environ.get(r.api_key_env):
-            raise FailedPrecondition(
-                f"replica {quote(r.name)}: environment variable {r.api_key_env} (its API key) is "
-                "not set on this router; set it on every router that serves the replica"
-            )
+        if r.api_key_env:
+            try:
+                replica_secret(r.api_key_env)
+            except ConfigError as exc:
+                raise FailedPrecondition(f"replica {quote(r.name)}: {exc}") from None
 
 
 def routing_config(d: Deployment) -> DeploymentConfig:

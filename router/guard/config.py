@@ -10,17 +10,18 @@ from router.guard.auth_config import AuthConfig
 from router.guard.authz import AuthzConfig
 from router.guard.guardrails_config import GuardrailsConfig
 from router.guard.limits.config import RateLimitConfig
+from router.registry.config import RegistryConfig
 
 STANDALONE_KEYS = Path("~/.local/share/irouter/registry.db")
 """The API keys' own SQLite file when neither guard.auth.registry nor the registry is set."""
 
 
-def keys_location(auth: AuthSection, registry_url: str) -> Path | str:
+def keys_location(auth: AuthSection, registry: RegistryConfig) -> Path | str:
     """Where the API keys are: guard.auth.registry, else the registry database's URL (when the
     registry is on), else STANDALONE_KEYS."""
     if auth.registry is not None:
         return auth.registry
-    return registry_url or STANDALONE_KEYS.expanduser()
+    return registry.resolved_url() if registry.enabled else STANDALONE_KEYS.expanduser()
 
 
 @dataclass(frozen=True)

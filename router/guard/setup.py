@@ -22,6 +22,7 @@ from router.guard.guardrails import (
 )
 from router.guard.identity import Identity
 from router.guard.limits.limiter import RateLimiter, Reservation
+from router.registry.config import RegistryConfig
 from router.registry.keys import KeyStore, open_key_store
 from router.telemetry import CallRecorder, Metrics
 
@@ -208,9 +209,11 @@ class GuardrailsLink:
 class Guard:
     """The guard chain plus what it owns; `start()` on the running loop, `close()` at shutdown."""
 
-    def __init__(self, config: GuardConfig, metrics: Metrics, *, registry_url: str = "") -> None:
-        """`registry_url`: the registry database, where the API keys live unless
-        guard.auth.registry names a file of their own."""
+    def __init__(
+        self, config: GuardConfig, metrics: Metrics, registry_db: RegistryConfig | None = None
+    ) -> None:
+        """`registry_db`: the registry database, where the API keys live unless guard.auth.registry
+        names a file of their own (None: the registry is off)."""
         self.config = config
         self.recorder = CallRecorder(metrics, config.audit_log)
         self.key_store: KeyStore | None = None
@@ -220,7 +223,8 @@ class Guard:
         auth = config.auth
         if auth.enabled:
             if auth.api_keys:
-                self.key_store = open_key_store(keys_location(auth, registry_url))
+                registry_db = registry_db or RegistryConfig(enabled=False)
+                self.key_store = open_key_store(keys_location(auth, registry_db))
             self.authenticator = Authenticator(auth.config, api_keys=self.key_store)
             links.append(AuthLink(self.authenticator, auth.mtls_identities))
             links.append(AuthzLink(config.authz))

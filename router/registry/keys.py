@@ -135,7 +135,7 @@ def open_key_store(location: Path | str) -> KeyStore:
     """The keys at `location`: a SQLite file's path (or sqlite:/// URL), or the registry's
     postgresql:// URL (its schema brought to the newest revision first)."""
     if isinstance(location, Path) or "://" not in location:
-        return KeyStore(Path(location))
+        return KeyStore(Path(location).expanduser())
     from router.registry.database import engine_url, open_database
 
     url = engine_url(location)  # ValueError naming what is wrong

@@ -12,16 +12,15 @@ within `poll_s` (0.5 s by default); revoked through this store, at once (KeyStor
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from router.errors import Unavailable
 from router.registry import audit
+from router.registry.database import reachable
 from router.registry.schema import api_keys as table
 from router.registry.sqlite_db import KeyEvent, KeyRow
 
@@ -29,16 +28,6 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
 """How often the revoked keys are counted (the longest a revocation elsewhere takes here)."""
-_COLUMNS = (
-    table.c.key_id,
-    table.c.key_hash,
-    table.c.tenant,
-    table.c.scopes,
-    table.c.tier,
-    table.c.name,
-    table.c.created_at,
-    table.c.revoked_at,
-)
 
 
 class PostgresKeyTable:
@@ -89,36 +78,17 @@ class PostgresKeyTable:
                 logger.info("API key revocations from %s are read again", self.path)
             failing = False
 
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
-        """A database error as the key store reports one: the registry cannot be read now."""
-        try:
-            yield
-        except sa.exc.SQLAlchemyError as exc:
-            logger.error("reading API keys from %s failed: %s", self.path, exc)
-            raise Unavailable(
-                "the API key registry cannot be read; retry shortly", retry_after_s=1.0
-            ) from None
+    # Statements go through `reachable`: a database that cannot be reached is Unavailable
+    # (the caller's key may be fine, so this must not read as "unknown key").
 
     def insert(self, row: KeyRow, event: KeyEvent | None = None) -> None:
-        with self._reading(), self._engine.begin() as connection:
-            connection.execute(
-                table.insert().values(
-                    key_id=row.key_id,
-                    key_hash=row.key_hash,
-                    tenant=row.tenant,
-                    scopes=row.scopes,
-                    tier=row.tier,
-                    name=row.name,
-                    created_at=row.created_at,
-                    revoked_at=row.revoked_at,
-                )
-            )
+        with reachable(self._engine) as connection:
+            connection.execute(table.insert().values(**dataclasses.asdict(row)))
             _audit(connection, event)
 
     def get(self, key_id: str) -> KeyRow | None:
-        with self._reading(), self._engine.connect() as connection:
-            found = connection.execute(sa.select(*_COLUMNS).where(table.c.key_id == key_id)).first()
+        with reachable(self._engine) as connection:
+            found = connection.execute(sa.select(table).where(table.c.key_id == key_id)).first()
         return None if found is None else KeyRow(*found)
 
     def revoke(self, key_id: str, at: float, event: KeyEvent | None = None) -> bool:
@@ -128,15 +98,15 @@ class PostgresKeyTable:
             .where(table.c.key_id == key_id, table.c.revoked_at.is_(None))
             .values(revoked_at=at)
         )
-        with self._reading(), self._engine.begin() as connection:
+        with reachable(self._engine) as connection:
             if connection.execute(statement).rowcount != 1:
                 return False
             _audit(connection, event)
         return True
 
     def all(self) -> list[KeyRow]:
-        statement = sa.select(*_COLUMNS).order_by(table.c.tenant, table.c.created_at)
-        with self._reading(), self._engine.connect() as connection:
+        statement = sa.select(table).order_by(table.c.tenant, table.c.created_at)
+        with reachable(self._engine) as connection:
             return [KeyRow(*row) for row in connection.execute(statement)]
 
 

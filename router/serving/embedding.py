@@ -98,10 +98,8 @@ async def embed_pieces(
     takes the token ids, a remote server the texts; a deployment hands the batch to one of its
     replicas (each one of those). A remote server's count of the batch's tokens, when it gives
     one, is appended to `counted`."""
-    if model.routed_embedder is not None:
-        vectors = await model.routed_embedder.embed(pieces, counted)
-        model.dimension = model.dimension or int(vectors.shape[1])
-        return vectors
+    if model.routed_embedder is not None:  # its dimension is its replicas' (set as they load)
+        return await model.routed_embedder.embed(pieces, counted)
     if model.remote_embedder is not None:
         try:
             vectors, tokens = await model.remote_embedder.embed_counted([p.text for p in pieces])

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from router.errors import NotFound, Unavailable
 from router.guard.config import STANDALONE_KEYS, AuthSection, keys_location
 from router.registry import audit
+from router.registry.config import RegistryConfig
 from router.registry.database import migrate, open_database
 from router.registry.keys import KeyStore, looks_like_api_key, open_key_store
 
@@ -141,9 +142,12 @@ def test_keys_live_in_the_registry_database_unless_a_file_of_their_own_is_named(
     tmp_path: Path,
 ) -> None:
     url = f"sqlite:///{tmp_path / 'data' / 'registry.db'}"
-    assert keys_location(AuthSection(), url) == url
-    assert keys_location(AuthSection(registry=tmp_path / "own.db"), url) == tmp_path / "own.db"
-    assert keys_location(AuthSection(), "") == STANDALONE_KEYS.expanduser()
+    registry = RegistryConfig(url=url)
+    assert keys_location(AuthSection(), registry) == url
+    own = AuthSection(registry=tmp_path / "own.db")
+    assert keys_location(own, registry) == tmp_path / "own.db"
+    off = RegistryConfig(enabled=False)
+    assert keys_location(AuthSection(), off) == STANDALONE_KEYS.expanduser()
     # The key store may open the registry's file before the registry migrates it: one table.
     store = open_key_store(url)
     _, key = store.create("acme", {"inference:embed"})
