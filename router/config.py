@@ -188,7 +188,7 @@ class ModelConfig:
             raise ConfigError(
                 f"{where}.prefix_cache_mb={self.prefix_cache_mb} must be >= 0 (0 turns it off)"
             )
-        if not 1 <= self.default_max_tokens < self.max_context:
+        if self.kind == "generate" and not 1 <= self.default_max_tokens < self.max_context:
             raise ConfigError(
                 f"{where}.default_max_tokens={self.default_max_tokens} must be in "
                 f"[1, max_context={self.max_context})"

@@ -27,7 +27,7 @@ from router.retrieval.spec import (
     vector_fault,
 )
 from router.retrieval.store import CollectionStore
-from router.serving import embedding, tokenize
+from router.serving import embedding, passthrough, tokenize
 from router.serving.catalog import Catalog
 from router.serving.model import ServedModel
 
@@ -87,18 +87,20 @@ class RetrievalServicer:
         return np.concatenate(parts).astype(np.float32)
 
     async def _chunk(self, model_name: str, texts: list[str]) -> list[list[chunking.Piece]]:
+        """Each text's pieces: by the model's tokens, or by the documented estimate for a model
+        with no local tokenizer (chunking.split_estimated)."""
         model = self._embedding_model(model_name)
         tokenizer = model.tokenizer
+        window = model.context_length
         if tokenizer is None:
-            raise InvalidArgument(
-                f"embedding model {model_name!r} is served with no local artifact, so the router "
-                "cannot split texts into chunks by its tokens; upsert vectors, or use a "
-                "collection whose embedding model has an artifact",
-                field="documents",
+            return await tokenize.off_loop(
+                sum(map(len, texts)),
+                lambda: chunking.split_estimated(
+                    texts, window, bytes_per_token=passthrough.BYTES_PER_TOKEN
+                ),
             )
         return await tokenize.off_loop(
-            sum(map(len, texts)),
-            lambda: chunking.split(tokenizer, texts, model.context_length),
+            sum(map(len, texts)), lambda: chunking.split(tokenizer, texts, window)
         )
 
     async def _query_vector(self, collection: Collection, text: str) -> Vectors:

