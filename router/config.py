@@ -421,10 +421,10 @@ def replica_model(model: ModelConfig, deployment: str, replica: Any) -> ModelCon
         )
         if backend == "openai_http":
             remote = changes[key]
-            if replica.dialect:
-                remote = dataclasses.replace(remote, dialect=replica.dialect)
-            if replica.api_version:
-                remote = dataclasses.replace(remote, api_version=replica.api_version)
+            if replica.dialect:  # another kind of server: the model's api_version is not its
+                remote = dataclasses.replace(
+                    remote, dialect=replica.dialect, api_version=replica.api_version
+                )
             if replica.api_key_env:
                 remote = dataclasses.replace(remote, api_key=replica_secret(replica.api_key_env))
             changes[key] = remote

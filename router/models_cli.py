@@ -58,6 +58,17 @@ def register_cli(models_sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--remote-backend", default="openai_http", help="openai_http (default) or kserve_grpc"
     )
     reg.add_argument("--remote-model", default="", help="the model's name on the server")
+    reg.add_argument(
+        "--remote-dialect",
+        default="",
+        help="openai_http: the server kind (openai, azure, vllm, trtllm, llama.cpp, ovms)",
+    )
+    reg.add_argument("--remote-api-version", default="", help="dialect azure: the API version")
+    reg.add_argument(
+        "--remote-api-key-env",
+        default="",
+        help="openai_http: the environment variable holding the server's API key on the routers",
+    )
     reg.add_argument("--context-length", type=int, default=0, help="token limit (0: own)")
     _version_flags(reg)
     add_connection_flags(reg)
@@ -114,7 +125,12 @@ def _request(args: argparse.Namespace) -> tuple[str, Any]:
         else:
             artifact.remote.CopyFrom(
                 pb.RemoteArtifact(
-                    backend=args.remote_backend, url=args.remote_url, model=args.remote_model
+                    backend=args.remote_backend,
+                    url=args.remote_url,
+                    model=args.remote_model,
+                    dialect=args.remote_dialect,
+                    api_version=args.remote_api_version,
+                    api_key_env=args.remote_api_key_env,
                 )
             )
         version = pb.ModelVersion(

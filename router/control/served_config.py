@@ -75,11 +75,24 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
 
 def _remote(version: ModelVersion, context: int) -> OpenAIHttpConfig:
     """The server of a version registered with only a remote artifact (its replicas' unless they
-    name their own)."""
+    name their own): its dialect, API version and API key, read from this router's environment
+    (FailedPrecondition naming the version and the variable when it is not set, before
+    anything is loaded)."""
     artifact = version.artifact.artifact
+    api_key = None
+    if artifact.remote_api_key_env:
+        try:
+            api_key = replica_secret(artifact.remote_api_key_env)
+        except ConfigError as exc:
+            raise FailedPrecondition(
+                f"model version {quote(version.key)}: its remote artifact's {exc}"
+            ) from None
     return OpenAIHttpConfig(
         url=artifact.location.rstrip("/").removesuffix("/v1"),  # the dialect adds its prefix
         model=artifact.remote_model or version.name,
+        dialect=artifact.remote_dialect or "openai",
+        api_version=artifact.remote_api_version,
+        api_key=api_key,
         context_length=context,
     )
 

@@ -9,8 +9,8 @@ and records its sha256 (router/registry/digest.py); `verify_unchanged` recompute
 so that a deployment refuses an artifact that is gone or has changed since it was registered.
 
 Messages name the request's field as the control plane's API spells it (`artifact.package`,
-`artifact.path`, `artifact.remote.url`, `artifact.remote.backend`, `kind`), quote the client's
-value with router.errors.quote and say what to do.
+`artifact.path`, `artifact.remote.url`, `artifact.remote.backend`, `artifact.remote.dialect`,
+`kind`), quote the client's value with router.errors.quote and say what to do.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from router.registry.model_files import (
     inspect_minilm,
     inspect_prepared,
 )
+from router.registry.remote_server import check_server
 
 ARTIFACT_SOURCES = ("package", "path", "remote")
 """Where an artifact comes from: a packaged model, a local path, or a remote server."""
@@ -59,6 +60,13 @@ class Artifact:
     """Remote only: 'openai_http' or 'kserve_grpc' (REMOTE_BACKENDS)."""
     remote_model: str = ""
     """Remote only: the model's name on the server; empty: the version's name is used."""
+    remote_dialect: str = ""
+    """openai_http only: the server's kind (remote_server.REPLICA_DIALECTS); empty: 'openai'."""
+    remote_api_version: str = ""
+    """Dialect azure only, and required for it: the API version its requests carry."""
+    remote_api_key_env: str = ""
+    """openai_http only: the environment variable holding the server's API key on every router
+    (the key is never stored)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +97,9 @@ def check_artifact(artifact: Artifact, kind: str) -> CheckedArtifact:
     the model, is checked when a deployment starts.
 
     Raises InvalidArgument (a bad value in the request: unknown kind, source, package or
-    backend, a relative path, a URL that does not parse, a kind that is not the artifact's),
+    backend, a relative path, a URL that does not parse, a kind that is not the artifact's, a
+    remote server's field on another source or a backend that does not take it, an unknown
+    dialect, azure without an API version or one without azure, a bad variable name),
     NotFound (the path does not exist, the package is not installed) or FailedPrecondition (the
     artifact exists but the router cannot prepare or serve it).
     """
@@ -105,7 +115,14 @@ def check_artifact(artifact: Artifact, kind: str) -> CheckedArtifact:
         )
     if artifact.source == "remote":
         return _check_remote(artifact, kind)
-    for key, value in (("backend", artifact.remote_backend), ("model", artifact.remote_model)):
+    remote_only = {
+        "backend": artifact.remote_backend,
+        "model": artifact.remote_model,
+        "dialect": artifact.remote_dialect,
+        "api_version": artifact.remote_api_version,
+        "api_key_env": artifact.remote_api_key_env,
+    }
+    for key, value in remote_only.items():
         if value:
             raise InvalidArgument(
                 f"artifact.remote.{key}={quote(value)} applies to source 'remote' only, not "
@@ -254,6 +271,13 @@ def _check_remote(artifact: Artifact, kind: str) -> CheckedArtifact:
             f"kind={kind!r}; use backend 'openai_http' for an embed model",
             field="artifact.remote.backend",
         )
+    check_server(
+        "artifact.remote",
+        backend,
+        artifact.remote_dialect,
+        artifact.remote_api_version,
+        artifact.remote_api_key_env,
+    )
     url = artifact.location
     section: OpenAIHttpConfig | KServeConfig = (
         OpenAIHttpConfig(url=url) if backend == "openai_http" else KServeConfig(url=url)

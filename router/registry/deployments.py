@@ -28,8 +28,8 @@ from router.guard.limits.config import TierLimits
 from router.registry import audit
 from router.registry.database import reachable
 from router.registry.model_versions import check_name, check_version
+from router.registry.remote_server import check_server
 from router.registry.schema import deployments as table
-from router.routing.config import API_KEY_ENV_RE
 
 LOCAL_BACKENDS = ("onnxruntime", "openvino")
 """Engines a local replica may run (TensorRT-LLM needs a CUDA host: config file only, for now)."""
@@ -67,8 +67,6 @@ class ReplicaSpec:
 
 
 ROLLOUT_STATES = ("running", "completed", "rolled_back")
-REPLICA_DIALECTS = ("openai", "azure", "vllm", "trtllm", "llama.cpp", "ovms")
-"""Server kinds a replica may name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,26 +175,7 @@ def _check_replica(i: int, r: ReplicaSpec) -> None:
                 f"{where}.device {quote(r.device)} applies to a local replica, not a remote one",
                 field=f"{where}.device",
             )
-        if r.dialect and (r.backend != "openai_http" or r.dialect not in REPLICA_DIALECTS):
-            raise InvalidArgument(
-                f"{where}.dialect {quote(r.dialect)}: backend 'openai_http' takes one of "
-                f"{', '.join(REPLICA_DIALECTS)}",
-                field=f"{where}.dialect",
-            )
-        if (r.dialect == "azure") != bool(r.api_version):
-            raise InvalidArgument(
-                f"{where}.api_version {quote(r.api_version)}: dialect 'azure' needs one (e.g. "
-                "'2024-10-21'), and only it takes one",
-                field=f"{where}.api_version",
-            )
-        if r.api_key_env and (
-            r.backend != "openai_http" or not API_KEY_ENV_RE.fullmatch(r.api_key_env)
-        ):
-            raise InvalidArgument(
-                f"{where}.api_key_env {quote(r.api_key_env)}: backend 'openai_http' takes the "
-                "name of an environment variable (a letter or '_', then letters, digits or '_')",
-                field=f"{where}.api_key_env",
-            )
+        check_server(where, r.backend, r.dialect, r.api_version, r.api_key_env)
     elif r.backend in LOCAL_BACKENDS:
         if r.url or r.remote_model or r.api_key_env or r.api_version or r.dialect:
             raise InvalidArgument(

@@ -36,6 +36,9 @@ model_versions = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("created_by", sa.Text, nullable=False),
     sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("artifact_remote_dialect", sa.Text, nullable=False, server_default=""),
+    sa.Column("artifact_remote_api_version", sa.Text, nullable=False, server_default=""),
+    sa.Column("artifact_remote_api_key_env", sa.Text, nullable=False, server_default=""),
     sa.UniqueConstraint("name", "version", name="model_versions_name_version"),
 )
 

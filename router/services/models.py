@@ -62,14 +62,29 @@ def artifact_from_pb(message: pb.Artifact) -> Artifact:
         )
     if source == "remote":
         r = message.remote
-        return Artifact("remote", r.url, remote_backend=r.backend, remote_model=r.model)
+        return Artifact(
+            "remote",
+            r.url,
+            remote_backend=r.backend,
+            remote_model=r.model,
+            remote_dialect=r.dialect,
+            remote_api_version=r.api_version,
+            remote_api_key_env=r.api_key_env,
+        )
     return Artifact(source, getattr(message, source))
 
 
 def artifact_pb(checked: CheckedArtifact) -> pb.Artifact:
     a = checked.artifact
     if a.source == "remote":
-        remote = pb.RemoteArtifact(backend=a.remote_backend, url=a.location, model=a.remote_model)
+        remote = pb.RemoteArtifact(
+            backend=a.remote_backend,
+            url=a.location,
+            model=a.remote_model,
+            dialect=a.remote_dialect,
+            api_version=a.remote_api_version,
+            api_key_env=a.remote_api_key_env,
+        )
         return pb.Artifact(remote=remote)
     if a.source == "package":
         return pb.Artifact(package=a.location)

@@ -28,6 +28,28 @@ def minilm(name: str, version: str = "1", **fields: Any) -> pb.ModelVersion:
     return pb.ModelVersion(name=name, version=version, **fields)
 
 
+AZURE = pb.RemoteArtifact(
+    backend="openai_http",
+    url="https://res.openai.azure.com/openai/deployments/gpt-4o",
+    dialect="azure",
+    api_version="2024-10-21",
+    api_key_env="IROUTER_TEST_UNSET_AZURE_KEY",
+)
+"""An Azure OpenAI deployment as a remote artifact names it; its key's variable is set nowhere
+(registering needs no key, only deploying does)."""
+
+
+def remote_version(
+    name: str, version: str = "1", server: pb.RemoteArtifact = AZURE, **fields: Any
+) -> pb.ModelVersion:
+    """A generation version with only a remote artifact, `server` (8,192 tokens)."""
+    fields.setdefault("kind", inference_pb.MODEL_KIND_GENERATE)
+    fields.setdefault("context_length", 8192)
+    return pb.ModelVersion(
+        name=name, version=version, artifact=pb.Artifact(remote=server), **fields
+    )
+
+
 async def register(
     stub: pb_grpc.ModelServiceStub,
     version: pb.ModelVersion,

@@ -34,7 +34,7 @@ from router.proto.irouter.v1 import usage_service_pb2 as usage_pb
 from router.proto.irouter.v1 import usage_service_pb2_grpc as usage_grpc
 from router.registry import audit
 from router.server import RouterServer
-from tests.fake_openai import fake_openai
+from tests.fake_openai import FakeOpenAI, fake_openai
 from tests.integration.conftest import EMB, GEN, make_config, running
 from tests.integration.registry_calls import (
     EMBED,
@@ -119,6 +119,23 @@ async def generate(channel: grpc.aio.Channel, model: str, max_tokens: int = 8) -
     chunks = [c async for c in stub.Generate(request, timeout=TIMEOUT)]
     assert chunks[-1].finish_reason
     return "".join(c.text for c in chunks)
+
+
+async def say_hi(
+    channel: grpc.aio.Channel, model: str, sampling: inference_pb.SamplingParams | None = None
+) -> inference_pb.CompleteResponse:
+    """A one-turn chat to `model`, past the cache (each call reaches the server)."""
+    return await inference_grpc.InferenceServiceStub(channel).Complete(
+        inference_pb.CompleteRequest(
+            model=model,
+            chat=inference_pb.ChatMessages(
+                messages=[inference_pb.ChatMessage(role="user", content="Hi")]
+            ),
+            sampling=sampling,
+            cache_mode=inference_pb.CACHE_MODE_BYPASS,
+        ),
+        timeout=TIMEOUT,
+    )
 
 
 async def served_names(channel: grpc.aio.Channel) -> set[str]:
@@ -430,10 +447,11 @@ async def _drain(stream: AsyncIterator[object]) -> None:
 
 
 async def register_remote(
-    channel: grpc.aio.Channel, name: str, url: str, kind: int, context_length: int
+    channel: grpc.aio.Channel, name: str, url: str, kind: int, context_length: int, **server: str
 ) -> None:
-    """Version 1 of `name`: only a remote artifact, the OpenAI-compatible server at `url`."""
-    remote = model_pb.RemoteArtifact(backend="openai_http", url=f"{url}/v1", model="up")
+    """Version 1 of `name`: only a remote artifact, the OpenAI-compatible server at `url`
+    (`server`: its dialect, api_version, api_key_env)."""
+    remote = model_pb.RemoteArtifact(backend="openai_http", url=url, model="up", **server)
     version = model_pb.ModelVersion(
         name=name,
         version="1",
@@ -448,7 +466,9 @@ async def test_a_remote_version_deploys_with_no_local_artifact(
     channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
 ) -> None:
     async with fake_openai() as fake:
-        await register_remote(channel, "hosted", fake.url, inference_pb.MODEL_KIND_GENERATE, 8192)
+        await register_remote(
+            channel, "hosted", f"{fake.url}/v1", inference_pb.MODEL_KIND_GENERATE, 8192
+        )
         local = small("hosted-local", model_name="hosted")  # a replica here needs an artifact
         got, message = await status_of(create(stub, local))
         assert got != grpc.StatusCode.OK and "artifact" in message, message
@@ -460,17 +480,8 @@ async def test_a_remote_version_deploys_with_no_local_artifact(
         )
         await create(stub, small("hosted-dep", replicas=[replica], model_name="hosted"))
         try:
-            answer = await inference_grpc.InferenceServiceStub(channel).Complete(
-                inference_pb.CompleteRequest(
-                    model="hosted-dep",
-                    chat=inference_pb.ChatMessages(
-                        messages=[inference_pb.ChatMessage(role="user", content="Hi")]
-                    ),
-                    sampling=inference_pb.SamplingParams(top_k=5),  # vLLM takes it
-                    cache_mode=inference_pb.CACHE_MODE_BYPASS,
-                ),
-                timeout=TIMEOUT,
-            )
+            top_k = inference_pb.SamplingParams(top_k=5)  # vLLM takes it
+            answer = await say_hi(channel, "hosted-dep", top_k)
             assert answer.text == "ok" and answer.usage.source == inference_pb.USAGE_SOURCE_SERVER
             sent = fake.generations()[-1]
             assert sent.path == "/v1/chat/completions" and sent.body["top_k"] == 5
@@ -542,7 +553,9 @@ async def test_a_remote_embedding_version_fails_over_between_servers(
     channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
 ) -> None:
     async with fake_openai() as fake:
-        await register_remote(channel, "hosted-vec", fake.url, inference_pb.MODEL_KIND_EMBED, 512)
+        await register_remote(
+            channel, "hosted-vec", f"{fake.url}/v1", inference_pb.MODEL_KIND_EMBED, 512
+        )
         replicas = [
             pb.Replica(name="gone", backend="openai_http", url="http://127.0.0.1:9"),
             pb.Replica(name="up", backend="openai_http", url=fake.url),
@@ -589,12 +602,21 @@ async def test_a_gguf_file_is_prepared_when_first_deployed(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def assert_reached_azure(fake: FakeOpenAI, key: str) -> None:
+    """The last generation call took the Azure deployment's route, with `key` and the API
+    version."""
+    sent = fake.generations()[-1]
+    assert sent.path == "/openai/deployments/chat-deployment/chat/completions"
+    assert sent.headers["api-key"] == key
+    assert sent.query["api-version"] == "2024-10-21"
+
+
 async def test_an_azure_replica_takes_its_key_from_the_routers_environment(
     channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with fake_openai() as fake:
         generate = inference_pb.MODEL_KIND_GENERATE
-        await register_remote(channel, "hosted-az", fake.url, generate, 8192)
+        await register_remote(channel, "hosted-az", f"{fake.url}/v1", generate, 8192)
         replica = pb.Replica(
             name="r0",
             backend="openai_http",
@@ -616,20 +638,34 @@ async def test_an_azure_replica_takes_its_key_from_the_routers_environment(
         try:
             assert created.replicas[0].api_key_env == "IROUTER_TEST_AZURE_KEY"
             assert "sk-test-123" not in str(created)  # the key is never stored or returned
-            answer = await inference_grpc.InferenceServiceStub(channel).Complete(
-                inference_pb.CompleteRequest(
-                    model="az",
-                    chat=inference_pb.ChatMessages(
-                        messages=[inference_pb.ChatMessage(role="user", content="Hi")]
-                    ),
-                    cache_mode=inference_pb.CACHE_MODE_BYPASS,
-                ),
-                timeout=TIMEOUT,
-            )
-            assert answer.text == "ok"
-            sent = fake.generations()[-1]
-            assert sent.path == "/openai/deployments/chat-deployment/chat/completions"
-            assert sent.headers["api-key"] == "sk-test-123"
-            assert sent.query["api-version"] == "2024-10-21"
+            assert (await say_hi(channel, "az")).text == "ok"
+            assert_reached_azure(fake, "sk-test-123")
         finally:
             await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="az"), timeout=TIMEOUT)
+
+
+async def test_a_version_registered_as_an_azure_server_gives_its_replicas_its_key(
+    channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_env = "IROUTER_TEST_AZURE_VERSION_KEY"
+    async with fake_openai() as fake:
+        azure = f"{fake.url}/openai/deployments/chat-deployment"
+        server = {"dialect": "azure", "api_version": "2024-10-21", "api_key_env": key_env}
+        generate = inference_pb.MODEL_KIND_GENERATE
+        await register_remote(channel, "hosted-azv", azure, generate, 8192, **server)
+        # The replica names only its url: dialect, API version and key are the version's.
+        replica = pb.Replica(name="r0", backend="openai_http", url=azure)
+        d = small("azv", replicas=[replica], model_name="hosted-azv")
+        monkeypatch.delenv(key_env, raising=False)
+        got, message = await status_of(create(stub, d))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION, message
+        assert "'hosted-azv/1'" in message and key_env in message
+        assert "azv" not in await served_names(channel)
+        monkeypatch.setenv(key_env, "sk-version-456")
+        created = await create(stub, d)
+        try:
+            assert "sk-version-456" not in str(created)
+            assert (await say_hi(channel, "azv")).text == "ok"
+            assert_reached_azure(fake, "sk-version-456")
+        finally:
+            await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="azv"), timeout=TIMEOUT)

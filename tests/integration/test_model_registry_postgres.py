@@ -24,16 +24,19 @@ from router.registry.config import RegistryConfig
 from router.server import RouterServer
 from tests.integration.conftest import EMB, make_config, running
 from tests.integration.registry_calls import (
+    AZURE,
     EMBEDDER,
     TIMEOUT,
     get,
     listed,
     minilm,
     register,
+    remote_version,
     status_of,
     update,
 )
 from tests.postgres_server import PostgresServer
+from tests.registry_revisions import AT_0005, upgraded_from_0005
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +128,19 @@ async def test_register_list_update_and_delete(stub: pb_grpc.ModelServiceStub) -
         ("pg-minilm", "1"),
         ("pg-minilm", "2"),
     ]
+
+
+async def test_a_remote_servers_dialect_api_version_and_key_variable_are_stored(
+    stub: pb_grpc.ModelServiceStub,
+) -> None:
+    stored = await register(stub, remote_version("pg-azure"))
+    assert stored.artifact.remote == AZURE and await get(stub, "pg-azure", "1") == stored
+
+
+def test_an_upgrade_from_0005_keeps_its_versions_as_openai_servers_without_a_key(
+    postgres: PostgresServer,
+) -> None:
+    assert upgraded_from_0005(postgres.create_database("from0005")) == AT_0005
 
 
 async def test_concurrent_updates_at_one_generation_one_wins(

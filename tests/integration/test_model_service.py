@@ -29,6 +29,7 @@ from router.registry.keys import KeyStore
 from router.server import RouterServer
 from tests.integration.conftest import EMB, GEN, make_config, running
 from tests.integration.registry_calls import (
+    AZURE,
     EMBED,
     EMBEDDER,
     TIMEOUT,
@@ -36,6 +37,7 @@ from tests.integration.registry_calls import (
     listed,
     minilm,
     register,
+    remote_version,
     status_of,
     update,
 )
@@ -132,6 +134,14 @@ async def test_register_a_prepared_folder_and_a_remote_server(
     assert stored.artifact.remote == remote
 
 
+async def test_a_remote_server_is_registered_with_its_dialect_api_version_and_key_variable(
+    stub: pb_grpc.ModelServiceStub,
+) -> None:
+    stored = await register(stub, remote_version("remote-azure"))
+    assert stored.artifact.remote == AZURE
+    assert await get(stub, "remote-azure", "1") == stored
+
+
 async def test_a_duplicate_name_and_version_is_refused_and_changes_nothing(
     stub: pb_grpc.ModelServiceStub,
 ) -> None:
@@ -194,6 +204,18 @@ BAD_REGISTRATIONS = {
             ),
         ),
         "model_version.context_length",
+    ),
+    "unknown dialect": (
+        remote_version(
+            "refused", "dialect", pb.RemoteArtifact(backend="openai_http", dialect="tgi")
+        ),
+        "artifact.remote.dialect",
+    ),
+    "azure without api_version": (
+        remote_version(
+            "refused", "azure", pb.RemoteArtifact(backend="openai_http", dialect="azure")
+        ),
+        "artifact.remote.api_version",
     ),
 }
 
@@ -802,6 +824,28 @@ async def test_the_cli_drives_the_registry(
     assert await irouter("models", "show", name, "1", *target) == 1
     _, err = capsys.readouterr()
     assert "NOT_FOUND" in err and repr(name) in err
+
+
+async def test_the_cli_registers_a_remote_servers_dialect_api_version_and_key_variable(
+    server: RouterServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ("--target", f"127.0.0.1:{server.port}")
+    register_args = ("models", "register", "cli-azure", "1", "--kind", "generate")
+    server_args = (
+        *("--remote-url", AZURE.url, "--remote-dialect", AZURE.dialect),
+        *("--remote-api-version", AZURE.api_version, "--remote-api-key-env", AZURE.api_key_env),
+    )
+    assert await irouter(*register_args, *server_args, "--context-length", "8192", *target) == 0
+    capsys.readouterr()
+    assert await irouter("models", "show", "cli-azure", "1", "--json", *target) == 0
+    shown = json.loads(capsys.readouterr().out)["model_version"]["artifact"]["remote"]
+    assert shown == {
+        "backend": "openai_http",
+        "url": AZURE.url,
+        "dialect": "azure",
+        "api_version": "2024-10-21",
+        "api_key_env": AZURE.api_key_env,
+    }
 
 
 # --- restart --------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ async def test_a_model_with_no_artifact_chunks_long_texts_by_the_estimate(
     assert all(len(h.text.encode()) <= 192 and h.text in baking + planets for h in chunks)
     assert all(h.metadata == {"parent_id": "book", "shelf": "mixed"} for h in chunks)
     for query, word in (("How long should dough rise?", "dough"), ("moons of Jupiter", "moons")):
-        hit = (await retrieval.Search(rpb.SearchRequest(collection="bare", text=query, top_k=1)))
+        hit = await retrieval.Search(rpb.SearchRequest(collection="bare", text=query, top_k=1))
         assert word in hit.hits[0].text and hit.hits[0].metadata["parent_id"] == "book", query
 
 

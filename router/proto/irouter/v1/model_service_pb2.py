@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from router.proto.irouter.v1 import inference_service_pb2 as irouter_dot_v1_dot_inference__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eirouter/v1/model_service.proto\x12\nirouter.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"irouter/v1/inference_service.proto\"e\n\x08\x41rtifact\x12\x11\n\x07package\x18\x01 \x01(\tH\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12,\n\x06remote\x18\x03 \x01(\x0b\x32\x1a.irouter.v1.RemoteArtifactH\x00\x42\x08\n\x06source\"=\n\x0eRemoteArtifact\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\xd0\x04\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.irouter.v1.ModelKind\x12&\n\x08\x61rtifact\x18\x05 \x01(\x0b\x32\x14.irouter.v1.Artifact\x12\x14\n\x0cinput_schema\x18\x06 \x01(\t\x12\x15\n\routput_schema\x18\x07 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x08 \x01(\r\x12\x1a\n\x12input_price_per_1k\x18\t \x01(\t\x12\x1b\n\x13output_price_per_1k\x18\n \x01(\t\x12\x10\n\x08\x63urrency\x18\x0b \x01(\t\x12\x0c\n\x04tags\x18\x0c \x03(\t\x12,\n\x05state\x18\r \x01(\x0e\x32\x1d.irouter.v1.ModelVersionState\x12\x1a\n\x12\x64\x65precation_reason\x18\x0e \x01(\t\x12\x17\n\x0f\x61rtifact_format\x18\x0f \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x10 \x01(\t\x12\x1b\n\x13\x61rtifact_size_bytes\x18\x11 \x01(\x04\x12/\n\x0b\x63reate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x14 \x01(\t\x12\x12\n\ngeneration\x18\x15 \x01(\x04\"N\n\x1bRegisterModelVersionRequest\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\"O\n\x1cRegisterModelVersionResponse\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\"7\n\x16GetModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"J\n\x17GetModelVersionResponse\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\"\x9d\x01\n\x18ListModelVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.irouter.v1.ModelKind\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x1a\n\x12include_deprecated\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\"f\n\x19ListModelVersionsResponse\x12\x30\n\x0emodel_versions\x18\x01 \x03(\x0b\x32\x18.irouter.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9a\x01\n\x19UpdateModelVersionRequest\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x1b\n\x13\x65xpected_generation\x18\x03 \x01(\x04\"M\n\x1aUpdateModelVersionResponse\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\"M\n\x1c\x44\x65precateModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\x1d\x44\x65precateModelVersionResponse\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\":\n\x19\x44\x65leteModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1c\n\x1a\x44\x65leteModelVersionResponse*|\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMODEL_VERSION_STATE_ACTIVE\x10\x01\x12\"\n\x1eMODEL_VERSION_STATE_DEPRECATED\x10\x02\x32\xbb\x08\n\x0cModelService\x12\xb7\x01\n\x14RegisterModelVersion\x12\'.irouter.v1.RegisterModelVersionRequest\x1a(.irouter.v1.RegisterModelVersionResponse\"L\x82\xd3\xe4\x93\x02\x46\"5/v1beta/registry/models/{model_version.name}/versions:\rmodel_version\x12\x95\x01\n\x0fGetModelVersion\x12\".irouter.v1.GetModelVersionRequest\x1a#.irouter.v1.GetModelVersionResponse\"9\x82\xd3\xe4\x93\x02\x33\x12\x31/v1beta/registry/models/{name}/versions/{version}\x12\xb4\x01\n\x11ListModelVersions\x12$.irouter.v1.ListModelVersionsRequest\x1a%.irouter.v1.ListModelVersionsResponse\"R\x82\xd3\xe4\x93\x02L\x12\x1f/v1beta/registry/model-versionsZ)\x12\'/v1beta/registry/models/{name}/versions\x12\xc9\x01\n\x12UpdateModelVersion\x12%.irouter.v1.UpdateModelVersionRequest\x1a&.irouter.v1.UpdateModelVersionResponse\"d\x82\xd3\xe4\x93\x02^2M/v1beta/registry/models/{model_version.name}/versions/{model_version.version}:\rmodel_version\x12\xb4\x01\n\x15\x44\x65precateModelVersion\x12(.irouter.v1.DeprecateModelVersionRequest\x1a).irouter.v1.DeprecateModelVersionResponse\"F\x82\xd3\xe4\x93\x02@\";/v1beta/registry/models/{name}/versions/{version}:deprecate:\x01*\x12\x9e\x01\n\x12\x44\x65leteModelVersion\x12%.irouter.v1.DeleteModelVersionRequest\x1a&.irouter.v1.DeleteModelVersionResponse\"9\x82\xd3\xe4\x93\x02\x33*1/v1beta/registry/models/{name}/versions/{version}BJ\n\x0e\x64\x65v.irouter.v1P\x01Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eirouter/v1/model_service.proto\x12\nirouter.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"irouter/v1/inference_service.proto\"e\n\x08\x41rtifact\x12\x11\n\x07package\x18\x01 \x01(\tH\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12,\n\x06remote\x18\x03 \x01(\x0b\x32\x1a.irouter.v1.RemoteArtifactH\x00\x42\x08\n\x06source\"x\n\x0eRemoteArtifact\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x64ialect\x18\x04 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x05 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\x06 \x01(\t\"\xd0\x04\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.irouter.v1.ModelKind\x12&\n\x08\x61rtifact\x18\x05 \x01(\x0b\x32\x14.irouter.v1.Artifact\x12\x14\n\x0cinput_schema\x18\x06 \x01(\t\x12\x15\n\routput_schema\x18\x07 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x08 \x01(\r\x12\x1a\n\x12input_price_per_1k\x18\t \x01(\t\x12\x1b\n\x13output_price_per_1k\x18\n \x01(\t\x12\x10\n\x08\x63urrency\x18\x0b \x01(\t\x12\x0c\n\x04tags\x18\x0c \x03(\t\x12,\n\x05state\x18\r \x01(\x0e\x32\x1d.irouter.v1.ModelVersionState\x12\x1a\n\x12\x64\x65precation_reason\x18\x0e \x01(\t\x12\x17\n\x0f\x61rtifact_format\x18\x0f \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x10 \x01(\t\x12\x1b\n\x13\x61rtifact_size_bytes\x18\x11 \x01(\x04\x12/\n\x0b\x63reate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x14 \x01(\t\x12\x12\n\ngeneration\x18\x15 \x01(\x04\"N\n\x1bRegisterModelVersionRequest\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\"O\n\x1cRegisterModelVersionResponse\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\"7\n\x16GetModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"J\n\x17GetModelVersionResponse\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\"\x9d\x01\n\x18ListModelVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.irouter.v1.ModelKind\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x1a\n\x12include_deprecated\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\"f\n\x19ListModelVersionsResponse\x12\x30\n\x0emodel_versions\x18\x01 \x03(\x0b\x32\x18.irouter.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9a\x01\n\x19UpdateModelVersionRequest\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x1b\n\x13\x65xpected_generation\x18\x03 \x01(\x04\"M\n\x1aUpdateModelVersionResponse\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\"M\n\x1c\x44\x65precateModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\x1d\x44\x65precateModelVersionResponse\x12/\n\rmodel_version\x18\x01 \x01(\x0b\x32\x18.irouter.v1.ModelVersion\":\n\x19\x44\x65leteModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1c\n\x1a\x44\x65leteModelVersionResponse*|\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMODEL_VERSION_STATE_ACTIVE\x10\x01\x12\"\n\x1eMODEL_VERSION_STATE_DEPRECATED\x10\x02\x32\xbb\x08\n\x0cModelService\x12\xb7\x01\n\x14RegisterModelVersion\x12\'.irouter.v1.RegisterModelVersionRequest\x1a(.irouter.v1.RegisterModelVersionResponse\"L\x82\xd3\xe4\x93\x02\x46\"5/v1beta/registry/models/{model_version.name}/versions:\rmodel_version\x12\x95\x01\n\x0fGetModelVersion\x12\".irouter.v1.GetModelVersionRequest\x1a#.irouter.v1.GetModelVersionResponse\"9\x82\xd3\xe4\x93\x02\x33\x12\x31/v1beta/registry/models/{name}/versions/{version}\x12\xb4\x01\n\x11ListModelVersions\x12$.irouter.v1.ListModelVersionsRequest\x1a%.irouter.v1.ListModelVersionsResponse\"R\x82\xd3\xe4\x93\x02L\x12\x1f/v1beta/registry/model-versionsZ)\x12\'/v1beta/registry/models/{name}/versions\x12\xc9\x01\n\x12UpdateModelVersion\x12%.irouter.v1.UpdateModelVersionRequest\x1a&.irouter.v1.UpdateModelVersionResponse\"d\x82\xd3\xe4\x93\x02^2M/v1beta/registry/models/{model_version.name}/versions/{model_version.version}:\rmodel_version\x12\xb4\x01\n\x15\x44\x65precateModelVersion\x12(.irouter.v1.DeprecateModelVersionRequest\x1a).irouter.v1.DeprecateModelVersionResponse\"F\x82\xd3\xe4\x93\x02@\";/v1beta/registry/models/{name}/versions/{version}:deprecate:\x01*\x12\x9e\x01\n\x12\x44\x65leteModelVersion\x12%.irouter.v1.DeleteModelVersionRequest\x1a&.irouter.v1.DeleteModelVersionResponse\"9\x82\xd3\xe4\x93\x02\x33*1/v1beta/registry/models/{name}/versions/{version}BJ\n\x0e\x64\x65v.irouter.v1P\x01Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,38 +48,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSERVICE'].methods_by_name['DeprecateModelVersion']._serialized_options = b'\202\323\344\223\002@\";/v1beta/registry/models/{name}/versions/{version}:deprecate:\001*'
   _globals['_MODELSERVICE'].methods_by_name['DeleteModelVersion']._loaded_options = None
   _globals['_MODELSERVICE'].methods_by_name['DeleteModelVersion']._serialized_options = b'\202\323\344\223\0023*1/v1beta/registry/models/{name}/versions/{version}'
-  _globals['_MODELVERSIONSTATE']._serialized_start=1985
-  _globals['_MODELVERSIONSTATE']._serialized_end=2109
+  _globals['_MODELVERSIONSTATE']._serialized_start=2044
+  _globals['_MODELVERSIONSTATE']._serialized_end=2168
   _globals['_ARTIFACT']._serialized_start=179
   _globals['_ARTIFACT']._serialized_end=280
   _globals['_REMOTEARTIFACT']._serialized_start=282
-  _globals['_REMOTEARTIFACT']._serialized_end=343
-  _globals['_MODELVERSION']._serialized_start=346
-  _globals['_MODELVERSION']._serialized_end=938
-  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_start=940
-  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_end=1018
-  _globals['_REGISTERMODELVERSIONRESPONSE']._serialized_start=1020
-  _globals['_REGISTERMODELVERSIONRESPONSE']._serialized_end=1099
-  _globals['_GETMODELVERSIONREQUEST']._serialized_start=1101
-  _globals['_GETMODELVERSIONREQUEST']._serialized_end=1156
-  _globals['_GETMODELVERSIONRESPONSE']._serialized_start=1158
-  _globals['_GETMODELVERSIONRESPONSE']._serialized_end=1232
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=1235
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=1392
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=1394
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=1496
-  _globals['_UPDATEMODELVERSIONREQUEST']._serialized_start=1499
-  _globals['_UPDATEMODELVERSIONREQUEST']._serialized_end=1653
-  _globals['_UPDATEMODELVERSIONRESPONSE']._serialized_start=1655
-  _globals['_UPDATEMODELVERSIONRESPONSE']._serialized_end=1732
-  _globals['_DEPRECATEMODELVERSIONREQUEST']._serialized_start=1734
-  _globals['_DEPRECATEMODELVERSIONREQUEST']._serialized_end=1811
-  _globals['_DEPRECATEMODELVERSIONRESPONSE']._serialized_start=1813
-  _globals['_DEPRECATEMODELVERSIONRESPONSE']._serialized_end=1893
-  _globals['_DELETEMODELVERSIONREQUEST']._serialized_start=1895
-  _globals['_DELETEMODELVERSIONREQUEST']._serialized_end=1953
-  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_start=1955
-  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_end=1983
-  _globals['_MODELSERVICE']._serialized_start=2112
-  _globals['_MODELSERVICE']._serialized_end=3195
+  _globals['_REMOTEARTIFACT']._serialized_end=402
+  _globals['_MODELVERSION']._serialized_start=405
+  _globals['_MODELVERSION']._serialized_end=997
+  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_start=999
+  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_end=1077
+  _globals['_REGISTERMODELVERSIONRESPONSE']._serialized_start=1079
+  _globals['_REGISTERMODELVERSIONRESPONSE']._serialized_end=1158
+  _globals['_GETMODELVERSIONREQUEST']._serialized_start=1160
+  _globals['_GETMODELVERSIONREQUEST']._serialized_end=1215
+  _globals['_GETMODELVERSIONRESPONSE']._serialized_start=1217
+  _globals['_GETMODELVERSIONRESPONSE']._serialized_end=1291
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=1294
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=1451
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=1453
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=1555
+  _globals['_UPDATEMODELVERSIONREQUEST']._serialized_start=1558
+  _globals['_UPDATEMODELVERSIONREQUEST']._serialized_end=1712
+  _globals['_UPDATEMODELVERSIONRESPONSE']._serialized_start=1714
+  _globals['_UPDATEMODELVERSIONRESPONSE']._serialized_end=1791
+  _globals['_DEPRECATEMODELVERSIONREQUEST']._serialized_start=1793
+  _globals['_DEPRECATEMODELVERSIONREQUEST']._serialized_end=1870
+  _globals['_DEPRECATEMODELVERSIONRESPONSE']._serialized_start=1872
+  _globals['_DEPRECATEMODELVERSIONRESPONSE']._serialized_end=1952
+  _globals['_DELETEMODELVERSIONREQUEST']._serialized_start=1954
+  _globals['_DELETEMODELVERSIONREQUEST']._serialized_end=2012
+  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_start=2014
+  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_end=2042
+  _globals['_MODELSERVICE']._serialized_start=2171
+  _globals['_MODELSERVICE']._serialized_end=3254
 # @@protoc_insertion_point(module_scope)

@@ -93,22 +93,41 @@ class RemoteArtifact(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    DIALECT_FIELD_NUMBER: _builtins.int
+    API_VERSION_FIELD_NUMBER: _builtins.int
+    API_KEY_ENV_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """"openai_http" (an OpenAI-compatible HTTP server) or "kserve_grpc" (KServe v2 gRPC)."""
     url: _builtins.str
     """openai_http: "http(s)://host:port[/v1]"; kserve_grpc: "host:port"."""
     model: _builtins.str
     """The model's name on that server (empty: the version's name)."""
+    dialect: _builtins.str
+    """openai_http only: the server's kind, "openai" (empty), "azure", "vllm", "trtllm",
+    "llama.cpp" or "ovms" (what each is sent: README, Remote models). A deployment's replicas
+    take it unless they name their own (Replica.dialect).
+    """
+    api_version: _builtins.str
+    """Dialect "azure" only, and required for it: the API version every request carries
+    (e.g. "2024-10-21").
+    """
+    api_key_env: _builtins.str
+    """openai_http only: the server's API key, as the name of an environment variable holding it
+    on every router that deploys the version (the key itself is never stored or returned).
+    """
     def __init__(
         self,
         *,
         backend: _builtins.str = ...,
         url: _builtins.str = ...,
         model: _builtins.str = ...,
+        dialect: _builtins.str = ...,
+        api_version: _builtins.str = ...,
+        api_key_env: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "model", b"model", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_env", b"api_key_env", "api_version", b"api_version", "backend", b"backend", "dialect", b"dialect", "model", b"model", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,7 @@ verify_unchanged refuses an artifact that is gone or changed."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -398,6 +399,82 @@ def test_remote_backend_must_be_known_and_fit_the_kind() -> None:
     with pytest.raises(InvalidArgument) as info:
         check_artifact(kserve, "embed")
     assert "generate models only" in str(info.value) and "openai_http" in str(info.value)
+
+
+def _openai(**server: str) -> Artifact:
+    """An OpenAI-compatible server's artifact (an Azure deployment's URL) with `server`'s fields."""
+    url = "https://res.openai.azure.com/openai/deployments/gpt-4o"
+    return Artifact("remote", url, "openai_http", **server)
+
+
+KSERVE = Artifact("remote", "h:8001", "kserve_grpc")
+
+
+def test_a_remote_server_names_its_dialect_api_version_and_key_variable() -> None:
+    azure = _openai(
+        remote_dialect="azure", remote_api_version="2024-10-21", remote_api_key_env="AZURE_KEY"
+    )
+    assert check_artifact(azure, "generate").artifact == azure
+    vllm = _openai(remote_dialect="vllm")
+    assert check_artifact(vllm, "embed").artifact == vllm
+
+
+REMOTE_SERVER_REFUSALS = {
+    "dialect on a package": (
+        Artifact("package", "smollm2-135m-instruct", remote_dialect="vllm"),
+        "artifact.remote.dialect",
+        "applies to source 'remote' only",
+    ),
+    "key variable on a path": (
+        Artifact("path", "/models/x.gguf", remote_api_key_env="KEY"),
+        "artifact.remote.api_key_env",
+        "applies to source 'remote' only",
+    ),
+    "dialect on kserve_grpc": (
+        dataclasses.replace(KSERVE, remote_dialect="vllm"),
+        "artifact.remote.dialect",
+        "backend 'openai_http' takes one of",
+    ),
+    "key variable on kserve_grpc": (
+        dataclasses.replace(KSERVE, remote_api_key_env="KEY"),
+        "artifact.remote.api_key_env",
+        "backend 'openai_http' takes the name",
+    ),
+    "unknown dialect": (
+        _openai(remote_dialect="tgi"),
+        "artifact.remote.dialect",
+        "takes one of openai, azure, vllm, trtllm, llama.cpp, ovms",
+    ),
+    "azure without api_version": (
+        _openai(remote_dialect="azure"),
+        "artifact.remote.api_version",
+        "dialect 'azure' needs one",
+    ),
+    "api_version without azure": (
+        _openai(remote_dialect="vllm", remote_api_version="2024-10-21"),
+        "artifact.remote.api_version",
+        "only it takes one",
+    ),
+    "key variable with a dash": (
+        _openai(remote_api_key_env="AZURE-KEY"),
+        "artifact.remote.api_key_env",
+        "the name of an environment variable",
+    ),
+    "key variable starting with a digit": (
+        _openai(remote_api_key_env="1KEY"),
+        "artifact.remote.api_key_env",
+        "the name of an environment variable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REMOTE_SERVER_REFUSALS))
+def test_a_remote_servers_fields_are_refused_by_name(case: str) -> None:
+    artifact, field, says = REMOTE_SERVER_REFUSALS[case]
+    with pytest.raises(InvalidArgument) as info:
+        check_artifact(artifact, "generate")
+    assert info.value.field == field and str(info.value).startswith(field)
+    assert says in str(info.value)
 
 
 # Before deployment.

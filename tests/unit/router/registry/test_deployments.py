@@ -35,6 +35,9 @@ def test_validate_names_the_wrong_field() -> None:
         ({"replicas": (ReplicaSpec("r0", url="http://h:1"),)}, "takes no url"),
         ({"replicas": (ReplicaSpec("r0", device="GPU"),)}, "'onnxruntime' runs on the CPU"),
         ({"replicas": (ReplicaSpec("r0", weight=0.0),)}, "weight=0.0 must be > 0"),
+        ({"replicas": (dataclasses.replace(remote, dialect="tgi"),)}, r"replicas\[0\].dialect"),
+        ({"replicas": (dataclasses.replace(remote, dialect="azure"),)}, r"\].api_version"),
+        ({"replicas": (dataclasses.replace(remote, api_key_env="A-B"),)}, r"\].api_key_env"),
         ({"threads": 0}, r"threads=0 must be in \[1, 256\]"),
         ({"max_slots": 1000}, "max_slots=1000"),
     ]

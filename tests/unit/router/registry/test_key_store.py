@@ -153,7 +153,7 @@ def test_keys_live_in_the_registry_database_unless_a_file_of_their_own_is_named(
     _, key = store.create("acme", {"inference:embed"})
     engine = open_database(url)
     try:
-        assert migrate(engine) == "0005"
+        assert migrate(engine) == "0006"
         with engine.connect() as connection:
             tenants = connection.execute(sa.text("SELECT tenant FROM api_keys")).scalars()
             assert list(tenants) == ["acme"]

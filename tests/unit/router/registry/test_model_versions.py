@@ -3,6 +3,7 @@ tests). The artifact is a checked remote one, so nothing here hashes a model."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import threading
 from decimal import Decimal
@@ -24,6 +25,7 @@ from router.registry.model_versions import (
     validate_draft,
 )
 from router.registry.version_store import ModelVersionStore
+from tests.registry_revisions import AT_0005, upgraded_from_0005
 
 REMOTE = CheckedArtifact(
     artifact=Artifact("remote", "http://127.0.0.1:9/v1", "openai_http", "m"),
@@ -76,10 +78,18 @@ def test_default_registry_is_a_sqlite_file_under_its_data_dir(tmp_path: Path) ->
 def test_migrations_are_idempotent_and_the_file_is_private(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sub' / 'r.db'}"
     engine = open_database(url)
-    assert migrate(engine) == migrate(engine) == "0005"
+    assert migrate(engine) == migrate(engine) == "0006"
     assert (tmp_path / "sub" / "r.db").stat().st_mode & 0o077 == 0
     names = set(sa.inspect(engine).get_table_names())
     assert {"model_versions", "deployments", "usage", "audit_events", "alembic_version"} <= names
+
+
+@pytest.mark.parametrize("cut_short", [False, True])
+def test_an_upgrade_from_0005_keeps_its_versions_as_openai_servers_without_a_key(
+    tmp_path: Path, cut_short: bool
+) -> None:
+    # '' reads back as before the columns existed: dialect openai, no API version, no key.
+    assert upgraded_from_0005(f"sqlite:///{tmp_path / 'r.db'}", cut_short=cut_short) == AT_0005
 
 
 def test_an_unreachable_postgresql_is_unavailable_naming_it() -> None:
@@ -129,6 +139,24 @@ def test_register_get_and_duplicates(store: ModelVersionStore) -> None:
     assert store.get("m", "1").description == ""
     with pytest.raises(NotFound, match="'m' has no version '2'"):
         store.get("m", "2")
+
+
+def test_a_remote_servers_dialect_api_version_and_key_variable_round_trip(
+    store: ModelVersionStore,
+) -> None:
+    azure = Artifact(
+        "remote",
+        "https://res.openai.azure.com/openai/deployments/gpt-4o",
+        "openai_http",
+        remote_dialect="azure",
+        remote_api_version="2024-10-21",
+        remote_api_key_env="AZURE_OPENAI_KEY",
+    )
+    checked = dataclasses.replace(REMOTE, artifact=azure)
+    v = store.register(draft("az", artifact=checked, context_length=8192), "alice@t")
+    assert store.get("az", "1") == v and store.get("az", "1").artifact.artifact == azure
+    (event,) = audit.events(store.engine, target="az/1")
+    assert event.after["artifact_remote_api_key_env"] == "AZURE_OPENAI_KEY"
 
 
 def test_list_filters_and_pages(store: ModelVersionStore) -> None:
