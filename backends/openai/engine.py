@@ -1,7 +1,7 @@
 """A remote OpenAI-compatible HTTP server (vLLM, trtllm-serve, llama.cpp, OpenVINO Model Server)
 as engines: `OpenAIHttpEngine` (a RequestEngine) streams /v1/completions or
-/v1/chat/completions, `OpenAIHttpEmbedder` calls /v1/embeddings; both share one pooled aiohttp
-session per server.
+/v1/chat/completions, `OpenAIHttpEmbedder` calls /v1/embeddings; both share one pool of
+keep-alive connections per server (http.py).
 
 A model with a local artifact has its chat template rendered by the router, which sends the
 finished prompt text to /completions, so a prompt is identical whichever backend serves it (see
@@ -22,7 +22,6 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
-import aiohttp
 import numpy as np
 
 from backends.base import (
@@ -34,6 +33,14 @@ from backends.base import (
 )
 from backends.openai.chat import chat_body, parse_chat_event
 from backends.openai.config import OpenAIHttpConfig
+from backends.openai.http import (
+    ConnectError,
+    ConnectTimeout,
+    HttpPool,
+    ReadTimeout,
+    Response,
+    TransportError,
+)
 from backends.openai.sse import SSEDecoder
 from backends.openai.wire import (
     DIALECTS,
@@ -53,96 +60,86 @@ from backends.remote import (
 
 logger = logging.getLogger(__name__)
 
-TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
-"""What an HTTP call may raise besides an answer (aiohttp's timeouts are TimeoutErrors)."""
+TRANSPORT_ERRORS = (TransportError, TimeoutError)
+"""What an HTTP call may raise besides an answer."""
 
 
 def transport_error(url: str, exc: BaseException, *, emitted: bool) -> RemoteError:
-    """An aiohttp failure as a RemoteError; retryable only if nothing was emitted yet."""
+    """A transport failure as a RemoteError; retryable only if nothing was emitted yet."""
     retryable = not emitted
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout):
         return RemoteTimeout(
-            url, f"no connection within the connect timeout ({exc!r})", retryable=retryable
+            url, f"no connection within the connect timeout ({exc})", retryable=retryable
         )
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, ReadTimeout | TimeoutError):
         return RemoteTimeout(
             url, f"read timeout: the server went silent ({exc!r})", retryable=retryable
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectError):
         return RemoteUnavailable(url, f"cannot connect ({exc})", retryable=retryable)
-    return RemoteUnavailable(url, f"connection failed ({exc!r})", retryable=retryable)
-
-
-def _timeout(config: OpenAIHttpConfig, read_s: float) -> aiohttp.ClientTimeout:
-    """No bound on the wait for a pooled connection (the router bounds a call by cancelling
-    it), connect_timeout_s on connecting, `read_s` on every silence within an answer."""
-    return aiohttp.ClientTimeout(
-        total=None, connect=None, sock_connect=config.connect_timeout_s, sock_read=read_s
-    )
+    return RemoteUnavailable(url, f"connection failed ({exc})", retryable=retryable)
 
 
 class _HttpRemote:
     """The pooled client and health probe shared by the engine and the embedder.
 
-    aiohttp, not httpx: at 32 calls in flight httpx's client cost 3.6-3.7 ms of CPU per call
-    here against aiohttp's 0.27-0.29 ms (same instant upstream, same run; 4.6 against 0.8 ms
-    for a streamed answer of 20 events), most of the router's cost as a gateway."""
+    Neither httpx nor aiohttp: at 32 calls in flight httpx's client cost 3.6-3.7 ms of CPU per
+    call here against aiohttp's 0.27-0.29 ms, and at one in flight aiohttp's 0.30 ms against
+    0.08 ms for http.py's (same instant upstream), most of the router's cost as a gateway."""
 
     def __init__(self, config: OpenAIHttpConfig) -> None:
         self.config = config.validate().require_endpoint()
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: HttpPool | None = None
         self._closing: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Open the connection pool (on the loop that will call it); sends nothing (ready()
-        probes the server)."""
-        if self._session is not None:
+        """Make the connection pool; sends nothing (ready() probes the server)."""
+        if self._pool is not None:
             return
         cfg = self.config
-        self._session = aiohttp.ClientSession(
+        self._pool = HttpPool(
+            cfg.url,
             headers=cfg.headers(),
-            timeout=_timeout(cfg, cfg.read_timeout_s),
             # A request beyond max_connections waits for a pooled connection.
-            connector=aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=0),
+            max_connections=cfg.max_connections,
+            connect_timeout_s=cfg.connect_timeout_s,
         )
 
     async def aclose(self) -> None:
         """Close the pool and its connections."""
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
 
     def stop(self) -> None:
         """Close the pool: scheduled on the running loop (await aclose() to wait for it)."""
-        if self._session is None:
+        if self._pool is None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._session = None  # no loop to close the sockets on; they go with the process
+            self._pool = None  # no loop to close the sockets on; they go with the process
             return
         self._closing = loop.create_task(self.aclose())
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> HttpPool:
+        if self._pool is None:
             self.start()
-        assert self._session is not None
-        return self._session
+        assert self._pool is not None
+        return self._pool
 
-    async def _post(
-        self, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout | None = None
-    ) -> bytes:
-        """A whole JSON answer's bytes; RemoteError naming the URL for a failure or an HTTP
-        error (retryable as its status says: nothing was passed on yet)."""
+    async def _post(self, url: str, body: dict[str, Any], timeout: float) -> bytes:
+        """A whole JSON answer's bytes, each silence at most `timeout` s; RemoteError naming
+        the URL for a failure or an HTTP error (retryable as its status says: nothing was
+        passed on yet)."""
         try:
-            async with self.session.post(url, json=body, timeout=timeout) as response:
-                data = await response.read()
+            async with await self.pool.request("POST", url, _json(body), timeout=timeout) as r:
+                data = await r.read()
         except TRANSPORT_ERRORS as exc:
             raise transport_error(url, exc, emitted=False) from exc
-        if response.status >= 400:
-            text = data.decode("utf-8", "replace")
-            raise http_error(url, response.status, response.reason or "", text)
+        if r.status >= 400:
+            raise http_error(url, r.status, r.reason, data.decode("utf-8", "replace"))
         return data
 
     async def ready(self, timeout_s: float | None = None) -> bool:
@@ -153,11 +150,13 @@ class _HttpRemote:
             return True  # judged by its calls (breakers, retries), as the dialect says
         wait = self.config.connect_timeout_s if timeout_s is None else timeout_s
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=wait)) as r:
-                if r.status != 200:
-                    logger.info("%s answered HTTP %d", url, r.status)
-                    return False
-                models = {m.get("id") for m in (await r.json(content_type=None)).get("data", ())}
+            async with asyncio.timeout(wait):
+                async with await self.pool.request("GET", url, timeout=wait) as r:
+                    data = await r.read()
+            if r.status != 200:
+                logger.info("%s answered HTTP %d", url, r.status)
+                return False
+            models = {m.get("id") for m in json.loads(data).get("data", ())}
         except (*TRANSPORT_ERRORS, ValueError, AttributeError, TypeError) as exc:
             logger.info("%s is not ready: %r", url, exc)
             return False
@@ -171,10 +170,14 @@ MAX_LINE_BYTES = 1 << 20
 """Longest line of a streamed answer (an event's data) that is read."""
 
 
-async def _reads(url: str, response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _reads(url: str, response: Response) -> AsyncIterator[list[str]]:
     """The body's complete lines (without their line endings), as each read brings them."""
     pending = b""
-    async for block in response.content.iter_any():
+    async for block in response.iter_any():
         parts = (pending + block).split(b"\n")
         pending = parts.pop()
         if len(pending) > MAX_LINE_BYTES:
@@ -208,7 +211,7 @@ DRAIN_S = 1.0
 """How long the end of a body after its [DONE] event is waited for."""
 
 
-async def _drain(response: aiohttp.ClientResponse) -> None:
+async def _drain(response: Response) -> None:
     """Read a stream's body to its end after [DONE]: a connection whose chunked body was left
     unread is closed instead of pooled, and a new TCP connection per request cost ~2 ms of the
     router's CPU (22%, profiled). A server that keeps the body open past [DONE] is not waited
@@ -281,10 +284,13 @@ class OpenAIHttpEngine(_HttpRemote):
         emitted = False
         self._active += 1
         try:
-            async with self.session.post(url, json=body) as response:
+            response = await self.pool.request(
+                "POST", url, _json(body), timeout=self.config.read_timeout_s
+            )
+            async with response:
                 if response.status >= 400:
                     text = (await response.read()).decode("utf-8", "replace")
-                    raise http_error(url, response.status, response.reason or "", text)
+                    raise http_error(url, response.status, response.reason, text)
                 finish: CompletionEvent | None = None  # the last choice's event
                 usage: tuple[int | None, int | None] = (None, None)
                 decoder = SSEDecoder()
@@ -354,7 +360,7 @@ class OpenAIHttpEngine(_HttpRemote):
         bounded by unary_timeout_s (the whole generation is one silence), not read_timeout_s."""
         body["stream"] = False
         body.pop("stream_options", None)
-        data = await self._post(url, body, _timeout(self.config, self.config.unary_timeout_s))
+        data = await self._post(url, body, self.config.unary_timeout_s)
         answer = parse_answer(url, data, chat=chat)
         prompt, completion = answer.usage or (None, None)
         if completion is None:  # a server that reports no usage: the documented estimate
@@ -387,7 +393,8 @@ class OpenAIHttpEmbedder(_HttpRemote):
         if not texts:
             return np.zeros((0, self.dim or 0), np.float32), 0
         url = self.config.endpoint("/embeddings")
-        data = await self._post(url, {"model": self.config.model, "input": list(texts)})
+        body = {"model": self.config.model, "input": list(texts)}
+        data = await self._post(url, body, self.config.read_timeout_s)
         try:
             answer = json.loads(data)
             items = sorted(answer["data"], key=lambda item: int(item["index"]))
