@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from backends.base import (
     Capabilities,
@@ -171,7 +172,7 @@ MAX_LINE_BYTES = 1 << 20
 
 
 def _json(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    return orjson.dumps(body)
 
 
 async def _reads(url: str, response: Response) -> AsyncIterator[list[str]]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+import orjson
+
 from backends.base import (
     GenerationRequest,
     StructuredOutput,
@@ -222,10 +224,10 @@ class CompletionEvent(NamedTuple):
     """Chat events: pieces of the tool calls the server parsed."""
 
 
-def load_event(url: str, data: str, *, emitted: bool) -> dict[str, Any]:
+def load_event(url: str, data: str | bytes, *, emitted: bool) -> dict[str, Any]:
     """One SSE event's JSON object. Raises RemoteHTTPError for an error event, and ValueError
     or TypeError for one that is not a JSON object (the callers' RemoteProtocolError)."""
-    event = json.loads(data)
+    event = orjson.loads(data)
     if not isinstance(event, dict):
         raise TypeError(f"a JSON {type(event).__name__}, not an object")
     if "error" in event or event.get("object") == "error":
@@ -300,7 +302,7 @@ def parse_answer(url: str, data: bytes, *, chat: bool) -> CompletionEvent:
     message content), tool calls (whole, as one piece each), finish reason and usage. Raises
     RemoteProtocolError for anything else (retryable: nothing was passed on)."""
     try:
-        answer = load_event(url, data.decode("utf-8"), emitted=False)
+        answer = load_event(url, data, emitted=False)
         choice = answer["choices"][0]
         calls: tuple[ToolCallDelta, ...] = ()
         if chat:

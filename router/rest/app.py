@@ -22,6 +22,7 @@ from router.proto.irouter.v1 import (
     retrieval_service_pb2,
     usage_service_pb2,
 )
+from router.rest.dispatch import Dispatch
 from router.rest.docs import docs_routes
 from router.rest.errors import ApiError, api_error_handler, http_error, server_error
 from router.rest.grpc_client import ClientDisconnected, RouterClient
@@ -74,11 +75,12 @@ def create_app(
     timeout_s: float = 600,
     max_body_bytes: int = 1_048_576,
     local: Mapping[str, Any] | None = None,
-) -> Starlette:
+) -> Dispatch:
     """The proxy as an ASGI app calling the router at `target` ("host:port") over one channel,
     opened at startup and closed at shutdown; `timeout_s` is every call's deadline. With
     `local` (the router's InferenceService handlers, in this process: RouterServer's
-    local_handlers), the OpenAI routes call them directly instead (router.rest.local_client)."""
+    local_handlers), the OpenAI routes call them directly instead (router.rest.local_client).
+    The OpenAI routes' fixed paths skip Starlette's routing (router.rest.dispatch)."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s} must be positive")
     if max_body_bytes <= 0:
@@ -100,17 +102,19 @@ def create_app(
     openai = OpenAIRoutes(calls, Limits(max_body_bytes=max_body_bytes))
     transcoder = Transcoder(client, SERVICES, max_body_bytes)
     document = openapi_document(transcoder.bindings)
-    return Starlette(
+    handlers: dict[Any, Handler] = {
+        ApiError: api_error_handler,
+        StatusError: _status_handler,
+        HTTPException: _by_path(transcoder, http_error),
+        ClientDisconnected: _disconnected_handler,
+        Exception: _by_path(transcoder, server_error),
+    }
+    app = Starlette(
         routes=[*openai.routes(), *transcoder.routes(), *docs_routes(document)],
         lifespan=lifespan,
-        exception_handlers={
-            ApiError: api_error_handler,
-            StatusError: _status_handler,
-            HTTPException: _by_path(transcoder, http_error),
-            ClientDisconnected: _disconnected_handler,
-            Exception: _by_path(transcoder, server_error),
-        },
+        exception_handlers=handlers,
     )
+    return Dispatch(app, openai.routes(), handlers)
 
 
 async def serve_proxy(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 
 from router.proto.irouter.v1 import inference_service_pb2 as pb
@@ -28,10 +29,6 @@ _ROLES = {
 }
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def read_json(request: Request, max_bytes: int) -> Body:
     """The body as a JSON object; 413 past `max_bytes` (checked before reading when the client
     sends Content-Length), 400 for anything that is not a JSON object."""
@@ -39,8 +36,8 @@ async def read_json(request: Request, max_bytes: int) -> Body:
     if not raw:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        body = orjson.loads(raw)  # NaN and Infinity, invalid UTF-8 and lone surrogates refused
+    except ValueError as exc:  # orjson.JSONDecodeError
         raise bad_request(
             f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None

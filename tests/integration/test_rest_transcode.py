@@ -373,7 +373,7 @@ async def test_router_down_gives_503() -> None:
     app = create_app(f"127.0.0.1:{dead}", timeout_s=5)
     transport = httpx.ASGITransport(app=app)
     async with (
-        app.router.lifespan_context(app),
+        app.app.router.lifespan_context(app.app),
         httpx.AsyncClient(transport=transport, base_url="http://proxy") as c,
     ):
         r = await c.get("/v1beta/models")
