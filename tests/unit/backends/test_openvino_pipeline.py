@@ -9,6 +9,7 @@ within a few tokens (see backends/openvino/pipeline.py), so the default is not c
 from __future__ import annotations
 
 import asyncio
+import time
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -210,3 +211,37 @@ async def test_a_burst_arriving_while_idle_starts_in_one_step(
         engine._observer = None
     assert [tokens for tokens, _ in results] == reference
     assert steps.batches[0] == len(PROMPTS), steps.batches[:4]
+
+
+class StepTimes:
+    """An observer that records when each step started and ended (perf_counter)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+
+    def on_step(self, batch: int, waiting: int, running: int, seconds: float) -> None:
+        if batch:
+            end = time.perf_counter()  # called after the step's hand-off to the loop
+            self.spans.append((end - seconds, end))
+
+
+async def test_a_steps_tokens_reach_the_caller_before_the_next_step(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer
+) -> None:
+    """GenAI's step() holds the GIL: tokens queued for the loop at a step's end must be taken
+    before the next step starts, not after it."""
+    await wait_idle(engine)
+    times = StepTimes()
+    arrivals: list[float] = []
+    engine._observer = times  # type: ignore[assignment]
+    try:
+        async for chunk in engine.generate(request(tokenizer, PROMPTS[0], max_tokens=6)):
+            if chunk.token_ids:
+                arrivals.append(time.perf_counter())
+    finally:
+        engine._observer = None
+    starts = [start for start, _ in times.spans]
+    # One request: step i produces token i, which arrives before step i + 1 starts.
+    # (The last step may end after the observer is taken away.)
+    assert len(arrivals) == 6 and len(starts) >= 5, (arrivals, starts)
+    assert all(arrivals[i] < starts[i + 1] for i in range(4)), (arrivals, starts)
