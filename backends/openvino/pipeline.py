@@ -5,10 +5,11 @@ and batches prefill chunks with decode rows itself; driven through `add_request`
 reached 4.8x aggregate throughput at 16 streams where our batched ONNX Runtime loop reached
 2.3x (FACTS.md). The router therefore hands it whole requests and only streams the tokens.
 
-One dedicated thread owns the pipeline: it drains an inbox (new requests, cancellations), runs
-`step()`, reads every handle, and hands all of the step's chunks to the event loop in one
-`call_soon_threadsafe`. A request whose iterator is closed is cancelled through its handle;
-the pipeline frees its blocks at the next step.
+The pipeline runs in a worker process of its own (worker.py: its step() holds the GIL for the
+whole step, which stopped this process's event loop). Requests and cancellations go to it over
+a pipe; one thread here receives each step's tokens and hands them to the event loop in one
+`call_soon_threadsafe`. A request whose iterator is closed is cancelled in the worker; the
+pipeline frees its blocks at the next step.
 
 Weights, precision and the IR cache are in backends/openvino/ir.py: precision='f32' reads
 losslessly re-encoded weights and computes in f32 with an f32 KV cache, and then reproduces the
@@ -18,18 +19,15 @@ fp32 ONNX model's greedy tokens; the default reads GenAI's own (lossy) Q4_1 mapp
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
 import logging
+import multiprocessing
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import openvino as ov
-import openvino_genai as ov_genai
 
 from backends.artifact import read_manifest
 from backends.base import (
@@ -39,44 +37,18 @@ from backends.base import (
     StepObserver,
     UnsupportedParameter,
 )
+from backends.openvino import worker
 from backends.openvino.engine import check_device, check_precision, compile_properties
-from backends.openvino.ir import load_pipeline
 
 logger = logging.getLogger(__name__)
 
-BURST_GAP_S = 0.003
-"""Woken from idle, the engine waits this long for another call before its first step..."""
-BURST_WINDOW_S = 0.025
-"""...and at most this long in all (see OpenVinoGenerator._gather_burst)."""
-HANDOFF_WAIT_S = 0.02
-"""Longest wait after a step for the event loop to pass its tokens on (see _hand_off)."""
-HANDOFF_HOPS = 3
-"""Event-loop iterations the engine lets run after a step's tokens are queued."""
 KV_BLOCK_TOKENS = 32
 """Tokens per KV block on CPU (sizes the cache for max_slots sequences of max_context)."""
-
-_FINISHED = {
-    ov_genai.GenerationStatus.FINISHED,
-    ov_genai.GenerationStatus.STOP,
-    ov_genai.GenerationStatus.CANCEL,
-    ov_genai.GenerationStatus.IGNORED,
-}
+STOP_WAIT_S = 10.0
+"""How long stop() waits for the worker to exit before killing it."""
 
 
 # ---- the engine -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Add:
-    key: int
-    request_id: str
-    input_ids: ov.Tensor
-    config: ov_genai.GenerationConfig
-    watch: frozenset[int]
-    """Stop tokens this thread must enforce: GenAI ignores stop_token_ids under ignore_eos."""
-
-
-_Message = _Add | int  # an int cancels that key
 
 
 class OpenVinoGenerator:
@@ -132,31 +104,35 @@ class OpenVinoGenerator:
             # The CPU plugin otherwise keeps the KV cache in u8 and quantizes activations
             # feeding int4/int8 weights: both change the numbers.
             props |= {"KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
-        scheduler = ov_genai.SchedulerConfig()
-        scheduler.max_num_seqs = max_slots
-        scheduler.max_num_batched_tokens = max(token_budget, max_slots)
-        scheduler.dynamic_split_fuse = True
-        scheduler.num_kv_blocks = max_slots * -(-max_context // KV_BLOCK_TOKENS)
+        scheduler: dict[str, Any] = {
+            "max_num_seqs": max_slots,
+            "max_num_batched_tokens": max(token_budget, max_slots),
+            "dynamic_split_fuse": True,
+            "num_kv_blocks": max_slots * -(-max_context // KV_BLOCK_TOKENS),
+        }
         if prefix_cache_mb > 0:
             # Blocks of finished requests stay cached (LRU) in the pool: more blocks hold them.
             per_token = 2 * int(manifest["num_layers"]) * int(manifest["num_kv_heads"])
             per_token *= int(manifest["head_dim"]) * (4 if exact else 1)  # f32, else u8 KV
             extra = (prefix_cache_mb << 20) // (per_token * KV_BLOCK_TOKENS)
-            scheduler.num_kv_blocks += extra
-            scheduler.enable_prefix_caching = True
-        started = time.perf_counter()
-        self._pipe = load_pipeline(
-            model_dir,
-            gguf_path,
+            scheduler["num_kv_blocks"] += extra
+            scheduler["enable_prefix_caching"] = True
+        setup = worker.Setup(
+            model_dir=str(model_dir),
+            gguf_path=str(gguf_path) if gguf_path else None,
             exact=exact,
-            scheduler=scheduler,
             device=self.device,
             properties=props,
+            scheduler=scheduler,
         )
+        started = time.perf_counter()
+        self._process, self._to_worker, self._from_worker = _spawn(setup)
         logger.info(
-            "decoder %s on OpenVINO GenAI %s: %d sequences x %d tokens, %s, loaded in %.1fs",
+            "decoder %s on OpenVINO GenAI %s (worker process %d): %d sequences x %d tokens, %s, "
+            "loaded in %.1fs",
             manifest.get("name"),
             device,
+            self._process.pid,
             max_slots,
             max_context,
             props,
@@ -166,37 +142,40 @@ class OpenVinoGenerator:
         # Loop side.
         self._queues: dict[int, asyncio.Queue[GenerationChunk | BaseException]] = {}
         self._keys = 0
-        # Engine-thread side.
-        self._inbox: collections.deque[_Message] = collections.deque()
-        self._handles: dict[int, tuple[str, Any, frozenset[int]]] = {}
-        self._wake = threading.Event()
-        self._handed = threading.Event()
-        self._stopping = False
+        self._active: set[int] = set()
+        """Keys sent to the worker and not finished (num_active)."""
+        self.worker_idle = True
+        """The worker said it has nothing left to step (set by the receiving thread)."""
+        self._send_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._broken = ""
 
     # ---- loop side ---------------------------------------------------------------------------
 
     @property
     def num_active(self) -> int:
-        return len(self._handles) + len(self._inbox)
+        return len(self._active)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="openvino-genai", daemon=True)
+        self._thread = threading.Thread(target=self._receive, name="openvino-genai", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
+        self._send(None)
+        self._process.join(STOP_WAIT_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=STOP_WAIT_S)
             self._thread = None
+        self._to_worker.close()
 
-    def generation_config(self, request: GenerationRequest) -> ov_genai.GenerationConfig:
-        """The request's GenerationConfig; UnsupportedParameter names a field GenAI would not
-        honour as the router means it."""
+    def generation_config(self, request: GenerationRequest) -> dict[str, Any]:
+        """The request's GenerationConfig fields (worker.build_config), checked by GenAI too;
+        UnsupportedParameter names a field GenAI would not honour as the router means it."""
         checks: Sequence[tuple[str, float, float]] = (
             ("temperature", request.temperature, 0.0),
             ("top_p", request.top_p, 1e-9),
@@ -221,32 +200,25 @@ class OpenVinoGenerator:
             )
         if request.seed < 0:
             raise UnsupportedParameter("seed", f"seed={request.seed} must be >= 0")
-        config = ov_genai.GenerationConfig()
-        config.max_new_tokens = request.max_tokens
+        fields: dict[str, Any] = {"max_new_tokens": request.max_tokens}
         if request.temperature > 0:
-            config.do_sample = True
-            config.temperature = request.temperature
-            config.top_p = request.top_p
+            fields |= {"do_sample": True, "temperature": request.temperature}
+            fields |= {"top_p": request.top_p, "min_p": request.min_p, "rng_seed": request.seed}
             if request.top_k:
-                config.top_k = request.top_k
-            config.min_p = request.min_p
-            config.rng_seed = request.seed
+                fields["top_k"] = request.top_k
         else:
-            config.do_sample = False
-        config.repetition_penalty = request.repetition_penalty
-        config.presence_penalty = request.presence_penalty
-        config.frequency_penalty = request.frequency_penalty
-        config.set_eos_token_id(self.eos_token_id)
+            fields["do_sample"] = False
+        fields["repetition_penalty"] = request.repetition_penalty
+        fields["presence_penalty"] = request.presence_penalty
+        fields["frequency_penalty"] = request.frequency_penalty
         stops = set(request.stop_token_ids)
         if not request.ignore_eos:
             stops |= self.stop_token_ids
-        config.stop_token_ids = stops | {self.eos_token_id}
-        config.ignore_eos = request.ignore_eos
-        try:
-            config.validate()
-        except RuntimeError as exc:
-            raise ValueError(f"OpenVINO GenAI refused the sampling parameters: {exc}") from None
-        return config
+        fields["stop_token_ids"] = stops | {self.eos_token_id}
+        fields["ignore_eos"] = request.ignore_eos
+        fields["eos_token_id"] = self.eos_token_id
+        worker.build_config(dict(fields))  # ValueError now, not in the worker
+        return fields
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not request.prompt_ids:
@@ -258,14 +230,16 @@ class OpenVinoGenerator:
                 f"exceed max_context={self.max_context}",
             )
         config = self.generation_config(request)
-        ids = ov.Tensor(np.asarray([request.prompt_ids], dtype=np.int64))
+        if self._broken:
+            raise RuntimeError(self._broken)
         self._keys += 1
         key = self._keys
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         self._queues[key] = queue
         watch = frozenset(request.stop_token_ids) if request.ignore_eos else frozenset()
-        self._inbox.append(_Add(key, request.request_id, ids, config, watch))
-        self._wake.set()
+        self._active.add(key)
+        self.worker_idle = False
+        self._send(worker.Add(key, tuple(request.prompt_ids), config, watch))
         finished = False
         try:
             while True:
@@ -279,134 +253,85 @@ class OpenVinoGenerator:
                     return
         finally:
             self._queues.pop(key, None)
+            self._active.discard(key)
             if not finished:
-                self._inbox.append(key)
-                self._wake.set()
+                logger.debug("request %s cancelled", request.request_id)
+                self._send(key)
+
+    def _send(self, message: worker.Add | int | None) -> None:
+        # The loop and stop() may both send; a worker gone is the receiver's to report.
+        with self._send_lock, contextlib.suppress(OSError, ValueError):
+            self._to_worker.send(message)
 
     def _deliver(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
         for key, item in out:
             queue = self._queues.get(key)
             if queue is not None:
                 queue.put_nowait(item)
-        self._after_hops(HANDOFF_HOPS)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                self._active.discard(key)
 
-    def _after_hops(self, hops: int) -> None:
-        """Tell the engine thread once the loop has run `hops` more iterations: each hop runs
-        what the last one scheduled (the consumers woken by the queued chunks, then their
-        writes to the callers)."""
-        if hops == 0:
-            self._handed.set()
-        else:
-            assert self._loop is not None
-            self._loop.call_soon(self._after_hops, hops - 1)
+    # ---- receiving thread --------------------------------------------------------------------
 
-    # ---- engine thread -----------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while not self._stopping:
-            out: list[tuple[int, GenerationChunk | BaseException]] = []
-            self._drain_inbox(out)
-            if not self._handles and not self._pipe.has_non_finished_requests():
-                self._flush(out)
-                # Idle: the gauges say so now, not at the next request's first step.
-                if self._observer is not None:
-                    self._observer.on_step(0, 0, 0, 0.0)
-                self._wake.wait()
-                self._wake.clear()
-                self._gather_burst()
-                continue
-            started = time.perf_counter()
-            batch = len(self._handles)
+    def _receive(self) -> None:
+        """Each step's tokens from the worker, handed to the loop; when the worker dies, every
+        call in flight fails and later ones are refused (the model's health says so)."""
+        while True:
             try:
-                self._pipe.step()
-                self._read_outputs(out)
-            except Exception:  # a failing step fails what is running; the engine keeps serving
-                logger.exception("OpenVINO GenAI step failed; failing its %d requests", batch)
-                for key, (_, handle, _) in list(self._handles.items()):
-                    handle.cancel()
-                    out.append((key, RuntimeError("the OpenVINO GenAI step failed")))
-                self._handles.clear()
-            self._hand_off(out)
-            if self._observer is not None:
-                metrics = self._pipe.get_metrics()
-                running = int(metrics.scheduled_requests)
-                waiting = max(0, int(metrics.requests) - running)
-                self._observer.on_step(batch, waiting, running, time.perf_counter() - started)
-        for _, handle, _ in self._handles.values():
-            handle.cancel()
-        self._handles.clear()
+                message = self._from_worker.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "idle":
+                self.worker_idle = True
+                if self._observer is not None:
+                    self._observer.on_step(0, 0, 0, 0.0)  # the gauges say idle now
+                continue
+            _, outputs, batch, waiting, running, seconds = message
+            out: list[tuple[int, GenerationChunk | BaseException]] = []
+            for key, tokens, reason, error in outputs:
+                if error:
+                    out.append((key, RuntimeError(error)))
+                else:
+                    out.append((key, GenerationChunk(tokens, None, reason)))
+            self._flush(out)
+            if self._observer is not None and batch:
+                self._observer.on_step(batch, waiting, running, seconds)
+        if self._process.exitcode not in (0, None) or self._process.is_alive():
+            self._broken = f"the OpenVINO GenAI worker exited (code {self._process.exitcode})"
+        else:
+            self._broken = "the OpenVINO GenAI engine is stopped"
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_all)
 
-    def _gather_burst(self) -> None:
-        """Woken from idle: let the rest of a burst arrive before the first step. Calls that
-        come together reach this thread a few ms apart (each is parsed and tokenized on the
-        event loop first); stepping at once would prefill the first alone while the others wait
-        out that step, and GenAI then took seconds longer to reach their first tokens (16 calls
-        at once, AMD EPYC: TTFT median 2.0 s, 0.70 s with the burst gathered). A lone call waits
-        BURST_GAP_S."""
-        deadline = time.monotonic() + BURST_WINDOW_S
-        while time.monotonic() < deadline and self._wake.wait(BURST_GAP_S):
-            self._wake.clear()
-
-    def _hand_off(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
-        """Queue a step's chunks on the loop and wait (HANDOFF_WAIT_S at most) until it has
-        passed them on. GenAI's step() holds the GIL for the whole step (measured: a Python
-        thread ticking every ms ran once during a 480 ms step), so the loop cannot run during
-        it: without this wait a step's first tokens reached their callers only after the next
-        step (at 16 streams, TTFT 1 step ~ 1 s late)."""
-        if not out:
-            return
-        self._handed.clear()
-        self._flush(out)
-        self._handed.wait(HANDOFF_WAIT_S)
+    def _fail_all(self) -> None:
+        for key in list(self._queues):
+            self._queues[key].put_nowait(RuntimeError(self._broken))
+        self._active.clear()
 
     def _flush(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
         if out and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._deliver, out)
 
-    def _drain_inbox(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
-        while self._inbox:
-            message = self._inbox.popleft()
-            if isinstance(message, int):
-                entry = self._handles.pop(message, None)
-                if entry is not None:
-                    logger.debug("request %s cancelled", entry[0])
-                    entry[1].cancel()
-                continue
-            try:
-                handle = self._pipe.add_request(message.key, message.input_ids, message.config)
-            except Exception as exc:
-                logger.exception("request %s: add_request failed", message.request_id)
-                out.append((message.key, RuntimeError(f"OpenVINO GenAI refused it: {exc}")))
-                continue
-            self._handles[message.key] = (message.request_id, handle, message.watch)
 
-    def _read_outputs(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
-        for key, (request_id, handle, watch) in list(self._handles.items()):
-            tokens: list[int] = []
-            reason = None
-            while handle.can_read():
-                for output in handle.read().values():
-                    tokens.extend(output.generated_ids)
-                    if output.finish_reason == ov_genai.GenerationFinishReason.LENGTH:
-                        reason = "length"
-                    elif output.finish_reason == ov_genai.GenerationFinishReason.STOP:
-                        reason = "stop"
-            status = handle.get_status()
-            if status == ov_genai.GenerationStatus.IGNORED:
-                del self._handles[key]
-                out.append(
-                    (key, RuntimeError("OpenVINO GenAI ignored the request (KV cache too small)"))
-                )
-                continue
-            hit = next((i for i, t in enumerate(tokens) if t in watch), -1) if watch else -1
-            if hit >= 0:
-                del tokens[hit + 1 :]
-                reason = "stop"
-                handle.cancel()  # its blocks are freed at the next step
-            elif status in _FINISHED and reason is None:
-                reason = "stop"  # finished without a reason on its outputs: treat as an end
-            if reason is not None:
-                del self._handles[key]
-                logger.debug("request %s finished (%s)", request_id, reason)
-            if tokens or reason is not None:
-                out.append((key, GenerationChunk(tuple(tokens), None, reason)))
+def _spawn(setup: worker.Setup) -> tuple[Any, Connection, Connection]:
+    """The worker process, started and loaded (RuntimeError naming what its load raised)."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+    to_read, to_worker = context.Pipe(duplex=False)
+    from_worker, to_write = context.Pipe(duplex=False)
+    process = context.Process(
+        target=worker.main, args=(setup, to_read, to_write), name="openvino-genai", daemon=True
+    )
+    process.start()
+    to_read.close()
+    to_write.close()
+    try:
+        kind, detail = from_worker.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(
+            f"the OpenVINO GenAI worker exited while loading (code {process.exitcode})"
+        ) from None
+    if kind != "ready":
+        process.join()
+        raise RuntimeError(f"OpenVINO GenAI could not load the model: {detail}")
+    return process, to_worker, from_worker
