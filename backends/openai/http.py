@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import cast
@@ -26,6 +27,10 @@ from urllib.parse import urlsplit
 
 import httptools
 
+STALE_RETRY_S = 1.0
+"""A pooled connection closed this soon after a request went out, before any answer, is taken
+for one the server closed while idle, and the request is sent again on a new one; later, the
+server may have taken the request (a POST is not sent twice)."""
 PAUSE_BYTES = 1 << 20
 """Unread bytes of a streamed answer past which the socket is not read until they are taken."""
 
@@ -63,6 +68,10 @@ class _Connection(asyncio.Protocol):
         self.streaming = False
         self.paused = False
         self.answered = False  # a byte of the current answer arrived
+        self.busy = False  # a request was sent and its answer has not ended
+        self.interim = False  # parsing a 1xx answer (103 Early Hints...): not the answer
+        self.stray = False  # bytes arrived that no request asked for
+        self.sent_at = 0.0
         self.lost: TransportError | None = None
         self._wake: asyncio.Future[None] | None = None
 
@@ -72,20 +81,32 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.answered = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._lose(TransportError(f"malformed HTTP answer ({exc})"))
+        self.stray |= not self.busy
+        if not self.stray:
+            try:
+                self.parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                self._lose(TransportError(f"malformed HTTP answer ({exc!r})"))
+                assert self.transport is not None
+                self.transport.close()
+                return
+        if self.stray:  # e.g. a 408 sent on an idle connection: never any request's answer
+            self._lose(TransportError("the server sent bytes no request asked for"))
             assert self.transport is not None
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.headers_done and not self.complete and not self.sized and self.lost is None:
-            self.complete = True  # a body delimited by the close has ended
+        ended = exc is None and self.headers_done and not self.complete and not self.sized
+        if ended and self.lost is None:
+            self.complete = True  # a body delimited by a clean close has ended
         reason = f" ({exc!r})" if exc is not None else ""
         self._lose(TransportError(f"the server closed the connection{reason}"))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.stray |= not self.busy  # a second answer after this request's
+        self.reason = b""
+
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
@@ -94,7 +115,11 @@ class _Connection(asyncio.Protocol):
             self.sized = True
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # informational: the answer follows (101 raises Upgrade)
+            self.interim = True
+            return
+        self.status = status
         self.headers_done = True
         self._notify()
 
@@ -108,7 +133,11 @@ class _Connection(asyncio.Protocol):
         self._notify()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.complete = True
+        self.busy = False
         self.reusable = self.parser.should_keep_alive()  # reset once the callback returns
         self._notify()
 
@@ -120,6 +149,10 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.status, self.reason, self.headers_done, self.complete = 0, b"", False, False
         self.sized, self.answered, self.streaming, self.reusable = False, False, False, False
+        self.chunks.clear()
+        self.buffered = 0
+        self.busy = True
+        self.sent_at = time.monotonic()
         self.transport.write(data)
 
     def take(self) -> bytes:
@@ -241,6 +274,8 @@ class HttpPool:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url={url!r} must be http(s)://host[:port][/path]")
+        if parts.username or parts.password:
+            raise ValueError(f"url={url!r}: credentials in the URL are not sent; use an API key")
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -250,7 +285,10 @@ class HttpPool:
         for name, value in headers.items():
             if any(c in name + value for c in "\r\n\0"):
                 raise ValueError(f"header {name!r} holds a line break or NUL")
-        fixed = {"Host": parts.netloc, "Accept": "*/*", **headers}
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        fixed = {"Host": host, "Accept": "*/*", **headers}
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
         self._limit = max_connections
         self._connect_timeout = connect_timeout_s
@@ -279,7 +317,8 @@ class HttpPool:
                     await conn.wait(conn.headers_done, timeout)
             except TransportError as exc:
                 self.discard(conn)
-                stale = reused and not conn.answered and not isinstance(exc, TimeoutError)
+                quick = time.monotonic() - conn.sent_at < STALE_RETRY_S
+                stale = reused and quick and not conn.answered and not isinstance(exc, TimeoutError)
                 if stale and attempt == 1:
                     continue  # the server closed the idle connection as the request went out
                 raise

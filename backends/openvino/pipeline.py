@@ -19,9 +19,9 @@ fp32 ONNX model's greedy tokens; the default reads GenAI's own (lossy) Q4_1 mapp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
+import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -46,6 +46,8 @@ KV_BLOCK_TOKENS = 32
 """Tokens per KV block on CPU (sizes the cache for max_slots sequences of max_context)."""
 STOP_WAIT_S = 10.0
 """How long stop() waits for the worker to exit before killing it."""
+_CLOSE = object()
+"""Ends the sender thread."""
 
 
 # ---- the engine -------------------------------------------------------------------------------
@@ -146,9 +148,13 @@ class OpenVinoGenerator:
         """Keys sent to the worker and not finished (num_active)."""
         self.worker_idle = True
         """The worker said it has nothing left to step (set by the receiving thread)."""
-        self._send_lock = threading.Lock()
+        self._outgoing: queue.SimpleQueue[worker.Add | int | object | None] = queue.SimpleQueue()
+        """What the sender thread writes to the worker: a write to a full pipe (the worker reads
+        it between steps) must not block the event loop."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._sender = threading.Thread(target=self._send_all, name="openvino-send", daemon=True)
+        self._sender.start()
         self._broken = ""
 
     # ---- loop side ---------------------------------------------------------------------------
@@ -163,15 +169,19 @@ class OpenVinoGenerator:
         self._thread.start()
 
     def stop(self) -> None:
-        self._send(None)
+        """Stop the worker (killed if it has not exited within STOP_WAIT_S) and the threads."""
+        self._outgoing.put(None)  # the worker's stop
+        self._outgoing.put(_CLOSE)  # the sender's
         self._process.join(STOP_WAIT_S)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
-        if self._thread is not None:
-            self._thread.join(timeout=STOP_WAIT_S)
-            self._thread = None
+        for thread in (self._sender, self._thread):
+            if thread is not None:
+                thread.join(timeout=STOP_WAIT_S)
+        self._thread = None
         self._to_worker.close()
+        self._from_worker.close()
 
     def generation_config(self, request: GenerationRequest) -> dict[str, Any]:
         """The request's GenerationConfig fields (worker.build_config), checked by GenAI too;
@@ -259,9 +269,15 @@ class OpenVinoGenerator:
                 self._send(key)
 
     def _send(self, message: worker.Add | int | None) -> None:
-        # The loop and stop() may both send; a worker gone is the receiver's to report.
-        with self._send_lock, contextlib.suppress(OSError, ValueError):
-            self._to_worker.send(message)
+        self._outgoing.put(message)
+
+    def _send_all(self) -> None:
+        """The sender thread: the queue's messages to the worker, in order."""
+        while (message := self._outgoing.get()) is not _CLOSE:
+            try:
+                self._to_worker.send(message)
+            except (OSError, ValueError):  # the worker is gone: the receiver says why
+                return
 
     def _deliver(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
         for key, item in out:
@@ -282,7 +298,8 @@ class OpenVinoGenerator:
             except (EOFError, OSError):
                 break
             if message[0] == "idle":
-                self.worker_idle = True
+                # (An idle sent just before the worker read a new request is not idle.)
+                self.worker_idle = not self._active
                 if self._observer is not None:
                     self._observer.on_step(0, 0, 0, 0.0)  # the gauges say idle now
                 continue
@@ -327,11 +344,14 @@ def _spawn(setup: worker.Setup) -> tuple[Any, Connection, Connection]:
     try:
         kind, detail = from_worker.recv()
     except EOFError:
-        process.join()
-        raise RuntimeError(
-            f"the OpenVINO GenAI worker exited while loading (code {process.exitcode})"
-        ) from None
+        kind, detail = "exited", ""
     if kind != "ready":
         process.join()
+        to_worker.close()
+        from_worker.close()
+        if kind == "exited":
+            raise RuntimeError(
+                f"the OpenVINO GenAI worker exited while loading (code {process.exitcode})"
+            )
         raise RuntimeError(f"OpenVINO GenAI could not load the model: {detail}")
     return process, to_worker, from_worker

@@ -17,6 +17,7 @@ seconds) after every step, outputs being (key, token ids, finish reason or None,
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -82,7 +83,11 @@ def build_config(fields: dict[str, Any]) -> ov_genai.GenerationConfig:
 
 
 def main(setup: Setup, inbox: Connection, outbox: Connection) -> None:
-    """The worker process: load, then step until told to stop or the router goes away."""
+    """The worker process: load, then step until told to stop or the router goes away. The
+    terminal's Ctrl-C and a service manager's SIGTERM reach the whole process group: the router
+    drains its calls first, then stops this worker (None, or its end of the pipe closing)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         scheduler = ov_genai.SchedulerConfig()
         for name, value in setup.scheduler.items():
@@ -124,6 +129,8 @@ class _Stepper:
                 self._outbox.send(("idle",))
                 self._take(self._inbox.recv(), out)  # blocks until there is work
                 self._gather_burst(out)
+                if out:  # refused before any step: answered now, not dropped
+                    self._outbox.send(("step", out, 0, 0, 0, 0.0))
                 continue
             started = time.perf_counter()
             batch = len(self._handles)

@@ -305,3 +305,60 @@ async def test_https_checks_the_servers_certificate(tmp_path: Path) -> None:
         await p.aclose()
         with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await post(pool(url), url, b"x")  # the system's CAs do not know this one
+
+
+async def test_an_informational_answer_is_skipped_for_the_answer_that_follows() -> None:
+    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        k = 0
+        while True:
+            await read_request(reader)
+            k += 1
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # arrives on its own, before the answer
+            writer.write(answer(b"answer-%d" % k))
+
+    async with server(hints) as (url, stats):
+        p = pool(url)
+        for k in (1, 2, 3):
+            assert await post(p, url, b"x") == (200, b"answer-%d" % k)
+        assert stats[0] == 1
+        await p.aclose()
+
+
+async def test_bytes_no_request_asked_for_close_the_connection() -> None:
+    async def stray(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            body = await read_request(reader)
+            writer.write(answer(body))
+            await writer.drain()
+            await asyncio.sleep(0.05)  # then, on the idle connection, an answer to nothing
+            writer.write(answer(b"timeout", status=b"408 Request Timeout"))
+
+    async with server(stray) as (url, stats):
+        p = pool(url)
+        assert await post(p, url, b"one") == (200, b"one")
+        await asyncio.sleep(0.2)
+        assert await post(p, url, b"two") == (200, b"two")  # not b"timeout..."
+        assert stats[0] == 2  # the first connection was dropped
+        await p.aclose()
+
+
+async def test_a_request_the_server_held_before_closing_is_not_sent_again() -> None:
+    async def slow_then_gone(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        await read_request(reader)
+        writer.write(answer(b"first"))
+        await read_request(reader)  # taken, worked on past STALE_RETRY_S, then dropped
+        await asyncio.sleep(1.2)
+
+    async with server(slow_then_gone) as (url, stats):
+        p = pool(url)
+        assert await post(p, url, b"a") == (200, b"first")
+        with pytest.raises(TransportError, match="closed the connection"):
+            await post(p, url, b"b")
+        assert stats[0] == 1  # not sent again on a new connection
+        await p.aclose()
+    with pytest.raises(ValueError, match="credentials"):
+        pool("http://user:secret@127.0.0.1:1")
