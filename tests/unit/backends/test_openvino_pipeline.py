@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -279,3 +281,16 @@ async def test_a_worker_that_dies_fails_the_calls_in_flight_and_refuses_later_on
         assert engine.num_active == 0
     finally:
         engine.stop()
+
+
+async def test_the_worker_ignores_the_signals_that_stop_the_router(
+    engine: OpenVinoGenerator, tokenizer: Tokenizer, reference: list[list[int]]
+) -> None:
+    """Ctrl-C and a service manager's SIGTERM reach the whole process group: the router drains
+    its calls, then stops the worker itself."""
+    await wait_idle(engine)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(engine._process.pid, sig)
+    await asyncio.sleep(0.3)
+    assert engine._process.is_alive()
+    assert (await run(engine, request(tokenizer, PROMPTS[0])))[0] == reference[0]
