@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from backends.openai.wire import DIALECTS, PROMPT_FORMATS
 
@@ -56,6 +57,10 @@ class OpenAIHttpConfig:
         empty url or model is left to require_endpoint()."""
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url={self.url!r} must start with http:// or https://")
+        if "@" in urlsplit(self.url).netloc:
+            raise ValueError(
+                f"url={self.url!r} holds credentials, which are not sent; give the key as api_key"
+            )
         if self.dialect not in DIALECTS:
             raise ValueError(
                 f"dialect={self.dialect!r} is unknown; accepted: {', '.join(DIALECTS)}"

@@ -17,7 +17,6 @@ HTTP 408/429/502/503/504, a malformed or truncated stream.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -157,7 +156,7 @@ class _HttpRemote:
             if r.status != 200:
                 logger.info("%s answered HTTP %d", url, r.status)
                 return False
-            models = {m.get("id") for m in json.loads(data).get("data", ())}
+            models = {m.get("id") for m in orjson.loads(data).get("data", ())}
         except (*TRANSPORT_ERRORS, ValueError, AttributeError, TypeError) as exc:
             logger.info("%s is not ready: %r", url, exc)
             return False
@@ -252,6 +251,8 @@ class OpenAIHttpEngine(_HttpRemote):
         self.max_slots = cfg.max_connections
         self.max_context = cfg.context_length
         self._active = 0
+        self._chat_url = cfg.endpoint("/chat/completions")
+        self._completions_url = cfg.endpoint("/completions")
 
     @property
     def num_active(self) -> int:
@@ -265,12 +266,12 @@ class OpenAIHttpEngine(_HttpRemote):
         cfg = self.config
         if request.chat is not None:
             body = chat_body(request, model=cfg.model, dialect=cfg.dialect)
-            url, parse = self.config.endpoint("/chat/completions"), parse_chat_event
+            url, parse = self._chat_url, parse_chat_event
         else:
             body = completion_body(
                 request, model=cfg.model, dialect=cfg.dialect, prompt_format=cfg.prompt_format
             )
-            url, parse = self.config.endpoint("/completions"), parse_event
+            url, parse = self._completions_url, parse_event
         request_id = request.request_id
         if not request.stream:
             self._active += 1
@@ -384,6 +385,7 @@ class OpenAIHttpEmbedder(_HttpRemote):
         super().__init__(config)
         self.dim = dim
         """Expected width; None learns it from the first answer and checks every later one."""
+        self._url = self.config.endpoint("/embeddings")
 
     async def embed(self, texts: Sequence[str]) -> FloatArray:
         """float32 [len(texts), dim]; raises a RemoteError naming the URL on failure."""
@@ -393,11 +395,11 @@ class OpenAIHttpEmbedder(_HttpRemote):
         """`embed`, and the answer's usage.prompt_tokens (None when it has none)."""
         if not texts:
             return np.zeros((0, self.dim or 0), np.float32), 0
-        url = self.config.endpoint("/embeddings")
+        url = self._url
         body = {"model": self.config.model, "input": list(texts)}
         data = await self._post(url, body, self.config.read_timeout_s)
         try:
-            answer = json.loads(data)
+            answer = orjson.loads(data)
             items = sorted(answer["data"], key=lambda item: int(item["index"]))
             out = np.asarray([item["embedding"] for item in items], dtype=np.float32)
         except (ValueError, KeyError, TypeError) as exc:

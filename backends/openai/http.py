@@ -86,14 +86,10 @@ class _Connection(asyncio.Protocol):
             try:
                 self.parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-                self._lose(TransportError(f"malformed HTTP answer ({exc!r})"))
-                assert self.transport is not None
-                self.transport.close()
+                self._drop(TransportError(f"malformed HTTP answer ({exc!r})"))
                 return
         if self.stray:  # e.g. a 408 sent on an idle connection: never any request's answer
-            self._lose(TransportError("the server sent bytes no request asked for"))
-            assert self.transport is not None
-            self.transport.close()
+            self._drop(TransportError("the server sent bytes no request asked for"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         ended = exc is None and self.headers_done and not self.complete and not self.sized
@@ -165,10 +161,9 @@ class _Connection(asyncio.Protocol):
             self.paused = False
         return data
 
-    async def wait(self, ready: bool, timeout: float | None) -> None:
-        """Until something arrives (or is lost), bounded by `timeout` of silence."""
-        if ready:
-            return
+    async def wait(self, timeout: float | None) -> None:
+        """Until something arrives (or is lost), bounded by `timeout` of silence; the caller
+        checks what it waits for first."""
         if self.lost is not None:
             raise self.lost
         self._wake = asyncio.get_running_loop().create_future()
@@ -186,6 +181,11 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _drop(self, error: TransportError) -> None:
+        self._lose(error)
+        assert self.transport is not None
+        self.transport.close()
 
     def _lose(self, error: TransportError) -> None:
         if self.lost is None:
@@ -212,7 +212,7 @@ class Response:
     async def read(self) -> bytes:
         conn = self._live()
         while not conn.complete:
-            await conn.wait(conn.complete, self._timeout)
+            await conn.wait(self._timeout)
         data = conn.take()
         self._finish()
         return data
@@ -222,7 +222,8 @@ class Response:
         conn = self._live()
         conn.streaming = True
         while True:
-            await conn.wait(bool(conn.chunks) or conn.complete, self._timeout)
+            if not conn.chunks and not conn.complete:
+                await conn.wait(self._timeout)
             if conn.chunks:
                 yield conn.take()
             if conn.complete and not conn.chunks:
@@ -274,8 +275,6 @@ class HttpPool:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url={url!r} must be http(s)://host[:port][/path]")
-        if parts.username or parts.password:
-            raise ValueError(f"url={url!r}: credentials in the URL are not sent; use an API key")
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -314,7 +313,7 @@ class HttpPool:
             try:
                 conn.send(head + body)
                 while not conn.headers_done:
-                    await conn.wait(conn.headers_done, timeout)
+                    await conn.wait(timeout)
             except TransportError as exc:
                 self.discard(conn)
                 quick = time.monotonic() - conn.sent_at < STALE_RETRY_S

@@ -143,9 +143,8 @@ class OpenVinoGenerator:
         self._observer = observer
         # Loop side.
         self._queues: dict[int, asyncio.Queue[GenerationChunk | BaseException]] = {}
+        """Each call in flight (num_active), by the key the worker knows it by."""
         self._keys = 0
-        self._active: set[int] = set()
-        """Keys sent to the worker and not finished (num_active)."""
         self.worker_idle = True
         """The worker said it has nothing left to step (set by the receiving thread)."""
         self._outgoing: queue.SimpleQueue[worker.Add | int | object | None] = queue.SimpleQueue()
@@ -161,7 +160,7 @@ class OpenVinoGenerator:
 
     @property
     def num_active(self) -> int:
-        return len(self._active)
+        return len(self._queues)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -247,7 +246,6 @@ class OpenVinoGenerator:
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         self._queues[key] = queue
         watch = frozenset(request.stop_token_ids) if request.ignore_eos else frozenset()
-        self._active.add(key)
         self.worker_idle = False
         self._send(worker.Add(key, tuple(request.prompt_ids), config, watch))
         finished = False
@@ -263,7 +261,6 @@ class OpenVinoGenerator:
                     return
         finally:
             self._queues.pop(key, None)
-            self._active.discard(key)
             if not finished:
                 logger.debug("request %s cancelled", request.request_id)
                 self._send(key)
@@ -284,8 +281,6 @@ class OpenVinoGenerator:
             queue = self._queues.get(key)
             if queue is not None:
                 queue.put_nowait(item)
-            if isinstance(item, BaseException) or item.finish_reason is not None:
-                self._active.discard(key)
 
     # ---- receiving thread --------------------------------------------------------------------
 
@@ -299,7 +294,7 @@ class OpenVinoGenerator:
                 break
             if message[0] == "idle":
                 # (An idle sent just before the worker read a new request is not idle.)
-                self.worker_idle = not self._active
+                self.worker_idle = not self._queues
                 if self._observer is not None:
                     self._observer.on_step(0, 0, 0, 0.0)  # the gauges say idle now
                 continue
@@ -323,7 +318,6 @@ class OpenVinoGenerator:
     def _fail_all(self) -> None:
         for key in list(self._queues):
             self._queues[key].put_nowait(RuntimeError(self._broken))
-        self._active.clear()
 
     def _flush(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
         if out and self._loop is not None and not self._loop.is_closed():

@@ -81,12 +81,8 @@ def _remote(version: ModelVersion, context: int) -> OpenAIHttpConfig:
     artifact = version.artifact.artifact
     api_key = None
     if artifact.remote_api_key_env:
-        try:
-            api_key = replica_secret(artifact.remote_api_key_env)
-        except ConfigError as exc:
-            raise FailedPrecondition(
-                f"model version {quote(version.key)}: its remote artifact's {exc}"
-            ) from None
+        where = f"model version {quote(version.key)}: its remote artifact's"
+        api_key = _secret(artifact.remote_api_key_env, where)
     return OpenAIHttpConfig(
         url=artifact.location.rstrip("/").removesuffix("/v1"),  # the dialect adds its prefix
         model=artifact.remote_model or version.name,
@@ -182,10 +178,16 @@ def check_secrets(replicas: Iterable[ReplicaSpec]) -> None:
     router does not have (nothing is loaded then)."""
     for r in replicas:
         if r.api_key_env:
-            try:
-                replica_secret(r.api_key_env)
-            except ConfigError as exc:
-                raise FailedPrecondition(f"replica {quote(r.name)}: {exc}") from None
+            _secret(r.api_key_env, f"replica {quote(r.name)}:")
+
+
+def _secret(variable: str, where: str) -> str:
+    """The API key in environment variable `variable`, or FailedPrecondition naming `where`
+    and the variable (nothing is loaded then)."""
+    try:
+        return replica_secret(variable)
+    except ConfigError as exc:
+        raise FailedPrecondition(f"{where} {exc}") from None
 
 
 def routing_config(d: Deployment) -> DeploymentConfig:

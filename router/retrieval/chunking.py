@@ -107,7 +107,7 @@ def split_estimated(
     for text in texts:
         data = text.encode("utf-8")
         if len(data) <= limit:
-            out.append([Piece(text, [], piece(data).tokens)])
+            out.append([piece(data)])
             continue
         pieces = []
         start = 0

@@ -14,6 +14,7 @@ import pytest
 import uvloop
 from cryptography import x509
 
+from backends.openai.config import OpenAIHttpConfig
 from backends.openai.http import ConnectError, HttpPool, ReadTimeout, TransportError
 from loadtest.processes import free_port
 from tests.pki import issue, make_ca
@@ -71,6 +72,14 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: in
     while True:
         body = await read_request(reader)
         writer.write(answer(b"echo:" + body))
+
+
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll `condition` until it holds (AssertionError past `timeout`)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
 
 
 def pool(url: str, limit: int = 4) -> HttpPool:
@@ -137,8 +146,8 @@ async def test_requests_beyond_the_limit_wait_for_a_connection() -> None:
     async with server(slow) as (url, stats):
         p = pool(url, limit=2)
         calls = [asyncio.create_task(post(p, url, b"%d" % i)) for i in range(6)]
-        await asyncio.sleep(0.2)
-        assert stats[1] == 2 and not any(c.done() for c in calls)
+        await until(lambda: stats[1] == 2)
+        assert not any(c.done() for c in calls)
         release.set()
         assert [await c for c in calls] == [(200, b"%d" % i) for i in range(6)]
         assert stats[2] == 2
@@ -262,17 +271,14 @@ async def test_leaving_a_stream_early_closes_its_connection_and_frees_the_slot()
             async for _ in r.iter_any():
                 break
         task = asyncio.create_task(post(p, url, b"y", timeout=0.5))
-        await asyncio.sleep(0.2)
+        await until(lambda: stats[0] == 2)
         task.cancel()  # waiting for its head on connection 2: cancelled, its slot freed
         with pytest.raises(asyncio.CancelledError):
             await task
         async with await p.request("POST", url, b"z", timeout=5) as r:
             assert r.status == 200
-        for _ in range(50):
-            if stats[1] <= 1:
-                break
-            await asyncio.sleep(0.02)
-        assert stats[0] == 3 and stats[1] <= 1  # the abandoned ones were closed
+        await until(lambda: stats[1] <= 1)  # the abandoned ones were closed
+        assert stats[0] == 3
         await p.aclose()
 
 
@@ -338,7 +344,7 @@ async def test_bytes_no_request_asked_for_close_the_connection() -> None:
     async with server(stray) as (url, stats):
         p = pool(url)
         assert await post(p, url, b"one") == (200, b"one")
-        await asyncio.sleep(0.2)
+        await until(lambda: p._idle[0].lost is not None)  # the 408 arrived
         assert await post(p, url, b"two") == (200, b"two")  # not b"timeout..."
         assert stats[0] == 2  # the first connection was dropped
         await p.aclose()
@@ -361,4 +367,4 @@ async def test_a_request_the_server_held_before_closing_is_not_sent_again() -> N
         assert stats[0] == 1  # not sent again on a new connection
         await p.aclose()
     with pytest.raises(ValueError, match="credentials"):
-        pool("http://user:secret@127.0.0.1:1")
+        OpenAIHttpConfig(url="http://user:secret@127.0.0.1:1", model="m").validate()
