@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from backends.openai.wire import DIALECTS, PROMPT_FORMATS
 
@@ -57,7 +56,7 @@ class OpenAIHttpConfig:
         empty url or model is left to require_endpoint()."""
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url={self.url!r} must start with http:// or https://")
-        if "@" in urlsplit(self.url).netloc:
+        if "@" in self.url.partition("//")[2].partition("/")[0]:  # user:password@host
             raise ValueError(
                 f"url={self.url!r} holds credentials, which are not sent; give the key as api_key"
             )
