@@ -197,7 +197,10 @@ class DecoderEngine:
             started = time.perf_counter()
             batch = 0
             try:
-                step = scheduler.schedule(pacer.budget(scheduler.num_running))
+                # Sequences still in their prompt take no decode row: counted as decoding, their
+                # share went to the prefill and paced steps ran long (3.2 decode steps, not 3).
+                budget = pacer.budget(scheduler.num_decoding, scheduler.num_running)
+                step = scheduler.schedule(budget)
                 batch = len(step.requests)
                 result = runner.execute(step)
                 counts = step.plan.counts

@@ -104,6 +104,12 @@ class Scheduler:
     def num_running(self) -> int:
         return self._native.num_running
 
+    @property
+    def num_decoding(self) -> int:
+        """Requests holding a slot with tokens generated: each takes one token of a step. (A
+        preempted one recomputing its tokens counts too, for the steps of its recompute.)"""
+        return sum(1 for r in self.requests.values() if r.slot >= 0 and r.num_output > 0)
+
     def has_unfinished(self) -> bool:
         return self._native.has_unfinished()
 

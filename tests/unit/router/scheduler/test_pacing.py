@@ -38,3 +38,18 @@ def test_slow_decodes_or_fast_prefill_never_exceed_the_budget_and_never_starve_p
     pacer.observe(decode_rows=4, prefill_tokens=0, seconds=0.001)
     pacer.observe(decode_rows=0, prefill_tokens=10, seconds=1.0)
     assert pacer.budget(decoding=4) == 4 + MIN_PREFILL
+
+
+def test_the_time_unit_is_the_decoding_streams_while_they_are_half_the_running_or_more() -> None:
+    pacer = StepPacer(token_budget=512)
+    pacer.observe(decode_rows=8, prefill_tokens=0, seconds=0.02)  # 20 ms for 8 rows
+    pacer.observe(decode_rows=16, prefill_tokens=0, seconds=0.04)  # 40 ms for 16 rows
+    pacer.observe(decode_rows=0, prefill_tokens=100, seconds=0.1)  # 1 ms a prompt token
+    per_8, per_16 = round((STEP_FACTOR - 1) * 20), round((STEP_FACTOR - 1) * 40)
+    # 8 decoding, 2 more in their prompts: the 8 are the ones a long step holds up, and only
+    # they take a token each (the 2 prompts' share is prefill, within the allowance).
+    assert pacer.budget(decoding=8, running=10) == 8 + per_8
+    assert pacer.budget(decoding=8, running=16) == 8 + per_8  # still half
+    # A burst: 1 stream decodes beside 15 prompts; paced to the whole batch's decode step.
+    assert pacer.budget(decoding=1, running=16) == 1 + per_16
+    assert pacer.budget(decoding=0, running=16) == 0  # nothing decoding: the whole budget

@@ -76,6 +76,27 @@ def test_a_new_request_is_prefilled_then_decoded_one_token_a_step() -> None:
     assert req.output_ids.tolist() == [3, 4]
 
 
+def test_num_decoding_counts_what_takes_one_token_a_step_not_prompts_in_prefill() -> None:
+    """What step pacing subtracts from a step's budget before its prefill: a request still in
+    its prompt is running but takes no decode row."""
+    scheduler = make_scheduler()
+    decoding, waiting = make_request(n_prompt=4), make_request(n_prompt=4)
+    scheduler.add_request(decoding)
+    assert scheduler.num_decoding == 0
+    sampled(scheduler, {decoding.engine_id: 5})  # its whole prompt, then its first token
+    assert scheduler.num_decoding == 1
+    scheduler.add_request(waiting)
+    step = scheduler.schedule(budget=3)  # 1 decode row + 2 of the new prompt's 4 tokens
+    assert scheduler.num_running == 2 and scheduler.num_decoding == 1
+    rows = {req.engine_id: row for row, req in enumerate(step.requests)}
+    scheduler.update_from_output(step, RunnerOutput(tokens={rows[decoding.engine_id]: 6}))
+    assert scheduler.num_decoding == 1  # the new one is still in its prompt
+    sampled(scheduler, {decoding.engine_id: 7, waiting.engine_id: 8})
+    assert scheduler.num_decoding == 2
+    scheduler.finish_requests([decoding.engine_id], RequestStatus.FINISHED_CANCELLED)
+    assert scheduler.num_decoding == 1
+
+
 def test_max_tokens_ends_the_request_and_its_slot_is_freed_next_step() -> None:
     scheduler = make_scheduler()
     req = make_request(max_tokens=2)
