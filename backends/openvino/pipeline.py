@@ -9,7 +9,8 @@ The pipeline runs in a worker process of its own (worker.py: its step() holds th
 whole step, which stopped this process's event loop). Requests and cancellations go to it over
 a pipe; one thread here receives each step's tokens and hands them to the event loop in one
 `call_soon_threadsafe`. A request whose iterator is closed is cancelled in the worker; the
-pipeline frees its blocks at the next step.
+pipeline frees its blocks at the next step. A worker that dies fails the calls in flight and is
+started again (after RESTART_DELAYS_S): calls made meanwhile are refused, naming why.
 
 Weights, precision and the IR cache are in backends/openvino/ir.py: precision='f32' reads
 losslessly re-encoded weights and computes in f32 with an f32 KV cache, and then reproduces the
@@ -48,6 +49,9 @@ STOP_WAIT_S = 10.0
 """How long stop() waits for the worker to exit before killing it."""
 _CLOSE = object()
 """Ends the sender thread."""
+STOPPED = "the OpenVINO GenAI engine is stopped"
+RESTART_DELAYS_S = (0.5, 2.0, 5.0, 10.0, 30.0)
+"""Waits before each try to start a dead worker again; the last repeats."""
 
 
 # ---- the engine -------------------------------------------------------------------------------
@@ -119,7 +123,7 @@ class OpenVinoGenerator:
             extra = (prefix_cache_mb << 20) // (per_token * KV_BLOCK_TOKENS)
             scheduler["num_kv_blocks"] += extra
             scheduler["enable_prefix_caching"] = True
-        setup = worker.Setup(
+        self._setup = setup = worker.Setup(
             model_dir=str(model_dir),
             gguf_path=str(gguf_path) if gguf_path else None,
             exact=exact,
@@ -155,6 +159,11 @@ class OpenVinoGenerator:
         self._sender = threading.Thread(target=self._send_all, name="openvino-send", daemon=True)
         self._sender.start()
         self._broken = ""
+        """Why calls are refused now (the worker died, is starting again or was stopped)."""
+        self._stopped = threading.Event()
+        self._swap = threading.Lock()
+        """Held while a new worker replaces a dead one, and by stop()."""
+        self.restarts = 0
 
     # ---- loop side ---------------------------------------------------------------------------
 
@@ -169,6 +178,8 @@ class OpenVinoGenerator:
 
     def stop(self) -> None:
         """Stop the worker (killed if it has not exited within STOP_WAIT_S) and the threads."""
+        with self._swap:  # no new worker after this (a restart under way gives up)
+            self._stopped.set()
         self._outgoing.put(None)  # the worker's stop
         self._outgoing.put(_CLOSE)  # the sender's
         self._process.join(STOP_WAIT_S)
@@ -272,9 +283,9 @@ class OpenVinoGenerator:
         """The sender thread: the queue's messages to the worker, in order."""
         while (message := self._outgoing.get()) is not _CLOSE:
             try:
-                self._to_worker.send(message)
-            except (OSError, ValueError):  # the worker is gone: the receiver says why
-                return
+                self._to_worker.send(message)  # the current worker's (a new one after a restart)
+            except (OSError, ValueError):  # it is gone: the receiver says why and restarts it
+                continue
 
     def _deliver(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
         for key, item in out:
@@ -286,7 +297,52 @@ class OpenVinoGenerator:
 
     def _receive(self) -> None:
         """Each step's tokens from the worker, handed to the loop; when the worker dies, every
-        call in flight fails and later ones are refused (the model's health says so)."""
+        call in flight fails, and calls are refused until a new worker is ready."""
+        while True:
+            self._receive_steps()
+            code = self._process.exitcode
+            self._broken = (
+                STOPPED
+                if self._stopped.is_set()
+                else f"the OpenVINO GenAI worker exited (code {code}); starting it again"
+            )
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, self._broken)
+            if self._stopped.is_set() or not self._restart(code):
+                self._broken = STOPPED
+                return
+
+    def _restart(self, code: int | None) -> bool:
+        """A new worker in place of the dead one, tried after each of RESTART_DELAYS_S; False
+        when stop() came first."""
+        logger.error("OpenVINO GenAI worker %d exited (code %s)", self._process.pid, code)
+        for attempt in range(1_000_000):
+            delay = RESTART_DELAYS_S[min(attempt, len(RESTART_DELAYS_S) - 1)]
+            if self._stopped.wait(delay):
+                return False
+            try:
+                process, to_worker, from_worker = _spawn(self._setup)
+            except RuntimeError as exc:
+                logger.error("OpenVINO GenAI worker: starting it again failed: %s", exc)
+                continue
+            with self._swap:
+                if self._stopped.is_set():  # stop() ran meanwhile: this one is not wanted
+                    to_worker.send(None)
+                    process.join(STOP_WAIT_S)
+                    process.kill()
+                    return False
+                old = (self._to_worker, self._from_worker)
+                self._process, self._to_worker, self._from_worker = process, to_worker, from_worker
+                for connection in old:
+                    connection.close()
+                self.restarts += 1
+                self._broken = ""
+            logger.warning("OpenVINO GenAI worker started again (process %d)", process.pid)
+            return True
+        return False
+
+    def _receive_steps(self) -> None:
+        """The current worker's messages until it exits."""
         while True:
             try:
                 message = self._from_worker.recv()
@@ -301,6 +357,10 @@ class OpenVinoGenerator:
             _, outputs, batch, waiting, running, seconds = message
             out: list[tuple[int, GenerationChunk | BaseException]] = []
             for key, tokens, reason, error in outputs:
+                if key not in self._queues and reason is None and not error:
+                    # No call waits for it (sent just before a worker died, then to the new
+                    # one; or cancelled while its tokens were on the way): stop it there.
+                    self._send(key)
                 if error:
                     out.append((key, RuntimeError(error)))
                 else:
@@ -308,16 +368,14 @@ class OpenVinoGenerator:
             self._flush(out)
             if self._observer is not None and batch:
                 self._observer.on_step(batch, waiting, running, seconds)
-        if self._process.exitcode not in (0, None) or self._process.is_alive():
-            self._broken = f"the OpenVINO GenAI worker exited (code {self._process.exitcode})"
-        else:
-            self._broken = "the OpenVINO GenAI engine is stopped"
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._fail_all)
+        self._process.join(STOP_WAIT_S)  # its exit code
+        if self._process.is_alive():  # closed its pipe yet did not exit: no use any more
+            self._process.kill()
+            self._process.join()
 
-    def _fail_all(self) -> None:
+    def _fail_all(self, why: str) -> None:
         for key in list(self._queues):
-            self._queues[key].put_nowait(RuntimeError(self._broken))
+            self._queues[key].put_nowait(RuntimeError(why))
 
     def _flush(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
         if out and self._loop is not None and not self._loop.is_closed():

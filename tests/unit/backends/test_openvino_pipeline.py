@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import multiprocessing
 import os
 import signal
 import time
@@ -253,7 +254,7 @@ async def test_the_event_loop_runs_while_the_pipeline_steps(
     assert max(gaps) < longest / 2, (max(gaps), times.seconds)
 
 
-async def test_a_worker_that_dies_fails_the_calls_in_flight_and_refuses_later_ones(
+async def test_a_worker_that_dies_fails_the_calls_in_flight_and_is_started_again(
     prepared_models: dict[str, Path], tokenizer: Tokenizer
 ) -> None:
     engine = OpenVinoGenerator(
@@ -264,17 +265,50 @@ async def test_a_worker_that_dies_fails_the_calls_in_flight_and_refuses_later_on
     )
     engine.start()
     try:
+        first = engine._process
+        before = await run(engine, request(tokenizer, PROMPTS[0]))
         stream = engine.generate(request(tokenizer, PROMPTS[0], max_tokens=200))
         assert (await anext(stream)).token_ids
-        engine._process.kill()
-        with pytest.raises(RuntimeError, match="worker exited"):
+        first.kill()
+        with pytest.raises(RuntimeError, match=r"worker exited .*starting it again"):
             async for _ in stream:
                 pass
+        # Refused by name while the new worker loads (its first try waits RESTART_DELAYS_S[0]).
         with pytest.raises(RuntimeError, match="worker exited"):
             await run(engine, request(tokenizer, PROMPTS[1]))
         assert engine.num_active == 0
+        deadline = time.monotonic() + 120
+        while engine.restarts == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert engine.restarts == 1 and engine._process is not first
+        assert engine._process.is_alive() and not first.is_alive()
+        assert await run(engine, request(tokenizer, PROMPTS[0])) == before  # the new one serves
     finally:
         engine.stop()
+    assert not engine._process.is_alive()
+
+
+async def test_stop_while_a_dead_worker_is_being_replaced_leaves_no_worker(
+    prepared_models: dict[str, Path],
+) -> None:
+    others = {p.pid for p in multiprocessing.active_children()}  # the module's engine's worker
+    engine = OpenVinoGenerator(
+        prepared_models["smollm2-135m-instruct"],
+        gguf_path=smollm2_gguf_path(),
+        max_slots=2,
+        max_context=256,
+    )
+    engine.start()
+    first = engine._process
+    first.kill()
+    deadline = time.monotonic() + 30
+    while "starting it again" not in engine._broken and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    engine.stop()  # during the restart's wait or its load
+    assert engine.restarts == 0 and engine._process is first and not first.is_alive()
+    assert engine._broken == "the OpenVINO GenAI engine is stopped"
+    left = [p for p in multiprocessing.active_children() if p.pid not in others]
+    assert not left, left
 
 
 async def test_the_worker_ignores_the_signals_that_stop_the_router(
