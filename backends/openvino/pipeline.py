@@ -316,10 +316,9 @@ class OpenVinoGenerator:
         """A new worker in place of the dead one, tried after each of RESTART_DELAYS_S; False
         when stop() came first."""
         logger.error("OpenVINO GenAI worker %d exited (code %s)", self._process.pid, code)
-        for attempt in range(1_000_000):
-            delay = RESTART_DELAYS_S[min(attempt, len(RESTART_DELAYS_S) - 1)]
-            if self._stopped.wait(delay):
-                return False
+        tries = 0
+        while not self._stopped.wait(RESTART_DELAYS_S[min(tries, len(RESTART_DELAYS_S) - 1)]):
+            tries += 1
             try:
                 process, to_worker, from_worker = _spawn(self._setup)
             except RuntimeError as exc:
@@ -330,6 +329,8 @@ class OpenVinoGenerator:
                     to_worker.send(None)
                     process.join(STOP_WAIT_S)
                     process.kill()
+                    to_worker.close()
+                    from_worker.close()
                     return False
                 old = (self._to_worker, self._from_worker)
                 self._process, self._to_worker, self._from_worker = process, to_worker, from_worker

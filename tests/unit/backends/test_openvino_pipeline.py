@@ -254,9 +254,8 @@ async def test_the_event_loop_runs_while_the_pipeline_steps(
     assert max(gaps) < longest / 2, (max(gaps), times.seconds)
 
 
-async def test_a_worker_that_dies_fails_the_calls_in_flight_and_is_started_again(
-    prepared_models: dict[str, Path], tokenizer: Tokenizer
-) -> None:
+def started_engine(prepared_models: dict[str, Path]) -> OpenVinoGenerator:
+    """An engine of its own (its worker is killed), the default precision, started."""
     engine = OpenVinoGenerator(
         prepared_models["smollm2-135m-instruct"],
         gguf_path=smollm2_gguf_path(),
@@ -264,6 +263,13 @@ async def test_a_worker_that_dies_fails_the_calls_in_flight_and_is_started_again
         max_context=256,
     )
     engine.start()
+    return engine
+
+
+async def test_a_worker_that_dies_fails_the_calls_in_flight_and_is_started_again(
+    prepared_models: dict[str, Path], tokenizer: Tokenizer
+) -> None:
+    engine = started_engine(prepared_models)
     try:
         first = engine._process
         before = await run(engine, request(tokenizer, PROMPTS[0]))
@@ -292,13 +298,7 @@ async def test_stop_while_a_dead_worker_is_being_replaced_leaves_no_worker(
     prepared_models: dict[str, Path],
 ) -> None:
     others = {p.pid for p in multiprocessing.active_children()}  # the module's engine's worker
-    engine = OpenVinoGenerator(
-        prepared_models["smollm2-135m-instruct"],
-        gguf_path=smollm2_gguf_path(),
-        max_slots=2,
-        max_context=256,
-    )
-    engine.start()
+    engine = started_engine(prepared_models)
     first = engine._process
     first.kill()
     deadline = time.monotonic() + 30
