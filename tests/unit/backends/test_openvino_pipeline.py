@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -208,17 +209,24 @@ async def test_a_burst_arriving_while_idle_starts_in_one_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Calls a millisecond apart share the first step (worker.BURST_GAP_S). A try counts only
-    if its calls really were that close: on a loaded CI machine a 1 ms sleep lasted longer than
-    the worker waits, so the last call came a step late, which says nothing of the gathering."""
+    if its calls really reached the pipe that close: on a loaded machine a 1 ms sleep lasted
+    longer than the worker waits, or the sender thread waited for the GIL, so the last call came
+    a step late, which says nothing of the gathering."""
     sent: list[float] = []
-    send = engine._send
 
-    def timed(message: worker.Add | int | None) -> None:
-        if isinstance(message, worker.Add):
-            sent.append(time.perf_counter())
-        send(message)
+    class TimedPipe:
+        def __init__(self, pipe: Any) -> None:
+            self._pipe = pipe
 
-    monkeypatch.setattr(engine, "_send", timed)
+        def send(self, message: object) -> None:
+            if isinstance(message, worker.Add):
+                sent.append(time.perf_counter())
+            self._pipe.send(message)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._pipe, name)
+
+    monkeypatch.setattr(engine, "_to_worker", TimedPipe(engine._to_worker))
     for _ in range(5):
         await wait_idle(engine)
         sent.clear()
