@@ -71,5 +71,15 @@ class Detokenizer:
         return self._stops.feed(delta)
 
     def flush(self) -> str:
-        """Text still held back at the end of the sequence."""
+        """Text still held back at the end of the sequence: a tail that could have begun a
+        stop string, and the tokens of a character the sequence ended inside (as U+FFFD, as
+        decoding all its tokens gives them: nothing generated goes unsaid)."""
+        if self._read < len(self._ids):
+            text = self._decoder.decode(self._ids[self._prefix :])
+            delta = text[len(self._decoder.decode(self._ids[self._prefix : self._read])) :]
+            self._prefix = self._read = len(self._ids)
+            released, hit = self._stops.feed(delta)
+            if hit:
+                return released
+            return released + self._stops.flush()
         return self._stops.flush()

@@ -45,6 +45,17 @@ def test_pieces_are_whole_characters_and_add_up(tokenizer: Tokenizer, text: str)
     assert "".join(pieces) == text
 
 
+def test_a_character_cut_by_the_end_is_flushed_as_the_whole_decode_gives_it(
+    tokenizer: Tokenizer,
+) -> None:
+    ids = tokenizer.encode("Tokyo 東京", add_special_tokens=False).ids
+    cut = ids[:-1]  # the last character's final byte never came (max_tokens ended it)
+    assert tokenizer.decode(cut).endswith("\ufffd")
+    pieces, hit = stream(tokenizer, cut)
+    assert not hit and "".join(pieces) == tokenizer.decode(cut)
+    assert "\ufffd" in pieces[-1]  # from flush(), not before
+
+
 def test_stop_string_cuts_before_it_and_is_never_emitted(tokenizer: Tokenizer) -> None:
     text = "The answer is 42. Stop here. More text follows."
     ids = tokenizer.encode(text, add_special_tokens=False).ids
