@@ -22,6 +22,8 @@ BACKEND_KINDS: tuple[str, ...] = (
 """Values accepted by create_backend(kind=...)."""
 PRECISIONS: tuple[str, ...] = ("", "f32", "bf16", "f16")
 """OpenVINO inference precisions; '' keeps the device default (bf16 on CPUs that have it)."""
+PREFILL_GRAPHS: tuple[str, ...] = ("auto", "int8", "model")
+"""ONNX Runtime decoders: the graph that computes prompts ('model': the decoder's own)."""
 
 
 @dataclass(frozen=True)

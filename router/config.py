@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.base import BACKEND_KINDS, PRECISIONS
+from backends.base import BACKEND_KINDS, PRECISIONS, PREFILL_GRAPHS
 from backends.factory import KServeConfig, OpenAIHttpConfig
 from router import logs
 from router.cache.config import CacheConfig
@@ -70,6 +70,9 @@ class ModelConfig:
     """OpenVINO device: CPU, GPU, GPU.1, NPU, AUTO, HETERO:GPU,CPU (must be present here)."""
     precision: str = ""
     """OpenVINO inference precision: '' (device default), 'f32' (exact), 'bf16' or 'f16'."""
+    prefill_graph: str = "auto"
+    """ONNX Runtime decoders: the graph that computes prompts: 'int8' (the int4 decoder's int8
+    graph), 'model' (the decoder's own) or 'auto' (int8 on CPUs with VNNI or AMX)."""
     engine_path: str = ""
     """TensorRT-LLM: the model given to tensorrt_llm.LLM (HF checkpoint or engine folder; empty:
     the artifact folder). The artifact still supplies the tokenizer and chat template."""
@@ -172,6 +175,13 @@ class ModelConfig:
             raise ConfigError(
                 f"{where}.device={self.device!r} / precision={self.precision!r}: these apply to "
                 "backend 'openvino'; backend 'onnxruntime' runs on CPU at the model's precision"
+            )
+        if self.prefill_graph not in PREFILL_GRAPHS or (
+            self.prefill_graph != "auto" and self.backend != "onnxruntime"
+        ):
+            raise ConfigError(
+                f"{where}.prefill_graph={self.prefill_graph!r}: use one of "
+                f"{list(PREFILL_GRAPHS)}, with backend 'onnxruntime' only"
             )
         positive = ("threads", "max_context", "max_slots", "token_budget", "max_batch")
         for key in positive:

@@ -4,12 +4,16 @@ standalone engines on the same CPU, in one run.
 Workload (the issue's): 8 chat prompts (37-58 tokens with SmolLM2's default system prompt)
 cycled to N, greedy, exactly NEW tokens each (ignore_eos), all N submitted at once.
 
-- bare ONNX Runtime batched loop: the same int4 step engine the router uses (OnnxDecoder), no
-  scheduler, no gRPC: prefill each prompt, then decode all rows together until done;
+- bare ONNX Runtime batched loop: the same step engine the router uses (OnnxDecoder: int4 decode
+  steps, prompts through the int8 graph where `prefill_graph: auto` picks it), no scheduler, no
+  gRPC: prefill each prompt, then decode all rows together until done;
 - OpenVINO GenAI ContinuousBatchingPipeline, standalone in this process, on the model's GGUF
   (its cached IR), 2 threads, `add_request`/`step`, its prefix caching on (the prompts share
   SmolLM2's default system prompt, as the router's cache sees them share it);
-- the router: `irouter serve` with its defaults, driven over gRPC, response cache bypassed.
+- the router: `irouter serve` with its defaults, driven over gRPC, response cache bypassed;
+  where its prompts run through the int8 graph, also with `prefill_graph: model` (the int4 graph
+  for prompts too) at the largest N, for the difference that makes; and serving the model's
+  whole graph at int8 (`artifact: <name>-int8`) at 1 stream and the largest N.
 
 Every engine is warmed up with one request first (which also puts the shared system prompt in
 the prefix caches), then measured ROUNDS times; the median aggregate is reported.
@@ -39,6 +43,7 @@ from loadtest.benchmarks.serve_bench import GEN, ROUTER_PIDS, line, router_proce
 from router.config_file import load_config
 from router.control import resources
 from router.models.chat_template import render_chat
+from router.models.prepare import prepare_decoders
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -288,6 +293,22 @@ def main() -> None:
         "ms",
     )
     line("  ITL p99", p99 * 1000, "ms", median * 1000, "vs median; goal <= 3")
+    top = max(sizes)
+    if default_prefill_graph(model_dir) == "int8":
+        # What the int8 prefill graph changes: the same router with the int4 graph for prompts.
+        other = variant(f"artifact: {GEN}, prefill_graph: model", (top,), new, rounds)
+        report(
+            "router, prefill_graph: model (int4 prompts)",
+            top,
+            other[top],
+            runs[top][0],
+            "vs default",
+        )
+    # The whole graph at int8 (`artifact: <name>-int8`): the other side of the trade.
+    prepare_decoders(model_dir.parent, precisions=("int8",), progress=False)
+    int8 = variant(f"artifact: {GEN}-int8", (1, top), new, rounds)
+    for n, run in int8.items():
+        report(f"router, artifact {GEN}-int8 (every step int8)", n, run, runs[n][0], "vs default")
     if max(sizes) in standalone:
         openvino_path(max(sizes), standalone[max(sizes)], new, rounds)
     # Issue 12, item 6: the KV the default configuration holds, and the router's memory.
@@ -304,6 +325,23 @@ def main() -> None:
     line("router RSS once loaded", loaded, "MiB")
     line(f"router RSS after N={max(sizes)} runs", after, "MiB", loaded, "vs loaded")
     line("router peak RSS (VmHWM), arrivals included", peak, "MiB", loaded, "vs loaded")
+
+
+def default_prefill_graph(model_dir: Path) -> str:
+    """The graph the default configuration computes prompts with: 'int8' or 'model'."""
+    from backends.onnx_runtime import OnnxDecoder
+
+    return OnnxDecoder(model_dir, max_slots=1, max_context=16).prefill_graph
+
+
+def variant(fields: str, sizes: tuple[int, ...], new: int, rounds: int) -> dict[int, Run]:
+    """The router serving the generation model with `fields` (YAML flow mapping entries:
+    artifact and what differs from the defaults), N streams for each N in `sizes`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "variant.yaml"
+        config.write_text(f"models:\n  - {{name: {GEN}, kind: generate, {fields}}}\n")
+        with router_process(config=config) as target:
+            return {n: asyncio.run(router_run(target, n, new, rounds)) for n in sizes}
 
 
 def openvino_path(n: int, alone: Run, new: int, rounds: int) -> None:

@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
-EXTERNAL_DATA_NAME = "model.onnx.data"
 
 
 def rope_caches(cfg: LlamaConfig, max_positions: int) -> tuple[F32Array, F32Array]:
@@ -198,32 +197,108 @@ def quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
-def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
-    """Save as out_dir/model.onnx with weights in one external data file.
+INT8_WEIGHT_MAX = 63
+"""Weights are quantized to 7 bits (-63..63): CPUs without VNNI multiply u8 by s8 with
+VPMADDUBSW, whose int16 pair sums saturate above 2 x 255 x 64 (ONNX Runtime's quantization docs,
+'reduce_range'); 7 bits keep the graph exact on every x86 kernel. 8 bits measured KL 0.059
+nats from the fp32 graph, 7 bits 0.077, the int4 graph 0.52."""
 
-    out_dir must be fresh: ONNX appends to an existing external data file.
+
+def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite every MatMul with constant weights as an int8 matmul: weights per output channel
+    (symmetric, INT8_WEIGHT_MAX), activations per token (row) at run time, so a row's result
+    never depends on the other rows of its batch or chunk. MatMulInteger (u8 x s8, int32 sums)
+    is ONNX Runtime's tuned integer GEMM (VNNI, AMX): measured on an AVX-512 AMD EPYC, prefill
+    1.7x and 16 decode rows 1.4x the int4 graph's speed, one decode row 1.3x slower (eleven
+    small ops per matmul quantize its input and scale its output). By hand: ONNX Runtime's
+    quantizers scale activations per tensor, which would make a row's tokens depend on its
+    batch."""
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    shared: dict[str, np.ndarray] = {
+        "q8_axis": np.array([-1], np.int64),
+        "q8_tiny": np.array(1e-30, np.float32),
+        "q8_levels": np.array(127.0, np.float32),
+        "q8_offset": np.array(128.0, np.float32),
+        "q8_zero": np.array(128, np.uint8),
+    }
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
+    rewritten: list[onnx.NodeProto] = []
+    for n in graph.node:
+        if n.op_type != "MatMul" or n.input[1] not in weights:
+            rewritten.append(n)
+            continue
+        w = numpy_helper.to_array(weights[n.input[1]]).astype(np.float32)
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-30) / INT8_WEIGHT_MAX
+        codes = np.clip(np.round(w / scale), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).astype(np.int8)
+        graph.initializer.remove(weights[n.input[1]])
+        p, x = n.input[1] + ".", n.input[0]
+        graph.initializer.extend(
+            [numpy_helper.from_array(codes, p + "q8"), numpy_helper.from_array(scale, p + "scale")]
+        )
+
+        def add(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+            rewritten.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+            return output
+
+        # Per row: scale = max|x| / 127; codes = round(x / scale) + 128 as u8 (zero point 128).
+        amax = add("ReduceMax", [add("Abs", [x], p + "abs"), "q8_axis"], p + "amax", keepdims=1)
+        x_scale = add("Div", [add("Max", [amax, "q8_tiny"], p + "amax_"), "q8_levels"], p + "xs")
+        shifted = add(
+            "Add",
+            [add("Round", [add("Div", [x, x_scale], p + "xd")], p + "xr"), "q8_offset"],
+            p + "xo",
+        )
+        x_codes = add("Cast", [shifted], p + "xq", to=TensorProto.UINT8)
+        sums = add("MatMulInteger", [x_codes, p + "q8", "q8_zero"], p + "i32")
+        rows = add("Mul", [add("Cast", [sums], p + "f32", to=TensorProto.FLOAT), x_scale], p + "yr")
+        rewritten.append(helper.make_node("Mul", [rows, p + "scale"], [n.output[0]], name=p + "y"))
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    return model
+
+
+PREFILL_GRAPH = "prefill.onnx"
+"""The int4 decoder's folder also holds its graph at int8 (quantize_int8) under this name: the
+engine may compute prompts with it (backends.onnx_runtime, `prefill`)."""
+
+
+def save_model(model: onnx.ModelProto, out_dir: Path, name: str = "model.onnx") -> Path:
+    """Save as out_dir/name with weights in one external data file (name + '.data').
+
+    The data file must not exist yet: ONNX appends to an existing external data file.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
-    if (out_dir / EXTERNAL_DATA_NAME).exists():
-        raise FileExistsError(f"{out_dir / EXTERNAL_DATA_NAME} exists; write to a fresh folder")
+    path = out_dir / name
+    data = f"{name}.data"
+    if (out_dir / data).exists():
+        raise FileExistsError(f"{out_dir / data} exists; write to a fresh folder")
     onnx.save_model(
         model,
         str(path),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
-        location=EXTERNAL_DATA_NAME,
+        location=data,
         size_threshold=1024,
     )
     return path
 
 
 def export_decoder(weights: LlamaWeights, out_dir: Path, *, precision: str = "int4") -> Path:
-    """Write out_dir/model.onnx (+ external data) at precision 'fp32' or 'int4'."""
-    if precision not in ("fp32", "int4"):
-        raise ValueError(f"precision={precision!r} is not supported; expected 'fp32' or 'int4'")
+    """Write out_dir/model.onnx (+ external data) at precision 'fp32', 'int4' or 'int8'; at
+    'int4', also the int8 graph as out_dir/PREFILL_GRAPH."""
+    if precision not in ("fp32", "int4", "int8"):
+        raise ValueError(
+            f"precision={precision!r} is not supported; expected 'fp32', 'int4' or 'int8'"
+        )
     model = build_decoder_model(weights)
     if precision == "int4":
         model = quantize_int4(model)
+    elif precision == "int8":
+        model = quantize_int8(model)
     logger.info("saving %s decoder to %s", precision, out_dir)
-    return save_model(model, out_dir)
+    path = save_model(model, out_dir)
+    if precision == "int4":
+        del model
+        save_model(quantize_int8(build_decoder_model(weights)), out_dir, PREFILL_GRAPH)
+    return path

@@ -22,7 +22,7 @@ from gguf import GGUFReader
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from router.models.decoder_onnx import export_decoder
+from router.models.decoder_onnx import PREFILL_GRAPH, export_decoder
 from router.models.encoder_onnx import export_encoder
 from router.models.gguf_weights import LlamaWeights, field_value, load_llama_weights
 from router.models.tokenizer_from_gguf import tokenizer_from_gguf
@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 """Bump when the graph contract or manifest changes: old cache folders are then rebuilt."""
 DECODER_NAME = "smollm2-135m-instruct"
 ENCODER_NAME = "all-minilm-l6-v2"
-DECODER_PRECISIONS = ("int4", "fp32")
+DECODER_PRECISIONS = ("int4", "int8", "fp32")
 MANIFEST = "manifest.json"
 
 
@@ -74,6 +74,8 @@ def _is_current(model_dir: Path, quantization: str) -> bool:
         and manifest.get("format_version") == FORMAT_VERSION
         and manifest.get("quantization") == quantization
         and (model_dir / "model.onnx").is_file()
+        # int4 folders prepared before the int8 prefill graph existed are built again
+        and (quantization != "int4" or (model_dir / PREFILL_GRAPH).is_file())
     )
 
 
@@ -117,7 +119,8 @@ def decoder_manifest(
     name: str,
     source: str = "",
 ) -> dict[str, Any]:
-    """`source`: the GGUF's file name (default: the packaged SmolLM2's)."""
+    """`source`: the GGUF's file name (default: the packaged SmolLM2's). An int4 decoder names
+    its int8 graph for prompts (`prefill_graph`, see decoder_onnx.export_decoder)."""
     cfg = weights.config
     eos = int(field_value(reader, "tokenizer.ggml.eos_token_id"))
     stops = {eos}
@@ -130,6 +133,7 @@ def decoder_manifest(
         raise ValueError("GGUF metadata has no tokenizer.chat_template; the model needs one")
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")
     pad = field_value(reader, "tokenizer.ggml.padding_token_id")
+    prefill = {"file": PREFILL_GRAPH, "quantization": "int8"} if precision == "int4" else None
     return {
         "format_version": FORMAT_VERSION,
         "kind": "decoder",
@@ -137,6 +141,7 @@ def decoder_manifest(
         "architecture": "llama",
         "graph": "gqa-shared-kv",
         "quantization": precision,
+        **({"prefill_graph": prefill} if prefill else {}),
         "source": source or smollm2_gguf_path().name,
         "source_quantization": cfg.quantization,
         "context_length": cfg.context_length,
@@ -167,7 +172,8 @@ def prepare_decoders(
     force: bool = False,
 ) -> dict[str, Path]:
     """Decoder folders of a llama GGUF (the packaged SmolLM2's unless `gguf_path`), one per
-    precision ('int4' served, 'fp32' for checks), named `name` (+ '-fp32').
+    precision ('int4' served, 'int8' the whole graph at int8, 'fp32' for checks), named `name`
+    (+ '-int8', '-fp32').
 
     The GGUF weights are dequantized once for all precisions that need building.
     """

@@ -77,6 +77,8 @@ def load_engine(model: ServedModel, metrics: Metrics) -> None:
             "max_context": context,
             "threads": cfg.threads,
         }
+        if cfg.backend == "onnxruntime":
+            options |= {"prefill_graph": cfg.prefill_graph}
         if cfg.backend == "tensorrt_llm":
             options |= {"device": cfg.device, "engine_path": cfg.engine_path}
         if cfg.backend == "openai_http":

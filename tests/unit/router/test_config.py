@@ -91,6 +91,16 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
             "models: [{name: a, kind: embed, artifact: x, device: GPU}]",
             "models['a'].device='GPU' / precision='': these apply to backend 'openvino'",
         ),
+        (
+            "models: [{name: a, kind: generate, artifact: x, prefill_graph: int7}]",
+            "models['a'].prefill_graph='int7': use one of ['auto', 'int8', 'model']",
+        ),
+        (
+            "models: [{name: a, kind: generate, artifact: x, backend: openvino,"
+            " prefill_graph: int8}]",
+            "prefill_graph='int8': use one of ['auto', 'int8', 'model'], with backend "
+            "'onnxruntime' only",
+        ),
         ("colour: blue", "unknown keys ['colour']"),
         ("server: [1, 2]", "server must be a mapping"),
         ("server: {port: 1", "not valid YAML"),

@@ -3,9 +3,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 from tokenizers import Tokenizer
 
-from router.models.prepare import FORMAT_VERSION, prepare_encoder
+from router.models.decoder_onnx import INT8_WEIGHT_MAX, PREFILL_GRAPH
+from router.models.prepare import FORMAT_VERSION, _is_current, prepare_encoder
 
 
 def _manifest(folder: Path) -> dict[str, object]:
@@ -38,6 +43,32 @@ def test_decoder_folder_is_complete(prepared_models: dict[str, Path]) -> None:
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json"} <= names
     # No staging folders are left next to the published ones.
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_int4_decoder_carries_an_int8_prefill_graph(prepared_models: dict[str, Path]) -> None:
+    folder = prepared_models["smollm2-135m-instruct"]
+    assert _manifest(folder)["prefill_graph"] == {"file": PREFILL_GRAPH, "quantization": "int8"}
+    assert "prefill_graph" not in _manifest(prepared_models["smollm2-135m-instruct-fp32"])
+    graph = onnx.load(str(folder / PREFILL_GRAPH), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    # Every projection and the head (30 layers x 4 + 1), none left in float.
+    assert ops.count("MatMulInteger") == 121 and "MatMul" not in ops and "MatMulNBits" not in ops
+    tensor = next(t for t in graph.initializer if t.name == "l0.qkv_proj.weight.q8")
+    load_external_data_for_tensor(tensor, str(folder))
+    codes = numpy_helper.to_array(tensor)
+    assert codes.dtype == np.int8 and codes.shape == (576, 960)
+    assert np.abs(codes).max() == INT8_WEIGHT_MAX  # 7 bits: no u8 x s8 pair sum saturates
+
+
+def test_an_int4_folder_without_its_prefill_graph_is_prepared_again(
+    prepared_models: dict[str, Path], tmp_path: Path
+) -> None:
+    manifest = _manifest(prepared_models["smollm2-135m-instruct"])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert not _is_current(tmp_path, "int4")
+    (tmp_path / PREFILL_GRAPH).write_bytes(b"")
+    assert _is_current(tmp_path, "int4")
 
 
 def test_encoder_manifest_and_tokenizer(prepared_models: dict[str, Path]) -> None:
