@@ -15,7 +15,7 @@ import pytest
 
 from backends.base import Capabilities, SamplingParams
 from router.errors import Internal, RouterError
-from router.scheduler.engine import DecoderEngine
+from router.scheduler.engine import BURST_GAP_S, DecoderEngine
 from router.scheduler.generation import Chunk, EngineLimits
 from router.scheduler.request import Request, RequestStatus
 
@@ -121,6 +121,42 @@ async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float 
 
 async def collect(engine: DecoderEngine, request: Request) -> list[Chunk]:
     return [chunk async for chunk in engine.generate(request)]
+
+
+async def test_a_burst_arriving_while_idle_starts_in_one_step() -> None:
+    """Requests a millisecond apart share the idle engine's first step. A try counts only if
+    they really reached the engine that close: a loaded machine can stretch a 1 ms sleep past
+    the engine's wait, which says nothing of the gathering."""
+    observer = RecordingObserver()
+    engine = make_engine(FakeStepEngine(max_slots=4), observer)
+    woken: list[float] = []
+    wake = engine._wake.set
+
+    def timed() -> None:
+        woken.append(time.perf_counter())
+        wake()
+
+    engine._wake.set = timed  # type: ignore[method-assign]
+    try:
+        for _ in range(5):
+            await wait_until(lambda: engine.num_active == 0, "the engine is idle")
+            await asyncio.sleep(0.05)  # past any gathering of the try before
+            with observer.lock:
+                observer.steps.clear()
+            woken.clear()
+            calls = []
+            for _ in range(4):
+                calls.append(asyncio.create_task(collect(engine, make_request(max_tokens=3))))
+                await asyncio.sleep(0.001)
+            await asyncio.gather(*calls)
+            if max(np.diff(woken[:4])) < BURST_GAP_S / 2:
+                break
+        else:
+            pytest.fail(f"5 bursts, none with its requests {BURST_GAP_S / 2 * 1000} ms apart")
+        batches = [batch for batch, _, _ in observer.steps if batch]
+        assert batches[0] == 4, (batches, np.diff(woken[:4]))
+    finally:
+        engine.stop()
 
 
 async def test_gauges_are_zero_once_the_last_stream_is_cancelled() -> None:
