@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
-from backends.base import DecoderStepEngine, PrefixKVStore, StepObserver
+from backends.base import DecoderStepEngine, PrefixKVStore, StepObserver, gather_burst
 from router.errors import Internal
 from router.scheduler.admission import Admission
 from router.scheduler.detokenizer import TokenDecoder
@@ -27,12 +27,6 @@ from router.scheduler.prefix_cache import BLOCK_TOKENS, PrefixCache
 from router.scheduler.request import Priority, Request, RequestStatus
 from router.scheduler.runner import ModelRunner
 from router.scheduler.scheduler import Out, Scheduler
-
-BURST_GAP_S = 0.003
-"""Woken from idle, the engine thread waits this long for another request before its first
-step..."""
-BURST_WINDOW_S = 0.025
-"""...and at most this long in all (see DecoderEngine._gather_burst)."""
 
 logger = logging.getLogger(__name__)
 
@@ -230,18 +224,16 @@ class DecoderEngine:
                 reported = (cache.hit_tokens, cache.queried_tokens)
 
     def _gather_burst(self) -> None:
-        """Woken from idle: let the rest of a burst arrive before the first step, as the
-        OpenVINO worker does. Calls that come together reach the engine a millisecond or two
-        apart (each is parsed, rendered and tokenized first); stepping at once prefilled the
-        first alone, and the others came in a few at a time beside its decode steps (16 at
-        once, AMD EPYC Zen 4, 4 alternating pairs: last first token 319-375 ms against 327-846,
-        medians 343 and 645; BENCHMARKS.md). A lone call waits BURST_GAP_S more."""
-        deadline = time.monotonic() + BURST_WINDOW_S
+        """Woken from idle: the rest of a burst joins the first step (backends.base)."""
         self._wake.clear()
-        while self._wake.wait(max(0.0, min(BURST_GAP_S, deadline - time.monotonic()))):
+
+        def arrived(timeout: float) -> bool:
+            if not self._wake.wait(timeout):
+                return False
             self._wake.clear()
-            if time.monotonic() >= deadline:
-                return
+            return True
+
+        gather_burst(arrived)
 
     def _flush(self, out: Out) -> None:
         if out and self._loop is not None and not self._loop.is_closed():

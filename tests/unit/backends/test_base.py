@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import Capabilities
+from backends import base
+from backends.base import BURST_GAP_S, BURST_WINDOW_S, Capabilities, gather_burst
 from backends.factory import create_backend
 from backends.onnx_runtime import OnnxDecoder, OnnxEncoder
 
@@ -35,3 +36,28 @@ def test_capabilities_are_frozen() -> None:
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         caps.max_batch = 8  # type: ignore[misc]
+
+
+def test_gather_burst_ends_at_the_first_gap_or_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(base.time, "monotonic", lambda: now[0])
+    waits: list[float] = []
+
+    def three_then_none(timeout: float) -> bool:
+        waits.append(timeout)
+        now[0] += 0.001
+        return len(waits) <= 3
+
+    gather_burst(three_then_none)
+    assert waits == [BURST_GAP_S] * 4
+
+    waits.clear()
+
+    def endless(timeout: float) -> bool:  # a call every millisecond, for ever
+        waits.append(timeout)
+        now[0] += 0.001
+        return True
+
+    gather_burst(endless)
+    assert len(waits) == round(BURST_WINDOW_S / 0.001)
+    assert all(0 < w <= BURST_GAP_S for w in waits)

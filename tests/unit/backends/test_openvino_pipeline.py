@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from backends.base import GenerationRequest, RequestEngine, UnsupportedParameter
+from backends.base import BURST_GAP_S, GenerationRequest, RequestEngine, UnsupportedParameter
 from backends.onnx_runtime import OnnxDecoder
 from backends.openvino import worker
 from backends.openvino.ir import IR_XML, cached_ir
@@ -208,7 +208,7 @@ async def test_a_burst_arriving_while_idle_starts_in_one_step(
     reference: list[list[int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Calls a millisecond apart share the first step (worker.BURST_GAP_S). A try counts only
+    """Calls a millisecond apart share the first step (BURST_GAP_S). A try counts only
     if its calls really reached the pipe that close: on a loaded machine a 1 ms sleep lasted
     longer than the worker waits, or the sender thread waited for the GIL, so the last call came
     a step late, which says nothing of the gathering."""
@@ -241,10 +241,10 @@ async def test_a_burst_arriving_while_idle_starts_in_one_step(
         finally:
             engine._observer = None
         assert [tokens for tokens, _ in results] == reference
-        if max(np.diff(sent)) < worker.BURST_GAP_S / 2:
+        if max(np.diff(sent)) < BURST_GAP_S / 2:
             break
     else:
-        pytest.fail(f"5 bursts, none with its calls {worker.BURST_GAP_S / 2 * 1000} ms apart")
+        pytest.fail(f"5 bursts, none with its calls {BURST_GAP_S / 2 * 1000} ms apart")
     assert steps.batches[0] == len(PROMPTS), (steps.batches[:4], np.diff(sent))
 
 
