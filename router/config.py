@@ -177,11 +177,12 @@ class ModelConfig:
                 "backend 'openvino'; backend 'onnxruntime' runs on CPU at the model's precision"
             )
         if self.prefill_graph not in PREFILL_GRAPHS or (
-            self.prefill_graph != "auto" and self.backend != "onnxruntime"
+            self.prefill_graph != "auto"
+            and (self.backend != "onnxruntime" or self.kind != "generate")
         ):
             raise ConfigError(
                 f"{where}.prefill_graph={self.prefill_graph!r}: use one of "
-                f"{list(PREFILL_GRAPHS)}, with backend 'onnxruntime' only"
+                f"{list(PREFILL_GRAPHS)}, for generation models on backend 'onnxruntime' only"
             )
         positive = ("threads", "max_context", "max_slots", "token_budget", "max_batch")
         for key in positive:

@@ -98,8 +98,13 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         (
             "models: [{name: a, kind: generate, artifact: x, backend: openvino,"
             " prefill_graph: int8}]",
-            "prefill_graph='int8': use one of ['auto', 'int8', 'model'], with backend "
-            "'onnxruntime' only",
+            "prefill_graph='int8': use one of ['auto', 'int8', 'model'], for generation models on "
+            "backend 'onnxruntime' only",
+        ),
+        (
+            "models: [{name: a, kind: embed, artifact: x, prefill_graph: model}]",
+            "models['a'].prefill_graph='model': use one of ['auto', 'int8', 'model'], for "
+            "generation models",
         ),
         ("colour: blue", "unknown keys ['colour']"),
         ("server: [1, 2]", "server must be a mapping"),
