@@ -1,4 +1,5 @@
-"""What this CPU computes natively, read once from /proc/cpuinfo (Linux; elsewhere nothing)."""
+"""What this CPU is and computes natively, read once from /proc/cpuinfo (Linux; elsewhere
+nothing): the engines choose kernels by it, the resource inventory reports it."""
 
 from __future__ import annotations
 
@@ -12,18 +13,22 @@ float rate. Without them (AVX2 only) it pairs VPMADDUBSW and VPMADDWD."""
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and flags ('' and none where /proc/cpuinfo cannot be read)."""
+    model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "flags":
-                return frozenset(value.split())
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() == "flags":
+                return model, frozenset(value.split())
     except OSError:
         pass
-    return frozenset()
+    return model, frozenset()
 
 
 def int8_dot_flag() -> str | None:
     """The first of INT8_DOT_FLAGS this CPU has, or None."""
-    flags = cpu_flags()
+    flags = cpu_info()[1]
     return next((flag for flag in INT8_DOT_FLAGS if flag in flags), None)

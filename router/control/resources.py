@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from backends.cpu import cpu_info
 from backends.factory import openvino_devices
 from router.config import REMOTE_BACKENDS, ModelConfig
 from router.errors import ResourceExhausted
@@ -111,17 +112,8 @@ def _meminfo() -> dict[str, int]:
 
 
 def _cpu() -> tuple[str, tuple[str, ...]]:
-    model, flags = platform.processor() or platform.machine(), set[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    model, flags = cpu_info()
+    model = model or platform.processor() or platform.machine()
     return model, tuple(f for f in ISA_FEATURES if f in flags)
 
 

@@ -26,6 +26,7 @@ BACKEND_FACES = {
     "backends.remote",
     "backends.factory",
     "backends.artifact",
+    "backends.cpu",
 }
 MAX_LINES = 450
 OVERSIZED: set[str] = set()
