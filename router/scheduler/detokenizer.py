@@ -62,8 +62,13 @@ class Detokenizer:
         new_text = self._decoder.decode(window)
         if new_text.endswith("\ufffd"):
             return "", False  # wait for the rest of the character
+        return self._release(new_text)
+
+    def _release(self, window_text: str) -> tuple[str, bool]:
+        """Pass on the text of the window's tokens not released yet (`window_text`: all the
+        window's); the window then starts at the first of them."""
         prefix_text = self._decoder.decode(self._ids[self._prefix : self._read])
-        delta = new_text[len(prefix_text) :]
+        delta = window_text[len(prefix_text) :]
         self._prefix = self._read
         self._read = len(self._ids)
         if not delta:
@@ -74,12 +79,7 @@ class Detokenizer:
         """Text still held back at the end of the sequence: a tail that could have begun a
         stop string, and the tokens of a character the sequence ended inside (as U+FFFD, as
         decoding all its tokens gives them: nothing generated goes unsaid)."""
+        released, hit = "", False
         if self._read < len(self._ids):
-            text = self._decoder.decode(self._ids[self._prefix :])
-            delta = text[len(self._decoder.decode(self._ids[self._prefix : self._read])) :]
-            self._prefix = self._read = len(self._ids)
-            released, hit = self._stops.feed(delta)
-            if hit:
-                return released
-            return released + self._stops.flush()
-        return self._stops.flush()
+            released, hit = self._release(self._decoder.decode(self._ids[self._prefix :]))
+        return released if hit else released + self._stops.flush()

@@ -216,16 +216,13 @@ def test_released_slot_is_reusable(engine: OnnxDecoder, tokenizer: Tokenizer) ->
     np.testing.assert_allclose(engine.prefill(0, b, 0), expected, atol=1e-4, rtol=0)
 
 
-def test_int4_answers_paris(int4: OnnxDecoder, tokenizer: Tokenizer) -> None:
-    toks, _ = _greedy_solo(_fresh(int4), 0, _ids(tokenizer, CHAT), 16)
-    assert "Paris" in tokenizer.decode(toks)
-
-
-def test_int4_follows_fp32_first_tokens(
-    int4: OnnxDecoder, fp32: OnnxDecoder, tokenizer: Tokenizer
+@pytest.mark.parametrize("name", ["int4", "int8_prefill"])
+def test_answers_paris_and_follows_fp32_first_tokens(
+    name: str, request: pytest.FixtureRequest, fp32: OnnxDecoder, tokenizer: Tokenizer
 ) -> None:
     ids = _ids(tokenizer, CHAT)
-    q, _ = _greedy_solo(_fresh(int4), 0, ids, 8)
+    q, _ = _greedy_solo(_fresh(request.getfixturevalue(name)), 0, ids, 16)
+    assert "Paris" in tokenizer.decode(q)
     f, _ = _greedy_solo(_fresh(fp32), 0, ids, 8)
     # int4 rounding may fork the text later; the start of the answer must agree.
     assert q[:4] == f[:4]
@@ -277,16 +274,6 @@ def test_int8_prefill_is_closer_to_fp32_than_int4_and_chunks_agree(
         kl4.append(_kl(reference, _fresh(int4).prefill(0, ids, 0)))
     # Measured: int8 0.05-0.12 nats, int4 0.27-0.53 (last position of each prompt).
     assert max(kl8) < 0.25 and sum(kl8) < sum(kl4) / 3, (kl8, kl4)
-
-
-def test_int8_prefill_with_int4_decode_follows_fp32_first_tokens(
-    int8_prefill: OnnxDecoder, fp32: OnnxDecoder, tokenizer: Tokenizer
-) -> None:
-    ids = _ids(tokenizer, CHAT)
-    q, _ = _greedy_solo(_fresh(int8_prefill), 0, ids, 8)
-    f, _ = _greedy_solo(_fresh(fp32), 0, ids, 8)
-    assert q[:4] == f[:4]
-    assert "Paris" in tokenizer.decode(_greedy_solo(_fresh(int8_prefill), 0, ids, 16)[0])
 
 
 def test_int8_prefill_with_int4_decode_batched_equals_each_slot_alone(
