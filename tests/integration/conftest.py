@@ -136,6 +136,19 @@ async def in_waves(n: int, call: Callable[[int], Awaitable[T]]) -> list[T]:
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+async def wait_drained(router: RouterServer, name: str = GEN, seconds: float = 10.0) -> None:
+    """Wait until the model's engine holds no request and no call waits on it. The engine thread
+    drops a cancelled or shed request at its next step, so a test that ends its calls and then
+    reads the counts at once can read them a step early."""
+    engine = router.models.get(name, "generate").engine
+    assert engine is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (engine.num_active or engine.num_unfinished) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine.num_active == 0 and engine.num_unfinished == 0
+
+
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     """A real PostgreSQL server for the module's tests (skipped where none is installed)."""

@@ -16,7 +16,7 @@ from backends.onnx_runtime import OnnxDecoder, OnnxEncoder
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
-from tests.integration.conftest import EMB, GEN
+from tests.integration.conftest import EMB, GEN, wait_drained
 from tests.integration.greedy import check_same_or_near_tie
 
 PROMPTS = [
@@ -358,16 +358,6 @@ async def test_server_still_serves_after_bad_input(stub: pb_grpc.InferenceServic
 # ---- cancellation, deadlines, load shedding -------------------------------------------------
 
 
-async def _wait_idle(router: RouterServer, seconds: float = 5.0) -> None:
-    engine = router.models.get(GEN, "generate").engine
-    assert engine is not None
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while engine.num_active and loop.time() < deadline:
-        await asyncio.sleep(0.01)
-    assert engine.num_active == 0
-
-
 async def test_client_cancel_frees_the_slot(
     router: RouterServer, stub: pb_grpc.InferenceServiceStub
 ) -> None:
@@ -377,7 +367,7 @@ async def test_client_cancel_frees_the_slot(
     async for _ in call:
         break
     call.cancel()
-    await _wait_idle(router)
+    await wait_drained(router)
 
 
 async def test_deadline_frees_the_slot(
@@ -390,7 +380,7 @@ async def test_deadline_frees_the_slot(
         )
     )
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await _wait_idle(router)
+    await wait_drained(router)
 
 
 async def test_full_queue_sheds_with_retry_info(
@@ -419,7 +409,7 @@ async def test_full_queue_sheds_with_retry_info(
     for call in calls:
         call.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await _wait_idle(router)
+    await wait_drained(router)
 
 
 async def test_high_priority_preempts_low_when_slots_are_full(
@@ -453,4 +443,4 @@ async def test_high_priority_preempts_low_when_slots_are_full(
     results = await asyncio.gather(*low)
     # The preempted sequence was recomputed, not truncated or repeated.
     assert all(len(r.token_ids) == 60 == r.usage.completion_tokens for r in results)
-    await _wait_idle(router)
+    await wait_drained(router)

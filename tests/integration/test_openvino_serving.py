@@ -18,7 +18,7 @@ from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 from router.scheduler.request_engine import RequestEngineAdapter
 from router.server import RouterServer
-from tests.integration.conftest import EMB, GEN, make_config
+from tests.integration.conftest import EMB, GEN, make_config, wait_drained
 
 OV_GEN = "smollm2-openvino"
 OV_EMB = "minilm-openvino"
@@ -164,8 +164,6 @@ async def test_concurrent_streams_each_get_their_own_text(
 async def test_client_cancel_frees_the_request(
     ov_router: RouterServer, ov_stub: pb_grpc.InferenceServiceStub
 ) -> None:
-    engine = ov_router.models.get(OV_GEN, "generate").engine
-    assert engine is not None
     call = ov_stub.Generate(
         pb.GenerateRequest(
             model=OV_GEN,
@@ -177,11 +175,7 @@ async def test_client_cancel_frees_the_request(
     async for _ in call:
         break
     call.cancel()
-    for _ in range(500):
-        if engine.num_active == 0 and engine.num_unfinished == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert engine.num_active == 0 and engine.num_unfinished == 0
+    await wait_drained(ov_router, OV_GEN)
 
 
 async def test_embed_matches_onnx_runtime(
