@@ -104,6 +104,18 @@ class DecoderStepEngine(Protocol):
 
 
 @runtime_checkable
+class BatchedPrefill(Protocol):
+    """A step engine that computes the prompt chunks of several slots in one call (optional)."""
+
+    def prefill_batch(
+        self, slots: Sequence[int], chunks: Sequence[IntArray], starts: Sequence[int]
+    ) -> FloatArray:
+        """prefill(slots[i], chunks[i], starts[i]) for every row at once; logits [B, V] in row
+        order, each row's the same as prefill alone would give."""
+        ...
+
+
+@runtime_checkable
 class PrefixKVStore(Protocol):
     """A step engine that can keep KV aside for prefix caching (optional): a pool of numbered
     blocks, each `block_size` consecutive positions of one slot's KV, copied out of a slot and

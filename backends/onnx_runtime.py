@@ -6,8 +6,9 @@ GroupQueryAttention receives the SAME OrtValue as past and present, so ORT write
 K/V in place at position seqlens_k and attends to positions <= seqlens_k only; nothing is
 copied between steps and sequences of different lengths share a batch without padding.
 
-* prefill runs one sequence at a time on the view buffer[slot:slot+1] (GQA with a past and
-  S > 1 is only correct at batch 1);
+* prompts run through the packed int8 graph, several slots a call (backends.packed_prefill),
+  where the CPU multiplies int8 natively; else through the decoder's own graph one slot at a
+  time on the view buffer[slot:slot+1] (GQA with a past and S > 1 is only correct at batch 1);
 * decode runs the rows 0..n-1 where n = max(slots) + 1. Rows in that range that are not in
   the batch get a dummy token written at their own current length: that position is beyond
   what the slot has computed, so it is never read before being overwritten.
@@ -28,6 +29,8 @@ import onnxruntime as ort
 from backends.artifact import encoder_inputs, read_manifest
 from backends.base import PREFILL_GRAPHS, Capabilities, FloatArray, IntArray
 from backends.cpu import int8_dot_flag
+from backends.kv_pool import SlotKVPool, touched
+from backends.packed_prefill import PackedPrefill
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +48,6 @@ def _session(path: Path, threads: int, *, spin: bool = True) -> ort.InferenceSes
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _touched(shape: tuple[int, ...]) -> FloatArray:
-    """A zeroed float32 array whose pages are all resident (written, not only mapped)."""
-    array = np.empty(shape, np.float32)
-    array.fill(0.0)
-    return array
 
 
 def _expect_kind(manifest: dict[str, Any], kind: str, model_dir: Path) -> None:
@@ -85,14 +81,17 @@ def _prefill_graph(manifest: dict[str, Any], model_dir: Path, prefill: str) -> P
     if prefill not in PREFILL_GRAPHS:
         raise ValueError(f"prefill_graph={prefill!r} is unknown; use one of {list(PREFILL_GRAPHS)}")
     entry = manifest.get("prefill_graph")
-    path = model_dir / str(entry["file"]) if isinstance(entry, dict) else None
+    # Only the packed graph (several prompts a call); a folder prepared before it was built
+    # holds a GroupQueryAttention one, one prompt a call: prepare it again.
+    packed = isinstance(entry, dict) and entry.get("attention") == "packed"
+    path = model_dir / str(entry["file"]) if isinstance(entry, dict) and packed else None
     if prefill == "model":
         return None
     if path is None or not path.is_file():
         if prefill == "int8":
             raise ValueError(
-                f"prefill_graph='int8': {model_dir} has no int8 prefill graph (an int4 decoder "
-                "prepared by `irouter models prepare` has one); use 'model' or 'auto'"
+                f"prefill_graph='int8': {model_dir} has no packed int8 prefill graph (an int4 "
+                "decoder prepared by `irouter models prepare` has one); use 'model' or 'auto'"
             )
         return None
     flag = int8_dot_flag()
@@ -112,14 +111,14 @@ def _prefill_graph(manifest: dict[str, Any], model_dir: Path, prefill: str) -> P
     return path
 
 
-class OnnxDecoder:
+class OnnxDecoder(SlotKVPool):
     """DecoderStepEngine over a prepared decoder folder (model.onnx + manifest.json).
 
     Prompts may run through a second graph of the same model (`prefill_graph`; the int4 decoder's
-    folder holds one at int8): on an AVX-512 VNNI AMD EPYC its prefill ran 1.7-1.9x the int4
-    graph's. Each graph computes a row the same whatever else runs in its call, so an answer
-    still does not depend on its batch, its chunks or the prefix cache; it does depend on which
-    graph computed the prompt (the two are different approximations of the GGUF's weights).
+    folder holds one at int8, several prompts a call): on an AVX-512 VNNI AMD EPYC its prefill
+    ran 1.7-1.9x the int4 graph's. Each graph computes a row the same whatever else runs in its
+    call, so an answer does not depend on its batch, its chunks or the prefix cache; it does
+    depend on which graph computed the prompt (two approximations of the GGUF's weights).
     """
 
     def __init__(
@@ -158,7 +157,6 @@ class OnnxDecoder:
         # they took the cores from the other session's call in the same step (8 decode rows
         # and a 100-token prompt: 107-146 ms a step, 74 ms with both stopping; AMD EPYC Zen 4).
         self._session = _session(model_dir / "model.onnx", threads, spin=graph is None)
-        self._prefill_session = _session(graph, threads, spin=False) if graph else self._session
         self._num_layers = int(manifest["num_layers"])
         shape = (max_slots, int(manifest["num_kv_heads"]), max_context, int(manifest["head_dim"]))
         # GQA touches a slot's whole [kv_heads, max_context, head_dim] rows on first use
@@ -166,8 +164,13 @@ class OnnxDecoder:
         # (np.zeros) by the first request in each slot, which then waited for ~94 MB of page
         # faults (SmolLM2, 2,048 tokens): 50-120 ms per slot on these VMs, ~4 s for a first
         # burst of 16. Resident memory is the full budget from the start, logged below.
-        self._keys = [_touched(shape) for _ in range(self._num_layers)]
-        self._values = [_touched(shape) for _ in range(self._num_layers)]
+        self._keys = [touched(shape) for _ in range(self._num_layers)]
+        self._values = [touched(shape) for _ in range(self._num_layers)]
+        self._packed: PackedPrefill | None = None
+        if graph is not None:
+            group = int(manifest["num_heads"]) // int(manifest["num_kv_heads"])
+            packed = _session(graph, threads, spin=False)
+            self._packed = PackedPrefill(packed, self._keys, self._values, group)
         logger.info(
             "decoder %s: %d slots x %d tokens, KV cache %.0f MiB",
             manifest.get("name"),
@@ -184,9 +187,7 @@ class OnnxDecoder:
         self._decode_bindings: dict[int, _Binding] = {}
         self._prefill_bindings: dict[int, _Binding] = {}
         self._lock = threading.Lock()
-        self._pool_keys: list[FloatArray] = []
-        self._pool_values: list[FloatArray] = []
-        self._block_size = 0
+        self._init_pool()
 
     # ------------------------------------------------------------------ bindings
     def _bind_kv(self, binding: _Binding, lo: int, hi: int) -> None:
@@ -211,7 +212,7 @@ class OnnxDecoder:
     def _prefill_binding(self, slot: int) -> _Binding:
         binding = self._prefill_bindings.get(slot)
         if binding is None:
-            binding = _Binding(self._prefill_session)
+            binding = _Binding(self._session)
             binding.bind("logits", self._logits[slot : slot + 1], output=True)
             self._bind_kv(binding, slot, slot + 1)
             self._prefill_bindings[slot] = binding
@@ -230,7 +231,48 @@ class OnnxDecoder:
 
     # ------------------------------------------------------------------ engine API
     def prefill(self, slot: int, token_ids: IntArray, start: int) -> FloatArray:
-        slot = self._check_slot(slot)
+        logits: FloatArray = self.prefill_batch([slot], [token_ids], [start])[0]
+        return logits
+
+    def prefill_batch(
+        self, slots: Sequence[int], chunks: Sequence[IntArray], starts: Sequence[int]
+    ) -> FloatArray:
+        """prefill for each row, in one call of the packed int8 graph where it computes the
+        prompts (each row's result as alone); else one call a row."""
+        if not len(slots) == len(chunks) == len(starts) or not slots:
+            raise ValueError(
+                f"slots, chunks and starts must be equal-length and non-empty, got "
+                f"{len(slots)}, {len(chunks)}, {len(starts)}"
+            )
+        rows = [int(self._check_slot(slot)) for slot in slots]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"slots={rows} repeats a slot")
+        ids = [
+            self._check_chunk(chunk, int(start))
+            for chunk, start in zip(chunks, starts, strict=True)
+        ]
+        firsts = [int(start) for start in starts]
+        with self._lock:
+            for slot, start in zip(rows, firsts, strict=True):
+                if not 0 <= start <= self._lengths[slot]:
+                    raise ValueError(
+                        f"start={start} must be in 0..{int(self._lengths[slot])} (tokens already "
+                        f"computed in slot {slot})"
+                    )
+            shared = [
+                self._shared_blocks(slot, start) for slot, start in zip(rows, firsts, strict=True)
+            ]
+            if self._packed is not None:
+                logits = self._packed.run(rows, ids, firsts, shared, self._block_size)
+            else:
+                logits = np.stack(
+                    [self._prefill_gqa(*row) for row in zip(rows, ids, firsts, strict=True)]
+                )
+            for slot, chunk, start in zip(rows, ids, firsts, strict=True):
+                self._lengths[slot] = start + chunk.size
+            return logits
+
+    def _check_chunk(self, token_ids: IntArray, start: int) -> npt.NDArray[np.int64]:
         ids = np.ascontiguousarray(token_ids, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"token_ids must be a non-empty 1-D array, got shape {ids.shape}")
@@ -241,24 +283,19 @@ class OnnxDecoder:
                 f"prefill of {ids.size} tokens at start={start} reaches {end} tokens, beyond "
                 f"max_context={self.max_context}"
             )
-        with self._lock:
-            if not 0 <= start <= self._lengths[slot]:
-                raise ValueError(
-                    f"start={start} must be in 0..{int(self._lengths[slot])} (tokens already "
-                    f"computed in slot {slot})"
-                )
-            binding = self._prefill_binding(slot)
-            ids2 = ids.reshape(1, -1)
-            seqlens = np.array([end - 1], np.int32)
-            total = np.array(end, np.int32)
-            # Shapes vary per call, so these three are rebound; the KV and logits stay bound.
-            binding.bind("input_ids", ids2)
-            binding.bind("seqlens_k", seqlens)
-            binding.bind("total_sequence_length", total)
-            self._prefill_session.run_with_iobinding(binding.io)
-            self._lengths[slot] = end
-            out: FloatArray = self._logits[slot].copy()
-            return out
+        return ids
+
+    def _prefill_gqa(self, slot: int, ids: npt.NDArray[np.int64], start: int) -> FloatArray:
+        """One slot's chunk through a GroupQueryAttention graph, in place in the slot."""
+        binding = self._prefill_binding(slot)
+        end = start + ids.size
+        # Shapes vary per call, so these three are rebound; the KV and logits stay bound.
+        binding.bind("input_ids", ids.reshape(1, -1))
+        binding.bind("seqlens_k", np.array([end - 1], np.int32))
+        binding.bind("total_sequence_length", np.array(end, np.int32))
+        self._session.run_with_iobinding(binding.io)
+        out: FloatArray = self._logits[slot].copy()
+        return out
 
     def decode(self, slots: IntArray, token_ids: IntArray, positions: IntArray) -> FloatArray:
         slots = np.asarray(slots, dtype=np.int64)
@@ -307,69 +344,11 @@ class OnnxDecoder:
         slot = self._check_slot(slot)
         with self._lock:
             self._lengths[slot] = 0
+            self._loaded.pop(slot, None)
 
     def slot_length(self, slot: int) -> int:
         """Tokens computed so far in `slot` (0 after release)."""
         return int(self._lengths[self._check_slot(slot)])
-
-    # ------------------------------------------------------------------ prefix KV pool
-    def kv_bytes_per_token(self) -> int:
-        _, kv_heads, _, head_dim = self._keys[0].shape
-        return int(2 * self._num_layers * kv_heads * head_dim * self._keys[0].itemsize)
-
-    def open_pool(self, num_blocks: int, block_size: int) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
-        _, kv_heads, _, head_dim = self._keys[0].shape
-        shape = (num_blocks, kv_heads, block_size, head_dim)
-        with self._lock:
-            # Touched now, so the pool's resident memory is its budget from the start instead
-            # of growing as blocks are first written.
-            self._pool_keys = [_touched(shape) for _ in range(self._num_layers)]
-            self._pool_values = [_touched(shape) for _ in range(self._num_layers)]
-            self._block_size = block_size
-
-    def _check_block(self, block: int) -> int:
-        if not self._pool_keys:
-            raise ValueError("no prefix block pool: call open_pool first")
-        if not 0 <= block < len(self._pool_keys[0]):
-            raise ValueError(f"block={block} is out of range 0..{len(self._pool_keys[0]) - 1}")
-        return int(block)
-
-    def save_block(self, block: int, slot: int, start: int) -> None:
-        slot, block, size = self._check_slot(slot), self._check_block(block), self._block_size
-        with self._lock:
-            if not 0 <= start <= self._lengths[slot] - size:
-                raise ValueError(
-                    f"positions {start}..{start + size} of slot {slot} are not all computed "
-                    f"({int(self._lengths[slot])} are)"
-                )
-            for i in range(self._num_layers):
-                self._pool_keys[i][block] = self._keys[i][slot, :, start : start + size]
-                self._pool_values[i][block] = self._values[i][slot, :, start : start + size]
-
-    def load_blocks(self, slot: int, blocks: Sequence[int]) -> None:
-        slot = self._check_slot(slot)
-        for block in blocks:
-            self._check_block(block)
-        n = len(blocks) * self._block_size
-        if n > self.max_context:
-            raise ValueError(f"{len(blocks)} blocks hold {n} tokens, beyond max_context")
-        index = np.asarray(blocks, dtype=np.int64)
-        _, kv_heads, _, head_dim = self._keys[0].shape
-        shape = (kv_heads, len(blocks), self._block_size, head_dim)
-        with self._lock:
-            for i in range(self._num_layers):
-                for pool, cache in (
-                    (self._pool_keys, self._keys),
-                    (self._pool_values, self._values),
-                ):
-                    # One copy into a [heads, blocks, size, dim] view of the slot's positions
-                    # (reshaping the transposed gather first copied twice: ~10x slower).
-                    np.copyto(
-                        cache[i][slot, :, :n].reshape(shape), pool[i][index].transpose(1, 0, 2, 3)
-                    )
-            self._lengths[slot] = n
 
 
 class OnnxEncoder:

@@ -22,7 +22,7 @@ from gguf import GGUFReader
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from router.models.decoder_onnx import PREFILL_GRAPH, export_decoder
+from router.models.decoder_onnx import INT8_SCHEME, PREFILL_GRAPH, export_decoder
 from router.models.encoder_onnx import export_encoder
 from router.models.gguf_weights import LlamaWeights, field_value, load_llama_weights
 from router.models.tokenizer_from_gguf import tokenizer_from_gguf
@@ -74,9 +74,26 @@ def _is_current(model_dir: Path, quantization: str) -> bool:
         and manifest.get("format_version") == FORMAT_VERSION
         and manifest.get("quantization") == quantization
         and (model_dir / "model.onnx").is_file()
-        # int4 folders prepared before the int8 prefill graph existed are built again
-        and (quantization != "int4" or (model_dir / PREFILL_GRAPH).is_file())
+        # Folders with int8 graphs of an older scheme (or none for prompts) are built again.
+        and (quantization != "int8" or manifest.get("int8_scheme") == INT8_SCHEME)
+        and (
+            quantization != "int4"
+            or (
+                (model_dir / PREFILL_GRAPH).is_file()
+                and manifest.get("prefill_graph") == prefill_graph_entry()
+            )
+        )
     )
+
+
+def prefill_graph_entry() -> dict[str, Any]:
+    """The int4 decoder manifest's description of its graph for prompts."""
+    return {
+        "file": PREFILL_GRAPH,
+        "quantization": "int8",
+        "attention": "packed",
+        "int8_scheme": INT8_SCHEME,
+    }
 
 
 @contextlib.contextmanager
@@ -120,7 +137,7 @@ def decoder_manifest(
     source: str = "",
 ) -> dict[str, Any]:
     """`source`: the GGUF's file name (default: the packaged SmolLM2's). An int4 decoder names
-    its int8 graph for prompts (`prefill_graph`, see decoder_onnx.export_decoder)."""
+    its packed int8 graph for prompts (`prefill_graph`, see decoder_onnx.export_decoder)."""
     cfg = weights.config
     eos = int(field_value(reader, "tokenizer.ggml.eos_token_id"))
     stops = {eos}
@@ -133,7 +150,7 @@ def decoder_manifest(
         raise ValueError("GGUF metadata has no tokenizer.chat_template; the model needs one")
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")
     pad = field_value(reader, "tokenizer.ggml.padding_token_id")
-    prefill = {"file": PREFILL_GRAPH, "quantization": "int8"} if precision == "int4" else None
+    prefill = prefill_graph_entry() if precision == "int4" else None
     return {
         "format_version": FORMAT_VERSION,
         "kind": "decoder",
@@ -142,6 +159,7 @@ def decoder_manifest(
         "graph": "gqa-shared-kv",
         "quantization": precision,
         **({"prefill_graph": prefill} if prefill else {}),
+        **({"int8_scheme": INT8_SCHEME} if precision == "int8" else {}),
         "source": source or smollm2_gguf_path().name,
         "source_quantization": cfg.quantization,
         "context_length": cfg.context_length,

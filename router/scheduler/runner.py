@@ -1,8 +1,9 @@
 """The model runner: executes one SchedulerOutput on a step engine and samples.
 
 For each step: release the KV slots of requests that ended, copy cached prefixes into the slots
-of requests admitted with one (prefix_cache.py), decode every one-token row in one batched call,
-prefill each prompt chunk, then sample the rows whose logits give their next token
+of requests admitted with one (prefix_cache.py), decode every generated-token row in one batched
+call, prefill the prompt chunks (in one call where the backend batches prompts), then sample the
+rows whose logits give their next token
 (the native sampler, GIL released, one call for the whole batch; rows with a structured output
 draw only what their grammar allows, router.structured.masks). Results come back by row, and
 so do failures: a batched call that raises is retried row by row, so one bad request fails alone
@@ -16,7 +17,7 @@ import logging
 import numpy as np
 import numpy.typing as npt
 
-from backends.base import DecoderStepEngine
+from backends.base import BatchedPrefill, DecoderStepEngine
 from router import _native
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request
@@ -45,23 +46,19 @@ class ModelRunner:
         if output.loads:
             self._load(output, result)
         logits: dict[int, FloatArray] = {}
-        decode_rows = np.flatnonzero(plan.counts == 1)
+        # A row computing a generated token decodes; a row of prompt tokens prefills, also a
+        # chunk of one (the two paths round differently: how a prompt was chunked must not
+        # change its tokens).
+        prompts = np.fromiter((r.num_prompt for r in reqs), np.int64, count=len(reqs))
+        decoding = (plan.counts == 1) & (plan.starts >= prompts)
+        decode_rows = np.flatnonzero(decoding)
+        prefill_rows = [r for r in np.flatnonzero(~decoding).tolist() if r not in result.errors]
         if result.errors:
             decode_rows = np.array([r for r in decode_rows if r not in result.errors], np.intp)
         if len(decode_rows):
             self._decode(reqs, decode_rows, plan.slots, plan.starts, logits, result)
-        for row in np.flatnonzero(plan.counts > 1).tolist():
-            if row in result.errors:
-                continue
-            req = reqs[row]
-            start, count = int(plan.starts[row]), int(plan.counts[row])
-            try:
-                logits[row] = self._backend.prefill(
-                    int(plan.slots[row]), req.tokens[start : start + count], start
-                )
-            except Exception:
-                logger.exception("engine %s: prefill failed for %s", self.name, req.request_id)
-                result.errors[row] = "prefill failed for this request"
+        if prefill_rows:
+            self._prefill(reqs, prefill_rows, output, logits, result)
         rows = [r for r in np.flatnonzero(plan.sample).tolist() if r in logits]
         if rows:
             self._sample(reqs, rows, logits, result)
@@ -82,6 +79,39 @@ class ModelRunner:
         """The KV slots of requests that ended may be reused."""
         for slot in slots:
             self._backend.release(slot)
+
+    def _prefill(
+        self,
+        reqs: list[Request],
+        rows: list[int],
+        output: SchedulerOutput,
+        logits: dict[int, FloatArray],
+        result: RunnerOutput,
+    ) -> None:
+        """The prompt chunks of `rows`: in one call where the backend batches prompts."""
+        plan = output.plan
+        slots = [int(plan.slots[r]) for r in rows]
+        starts = [int(plan.starts[r]) for r in rows]
+        chunks = [
+            reqs[r].tokens[start : start + int(plan.counts[r])]
+            for r, start in zip(rows, starts, strict=True)
+        ]
+        if len(rows) > 1 and isinstance(self._backend, BatchedPrefill):
+            try:
+                out = self._backend.prefill_batch(slots, chunks, starts)
+            except Exception:
+                # Find the culprit: one failing request must fail alone, not its whole batch.
+                logger.warning("engine %s: batched prefill failed; retrying rows alone", self.name)
+            else:
+                logits.update(zip(rows, out, strict=True))
+                return
+        for row, slot, chunk, start in zip(rows, slots, chunks, starts, strict=True):
+            try:
+                logits[row] = self._backend.prefill(slot, chunk, start)
+            except Exception:
+                req = reqs[row]
+                logger.exception("engine %s: prefill failed for %s", self.name, req.request_id)
+                result.errors[row] = "prefill failed for this request"
 
     def _decode(
         self,

@@ -14,6 +14,10 @@ from backends.base import DecoderStepEngine, EncoderEngine, PrefixKVStore
 from backends.onnx_runtime import OnnxDecoder, OnnxEncoder
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+SYSTEM = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n"
+)
 PROMPTS = [
     CHAT,
     "<|im_start|>user\nName three fruits.<|im_end|>\n<|im_start|>assistant\n",
@@ -217,10 +221,13 @@ def test_released_slot_is_reusable(engine: OnnxDecoder, tokenizer: Tokenizer) ->
 
 
 @pytest.mark.parametrize("name", ["int4", "int8_prefill"])
+@pytest.mark.parametrize("chat", [CHAT, SYSTEM + CHAT], ids=["bare", "system prompt"])
 def test_answers_paris_and_follows_fp32_first_tokens(
-    name: str, request: pytest.FixtureRequest, fp32: OnnxDecoder, tokenizer: Tokenizer
+    name: str, chat: str, request: pytest.FixtureRequest, fp32: OnnxDecoder, tokenizer: Tokenizer
 ) -> None:
-    ids = _ids(tokenizer, CHAT)
+    # Under the default system prompt the first token is a near tie in fp32 ('The' 0.152, 'L'
+    # 0.140): the int8 graph with its head in int8 too took 'L' and never recovered.
+    ids = _ids(tokenizer, chat)
     q, _ = _greedy_solo(_fresh(request.getfixturevalue(name)), 0, ids, 16)
     assert "Paris" in tokenizer.decode(q)
     f, _ = _greedy_solo(_fresh(fp32), 0, ids, 8)
@@ -266,9 +273,9 @@ def test_int8_prefill_is_closer_to_fp32_than_int4_and_chunks_agree(
         half = len(ids) // 2
         engine.prefill(1, ids[:half], 0)
         chunked = engine.prefill(1, ids[half:], half)
-        # Activations are quantized per token, so a chunk's other tokens change nothing but
-        # the attention's float order (measured: equal, or 2e-6 apart).
-        np.testing.assert_allclose(whole, chunked, atol=1e-3, rtol=0)
+        # Activations are quantized per token and the packed attention sums in position
+        # order, so chunks change nothing (test_packed_prefill.py).
+        np.testing.assert_array_equal(whole, chunked)
         reference = _fresh(fp32).prefill(0, ids, 0)
         kl8.append(_kl(reference, whole))
         kl4.append(_kl(reference, _fresh(int4).prefill(0, ids, 0)))
@@ -301,7 +308,9 @@ def test_prefill_graph_is_chosen_by_the_cpu_unless_named(
     # A folder without the int8 graph (fp32) computes prompts with its own.
     fp32_folder = prepared_models["smollm2-135m-instruct-fp32"]
     assert OnnxDecoder(fp32_folder, max_slots=1, max_context=64).prefill_graph == "model"
-    with pytest.raises(ValueError, match=r"prefill_graph='int8': .* has no int8 prefill graph"):
+    with pytest.raises(
+        ValueError, match=r"prefill_graph='int8': .* has no packed int8 prefill graph"
+    ):
         OnnxDecoder(fp32_folder, max_slots=1, max_context=64, prefill_graph="int8")
     with pytest.raises(ValueError, match="prefill_graph='int7' is unknown"):
         OnnxDecoder(folder, max_slots=1, max_context=64, prefill_graph="int7")

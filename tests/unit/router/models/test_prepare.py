@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 from tokenizers import Tokenizer
 
-from router.models.decoder_onnx import INT8_WEIGHT_MAX, PREFILL_GRAPH
+from router.models.decoder_onnx import INT8_SCHEME, INT8_WEIGHT_MAX, PREFILL_GRAPH
 from router.models.prepare import FORMAT_VERSION, _is_current, prepare_encoder
 
 
@@ -47,12 +47,20 @@ def test_decoder_folder_is_complete(prepared_models: dict[str, Path]) -> None:
 
 def test_int4_decoder_carries_an_int8_prefill_graph(prepared_models: dict[str, Path]) -> None:
     folder = prepared_models["smollm2-135m-instruct"]
-    assert _manifest(folder)["prefill_graph"] == {"file": PREFILL_GRAPH, "quantization": "int8"}
+    assert _manifest(folder)["prefill_graph"] == {
+        "file": PREFILL_GRAPH,
+        "quantization": "int8",
+        "attention": "packed",
+        "int8_scheme": INT8_SCHEME,
+    }
     assert "prefill_graph" not in _manifest(prepared_models["smollm2-135m-instruct-fp32"])
     graph = onnx.load(str(folder / PREFILL_GRAPH), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    # Every projection and the head (30 layers x 4 + 1), none left in float.
-    assert ops.count("MatMulInteger") == 121 and "MatMul" not in ops and "MatMulNBits" not in ops
+    # Every projection (30 layers x 4) in int8; in float the head and the attention's two
+    # matmuls a layer (queries x keys, weights x values), no GroupQueryAttention.
+    assert ops.count("MatMulIntegerToFloat") == 120 and "MatMulNBits" not in ops
+    assert ops.count("MatMul") == 31 and ops.count("FusedMatMul") == 30
+    assert "GroupQueryAttention" not in ops
     tensor = next(t for t in graph.initializer if t.name == "l0.qkv_proj.weight.q8")
     load_external_data_for_tensor(tensor, str(folder))
     codes = numpy_helper.to_array(tensor)
@@ -69,6 +77,17 @@ def test_an_int4_folder_without_its_prefill_graph_is_prepared_again(
     assert not _is_current(tmp_path, "int4")
     (tmp_path / PREFILL_GRAPH).write_bytes(b"")
     assert _is_current(tmp_path, "int4")
+    # A prefill graph of the first kind (GroupQueryAttention, one prompt a call) or of an older
+    # int8 scheme is built again too; so is a whole-int8 folder of an older scheme.
+    first_kind = {"file": PREFILL_GRAPH, "quantization": "int8"}
+    for entry in (first_kind, {**manifest["prefill_graph"], "int8_scheme": 1}):
+        (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "prefill_graph": entry}))
+        assert not _is_current(tmp_path, "int4")
+    int8 = {**manifest, "quantization": "int8", "int8_scheme": INT8_SCHEME}
+    (tmp_path / "manifest.json").write_text(json.dumps(int8))
+    assert _is_current(tmp_path, "int8")
+    (tmp_path / "manifest.json").write_text(json.dumps({**int8, "int8_scheme": 1}))
+    assert not _is_current(tmp_path, "int8")
 
 
 def test_encoder_manifest_and_tokenizer(prepared_models: dict[str, Path]) -> None:

@@ -1,5 +1,6 @@
-"""ModelRunner over a fake step engine: freed slots released first, one-token rows decoded in
-one batched call, prompts prefilled, and a failure in decode or sampling kept to its row."""
+"""ModelRunner over a fake step engine: freed slots released first, generated-token rows decoded
+in one batched call, prompt chunks prefilled (in one call where the backend batches them), and a
+failure in prefill, decode or sampling kept to its row."""
 
 from __future__ import annotations
 
@@ -101,3 +102,71 @@ def test_freed_slots_are_released_before_the_step_runs() -> None:
     scheduler.finish_requests([reqs[0].engine_id], reqs[0].status.FINISHED_CANCELLED)
     runner.execute(scheduler.schedule())
     assert engine.calls == [("release", 0), ("decode", [1])]
+
+
+class BatchingStepEngine(StepEngine):
+    """Also computes several prompts a call (backends.base.BatchedPrefill)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_prefill_slot = -1
+
+    def prefill(self, slot: int, token_ids: np.ndarray, start: int) -> np.ndarray:
+        if slot == self.fail_prefill_slot:
+            raise RuntimeError("bad prompt")
+        return super().prefill(slot, token_ids, start)
+
+    def prefill_batch(
+        self, slots: list[int], chunks: list[np.ndarray], starts: list[int]
+    ) -> np.ndarray:
+        self.calls.append(("prefill_batch", (slots, [c.tolist() for c in chunks], starts)))
+        if self.fail_prefill_slot in slots:
+            raise RuntimeError("bad prompt")
+        logits = np.zeros((len(slots), VOCAB), dtype=np.float32)
+        logits[:, 7] = 9.0
+        return logits
+
+
+def admitted(engine: StepEngine, prompts: list[list[int]]) -> tuple[Scheduler, ModelRunner]:
+    scheduler = Scheduler("t", EngineLimits(4, 64, 4, 64), Decoder(), stop_ids=[])
+    runner = ModelRunner("t", engine)  # type: ignore[arg-type]
+    for prompt in prompts:
+        i = next(_ids)
+        scheduler.add_request(
+            Request(f"r{i}", i, prompt, SamplingParams(max_tokens=8, temperature=0.0))
+        )
+    return scheduler, runner
+
+
+def test_the_prompts_of_a_step_are_one_call_where_the_backend_batches_them() -> None:
+    engine = BatchingStepEngine()
+    scheduler, runner = admitted(engine, [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
+    result = runner.execute(scheduler.schedule())
+    assert engine.calls == [
+        ("prefill_batch", ([0, 1, 2], [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [0, 0, 0]))
+    ]
+    assert result.tokens == {0: 7, 1: 7, 2: 7} and not result.errors
+
+
+def test_a_failing_batched_prefill_is_retried_row_by_row_and_fails_one_row() -> None:
+    engine = BatchingStepEngine()
+    engine.fail_prefill_slot = 1
+    scheduler, runner = admitted(engine, [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
+    result = runner.execute(scheduler.schedule())
+    assert [c[0] for c in engine.calls] == ["prefill_batch", "prefill", "prefill"]
+    assert result.errors == {1: "prefill failed for this request"}
+    assert result.tokens == {0: 5, 2: 5}
+
+
+def test_a_prompt_chunk_of_one_token_is_prefilled_not_decoded() -> None:
+    # A 2-token budget leaves the 3-token prompt's last token to a chunk of its own.
+    engine = StepEngine()
+    scheduler, runner = admitted(engine, [[1, 2, 3]])
+    first = scheduler.schedule(budget=2)
+    scheduler.update_from_output(first, runner.execute(first))
+    engine.calls.clear()
+    second = scheduler.schedule()
+    assert second.plan.counts.tolist() == [1] and second.plan.starts.tolist() == [2]
+    result = runner.execute(second)
+    assert engine.calls == [("prefill", 0)]  # the decode path would round it differently
+    assert result.tokens == {0: 5}
