@@ -50,11 +50,17 @@ class SlotKVPool:
         """Names of the loaded blocks that begin the past of a prefill of `slot` from `start`
         (the same names in two slots: the same keys and values). The prefill overwrites the
         slot from `start`: blocks past it are forgotten."""
+        self._forget_from(slot, start)
         writes, blocks = self._loaded.get(slot, (0, ()))
-        whole = min(len(blocks), start // self._block_size) if blocks else 0
+        return [(writes, block) for block in blocks]
+
+    def _forget_from(self, slot: int, position: int) -> None:
+        """`slot` is (re)written from `position`: its loaded blocks from there on are not the
+        pool's any more."""
+        writes, blocks = self._loaded.get(slot, (0, ()))
+        whole = min(len(blocks), position // self._block_size) if blocks else 0
         if whole < len(blocks):
             self._loaded[slot] = (writes, blocks[:whole])
-        return [(writes, block) for block in blocks[:whole]]
 
     def kv_bytes_per_token(self) -> int:
         _, kv_heads, _, head_dim = self._keys[0].shape

@@ -30,7 +30,7 @@ from backends.artifact import encoder_inputs, read_manifest
 from backends.base import PREFILL_GRAPHS, Capabilities, FloatArray, IntArray
 from backends.cpu import int8_dot_flag
 from backends.kv_pool import SlotKVPool, touched
-from backends.packed_prefill import PackedPrefill
+from backends.packed_prefill import PackedPrefill, packed_groups
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ class OnnxDecoder(SlotKVPool):
     Prompts may run through a second graph of the same model (`prefill_graph`; the int4 decoder's
     folder holds one at int8, several prompts a call): on an AVX-512 VNNI AMD EPYC its prefill
     ran 1.7-1.9x the int4 graph's. Each graph computes a row the same whatever else runs in its
-    call, so an answer does not depend on its batch, its chunks or the prefix cache; it does
-    depend on which graph computed the prompt (two approximations of the GGUF's weights).
+    call, so an answer does not depend on its batch or the prefix cache (the packed int8 graph
+    computes a prompt the same however it was chunked, bit for bit; the int4 graph's kernels
+    round a one-row call differently from a longer one, which the prefix cache avoids by always
+    leaving two tokens); it does depend on which graph computed the prompt.
     """
 
     def __init__(
@@ -239,7 +241,7 @@ class OnnxDecoder(SlotKVPool):
     ) -> FloatArray:
         """prefill for each row, in one call of the packed int8 graph where it computes the
         prompts (each row's result as alone); else one call a row."""
-        if not len(slots) == len(chunks) == len(starts) or not slots:
+        if not len(slots) == len(chunks) == len(starts) or len(slots) == 0:
             raise ValueError(
                 f"slots, chunks and starts must be equal-length and non-empty, got "
                 f"{len(slots)}, {len(chunks)}, {len(starts)}"
@@ -263,7 +265,15 @@ class OnnxDecoder(SlotKVPool):
                 self._shared_blocks(slot, start) for slot, start in zip(rows, firsts, strict=True)
             ]
             if self._packed is not None:
-                logits = self._packed.run(rows, ids, firsts, shared, self._block_size)
+                logits = np.empty((len(rows), self.vocab_size), np.float32)
+                for group in packed_groups([c.size for c in ids], firsts):
+                    logits[group] = self._packed.run(
+                        [rows[r] for r in group],
+                        [ids[r] for r in group],
+                        [firsts[r] for r in group],
+                        [shared[r] for r in group],
+                        self._block_size,
+                    )
             else:
                 logits = np.stack(
                     [self._prefill_gqa(*row) for row in zip(rows, ids, firsts, strict=True)]
@@ -337,6 +347,9 @@ class OnnxDecoder(SlotKVPool):
             self._total[()] = int(self._seqlens[:n].max()) + 1
             self._session.run_with_iobinding(self._decode_binding(n).io)
             self._lengths[slots] = pos + 1
+            if self._loaded:
+                for slot, position in zip(slots.tolist(), pos.tolist(), strict=True):
+                    self._forget_from(slot, position)
             result: FloatArray = self._logits[slots]  # fancy indexing copies, in input row order
             return result
 

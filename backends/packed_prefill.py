@@ -149,3 +149,32 @@ class PackedPrefill:
             "output_index": (np.arange(b)[:, None] * s + query)[real],
             "last_index": new_at + lengths - 1,
         }
+
+
+PAD_SLACK = 16384
+"""Query-key pairs of padding a packed call may add beyond half its real ones: about what one
+more call costs (one pair is ~35 k multiply-adds over SmolLM2's 30 layers and 9 heads: 0.5 us on
+2 cores; a call's fixed cost is ~8 ms)."""
+
+
+def packed_groups(lengths: Sequence[int], starts: Sequence[int]) -> list[list[int]]:
+    """Rows (chunks of `lengths` tokens after `starts` computed ones) in groups to compute one
+    call each. A call pads every row's queries to its longest chunk and its keys to its longest
+    sequence, so a long new prompt beside short chunks after long pasts computed ~2.4x the work
+    of separate calls (480 fresh tokens with 32 after 1,900: 1.6 s against 0.66 s), and sixteen
+    such rows 9x and 2.4 GiB more: a row joins a group while the group's padded attention stays
+    within 1.5x its real attention plus PAD_SLACK. Longest chunks first."""
+    order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], -starts[r]))
+    groups: list[list[int]] = []
+    queries = keys = real = 0
+    for row in order:
+        n, t = lengths[row], starts[row] + lengths[row]
+        if groups:
+            padded = (len(groups[-1]) + 1) * max(queries, n) * max(keys, t)
+            if padded <= 1.5 * (real + n * t) + PAD_SLACK:
+                groups[-1].append(row)
+                queries, keys, real = max(queries, n), max(keys, t), real + n * t
+                continue
+        groups.append([row])
+        queries, keys, real = n, t, n * t
+    return groups

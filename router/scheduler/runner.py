@@ -47,8 +47,8 @@ class ModelRunner:
             self._load(output, result)
         logits: dict[int, FloatArray] = {}
         # A row computing a generated token decodes; a row of prompt tokens prefills, also a
-        # chunk of one (the two paths round differently: how a prompt was chunked must not
-        # change its tokens).
+        # chunk of one: the decode graph rounds differently from the prompt graph, whose packed
+        # form computes a prompt the same however it was chunked.
         prompts = np.fromiter((r.num_prompt for r in reqs), np.int64, count=len(reqs))
         decoding = (plan.counts == 1) & (plan.starts >= prompts)
         decode_rows = np.flatnonzero(decoding)
@@ -101,7 +101,11 @@ class ModelRunner:
                 out = self._backend.prefill_batch(slots, chunks, starts)
             except Exception:
                 # Find the culprit: one failing request must fail alone, not its whole batch.
-                logger.warning("engine %s: batched prefill failed; retrying rows alone", self.name)
+                logger.warning(
+                    "engine %s: batched prefill failed; retrying rows alone",
+                    self.name,
+                    exc_info=True,
+                )
             else:
                 logits.update(zip(rows, out, strict=True))
                 return

@@ -230,8 +230,9 @@ class Scheduler:
         meanwhile with the same prefix find it (not only once this one ends)."""
         assert self.prefix_cache is not None
         plan = output.plan
-        for row in np.flatnonzero(plan.counts > 1).tolist():
-            req = output.requests[row]
+        for row, req in enumerate(output.requests):
+            if plan.starts[row] >= req.num_prompt:
+                continue  # a generated token (decode): not a prompt block
             if row not in result.errors and req.engine_id in self.requests:
                 end = int(plan.starts[row] + plan.counts[row])
                 self.prefix_cache.save(req.slot, req.tokens, min(end, req.num_prompt))

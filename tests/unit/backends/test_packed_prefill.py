@@ -11,6 +11,7 @@ import pytest
 
 from backends.base import BatchedPrefill
 from backends.onnx_runtime import OnnxDecoder
+from backends.packed_prefill import packed_groups
 
 LENGTHS = (40, 7, 120, 333, 65, 2, 17, 1)
 """Prompts of many sizes, one long enough that its attention spans several matmul blocks."""
@@ -151,3 +152,47 @@ def test_rows_on_one_loaded_prefix_carry_it_once_and_equal_each_alone(
         packed.prefill(4, ids, 96)
         expected = packed.prefill(4, questions[2][: 2 + slot], 96 + len(ids))
         assert np.array_equal(row, expected)
+
+
+def test_a_decode_inside_a_loaded_block_unshares_it(packed: OnnxDecoder) -> None:
+    # Two slots load the same blocks; one then rewrites a position inside them (decode accepts
+    # a position below the slot's length). A packed call must read that slot's own tokens.
+    rng = np.random.default_rng(1)
+    prefix, question = rng.integers(0, 49152, 96), rng.integers(0, 49152, 9)
+    for slot in range(3):
+        packed.release(slot)
+    packed.open_pool(num_blocks=8, block_size=16)
+    packed.prefill(14, prefix, 0)
+    for block in range(6):
+        packed.save_block(block, 14, block * 16)
+    other = (int(prefix[15]) + 1) % 49152
+    for slot in (1, 2):
+        packed.load_blocks(slot, range(6))
+    packed.decode(np.array([1]), np.array([other]), np.array([15]))
+    together = packed.prefill_batch([2, 1], [question, question], [16, 16])
+    packed.load_blocks(0, range(6))
+    packed.decode(np.array([0]), np.array([other]), np.array([15]))
+    assert np.array_equal(together[1], packed.prefill(0, question, 16))
+
+
+def test_slots_may_be_a_numpy_array(packed: OnnxDecoder) -> None:
+    for slot in range(2):
+        packed.release(slot)
+    one = packed.prefill_batch(np.array([0]), [np.array([5, 6])], [0])
+    packed.release(0)
+    two = packed.prefill_batch(np.array([0, 1]), [np.array([5, 6]), np.array([7])], [0, 0])
+    assert np.array_equal(one[0], two[0])
+
+
+def test_rows_whose_padding_would_dwarf_their_work_are_computed_apart() -> None:
+    # A burst of similar prompts: one call.
+    assert packed_groups([37, 36, 39, 38] * 4, [305] * 16) == [
+        sorted(range(16), key=lambda r: (-[37, 36, 39, 38][r % 4], -305))
+    ]
+    # A long fresh prompt beside a short chunk after a long past: apart (one call padded both
+    # to 480 queries x 1,932 keys: 2.4x the work of two calls).
+    assert packed_groups([32, 480], [1900, 0]) == [[1], [0]]
+    # Fifteen one-token chunks after long pasts beside a 480-token one: the short ones together.
+    groups = packed_groups([480] + [1] * 15, [1500] * 16)
+    assert sorted(r for g in groups for r in g) == list(range(16))
+    assert len(groups) == 2 and groups[0][0] == 0 and len(groups[1]) >= 14

@@ -205,3 +205,22 @@ def test_a_cached_prefix_is_loaded_into_the_slot_and_its_blocks_unpinned_on_ever
     scheduler.finish_requests([waiting.engine_id], RequestStatus.FINISHED_CANCELLED)
     assert waiting.prefix_blocks == []
     assert all(refs == 0 for refs in cache._refs)
+
+
+def test_a_block_completed_by_a_one_token_prompt_chunk_is_cached() -> None:
+    # Prompt rows of any length are prefills (the runner's routing), so a one-token chunk's
+    # block is saved as well: a 7-token budget, then 1, over an 8-token prompt.
+    store = TokenStore()
+    store.open_pool(8, 4)
+    cache = PrefixCache(store, num_blocks=8, block_size=4)
+    limits = EngineLimits(1, token_budget=64, max_waiting=4, max_context=128)
+    scheduler = Scheduler("test", limits, Decoder(), stop_ids=[EOS], prefix_cache=cache)
+    req = make_request(n_prompt=8)
+    assert scheduler.add_request(req) is None
+    for budget, tokens in ((7, {}), (1, {0: 5})):
+        step = scheduler.schedule(budget)
+        start, count = int(step.plan.starts[0]), int(step.plan.counts[0])
+        store.compute(step.plan.slots[0], req.tokens[: start + count])
+        scheduler.update_from_output(step, RunnerOutput(tokens=tokens))
+    assert (start, count) == (7, 1)
+    assert cache.cached_blocks == 2
