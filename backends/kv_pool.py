@@ -33,9 +33,12 @@ class SlotKVPool:
     _lengths: npt.NDArray[np.int64]
     _lock: threading.Lock
     max_context: int
+    max_slots: int
 
     def _check_slot(self, slot: int) -> int:
-        raise NotImplementedError
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot={slot} is out of range 0..{self.max_slots - 1}")
+        return int(slot)
 
     def _init_pool(self) -> None:
         self._pool_keys: list[FloatArray] = []

@@ -221,11 +221,6 @@ class OnnxDecoder(SlotKVPool):
         return binding
 
     # ------------------------------------------------------------------ validation
-    def _check_slot(self, slot: int) -> int:
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot={slot} is out of range 0..{self.max_slots - 1}")
-        return int(slot)
-
     def _check_ids(self, ids: npt.NDArray[Any], name: str) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]

@@ -176,12 +176,18 @@ def test_a_cancelled_request_frees_its_slot_for_the_next_one() -> None:
     assert step.freed_slots == [0]  # the runner releases it before prefilling the second
 
 
-def test_a_cached_prefix_is_loaded_into_the_slot_and_its_blocks_unpinned_on_every_path() -> None:
+def cached_scheduler() -> tuple[Scheduler, PrefixCache, TokenStore]:
+    """One slot, a prefix cache of 8 blocks of 4 tokens over a TokenStore."""
     store = TokenStore()
     store.open_pool(8, 4)
     cache = PrefixCache(store, num_blocks=8, block_size=4)
     limits = EngineLimits(1, token_budget=64, max_waiting=4, max_context=128)
     scheduler = Scheduler("test", limits, Decoder(), stop_ids=[EOS], prefix_cache=cache)
+    return scheduler, cache, store
+
+
+def test_a_cached_prefix_is_loaded_into_the_slot_and_its_blocks_unpinned_on_every_path() -> None:
+    scheduler, cache, store = cached_scheduler()
     first = make_request(n_prompt=11)
     assert scheduler.add_request(first) is None
     step = scheduler.schedule()
@@ -210,11 +216,7 @@ def test_a_cached_prefix_is_loaded_into_the_slot_and_its_blocks_unpinned_on_ever
 def test_a_block_completed_by_a_one_token_prompt_chunk_is_cached() -> None:
     # Prompt rows of any length are prefills (the runner's routing), so a one-token chunk's
     # block is saved as well: a 7-token budget, then 1, over an 8-token prompt.
-    store = TokenStore()
-    store.open_pool(8, 4)
-    cache = PrefixCache(store, num_blocks=8, block_size=4)
-    limits = EngineLimits(1, token_budget=64, max_waiting=4, max_context=128)
-    scheduler = Scheduler("test", limits, Decoder(), stop_ids=[EOS], prefix_cache=cache)
+    scheduler, cache, store = cached_scheduler()
     req = make_request(n_prompt=8)
     assert scheduler.add_request(req) is None
     for budget, tokens in ((7, {}), (1, {0: 5})):
