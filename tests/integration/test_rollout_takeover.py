@@ -92,15 +92,17 @@ async def test_a_rollout_whose_router_stops_is_run_on_by_another(
                 started = (await stub.RolloutDeployment(request, timeout=TIMEOUT)).deployment
             owner = started.rollout.owner
             assert owner.endswith(f":{first.port}")
-            # The second router mirrors both versions' replicas, then the first one stops.
+            # The first router stops at once: left running while the second loads the replicas,
+            # it could finish the rollout itself (two 2 s steps; seen once in a full suite).
+            await first.stop(0)
+            # The second router mirrors the new version's replica (and the old one's until the
+            # rollout it takes over completes).
             await until(
                 second,
-                lambda d: len(d.replica_states) == 2 and all(s.ready for s in d.replica_states),
+                lambda d: any(s.name == "r1" and s.ready for s in d.replica_states),
                 "mirrored",
             )
-            mirrored = {r.name for r in second.models.replicas()}
-            assert mirrored == {"roll/r0", "roll/r1"}, mirrored
-            await first.stop(0)
+            assert "roll/r1" in {r.name for r in second.models.replicas()}
             done = await until(
                 second,
                 lambda d: d.rollout.state != pb.ROLLOUT_STATE_RUNNING,
