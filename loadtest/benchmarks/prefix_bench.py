@@ -4,8 +4,9 @@ in one router, with the prefix cache on (the default) and off, measured in the s
 - 16 requests sharing a ~300-token system prompt, each with its own question, submitted
   together (after one request has put the system prompt in the cache, as earlier traffic
   would): time to first token min / median / max, cache on and off;
-- a growing conversation (5 turns, 48-token replies): each turn's time to first token, and turn
-  5 ÷ turn 1 with the cache on and off (goal: ≤ 0.5 with it on);
+- a growing conversation (5 turns, 48-token replies), each question sent at once and 0.5 s
+  after the reply: each turn's time to first token, and turn 5 ÷ turn 1 with the cache on and
+  off (goal: ≤ 0.5 with it on);
 - one stream's decode speed with the cache on ÷ off (what looking up and saving costs a request
   that shares nothing).
 
@@ -29,6 +30,8 @@ from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 
 CACHED, UNCACHED = "cached", "uncached"
+PAUSE_S = 0.5
+"""A person's pause between a reply and the next question (far shorter than reading takes)."""
 SYSTEM = " ".join(
     f"Rule {i}: answer politely, cite the timetable of line {i}, and never invent a platform."
     for i in range(1, 16)
@@ -107,10 +110,15 @@ async def shared_system_prompt(stub: pb_grpc.InferenceServiceStub, model: str) -
     return [r[0] for r in results]
 
 
-async def conversation(stub: pb_grpc.InferenceServiceStub, model: str) -> list[float]:
+async def conversation(
+    stub: pb_grpc.InferenceServiceStub, model: str, pause_s: float
+) -> list[float]:
+    """Each turn's TTFT; the next question is sent `pause_s` after the reply ended."""
     history: list[tuple[str, str]] = []
     ttfts = []
     for question in QUESTIONS[:5]:
+        if history:
+            await asyncio.sleep(pause_s)
         history.append(("user", question))
         ttft, text, _ = await _ttft_and_text(stub, _request(model, history, 48))
         ttfts.append(ttft)
@@ -137,18 +145,32 @@ async def run(target: str, quick: bool) -> None:
             )
         line("TTFT max, cache on", maxima[CACHED] * 1000, "ms", maxima[UNCACHED] * 1000, "vs off")
 
-        print("A growing conversation (5 turns, 48-token replies), time to first token per turn:")
+        # At once: a client replaying a conversation; after 0.5 s: a person reading the reply,
+        # time in which the engine computes the reply into the cache (prefix_cache.py).
         ratio = {}
-        for model in (CACHED, UNCACHED):
-            ttfts = await conversation(stub, model)
-            ratio[model] = ttfts[-1] / ttfts[0]
+        for pause_s in (0.0, PAUSE_S):
             print(
-                f"  prefix cache {'on ' if model == CACHED else 'off'}: "
-                + " / ".join(f"{t * 1000:.0f}" for t in ttfts)
-                + f" ms; turn 5 ÷ turn 1 {ratio[model]:.2f}",
-                flush=True,
+                "A growing conversation (5 turns, 48-token replies, the next question "
+                + (f"{pause_s:g} s after a reply" if pause_s else "at once")
+                + "), time to first token per turn:"
             )
-        line("turn 5 TTFT ÷ turn 1, cache on", ratio[CACHED], "x", None, "goal <= 0.5")
+            for model in (CACHED, UNCACHED):
+                ttfts = await conversation(stub, model, pause_s)
+                ratio[model, pause_s] = ttfts[-1] / ttfts[0]
+                print(
+                    f"  prefix cache {'on ' if model == CACHED else 'off'}: "
+                    + " / ".join(f"{t * 1000:.0f}" for t in ttfts)
+                    + f" ms; turn 5 ÷ turn 1 {ratio[model, pause_s]:.2f}",
+                    flush=True,
+                )
+            what = f"{pause_s:g} s between turns" if pause_s else "turns at once"
+            line(
+                f"turn 5 TTFT ÷ turn 1, cache on, {what}",
+                ratio[CACHED, pause_s],
+                "x",
+                None,
+                "goal <= 0.5",
+            )
 
         speeds = {}
         rounds = 2 if quick else 4

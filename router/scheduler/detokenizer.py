@@ -8,11 +8,23 @@ the text; the tail that could still become a stop string is held back until it c
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class TokenDecoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class Encoding(Protocol):
+    @property
+    def ids(self) -> list[int]: ...
+
+
+@runtime_checkable
+class TokenCodec(TokenDecoder, Protocol):
+    """A tokenizer (tokenizers.Tokenizer): decodes and encodes."""
+
+    def encode(self, sequence: str, add_special_tokens: bool = True) -> Encoding: ...
 
 
 class StopStrings:

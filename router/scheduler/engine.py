@@ -30,6 +30,10 @@ from router.scheduler.scheduler import Out, Scheduler
 
 logger = logging.getLogger(__name__)
 
+FILL_TOKENS = 32
+"""Tokens of a finished reply computed again per idle step (scheduler.ReplyFill): a request
+arriving meanwhile waits for one such chunk, 20-40 ms on 2 cores."""
+
 
 class _NullObserver:
     def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None:
@@ -115,6 +119,11 @@ class DecoderEngine:
         self._admission.check(priority)
 
     @property
+    def pending_fills(self) -> int:
+        """Finished replies not yet computed into the prefix cache (engine thread's count)."""
+        return self._scheduler.pending_fills
+
+    @property
     def num_active(self) -> int:
         """Requests the engine thread holds (each owns or awaits a slot)."""
         return len(self._scheduler.requests)
@@ -186,6 +195,11 @@ class DecoderEngine:
             out: Out = []
             self._drain_inbox(out)
             if not scheduler.has_unfinished():
+                fill = scheduler.next_fill(FILL_TOKENS)
+                if fill is not None:  # idle: a finished reply goes into the prefix cache
+                    self._flush(out)
+                    runner.fill(fill[0].slot, fill[0].tokens, fill[1], fill[2])
+                    continue
                 runner.release(scheduler.take_freed_slots())
                 self._flush(out)
                 # Idle (the last request finished or was cancelled): the gauges say so now, not

@@ -12,10 +12,15 @@ unpins them. Prompt blocks are saved as prefill chunks finish, copying the slot'
 blocks, or into the least recently used unpinned ones, whose descendants go with them (a child
 keyed by a reused parent id would stand for the wrong prefix).
 
-Generated tokens are not cached, although a conversation's next turn holds them: their KV was
-computed by decode steps, which at batch 1 run the int4 kernels on another path than a prefill
-(activations not quantized to int8), so reusing it would change later greedy answers. A next
-turn finds its history up to its previous question and computes the previous reply again.
+Generated tokens are cached too, since a conversation's next turn holds them, but not as the
+decode steps computed them: that KV rounds differently from a prompt's computation (the int4
+decode graph, or int8 prompts against int4 decode steps), so reusing it would change later
+greedy answers. Once the engine is idle, a finished request's reply is computed again through
+the prompt graph into the slot it left, in chunks of FILL_TOKENS (engine.py), and its whole
+blocks saved (scheduler.ReplyFill); any new plan drops what is left of that work with the slot.
+The next turn then computes only its new question, as long as it arrives after the engine had
+that idle time (a person reading the reply; a client sending the next turn at once finds as
+much as was computed by then).
 
 Copying costs ~46 KB per token for SmolLM2-135M (a few ms for a 300-token system prompt), where
 computing it costs ~5 ms per token on a 2-core AVX2 machine.

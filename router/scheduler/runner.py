@@ -75,6 +75,18 @@ class ModelRunner:
                 logger.exception("engine %s: prefix load failed for %s", self.name, req.request_id)
                 result.errors[row] = "loading its cached prefix failed"
 
+    def fill(self, slot: int, tokens: npt.NDArray[np.int64], start: int, end: int) -> None:
+        """Compute tokens[start:end] into `slot` as a prompt chunk and cache its whole blocks
+        (a finished reply: scheduler.ReplyFill). A failure is logged; no request depends on it."""
+        assert self._prefix_cache is not None
+        try:
+            self._backend.prefill(slot, tokens[start:end], start)
+            self._prefix_cache.save(slot, tokens, end)
+        except Exception:
+            logger.exception(
+                "engine %s: computing a finished reply for the cache failed", self.name
+            )
+
     def release(self, slots: list[int]) -> None:
         """The KV slots of requests that ended may be reused."""
         for slot in slots:

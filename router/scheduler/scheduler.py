@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from router import _native
 from router.errors import Internal, ResourceExhausted, RouterError
-from router.scheduler.detokenizer import Detokenizer, TokenDecoder
+from router.scheduler.detokenizer import Detokenizer, TokenCodec, TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits, error_chunk
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request, RequestStatus
@@ -55,6 +56,27 @@ class SchedulerOutput:
     loads: list[tuple[int, list[int]]] = field(default_factory=list)
     """(row, cached prefix blocks) of requests admitted in this plan with a cached prefix: the
     runner copies the blocks into the row's slot (and unpins them) before computing it."""
+
+
+@dataclass(slots=True)
+class ReplyFill:
+    """A finished request's reply, computed again through the prompt graph into the slot it
+    left, so that its conversation's next turn finds it in the prefix cache (prefix_cache.py)."""
+
+    slot: int
+    tokens: npt.NDArray[np.int64]
+    """Its prompt and reply ids (the reply as the next turn will hold it, once prepared)."""
+    start: int
+    """The next position to compute (its first: the first reply token)."""
+    end: int
+    """The end of the reply's last whole block, what the cache can keep (-1 until the engine
+    first comes to it: Scheduler._prepare)."""
+
+    def chunk(self, limit: int, block_size: int) -> tuple[int, int]:
+        """The next (start, end) to compute, ending on a block boundary: at most `limit` tokens
+        past the start of the block it begins in."""
+        aligned = self.start // block_size * block_size + limit
+        return self.start, min(self.end, max(aligned, self.start + 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +117,9 @@ class Scheduler:
         """Requests held, by engine id."""
         self._detok: dict[int, Detokenizer] = {}
         self._freed: list[int] = []
+        self._fills: list[ReplyFill] = []
+        """Replies to compute again while the engine is idle, in the slots they left (freed:
+        dropped as soon as a plan may hand those slots out)."""
 
     @property
     def num_waiting(self) -> int:
@@ -192,9 +217,55 @@ class Scheduler:
         req.prefix_blocks = []
 
     def take_freed_slots(self) -> list[int]:
-        """Slots of requests that ended since the last call, for the runner to release."""
+        """Slots of requests that ended since the last call, for the runner to release (their
+        replies not computed again by then are not: the slots may go to new requests)."""
         freed, self._freed = self._freed, []
+        self._fills.clear()
         return freed
+
+    @property
+    def pending_fills(self) -> int:
+        return len(self._fills)
+
+    def next_fill(self, limit: int) -> tuple[ReplyFill, int, int] | None:
+        """The next chunk of a finished reply to compute (the engine calls this only when idle):
+        (fill, start, end); the fill advances past it. None when there is none."""
+        cache = self.prefix_cache
+        while self._fills and cache is not None:
+            fill = self._fills[0]
+            if fill.end < 0:
+                self._prepare(fill, cache.block_size)
+            if fill.end - fill.start < 2:  # a one-token chunk takes another path in the int4 graph
+                self._fills.pop(0)
+                continue
+            start, end = fill.chunk(limit, cache.block_size)
+            fill.start = end
+            if end >= fill.end:
+                self._fills.pop(0)
+            return fill, start, end
+        return None
+
+    def _prepare(self, fill: ReplyFill, block_size: int) -> None:
+        """The reply as the conversation's next turn will hold it: its text sent back, tokenized
+        again (a model's tokens need not be the text's own: "7:12" generated as 7, :, 1, 2 comes
+        back as 7, :, 12), then the stop token that ended it, which chat templates close the
+        turn with. Then the end of its last whole block within the context."""
+        reply = fill.tokens[fill.start :].tolist()
+        if isinstance(self._decoder, TokenCodec):
+            stop = reply[-1:] if reply and reply[-1] in self._stop_ids else []
+            text = self._decoder.decode(reply[: len(reply) - len(stop)])
+            ids = [*self._decoder.encode(text, add_special_tokens=False).ids, *stop]
+            fill.tokens = np.concatenate([fill.tokens[: fill.start], np.asarray(ids, np.int64)])
+        fill.end = min(len(fill.tokens), self.limits.max_context) // block_size * block_size
+
+    def _keep_reply(self, req: Request) -> None:
+        """Queue a finished request's reply to be computed again by the prompt graph once the
+        engine is idle. Its KV came from decode steps, which round differently from a prompt's
+        computation, so it cannot be cached as it is: the cache holds only what a prefill of the
+        same tokens computes (an answer never depends on the cache)."""
+        if self.prefix_cache is not None and req.slot >= 0 and req.num_output:
+            tokens = req.tokens[: req.num_tokens].copy()
+            self._fills.append(ReplyFill(req.slot, tokens, req.num_prompt, -1))
 
     def update_from_output(self, output: SchedulerOutput, result: RunnerOutput) -> Out:
         """Chunks for the callers of this step's rows: an error for each failed row, a token
@@ -217,6 +288,7 @@ class Scheduler:
                 self.fail(req.engine_id, Internal("detokenizing this request failed"), out)
                 continue
             if chunk.status.is_finished:
+                self._keep_reply(req)
                 self.finish_requests([req.engine_id], chunk.status)
             else:
                 appended.append(req.engine_id)

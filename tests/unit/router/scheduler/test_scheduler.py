@@ -4,6 +4,8 @@ scheduler tests run so, without a model). Checks what each step means for its re
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -226,3 +228,103 @@ def test_a_block_completed_by_a_one_token_prompt_chunk_is_cached() -> None:
         scheduler.update_from_output(step, RunnerOutput(tokens=tokens))
     assert (start, count) == (7, 1)
     assert cache.cached_blocks == 2
+
+
+def finished(
+    scheduler: Scheduler, store: TokenStore, req: Request, tokens: Iterator[int] | None = None
+) -> None:
+    """Run `req` alone until it ends (sampling `tokens`, else 5, 6, ...), as the runner would
+    compute it."""
+    assert scheduler.add_request(req) is None
+    tokens = tokens or itertools.count(5)
+    while req.engine_id in scheduler.requests:
+        step = scheduler.schedule()
+        end = int(step.plan.starts[0] + step.plan.counts[0])
+        store.compute(step.plan.slots[0], req.tokens[:end])
+        scheduler.update_from_output(step, RunnerOutput(tokens={0: next(tokens)}))
+
+
+def test_a_finished_reply_is_computed_again_into_the_cache_for_the_next_turn() -> None:
+    scheduler, cache, store = cached_scheduler()  # blocks of 4 tokens
+    first = make_request(n_prompt=6, max_tokens=8)
+    finished(scheduler, store, first)
+    assert first.num_tokens == 14 and cache.cached_blocks == 1  # the prompt's whole block
+    # The reply's blocks, 4..12, in chunks ending on block boundaries (2 tokens at least).
+    chunks = []
+    while (fill := scheduler.next_fill(4)) is not None:
+        chunk, start, end = fill
+        assert chunk.slot == 0 and (chunk.tokens == first.tokens[:14]).all()
+        chunks.append((start, end))
+        store.compute(chunk.slot, chunk.tokens[:end])  # ModelRunner.fill
+        cache.save(chunk.slot, chunk.tokens, end)
+    assert chunks == [(6, 8), (8, 12)] and scheduler.pending_fills == 0
+    # The next turn (its prompt holds the whole reply, then more) finds 12 tokens cached.
+    prompt = [*first.tokens[:14].tolist(), 30, 31]
+    second = Request(
+        request_id="next",
+        engine_id=next(_ids),
+        prompt_ids=prompt,
+        params=SamplingParams(max_tokens=4),
+    )
+    assert scheduler.add_request(second) is None
+    assert len(second.prefix_blocks) == 3
+
+
+def test_a_reply_not_computed_again_by_the_next_plan_is_dropped_with_its_slot() -> None:
+    scheduler, _, store = cached_scheduler()
+    finished(scheduler, store, make_request(n_prompt=6, max_tokens=8))
+    assert scheduler.pending_fills == 1
+    assert scheduler.add_request(make_request(n_prompt=3)) is None
+    step = scheduler.schedule()  # the slot goes to the new request
+    assert step.freed_slots == [0] and step.plan.slots.tolist() == [0]
+    assert scheduler.pending_fills == 0 and scheduler.next_fill(4) is None
+
+
+class Codec(Decoder):
+    """Decodes as Decoder; encodes the text back into one token a character, except "ab",
+    which comes back as the one token 40 (a reply's tokens need not be its text's)."""
+
+    def encode(self, sequence: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        ids, i = [], 0
+        while i < len(sequence):
+            if sequence.startswith("ab", i):
+                ids.append(40)
+                i += 2
+            else:
+                ids.append(ord(sequence[i]) - ord("a"))
+                i += 1
+        return SimpleNamespace(ids=ids)
+
+
+def test_a_reply_is_kept_as_its_text_tokenizes_then_the_stop_token_that_ended_it() -> None:
+    scheduler, _, store = cached_scheduler()
+    scheduler._decoder = Codec()
+    req = make_request(n_prompt=4, max_tokens=8)
+    # f, then a and b (26 and 27 decode so), d, e, EOS
+    finished(scheduler, store, req, iter([5, 26, 27, 29, 30, EOS]))
+    fill = scheduler.next_fill(8)
+    assert fill is not None
+    # "fabde" comes back as f, ab, d, e (5, 40, 3, 4), then EOS: 4 + 5 tokens, one whole block.
+    assert fill[0].tokens[4:].tolist() == [5, 40, 3, 4, EOS]
+    assert fill[1:] == (4, 8) and scheduler.next_fill(8) is None
+
+
+@pytest.mark.parametrize(
+    ("n_prompt", "max_tokens", "cancel"),
+    [(6, 8, True), (5, 2, False), (7, 2, False)],
+    ids=["cancelled", "no-whole-block-past-the-prompt", "one-token-into-a-block"],
+)
+def test_no_reply_is_kept_without_two_tokens_of_a_whole_block(
+    n_prompt: int, max_tokens: int, cancel: bool
+) -> None:
+    scheduler, _, store = cached_scheduler()
+    req = make_request(n_prompt=n_prompt, max_tokens=max_tokens)
+    if cancel:
+        assert scheduler.add_request(req) is None
+        step = scheduler.schedule()
+        store.compute(step.plan.slots[0], req.tokens[:n_prompt])
+        scheduler.update_from_output(step, RunnerOutput(tokens={0: 5}))
+        scheduler.finish_requests([req.engine_id], RequestStatus.FINISHED_CANCELLED)
+    else:
+        finished(scheduler, store, req)
+    assert scheduler.next_fill(4) is None and scheduler.pending_fills == 0
