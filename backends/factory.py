@@ -31,9 +31,30 @@ __all__ = [
     "create_backend",
     "create_remote_embedder",
     "create_remote_generator",
+    "unloaded_files",
 ]
 
 Engine = DecoderStepEngine | RequestEngine | EncoderEngine
+
+
+def unloaded_files(kind: str, model_dir: Path, *, prefill_graph: str = "auto") -> list[Path]:
+    """Files of a prepared model folder that an engine of `kind` with these options does not
+    load (so resources do not count them as its weights): an ONNX Runtime decoder's int8 prompt
+    graph where its own graph computes prompts. Empty when the options would not load at all."""
+    if kind != "onnxruntime":
+        return []
+    try:
+        manifest = read_manifest(model_dir)
+    except ValueError:  # no manifest: nothing that would load
+        return []
+    if manifest.get("kind") != "decoder":
+        return []
+    from backends.onnx_runtime import unused_files
+
+    try:
+        return unused_files(manifest, model_dir, prefill_graph)
+    except ValueError:
+        return []
 
 
 def create_backend(kind: str, model_dir: Path, **options: Any) -> Engine:

@@ -75,7 +75,7 @@ class _Binding:
         return value
 
 
-def _prefill_graph(manifest: dict[str, Any], model_dir: Path, prefill: str) -> Path | None:
+def prefill_graph_file(manifest: dict[str, Any], model_dir: Path, prefill: str) -> Path | None:
     """The graph file that computes prompts, or None for the decoder's own (`prefill`: one of
     PREFILL_GRAPHS; 'auto' takes the int8 graph where the CPU multiplies int8 natively)."""
     if prefill not in PREFILL_GRAPHS:
@@ -94,13 +94,32 @@ def _prefill_graph(manifest: dict[str, Any], model_dir: Path, prefill: str) -> P
                 "decoder prepared by `irouter models prepare` has one); use 'model' or 'auto'"
             )
         return None
+    if prefill == "auto" and int8_dot_flag() is None:
+        return None
+    return path
+
+
+def unused_files(manifest: dict[str, Any], model_dir: Path, prefill: str) -> list[Path]:
+    """Files of a decoder folder that an OnnxDecoder with `prefill` does not load: the prompt
+    graph (and its weights) where the decoder's own graph computes prompts."""
+    entry = manifest.get("prefill_graph")
+    if not isinstance(entry, dict) or prefill_graph_file(manifest, model_dir, prefill):
+        return []
+    graph = model_dir / str(entry["file"])
+    return [f for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file()]
+
+
+def _prefill_graph(manifest: dict[str, Any], model_dir: Path, prefill: str) -> Path | None:
+    """prefill_graph_file, logged."""
+    path = prefill_graph_file(manifest, model_dir, prefill)
     flag = int8_dot_flag()
-    if prefill == "auto" and flag is None:
-        logger.info(
-            "%s: prompts computed with the decoder's own graph (no VNNI or AMX on this CPU; "
-            "prefill_graph: int8 overrides)",
-            manifest.get("name"),
-        )
+    if path is None:
+        if prefill == "auto" and flag is None and manifest.get("prefill_graph"):
+            logger.info(
+                "%s: prompts computed with the decoder's own graph (no VNNI or AMX on this "
+                "CPU; prefill_graph: int8 overrides)",
+                manifest.get("name"),
+            )
         return None
     logger.info(
         "%s: prompts computed with the int8 graph %s (%s; prefill_graph: model overrides)",

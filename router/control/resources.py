@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.cpu import cpu_info
-from backends.factory import openvino_devices
+from backends.factory import openvino_devices, unloaded_files
 from router.config import REMOTE_BACKENDS, ModelConfig
 from router.errors import ResourceExhausted
 from router.models.prepare import read_manifest
@@ -178,11 +178,11 @@ def host() -> Host:
     )
 
 
-def _folder_bytes(folder: Path) -> int:
-    """Bytes of a prepared model's files (its derived OpenVINO IR aside)."""
-    total = 0
+def _folder_bytes(folder: Path, skip: Iterable[Path] = ()) -> int:
+    """Bytes of a prepared model's files (its derived OpenVINO IR and `skip` aside)."""
+    total, skipped = 0, set(skip)
     for path in folder.glob("*"):
-        if path.is_file():
+        if path.is_file() and path not in skipped:
             total += path.stat().st_size
     return total
 
@@ -191,7 +191,8 @@ def need(config: ModelConfig, model_dir: Path) -> tuple[int, int]:
     """(KV bytes, weight bytes) a local engine of `config` allocates; (0, 0) for a remote one."""
     if config.backend in REMOTE_BACKENDS:
         return 0, 0
-    weights = _folder_bytes(model_dir)
+    unloaded = unloaded_files(config.backend, model_dir, prefill_graph=config.prefill_graph)
+    weights = _folder_bytes(model_dir, unloaded)
     manifest = read_manifest(model_dir) or {}
     if config.kind != "generate" or "num_layers" not in manifest:
         return 0, weights

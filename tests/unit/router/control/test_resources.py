@@ -1,0 +1,59 @@
+"""What a local engine is counted as holding (router/control/resources.py: need)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from backends import onnx_runtime
+from router.config import ModelConfig
+from router.control.resources import need
+
+SIZES = {
+    "model.onnx": 100,
+    "model.onnx.data": 1_000,
+    "prefill.onnx": 10,
+    "prefill.onnx.data": 5_000,
+    "tokenizer.json": 7,
+}
+
+
+@pytest.fixture
+def decoder_dir(tmp_path: Path) -> Path:
+    manifest = {
+        "kind": "decoder",
+        "num_layers": 2,
+        "num_kv_heads": 1,
+        "head_dim": 4,
+        "prefill_graph": {"file": "prefill.onnx", "quantization": "int8", "attention": "packed"},
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for name, size in SIZES.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("prefill_graph", "cpu_flag", "counted"),
+    [
+        ("model", "avx512_vnni", False),
+        ("auto", None, False),
+        ("auto", "avx512_vnni", True),
+        ("int8", None, True),
+    ],
+)
+def test_the_prompt_graph_counts_as_weights_only_where_the_engine_loads_it(
+    decoder_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    prefill_graph: str,
+    cpu_flag: str | None,
+    counted: bool,
+) -> None:
+    monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: cpu_flag)
+    config = ModelConfig(name="m", kind="generate", artifact="m", prefill_graph=prefill_graph)
+    _, weights = need(config, decoder_dir)
+    manifest = (decoder_dir / "manifest.json").stat().st_size
+    prompt_graph = SIZES["prefill.onnx"] + SIZES["prefill.onnx.data"]
+    assert weights == sum(SIZES.values()) + manifest - (0 if counted else prompt_graph)
