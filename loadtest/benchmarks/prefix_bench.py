@@ -111,12 +111,12 @@ async def shared_system_prompt(stub: pb_grpc.InferenceServiceStub, model: str) -
 
 
 async def conversation(
-    stub: pb_grpc.InferenceServiceStub, model: str, pause_s: float
+    stub: pb_grpc.InferenceServiceStub, model: str, pause_s: float, questions: list[str]
 ) -> list[float]:
     """Each turn's TTFT; the next question is sent `pause_s` after the reply ended."""
     history: list[tuple[str, str]] = []
     ttfts = []
-    for question in QUESTIONS[:5]:
+    for question in questions:
         if history:
             await asyncio.sleep(pause_s)
         history.append(("user", question))
@@ -148,14 +148,15 @@ async def run(target: str, quick: bool) -> None:
         # At once: a client replaying a conversation; after 0.5 s: a person reading the reply,
         # time in which the engine computes the reply into the cache (prefix_cache.py).
         ratio = {}
-        for pause_s in (0.0, PAUSE_S):
+        # Each its own questions: a conversation run before would have cached the other's.
+        for pause_s, questions in ((0.0, QUESTIONS[:5]), (PAUSE_S, QUESTIONS[5:10])):
             print(
                 "A growing conversation (5 turns, 48-token replies, the next question "
                 + (f"{pause_s:g} s after a reply" if pause_s else "at once")
                 + "), time to first token per turn:"
             )
             for model in (CACHED, UNCACHED):
-                ttfts = await conversation(stub, model, pause_s)
+                ttfts = await conversation(stub, model, pause_s, questions)
                 ratio[model, pause_s] = ttfts[-1] / ttfts[0]
                 print(
                     f"  prefix cache {'on ' if model == CACHED else 'off'}: "

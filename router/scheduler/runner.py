@@ -77,15 +77,10 @@ class ModelRunner:
 
     def fill(self, slot: int, tokens: npt.NDArray[np.int64], start: int, end: int) -> None:
         """Compute tokens[start:end] into `slot` as a prompt chunk and cache its whole blocks
-        (a finished reply: scheduler.ReplyFill). A failure is logged; no request depends on it."""
+        (a finished reply: scheduler.ReplyFill)."""
         assert self._prefix_cache is not None
-        try:
-            self._backend.prefill(slot, tokens[start:end], start)
-            self._prefix_cache.save(slot, tokens, end)
-        except Exception:
-            logger.exception(
-                "engine %s: computing a finished reply for the cache failed", self.name
-            )
+        self._backend.prefill(slot, tokens[start:end], start)
+        self._prefix_cache.save(slot, tokens, end)
 
     def release(self, slots: list[int]) -> None:
         """The KV slots of requests that ended may be reused."""
@@ -103,10 +98,14 @@ class ModelRunner:
         """The prompt chunks of `rows`: in one call where the backend batches prompts."""
         plan = output.plan
         slots = [int(plan.slots[r]) for r in rows]
-        starts = [int(plan.starts[r]) for r in rows]
+        # A one-token chunk is computed with the token before it again: the int4 graph computes
+        # a one-row call on another kernel path, so its KV (and any block or reply cached over
+        # it) would differ from what a longer chunk computes. Two tokens from start - 1 leave
+        # position start - 1 as it was, bit for bit (any chunk of two or more is exact).
+        starts = [int(plan.starts[r]) - (plan.counts[r] == 1 and plan.starts[r] > 0) for r in rows]
+        ends = [int(plan.starts[r] + plan.counts[r]) for r in rows]
         chunks = [
-            reqs[r].tokens[start : start + int(plan.counts[r])]
-            for r, start in zip(rows, starts, strict=True)
+            reqs[r].tokens[start:end] for r, start, end in zip(rows, starts, ends, strict=True)
         ]
         if len(rows) > 1 and isinstance(self._backend, BatchedPrefill):
             try:

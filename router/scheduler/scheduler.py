@@ -66,11 +66,15 @@ class ReplyFill:
     slot: int
     tokens: npt.NDArray[np.int64]
     """Its prompt and reply ids (the reply as the next turn will hold it, once prepared)."""
+    prompt: int
+    """Prompt tokens: the reply starts there."""
     start: int
-    """The next position to compute (its first: the first reply token)."""
+    """The next position to compute (first: the start of the block the prompt ends in)."""
     end: int
     """The end of the reply's last whole block, what the cache can keep (-1 until the engine
     first comes to it: Scheduler._prepare)."""
+    stop: tuple[str, ...] = ()
+    """The request's stop strings: a reply cut at one was sent up to it."""
 
     def chunk(self, limit: int, block_size: int) -> tuple[int, int]:
         """The next (start, end) to compute, ending on a block boundary: at most `limit` tokens
@@ -220,8 +224,11 @@ class Scheduler:
         """Slots of requests that ended since the last call, for the runner to release (their
         replies not computed again by then are not: the slots may go to new requests)."""
         freed, self._freed = self._freed, []
-        self._fills.clear()
+        self.drop_fills()
         return freed
+
+    def drop_fills(self) -> None:
+        self._fills.clear()
 
     @property
     def pending_fills(self) -> int:
@@ -248,14 +255,18 @@ class Scheduler:
     def _prepare(self, fill: ReplyFill, block_size: int) -> None:
         """The reply as the conversation's next turn will hold it: its text sent back, tokenized
         again (a model's tokens need not be the text's own: "7:12" generated as 7, :, 1, 2 comes
-        back as 7, :, 12), then the stop token that ended it, which chat templates close the
-        turn with. Then the end of its last whole block within the context."""
-        reply = fill.tokens[fill.start :].tolist()
+        back as 7, :, 12), up to the stop string that ended it if one did, else with the stop
+        token that ended it, which chat templates close the turn with. Then the end of its last
+        whole block within the context."""
+        reply = fill.tokens[fill.prompt :].tolist()
         if isinstance(self._decoder, TokenCodec):
             stop = reply[-1:] if reply and reply[-1] in self._stop_ids else []
             text = self._decoder.decode(reply[: len(reply) - len(stop)])
+            cut = min((i for i in map(text.find, fill.stop) if i >= 0), default=-1)
+            if cut >= 0:  # the caller got the text up to its stop string, and no stop token
+                text, stop = text[:cut], []
             ids = [*self._decoder.encode(text, add_special_tokens=False).ids, *stop]
-            fill.tokens = np.concatenate([fill.tokens[: fill.start], np.asarray(ids, np.int64)])
+            fill.tokens = np.concatenate([fill.tokens[: fill.prompt], np.asarray(ids, np.int64)])
         fill.end = min(len(fill.tokens), self.limits.max_context) // block_size * block_size
 
     def _keep_reply(self, req: Request) -> None:
@@ -263,9 +274,14 @@ class Scheduler:
         engine is idle. Its KV came from decode steps, which round differently from a prompt's
         computation, so it cannot be cached as it is: the cache holds only what a prefill of the
         same tokens computes (an answer never depends on the cache)."""
-        if self.prefix_cache is not None and req.slot >= 0 and req.num_output:
+        cache = self.prefix_cache
+        if cache is not None and req.slot >= 0 and req.num_output:
             tokens = req.tokens[: req.num_tokens].copy()
-            self._fills.append(ReplyFill(req.slot, tokens, req.num_prompt, -1))
+            # From the start of the block the prompt ends in: that block's whole KV is then the
+            # prompt graph's, over chunks of at least two tokens, as a cache-off prefill's.
+            start = req.num_prompt // cache.block_size * cache.block_size
+            fill = ReplyFill(req.slot, tokens, req.num_prompt, start, -1, req.params.stop)
+            self._fills.append(fill)
 
     def update_from_output(self, output: SchedulerOutput, result: RunnerOutput) -> Out:
         """Chunks for the callers of this step's rows: an error for each failed row, a token

@@ -5,19 +5,28 @@ and never generate anything different from the same model with the cache off."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from tokenizers import Tokenizer
 
+from backends.base import SamplingParams
+from backends.onnx_runtime import OnnxDecoder
 from router.config import ModelConfig
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
+from router.scheduler.engine import DecoderEngine
+from router.scheduler.generation import EngineLimits
+from router.scheduler.request import Request
 from router.server import RouterServer
 from tests.integration.conftest import GEN, make_config, running
 
 NO_CACHE = "smollm2-no-prefix-cache"
+_engine_ids = itertools.count(1)
 SYSTEM = (
     "You are the support assistant of Example Rail, a regional train company. Answer in one "
     "short sentence. Tickets can be bought online, at stations and on board with a surcharge. "
@@ -133,3 +142,45 @@ async def wait_filled(server: RouterServer, seconds: float = 10.0) -> None:
     while getattr(engine, "pending_fills", 0) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
     assert getattr(engine, "pending_fills", 0) == 0
+
+
+async def test_a_prompt_ending_in_a_one_token_chunk_leaves_no_inexact_kv_in_the_cache(
+    model_cache: Path,
+) -> None:
+    # The int4 graph computes the prompts (as on CPUs without VNNI or AMX), and the 129-token
+    # first prompt's last token is a chunk of its own under a 128-token budget: computed alone
+    # in the int4 graph it would take another kernel path, and the block holding it, cached
+    # with the reply computed after it, would change the next turn's answers.
+    model_dir = model_cache / GEN
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    stops = [
+        int(i) for i in json.loads((model_dir / "manifest.json").read_text())["stop_token_ids"]
+    ]
+
+    def engine(prefix_cache_mb: int) -> DecoderEngine:
+        decoder = OnnxDecoder(model_dir, max_slots=2, max_context=512, prefill_graph="model")
+        limits = EngineLimits(2, 128, 8, 512, 0.0, prefix_cache_mb << 20)
+        return DecoderEngine(f"cache-{prefix_cache_mb}", decoder, tokenizer, limits, stops)
+
+    async def answer(engine: DecoderEngine, prompt: list[int], max_tokens: int) -> list[int]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        request = Request(f"r{len(prompt)}", next(_engine_ids), prompt, params)
+        return [t async for chunk in engine.generate(request) for t in chunk.token_ids]
+
+    on, off = engine(16), engine(0)
+    on.start()
+    off.start()
+    try:
+        text = " ".join(f"Train {i} leaves from platform {i % 7} at {i}:15." for i in range(40))
+        first = tokenizer.encode(text).ids[:129]
+        reply = await answer(on, first, 24)
+        assert reply == await answer(off, first, 24)
+        history = first + tokenizer.encode(tokenizer.decode(reply)).ids
+        for question in ("What is a train?", "Tell me more.", "Why?"):
+            while on.pending_fills:  # the reply is computed into the cache while idle
+                await asyncio.sleep(0.01)
+            prompt = history + tokenizer.encode(question).ids
+            assert await answer(on, prompt, 16) == await answer(off, prompt, 16), question
+    finally:
+        on.stop()
+        off.stop()

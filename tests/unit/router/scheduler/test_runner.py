@@ -23,10 +23,13 @@ _ids = itertools.count(1)
 class StepEngine:
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
+        self.chunks: list[tuple[list[int], int]] = []
+        """(token ids, start) of every prefill."""
         self.fail_decode_slot = -1
 
     def prefill(self, slot: int, token_ids: np.ndarray, start: int) -> np.ndarray:
         self.calls.append(("prefill", slot))
+        self.chunks.append((token_ids.tolist(), start))
         logits = np.zeros(VOCAB, dtype=np.float32)
         logits[5] = 9.0
         return logits
@@ -169,4 +172,7 @@ def test_a_prompt_chunk_of_one_token_is_prefilled_not_decoded() -> None:
     assert second.plan.counts.tolist() == [1] and second.plan.starts.tolist() == [2]
     result = runner.execute(second)
     assert engine.calls == [("prefill", 0)]  # the decode path would round it differently
+    # ... and so would a one-row prefill call in the int4 graph: computed with the token
+    # before it again (whose KV comes out the same).
+    assert engine.chunks[-1] == ([2, 3], 1)
     assert result.tokens == {0: 5}

@@ -249,7 +249,8 @@ def test_a_finished_reply_is_computed_again_into_the_cache_for_the_next_turn() -
     first = make_request(n_prompt=6, max_tokens=8)
     finished(scheduler, store, first)
     assert first.num_tokens == 14 and cache.cached_blocks == 1  # the prompt's whole block
-    # The reply's blocks, 4..12, in chunks ending on block boundaries (2 tokens at least).
+    # From the block the prompt ends in (4..8, recomputed whole: its KV is then the prompt
+    # graph's), to the end of the reply's last whole block, in chunks ending on block boundaries.
     chunks = []
     while (fill := scheduler.next_fill(4)) is not None:
         chunk, start, end = fill
@@ -257,7 +258,7 @@ def test_a_finished_reply_is_computed_again_into_the_cache_for_the_next_turn() -
         chunks.append((start, end))
         store.compute(chunk.slot, chunk.tokens[:end])  # ModelRunner.fill
         cache.save(chunk.slot, chunk.tokens, end)
-    assert chunks == [(6, 8), (8, 12)] and scheduler.pending_fills == 0
+    assert chunks == [(4, 8), (8, 12)] and scheduler.pending_fills == 0
     # The next turn (its prompt holds the whole reply, then more) finds 12 tokens cached.
     prompt = [*first.tokens[:14].tolist(), 30, 31]
     second = Request(
@@ -311,10 +312,10 @@ def test_a_reply_is_kept_as_its_text_tokenizes_then_the_stop_token_that_ended_it
 
 @pytest.mark.parametrize(
     ("n_prompt", "max_tokens", "cancel"),
-    [(6, 8, True), (5, 2, False), (7, 2, False)],
-    ids=["cancelled", "no-whole-block-past-the-prompt", "one-token-into-a-block"],
+    [(6, 8, True), (5, 2, False), (9, 2, False)],
+    ids=["cancelled", "no-whole-block-past-the-prompt", "ending-in-the-prompts-last-block"],
 )
-def test_no_reply_is_kept_without_two_tokens_of_a_whole_block(
+def test_no_reply_is_kept_without_a_whole_block_past_the_prompts_whole_blocks(
     n_prompt: int, max_tokens: int, cancel: bool
 ) -> None:
     scheduler, _, store = cached_scheduler()
