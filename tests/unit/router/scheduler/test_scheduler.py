@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +14,7 @@ from router.scheduler.generation import Chunk, EngineLimits
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request, RequestStatus
 from router.scheduler.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from tests.unit.router.scheduler.test_engine_fill import Codec
 from tests.unit.router.scheduler.test_prefix_cache import TokenStore
 
 EOS = 2
@@ -281,22 +281,6 @@ def test_a_reply_not_computed_again_by_the_next_plan_is_dropped_with_its_slot() 
     assert scheduler.pending_fills == 0 and scheduler.next_fill(4) is None
 
 
-class Codec(Decoder):
-    """Decodes as Decoder; encodes the text back into one token a character, except "ab",
-    which comes back as the one token 40 (a reply's tokens need not be its text's)."""
-
-    def encode(self, sequence: str, add_special_tokens: bool = True) -> SimpleNamespace:
-        ids, i = [], 0
-        while i < len(sequence):
-            if sequence.startswith("ab", i):
-                ids.append(40)
-                i += 2
-            else:
-                ids.append(ord(sequence[i]) - ord("a"))
-                i += 1
-        return SimpleNamespace(ids=ids)
-
-
 def test_a_reply_is_kept_as_its_text_tokenizes_then_the_stop_token_that_ended_it() -> None:
     scheduler, _, store = cached_scheduler()
     scheduler._decoder = Codec()
@@ -305,8 +289,8 @@ def test_a_reply_is_kept_as_its_text_tokenizes_then_the_stop_token_that_ended_it
     finished(scheduler, store, req, iter([5, 26, 27, 29, 30, EOS]))
     fill = scheduler.next_fill(8)
     assert fill is not None
-    # "fabde" comes back as f, ab, d, e (5, 40, 3, 4), then EOS: 4 + 5 tokens, one whole block.
-    assert fill[0].tokens[4:].tolist() == [5, 40, 3, 4, EOS]
+    # "fabde" comes back as f, ab, d, e (5, 28, 3, 4), then EOS: 4 + 5 tokens, one whole block.
+    assert fill[0].tokens[4:].tolist() == [5, 28, 3, 4, EOS]
     assert fill[1:] == (4, 8) and scheduler.next_fill(8) is None
 
 
