@@ -46,6 +46,11 @@ def register_cli(
     create.add_argument("--max-slots", type=int, default=0, help="sequences per replica (0: 16)")
     create.add_argument("--max-context", type=int, default=0, help="tokens per sequence")
     create.add_argument("--prefix-cache-mb", type=int, help="prefix KV per replica (MiB)")
+    create.add_argument(
+        "--prefill-graph",
+        default="",
+        help="onnxruntime replicas' prompt graph: auto (default), int8 or model",
+    )
     create.add_argument("--require-auth", action="store_true", help="refuse anonymous callers")
     create.add_argument(
         "--limit",
@@ -112,6 +117,7 @@ def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
             threads=args.threads,
             max_slots=args.max_slots,
             max_context=args.max_context,
+            prefill_graph=args.prefill_graph,
         )
         if args.prefix_cache_mb is not None:
             deployment.prefix_cache_mb = args.prefix_cache_mb

@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, Row
 
+from backends.base import PREFILL_GRAPHS
 from router.config import REMOTE_BACKENDS
 from router.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, quote
 from router.guard.limits.config import TierLimits
@@ -144,6 +145,8 @@ class Deployment:
     """Prompt plus completion tokens per sequence; 0: the version's limit, at most 2,048."""
     prefix_cache_mb: int = 128
     """KV kept aside for shared prefixes, per local replica; 0 turns it off."""
+    prefill_graph: str = "auto"
+    """The graph that computes prompts on onnxruntime replicas (ModelConfig.prefill_graph)."""
     rollout: Rollout | None = None
     """The last rollout to another version (running, completed or rolled back)."""
     require_auth: bool = False
@@ -224,6 +227,18 @@ def validate(d: Deployment) -> Deployment:
             limits.validate(f"deployment.limits[{tier!r}]")
         except ValueError as exc:
             raise InvalidArgument(str(exc), field="deployment.limits") from None
+    if d.prefill_graph not in PREFILL_GRAPHS:
+        raise InvalidArgument(
+            f"deployment.prefill_graph {quote(d.prefill_graph)} is unknown; use one of "
+            f"{list(PREFILL_GRAPHS)}",
+            field="deployment.prefill_graph",
+        )
+    if d.prefill_graph != "auto" and all(r.backend != "onnxruntime" for r in d.replicas):
+        raise InvalidArgument(
+            f"deployment.prefill_graph {quote(d.prefill_graph)} applies to onnxruntime "
+            "replicas; this deployment has none (leave it unset)",
+            field="deployment.prefill_graph",
+        )
     for key, low, high in (
         ("threads", 1, MAX_THREADS),
         ("max_slots", 1, MAX_SLOTS),
@@ -246,6 +261,7 @@ def _spec(d: Deployment) -> str:
             "max_slots": d.max_slots,
             "max_context": d.max_context,
             "prefix_cache_mb": d.prefix_cache_mb,
+            "prefill_graph": d.prefill_graph,
             "rollout": None if d.rollout is None else dataclasses.asdict(d.rollout),
             "require_auth": d.require_auth,
             "limits": {tier: dataclasses.asdict(lim) for tier, lim in d.limits.items()},
@@ -278,6 +294,7 @@ def _deployment(row: Row[Any]) -> Deployment:
         max_slots=spec["max_slots"],
         max_context=spec["max_context"],
         prefix_cache_mb=spec["prefix_cache_mb"],
+        prefill_graph=spec.get("prefill_graph", "auto"),
         rollout=_rollout(spec.get("rollout")),
         require_auth=spec.get("require_auth", False),
         limits={tier: TierLimits(**lim) for tier, lim in spec.get("limits", {}).items()},

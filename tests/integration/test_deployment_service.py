@@ -184,6 +184,20 @@ async def test_a_deployment_serves_at_once_and_scales_with_streams_in_flight(
     assert got.deployment.generation == 3
 
 
+async def test_a_deployment_chooses_the_graph_its_replicas_compute_prompts_with(
+    server: RouterServer, stub: pb_grpc.DeploymentServiceStub
+) -> None:
+    created = await create(stub, small("own-graph", prefill_graph="model"))
+    try:
+        assert created.prefill_graph == "model"
+        (replica,) = [r for r in server.models.replicas() if r.name == "own-graph/r0"]
+        assert replica.config.prefill_graph == "model"
+        got = await stub.GetDeployment(pb.GetDeploymentRequest(name="own-graph"), timeout=TIMEOUT)
+        assert got.deployment.prefill_graph == "model"
+    finally:
+        await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="own-graph"), timeout=TIMEOUT)
+
+
 async def test_refusals_name_the_reason_and_leave_nothing_behind(
     server: RouterServer, channel: grpc.aio.Channel, stub: pb_grpc.DeploymentServiceStub
 ) -> None:
@@ -203,6 +217,19 @@ async def test_refusals_name_the_reason_and_leave_nothing_behind(
         (small("Bad"), grpc.StatusCode.INVALID_ARGUMENT, "deployment.name"),
         (small("bad", require_auth=True), grpc.StatusCode.FAILED_PRECONDITION, "guard"),
         (small("bad", replicas=0), grpc.StatusCode.INVALID_ARGUMENT, "replicas is empty"),
+        (small("bad", prefill_graph="fp8"), grpc.StatusCode.INVALID_ARGUMENT, "'fp8' is unknown"),
+        (
+            small(
+                "bad", replicas=[pb.Replica(name="r0", backend="openvino")], prefill_graph="int8"
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prefill_graph 'int8' applies to onnxruntime replicas",
+        ),
+        (
+            small("bad", model_name="mini", max_slots=0, prefill_graph="model"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prefill_graph=model applies to generation models",
+        ),
         (
             small("bad", replicas=[pb.Replica(name="r0", backend="tpu")]),
             grpc.StatusCode.INVALID_ARGUMENT,

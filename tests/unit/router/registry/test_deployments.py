@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from router.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from router.registry import audit
 from router.registry.database import open_database
 from router.registry.deployments import Deployment, DeploymentStore, ReplicaSpec, validate
+from router.registry.schema import deployments as table
 
 CHAT = Deployment(name="chat", model_name="smol", model_version="1", replicas=(ReplicaSpec("r0"),))
 
@@ -40,6 +43,8 @@ def test_validate_names_the_wrong_field() -> None:
         ({"replicas": (dataclasses.replace(remote, api_key_env="A-B"),)}, r"\].api_key_env"),
         ({"threads": 0}, r"threads=0 must be in \[1, 256\]"),
         ({"max_slots": 1000}, "max_slots=1000"),
+        ({"prefill_graph": "fp8"}, "prefill_graph 'fp8' is unknown"),
+        ({"replicas": (remote,), "prefill_graph": "model"}, "applies to onnxruntime replicas"),
     ]
     for fields, words in cases:
         with pytest.raises(InvalidArgument, match=words):
@@ -67,3 +72,15 @@ def test_rows_round_trip_with_generations_and_audit(store: DeploymentStore) -> N
         ("deployment.scale", "bob@t"),
         ("deployment.delete", "dave@t"),
     ]
+
+
+def test_the_prompt_graph_is_stored_and_rows_written_before_it_read_auto(
+    store: DeploymentStore,
+) -> None:
+    stored = store.insert(dataclasses.replace(CHAT, prefill_graph="model"), "alice@t")
+    assert store.get("chat").prefill_graph == "model"
+    with store.engine.begin() as conn:  # a row from before the field: its spec lacks the key
+        spec = json.loads(conn.execute(sa.select(table.c.spec)).scalar_one())
+        del spec["prefill_graph"]
+        conn.execute(sa.update(table).values(spec=json.dumps(spec)))
+    assert store.get("chat") == dataclasses.replace(stored, prefill_graph="auto")
