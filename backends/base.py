@@ -313,6 +313,10 @@ class StepObserver(Protocol):
         """Prompt tokens looked up in the prefix cache since the last call, and those found."""
         ...
 
+    def on_reply_fill(self, tokens: int) -> None:
+        """Tokens of finished replies computed again into the prefix cache while idle."""
+        ...
+
 
 @runtime_checkable
 class RequestEngine(Protocol):

@@ -68,6 +68,13 @@ class Metrics:
             ["model", "result"],
             registry=r,
         )
+        self.prefix_cache_reply_tokens = Counter(
+            "irouter_prefix_cache_reply_tokens",
+            "Tokens of finished replies an idle decoder engine computed again into its prefix "
+            "cache, for the conversations' next turns",
+            ["model"],
+            registry=r,
+        )
         self.slots_in_use = Gauge(
             "irouter_kv_slots_in_use",
             "KV cache slots held by running sequences",
@@ -208,6 +215,7 @@ class ModelObserver:
         self._slots = metrics.slots_in_use.labels(model)
         self._prefix_hit = metrics.prefix_cache_tokens.labels(model, "hit")
         self._prefix_miss = metrics.prefix_cache_tokens.labels(model, "miss")
+        self._reply_fill = metrics.prefix_cache_reply_tokens.labels(model)
 
     def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None:
         if batch_size:
@@ -219,6 +227,9 @@ class ModelObserver:
     def on_prefix_cache(self, hit_tokens: int, prompt_tokens: int) -> None:
         self._prefix_hit.inc(hit_tokens)
         self._prefix_miss.inc(prompt_tokens - hit_tokens)
+
+    def on_reply_fill(self, tokens: int) -> None:
+        self._reply_fill.inc(tokens)
 
     def on_batch(self, texts: int, seconds: float) -> None:
         self._batch.observe(texts)

@@ -43,6 +43,9 @@ class _NullObserver:
     def on_prefix_cache(self, hit_tokens: int, prompt_tokens: int) -> None:
         return None
 
+    def on_reply_fill(self, tokens: int) -> None:
+        return None
+
 
 def _prefix_cache(name: str, backend: DecoderStepEngine, budget: int) -> PrefixCache | None:
     """The prefix cache within `budget` bytes, when the backend can keep KV blocks."""
@@ -249,6 +252,7 @@ class DecoderEngine:
             if fill is None:
                 return False
             self._runner.fill(fill[0].slot, fill[0].tokens, fill[1], fill[2])
+            self._observer.on_reply_fill(fill[2] - fill[1])
         except Exception:
             logger.exception(
                 "engine %s: computing a finished reply for the cache failed", self.name

@@ -132,6 +132,11 @@ async def test_a_conversations_next_turn_reuses_its_history_and_its_answers_are_
             assert _tokens(server, "miss") - misses < 40, turn
             assert _tokens(server, "hit") - hits >= 16 * (2 * turn + 1)
         history.append(("assistant", tokenizer.decode(cached)))
+    await wait_filled(server)
+    filled = server.metrics.registry.get_sample_value(
+        "irouter_prefix_cache_reply_tokens_total", {"model": GEN}
+    )
+    assert filled is not None and filled >= 4 * 16  # each reply's blocks, at least
 
 
 async def wait_filled(server: RouterServer, seconds: float = 10.0) -> None:

@@ -85,6 +85,9 @@ class RecordingObserver:
     def on_prefix_cache(self, hit_tokens: int, prompt_tokens: int) -> None:
         return None
 
+    def on_reply_fill(self, tokens: int) -> None:
+        return None
+
     def last(self) -> tuple[int, int, int]:
         with self.lock:
             return self.steps[-1]
