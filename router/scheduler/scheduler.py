@@ -75,6 +75,8 @@ class ReplyFill:
     first comes to it: Scheduler._prepare)."""
     stop: tuple[str, ...] = ()
     """The request's stop strings: a reply cut at one was sent up to it."""
+    stop_token_ids: frozenset[int] = frozenset()
+    """The request's own stop tokens: one that ended it was not sent."""
 
     def chunk(self, limit: int, block_size: int) -> tuple[int, int]:
         """The next (start, end) to compute, ending on a block boundary: at most `limit` tokens
@@ -255,12 +257,16 @@ class Scheduler:
     def _prepare(self, fill: ReplyFill, block_size: int) -> None:
         """The reply as the conversation's next turn will hold it: its text sent back, tokenized
         again (a model's tokens need not be the text's own: "7:12" generated as 7, :, 1, 2 comes
-        back as 7, :, 12), up to the stop string that ended it if one did, else with the stop
-        token that ended it, which chat templates close the turn with. Then the end of its last
-        whole block within the context."""
+        back as 7, :, 12), up to the stop string that ended it if one did, else with the model's
+        stop token that ended it, which chat templates close the turn with (a caller's own stop
+        token is not sent back). Then the end of its last whole block within the context."""
         reply = fill.tokens[fill.prompt :].tolist()
         if isinstance(self._decoder, TokenCodec):
-            stop = reply[-1:] if reply and reply[-1] in self._stop_ids else []
+            last = reply[-1:]
+            # The caller's own stop token ended it: neither its text nor a closing token follow.
+            if last and last[0] in fill.stop_token_ids:
+                reply, last = reply[:-1], []
+            stop = last if last and last[0] in self._stop_ids else []
             text = self._decoder.decode(reply[: len(reply) - len(stop)])
             cut = min((i for i in map(text.find, fill.stop) if i >= 0), default=-1)
             if cut >= 0:  # the caller got the text up to its stop string, and no stop token
@@ -280,7 +286,9 @@ class Scheduler:
             # From the start of the block the prompt ends in: that block's whole KV is then the
             # prompt graph's, over chunks of at least two tokens, as a cache-off prefill's.
             start = req.num_prompt // cache.block_size * cache.block_size
-            fill = ReplyFill(req.slot, tokens, req.num_prompt, start, -1, req.params.stop)
+            params = req.params
+            stops = frozenset(params.stop_token_ids)
+            fill = ReplyFill(req.slot, tokens, req.num_prompt, start, -1, params.stop, stops)
             self._fills.append(fill)
 
     def update_from_output(self, output: SchedulerOutput, result: RunnerOutput) -> Out:

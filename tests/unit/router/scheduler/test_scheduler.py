@@ -295,6 +295,25 @@ def test_a_reply_is_kept_as_its_text_tokenizes_then_the_stop_token_that_ended_it
 
 
 @pytest.mark.parametrize(
+    ("params", "tokens", "kept"),
+    [
+        ({"stop": ["d"]}, [5, 26, 27, 6, 7, 29], [5, 28, 6, 7]),  # sent up to its stop string
+        ({"stop_token_ids": [30]}, [5, 26, 27, 6, 7, 30], [5, 28, 6, 7]),  # its own: not sent
+    ],
+    ids=["stop-string", "callers-stop-token"],
+)
+def test_a_reply_is_kept_as_the_caller_got_it(
+    params: dict[str, object], tokens: list[int], kept: list[int]
+) -> None:
+    scheduler, _, store = cached_scheduler()
+    scheduler._decoder = Codec()
+    req = make_request(n_prompt=4, max_tokens=8, **params)
+    finished(scheduler, store, req, iter(tokens))
+    fill = scheduler.next_fill(8)
+    assert fill is not None and fill[0].tokens[4:].tolist() == kept
+
+
+@pytest.mark.parametrize(
     ("n_prompt", "max_tokens", "cancel"),
     [(6, 8, True), (5, 2, False), (9, 2, False)],
     ids=["cancelled", "no-whole-block-past-the-prompt", "ending-in-the-prompts-last-block"],
