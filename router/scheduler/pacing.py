@@ -36,7 +36,7 @@ class StepPacer:
         self._prefill_s: float | None = None
         """Seconds per prefill token (beyond the decode rows of the same step)."""
 
-    def budget(self, decoding: int, running: int = 0) -> int:
+    def budget(self, decoding: int, running: int = 0, fresh: int = 0) -> int:
         """Tokens the next step may compute with `decoding` sequences decoding (one token each)
         among `running` holding a slot (the others still in their prompts); 0 means the whole
         token_budget (nothing decoding, or nothing measured yet).
@@ -46,8 +46,13 @@ class StepPacer:
         burst, most callers still waiting for a first token) it is the decode step of all
         running, what each will see once all decode: paced to a first stream's short steps, a
         burst's other prompts progress a few tokens a step (16 prompts at once, in process,
-        AMD EPYC Zen 4: last first token 281 ms against 196, medians of 4 rounds)."""
-        if decoding == 0 or self._prefill_s is None or not self._decode_s:
+        AMD EPYC Zen 4: last first token 281 ms against 196, medians of 4 rounds).
+
+        `fresh` of the decoding sequences have only their first token. While all of them are so,
+        they are a burst's first to finish their prompts, and the rest of the burst, which
+        waited as long, gets the whole budget: each stream's second token comes one long step
+        later, instead of the burst's last first tokens several paced steps later."""
+        if decoding in (0, fresh) or self._prefill_s is None or not self._decode_s:
             return 0
         size = decoding if 2 * decoding >= running else running
         rows = min(self._decode_s, key=lambda n: abs(n - size))  # the nearest size measured

@@ -141,6 +141,11 @@ class Scheduler:
         preempted one recomputing its tokens counts too, for the steps of its recompute.)"""
         return sum(1 for r in self.requests.values() if r.slot >= 0 and r.num_output > 0)
 
+    @property
+    def num_fresh(self) -> int:
+        """Of num_decoding, those with only their first token (StepPacer.budget's `fresh`)."""
+        return sum(1 for r in self.requests.values() if r.slot >= 0 and r.num_output == 1)
+
     def has_unfinished(self) -> bool:
         return self._native.has_unfinished()
 

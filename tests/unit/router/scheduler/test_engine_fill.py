@@ -15,8 +15,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from backends.base import Capabilities, SamplingParams
+from router.scheduler import engine as engine_module
 from router.scheduler.engine import DecoderEngine
 from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Request
@@ -185,6 +187,28 @@ async def test_a_call_arriving_during_fills_waits_for_one_chunk_at_most() -> Non
         calls.append("arrive")
         assert await ask(engine, [7] * 5, 3) == reference([7] * 5, 3)
         assert calls[calls.index("arrive") + 1 :].count("fill") <= 1, calls
+    finally:
+        engine.stop()
+
+
+async def test_a_call_sent_at_once_after_a_reply_waits_for_no_fill(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_module, "FILL_AFTER_S", 5.0)  # "at once", however slow the CI
+    engine = make(HashKV(slots=2, delay=0.02))
+    calls: list[str] = []
+    fill = engine._runner.fill
+
+    def logged_fill(*args: Any) -> None:
+        calls.append("fill")
+        fill(*args)
+
+    engine._runner.fill = logged_fill  # type: ignore[method-assign]
+    try:
+        first = await ask(engine, [5] * 10, 40, ignore_eos=True)
+        prompt = [5] * 10 + first + [9, 9]  # the next turn, sent at once (an agent's loop)
+        assert await ask(engine, prompt, 3) == reference(prompt, 3)
+        assert calls == []  # the fills wait FILL_AFTER_S of idleness first
     finally:
         engine.stop()
 

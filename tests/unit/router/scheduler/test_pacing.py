@@ -53,3 +53,15 @@ def test_the_time_unit_is_the_decoding_streams_while_they_are_half_the_running_o
     # A burst: 1 stream decodes beside 15 prompts; paced to the whole batch's decode step.
     assert pacer.budget(decoding=1, running=16) == 1 + per_16
     assert pacer.budget(decoding=0, running=16) == 0  # nothing decoding: the whole budget
+
+
+def test_a_bursts_first_finishers_do_not_hold_back_the_rest_of_the_burst() -> None:
+    pacer = StepPacer(token_budget=512)
+    pacer.observe(decode_rows=16, prefill_tokens=0, seconds=0.04)
+    pacer.observe(decode_rows=0, prefill_tokens=100, seconds=0.1)
+    # 13 of a 16-prompt burst have their first token, 3 are still in their prompts: the 3
+    # waited as long, so the step takes their prompts whole (the 13's second token comes later).
+    assert pacer.budget(decoding=13, running=16, fresh=13) == 0
+    # One stream decoding from before: its pace is kept.
+    per_16 = round((STEP_FACTOR - 1) * 40)
+    assert pacer.budget(decoding=14, running=16, fresh=13) == 14 + per_16
