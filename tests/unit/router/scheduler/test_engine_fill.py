@@ -141,6 +141,19 @@ async def ask(
     return [t async for chunk in engine.generate(request) for t in chunk.token_ids]
 
 
+def logged_fills(engine: DecoderEngine) -> list[str]:
+    """A list the engine's runner appends "fill" to at each reply chunk it computes."""
+    calls: list[str] = []
+    fill = engine._runner.fill
+
+    def logged_fill(*args: Any) -> None:
+        calls.append("fill")
+        fill(*args)
+
+    engine._runner.fill = logged_fill  # type: ignore[method-assign]
+    return calls
+
+
 async def test_conversations_with_pauses_and_cancelled_calls_answer_as_the_model_does() -> None:
     rng = random.Random(4)
     engine = make(HashKV(slots=3, delay=0.002))
@@ -173,14 +186,7 @@ async def test_conversations_with_pauses_and_cancelled_calls_answer_as_the_model
 
 async def test_a_call_arriving_during_fills_waits_for_one_chunk_at_most() -> None:
     engine = make(HashKV(slots=2, delay=0.02))
-    calls: list[str] = []
-    fill = engine._runner.fill
-
-    def logged_fill(*args: Any) -> None:
-        calls.append("fill")
-        fill(*args)
-
-    engine._runner.fill = logged_fill  # type: ignore[method-assign]
+    calls = logged_fills(engine)
     try:
         await ask(engine, [5] * 10, 200, ignore_eos=True)  # a long reply: many chunks
         await asyncio.sleep(0.05)
@@ -196,14 +202,7 @@ async def test_a_call_sent_at_once_after_a_reply_waits_for_no_fill(
 ) -> None:
     monkeypatch.setattr(engine_module, "FILL_AFTER_S", 5.0)  # "at once", however slow the CI
     engine = make(HashKV(slots=2, delay=0.02))
-    calls: list[str] = []
-    fill = engine._runner.fill
-
-    def logged_fill(*args: Any) -> None:
-        calls.append("fill")
-        fill(*args)
-
-    engine._runner.fill = logged_fill  # type: ignore[method-assign]
+    calls = logged_fills(engine)
     try:
         first = await ask(engine, [5] * 10, 40, ignore_eos=True)
         prompt = [5] * 10 + first + [9, 9]  # the next turn, sent at once (an agent's loop)
