@@ -138,8 +138,8 @@ class OnnxDecoder(SlotKVPool):
     ran 1.7-1.9x the int4 graph's. Each graph computes a row the same whatever else runs in its
     call, so an answer does not depend on its batch or the prefix cache (the packed int8 graph
     computes a prompt the same however it was chunked, bit for bit; the int4 graph's kernels
-    round a one-row call differently from a longer one, which the prefix cache avoids by always
-    leaving two tokens); it does depend on which graph computed the prompt.
+    round a one-row call differently from a longer one, which the router's runner never makes
+    for a prompt); it does depend on which graph computed the prompt.
     """
 
     def __init__(

@@ -224,9 +224,8 @@ class DecoderEngine:
             try:
                 # Sequences still in their prompt take no decode row: counted as decoding, their
                 # share went to the prefill and paced steps ran long (3.2 decode steps, not 3).
-                budget = pacer.budget(
-                    scheduler.num_decoding, scheduler.num_running, scheduler.num_fresh
-                )
+                decoding, fresh = scheduler.decoding()
+                budget = pacer.budget(decoding, scheduler.num_running, fresh)
                 step = scheduler.schedule(budget)
                 batch = len(step.requests)
                 result = runner.execute(step)

@@ -44,10 +44,10 @@ BLOCK_TOKENS = 16
 """Positions per cached block: prefixes are matched in whole blocks."""
 
 MIN_COMPUTED = 2
-"""Prompt tokens always computed: the last one's logits give the first new token, and a prompt
-chunk of one token, computed alone, takes another kernel path in the int4 graph (one-row calls
-are not quantized to int8; the packed int8 prompt graph computes it the same): the logits must
-be the ones a full prefill gives, so that the cache never changes an answer."""
+"""Prompt tokens always computed: the last one's logits give the first new token, and the chunk
+is never a lone token (which the runner computes with the token before it anyway: a one-row call
+of the int4 graph takes another kernel path), so the logits are the ones a full prefill gives
+and the cache never changes an answer."""
 
 _Key = tuple[int, bytes]
 """(parent block or -1 at the root, this block's token ids as bytes)."""

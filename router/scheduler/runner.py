@@ -29,6 +29,15 @@ logger = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float32]
 
 
+def _chunk_start(start: int, end: int) -> int:
+    """Where to compute the prompt chunk [start, end) from: a one-token chunk is computed with
+    the token before it again. The int4 graph computes a one-row call on another kernel path, so
+    its KV (and any block or reply cached over it) would differ from what a longer chunk
+    computes; two tokens from start - 1 leave position start - 1 as it was, bit for bit (any
+    chunk of two or more is exact)."""
+    return start - 1 if end - start == 1 and start > 0 else start
+
+
 class ModelRunner:
     def __init__(
         self, name: str, backend: DecoderStepEngine, prefix_cache: PrefixCache | None = None
@@ -79,6 +88,7 @@ class ModelRunner:
         """Compute tokens[start:end] into `slot` as a prompt chunk and cache its whole blocks
         (a finished reply: scheduler.ReplyFill)."""
         assert self._prefix_cache is not None
+        start = _chunk_start(start, end)
         self._backend.prefill(slot, tokens[start:end], start)
         self._prefix_cache.save(slot, tokens, end)
 
@@ -98,12 +108,8 @@ class ModelRunner:
         """The prompt chunks of `rows`: in one call where the backend batches prompts."""
         plan = output.plan
         slots = [int(plan.slots[r]) for r in rows]
-        # A one-token chunk is computed with the token before it again: the int4 graph computes
-        # a one-row call on another kernel path, so its KV (and any block or reply cached over
-        # it) would differ from what a longer chunk computes. Two tokens from start - 1 leave
-        # position start - 1 as it was, bit for bit (any chunk of two or more is exact).
-        starts = [int(plan.starts[r]) - (plan.counts[r] == 1 and plan.starts[r] > 0) for r in rows]
         ends = [int(plan.starts[r] + plan.counts[r]) for r in rows]
+        starts = [_chunk_start(int(plan.starts[r]), end) for r, end in zip(rows, ends, strict=True)]
         chunks = [
             reqs[r].tokens[start:end] for r, start, end in zip(rows, starts, ends, strict=True)
         ]

@@ -78,11 +78,9 @@ class ReplyFill:
     stop_token_ids: frozenset[int] = frozenset()
     """The request's own stop tokens: one that ended it was not sent."""
 
-    def chunk(self, limit: int, block_size: int) -> tuple[int, int]:
-        """The next (start, end) to compute, ending on a block boundary: at most `limit` tokens
-        past the start of the block it begins in."""
-        aligned = self.start // block_size * block_size + limit
-        return self.start, min(self.end, max(aligned, self.start + 2))
+    def chunk(self, limit: int) -> tuple[int, int]:
+        """The next (start, end) to compute: `limit` tokens at most."""
+        return self.start, min(self.end, self.start + limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +139,15 @@ class Scheduler:
         preempted one recomputing its tokens counts too, for the steps of its recompute.)"""
         return sum(1 for r in self.requests.values() if r.slot >= 0 and r.num_output > 0)
 
-    @property
-    def num_fresh(self) -> int:
-        """Of num_decoding, those with only their first token (StepPacer.budget's `fresh`)."""
-        return sum(1 for r in self.requests.values() if r.slot >= 0 and r.num_output == 1)
+    def decoding(self) -> tuple[int, int]:
+        """num_decoding, and of those the ones with only their first token (StepPacer.budget's
+        `fresh`), in one pass (every step)."""
+        decoding = fresh = 0
+        for r in self.requests.values():
+            if r.slot >= 0 and r.num_output > 0:
+                decoding += 1
+                fresh += r.num_output == 1
+        return decoding, fresh
 
     def has_unfinished(self) -> bool:
         return self._native.has_unfinished()
@@ -249,10 +252,10 @@ class Scheduler:
             fill = self._fills[0]
             if fill.end < 0:
                 self._prepare(fill, cache.block_size)
-            if fill.end - fill.start < 2:  # a one-token chunk takes another path in the int4 graph
+            if fill.end <= fill.start:  # no whole block past the prompt's
                 self._fills.pop(0)
                 continue
-            start, end = fill.chunk(limit, cache.block_size)
+            start, end = fill.chunk(limit)
             fill.start = end
             if end >= fill.end:
                 self._fills.pop(0)

@@ -154,7 +154,10 @@ def logged_fills(engine: DecoderEngine) -> list[str]:
     return calls
 
 
-async def test_conversations_with_pauses_and_cancelled_calls_answer_as_the_model_does() -> None:
+async def test_conversations_with_pauses_and_cancelled_calls_answer_as_the_model_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_module, "FILL_AFTER_S", 0.0)  # fills in the shortest pauses too
     rng = random.Random(4)
     engine = make(HashKV(slots=3, delay=0.002))
     codec = Codec()
@@ -189,7 +192,10 @@ async def test_a_call_arriving_during_fills_waits_for_one_chunk_at_most() -> Non
     calls = logged_fills(engine)
     try:
         await ask(engine, [5] * 10, 200, ignore_eos=True)  # a long reply: many chunks
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:  # its fills have begun
+            await asyncio.sleep(0.005)
+        assert calls
         calls.append("arrive")
         assert await ask(engine, [7] * 5, 3) == reference([7] * 5, 3)
         assert calls[calls.index("arrive") + 1 :].count("fill") <= 1, calls
