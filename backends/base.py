@@ -25,6 +25,8 @@ PRECISIONS: tuple[str, ...] = ("", "f32", "bf16", "f16")
 """OpenVINO inference precisions; '' keeps the device default (bf16 on CPUs that have it)."""
 PREFILL_GRAPHS: tuple[str, ...] = ("auto", "int8", "model")
 """ONNX Runtime decoders: the graph that computes prompts ('model': the decoder's own)."""
+DECODE_KERNELS: tuple[str, ...] = ("auto", "native", "onnxruntime")
+"""ONNX Runtime decoders: what computes decode steps ('native': backends.native_decode)."""
 BURST_GAP_S = 0.003
 """Woken from idle, an engine waits this long for another call before its first step..."""
 BURST_WINDOW_S = 0.025

@@ -57,6 +57,20 @@ def unloaded_files(kind: str, model_dir: Path, *, prefill_graph: str = "auto") -
         return []
 
 
+def native_copy_bytes(kind: str, model_dir: Path, *, decode_kernel: str = "auto") -> int:
+    """Resident bytes an engine of `kind` holds beyond its folder's files: an ONNX Runtime
+    decoder's native decode step keeps its own copy of the int4 graph's weights."""
+    if kind != "onnxruntime":
+        return 0
+    try:
+        manifest = read_manifest(model_dir)
+    except ValueError:
+        return 0
+    from backends.native_decode import native_copy_bytes as copy_bytes
+
+    return copy_bytes(model_dir, manifest, decode_kernel)
+
+
 def create_backend(kind: str, model_dir: Path, **options: Any) -> Engine:
     """Build the engine of backend `kind` for the model in model_dir.
 

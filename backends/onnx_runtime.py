@@ -9,9 +9,10 @@ copied between steps and sequences of different lengths share a batch without pa
 * prompts run through the packed int8 graph, several slots a call (backends.packed_prefill),
   where the CPU multiplies int8 natively; else through the decoder's own graph one slot at a
   time on the view buffer[slot:slot+1] (GQA with a past and S > 1 is only correct at batch 1);
-* decode runs the rows 0..n-1 where n = max(slots) + 1. Rows in that range that are not in
-  the batch get a dummy token written at their own current length: that position is beyond
-  what the slot has computed, so it is never read before being overwritten.
+* decode runs in the native int4 kernels where they can (backends.native_decode: the batch's
+  rows only), else through the graph on rows 0..n-1 where n = max(slots) + 1. Rows in that
+  range that are not in the batch get a dummy token written at their own current length: that
+  position is beyond what the slot has computed, so it is never read before being overwritten.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from backends.artifact import encoder_inputs, read_manifest
 from backends.base import PREFILL_GRAPHS, Capabilities, FloatArray, IntArray
 from backends.cpu import int8_dot_flag
 from backends.kv_pool import SlotKVPool, touched
+from backends.native_decode import load_native_decode
 from backends.packed_prefill import PackedPrefill, packed_groups
 
 logger = logging.getLogger(__name__)
@@ -150,6 +152,7 @@ class OnnxDecoder(SlotKVPool):
         max_context: int = 2048,
         threads: int = 2,
         prefill_graph: str = "auto",
+        decode_kernel: str = "auto",
     ) -> None:
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
@@ -174,10 +177,15 @@ class OnnxDecoder(SlotKVPool):
         )
         graph = _prefill_graph(manifest, model_dir, prefill_graph)
         self.prefill_graph = "int8" if graph else "model"
-        # With two sessions, each one's threads stop spinning when its call ends: left spinning,
-        # they took the cores from the other session's call in the same step (8 decode rows
-        # and a 100-token prompt: 107-146 ms a step, 74 ms with both stopping; AMD EPYC Zen 4).
-        self._session = _session(model_dir / "model.onnx", threads, spin=graph is None)
+        self._native = load_native_decode(model_dir, manifest, decode_kernel, threads)
+        self.decode_kernel = "native" if self._native else "onnxruntime"
+        # With two sessions (or the native decode step's threads), each one's threads stop
+        # spinning when its call ends: left spinning, they took the cores from the other's call
+        # in the same step (8 decode rows and a 100-token prompt: 107-146 ms a step, 74 ms with
+        # both stopping; AMD EPYC Zen 4).
+        self._session = _session(
+            model_dir / "model.onnx", threads, spin=graph is None and self._native is None
+        )
         self._num_layers = int(manifest["num_layers"])
         shape = (max_slots, int(manifest["num_kv_heads"]), max_context, int(manifest["head_dim"]))
         # GQA touches a slot's whole [kv_heads, max_context, head_dim] rows on first use
@@ -351,21 +359,32 @@ class OnnxDecoder(SlotKVPool):
                     f"position {int(pos[i])} for slot {int(slots[i])} skips past its "
                     f"{int(self._lengths[slots[i]])} computed tokens"
                 )
-            n = int(slots.max()) + 1
-            # Rows not in the batch: token 0 at the row's own length (never read before it is
-            # overwritten). A full row writes its last position, which it can never attend again.
-            self._ids[:n, 0] = 0
-            self._seqlens[:n] = np.minimum(self._lengths[:n], self.max_context - 1)
-            self._ids[slots, 0] = ids
-            self._seqlens[slots] = pos
-            self._total[()] = int(self._seqlens[:n].max()) + 1
-            self._session.run_with_iobinding(self._decode_binding(n).io)
+            if self._native is not None:
+                self._native.step(slots, ids, pos, self._keys, self._values, self._logits)
+                result: FloatArray = self._logits[: slots.size].copy()
+            else:
+                result = self._decode_graph(slots, ids, pos)
             self._lengths[slots] = pos + 1
             if self._loaded:
                 for slot, position in zip(slots.tolist(), pos.tolist(), strict=True):
                     self._forget_from(slot, position)
-            result: FloatArray = self._logits[slots]  # fancy indexing copies, in input row order
             return result
+
+    def _decode_graph(
+        self, slots: npt.NDArray[np.int64], ids: npt.NDArray[np.int64], pos: npt.NDArray[np.int64]
+    ) -> FloatArray:
+        """decode through the graph: rows 0..max(slots), logits in input row order."""
+        n = int(slots.max()) + 1
+        # Rows not in the batch: token 0 at the row's own length (never read before it is
+        # overwritten). A full row writes its last position, which it can never attend again.
+        self._ids[:n, 0] = 0
+        self._seqlens[:n] = np.minimum(self._lengths[:n], self.max_context - 1)
+        self._ids[slots, 0] = ids
+        self._seqlens[slots] = pos
+        self._total[()] = int(self._seqlens[:n].max()) + 1
+        self._session.run_with_iobinding(self._decode_binding(n).io)
+        result: FloatArray = self._logits[slots]  # fancy indexing copies, in input row order
+        return result
 
     def release(self, slot: int) -> None:
         slot = self._check_slot(slot)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.base import BACKEND_KINDS, PRECISIONS, PREFILL_GRAPHS
+from backends.base import BACKEND_KINDS, DECODE_KERNELS, PRECISIONS, PREFILL_GRAPHS
 from backends.factory import KServeConfig, OpenAIHttpConfig
 from router import logs
 from router.cache.config import CacheConfig
@@ -73,6 +73,8 @@ class ModelConfig:
     prefill_graph: str = "auto"
     """ONNX Runtime decoders: the graph that computes prompts: 'int8' (the int4 decoder's int8
     graph), 'model' (the decoder's own) or 'auto' (int8 on CPUs with VNNI or AMX)."""
+    decode_kernel: str = "auto"
+    """ONNX Runtime decoders' decode steps: 'native' (backends.native_decode), 'onnxruntime'."""
     engine_path: str = ""
     """TensorRT-LLM: the model given to tensorrt_llm.LLM (HF checkpoint or engine folder; empty:
     the artifact folder). The artifact still supplies the tokenizer and chat template."""
@@ -176,16 +178,15 @@ class ModelConfig:
                 f"{where}.device={self.device!r} / precision={self.precision!r}: these apply to "
                 "backend 'openvino'; backend 'onnxruntime' runs on CPU at the model's precision"
             )
-        if self.prefill_graph not in PREFILL_GRAPHS or (
-            self.prefill_graph != "auto"
-            and (self.backend != "onnxruntime" or self.kind != "generate")
-        ):
-            raise ConfigError(
-                f"{where}.prefill_graph={self.prefill_graph!r}: use one of "
-                f"{list(PREFILL_GRAPHS)}, for generation models on backend 'onnxruntime' only"
-            )
-        positive = ("threads", "max_context", "max_slots", "token_budget", "max_batch")
-        for key in positive:
+        onnx_decoder = self.backend == "onnxruntime" and self.kind == "generate"
+        for key, known in (("prefill_graph", PREFILL_GRAPHS), ("decode_kernel", DECODE_KERNELS)):
+            value = getattr(self, key)
+            if value not in known or (value != "auto" and not onnx_decoder):
+                raise ConfigError(
+                    f"{where}.{key}={value!r}: use one of {list(known)}, for generation models "
+                    "on backend 'onnxruntime' only"
+                )
+        for key in ("threads", "max_context", "max_slots", "token_budget", "max_batch"):
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"{where}.{key}={value} must be at least 1")

@@ -4,9 +4,13 @@ standalone engines on the same CPU, in one run.
 Workload (the issue's): 8 chat prompts (37-58 tokens with SmolLM2's default system prompt)
 cycled to N, greedy, exactly NEW tokens each (ignore_eos), all N submitted at once.
 
-- bare ONNX Runtime batched loop: the same step engine the router uses (OnnxDecoder: int4 decode
-  steps, prompts through the int8 graph where `prefill_graph: auto` picks it), no scheduler, no
-  gRPC: prefill each prompt, then decode all rows together until done;
+- bare ONNX Runtime batched loop: the router's step engine with ONNX Runtime computing every step
+  (OnnxDecoder, `decode_kernel: onnxruntime`: int4 decode steps, prompts through the int8 graph
+  where `prefill_graph: auto` picks it), no scheduler, no gRPC: prefill each prompt, then decode
+  all rows together until done;
+- bare native-decode loop: the same with the router's default decode steps (its own int4
+  kernels, backends.native_decode): what the router's scheduling and gRPC cost, not a
+  standalone engine the goals compare with;
 - OpenVINO GenAI ContinuousBatchingPipeline, standalone in this process, on the model's GGUF
   (its cached IR), 2 threads, `add_request`/`step`, its prefix caching on (the prompts share
   SmolLM2's default system prompt, as the router's cache sees them share it);
@@ -81,10 +85,14 @@ def load_manifest(model_dir: Path) -> dict[str, object]:
     return dict(read_manifest(model_dir))
 
 
-def bare_onnx(model_dir: Path, prompts: list[list[int]], new: int, rounds: int) -> Run:
+def bare_onnx(
+    model_dir: Path, prompts: list[list[int]], new: int, rounds: int, decode_kernel: str
+) -> Run:
     from backends.onnx_runtime import OnnxDecoder
 
-    decoder = OnnxDecoder(model_dir, max_slots=len(prompts), max_context=512, threads=2)
+    decoder = OnnxDecoder(
+        model_dir, max_slots=len(prompts), max_context=512, threads=2, decode_kernel=decode_kernel
+    )
     decoder.prefill(0, np.array(prompts[0], np.int64), 0)  # warm up
     decoder.release(0)
     return _median([_bare_round(decoder, prompts, new) for _ in range(rounds)])
@@ -263,10 +271,13 @@ def main() -> None:
     print(f"# batching benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {new} new tokens", flush=True)
     best: dict[int, tuple[str, float]] = {}
     standalone: dict[int, Run] = {}
+    native: dict[int, Run] = {}
     for n in sizes:
         prompts = prompt_ids(model_dir, n)
-        bare = bare_onnx(model_dir, prompts, new, rounds)
+        bare = bare_onnx(model_dir, prompts, new, rounds, "onnxruntime")
         report("bare ONNX Runtime batched loop", n, bare, None)
+        native[n] = bare_onnx(model_dir, prompts, new, rounds, "auto")
+        report("bare native-decode loop (the router's step)", n, native[n], bare[0], "vs bare loop")
         try:
             ov = openvino_cb(model_dir, prompts, new, rounds)
         except ImportError as exc:  # no openvino installed
@@ -287,6 +298,7 @@ def main() -> None:
         name, rate = best[n]
         goal = "goal >= 0.95 of the bare loop" if n == 1 else "goal >= 1.0"
         report(f"router default, vs best ({name})", n, run, rate, goal)
+        line(f"  router default ÷ bare native-decode loop, N={n}", run[0] / native[n][0], "x")
     line(
         "8 decoding streams, a 160-token prompt every 2 s: ITL median",
         median * 1000,
@@ -304,6 +316,10 @@ def main() -> None:
             runs[top][0],
             "vs default",
         )
+    # What the native decode steps change: the same router with ONNX Runtime decoding.
+    graph = variant(f"artifact: {GEN}, decode_kernel: onnxruntime", (1, top), new, rounds)
+    for n, run in graph.items():
+        report("router, decode_kernel: onnxruntime", n, run, runs[n][0], "vs default")
     # The whole graph at int8 (`artifact: <name>-int8`): the other side of the trade.
     prepare_decoders(model_dir.parent, precisions=("int8",), progress=False)
     int8 = variant(f"artifact: {GEN}-int8", (1, top), new, rounds)

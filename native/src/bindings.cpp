@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "binding_util.h"
 #include "irouter/matcher.h"
 #include "irouter/pack.h"
 #include "irouter/sampler.h"
@@ -19,43 +20,11 @@
 
 namespace nb = nanobind;
 using namespace nb::literals;
+using irouter_bindings::expect_shape;
+using irouter_bindings::In;
+using irouter_bindings::Out;
 
 namespace {
-
-// Any-dimensional on purpose: a wrong ndim gets a ValueError naming the
-// argument and its shape instead of an overload-resolution TypeError.
-template <class T>
-using In = nb::ndarray<const T, nb::c_contig, nb::device::cpu>;
-
-template <class T>
-using Out = nb::ndarray<nb::numpy, T>;
-
-std::string shape_of(const nb::ndarray<nb::ro, nb::device::cpu>& a) {
-  std::string s = "(";
-  for (size_t i = 0; i < a.ndim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(a.shape(i));
-  }
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-template <class T>
-void expect_shape(const In<T>& a, const char* name, std::initializer_list<int64_t> shape,
-                  const char* expected) {
-  bool ok = a.ndim() == shape.size();
-  size_t d = 0;
-  for (int64_t s : shape) {
-    if (!ok) break;
-    ok = s < 0 || static_cast<int64_t>(a.shape(d)) == s;
-    ++d;
-  }
-  if (!ok) {
-    nb::ndarray<nb::ro, nb::device::cpu> view(a);
-    throw nb::value_error((std::string(name) + " must have shape " + expected + ", got " +
-                           shape_of(view))
-                              .c_str());
-  }
-}
 
 // Hands a vector's heap buffer to NumPy without copying; the capsule frees it.
 template <class T, class Elem = T>
@@ -221,6 +190,7 @@ class Exclusive {
   PyMatcherStream& s_;
 };
 
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -308,6 +278,7 @@ NB_MODULE(_native, m) {
       .def_prop_ro("num_running", [](const Scheduler& s) { return s.num_running(); })
       .def_prop_ro("num_free_slots", [](const Scheduler& s) { return s.num_free_slots(); })
       .def_prop_ro("max_slots", [](const Scheduler& s) { return s.max_slots(); });
+
 
   m.def("pack", &py_pack, "tokens"_a, "offsets"_a, "pad_id"_a, "pad_to"_a = 0,
         "Right-pad ragged rows tokens[offsets[b]:offsets[b+1]] into "

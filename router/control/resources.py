@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.cpu import cpu_info
-from backends.factory import openvino_devices, unloaded_files
+from backends.factory import native_copy_bytes, openvino_devices, unloaded_files
 from router.config import REMOTE_BACKENDS, ModelConfig
 from router.errors import ResourceExhausted
 from router.models.prepare import read_manifest
@@ -196,6 +196,7 @@ def need(config: ModelConfig, model_dir: Path) -> tuple[int, int]:
     manifest = read_manifest(model_dir) or {}
     if config.kind != "generate" or "num_layers" not in manifest:
         return 0, weights
+    weights += native_copy_bytes(config.backend, model_dir, decode_kernel=config.decode_kernel)
     per_token = (
         2 * manifest["num_layers"] * manifest["num_kv_heads"] * manifest["head_dim"]
     ) * _KV_DTYPE_BYTES

@@ -78,7 +78,7 @@ def load_engine(model: ServedModel, metrics: Metrics) -> None:
             "threads": cfg.threads,
         }
         if cfg.backend == "onnxruntime":
-            options |= {"prefill_graph": cfg.prefill_graph}
+            options |= {"prefill_graph": cfg.prefill_graph, "decode_kernel": cfg.decode_kernel}
         if cfg.backend == "tensorrt_llm":
             options |= {"device": cfg.device, "engine_path": cfg.engine_path}
         if cfg.backend == "openai_http":

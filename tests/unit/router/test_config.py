@@ -106,6 +106,15 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
             "models['a'].prefill_graph='model': use one of ['auto', 'int8', 'model'], for "
             "generation models",
         ),
+        (
+            "models: [{name: a, kind: generate, artifact: x, decode_kernel: gpu}]",
+            "models['a'].decode_kernel='gpu': use one of ['auto', 'native', 'onnxruntime']",
+        ),
+        (
+            "models: [{name: a, kind: embed, artifact: x, decode_kernel: native}]",
+            "models['a'].decode_kernel='native': use one of ['auto', 'native', 'onnxruntime'], "
+            "for generation models",
+        ),
         ("colour: blue", "unknown keys ['colour']"),
         ("server: [1, 2]", "server must be a mapping"),
         ("server: {port: 1", "not valid YAML"),

@@ -57,3 +57,35 @@ def test_the_prompt_graph_counts_as_weights_only_where_the_engine_loads_it(
     manifest = (decoder_dir / "manifest.json").stat().st_size
     prompt_graph = SIZES["prefill.onnx"] + SIZES["prefill.onnx.data"]
     assert weights == sum(SIZES.values()) + manifest - (0 if counted else prompt_graph)
+
+
+@pytest.mark.parametrize(
+    ("decode_kernel", "kernel", "quantization", "counted"),
+    [
+        ("auto", "avx2", "int4", True),
+        ("native", "avx512-vnni", "int4", True),
+        ("onnxruntime", "avx2", "int4", False),
+        ("auto", "", "int4", False),  # no kernel for this CPU: the graph decodes
+        ("auto", "avx2", "int8", False),  # a graph the native step does not read
+    ],
+)
+def test_the_native_decode_steps_copy_counts_where_it_loads(
+    decoder_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    decode_kernel: str,
+    kernel: str,
+    quantization: str,
+    counted: bool,
+) -> None:
+    from backends import native_decode
+
+    manifest = json.loads((decoder_dir / "manifest.json").read_text())
+    manifest |= {"quantization": quantization, "graph": "gqa-shared-kv", "head_dim": 64}
+    (decoder_dir / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(native_decode, "q4_best_kernel", lambda: kernel)
+    monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: "avx512_vnni")
+    config = ModelConfig(name="m", kind="generate", artifact="m", decode_kernel=decode_kernel)
+    _, weights = need(config, decoder_dir)
+    files = sum(SIZES.values()) + (decoder_dir / "manifest.json").stat().st_size
+    graph_copy = SIZES["model.onnx"] + SIZES["model.onnx.data"]
+    assert weights == files + (graph_copy if counted else 0)

@@ -1,0 +1,31 @@
+"""irouter's CPU kernels for the backends: the int4 decode step."""
+
+from collections.abc import Sequence
+from typing import Annotated
+
+import numpy
+from numpy.typing import NDArray
+
+
+def q4_best_kernel() -> str:
+    """
+    The int4 decode kernel this CPU runs: 'avx512-vnni', 'avx2', or '' (none).
+    """
+
+class Q4Decoder:
+    """
+    A llama decoder's decode step over MatMulNBits int4 weights (native/include/irouter/q4_decoder.h); each row's result independent of the others and of the thread count.
+    """
+
+    def __init__(self, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, vocab: int, eps: float, cos: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], sin: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], embedding: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], norms: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], codes: Sequence[Annotated[NDArray[numpy.uint8], dict(order='C', device='cpu', writable=False)]], scales: Sequence[Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)]], threads: int, kernel: str = '') -> None:
+        """
+        Copies every array. kernel: 'avx512-vnni', 'avx2' or '' for the CPU's best.
+        """
+
+    def step(self, slots: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], tokens: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], positions: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], keys: Sequence[Annotated[NDArray[numpy.float32], dict(order='C', device='cpu')]], values: Sequence[Annotated[NDArray[numpy.float32], dict(order='C', device='cpu')]], logits: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu')]) -> None:
+        """
+        Row r: tokens[r] at positions[r] of KV slot slots[r] (earlier positions computed there); writes its keys and values and logits[r].
+        """
+
+    @property
+    def kernel(self) -> str: ...

@@ -1,0 +1,142 @@
+"""An int4 decoder's decode step in the router's own kernels (router._native.Q4Decoder).
+
+ONNX Runtime's MatMulNBits and GroupQueryAttention took 34-41 ms for a 16-row decode step of
+SmolLM2-135M on a 2-core AMD EPYC Zen 4 (OpenVINO's whole step: 18.6 ms); the native step reads
+the same graph's int4 weights, computes what the graph computes (int8 activations per 32-block,
+as MatMulNBits' accuracy level 4; rotate-half rotary; grouped-query attention reading each KV
+head once for its query heads) and updates the same KV slot buffers in place, so prompts still
+run through the graphs (and the prefix cache holds what they computed) while decode rows run
+here. Its rounding differs from ONNX Runtime's, as ONNX Runtime's own kernels differ between CPUs;
+each row's result depends only on that row, never on the batch or the thread count.
+
+`decode_kernel`: 'native' (refused, by name, for a graph or CPU it cannot run), 'onnxruntime',
+or 'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the int4 one it reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from backends._kernels import Q4Decoder, q4_best_kernel
+from backends.base import DECODE_KERNELS
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+"""Each layer's MatMulNBits weights, in the order Q4Decoder takes them (the head comes last)."""
+
+
+def native_copy_bytes(model_dir: Path, manifest: dict[str, Any], choice: str) -> int:
+    """Resident bytes the native step adds where `choice` would load it (its copy of the graph's
+    weights, re-laid out: about the size of the graph's files); 0 where the graph decodes."""
+    if choice == "onnxruntime" or not q4_best_kernel() or _manifest_problem(manifest):
+        return 0
+    return sum(p.stat().st_size for p in model_dir.glob("model.onnx*") if p.is_file())
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    if manifest.get("quantization") != "int4" or manifest.get("graph") != "gqa-shared-kv":
+        return (
+            f"the model is {manifest.get('quantization')!r} / {manifest.get('graph')!r}, not "
+            "the int4 'gqa-shared-kv' graph"
+        )
+    if int(manifest.get("head_dim", 0)) != 64:
+        return f"head_dim {manifest.get('head_dim')} is not 64"
+    return None
+
+
+def _graph_problem(manifest: dict[str, Any], graph: onnx.ModelProto) -> str | None:
+    """Why the native step cannot compute this graph, or None."""
+    problem = _manifest_problem(manifest)
+    if problem:
+        return problem
+    nodes = {n.output[0]: n for n in graph.graph.node if n.output}
+    for node in graph.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits" and (
+            attrs.get("bits") != 4 or attrs.get("block_size") != 32 or len(node.input) > 3
+        ):
+            return f"{node.name} is not 4-bit, 32-block and symmetric"
+        if node.op_type == "GroupQueryAttention" and (
+            attrs.get("do_rotary") != 1
+            or attrs.get("rotary_interleaved", 0) != 0
+            or not np.isclose(attrs.get("scale", 0.0), 64**-0.5)
+        ):
+            return f"{node.name} is not rotate-half rotary attention scaled by head_dim ** -0.5"
+    if "logits" not in nodes or nodes["logits"].op_type != "MatMulNBits":
+        return "the LM head is not an int4 MatMulNBits"
+    return None
+
+
+def load_native_decode(
+    model_dir: Path, manifest: dict[str, Any], choice: str, threads: int
+) -> Q4Decoder | None:
+    """The native decode step for the decoder in `model_dir`, or None where ONNX Runtime decodes
+    (logged). Raises ValueError for an unknown choice, or 'native' where it cannot run."""
+    if choice not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel={choice!r} is unknown; use one of {list(DECODE_KERNELS)}")
+    if choice == "onnxruntime":
+        return None
+    kernel = q4_best_kernel()
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    problem = _graph_problem(manifest, graph) or (
+        None if kernel else "this CPU has neither AVX-512 VNNI nor AVX2"
+    )
+    if problem is not None:
+        if choice == "native":
+            raise ValueError(f"decode_kernel='native' cannot run {model_dir}: {problem}")
+        logger.info("%s: ONNX Runtime decodes (%s)", manifest.get("name"), problem)
+        return None
+    onnx.load_external_data_for_model(graph, str(model_dir))
+    weights = {t.name: t for t in graph.graph.initializer}
+
+    def array(name: str, dtype: type) -> np.ndarray:
+        return np.ascontiguousarray(numpy_helper.to_array(weights[name]), dtype=dtype)
+
+    layers = int(manifest["num_layers"])
+    names = [f"l{i}.{p}" for i in range(layers) for p in PROJECTIONS] + ["lm_head"]
+    norms = [
+        array(f"l{i}.{n}", np.float32) for i in range(layers) for n in ("attn_norm", "ffn_norm")
+    ]
+    codes = [array(n + ".weight_Q4", np.uint8) for n in names]
+    decoder = Q4Decoder(
+        layers=layers,
+        hidden=int(manifest["hidden_size"]),
+        heads=int(manifest["num_heads"]),
+        kv_heads=int(manifest["num_kv_heads"]),
+        head_dim=int(manifest["head_dim"]),
+        intermediate=codes[3].shape[1] * 32,  # the down projection's K
+        vocab=int(manifest["vocab_size"]),
+        eps=_epsilon(graph),
+        cos=array("cos_cache", np.float32),
+        sin=array("sin_cache", np.float32),
+        embedding=array("embed_tokens", np.float32),
+        norms=np.stack([*norms, array("final_norm", np.float32)]),
+        codes=codes,
+        scales=[
+            array(n + ".weight_scales", np.float32).reshape(c.shape[:2])
+            for n, c in zip(names, codes, strict=True)
+        ],
+        threads=threads,
+    )
+    logger.info(
+        "%s: decode steps in the native int4 kernels (%s; decode_kernel: onnxruntime overrides)",
+        manifest.get("name"),
+        decoder.kernel,
+    )
+    return decoder
+
+
+def _epsilon(graph: onnx.ModelProto) -> float:
+    for node in graph.graph.node:
+        if node.op_type.endswith("SimplifiedLayerNormalization"):
+            for attr in node.attribute:
+                if attr.name == "epsilon":
+                    return float(attr.f)
+    raise ValueError("the graph has no RMS norm to read its epsilon from")

@@ -1,0 +1,137 @@
+// Python glue for the backends' CPU kernels (backends._kernels): argument checks that need
+// array shapes, and the GIL released around the work. No logic here.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "binding_util.h"
+#include "irouter/q4_decoder.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using irouter_bindings::expect_shape;
+using irouter_bindings::In;
+
+namespace {
+
+// Q4Decoder: the arrays' shapes are checked here, once, so the C++ step may trust them.
+using KVList = std::vector<nb::ndarray<float, nb::c_contig, nb::device::cpu>>;
+
+irouter::Q4Decoder* make_q4_decoder(int layers, int hidden, int heads, int kv_heads, int head_dim,
+                                    int intermediate, int vocab, float eps, In<float> cos,
+                                    In<float> sin, In<float> embedding, In<float> norms,
+                                    const std::vector<In<uint8_t>>& codes,
+                                    const std::vector<In<float>>& scales, int threads,
+                                    const std::string& kernel) {
+  irouter::Q4DecoderShape s;
+  s.layers = layers;
+  s.hidden = hidden;
+  s.heads = heads;
+  s.kv_heads = kv_heads;
+  s.head_dim = head_dim;
+  s.intermediate = intermediate;
+  s.vocab = vocab;
+  s.eps = eps;
+  if (layers < 1 || hidden < 1 || heads < 1 || kv_heads < 1 || vocab < 1 || threads < 1)
+    throw nb::value_error("layers, hidden, heads, kv_heads, vocab and threads must be >= 1");
+  expect_shape(cos, "cos", {-1, head_dim / 2}, "(positions, head_dim / 2)");
+  expect_shape(sin, "sin", {static_cast<int64_t>(cos.shape(0)), head_dim / 2},
+               "like cos");
+  s.rope_positions = static_cast<int>(cos.shape(0));
+  expect_shape(embedding, "embedding", {vocab, hidden}, "(vocab, hidden)");
+  expect_shape(norms, "norms", {2 * layers + 1, hidden}, "(2 * layers + 1, hidden)");
+  if (codes.size() != static_cast<size_t>(4 * layers + 1) || scales.size() != codes.size())
+    throw nb::value_error("codes and scales must hold 4 * layers + 1 weights each");
+  std::vector<const uint8_t*> c;
+  std::vector<const float*> sc;
+  const int qkv = (heads + 2 * kv_heads) * head_dim;
+  for (int i = 0; i < 4 * layers + 1; ++i) {
+    const int kind = i == 4 * layers ? 4 : i % 4;
+    const int K = kind == 3 ? intermediate : (kind == 1 ? heads * head_dim : hidden);
+    const int N = kind == 0 ? qkv : kind == 2 ? 2 * intermediate : kind == 4 ? vocab : hidden;
+    const std::string name = "codes[" + std::to_string(i) + "]";
+    expect_shape(codes[i], name.c_str(), {N, K / 32, 16}, "(N, K / 32, 16)");
+    expect_shape(scales[i], ("scales[" + std::to_string(i) + "]").c_str(), {N, K / 32},
+                 "(N, K / 32)");
+    c.push_back(codes[i].data());
+    sc.push_back(scales[i].data());
+  }
+  try {
+    return new irouter::Q4Decoder(s, cos.data(), sin.data(), embedding.data(), norms.data(), c,
+                                  sc, threads, kernel);
+  } catch (const std::invalid_argument& e) {
+    throw nb::value_error(e.what());
+  }
+}
+
+void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<int64_t> positions,
+             const KVList& keys, const KVList& values,
+             nb::ndarray<float, nb::c_contig, nb::device::cpu> logits) {
+  const irouter::Q4DecoderShape& s = d.shape();
+  expect_shape(slots, "slots", {-1}, "(n,)");
+  const int64_t n = static_cast<int64_t>(slots.shape(0));
+  expect_shape(tokens, "tokens", {n}, "like slots");
+  expect_shape(positions, "positions", {n}, "like slots");
+  if (n < 1) throw nb::value_error("slots is empty");
+  if (keys.size() != static_cast<size_t>(s.layers) || values.size() != keys.size())
+    throw nb::value_error("keys and values must hold one array a layer");
+  if (keys[0].ndim() != 4 || keys[0].shape(1) != static_cast<size_t>(s.kv_heads) ||
+      keys[0].shape(3) != static_cast<size_t>(s.head_dim))
+    throw nb::value_error("keys[i] must have shape (slots, kv_heads, context, head_dim)");
+  const size_t num_slots = keys[0].shape(0), context = keys[0].shape(2);
+  std::vector<float*> k, v;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    for (const auto* a : {&keys[i], &values[i]})
+      if (a->ndim() != 4 || a->shape(0) != num_slots || a->shape(1) != keys[0].shape(1) ||
+          a->shape(2) != context || a->shape(3) != keys[0].shape(3))
+        throw nb::value_error("every keys[i] and values[i] must have keys[0]'s shape");
+    k.push_back(keys[i].data());
+    v.push_back(values[i].data());
+  }
+  if (logits.ndim() != 2 || logits.shape(0) < static_cast<size_t>(n) ||
+      logits.shape(1) != static_cast<size_t>(s.vocab))
+    throw nb::value_error("logits must have shape (>= n, vocab)");
+  const int64_t limit = std::min<int64_t>(static_cast<int64_t>(context), s.rope_positions);
+  std::vector<bool> seen(num_slots);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t slot = slots.data()[r], token = tokens.data()[r], pos = positions.data()[r];
+    if (slot < 0 || slot >= static_cast<int64_t>(num_slots) || seen[slot])
+      throw nb::value_error(("slot " + std::to_string(slot) + " is out of range or repeated").c_str());
+    seen[slot] = true;
+    if (token < 0 || token >= s.vocab)
+      throw nb::value_error(("token " + std::to_string(token) + " is outside the vocabulary").c_str());
+    if (pos < 0 || pos >= limit)
+      throw nb::value_error(("position " + std::to_string(pos) + " is outside 0.." +
+                             std::to_string(limit - 1)).c_str());
+  }
+  nb::gil_scoped_release release;
+  d.step(static_cast<int>(n), tokens.data(), positions.data(),
+         slots.data(), k, v, static_cast<int>(context), logits.data());
+}
+
+}  // namespace
+
+NB_MODULE(_kernels, m) {
+  m.doc() = "irouter's CPU kernels for the backends: the int4 decode step.";
+  m.def("q4_best_kernel", &irouter::q4_best_kernel,
+        "The int4 decode kernel this CPU runs: 'avx512-vnni', 'avx2', or '' (none).");
+  nb::class_<irouter::Q4Decoder>(
+      m, "Q4Decoder",
+      "A llama decoder's decode step over MatMulNBits int4 weights (native/include/irouter/"
+      "q4_decoder.h); each row's result independent of the others and of the thread count.")
+      .def(nb::new_(&make_q4_decoder), "layers"_a, "hidden"_a, "heads"_a, "kv_heads"_a,
+           "head_dim"_a, "intermediate"_a, "vocab"_a, "eps"_a, "cos"_a, "sin"_a,
+           "embedding"_a, "norms"_a, "codes"_a, "scales"_a, "threads"_a, "kernel"_a = "",
+           "Copies every array. kernel: 'avx512-vnni', 'avx2' or '' for the CPU's best.")
+      // noconvert: a converted copy of a KV buffer or of logits would take the writes.
+      .def("step", &q4_step, "slots"_a, "tokens"_a, "positions"_a, "keys"_a.noconvert(),
+           "values"_a.noconvert(), "logits"_a.noconvert(),
+           "Row r: tokens[r] at positions[r] of KV slot slots[r] (earlier positions computed "
+           "there); writes its keys and values and logits[r].")
+      .def_prop_ro("kernel", &irouter::Q4Decoder::kernel);
+}

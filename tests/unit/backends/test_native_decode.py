@@ -1,0 +1,194 @@
+"""The native int4 decode step (backends.native_decode, native/src/q4_decoder.cpp) against the
+graph it replaces, and its independence from the batch, the thread count and the kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from backends._kernels import Q4Decoder, q4_best_kernel
+from backends.onnx_runtime import OnnxDecoder
+
+pytestmark = pytest.mark.skipif(not q4_best_kernel(), reason="the CPU has no AVX2")
+
+PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nName three fruits.<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time",
+    "import numpy as np\n",
+]
+SLOTS = 12
+
+
+@pytest.fixture(scope="module")
+def folder(prepared_models: dict[str, Path]) -> Path:
+    return prepared_models["smollm2-135m-instruct"]
+
+
+@pytest.fixture(scope="module")
+def prompts(folder: Path) -> list[np.ndarray]:
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return [np.array(tokenizer.encode(p).ids, np.int64) for p in PROMPTS]
+
+
+def _decoder(folder: Path, kernel: str, threads: int = 2) -> OnnxDecoder:
+    return OnnxDecoder(
+        folder,
+        max_slots=SLOTS,
+        max_context=128,
+        threads=threads,
+        prefill_graph="model",
+        decode_kernel=kernel,
+    )
+
+
+@pytest.fixture(scope="module")
+def native(folder: Path) -> OnnxDecoder:
+    return _decoder(folder, "native")
+
+
+@pytest.fixture(scope="module")
+def graph(folder: Path) -> OnnxDecoder:
+    return _decoder(folder, "onnxruntime")
+
+
+def _fill(engine: OnnxDecoder, prompts: list[np.ndarray]) -> list[int]:
+    """Every slot holds one of the prompts (slot s: prompt s % 4); their lengths."""
+    for slot in range(engine.max_slots):
+        engine.release(slot)
+        engine.prefill(slot, prompts[slot % len(prompts)], 0)
+    return [int(prompts[s % len(prompts)].size) for s in range(engine.max_slots)]
+
+
+def test_auto_decodes_natively_and_onnxruntime_opts_out(native: OnnxDecoder, graph: OnnxDecoder):
+    assert native.decode_kernel == "native"
+    assert graph.decode_kernel == "onnxruntime"
+
+
+def test_steps_compute_what_the_graph_computes(
+    native: OnnxDecoder, graph: OnnxDecoder, prompts: list[np.ndarray]
+):
+    """Both steps compute the same function; int8 activations round alike but not bit for bit.
+    Fed the graph's greedy tokens (teacher forcing: a close call may flip a token, as between
+    CPUs, and the answers then part), each of 8 steps' logits stay within a small fraction of
+    their ~30 range and nearly every next token agrees."""
+    slots = np.arange(len(prompts))
+    fed, logits = [], {}
+    for name, engine in (("graph", graph), ("native", native)):
+        lengths = np.array(_fill(engine, prompts)[: len(prompts)])
+        tokens = np.array([p[-1] for p in prompts])
+        for s in slots:  # each prompt's last token comes again, as a decode row
+            engine.release(int(s))
+            engine.prefill(int(s), prompts[s][:-1], 0)
+        for i in range(8):
+            out = engine.decode(slots, tokens, lengths - 1 + i)
+            logits[name, i] = out
+            if name == "graph":
+                fed.append(tokens)
+                tokens = out.argmax(axis=1)
+            elif i + 1 < len(fed):
+                tokens = fed[i + 1]
+    gaps = [np.abs(logits["native", i] - logits["graph", i]).max() for i in range(8)]
+    agree = np.mean(
+        [(logits["native", i].argmax(1) == logits["graph", i].argmax(1)) for i in range(8)]
+    )
+    assert max(gaps) < 1.5, gaps
+    assert agree >= 0.9, agree
+
+
+def test_a_row_is_the_same_alone_and_in_any_batch(native: OnnxDecoder, prompts: list[np.ndarray]):
+    """Bit for bit: logits and the keys and values written, for a slot decoded alone and among
+    eleven rows (a tile call holds 8 rows, so this one falls in the second of two)."""
+    lengths = _fill(native, prompts)
+    alone = native.decode(np.array([9]), np.array([42]), np.array([lengths[9]]))
+    key = native._keys[5][9, :, lengths[9]].copy()
+    _fill(native, prompts)
+    slots = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11])
+    tokens = np.array([7, 8, 9, 10, 11, 12, 13, 14, 15, 42, 99])
+    batch = native.decode(slots, tokens, np.array([lengths[s] for s in slots]))
+    np.testing.assert_array_equal(batch[9], alone[0])
+    np.testing.assert_array_equal(native._keys[5][9, :, lengths[9]], key)
+
+
+def test_threads_and_kernels_do_not_change_a_result(folder: Path, prompts: list[np.ndarray]):
+    """One thread or two, AVX2 or AVX-512 VNNI tiles (where the CPU has both): the same bits."""
+    results = []
+    kernels = ["avx2"] + (["avx512-vnni"] if q4_best_kernel() == "avx512-vnni" else [])
+    for kernel in kernels:
+        for threads in (1, 2):
+            engine = _decoder(folder, "native", threads)
+            engine._native = _rebuilt(engine._native, folder, kernel, threads)
+            lengths = _fill(engine, prompts)
+            slots = np.array([3, 0, 2])
+            results.append(
+                engine.decode(slots, np.array([5, 6, 7]), np.array([lengths[s] for s in slots]))
+            )
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+
+
+def _rebuilt(decoder: Q4Decoder | None, folder: Path, kernel: str, threads: int) -> Q4Decoder:
+    """The same weights on another kernel, through the loader's own reading of the graph."""
+    import backends.native_decode as native_decode
+
+    real = native_decode.Q4Decoder
+    native_decode.Q4Decoder = lambda **kw: real(**kw | {"kernel": kernel})  # type: ignore[misc]
+    try:
+        from backends.artifact import read_manifest
+
+        built = native_decode.load_native_decode(folder, read_manifest(folder), "native", threads)
+    finally:
+        native_decode.Q4Decoder = real  # type: ignore[misc]
+    assert built is not None and built.kernel == kernel
+    return built
+
+
+def test_refusals_name_what_is_wrong(
+    folder: Path, prepared_models: dict[str, Path], native: OnnxDecoder, prompts: list[np.ndarray]
+):
+    with pytest.raises(ValueError, match="decode_kernel='gpu' is unknown"):
+        _decoder(folder, "gpu")
+    with pytest.raises(ValueError, match=r"decode_kernel='native' cannot run .*not the int4"):
+        _decoder(prepared_models["smollm2-135m-instruct-fp32"], "native")
+    # An fp32 folder on 'auto' decodes through its graph.
+    assert _decoder(prepared_models["smollm2-135m-instruct-fp32"], "auto").decode_kernel == (
+        "onnxruntime"
+    )
+    # The binding checks what the engine's own validation would (a caller skipping it):
+    # nothing is computed or written when a row is bad.
+    lengths = _fill(native, prompts)
+    step = native._native
+    assert step is not None
+    before = native._keys[0].copy()
+    logits = np.zeros((SLOTS, 49152), np.float32)
+    cases = [
+        ([0, 0], [1, 2], [lengths[0], lengths[0]], "slot 0 is out of range or repeated"),
+        ([0], [49152], [lengths[0]], "token 49152 is outside the vocabulary"),
+        ([0], [1], [128], r"position 128 is outside 0\.\.127"),
+        ([SLOTS], [1], [0], f"slot {SLOTS} is out of range"),
+    ]
+    for slots, tokens, positions, message in cases:
+        with pytest.raises(ValueError, match=message):
+            step.step(
+                np.array(slots, np.int64),
+                np.array(tokens, np.int64),
+                np.array(positions, np.int64),
+                native._keys,
+                native._values,
+                logits,
+            )
+    # A KV buffer of another dtype is refused, not converted into a copy that takes the writes.
+    with pytest.raises(TypeError):
+        step.step(
+            np.array([0], np.int64),
+            np.array([1], np.int64),
+            np.array([lengths[0]], np.int64),
+            [k.astype(np.float64) for k in native._keys],
+            native._values,
+            logits,
+        )
+    np.testing.assert_array_equal(native._keys[0], before)
+    assert not logits.any()
