@@ -23,8 +23,9 @@ BACKEND_KINDS: tuple[str, ...] = (
 """Values accepted by create_backend(kind=...)."""
 PRECISIONS: tuple[str, ...] = ("", "f32", "bf16", "f16")
 """OpenVINO inference precisions; '' keeps the device default (bf16 on CPUs that have it)."""
-PREFILL_GRAPHS: tuple[str, ...] = ("auto", "int8", "model")
-"""ONNX Runtime decoders: the graph that computes prompts ('model': the decoder's own)."""
+PREFILL_GRAPHS: tuple[str, ...] = ("auto", "int8", "model", "native")
+"""ONNX Runtime decoders: what computes prompts ('model': the decoder's own graph; 'native':
+the native decode step's kernels, backends.native_decode)."""
 DECODE_KERNELS: tuple[str, ...] = ("auto", "native", "onnxruntime")
 """ONNX Runtime decoders: what computes decode steps ('native': backends.native_decode)."""
 BURST_GAP_S = 0.003

@@ -37,10 +37,13 @@ __all__ = [
 Engine = DecoderStepEngine | RequestEngine | EncoderEngine
 
 
-def unloaded_files(kind: str, model_dir: Path, *, prefill_graph: str = "auto") -> list[Path]:
+def unloaded_files(
+    kind: str, model_dir: Path, *, prefill_graph: str = "auto", decode_kernel: str = "auto"
+) -> list[Path]:
     """Files of a prepared model folder that an engine of `kind` with these options does not
     load (so resources do not count them as its weights): an ONNX Runtime decoder's int8 prompt
-    graph where its own graph computes prompts. Empty when the options would not load at all."""
+    graph where its own graph or the native kernels compute prompts. Empty when the options
+    would not load at all."""
     if kind != "onnxruntime":
         return []
     try:
@@ -52,7 +55,7 @@ def unloaded_files(kind: str, model_dir: Path, *, prefill_graph: str = "auto") -
     from backends.onnx_runtime import unused_files
 
     try:
-        return unused_files(manifest, model_dir, prefill_graph)
+        return unused_files(manifest, model_dir, prefill_graph, decode_kernel)
     except ValueError:
         return []
 

@@ -140,3 +140,54 @@ def _epsilon(graph: onnx.ModelProto) -> float:
                 if attr.name == "epsilon":
                     return float(attr.f)
     raise ValueError("the graph has no RMS norm to read its epsilon from")
+
+
+def native_decodes(manifest: dict[str, Any], decode_kernel: str) -> bool:
+    """Whether an OnnxDecoder with `decode_kernel` would run the native step for this model
+    (from its manifest and the CPU; the graph's own check comes at load)."""
+    return (
+        decode_kernel != "onnxruntime"
+        and bool(q4_best_kernel())
+        and not _manifest_problem(manifest)
+    )
+
+
+class NativeSteps:
+    """Q4Decoder over an OnnxDecoder's KV slot buffers: decode rows, and prompt chunks as rows of
+    one slot at consecutive positions (`prefill_graph: native`). A token's keys, values and
+    logits are the same bits whether it came in a prompt, however chunked, or was decoded."""
+
+    def __init__(
+        self,
+        decoder: Q4Decoder,
+        keys: list[np.ndarray],
+        values: list[np.ndarray],
+        logits: np.ndarray,
+    ) -> None:
+        self.decoder = decoder
+        self._keys = keys
+        self._values = values
+        self._logits = logits
+        """[max_slots, vocab]: a call's logits, one row per decode row or prompt chunk."""
+
+    def decode(self, slots: np.ndarray, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self.decoder.step(slots, ids, positions, self._keys, self._values, self._logits)
+        return self._logits[: slots.size].copy()
+
+    def prefill(self, slots: list[int], chunks: list[np.ndarray], starts: list[int]) -> np.ndarray:
+        """Each chunk's logits of its last token."""
+        sizes = np.array([c.size for c in chunks])
+        rows = np.repeat(np.array(slots, np.int64), sizes)
+        positions = np.concatenate(
+            [np.arange(s, s + n, dtype=np.int64) for s, n in zip(starts, sizes, strict=True)]
+        )
+        last = np.cumsum(sizes, dtype=np.int64) - 1
+        logits = (
+            self._logits
+            if len(chunks) <= len(self._logits)
+            else np.empty((len(chunks), self._logits.shape[1]), np.float32)
+        )
+        self.decoder.step(
+            rows, np.concatenate(chunks), positions, self._keys, self._values, logits, last
+        )
+        return logits[: len(chunks)].copy()

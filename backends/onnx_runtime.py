@@ -31,7 +31,7 @@ from backends.artifact import encoder_inputs, read_manifest
 from backends.base import PREFILL_GRAPHS, Capabilities, FloatArray, IntArray
 from backends.cpu import int8_dot_flag
 from backends.kv_pool import SlotKVPool, touched
-from backends.native_decode import load_native_decode
+from backends.native_decode import NativeSteps, load_native_decode, native_decodes
 from backends.packed_prefill import PackedPrefill, packed_groups
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def prefill_graph_file(manifest: dict[str, Any], model_dir: Path, prefill: str) 
     # holds a GroupQueryAttention one, one prompt a call: prepare it again.
     packed = isinstance(entry, dict) and entry.get("attention") == "packed"
     path = model_dir / str(entry["file"]) if isinstance(entry, dict) and packed else None
-    if prefill == "model":
+    if prefill in ("model", "native"):
         return None
     if path is None or not path.is_file():
         if prefill == "int8":
@@ -101,10 +101,14 @@ def prefill_graph_file(manifest: dict[str, Any], model_dir: Path, prefill: str) 
     return path
 
 
-def unused_files(manifest: dict[str, Any], model_dir: Path, prefill: str) -> list[Path]:
+def unused_files(
+    manifest: dict[str, Any], model_dir: Path, prefill: str, decode_kernel: str = "auto"
+) -> list[Path]:
     """Files of a decoder folder that an OnnxDecoder with `prefill` does not load: the prompt
-    graph (and its weights) where the decoder's own graph computes prompts."""
+    graph (and its weights) where the decoder's own graph or the native step computes prompts."""
     entry = manifest.get("prefill_graph")
+    if prefill == "auto" and native_decodes(manifest, decode_kernel):
+        prefill = "native"
     if not isinstance(entry, dict) or prefill_graph_file(manifest, model_dir, prefill):
         return []
     graph = model_dir / str(entry["file"])
@@ -135,7 +139,9 @@ def _prefill_graph(manifest: dict[str, Any], model_dir: Path, prefill: str) -> P
 class OnnxDecoder(SlotKVPool):
     """DecoderStepEngine over a prepared decoder folder (model.onnx + manifest.json).
 
-    Prompts may run through a second graph of the same model (`prefill_graph`; the int4 decoder's
+    Decode steps, and then prompts, run in the native int4 kernels where they can
+    (`decode_kernel`, `prefill_graph: native`; backends.native_decode). Otherwise prompts may
+    run through a second graph of the same model (`prefill_graph`; the int4 decoder's
     folder holds one at int8, several prompts a call): on an AVX-512 VNNI AMD EPYC its prefill
     ran 1.7-1.9x the int4 graph's. Each graph computes a row the same whatever else runs in its
     call, so an answer does not depend on its batch or the prefix cache (the packed int8 graph
@@ -175,16 +181,24 @@ class OnnxDecoder(SlotKVPool):
             max_batch=max_slots,
             context_length=max_context,
         )
-        graph = _prefill_graph(manifest, model_dir, prefill_graph)
-        self.prefill_graph = "int8" if graph else "model"
-        self._native = load_native_decode(model_dir, manifest, decode_kernel, threads)
-        self.decode_kernel = "native" if self._native else "onnxruntime"
+        native = load_native_decode(model_dir, manifest, decode_kernel, threads)
+        self.decode_kernel = "native" if native else "onnxruntime"
+        if prefill_graph == "native" and native is None:
+            raise ValueError(
+                f"prefill_graph='native' computes prompts in the native decode kernels, which "
+                f"do not run here (decode_kernel={decode_kernel!r}; see the log)"
+            )
+        # Prompts in the kernels that decode: one pass over the weights for a step's decode
+        # rows and prompt chunks (mixed_steps), every token computed alike.
+        self.mixed_steps = native is not None and prefill_graph in ("auto", "native")
+        graph = None if self.mixed_steps else _prefill_graph(manifest, model_dir, prefill_graph)
+        self.prefill_graph = "native" if self.mixed_steps else "int8" if graph else "model"
         # With two sessions (or the native decode step's threads), each one's threads stop
         # spinning when its call ends: left spinning, they took the cores from the other's call
         # in the same step (8 decode rows and a 100-token prompt: 107-146 ms a step, 74 ms with
         # both stopping; AMD EPYC Zen 4).
         self._session = _session(
-            model_dir / "model.onnx", threads, spin=graph is None and self._native is None
+            model_dir / "model.onnx", threads, spin=graph is None and native is None
         )
         self._num_layers = int(manifest["num_layers"])
         shape = (max_slots, int(manifest["num_kv_heads"]), max_context, int(manifest["head_dim"]))
@@ -210,6 +224,9 @@ class OnnxDecoder(SlotKVPool):
         self._lengths = np.zeros(max_slots, np.int64)
         """Tokens computed so far in each slot."""
         self._logits = np.zeros((max_slots, self.vocab_size), np.float32)
+        self._native = (
+            NativeSteps(native, self._keys, self._values, self._logits) if native else None
+        )
         self._ids = np.zeros((max_slots, 1), np.int64)
         self._seqlens = np.zeros(max_slots, np.int32)
         self._total = np.zeros((), np.int32)
@@ -286,7 +303,10 @@ class OnnxDecoder(SlotKVPool):
             shared = [
                 self._shared_blocks(slot, start) for slot, start in zip(rows, firsts, strict=True)
             ]
-            if self._packed is not None:
+            if self.mixed_steps:
+                assert self._native is not None
+                logits = self._native.prefill(rows, ids, firsts)
+            elif self._packed is not None:
                 logits = np.empty((len(rows), self.vocab_size), np.float32)
                 for group in packed_groups([c.size for c in ids], firsts):
                     logits[group] = self._packed.run(
@@ -360,8 +380,7 @@ class OnnxDecoder(SlotKVPool):
                     f"{int(self._lengths[slots[i]])} computed tokens"
                 )
             if self._native is not None:
-                self._native.step(slots, ids, pos, self._keys, self._values, self._logits)
-                result: FloatArray = self._logits[: slots.size].copy()
+                result: FloatArray = self._native.decode(slots, ids, pos)
             else:
                 result = self._decode_graph(slots, ids, pos)
             self._lengths[slots] = pos + 1

@@ -49,7 +49,7 @@ def register_cli(
     create.add_argument(
         "--prefill-graph",
         default="",
-        help="onnxruntime replicas' prompt graph: auto (default), int8 or model",
+        help="what computes onnxruntime replicas' prompts: auto (default), native, int8 or model",
     )
     create.add_argument("--require-auth", action="store_true", help="refuse anonymous callers")
     create.add_argument(

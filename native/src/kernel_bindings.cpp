@@ -2,10 +2,12 @@
 // array shapes, and the GIL released around the work. No logic here.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -71,7 +73,8 @@ irouter::Q4Decoder* make_q4_decoder(int layers, int hidden, int heads, int kv_he
 
 void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<int64_t> positions,
              const KVList& keys, const KVList& values,
-             nb::ndarray<float, nb::c_contig, nb::device::cpu> logits) {
+             nb::ndarray<float, nb::c_contig, nb::device::cpu> logits,
+             std::optional<In<int64_t>> outputs) {
   const irouter::Q4DecoderShape& s = d.shape();
   expect_shape(slots, "slots", {-1}, "(n,)");
   const int64_t n = static_cast<int64_t>(slots.shape(0));
@@ -93,31 +96,48 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
     k.push_back(keys[i].data());
     v.push_back(values[i].data());
   }
-  if (logits.ndim() != 2 || logits.shape(0) < static_cast<size_t>(n) ||
+  int64_t wanted = n;
+  if (outputs) {
+    expect_shape(*outputs, "outputs", {-1}, "(k,)");
+    wanted = static_cast<int64_t>(outputs->shape(0));
+    for (int64_t j = 0; j < wanted; ++j)
+      if (outputs->data()[j] < 0 || outputs->data()[j] >= n)
+        throw nb::value_error(("outputs[" + std::to_string(j) + "] = " +
+                               std::to_string(outputs->data()[j]) + " is not a row")
+                                  .c_str());
+  }
+  if (logits.ndim() != 2 || logits.shape(0) < static_cast<size_t>(wanted) ||
       logits.shape(1) != static_cast<size_t>(s.vocab))
-    throw nb::value_error("logits must have shape (>= n, vocab)");
+    throw nb::value_error("logits must have shape (>= rows with logits, vocab)");
   const int64_t limit = std::min<int64_t>(static_cast<int64_t>(context), s.rope_positions);
-  std::vector<bool> seen(num_slots);
+  std::vector<int64_t> last(num_slots, -1);  // the position a slot's previous row computes
   for (int64_t r = 0; r < n; ++r) {
     const int64_t slot = slots.data()[r], token = tokens.data()[r], pos = positions.data()[r];
-    if (slot < 0 || slot >= static_cast<int64_t>(num_slots) || seen[slot])
-      throw nb::value_error(("slot " + std::to_string(slot) + " is out of range or repeated").c_str());
-    seen[slot] = true;
+    if (slot < 0 || slot >= static_cast<int64_t>(num_slots))
+      throw nb::value_error(("slot " + std::to_string(slot) + " is out of range").c_str());
     if (token < 0 || token >= s.vocab)
-      throw nb::value_error(("token " + std::to_string(token) + " is outside the vocabulary").c_str());
+      throw nb::value_error(
+          ("token " + std::to_string(token) + " is outside the vocabulary").c_str());
     if (pos < 0 || pos >= limit)
       throw nb::value_error(("position " + std::to_string(pos) + " is outside 0.." +
-                             std::to_string(limit - 1)).c_str());
+                             std::to_string(limit - 1))
+                                .c_str());
+    if (last[slot] >= 0 && pos != last[slot] + 1)
+      throw nb::value_error(("rows of slot " + std::to_string(slot) +
+                             " must be at consecutive positions, in order")
+                                .c_str());
+    last[slot] = pos;
   }
   nb::gil_scoped_release release;
-  d.step(static_cast<int>(n), tokens.data(), positions.data(),
-         slots.data(), k, v, static_cast<int>(context), logits.data());
+  d.step(static_cast<int>(n), tokens.data(), positions.data(), slots.data(), k, v,
+         static_cast<int>(context), logits.data(), outputs ? outputs->data() : nullptr,
+         static_cast<int>(wanted));
 }
 
 }  // namespace
 
 NB_MODULE(_kernels, m) {
-  m.doc() = "irouter's CPU kernels for the backends: the int4 decode step.";
+  m.doc() = "irouter's CPU kernels for the backends: the int4 decoder step.";
   m.def("q4_best_kernel", &irouter::q4_best_kernel,
         "The int4 decode kernel this CPU runs: 'avx512-vnni', 'avx2', or '' (none).");
   nb::class_<irouter::Q4Decoder>(
@@ -130,8 +150,10 @@ NB_MODULE(_kernels, m) {
            "Copies every array. kernel: 'avx512-vnni', 'avx2' or '' for the CPU's best.")
       // noconvert: a converted copy of a KV buffer or of logits would take the writes.
       .def("step", &q4_step, "slots"_a, "tokens"_a, "positions"_a, "keys"_a.noconvert(),
-           "values"_a.noconvert(), "logits"_a.noconvert(),
+           "values"_a.noconvert(), "logits"_a.noconvert(), "outputs"_a = nb::none(),
            "Row r: tokens[r] at positions[r] of KV slot slots[r] (earlier positions computed "
-           "there); writes its keys and values and logits[r].")
+           "there or by earlier rows: a prompt chunk is rows of one slot at consecutive "
+           "positions); writes its keys and values, and logits[j] of row outputs[j] (every "
+           "row's without outputs).")
       .def_prop_ro("kernel", &irouter::Q4Decoder::kernel);
 }

@@ -296,60 +296,94 @@ IROUTER_CLONES void rope(float* v, const float* c, const float* s) {
   }
 }
 
+// The lane sums of 16 vectors: lane i of the result is the sum of a[i]'s lanes (a butterfly of
+// shuffles and adds, ~3 operations a vector instead of 15 dependent scalar adds).
+__attribute__((always_inline)) inline v16 lane_sums(const v16* a) {
+  v16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: a[2i]'s partial sums, 8-15: a[2i + 1]'s
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // lanes 4k..4k+3: a[4i + k]'s
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // lanes 2k, 2k + 1: a[8i + k]'s
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
 // One row's attention for one KV head: G query heads (q [G, 64]) over n keys and values
-// ([n, 64] rows), each key and value read once for all G; out [G, 64]; sc: G * n floats.
+// ([n, 64] rows), each key and value read once for all G; out [G, 64]; sc: G * n floats
+// (n rounded up to 16).
 IROUTER_CLONES void attend(const float* q, int G, const float* K, const float* V, int n,
                            float scale, float* sc, float* out) {
+  const int stride = (n + 15) / 16 * 16;
   v16 qv[4][4];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < 4; ++c) std::memcpy(&qv[g][c], q + g * 64 + c * 16, 64);
-  for (int j = 0; j < n; ++j) {
-    v16 k[4];
-    std::memcpy(k, K + static_cast<size_t>(j) * 64, 256);
+  for (int j0 = 0; j0 < n; j0 += 16) {  // scores of 16 keys at a time
+    const int keys = std::min(16, n - j0);
+    v16 a[4][16];
+    for (int j = 0; j < 16; ++j) {
+      if (j >= keys) {
+        for (int g = 0; g < G; ++g) a[g][j] = v16{};
+        continue;
+      }
+      v16 k[4];
+      std::memcpy(k, K + static_cast<size_t>(j0 + j) * 64, 256);
+      for (int g = 0; g < G; ++g)
+        a[g][j] = qv[g][0] * k[0] + qv[g][1] * k[1] + qv[g][2] * k[2] + qv[g][3] * k[3];
+    }
     for (int g = 0; g < G; ++g) {
-      const v16 a = qv[g][0] * k[0] + qv[g][1] * k[1] + qv[g][2] * k[2] + qv[g][3] * k[3];
-      float s = 0;
-      for (int i = 0; i < 16; ++i) s += a[i];
-      sc[static_cast<size_t>(g) * n + j] = s * scale;
+      const v16 sums = lane_sums(a[g]) * scale;
+      std::memcpy(sc + static_cast<size_t>(g) * stride + j0, &sums, 64);
     }
   }
+  float inv[4];
   for (int g = 0; g < G; ++g) {
-    float* e = sc + static_cast<size_t>(g) * n;
+    float* e = sc + static_cast<size_t>(g) * stride;
     float mx = e[0];
     for (int j = 1; j < n; ++j) mx = e[j] > mx ? e[j] : mx;
+    for (int j = n; j < stride; ++j) e[j] = -1e30f;  // padding: exp gives ~0, never summed
     v16 sum = {};
-    int j = 0;
-    for (; j + 16 <= n; j += 16) {
+    for (int j = 0; j < stride; j += 16) {
       v16 v;
       std::memcpy(&v, e + j, 64);
       v = vexp(v - mx);
       std::memcpy(e + j, &v, 64);
-      sum += v;
-    }
-    if (j < n) {  // the tail through the same polynomial, padded
-      v16 v = v16{} - 1e30f;
-      std::memcpy(&v, e + j, static_cast<size_t>(n - j) * 4);
-      v = vexp(v - mx);
-      for (int i = 0; i < n - j; ++i) {
-        e[j + i] = v[i];
-        sum[i] += v[i];
+      if (j + 16 <= n) {
+        sum += v;
+      } else {
+        for (int i = 0; i < n - j; ++i) sum[i] += v[i];
       }
     }
     float total = 0;
     for (int i = 0; i < 16; ++i) total += sum[i];
-    const float inv = 1.f / total;
-    v16 o[4] = {};
-    for (int t = 0; t < n; ++t) {
-      v16 vv[4];
-      std::memcpy(vv, V + static_cast<size_t>(t) * 64, 256);
-      const float p = e[t];
-      for (int c = 0; c < 4; ++c) o[c] += p * vv[c];
-    }
-    for (int c = 0; c < 4; ++c) {
-      o[c] *= inv;
-      std::memcpy(out + g * 64 + c * 16, &o[c], 64);
+    inv[g] = 1.f / total;
+  }
+  v16 o[4][4] = {};
+  for (int t = 0; t < n; ++t) {  // each value row read once for the G heads
+    v16 vv[4];
+    std::memcpy(vv, V + static_cast<size_t>(t) * 64, 256);
+    for (int g = 0; g < G; ++g) {
+      const float p = sc[static_cast<size_t>(g) * stride + t];
+      for (int c = 0; c < 4; ++c) o[g][c] += p * vv[c];
     }
   }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < 4; ++c) {
+      const v16 r = o[g][c] * inv[g];
+      std::memcpy(out + g * 64 + c * 16, &r, 64);
+    }
 }
 
 }  // namespace
@@ -456,7 +490,8 @@ const Q4DecoderShape& Q4Decoder::shape() const { return impl_->shape; }
 
 void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
                      const int64_t* slots, const std::vector<float*>& keys,
-                     const std::vector<float*>& values, int context, float* logits) {
+                     const std::vector<float*>& values, int context, float* logits,
+                     const int64_t* outputs, int num_outputs) {
   Impl& d = *impl_;
   const Q4DecoderShape& s = d.shape;
   const int H = s.hidden, D = s.head_dim, NH = s.heads, KVH = s.kv_heads, I = s.intermediate;
@@ -493,10 +528,10 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
       d.quantize(x, m, H);
     });
     d.gemm(rows, d.weights[4 * l], qkv);
+    // Every row's keys and values are stored before any row attends: rows of one slot at
+    // consecutive positions (a prompt chunk) see each other's, causally.
     const int tasks = rows * KVH;
     d.pool.run([&](int wi) {
-      thread_local std::vector<float> sc;
-      if (sc.size() < static_cast<size_t>(G) * longest) sc.resize(static_cast<size_t>(G) * longest);
       for (int t = wi; t < tasks; t += d.pool.size()) {
         const int m = t / KVH, kh = t % KVH;
         const int64_t p = positions[m];
@@ -505,11 +540,21 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
         const float* sn = d.sin.data() + p * (D / 2);
         for (int g = 0; g < G; ++g) rope(r + (kh * G + g) * D, c, sn);
         rope(r + (NH + kh) * D, c, sn);
+        const size_t at = ((static_cast<size_t>(slots[m]) * KVH + kh) * context + p) * D;
+        std::memcpy(keys[l] + at, r + (NH + kh) * D, sizeof(float) * D);
+        std::memcpy(values[l] + at, r + (NH + KVH + kh) * D, sizeof(float) * D);
+      }
+    });
+    d.pool.run([&](int wi) {
+      thread_local std::vector<float> sc;
+      const size_t need = static_cast<size_t>(G) * ((longest + 15) / 16 * 16);
+      if (sc.size() < need) sc.resize(need);
+      for (int t = wi; t < tasks; t += d.pool.size()) {
+        const int m = t / KVH, kh = t % KVH;
         const size_t base = (static_cast<size_t>(slots[m]) * KVH + kh) * context * D;
-        std::memcpy(keys[l] + base + p * D, r + (NH + kh) * D, sizeof(float) * D);
-        std::memcpy(values[l] + base + p * D, r + (NH + KVH + kh) * D, sizeof(float) * D);
-        attend(r + kh * G * D, G, keys[l] + base, values[l] + base, static_cast<int>(p) + 1,
-               scale, sc.data(), attn + static_cast<size_t>(m) * NH * D + kh * G * D);
+        attend(qkv + static_cast<size_t>(m) * QKV + kh * G * D, G, keys[l] + base,
+               values[l] + base, static_cast<int>(positions[m]) + 1, scale, sc.data(),
+               attn + static_cast<size_t>(m) * NH * D + kh * G * D);
       }
     });
     d.each_row(rows, [&](int m) { d.quantize(attn, m, NH * D); });
@@ -526,11 +571,14 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
     });
     d.gemm(rows, d.weights[4 * l + 3], tmp);
   }
-  d.each_row(rows, [&](int m) {
-    add_rms_norm_row(h + m * H, tmp + m * H, d.norms.data() + 2 * L * H, s.eps, H, x + m * H);
-    d.quantize(x, m, H);
+  // Logits of the rows asked for only (a prompt chunk needs its last), compacted in order.
+  const int k = outputs ? num_outputs : rows;
+  d.each_row(k, [&](int j) {
+    const int m = outputs ? static_cast<int>(outputs[j]) : j;
+    add_rms_norm_row(h + m * H, tmp + m * H, d.norms.data() + 2 * L * H, s.eps, H, x + j * H);
+    d.quantize(x, j, H);
   });
-  d.gemm(rows, d.weights[4 * L], logits);
+  if (k) d.gemm(k, d.weights[4 * L], logits);
 }
 
 }  // namespace irouter

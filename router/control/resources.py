@@ -191,7 +191,12 @@ def need(config: ModelConfig, model_dir: Path) -> tuple[int, int]:
     """(KV bytes, weight bytes) a local engine of `config` allocates; (0, 0) for a remote one."""
     if config.backend in REMOTE_BACKENDS:
         return 0, 0
-    unloaded = unloaded_files(config.backend, model_dir, prefill_graph=config.prefill_graph)
+    unloaded = unloaded_files(
+        config.backend,
+        model_dir,
+        prefill_graph=config.prefill_graph,
+        decode_kernel=config.decode_kernel,
+    )
     weights = _folder_bytes(model_dir, unloaded)
     manifest = read_manifest(model_dir) or {}
     if config.kind != "generate" or "num_layers" not in manifest:

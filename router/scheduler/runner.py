@@ -64,6 +64,12 @@ class ModelRunner:
         prefill_rows = [r for r in np.flatnonzero(~decoding).tolist() if r not in result.errors]
         if result.errors:
             decode_rows = np.array([r for r in decode_rows if r not in result.errors], np.intp)
+        if (
+            len(decode_rows)
+            and prefill_rows
+            and self._mixed(reqs, decode_rows, prefill_rows, output, logits)
+        ):
+            decode_rows, prefill_rows = decode_rows[:0], []
         if len(decode_rows):
             self._decode(reqs, decode_rows, plan.slots, plan.starts, logits, result)
         if prefill_rows:
@@ -133,6 +139,39 @@ class ModelRunner:
                 req = reqs[row]
                 logger.exception("engine %s: prefill failed for %s", self.name, req.request_id)
                 result.errors[row] = "prefill failed for this request"
+
+    def _mixed(
+        self,
+        reqs: list[Request],
+        decode_rows: npt.NDArray[np.intp],
+        prefill_rows: list[int],
+        output: SchedulerOutput,
+        logits: dict[int, FloatArray],
+    ) -> bool:
+        """Decode rows and prompt chunks in one call where the backend computes both alike
+        (`mixed_steps`: one pass over the weights a step); False to run them apart, as where
+        the call fails (a failing row then fails alone)."""
+        if not (
+            getattr(self._backend, "mixed_steps", False)
+            and isinstance(self._backend, BatchedPrefill)
+        ):
+            return False
+        plan = output.plan
+        rows = [*decode_rows.tolist(), *prefill_rows]
+        starts = [int(plan.starts[r]) for r in rows]
+        chunks = [
+            reqs[r].tokens[start : start + int(plan.counts[r])]
+            for r, start in zip(rows, starts, strict=True)
+        ]
+        try:
+            out = self._backend.prefill_batch([int(plan.slots[r]) for r in rows], chunks, starts)
+        except Exception:
+            logger.warning(
+                "engine %s: mixed step failed; running its rows apart", self.name, exc_info=True
+            )
+            return False
+        logits.update(zip(rows, out, strict=True))
+        return True
 
     def _decode(
         self,

@@ -45,12 +45,14 @@ class Q4Decoder {
   Q4Decoder& operator=(const Q4Decoder&) = delete;
 
   // Row r: token tokens[r] at position positions[r] of KV slot slots[r], whose positions before
-  // it are computed; writes its keys and values there and its logits to logits[r * vocab ...].
-  // keys/values: per layer, [slots, kv_heads, context, head_dim] floats. The caller checks
-  // ranges (tokens < vocab, positions < min(context, rope_positions), slots distinct and valid).
+  // it are computed there or by earlier rows of this call (a prompt chunk: rows of one slot at
+  // consecutive positions); writes its keys and values there. Logits [num_outputs, vocab] of
+  // rows outputs[0..num_outputs) (nullptr: every row). keys/values: per layer, [slots,
+  // kv_heads, context, head_dim] floats. The caller checks ranges (tokens < vocab, positions <
+  // min(context, rope_positions), slots valid, outputs < rows).
   void step(int rows, const int64_t* tokens, const int64_t* positions, const int64_t* slots,
             const std::vector<float*>& keys, const std::vector<float*>& values, int context,
-            float* logits);
+            float* logits, const int64_t* outputs = nullptr, int num_outputs = 0);
 
   const std::string& kernel() const;
   const Q4DecoderShape& shape() const;

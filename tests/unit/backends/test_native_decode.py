@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from backends._kernels import Q4Decoder, q4_best_kernel
+from backends.native_decode import NativeSteps
 from backends.onnx_runtime import OnnxDecoder
 
 pytestmark = pytest.mark.skipif(not q4_best_kernel(), reason="the CPU has no AVX2")
@@ -120,7 +121,9 @@ def test_threads_and_kernels_do_not_change_a_result(folder: Path, prompts: list[
     for kernel in kernels:
         for threads in (1, 2):
             engine = _decoder(folder, "native", threads)
-            engine._native = _rebuilt(engine._native, folder, kernel, threads)
+            engine._native = NativeSteps(
+                _rebuilt(folder, kernel, threads), engine._keys, engine._values, engine._logits
+            )
             lengths = _fill(engine, prompts)
             slots = np.array([3, 0, 2])
             results.append(
@@ -130,7 +133,7 @@ def test_threads_and_kernels_do_not_change_a_result(folder: Path, prompts: list[
         np.testing.assert_array_equal(other, results[0])
 
 
-def _rebuilt(decoder: Q4Decoder | None, folder: Path, kernel: str, threads: int) -> Q4Decoder:
+def _rebuilt(folder: Path, kernel: str, threads: int) -> Q4Decoder:
     """The same weights on another kernel, through the loader's own reading of the graph."""
     import backends.native_decode as native_decode
 
@@ -160,12 +163,12 @@ def test_refusals_name_what_is_wrong(
     # The binding checks what the engine's own validation would (a caller skipping it):
     # nothing is computed or written when a row is bad.
     lengths = _fill(native, prompts)
-    step = native._native
-    assert step is not None
+    assert native._native is not None
+    step = native._native.decoder
     before = native._keys[0].copy()
     logits = np.zeros((SLOTS, 49152), np.float32)
     cases = [
-        ([0, 0], [1, 2], [lengths[0], lengths[0]], "slot 0 is out of range or repeated"),
+        ([0, 0], [1, 2], [lengths[0], lengths[0]], "rows of slot 0 must be at consecutive"),
         ([0], [49152], [lengths[0]], "token 49152 is outside the vocabulary"),
         ([0], [1], [128], r"position 128 is outside 0\.\.127"),
         ([SLOTS], [1], [0], f"slot {SLOTS} is out of range"),
@@ -192,3 +195,35 @@ def test_refusals_name_what_is_wrong(
         )
     np.testing.assert_array_equal(native._keys[0], before)
     assert not logits.any()
+
+
+def test_a_token_is_the_same_bits_however_its_prompt_came(folder: Path, prompts: list[np.ndarray]):
+    """prefill_graph: native: a prompt whole, in chunks (one of a single token), beside another
+    slot's chunk, or token by token through decode computes the same keys, values and logits:
+    the prefix cache and a reply's KV need no recomputation to be exact."""
+    engine = OnnxDecoder(folder, max_slots=SLOTS, max_context=128, prefill_graph="native")
+    assert engine.prefill_graph == "native" and engine.mixed_steps
+    prompt = prompts[0]
+    n = prompt.size
+
+    def state(slot: int) -> tuple[np.ndarray, np.ndarray]:
+        return engine._keys[7][slot, :, :n].copy(), engine._values[29][slot, :, :n].copy()
+
+    whole = engine.prefill(0, prompt, 0)
+    reference = state(0)
+    ways = {}
+    engine.prefill(1, prompt[:5], 0)
+    engine.prefill(1, prompt[5:6], 5)
+    ways["chunks"] = engine.prefill(1, prompt[6:], 6)
+    engine.prefill(3, prompts[1], 0)
+    engine.prefill(2, prompt[:9], 0)
+    ways["beside another"] = engine.prefill_batch(
+        [3, 2], [np.array([42, 43]), prompt[9:]], [prompts[1].size, 9]
+    )[1]
+    engine.prefill(4, prompt[:1], 0)
+    for i in range(1, n):
+        ways["decoded"] = engine.decode(np.array([4]), prompt[i : i + 1], np.array([i]))[0]
+    for slot, (way, logits) in zip((1, 2, 4), ways.items(), strict=True):
+        np.testing.assert_array_equal(logits, whole, err_msg=way)
+        for got, want in zip(state(slot), reference, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=way)

@@ -9,7 +9,7 @@ import pytest
 from model_reference import bert_embeddings
 from tokenizers import Tokenizer
 
-from backends import onnx_runtime
+from backends import native_decode, onnx_runtime
 from backends.base import DecoderStepEngine, EncoderEngine, PrefixKVStore
 from backends.onnx_runtime import OnnxDecoder, OnnxEncoder
 
@@ -295,25 +295,33 @@ def test_prefill_graph_is_chosen_by_the_cpu_unless_named(
     prepared_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = prepared_models["smollm2-135m-instruct"]
+
+    def chosen(model: Path = folder, **options: str) -> str:
+        return OnnxDecoder(model, max_slots=1, max_context=64, **options).prefill_graph
+
+    # Where the native kernels decode (any AVX2 CPU), they compute prompts too.
+    if native_decode.q4_best_kernel():
+        assert chosen() == "native"
+        assert chosen(prefill_graph="native") == "native"
+    # Decoding through the graph, the CPU chooses between the two graphs.
+    graph = {"decode_kernel": "onnxruntime"}
     monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: None)
-    assert OnnxDecoder(folder, max_slots=1, max_context=64).prefill_graph == "model"
-    assert (
-        OnnxDecoder(folder, max_slots=1, max_context=64, prefill_graph="int8").prefill_graph
-        == "int8"
-    )
+    assert chosen(**graph) == "model"
+    assert chosen(prefill_graph="int8", **graph) == "int8"
     monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: "avx512_vnni")
-    assert OnnxDecoder(folder, max_slots=1, max_context=64).prefill_graph == "int8"
-    named = OnnxDecoder(folder, max_slots=1, max_context=64, prefill_graph="model")
-    assert named.prefill_graph == "model"
+    assert chosen(**graph) == "int8"
+    assert chosen(prefill_graph="model") == "model"
+    with pytest.raises(ValueError, match=r"prefill_graph='native' computes prompts in the native"):
+        chosen(prefill_graph="native", **graph)
     # A folder without the int8 graph (fp32) computes prompts with its own.
     fp32_folder = prepared_models["smollm2-135m-instruct-fp32"]
-    assert OnnxDecoder(fp32_folder, max_slots=1, max_context=64).prefill_graph == "model"
+    assert chosen(fp32_folder) == "model"
     with pytest.raises(
         ValueError, match=r"prefill_graph='int8': .* has no packed int8 prefill graph"
     ):
-        OnnxDecoder(fp32_folder, max_slots=1, max_context=64, prefill_graph="int8")
+        chosen(fp32_folder, prefill_graph="int8")
     with pytest.raises(ValueError, match="prefill_graph='int7' is unknown"):
-        OnnxDecoder(folder, max_slots=1, max_context=64, prefill_graph="int7")
+        chosen(prefill_graph="int7")
 
 
 def test_constructor_validates(prepared_models: dict[str, Path]) -> None:

@@ -93,18 +93,18 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ),
         (
             "models: [{name: a, kind: generate, artifact: x, prefill_graph: int7}]",
-            "models['a'].prefill_graph='int7': use one of ['auto', 'int8', 'model']",
+            "models['a'].prefill_graph='int7': use one of ['auto', 'int8', 'model', 'native']",
         ),
         (
             "models: [{name: a, kind: generate, artifact: x, backend: openvino,"
             " prefill_graph: int8}]",
-            "prefill_graph='int8': use one of ['auto', 'int8', 'model'], for generation models on "
-            "backend 'onnxruntime' only",
+            "prefill_graph='int8': use one of ['auto', 'int8', 'model', 'native'], for generation "
+            "models on backend 'onnxruntime' only",
         ),
         (
             "models: [{name: a, kind: embed, artifact: x, prefill_graph: model}]",
-            "models['a'].prefill_graph='model': use one of ['auto', 'int8', 'model'], for "
-            "generation models",
+            "models['a'].prefill_graph='model': use one of ['auto', 'int8', 'model', 'native'], "
+            "for generation models",
         ),
         (
             "models: [{name: a, kind: generate, artifact: x, decode_kernel: gpu}]",

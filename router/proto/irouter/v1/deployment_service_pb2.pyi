@@ -250,8 +250,9 @@ class Deployment(_message.Message):
     require_auth: _builtins.bool
     """Refuse anonymous callers (needs the router's guard on)."""
     prefill_graph: _builtins.str
-    """The graph that computes prompts on its onnxruntime replicas: "auto" (empty: the int4
-    decoder's int8 graph on CPUs with VNNI or AMX, else its own), "int8" or "model" (its own).
+    """What computes prompts on its onnxruntime replicas: "auto" (empty: the native int4 kernels
+    where they decode, else the int4 decoder's int8 graph on CPUs with VNNI or AMX, else its
+    own), "native", "int8" or "model" (its own).
     """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:

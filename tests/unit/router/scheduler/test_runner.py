@@ -14,7 +14,7 @@ from router.scheduler import runner as runner_module
 from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Request
 from router.scheduler.runner import ModelRunner
-from router.scheduler.scheduler import Scheduler
+from router.scheduler.scheduler import Scheduler, SchedulerOutput
 
 VOCAB = 16
 _ids = itertools.count(1)
@@ -176,3 +176,51 @@ def test_a_prompt_chunk_of_one_token_is_prefilled_not_decoded() -> None:
     # before it again (whose KV comes out the same).
     assert engine.chunks[-1] == ([2, 3], 1)
     assert result.tokens == {0: 5}
+
+
+class MixedStepEngine(BatchingStepEngine):
+    """A backend that computes decode rows and prompt chunks alike (OnnxDecoder with its
+    prompts in the native kernels)."""
+
+    mixed_steps = True
+
+
+def _decoding_and_arriving(engine: StepEngine) -> tuple[ModelRunner, SchedulerOutput]:
+    """One request decoding, a second arriving: the step that carries both."""
+    scheduler, runner = admitted(engine, [[1, 2, 3]])
+    first = scheduler.schedule()
+    scheduler.update_from_output(first, runner.execute(first))
+    i = next(_ids)
+    scheduler.add_request(
+        Request(f"r{i}", i, [4, 5], SamplingParams(max_tokens=8, temperature=0.0))
+    )
+    engine.calls.clear()
+    return runner, scheduler.schedule()
+
+
+def test_decode_rows_and_prompt_chunks_are_one_call_where_the_backend_computes_both() -> None:
+    engine = MixedStepEngine()
+    runner, step = _decoding_and_arriving(engine)
+    result = runner.execute(step)
+    # The decoding row's last token at its position, then the new prompt: one call, no
+    # one-token widening (these kernels compute every token alike).
+    assert engine.calls == [("prefill_batch", ([0, 1], [[5], [4, 5]], [3, 0]))]
+    assert result.tokens == {0: 7, 1: 7} and not result.errors
+
+
+def test_a_failing_mixed_step_runs_its_rows_apart() -> None:
+    engine = MixedStepEngine()
+    engine.fail_prefill_slot = 1
+    runner, step = _decoding_and_arriving(engine)
+    result = runner.execute(step)
+    # The decode row in its own call; the prompt alone (its prefill fails again, by itself).
+    assert [c[0] for c in engine.calls] == ["prefill_batch", "decode"]
+    assert result.errors == {1: "prefill failed for this request"}
+    assert result.tokens == {0: 6}
+
+
+def test_decode_rows_stay_apart_where_the_backend_computes_them_differently() -> None:
+    engine = BatchingStepEngine()
+    runner, step = _decoding_and_arriving(engine)
+    runner.execute(step)
+    assert [c[0] for c in engine.calls] == ["decode", "prefill"]
