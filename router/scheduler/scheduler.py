@@ -106,6 +106,9 @@ class Scheduler:
     ) -> None:
         self.name = name
         self.prefix_cache = prefix_cache
+        self.decode_is_prefill = False
+        """True where the backend computes a decoded token as a prompt's (`mixed_steps`): a
+        finished reply's blocks are then cached as it ends, not only by a fill."""
         self.limits = limits
         self._decoder = decoder
         self._stop_ids = frozenset(stop_ids)
@@ -291,6 +294,12 @@ class Scheduler:
         cache = self.prefix_cache
         if cache is not None and req.slot >= 0 and req.num_output:
             tokens = req.tokens[: req.num_tokens].copy()
+            if self.decode_is_prefill:
+                # Its decode steps computed the reply as a prompt would, bit for bit: the whole
+                # blocks of what the slot holds (all but the last token) are cached now, for a
+                # next turn sent at once; the fill still comes for where the reply's text
+                # tokenizes differently from its tokens.
+                cache.save(req.slot, tokens, req.num_tokens - 1)
             # From the start of the block the prompt ends in: that block's whole KV is then the
             # prompt graph's, over chunks of at least two tokens, as a cache-off prefill's.
             start = req.num_prompt // cache.block_size * cache.block_size
