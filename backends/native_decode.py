@@ -48,6 +48,11 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
         )
     if int(manifest.get("head_dim", 0)) != 64:
         return f"head_dim {manifest.get('head_dim')} is not 64"
+    heads, kv_heads = int(manifest.get("num_heads", 0)), int(manifest.get("num_kv_heads", 0))
+    if not kv_heads or heads % kv_heads or heads // kv_heads > 4:
+        return f"{heads} query heads over {kv_heads} KV heads (up to 4 query heads a KV head)"
+    if int(manifest.get("hidden_size", 0)) % 32 or int(manifest.get("vocab_size", 0)) % 16:
+        return "hidden size or vocabulary not a multiple of 32 / 16"
     return None
 
 
@@ -88,11 +93,29 @@ def load_native_decode(
     problem = _graph_problem(manifest, graph) or (
         None if kernel else "this CPU has neither AVX-512 VNNI nor AVX2"
     )
+    if problem is None:
+        try:
+            decoder = _build(model_dir, manifest, graph, threads)
+        except (KeyError, ValueError) as exc:  # a weight missing, a shape the kernels refuse
+            problem = f"{type(exc).__name__}: {exc}"
     if problem is not None:
         if choice == "native":
             raise ValueError(f"decode_kernel='native' cannot run {model_dir}: {problem}")
         logger.info("%s: ONNX Runtime decodes (%s)", manifest.get("name"), problem)
         return None
+    logger.info(
+        "%s: decode steps in the native int4 kernels (%s; decode_kernel: onnxruntime overrides)",
+        manifest.get("name"),
+        decoder.kernel,
+    )
+    return decoder
+
+
+def _build(
+    model_dir: Path, manifest: dict[str, Any], graph: onnx.ModelProto, threads: int
+) -> Q4Decoder:
+    """Q4Decoder over the graph's weights (KeyError for one missing, ValueError for shapes the
+    kernels refuse)."""
     onnx.load_external_data_for_model(graph, str(model_dir))
     weights = {t.name: t for t in graph.graph.initializer}
 
@@ -105,7 +128,7 @@ def load_native_decode(
         array(f"l{i}.{n}", np.float32) for i in range(layers) for n in ("attn_norm", "ffn_norm")
     ]
     codes = [array(n + ".weight_Q4", np.uint8) for n in names]
-    decoder = Q4Decoder(
+    return Q4Decoder(
         layers=layers,
         hidden=int(manifest["hidden_size"]),
         heads=int(manifest["num_heads"]),
@@ -125,12 +148,6 @@ def load_native_decode(
         ],
         threads=threads,
     )
-    logger.info(
-        "%s: decode steps in the native int4 kernels (%s; decode_kernel: onnxruntime overrides)",
-        manifest.get("name"),
-        decoder.kernel,
-    )
-    return decoder
 
 
 def _epsilon(graph: onnx.ModelProto) -> float:

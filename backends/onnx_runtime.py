@@ -105,14 +105,16 @@ def unused_files(
     manifest: dict[str, Any], model_dir: Path, prefill: str, decode_kernel: str = "auto"
 ) -> list[Path]:
     """Files of a decoder folder that an OnnxDecoder with `prefill` does not load: the prompt
-    graph (and its weights) where the decoder's own graph or the native step computes prompts."""
+    graph (and its weights) where the decoder's own graph or the native step computes prompts;
+    the decoder's graph too where the native step computes both (it holds a copy instead)."""
     entry = manifest.get("prefill_graph")
-    if prefill == "auto" and native_decodes(manifest, decode_kernel):
+    graphs = []
+    if prefill in ("auto", "native") and native_decodes(manifest, decode_kernel):
         prefill = "native"
-    if not isinstance(entry, dict) or prefill_graph_file(manifest, model_dir, prefill):
-        return []
-    graph = model_dir / str(entry["file"])
-    return [f for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file()]
+        graphs.append(model_dir / "model.onnx")
+    if isinstance(entry, dict) and not prefill_graph_file(manifest, model_dir, prefill):
+        graphs.append(model_dir / str(entry["file"]))
+    return [f for g in graphs for f in (g, g.with_name(g.name + ".data")) if f.is_file()]
 
 
 def _prefill_graph(manifest: dict[str, Any], model_dir: Path, prefill: str) -> Path | None:
@@ -193,13 +195,13 @@ class OnnxDecoder(SlotKVPool):
         self.mixed_steps = native is not None and prefill_graph in ("auto", "native")
         graph = None if self.mixed_steps else _prefill_graph(manifest, model_dir, prefill_graph)
         self.prefill_graph = "native" if self.mixed_steps else "int8" if graph else "model"
-        # With two sessions (or the native decode step's threads), each one's threads stop
-        # spinning when its call ends: left spinning, they took the cores from the other's call
-        # in the same step (8 decode rows and a 100-token prompt: 107-146 ms a step, 74 ms with
-        # both stopping; AMD EPYC Zen 4).
-        self._session = _session(
-            model_dir / "model.onnx", threads, spin=graph is None and native is None
-        )
+        # None where the native kernels compute every step. With two sessions (or the native
+        # step's threads), each one's threads stop spinning when its call ends: left spinning,
+        # they took the cores from the other's call in the same step (8 decode rows and a
+        # 100-token prompt: 107-146 ms a step, 74 ms with both stopping; AMD EPYC Zen 4).
+        spin = graph is None and native is None
+        model = None if self.mixed_steps else _session(model_dir / "model.onnx", threads, spin=spin)
+        self._session = model
         self._num_layers = int(manifest["num_layers"])
         shape = (max_slots, int(manifest["num_kv_heads"]), max_context, int(manifest["head_dim"]))
         # GQA touches a slot's whole [kv_heads, max_context, head_dim] rows on first use
@@ -236,6 +238,11 @@ class OnnxDecoder(SlotKVPool):
         self._init_pool()
 
     # ------------------------------------------------------------------ bindings
+    @property
+    def _graph(self) -> ort.InferenceSession:
+        assert self._session is not None, "the native kernels compute every step (mixed_steps)"
+        return self._session
+
     def _bind_kv(self, binding: _Binding, lo: int, hi: int) -> None:
         for i in range(self._num_layers):
             for kind, buffers in (("key", self._keys), ("value", self._values)):
@@ -246,7 +253,7 @@ class OnnxDecoder(SlotKVPool):
     def _decode_binding(self, n: int) -> _Binding:
         binding = self._decode_bindings.get(n)
         if binding is None:
-            binding = _Binding(self._session)
+            binding = _Binding(self._graph)
             binding.bind("input_ids", self._ids[:n])
             binding.bind("seqlens_k", self._seqlens[:n])
             binding.bind("total_sequence_length", self._total)
@@ -258,7 +265,7 @@ class OnnxDecoder(SlotKVPool):
     def _prefill_binding(self, slot: int) -> _Binding:
         binding = self._prefill_bindings.get(slot)
         if binding is None:
-            binding = _Binding(self._session)
+            binding = _Binding(self._graph)
             binding.bind("logits", self._logits[slot : slot + 1], output=True)
             self._bind_kv(binding, slot, slot + 1)
             self._prefill_bindings[slot] = binding
@@ -345,7 +352,7 @@ class OnnxDecoder(SlotKVPool):
         binding.bind("input_ids", ids.reshape(1, -1))
         binding.bind("seqlens_k", np.array([end - 1], np.int32))
         binding.bind("total_sequence_length", np.array(end, np.int32))
-        self._session.run_with_iobinding(binding.io)
+        self._graph.run_with_iobinding(binding.io)
         out: FloatArray = self._logits[slot].copy()
         return out
 
@@ -401,7 +408,7 @@ class OnnxDecoder(SlotKVPool):
         self._ids[slots, 0] = ids
         self._seqlens[slots] = pos
         self._total[()] = int(self._seqlens[:n].max()) + 1
-        self._session.run_with_iobinding(self._decode_binding(n).io)
+        self._graph.run_with_iobinding(self._decode_binding(n).io)
         result: FloatArray = self._logits[slots]  # fancy indexing copies, in input row order
         return result
 

@@ -39,8 +39,10 @@ irouter::Q4Decoder* make_q4_decoder(int layers, int hidden, int heads, int kv_he
   s.intermediate = intermediate;
   s.vocab = vocab;
   s.eps = eps;
-  if (layers < 1 || hidden < 1 || heads < 1 || kv_heads < 1 || vocab < 1 || threads < 1)
-    throw nb::value_error("layers, hidden, heads, kv_heads, vocab and threads must be >= 1");
+  if (layers < 1 || hidden < 1 || heads < 1 || kv_heads < 1 || intermediate < 1 || vocab < 1 ||
+      threads < 1)
+    throw nb::value_error(
+        "layers, hidden, heads, kv_heads, intermediate, vocab and threads must be >= 1");
   expect_shape(cos, "cos", {-1, head_dim / 2}, "(positions, head_dim / 2)");
   expect_shape(sin, "sin", {static_cast<int64_t>(cos.shape(0)), head_dim / 2},
                "like cos");
@@ -100,11 +102,15 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
   if (outputs) {
     expect_shape(*outputs, "outputs", {-1}, "(k,)");
     wanted = static_cast<int64_t>(outputs->shape(0));
-    for (int64_t j = 0; j < wanted; ++j)
-      if (outputs->data()[j] < 0 || outputs->data()[j] >= n)
-        throw nb::value_error(("outputs[" + std::to_string(j) + "] = " +
-                               std::to_string(outputs->data()[j]) + " is not a row")
+    // Increasing rows: each at most once (the step normalises a row's residual in place).
+    for (int64_t j = 0; j < wanted; ++j) {
+      const int64_t row = outputs->data()[j];
+      if (row < 0 || row >= n || (j && row <= outputs->data()[j - 1]))
+        throw nb::value_error(("outputs[" + std::to_string(j) + "] = " + std::to_string(row) +
+                               ": outputs must be increasing rows in 0.." +
+                               std::to_string(n - 1))
                                   .c_str());
+    }
   }
   if (logits.ndim() != 2 || logits.shape(0) < static_cast<size_t>(wanted) ||
       logits.shape(1) != static_cast<size_t>(s.vocab))

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <stdexcept>
@@ -35,18 +36,27 @@ class Pool {
     for (auto& t : workers_) t.join();
   }
   int size() const { return n_; }
-  // Runs fn(worker) once on each of size() workers (the caller is worker 0).
+  // Runs fn(worker) once on each of size() workers (the caller is worker 0); returns when all
+  // are done, rethrowing the first exception any of them raised (std::bad_alloc).
   void run(const std::function<void(int)>& fn) {
     if (n_ == 1) return fn(0);
     fn_ = &fn;
+    error_ = nullptr;
     pending_.store(n_ - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> g(m_);
       gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    fn(0);
+    std::exception_ptr mine;
+    try {
+      fn(0);
+    } catch (...) {
+      mine = std::current_exception();
+    }
     while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+    if (mine) std::rethrow_exception(mine);
+    if (error_) std::rethrow_exception(error_);
   }
 
  private:
@@ -61,7 +71,12 @@ class Pool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
-      (*fn_)(i);
+      try {
+        (*fn_)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> g(m_);
+        if (!error_) error_ = std::current_exception();
+      }
       pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
@@ -72,6 +87,7 @@ class Pool {
   std::atomic<unsigned> gen_{0};
   std::atomic<int> pending_{0};
   const std::function<void(int)>* fn_ = nullptr;
+  std::exception_ptr error_;  // a worker's exception in the current run (under m_)
   bool stop_ = false;
 };
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 from tokenizers import Tokenizer
 
+from backends import native_decode
 from backends._kernels import Q4Decoder, q4_best_kernel
 from backends.native_decode import NativeSteps
 from backends.onnx_runtime import OnnxDecoder
@@ -183,6 +186,21 @@ def test_refusals_name_what_is_wrong(
                 native._values,
                 logits,
             )
+    # Logits rows asked for: increasing rows of the call, each once.
+    for outputs, message in (
+        ([0, 0], "outputs must be increasing"),
+        ([0, 1], "outputs\\[1\\] = 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            step.step(
+                np.array([0], np.int64),
+                np.array([1], np.int64),
+                np.array([lengths[0]], np.int64),
+                native._keys,
+                native._values,
+                logits,
+                np.array(outputs, np.int64),
+            )
     # A KV buffer of another dtype is refused, not converted into a copy that takes the writes.
     with pytest.raises(TypeError):
         step.step(
@@ -227,3 +245,77 @@ def test_a_token_is_the_same_bits_however_its_prompt_came(folder: Path, prompts:
         np.testing.assert_array_equal(logits, whole, err_msg=way)
         for got, want in zip(state(slot), reference, strict=True):
             np.testing.assert_array_equal(got, want, err_msg=way)
+
+
+def _tiny_graph(folder: Path, heads: int, kv_heads: int, drop: str = "") -> dict[str, object]:
+    """A one-layer int4 llama graph's weights (zeros) in `folder`, and its manifest."""
+    hidden, head_dim, inter, vocab = 64, 64, 64, 32
+    shapes = {
+        "qkv_proj": ((heads + 2 * kv_heads) * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_up_proj": (2 * inter, hidden),
+        "down_proj": (hidden, inter),
+    }
+    arrays: dict[str, np.ndarray] = {}
+    for name, (n, k) in [
+        *((f"l0.{p}", s) for p, s in shapes.items()),
+        ("lm_head", (vocab, hidden)),
+    ]:
+        arrays[f"{name}.weight_Q4"] = np.zeros((n, k // 32, 16), np.uint8)
+        arrays[f"{name}.weight_scales"] = np.ones((n, k // 32), np.float32)
+    for name in ("l0.attn_norm", "l0.ffn_norm", "final_norm"):
+        arrays[name] = np.ones(hidden, np.float32)
+    arrays["embed_tokens"] = np.zeros((vocab, hidden), np.float32)
+    arrays["cos_cache"] = np.ones((64, head_dim // 2), np.float32)
+    arrays["sin_cache"] = np.zeros((64, head_dim // 2), np.float32)
+    arrays.pop(drop, None)
+    nodes = [
+        helper.make_node("SimplifiedLayerNormalization", ["x", "final_norm"], ["y"], epsilon=1e-5),
+        helper.make_node(
+            "MatMulNBits",
+            ["y", "lm_head.weight_Q4", "lm_head.weight_scales"],
+            ["logits"],
+            domain="com.microsoft",
+            K=hidden,
+            N=vocab,
+            bits=4,
+            block_size=32,
+        ),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
+    onnx.save(
+        helper.make_model(helper.make_graph(nodes, "g", [], [], inits)), folder / "model.onnx"
+    )
+    return {
+        "name": "tiny",
+        "quantization": "int4",
+        "graph": "gqa-shared-kv",
+        "num_layers": 1,
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+    }
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "drop", "why"),
+    [
+        (8, 1, "", "8 query heads over 1 KV heads"),  # as TinyLlama-1.1B's 32 over 4
+        (4, 1, "l0.ffn_norm", "l0.ffn_norm"),  # a graph without a weight the step reads
+    ],
+)
+def test_a_graph_the_kernels_cannot_compute_decodes_through_onnx_runtime(
+    tmp_path: Path, heads: int, kv_heads: int, drop: str, why: str
+):
+    manifest = _tiny_graph(tmp_path, heads, kv_heads, drop)
+    if not drop:  # known from the manifest: resources count no native copy
+        assert not native_decode.native_decodes(manifest, "auto")
+    assert native_decode.load_native_decode(tmp_path, manifest, "auto", 1) is None
+    with pytest.raises(ValueError, match=f"decode_kernel='native' cannot run .*{why}"):
+        native_decode.load_native_decode(tmp_path, manifest, "native", 1)
+    # The same shapes with a supported grouping load.
+    if drop:
+        manifest = _tiny_graph(tmp_path, heads, kv_heads)
+        assert native_decode.load_native_decode(tmp_path, manifest, "auto", 1) is not None

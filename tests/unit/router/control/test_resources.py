@@ -69,7 +69,7 @@ def test_the_prompt_graph_counts_as_weights_only_where_the_engine_loads_it(
         ("auto", "avx2", "int8", False),  # a graph the native step does not read
     ],
 )
-def test_the_native_steps_copy_counts_and_the_prompt_graph_not_where_they_load(
+def test_where_the_native_kernels_load_their_copy_counts_instead_of_the_graphs(
     decoder_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     decode_kernel: str,
@@ -87,7 +87,8 @@ def test_the_native_steps_copy_counts_and_the_prompt_graph_not_where_they_load(
     config = ModelConfig(name="m", kind="generate", artifact="m", decode_kernel=decode_kernel)
     _, weights = need(config, decoder_dir)
     files = sum(SIZES.values()) + (decoder_dir / "manifest.json").stat().st_size
-    graph_copy = SIZES["model.onnx"] + SIZES["model.onnx.data"]
-    # Loaded, the native kernels compute the prompts too (prefill_graph auto): no int8 graph.
-    prompt_graph = SIZES["prefill.onnx"] + SIZES["prefill.onnx.data"]
-    assert weights == files + (graph_copy - prompt_graph if counted else 0)
+    # Loaded, the native kernels compute prompts and decode steps (prefill_graph auto): neither
+    # graph is loaded, and the kernels hold a copy of the int4 graph's weights instead.
+    graphs = sum(SIZES.values()) - SIZES["tokenizer.json"]
+    copy = SIZES["model.onnx"] + SIZES["model.onnx.data"]
+    assert weights == files + (copy - graphs if counted else 0)

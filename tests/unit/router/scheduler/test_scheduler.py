@@ -273,12 +273,13 @@ def test_a_finished_reply_is_computed_again_into_the_cache_for_the_next_turn() -
 
 def test_where_decode_computes_as_prompts_do_a_reply_is_cached_as_it_ends() -> None:
     scheduler, cache, store = cached_scheduler()  # blocks of 4 tokens
-    first = make_request(n_prompt=6, max_tokens=8)
+    first = make_request(n_prompt=6, max_tokens=6)
     scheduler.decode_is_prefill = True
     finished(scheduler, store, first)
-    # 14 tokens, the slot holding 13 (the last sampled one is never computed): 3 whole blocks
-    # cached when it ends, before any fill, so a next turn sent at once finds them.
-    assert first.num_tokens == 14 and cache.cached_blocks == 3
+    # 12 tokens, the slot holding 11 (the last sampled one is never computed): the 2 whole
+    # blocks of those cached when it ends, before any fill, so a next turn sent at once finds
+    # them (a third block would hold a token the slot lacks: the store refuses it).
+    assert first.num_tokens == 12 and cache.cached_blocks == 2
     assert scheduler.pending_fills == 1  # for where its text may tokenize differently
 
 
