@@ -51,6 +51,11 @@ def register_cli(
         default="",
         help="what computes onnxruntime replicas' prompts: auto (default), native, int8 or model",
     )
+    create.add_argument(
+        "--decode-kernel",
+        default="",
+        help="onnxruntime replicas' decode steps: auto (default), native or onnxruntime",
+    )
     create.add_argument("--require-auth", action="store_true", help="refuse anonymous callers")
     create.add_argument(
         "--limit",
@@ -118,6 +123,7 @@ def _request(args: argparse.Namespace) -> tuple[str, Any, str]:
             max_slots=args.max_slots,
             max_context=args.max_context,
             prefill_graph=args.prefill_graph,
+            decode_kernel=args.decode_kernel,
         )
         if args.prefix_cache_mb is not None:
             deployment.prefix_cache_mb = args.prefix_cache_mb

@@ -70,6 +70,7 @@ def model_config(version: ModelVersion, d: Deployment) -> ModelConfig:
         max_slots=d.max_slots,
         prefix_cache_mb=d.prefix_cache_mb,
         prefill_graph=d.prefill_graph,
+        decode_kernel=d.decode_kernel,
         default_max_tokens=min(256, max_context - 1),
     )
 
@@ -131,7 +132,7 @@ def _embedder_config(version: ModelVersion, d: Deployment) -> ModelConfig:
     """The models[] entry of an embedding deployment: the encoder's own window unless
     max_context is smaller; the decoders' settings (slots, prefix cache) refused by name."""
     defaults = {f.name: f.default for f in dataclasses.fields(Deployment)}
-    for key in ("max_slots", "prefix_cache_mb", "prefill_graph"):
+    for key in ("max_slots", "prefix_cache_mb", "prefill_graph", "decode_kernel"):
         if getattr(d, key) not in (defaults[key], 0):
             raise InvalidArgument(
                 f"deployment.{key}={getattr(d, key)} applies to generation models; "

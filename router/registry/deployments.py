@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, Row
 
-from backends.base import PREFILL_GRAPHS
+from backends.base import DECODE_KERNELS, PREFILL_GRAPHS
 from router.config import REMOTE_BACKENDS
 from router.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, quote
 from router.guard.limits.config import TierLimits
@@ -147,6 +147,8 @@ class Deployment:
     """KV kept aside for shared prefixes, per local replica; 0 turns it off."""
     prefill_graph: str = "auto"
     """The graph that computes prompts on onnxruntime replicas (ModelConfig.prefill_graph)."""
+    decode_kernel: str = "auto"
+    """What computes decode steps on onnxruntime replicas (ModelConfig.decode_kernel)."""
     rollout: Rollout | None = None
     """The last rollout to another version (running, completed or rolled back)."""
     require_auth: bool = False
@@ -227,18 +229,20 @@ def validate(d: Deployment) -> Deployment:
             limits.validate(f"deployment.limits[{tier!r}]")
         except ValueError as exc:
             raise InvalidArgument(str(exc), field="deployment.limits") from None
-    if d.prefill_graph not in PREFILL_GRAPHS:
-        raise InvalidArgument(
-            f"deployment.prefill_graph {quote(d.prefill_graph)} is unknown; use one of "
-            f"{list(PREFILL_GRAPHS)}",
-            field="deployment.prefill_graph",
-        )
-    if d.prefill_graph != "auto" and all(r.backend != "onnxruntime" for r in d.replicas):
-        raise InvalidArgument(
-            f"deployment.prefill_graph {quote(d.prefill_graph)} applies to onnxruntime "
-            "replicas; this deployment has none (leave it unset)",
-            field="deployment.prefill_graph",
-        )
+    onnxruntime = any(r.backend == "onnxruntime" for r in d.replicas)
+    for key, known in (("prefill_graph", PREFILL_GRAPHS), ("decode_kernel", DECODE_KERNELS)):
+        value = getattr(d, key)
+        if value not in known:
+            raise InvalidArgument(
+                f"deployment.{key} {quote(value)} is unknown; use one of {list(known)}",
+                field=f"deployment.{key}",
+            )
+        if value != "auto" and not onnxruntime:
+            raise InvalidArgument(
+                f"deployment.{key} {quote(value)} applies to onnxruntime replicas; this "
+                "deployment has none (leave it unset)",
+                field=f"deployment.{key}",
+            )
     for key, low, high in (
         ("threads", 1, MAX_THREADS),
         ("max_slots", 1, MAX_SLOTS),
@@ -262,6 +266,7 @@ def _spec(d: Deployment) -> str:
             "max_context": d.max_context,
             "prefix_cache_mb": d.prefix_cache_mb,
             "prefill_graph": d.prefill_graph,
+            "decode_kernel": d.decode_kernel,
             "rollout": None if d.rollout is None else dataclasses.asdict(d.rollout),
             "require_auth": d.require_auth,
             "limits": {tier: dataclasses.asdict(lim) for tier, lim in d.limits.items()},
@@ -295,6 +300,7 @@ def _deployment(row: Row[Any]) -> Deployment:
         max_context=spec["max_context"],
         prefix_cache_mb=spec["prefix_cache_mb"],
         prefill_graph=spec.get("prefill_graph", "auto"),
+        decode_kernel=spec.get("decode_kernel", "auto"),
         rollout=_rollout(spec.get("rollout")),
         require_auth=spec.get("require_auth", False),
         limits={tier: TierLimits(**lim) for tier, lim in spec.get("limits", {}).items()},

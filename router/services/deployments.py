@@ -59,6 +59,7 @@ def deployment_from_pb(m: pb.Deployment) -> Deployment:
         max_context=m.max_context,
         prefix_cache_mb=m.prefix_cache_mb if m.HasField("prefix_cache_mb") else 128,
         prefill_graph=m.prefill_graph or "auto",
+        decode_kernel=m.decode_kernel or "auto",
         require_auth=m.require_auth,
         limits={
             t.tier: TierLimits(t.requests_per_minute, t.tokens_per_minute, t.max_concurrent_streams)
@@ -98,6 +99,7 @@ class DeploymentServicer:
             max_context=d.max_context,
             prefix_cache_mb=d.prefix_cache_mb,
             prefill_graph=d.prefill_graph,
+            decode_kernel=d.decode_kernel,
             replica_states=[
                 pb.ReplicaState(name=s.name, ready=s.ready, error=s.error)
                 for s in self._control.status(d)

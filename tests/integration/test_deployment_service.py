@@ -187,13 +187,17 @@ async def test_a_deployment_serves_at_once_and_scales_with_streams_in_flight(
 async def test_a_deployment_chooses_the_graph_its_replicas_compute_prompts_with(
     server: RouterServer, stub: pb_grpc.DeploymentServiceStub
 ) -> None:
-    created = await create(stub, small("own-graph", prefill_graph="model"))
+    created = await create(
+        stub, small("own-graph", prefill_graph="model", decode_kernel="onnxruntime")
+    )
     try:
-        assert created.prefill_graph == "model"
+        assert (created.prefill_graph, created.decode_kernel) == ("model", "onnxruntime")
         (replica,) = [r for r in server.models.replicas() if r.name == "own-graph/r0"]
         assert replica.config.prefill_graph == "model"
+        assert replica.config.decode_kernel == "onnxruntime"
         got = await stub.GetDeployment(pb.GetDeploymentRequest(name="own-graph"), timeout=TIMEOUT)
         assert got.deployment.prefill_graph == "model"
+        assert got.deployment.decode_kernel == "onnxruntime"
     finally:
         await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="own-graph"), timeout=TIMEOUT)
 
@@ -229,6 +233,12 @@ async def test_refusals_name_the_reason_and_leave_nothing_behind(
             small("bad", model_name="mini", max_slots=0, prefill_graph="model"),
             grpc.StatusCode.INVALID_ARGUMENT,
             "prefill_graph=model applies to generation models",
+        ),
+        (small("bad", decode_kernel="gpu"), grpc.StatusCode.INVALID_ARGUMENT, "'gpu' is unknown"),
+        (
+            small("bad", model_name="mini", max_slots=0, decode_kernel="native"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "decode_kernel=native applies to generation models",
         ),
         (
             small("bad", replicas=[pb.Replica(name="r0", backend="tpu")]),

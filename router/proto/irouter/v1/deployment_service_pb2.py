@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#irouter/v1/deployment_service.proto\x12\nirouter.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x01\n\x07Replica\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x14\n\x0cremote_model\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x0f\n\x07\x64ialect\x18\x08 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\t \x01(\t\x12\x13\n\x0b\x61pi_version\x18\n \x01(\t\"\xf8\x01\n\x07Rollout\x12\x16\n\x0etarget_version\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x03(\r\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x17\n\x0fstep_interval_s\x18\x05 \x01(\x01\x12\x16\n\x0emax_error_rate\x18\x06 \x01(\x01\x12\x16\n\x0emax_ttft_p95_s\x18\x07 \x01(\x01\x12\x11\n\tmin_calls\x18\x08 \x01(\r\x12\'\n\x05state\x18\t \x01(\x0e\x32\x18.irouter.v1.RolloutState\x12\x0e\n\x06reason\x18\n \x01(\t\x12\r\n\x05owner\x18\x0b \x01(\t\":\n\x0cReplicaState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x8d\x04\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12%\n\x08replicas\x18\x04 \x03(\x0b\x32\x13.irouter.v1.Replica\x12\x0f\n\x07threads\x18\x05 \x01(\r\x12\x11\n\tmax_slots\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x1c\n\x0fprefix_cache_mb\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x30\n\x0ereplica_states\x18\t \x03(\x0b\x32\x18.irouter.v1.ReplicaState\x12\x12\n\ngeneration\x18\n \x01(\x04\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\r \x01(\t\x12$\n\x07rollout\x18\x0e \x01(\x0b\x32\x13.irouter.v1.Rollout\x12\x14\n\x0crequire_auth\x18\x0f \x01(\x08\x12%\n\x06limits\x18\x10 \x03(\x0b\x32\x15.irouter.v1.TierLimit\x12\x15\n\rprefill_graph\x18\x11 \x01(\tB\x12\n\x10_prefix_cache_mb\"q\n\tTierLimit\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x03 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x04 \x01(\r\"E\n\x17\x43reateDeploymentRequest\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"F\n\x18\x43reateDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x15GetDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"\x18\n\x16ListDeploymentsRequest\"F\n\x17ListDeploymentsResponse\x12+\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x16.irouter.v1.Deployment\"Z\n\x16ScaleDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rreplica_count\x18\x02 \x01(\r\x12\x1b\n\x13\x65xpected_generation\x18\x03 \x01(\x04\"E\n\x17ScaleDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"\x8d\x02\n\x18RolloutDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0etarget_version\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x03(\r\x12\x17\n\x0fstep_interval_s\x18\x04 \x01(\x01\x12\x1b\n\x0emax_error_rate\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_ttft_p95_s\x18\x06 \x01(\x01\x12\x11\n\tmin_calls\x18\x07 \x01(\r\x12\x1b\n\x13\x65xpected_generation\x18\x08 \x01(\x04\x12+\n\x0etarget_replica\x18\t \x01(\x0b\x32\x13.irouter.v1.ReplicaB\x11\n\x0f_max_error_rate\"G\n\x19RolloutDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"&\n\x16WatchDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x17WatchDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse*\x84\x01\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x01\x12\x1b\n\x17ROLLOUT_STATE_COMPLETED\x10\x02\x12\x1d\n\x19ROLLOUT_STATE_ROLLED_BACK\x10\x03\x32\xb8\x07\n\x11\x44\x65ploymentService\x12\x86\x01\n\x10\x43reateDeployment\x12#.irouter.v1.CreateDeploymentRequest\x1a$.irouter.v1.CreateDeploymentResponse\"\'\x82\xd3\xe4\x93\x02!\"\x13/v1beta/deployments:\ndeployment\x12x\n\rGetDeployment\x12 .irouter.v1.GetDeploymentRequest\x1a!.irouter.v1.GetDeploymentResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1beta/deployments/{name}\x12w\n\x0fListDeployments\x12\".irouter.v1.ListDeploymentsRequest\x1a#.irouter.v1.ListDeploymentsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1beta/deployments\x12\x87\x01\n\x0fScaleDeployment\x12\".irouter.v1.ScaleDeploymentRequest\x1a#.irouter.v1.ScaleDeploymentResponse\"+\x82\xd3\xe4\x93\x02%\" /v1beta/deployments/{name}:scale:\x01*\x12\x8f\x01\n\x11RolloutDeployment\x12$.irouter.v1.RolloutDeploymentRequest\x1a%.irouter.v1.RolloutDeploymentResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1beta/deployments/{name}:rollout:\x01*\x12\x86\x01\n\x0fWatchDeployment\x12\".irouter.v1.WatchDeploymentRequest\x1a#.irouter.v1.WatchDeploymentResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1beta/deployments/{name}:watch0\x01\x12\x81\x01\n\x10\x44\x65leteDeployment\x12#.irouter.v1.DeleteDeploymentRequest\x1a$.irouter.v1.DeleteDeploymentResponse\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/v1beta/deployments/{name}BJ\n\x0e\x64\x65v.irouter.v1P\x01Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#irouter/v1/deployment_service.proto\x12\nirouter.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x01\n\x07Replica\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x14\n\x0cremote_model\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x0f\n\x07\x64ialect\x18\x08 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\t \x01(\t\x12\x13\n\x0b\x61pi_version\x18\n \x01(\t\"\xf8\x01\n\x07Rollout\x12\x16\n\x0etarget_version\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x03(\r\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x17\n\x0fstep_interval_s\x18\x05 \x01(\x01\x12\x16\n\x0emax_error_rate\x18\x06 \x01(\x01\x12\x16\n\x0emax_ttft_p95_s\x18\x07 \x01(\x01\x12\x11\n\tmin_calls\x18\x08 \x01(\r\x12\'\n\x05state\x18\t \x01(\x0e\x32\x18.irouter.v1.RolloutState\x12\x0e\n\x06reason\x18\n \x01(\t\x12\r\n\x05owner\x18\x0b \x01(\t\":\n\x0cReplicaState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xa4\x04\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12%\n\x08replicas\x18\x04 \x03(\x0b\x32\x13.irouter.v1.Replica\x12\x0f\n\x07threads\x18\x05 \x01(\r\x12\x11\n\tmax_slots\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x1c\n\x0fprefix_cache_mb\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x30\n\x0ereplica_states\x18\t \x03(\x0b\x32\x18.irouter.v1.ReplicaState\x12\x12\n\ngeneration\x18\n \x01(\x04\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\r \x01(\t\x12$\n\x07rollout\x18\x0e \x01(\x0b\x32\x13.irouter.v1.Rollout\x12\x14\n\x0crequire_auth\x18\x0f \x01(\x08\x12%\n\x06limits\x18\x10 \x03(\x0b\x32\x15.irouter.v1.TierLimit\x12\x15\n\rprefill_graph\x18\x11 \x01(\t\x12\x15\n\rdecode_kernel\x18\x12 \x01(\tB\x12\n\x10_prefix_cache_mb\"q\n\tTierLimit\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x03 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x04 \x01(\r\"E\n\x17\x43reateDeploymentRequest\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"F\n\x18\x43reateDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x15GetDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"\x18\n\x16ListDeploymentsRequest\"F\n\x17ListDeploymentsResponse\x12+\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x16.irouter.v1.Deployment\"Z\n\x16ScaleDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rreplica_count\x18\x02 \x01(\r\x12\x1b\n\x13\x65xpected_generation\x18\x03 \x01(\x04\"E\n\x17ScaleDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"\x8d\x02\n\x18RolloutDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0etarget_version\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x03(\r\x12\x17\n\x0fstep_interval_s\x18\x04 \x01(\x01\x12\x1b\n\x0emax_error_rate\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_ttft_p95_s\x18\x06 \x01(\x01\x12\x11\n\tmin_calls\x18\x07 \x01(\r\x12\x1b\n\x13\x65xpected_generation\x18\x08 \x01(\x04\x12+\n\x0etarget_replica\x18\t \x01(\x0b\x32\x13.irouter.v1.ReplicaB\x11\n\x0f_max_error_rate\"G\n\x19RolloutDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"&\n\x16WatchDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x17WatchDeploymentResponse\x12*\n\ndeployment\x18\x01 \x01(\x0b\x32\x16.irouter.v1.Deployment\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse*\x84\x01\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x01\x12\x1b\n\x17ROLLOUT_STATE_COMPLETED\x10\x02\x12\x1d\n\x19ROLLOUT_STATE_ROLLED_BACK\x10\x03\x32\xb8\x07\n\x11\x44\x65ploymentService\x12\x86\x01\n\x10\x43reateDeployment\x12#.irouter.v1.CreateDeploymentRequest\x1a$.irouter.v1.CreateDeploymentResponse\"\'\x82\xd3\xe4\x93\x02!\"\x13/v1beta/deployments:\ndeployment\x12x\n\rGetDeployment\x12 .irouter.v1.GetDeploymentRequest\x1a!.irouter.v1.GetDeploymentResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1beta/deployments/{name}\x12w\n\x0fListDeployments\x12\".irouter.v1.ListDeploymentsRequest\x1a#.irouter.v1.ListDeploymentsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1beta/deployments\x12\x87\x01\n\x0fScaleDeployment\x12\".irouter.v1.ScaleDeploymentRequest\x1a#.irouter.v1.ScaleDeploymentResponse\"+\x82\xd3\xe4\x93\x02%\" /v1beta/deployments/{name}:scale:\x01*\x12\x8f\x01\n\x11RolloutDeployment\x12$.irouter.v1.RolloutDeploymentRequest\x1a%.irouter.v1.RolloutDeploymentResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1beta/deployments/{name}:rollout:\x01*\x12\x86\x01\n\x0fWatchDeployment\x12\".irouter.v1.WatchDeploymentRequest\x1a#.irouter.v1.WatchDeploymentResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1beta/deployments/{name}:watch0\x01\x12\x81\x01\n\x10\x44\x65leteDeployment\x12#.irouter.v1.DeleteDeploymentRequest\x1a$.irouter.v1.DeleteDeploymentResponse\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/v1beta/deployments/{name}BJ\n\x0e\x64\x65v.irouter.v1P\x01Z6github.com/irouter/irouter/gen/go/irouter/v1;irouterv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,8 +48,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEPLOYMENTSERVICE'].methods_by_name['WatchDeployment']._serialized_options = b'\202\323\344\223\002\"\022 /v1beta/deployments/{name}:watch'
   _globals['_DEPLOYMENTSERVICE'].methods_by_name['DeleteDeployment']._loaded_options = None
   _globals['_DEPLOYMENTSERVICE'].methods_by_name['DeleteDeployment']._serialized_options = b'\202\323\344\223\002\034*\032/v1beta/deployments/{name}'
-  _globals['_ROLLOUTSTATE']._serialized_start=2297
-  _globals['_ROLLOUTSTATE']._serialized_end=2429
+  _globals['_ROLLOUTSTATE']._serialized_start=2320
+  _globals['_ROLLOUTSTATE']._serialized_end=2452
   _globals['_REPLICA']._serialized_start=115
   _globals['_REPLICA']._serialized_end=304
   _globals['_ROLLOUT']._serialized_start=307
@@ -57,37 +57,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICASTATE']._serialized_start=557
   _globals['_REPLICASTATE']._serialized_end=615
   _globals['_DEPLOYMENT']._serialized_start=618
-  _globals['_DEPLOYMENT']._serialized_end=1143
-  _globals['_TIERLIMIT']._serialized_start=1145
-  _globals['_TIERLIMIT']._serialized_end=1258
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1260
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1329
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=1331
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=1401
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1403
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1439
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1441
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1508
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1510
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1534
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1536
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1606
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=1608
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=1698
-  _globals['_SCALEDEPLOYMENTRESPONSE']._serialized_start=1700
-  _globals['_SCALEDEPLOYMENTRESPONSE']._serialized_end=1769
-  _globals['_ROLLOUTDEPLOYMENTREQUEST']._serialized_start=1772
-  _globals['_ROLLOUTDEPLOYMENTREQUEST']._serialized_end=2041
-  _globals['_ROLLOUTDEPLOYMENTRESPONSE']._serialized_start=2043
-  _globals['_ROLLOUTDEPLOYMENTRESPONSE']._serialized_end=2114
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=2116
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=2154
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=2156
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=2225
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=2227
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=2266
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=2268
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=2294
-  _globals['_DEPLOYMENTSERVICE']._serialized_start=2432
-  _globals['_DEPLOYMENTSERVICE']._serialized_end=3384
+  _globals['_DEPLOYMENT']._serialized_end=1166
+  _globals['_TIERLIMIT']._serialized_start=1168
+  _globals['_TIERLIMIT']._serialized_end=1281
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1283
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1352
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=1354
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=1424
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1426
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1462
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1464
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1531
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1533
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1557
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1559
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1629
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=1631
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=1721
+  _globals['_SCALEDEPLOYMENTRESPONSE']._serialized_start=1723
+  _globals['_SCALEDEPLOYMENTRESPONSE']._serialized_end=1792
+  _globals['_ROLLOUTDEPLOYMENTREQUEST']._serialized_start=1795
+  _globals['_ROLLOUTDEPLOYMENTREQUEST']._serialized_end=2064
+  _globals['_ROLLOUTDEPLOYMENTRESPONSE']._serialized_start=2066
+  _globals['_ROLLOUTDEPLOYMENTRESPONSE']._serialized_end=2137
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=2139
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=2177
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=2179
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=2248
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=2250
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=2289
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=2291
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=2317
+  _globals['_DEPLOYMENTSERVICE']._serialized_start=2455
+  _globals['_DEPLOYMENTSERVICE']._serialized_end=3407
 # @@protoc_insertion_point(module_scope)

@@ -227,6 +227,7 @@ class Deployment(_message.Message):
     REQUIRE_AUTH_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     PREFILL_GRAPH_FIELD_NUMBER: _builtins.int
+    DECODE_KERNEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients call: 1-64 of a-z, 0-9, '.', '_', '-'."""
     model_name: _builtins.str
@@ -253,6 +254,10 @@ class Deployment(_message.Message):
     """What computes prompts on its onnxruntime replicas: "auto" (empty: the native int4 kernels
     where they decode, else the int4 decoder's int8 graph on CPUs with VNNI or AMX, else its
     own), "native", "int8" or "model" (its own).
+    """
+    decode_kernel: _builtins.str
+    """What computes decode steps on its onnxruntime replicas: "auto" (empty: the native int4
+    kernels where the CPU and graph allow, else the graph), "native" or "onnxruntime".
     """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
@@ -300,10 +305,11 @@ class Deployment(_message.Message):
         require_auth: _builtins.bool = ...,
         limits: _abc.Iterable[Global___TierLimit] | None = ...,
         prefill_graph: _builtins.str = ...,
+        decode_kernel: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "prefix_cache_mb", b"prefix_cache_mb", "rollout", b"rollout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "created_by", b"created_by", "generation", b"generation", "limits", b"limits", "max_context", b"max_context", "max_slots", b"max_slots", "model_name", b"model_name", "model_version", b"model_version", "name", b"name", "prefill_graph", b"prefill_graph", "prefix_cache_mb", b"prefix_cache_mb", "replica_states", b"replica_states", "replicas", b"replicas", "require_auth", b"require_auth", "rollout", b"rollout", "threads", b"threads", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb", "create_time", b"create_time", "created_by", b"created_by", "decode_kernel", b"decode_kernel", "generation", b"generation", "limits", b"limits", "max_context", b"max_context", "max_slots", b"max_slots", "model_name", b"model_name", "model_version", b"model_version", "name", b"name", "prefill_graph", b"prefill_graph", "prefix_cache_mb", b"prefix_cache_mb", "replica_states", b"replica_states", "replicas", b"replicas", "require_auth", b"require_auth", "rollout", b"rollout", "threads", b"threads", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__prefix_cache_mb: _TypeAlias = _typing.Literal["prefix_cache_mb"]  # noqa: Y015
     _WhichOneofArgType__prefix_cache_mb: _TypeAlias = _typing.Literal["_prefix_cache_mb", b"_prefix_cache_mb"]  # noqa: Y015

@@ -45,6 +45,8 @@ def test_validate_names_the_wrong_field() -> None:
         ({"max_slots": 1000}, "max_slots=1000"),
         ({"prefill_graph": "fp8"}, "prefill_graph 'fp8' is unknown"),
         ({"replicas": (remote,), "prefill_graph": "model"}, "applies to onnxruntime replicas"),
+        ({"decode_kernel": "gpu"}, "decode_kernel 'gpu' is unknown"),
+        ({"replicas": (remote,), "decode_kernel": "native"}, "decode_kernel 'native' applies"),
     ]
     for fields, words in cases:
         with pytest.raises(InvalidArgument, match=words):
@@ -74,13 +76,17 @@ def test_rows_round_trip_with_generations_and_audit(store: DeploymentStore) -> N
     ]
 
 
-def test_the_prompt_graph_is_stored_and_rows_written_before_it_read_auto(
+def test_the_prompt_graph_and_decode_kernel_are_stored_and_older_rows_read_auto(
     store: DeploymentStore,
 ) -> None:
-    stored = store.insert(dataclasses.replace(CHAT, prefill_graph="model"), "alice@t")
-    assert store.get("chat").prefill_graph == "model"
-    with store.engine.begin() as conn:  # a row from before the field: its spec lacks the key
+    chosen = dataclasses.replace(CHAT, prefill_graph="model", decode_kernel="onnxruntime")
+    stored = store.insert(chosen, "alice@t")
+    got = store.get("chat")
+    assert (got.prefill_graph, got.decode_kernel) == ("model", "onnxruntime")
+    with store.engine.begin() as conn:  # a row from before the fields: its spec lacks the keys
         spec = json.loads(conn.execute(sa.select(table.c.spec)).scalar_one())
-        del spec["prefill_graph"]
+        del spec["prefill_graph"], spec["decode_kernel"]
         conn.execute(sa.update(table).values(spec=json.dumps(spec)))
-    assert store.get("chat") == dataclasses.replace(stored, prefill_graph="auto")
+    assert store.get("chat") == dataclasses.replace(
+        stored, prefill_graph="auto", decode_kernel="auto"
+    )
