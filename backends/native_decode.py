@@ -1,13 +1,13 @@
-"""An int4 decoder's decode step in the router's own kernels (router._native.Q4Decoder).
+"""An int4 decoder's steps in the router's own kernels (backends._kernels.Q4Decoder).
 
 ONNX Runtime's MatMulNBits and GroupQueryAttention took 34-41 ms for a 16-row decode step of
 SmolLM2-135M on a 2-core AMD EPYC Zen 4 (OpenVINO's whole step: 18.6 ms); the native step reads
 the same graph's int4 weights, computes what the graph computes (int8 activations per 32-block,
 as MatMulNBits' accuracy level 4; rotate-half rotary; grouped-query attention reading each KV
-head once for its query heads) and updates the same KV slot buffers in place, so prompts still
-run through the graphs (and the prefix cache holds what they computed) while decode rows run
-here. Its rounding differs from ONNX Runtime's, as ONNX Runtime's own kernels differ between CPUs;
-each row's result depends only on that row, never on the batch or the thread count.
+head once for its query heads) and updates the same KV slot buffers in place: decode rows, and
+(`prefill_graph: native`, auto where it decodes) prompt chunks, both in one call a step. Its
+rounding differs from ONNX Runtime's, as ONNX Runtime's own kernels differ between CPUs; each
+row's result depends only on that row, never on the batch or the thread count.
 
 `decode_kernel`: 'native' (refused, by name, for a graph or CPU it cannot run), 'onnxruntime',
 or 'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the int4 one it reads.
@@ -35,7 +35,7 @@ PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 def native_copy_bytes(model_dir: Path, manifest: dict[str, Any], choice: str) -> int:
     """Resident bytes the native step adds where `choice` would load it (its copy of the graph's
     weights, re-laid out: about the size of the graph's files); 0 where the graph decodes."""
-    if choice == "onnxruntime" or not q4_best_kernel() or _manifest_problem(manifest):
+    if not native_decodes(manifest, choice):
         return 0
     return sum(p.stat().st_size for p in model_dir.glob("model.onnx*") if p.is_file())
 
@@ -199,12 +199,8 @@ class NativeSteps:
             [np.arange(s, s + n, dtype=np.int64) for s, n in zip(starts, sizes, strict=True)]
         )
         last = np.cumsum(sizes, dtype=np.int64) - 1
-        logits = (
-            self._logits
-            if len(chunks) <= len(self._logits)
-            else np.empty((len(chunks), self._logits.shape[1]), np.float32)
-        )
+        # One chunk a slot (OnnxDecoder.prefill_batch refuses a repeated one): they fit.
         self.decoder.step(
-            rows, np.concatenate(chunks), positions, self._keys, self._values, logits, last
+            rows, np.concatenate(chunks), positions, self._keys, self._values, self._logits, last
         )
-        return logits[: len(chunks)].copy()
+        return self._logits[: len(chunks)].copy()

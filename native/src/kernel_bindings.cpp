@@ -53,14 +53,11 @@ irouter::Q4Decoder* make_q4_decoder(int layers, int hidden, int heads, int kv_he
     throw nb::value_error("codes and scales must hold 4 * layers + 1 weights each");
   std::vector<const uint8_t*> c;
   std::vector<const float*> sc;
-  const int qkv = (heads + 2 * kv_heads) * head_dim;
   for (int i = 0; i < 4 * layers + 1; ++i) {
-    const int kind = i == 4 * layers ? 4 : i % 4;
-    const int K = kind == 3 ? intermediate : (kind == 1 ? heads * head_dim : hidden);
-    const int N = kind == 0 ? qkv : kind == 2 ? 2 * intermediate : kind == 4 ? vocab : hidden;
+    const irouter::WeightShape w = irouter::q4_weight_shape(s, i);
     const std::string name = "codes[" + std::to_string(i) + "]";
-    expect_shape(codes[i], name.c_str(), {N, K / 32, 16}, "(N, K / 32, 16)");
-    expect_shape(scales[i], ("scales[" + std::to_string(i) + "]").c_str(), {N, K / 32},
+    expect_shape(codes[i], name.c_str(), {w.N, w.K / 32, 16}, "(N, K / 32, 16)");
+    expect_shape(scales[i], ("scales[" + std::to_string(i) + "]").c_str(), {w.N, w.K / 32},
                  "(N, K / 32)");
     c.push_back(codes[i].data());
     sc.push_back(scales[i].data());

@@ -404,6 +404,21 @@ IROUTER_CLONES void attend(const float* q, int G, const float* K, const float* V
 
 }  // namespace
 
+WeightShape q4_weight_shape(const Q4DecoderShape& s, int i) {
+  switch (i == 4 * s.layers ? 4 : i % 4) {
+    case 0:
+      return {(s.heads + 2 * s.kv_heads) * s.head_dim, s.hidden};
+    case 1:
+      return {s.hidden, s.heads * s.head_dim};
+    case 2:
+      return {2 * s.intermediate, s.hidden};
+    case 3:
+      return {s.hidden, s.intermediate};
+    default:
+      return {s.vocab, s.hidden};
+  }
+}
+
 std::string q4_best_kernel() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -487,15 +502,9 @@ Q4Decoder::Q4Decoder(const Q4DecoderShape& s, const float* cos, const float* sin
   d.sin.assign(sin, sin + half);
   d.embedding.assign(embedding, embedding + static_cast<size_t>(s.vocab) * s.hidden);
   d.norms.assign(norms, norms + static_cast<size_t>(2 * s.layers + 1) * s.hidden);
-  const int qkv = (s.heads + 2 * s.kv_heads) * s.head_dim;
   for (int i = 0; i < 4 * s.layers + 1; ++i) {
-    const int kind = i == 4 * s.layers ? 4 : i % 4;
-    const int K = kind == 3 ? s.intermediate : (kind == 1 ? s.heads * s.head_dim : s.hidden);
-    const int N = kind == 0   ? qkv
-                  : kind == 2 ? 2 * s.intermediate
-                  : kind == 4 ? s.vocab
-                              : s.hidden;
-    d.weights.push_back(pack(codes[i], scales[i], N, K));
+    const WeightShape w = q4_weight_shape(s, i);
+    d.weights.push_back(pack(codes[i], scales[i], w.N, w.K));
   }
 }
 

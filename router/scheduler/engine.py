@@ -90,8 +90,8 @@ class DecoderEngine:
         # Engine-thread side.
         self.prefix_cache = _prefix_cache(name, backend, limits.prefix_cache_bytes)
         self._scheduler = Scheduler(name, limits, decoder, stop_ids, self.prefix_cache)
-        self._scheduler.decode_is_prefill = bool(getattr(backend, "mixed_steps", False))
         self._runner = ModelRunner(name, backend, self.prefix_cache)
+        self._scheduler.decode_is_prefill = self._runner.mixed_steps
         self._pacer = StepPacer(limits.token_budget)
         self._inbox: collections.deque[tuple[str, Request | int]] = collections.deque()
         self._wake = threading.Event()

@@ -45,6 +45,11 @@ class ModelRunner:
         self.name = name
         self._backend = backend
         self._prefix_cache = prefix_cache
+        self.mixed_steps = bool(getattr(backend, "mixed_steps", False)) and isinstance(
+            backend, BatchedPrefill
+        )
+        """The backend computes decode rows and prompt chunks alike, in one call a step (and a
+        decoded token's KV as a prompt's)."""
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         result = RunnerOutput()
@@ -151,11 +156,9 @@ class ModelRunner:
         """Decode rows and prompt chunks in one call where the backend computes both alike
         (`mixed_steps`: one pass over the weights a step); False to run them apart, as where
         the call fails (a failing row then fails alone)."""
-        if not (
-            getattr(self._backend, "mixed_steps", False)
-            and isinstance(self._backend, BatchedPrefill)
-        ):
+        if not self.mixed_steps:
             return False
+        assert isinstance(self._backend, BatchedPrefill)
         plan = output.plan
         rows = [*decode_rows.tolist(), *prefill_rows]
         starts = [int(plan.starts[r]) for r in rows]

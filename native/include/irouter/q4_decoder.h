@@ -28,6 +28,13 @@ struct Q4DecoderShape {
 // "avx512-vnni" or "avx2" where this CPU runs that kernel, else "" (no kernel: use the graph).
 std::string q4_best_kernel();
 
+// (N, K) of weight i of a decoder of this shape: per layer the fused QKV projection, the output
+// projection, the fused gate-up projection and the down projection, then the LM head.
+struct WeightShape {
+  int N = 0, K = 0;
+};
+WeightShape q4_weight_shape(const Q4DecoderShape& shape, int i);
+
 class Q4Decoder {
  public:
   // cos/sin: [rope_positions, head_dim / 2] (rotate-half rotary); embedding: [vocab, hidden];
