@@ -1,0 +1,21 @@
+// The Q4 decoder's attention: one KV head of a run of rows of one slot.
+#pragma once
+
+#include <cstddef>
+
+namespace irouter::q4 {
+
+// Rows one attend() call takes at most (the decoder splits longer prompt chunks).
+constexpr int kMaxRun = 32;
+
+// Attention for one KV head of R <= kMaxRun rows of one slot at consecutive positions p0,
+// p0 + 1, ... (a prompt chunk; R = 1: a decode row): row r's G <= 4 query heads (q + r * ldq,
+// [G, 64]) over the keys and values at positions [0, p0 + r] (K, V: [positions, 64] rows);
+// writes out + r * ldo, [G, 64]. Each key and value is read once for the G heads, and in blocks
+// that stay in L1 while every row of the run uses them; yet each row's sums run in one fixed
+// order whatever R is, so a row's result never depends on the rows beside it.
+// sc: R * G * stride floats (stride: p0 + R rounded up to 16); acc: R * G * 64 floats.
+void attend(const float* q, size_t ldq, int R, int G, const float* K, const float* V, int p0,
+            float scale, float* sc, float* acc, float* out, size_t ldo);
+
+}  // namespace irouter::q4
