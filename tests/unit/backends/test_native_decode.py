@@ -247,6 +247,35 @@ def test_a_token_is_the_same_bits_however_its_prompt_came(folder: Path, prompts:
             np.testing.assert_array_equal(got, want, err_msg=way)
 
 
+def test_long_prompts_are_the_same_bits_in_runs_key_blocks_and_decode(
+    folder: Path, prompts: list[np.ndarray]
+):
+    """Attention takes a prompt chunk in runs of up to 32 rows and keys and values in blocks of
+    64 (q4_attention.cpp): a 150-token prompt whole, in chunks that cut runs and blocks anywhere,
+    or its last 24 tokens decoded one by one, computes the same bits."""
+    engine = OnnxDecoder(folder, max_slots=4, max_context=256, prefill_graph="native")
+    assert engine.mixed_steps
+    prompt = np.concatenate([prompts[0], *[prompts[2]] * 40])[:150]
+    n = prompt.size
+
+    def state(slot: int) -> list[np.ndarray]:
+        return [engine._keys[i][slot, :, :n].copy() for i in (0, 29)] + [
+            engine._values[i][slot, :, :n].copy() for i in (0, 29)
+        ]
+
+    whole = engine.prefill(0, prompt, 0)
+    cuts = [0, 45, 46, 63, 65, 129, n]  # a lone token, either side of a key block's end
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        chunked = engine.prefill(1, prompt[a:b], a)
+    engine.prefill(2, prompt[: n - 24], 0)
+    for i in range(n - 24, n):
+        decoded = engine.decode(np.array([2]), prompt[i : i + 1], np.array([i]))[0]
+    for slot, logits in ((1, chunked), (2, decoded)):
+        np.testing.assert_array_equal(logits, whole, err_msg=f"slot {slot}")
+        for got, want in zip(state(slot), state(0), strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=f"slot {slot}")
+
+
 def _tiny_graph(folder: Path, heads: int, kv_heads: int, drop: str = "") -> dict[str, object]:
     """A one-layer int4 llama graph's weights (zeros) in `folder`, and its manifest."""
     hidden, head_dim, inter, vocab = 64, 64, 64, 32
