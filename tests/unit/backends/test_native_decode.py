@@ -3,6 +3,7 @@ graph it replaces, and its independence from the batch, the thread count and the
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,7 @@ def test_long_prompts_are_the_same_bits_in_runs_key_blocks_and_decode(
 
     whole = engine.prefill(0, prompt, 0)
     cuts = [0, 45, 46, 63, 65, 129, n]  # a lone token, either side of a key block's end
-    for a, b in zip(cuts, cuts[1:], strict=False):
+    for a, b in itertools.pairwise(cuts):
         chunked = engine.prefill(1, prompt[a:b], a)
     engine.prefill(2, prompt[: n - 24], 0)
     for i in range(n - 24, n):
