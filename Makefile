@@ -8,7 +8,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9464
 PROTO_OUT := router/proto
 PROTOS := $(wildcard protos/irouter/v1/*.proto)
-NATIVE_SRC := $(wildcard native/CMakeLists.txt native/src/*.cpp native/src/*.h native/include/irouter/*.h)
+NATIVE_SRC := $(wildcard native/CMakeLists.txt native/src/*.cpp native/src/*.h native/src/*.inc native/include/irouter/*.h)
 # google/api/{annotations,http}.proto, copied from googleapis-common-protos (a Python dependency)
 # into an ignored folder: the include path of protoc, buf (a second module) and the Node client.
 PROTO_DEPS := build/proto-deps

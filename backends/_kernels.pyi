@@ -22,9 +22,9 @@ class Q4Decoder:
         Copies every array. kernel: 'avx512-vnni', 'avx2' or '' for the CPU's best.
         """
 
-    def step(self, slots: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], tokens: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], positions: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], keys: Sequence[Annotated[NDArray[numpy.float32], dict(order='C', device='cpu')]], values: Sequence[Annotated[NDArray[numpy.float32], dict(order='C', device='cpu')]], logits: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu')], outputs: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)] | None = None) -> None:
+    def step(self, slots: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], tokens: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], positions: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], keys: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], values: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], logits: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu')], outputs: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)] | None = None) -> None:
         """
-        Row r: tokens[r] at positions[r] of KV slot slots[r] (earlier positions computed there or by earlier rows: a prompt chunk is rows of one slot at consecutive positions); writes its keys and values, and logits[j] of row outputs[j] (every row's without outputs).
+        Row r: tokens[r] at positions[r] of KV slot slots[r] (earlier positions computed there or by earlier rows: a prompt chunk is rows of one slot at consecutive positions); writes its keys and values (float32, or float16: rounded so), and logits[j] of row outputs[j] (every row's without outputs).
         """
 
     @property

@@ -60,18 +60,38 @@ def unloaded_files(
         return []
 
 
+def _onnx_manifest(kind: str, model_dir: Path) -> dict[str, Any] | None:
+    """The manifest of an ONNX Runtime engine's folder; None for another kind or no manifest."""
+    if kind != "onnxruntime":
+        return None
+    try:
+        return read_manifest(model_dir)
+    except ValueError:
+        return None
+
+
 def native_copy_bytes(kind: str, model_dir: Path, *, decode_kernel: str = "auto") -> int:
     """Resident bytes an engine of `kind` holds beyond its folder's files: an ONNX Runtime
     decoder's native decode step keeps its own copy of the int4 graph's weights."""
-    if kind != "onnxruntime":
-        return 0
-    try:
-        manifest = read_manifest(model_dir)
-    except ValueError:
+    manifest = _onnx_manifest(kind, model_dir)
+    if manifest is None:
         return 0
     from backends.native_decode import native_copy_bytes as copy_bytes
 
     return copy_bytes(model_dir, manifest, decode_kernel)
+
+
+def kv_value_bytes(
+    kind: str, model_dir: Path, *, prefill_graph: str = "auto", decode_kernel: str = "auto"
+) -> int:
+    """Bytes of one key or value element in an engine of `kind`'s KV cache: 2 (float16) where
+    an ONNX Runtime decoder's native kernels compute every step, else 4 (float32)."""
+    manifest = _onnx_manifest(kind, model_dir)
+    if manifest is None:
+        return 4
+    from backends.native_decode import kv_value_bytes as value_bytes
+
+    return value_bytes(manifest, decode_kernel, prefill_graph)
 
 
 def create_backend(kind: str, model_dir: Path, **options: Any) -> Engine:

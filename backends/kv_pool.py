@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.float32]
+KVArray = npt.NDArray[np.floating[Any]]
+"""Keys or values: float32 (the graphs'), or float16 where the native kernels compute every step."""
 
 
-def touched(shape: tuple[int, ...]) -> FloatArray:
-    """A zeroed float32 array whose pages are all resident (written, not only mapped)."""
-    array = np.empty(shape, np.float32)
+def touched(shape: tuple[int, ...], dtype: type[np.floating[Any]] = np.float32) -> KVArray:
+    """A zeroed array whose pages are all resident (written, not only mapped)."""
+    array = np.empty(shape, dtype)
     array.fill(0.0)
     return array
 
@@ -27,8 +29,8 @@ def touched(shape: tuple[int, ...]) -> FloatArray:
 class SlotKVPool:
     """PrefixKVStore over the slot buffers `_keys` and `_values` of the class using it."""
 
-    _keys: list[FloatArray]
-    _values: list[FloatArray]
+    _keys: list[KVArray]
+    _values: list[KVArray]
     _num_layers: int
     _lengths: npt.NDArray[np.int64]
     _lock: threading.Lock
@@ -41,8 +43,8 @@ class SlotKVPool:
         return int(slot)
 
     def _init_pool(self) -> None:
-        self._pool_keys: list[FloatArray] = []
-        self._pool_values: list[FloatArray] = []
+        self._pool_keys: list[KVArray] = []
+        self._pool_values: list[KVArray] = []
         self._block_size = 0
         self._pool_writes = 0
         self._loaded: dict[int, tuple[int, tuple[int, ...]]] = {}
@@ -77,8 +79,9 @@ class SlotKVPool:
         with self._lock:
             # Touched now, so the pool's resident memory is its budget from the start instead
             # of growing as blocks are first written.
-            self._pool_keys = [touched(shape) for _ in range(self._num_layers)]
-            self._pool_values = [touched(shape) for _ in range(self._num_layers)]
+            dtype = self._keys[0].dtype.type
+            self._pool_keys = [touched(shape, dtype) for _ in range(self._num_layers)]
+            self._pool_values = [touched(shape, dtype) for _ in range(self._num_layers)]
             self._block_size = block_size
 
     def _check_block(self, block: int) -> int:

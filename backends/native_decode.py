@@ -169,6 +169,13 @@ def native_decodes(manifest: dict[str, Any], decode_kernel: str) -> bool:
     )
 
 
+def kv_value_bytes(manifest: dict[str, Any], decode_kernel: str, prefill_graph: str) -> int:
+    """Bytes of one key or value element in an OnnxDecoder: 2 where the native kernels would
+    compute every step (float16 KV), else 4 (float32, the graphs')."""
+    native_prompts = prefill_graph in ("auto", "native")
+    return 2 if native_prompts and native_decodes(manifest, decode_kernel) else 4
+
+
 class NativeSteps:
     """Q4Decoder over an OnnxDecoder's KV slot buffers: decode rows, and prompt chunks as rows of
     one slot at consecutive positions (`prefill_graph: native`). A token's keys, values and

@@ -167,9 +167,7 @@ class OnnxDecoder(SlotKVPool):
         _expect_kind(manifest, "decoder", model_dir)
         limit = int(manifest["context_length"])
         if not 1 <= max_context <= limit:
-            raise ValueError(
-                f"max_context={max_context} must be in 1..{limit} (the model's context)"
-            )
+            raise ValueError(f"max_context={max_context} must be in 1..{limit} (model context)")
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots} must be >= 1")
         self.max_slots = max_slots
@@ -204,24 +202,25 @@ class OnnxDecoder(SlotKVPool):
         self._session = model
         self._num_layers = int(manifest["num_layers"])
         shape = (max_slots, int(manifest["num_kv_heads"]), max_context, int(manifest["head_dim"]))
-        # GQA touches a slot's whole [kv_heads, max_context, head_dim] rows on first use
-        # (measured), so every slot ends up resident: touched here, once, rather than lazily
-        # (np.zeros) by the first request in each slot, which then waited for ~94 MB of page
-        # faults (SmolLM2, 2,048 tokens): 50-120 ms per slot on these VMs, ~4 s for a first
-        # burst of 16. Resident memory is the full budget from the start, logged below.
-        self._keys = [touched(shape) for _ in range(self._num_layers)]
-        self._values = [touched(shape) for _ in range(self._num_layers)]
+        # Touched once here: GQA touches a slot's whole rows on first use, and the first request
+        # in each slot waited for ~94 MB of page faults (SmolLM2, 2,048 tokens: 50-120 ms a slot
+        # here). Half precision where the native kernels compute every step (llama.cpp's default
+        # for KV): half the memory and the long contexts' attention reads. Resident: the budget.
+        kv = np.float16 if self.mixed_steps else np.float32
+        self._keys = [touched(shape, kv) for _ in range(self._num_layers)]
+        self._values = [touched(shape, kv) for _ in range(self._num_layers)]
         self._packed: PackedPrefill | None = None
         if graph is not None:
             group = int(manifest["num_heads"]) // int(manifest["num_kv_heads"])
             packed = _session(graph, threads, spin=False)
             self._packed = PackedPrefill(packed, self._keys, self._values, group)
         logger.info(
-            "decoder %s: %d slots x %d tokens, KV cache %.0f MiB",
+            "decoder %s: %d slots x %d tokens, KV cache %.0f MiB (%s)",
             manifest.get("name"),
             max_slots,
             max_context,
             2 * self._num_layers * self._keys[0].nbytes / 2**20,
+            self._keys[0].dtype,
         )
         self._lengths = np.zeros(max_slots, np.int64)
         """Tokens computed so far in each slot."""

@@ -22,7 +22,8 @@ using irouter_bindings::In;
 namespace {
 
 // Q4Decoder: the arrays' shapes are checked here, once, so the C++ step may trust them.
-using KVList = std::vector<nb::ndarray<float, nb::c_contig, nb::device::cpu>>;
+// Keys and values: float32 or float16 (checked in q4_step, all alike).
+using KVList = std::vector<nb::ndarray<nb::c_contig, nb::device::cpu>>;
 
 irouter::Q4Decoder* make_q4_decoder(int layers, int hidden, int heads, int kv_heads, int head_dim,
                                     int intermediate, int vocab, float eps, In<float> cos,
@@ -86,14 +87,24 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
       keys[0].shape(3) != static_cast<size_t>(s.head_dim))
     throw nb::value_error("keys[i] must have shape (slots, kv_heads, context, head_dim)");
   const size_t num_slots = keys[0].shape(0), context = keys[0].shape(2);
-  std::vector<float*> k, v;
+  const nb::dlpack::dtype kind = keys[0].dtype();
+  irouter::Q4Decoder::KVBuffers kv;
+  kv.context = static_cast<int>(context);
+  kv.half = kind == nb::dtype<float>() ? false
+            : kind.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) &&
+                    kind.bits == 16 && kind.lanes == 1
+                ? true
+                : throw nb::value_error("keys and values must be float32 or float16");
   for (size_t i = 0; i < keys.size(); ++i) {
-    for (const auto* a : {&keys[i], &values[i]})
+    for (const auto* a : {&keys[i], &values[i]}) {
       if (a->ndim() != 4 || a->shape(0) != num_slots || a->shape(1) != keys[0].shape(1) ||
           a->shape(2) != context || a->shape(3) != keys[0].shape(3))
         throw nb::value_error("every keys[i] and values[i] must have keys[0]'s shape");
-    k.push_back(keys[i].data());
-    v.push_back(values[i].data());
+      if (a->dtype() != kind)
+        throw nb::value_error("every keys[i] and values[i] must have keys[0]'s dtype");
+    }
+    kv.keys.push_back(keys[i].data());
+    kv.values.push_back(values[i].data());
   }
   int64_t wanted = n;
   if (outputs) {
@@ -132,9 +143,8 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
     last[slot] = pos;
   }
   nb::gil_scoped_release release;
-  d.step(static_cast<int>(n), tokens.data(), positions.data(), slots.data(), k, v,
-         static_cast<int>(context), logits.data(), outputs ? outputs->data() : nullptr,
-         static_cast<int>(wanted));
+  d.step(static_cast<int>(n), tokens.data(), positions.data(), slots.data(), kv, logits.data(),
+         outputs ? outputs->data() : nullptr, static_cast<int>(wanted));
 }
 
 }  // namespace
@@ -156,7 +166,7 @@ NB_MODULE(_kernels, m) {
            "values"_a.noconvert(), "logits"_a.noconvert(), "outputs"_a = nb::none(),
            "Row r: tokens[r] at positions[r] of KV slot slots[r] (earlier positions computed "
            "there or by earlier rows: a prompt chunk is rows of one slot at consecutive "
-           "positions); writes its keys and values, and logits[j] of row outputs[j] (every "
-           "row's without outputs).")
+           "positions); writes its keys and values (float32, or float16: rounded so), and "
+           "logits[j] of row outputs[j] (every row's without outputs).")
       .def_prop_ro("kernel", &irouter::Q4Decoder::kernel);
 }

@@ -340,7 +340,10 @@ std::string q4_best_kernel() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni"))
     return "avx512-vnni";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  // F16C too: half-precision KV (every AVX2 CPU has it; the check keeps the promise explicit).
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      q4::half_kv_supported())
+    return "avx2";
   return "";
 }
 
@@ -432,13 +435,14 @@ const std::string& Q4Decoder::kernel() const { return impl_->kernel; }
 const Q4DecoderShape& Q4Decoder::shape() const { return impl_->shape; }
 
 void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
-                     const int64_t* slots, const std::vector<float*>& keys,
-                     const std::vector<float*>& values, int context, float* logits,
+                     const int64_t* slots, const KVBuffers& kv, float* logits,
                      const int64_t* outputs, int num_outputs) {
   Impl& d = *impl_;
+  if (kv.half && !q4::half_kv_supported())
+    throw std::invalid_argument("this CPU has no F16C for half-precision keys and values");
   const Q4DecoderShape& s = d.shape;
   const int H = s.hidden, D = s.head_dim, NH = s.heads, KVH = s.kv_heads, I = s.intermediate;
-  const int G = NH / KVH, QKV = (NH + 2 * KVH) * D, L = s.layers;
+  const int G = NH / KVH, QKV = (NH + 2 * KVH) * D, L = s.layers, context = kv.context;
   auto grow = [](std::vector<float>& v, size_t n) {
     if (v.size() < n) v.resize(n);
   };
@@ -481,6 +485,7 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
     // Every row's keys and values are stored before any row attends: rows of one slot at
     // consecutive positions (a prompt chunk) see each other's, causally.
     const int tasks = rows * KVH;
+    const auto attention = [&](auto* keys, auto* values) {  // float or _Float16 buffers
     d.pool.run([&](int wi) {
       for (int t = wi; t < tasks; t += d.pool.size()) {
         const int m = t / KVH, kh = t % KVH;
@@ -491,8 +496,8 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
         for (int g = 0; g < G; ++g) rope(r + (kh * G + g) * D, c, sn);
         rope(r + (NH + kh) * D, c, sn);
         const size_t at = ((static_cast<size_t>(slots[m]) * KVH + kh) * context + p) * D;
-        std::memcpy(keys[l] + at, r + (NH + kh) * D, sizeof(float) * D);
-        std::memcpy(values[l] + at, r + (NH + KVH + kh) * D, sizeof(float) * D);
+        q4::store_kv(keys + at, r + (NH + kh) * D, D);
+        q4::store_kv(values + at, r + (NH + KVH + kh) * D, D);
       }
     });
     // Attention by runs: rows of one slot at consecutive positions (at most q4::kMaxRun), each
@@ -506,11 +511,16 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
       for (int t = next++; t < static_cast<int>(runs.size()) * KVH; t = next++) {
         const int m = runs[t / KVH].first, R = runs[t / KVH].second, kh = t % KVH;
         const size_t base = (static_cast<size_t>(slots[m]) * KVH + kh) * context * D;
-        q4::attend(qkv + static_cast<size_t>(m) * QKV + kh * G * D, QKV, R, G, keys[l] + base,
-                   values[l] + base, static_cast<int>(positions[m]), scale, sc.data(),
+        q4::attend(qkv + static_cast<size_t>(m) * QKV + kh * G * D, QKV, R, G, keys + base,
+                   values + base, static_cast<int>(positions[m]), scale, sc.data(),
                    acc.data(), attn + static_cast<size_t>(m) * NH * D + kh * G * D, NH * D);
       }
     });
+    };
+    if (kv.half)
+      attention(static_cast<_Float16*>(kv.keys[l]), static_cast<_Float16*>(kv.values[l]));
+    else
+      attention(static_cast<float*>(kv.keys[l]), static_cast<float*>(kv.values[l]));
     d.each_row(rows, [&](int m) { d.quantize(attn, m, NH * D); });
     d.gemm(rows, d.weights[4 * l + 1], tmp);
     d.each_row(rows, [&](int m) {

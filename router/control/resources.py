@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.cpu import cpu_info
-from backends.factory import native_copy_bytes, openvino_devices, unloaded_files
+from backends.factory import kv_value_bytes, native_copy_bytes, openvino_devices, unloaded_files
 from router.config import REMOTE_BACKENDS, ModelConfig
 from router.errors import ResourceExhausted
 from router.models.prepare import read_manifest
@@ -44,7 +44,6 @@ ISA_FEATURES = (
 RESERVE_FRACTION = 0.10
 RESERVE_MIN_BYTES = 1 << 30
 """Memory kept out of the ledger for the OS and the router's own (Python, caches, buffers)."""
-_KV_DTYPE_BYTES = 4  # the ONNX Runtime engine keeps its KV cache in float32
 
 
 Absent = tuple[str, str]
@@ -204,7 +203,12 @@ def need(config: ModelConfig, model_dir: Path) -> tuple[int, int]:
     weights += native_copy_bytes(config.backend, model_dir, decode_kernel=config.decode_kernel)
     per_token = (
         2 * manifest["num_layers"] * manifest["num_kv_heads"] * manifest["head_dim"]
-    ) * _KV_DTYPE_BYTES
+    ) * kv_value_bytes(
+        config.backend,
+        model_dir,
+        prefill_graph=config.prefill_graph,
+        decode_kernel=config.decode_kernel,
+    )
     kv = config.max_slots * config.max_context * per_token + config.prefix_cache_mb * (1 << 20)
     return kv, weights
 

@@ -5,7 +5,8 @@
 // neither library runs a step under the router's own scheduler, KV slots and prefix cache. This
 // step reads the ONNX graph's weights as they are (MatMulNBits: 4-bit codes, blocks of 32 along
 // K, one float scale a block, zero point 8), quantizes activations to int8 per 32-block as
-// MatMulNBits' accuracy level 4 does, and updates the same KV slot buffers the graphs use.
+// MatMulNBits' accuracy level 4 does, and updates KV slot buffers laid out as the graphs' (float32,
+// or float16 where it computes every step).
 //
 // A row's result depends only on that row (its token, position and slot contents), never on the
 // other rows of the step or on the number of threads: integer sums are exact, and each row's float
@@ -51,15 +52,23 @@ class Q4Decoder {
   Q4Decoder(const Q4Decoder&) = delete;
   Q4Decoder& operator=(const Q4Decoder&) = delete;
 
+  // The KV slots a step reads and writes: per layer, keys and values [slots, kv_heads, context,
+  // head_dim], float or (half) _Float16.
+  struct KVBuffers {
+    std::vector<void*> keys, values;
+    bool half = false;
+    int context = 0;
+  };
+
   // Row r: token tokens[r] at position positions[r] of KV slot slots[r], whose positions before
   // it are computed there or by earlier rows of this call (a prompt chunk: rows of one slot at
-  // consecutive positions); writes its keys and values there. Logits [num_outputs, vocab] of
-  // rows outputs[0..num_outputs) (nullptr: every row). keys/values: per layer, [slots,
-  // kv_heads, context, head_dim] floats. The caller checks ranges (tokens < vocab, positions <
-  // min(context, rope_positions), slots valid, outputs < rows).
+  // consecutive positions); writes its keys and values there (rounded to half precision in
+  // half buffers, and read back so by every row alike). Logits [num_outputs, vocab] of rows
+  // outputs[0..num_outputs) (nullptr: every row). The caller checks ranges (tokens < vocab,
+  // positions < min(context, rope_positions), slots valid, outputs < rows).
   void step(int rows, const int64_t* tokens, const int64_t* positions, const int64_t* slots,
-            const std::vector<float*>& keys, const std::vector<float*>& values, int context,
-            float* logits, const int64_t* outputs = nullptr, int num_outputs = 0);
+            const KVBuffers& kv, float* logits, const int64_t* outputs = nullptr,
+            int num_outputs = 0);
 
   const std::string& kernel() const;
   const Q4DecoderShape& shape() const;

@@ -203,15 +203,19 @@ def test_refusals_name_what_is_wrong(
                 np.array(outputs, np.int64),
             )
     # A KV buffer of another dtype is refused, not converted into a copy that takes the writes.
-    with pytest.raises(TypeError):
-        step.step(
-            np.array([0], np.int64),
-            np.array([1], np.int64),
-            np.array([lengths[0]], np.int64),
-            [k.astype(np.float64) for k in native._keys],
-            native._values,
-            logits,
-        )
+    for keys, why in (
+        ([k.astype(np.float64) for k in native._keys], "must be float32 or float16"),
+        ([k.astype(np.float16) for k in native._keys], "must have keys\\[0\\]'s dtype"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            step.step(
+                np.array([0], np.int64),
+                np.array([1], np.int64),
+                np.array([lengths[0]], np.int64),
+                keys,
+                native._values,
+                logits,
+            )
     np.testing.assert_array_equal(native._keys[0], before)
     assert not logits.any()
 
@@ -246,6 +250,21 @@ def test_a_token_is_the_same_bits_however_its_prompt_came(folder: Path, prompts:
         np.testing.assert_array_equal(logits, whole, err_msg=way)
         for got, want in zip(state(slot), reference, strict=True):
             np.testing.assert_array_equal(got, want, err_msg=way)
+
+
+def test_keys_and_values_are_half_precision_where_the_kernels_compute_every_step(folder: Path):
+    """Float16 KV slots and prefix blocks where the native kernels compute prompts and decode
+    steps (half the memory); float32 where a graph writes them."""
+    mixed = OnnxDecoder(folder, max_slots=2, max_context=64)
+    assert mixed.mixed_steps
+    assert {a.dtype for a in mixed._keys + mixed._values} == {np.dtype(np.float16)}
+    assert mixed.kv_bytes_per_token() == 2 * 30 * 3 * 64 * 2
+    mixed.open_pool(4, 16)
+    assert mixed._pool_keys[0].dtype == np.float16
+    graph = OnnxDecoder(folder, max_slots=2, max_context=64, prefill_graph="model")
+    assert not graph.mixed_steps
+    assert {a.dtype for a in graph._keys + graph._values} == {np.dtype(np.float32)}
+    assert graph.kv_bytes_per_token() == 2 * 30 * 3 * 64 * 4
 
 
 def test_long_prompts_are_the_same_bits_in_runs_key_blocks_and_decode(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -85,10 +86,20 @@ def test_where_the_native_kernels_load_their_copy_counts_instead_of_the_graphs(
     monkeypatch.setattr(native_decode, "q4_best_kernel", lambda: kernel)
     monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: "avx512_vnni")
     config = ModelConfig(name="m", kind="generate", artifact="m", decode_kernel=decode_kernel)
-    _, weights = need(config, decoder_dir)
+    kv, weights = need(config, decoder_dir)
     files = sum(SIZES.values()) + (decoder_dir / "manifest.json").stat().st_size
     # Loaded, the native kernels compute prompts and decode steps (prefill_graph auto): neither
     # graph is loaded, and the kernels hold a copy of the int4 graph's weights instead.
     graphs = sum(SIZES.values()) - SIZES["tokenizer.json"]
     copy = SIZES["model.onnx"] + SIZES["model.onnx.data"]
     assert weights == files + (copy - graphs if counted else 0)
+    # Where they compute every step, the KV cache is float16 (the graphs' float32 otherwise).
+    values = 2 * manifest["num_layers"] * manifest["num_kv_heads"] * manifest["head_dim"]
+    per_token = values * (2 if counted else 4)
+    cache = config.prefix_cache_mb << 20
+    assert kv == config.max_slots * config.max_context * per_token + cache
+    int8_prompts = dataclasses.replace(config, prefill_graph="int8")
+    assert (
+        need(int8_prompts, decoder_dir)[0]
+        == config.max_slots * config.max_context * (values * 4) + cache
+    )
