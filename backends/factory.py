@@ -91,7 +91,7 @@ def kv_value_bytes(
         return 4
     from backends.native_decode import kv_value_bytes as value_bytes
 
-    return value_bytes(manifest, decode_kernel, prefill_graph)
+    return value_bytes(model_dir, manifest, decode_kernel, prefill_graph)
 
 
 def create_backend(kind: str, model_dir: Path, **options: Any) -> Engine:

@@ -15,12 +15,15 @@ or 'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the in
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from backends._kernels import Q4Decoder, q4_best_kernel
@@ -35,9 +38,28 @@ PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 def native_copy_bytes(model_dir: Path, manifest: dict[str, Any], choice: str) -> int:
     """Resident bytes the native step adds where `choice` would load it (its copy of the graph's
     weights, re-laid out: about the size of the graph's files); 0 where the graph decodes."""
-    if not native_decodes(manifest, choice):
+    if not native_will_decode(model_dir, manifest, choice):
         return 0
     return sum(p.stat().st_size for p in model_dir.glob("model.onnx*") if p.is_file())
+
+
+def native_will_decode(model_dir: Path, manifest: dict[str, Any], choice: str) -> bool:
+    """Whether load_native_decode would return the native step, as far as the manifest, the
+    CPU and the graph (its nodes and weight names, not their values) tell."""
+    if not native_decodes(manifest, choice):
+        return False
+    path = model_dir / "model.onnx"
+    try:
+        return _graph_checks(str(path), path.stat().st_mtime_ns, json.dumps(manifest)) is None
+    except (OSError, DecodeError):  # no graph, or not one: the loader would fail on it too
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def _graph_checks(path: str, mtime_ns: int, manifest: str) -> str | None:
+    """_graph_problem of the graph at `path` (as of `mtime_ns`): read once, not per question."""
+    graph = onnx.load(path, load_external_data=False)
+    return _graph_problem(json.loads(manifest), graph)
 
 
 def _manifest_problem(manifest: dict[str, Any]) -> str | None:
@@ -76,7 +98,22 @@ def _graph_problem(manifest: dict[str, Any], graph: onnx.ModelProto) -> str | No
             return f"{node.name} is not rotate-half rotary attention scaled by head_dim ** -0.5"
     if "logits" not in nodes or nodes["logits"].op_type != "MatMulNBits":
         return "the LM head is not an int4 MatMulNBits"
-    return None
+    weights = {t.name for t in graph.graph.initializer}
+    missing = [n for n in _weight_names(int(manifest["num_layers"])) if n not in weights]
+    return f"the graph has no {missing[0]}" if missing else None
+
+
+def _weight_names(layers: int) -> list[str]:
+    """The initializers _build reads."""
+    names = [f"l{i}.{p}" for i in range(layers) for p in PROJECTIONS] + ["lm_head"]
+    return [
+        *(n + suffix for n in names for suffix in (".weight_Q4", ".weight_scales")),
+        *(f"l{i}.{n}" for i in range(layers) for n in ("attn_norm", "ffn_norm")),
+        "final_norm",
+        "embed_tokens",
+        "cos_cache",
+        "sin_cache",
+    ]
 
 
 def load_native_decode(
@@ -169,11 +206,13 @@ def native_decodes(manifest: dict[str, Any], decode_kernel: str) -> bool:
     )
 
 
-def kv_value_bytes(manifest: dict[str, Any], decode_kernel: str, prefill_graph: str) -> int:
+def kv_value_bytes(
+    model_dir: Path, manifest: dict[str, Any], decode_kernel: str, prefill_graph: str
+) -> int:
     """Bytes of one key or value element in an OnnxDecoder: 2 where the native kernels would
     compute every step (float16 KV), else 4 (float32, the graphs')."""
     native_prompts = prefill_graph in ("auto", "native")
-    return 2 if native_prompts and native_decodes(manifest, decode_kernel) else 4
+    return 2 if native_prompts and native_will_decode(model_dir, manifest, decode_kernel) else 4
 
 
 class NativeSteps:

@@ -31,7 +31,7 @@ from backends.artifact import encoder_inputs, read_manifest
 from backends.base import PREFILL_GRAPHS, Capabilities, FloatArray, IntArray
 from backends.cpu import int8_dot_flag
 from backends.kv_pool import SlotKVPool, touched
-from backends.native_decode import NativeSteps, load_native_decode, native_decodes
+from backends.native_decode import NativeSteps, load_native_decode, native_will_decode
 from backends.packed_prefill import PackedPrefill, packed_groups
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def unused_files(
     the decoder's graph too where the native step computes both (it holds a copy instead)."""
     entry = manifest.get("prefill_graph")
     graphs = []
-    if prefill in ("auto", "native") and native_decodes(manifest, decode_kernel):
+    if prefill in ("auto", "native") and native_will_decode(model_dir, manifest, decode_kernel):
         prefill = "native"
         graphs.append(model_dir / "model.onnx")
     if isinstance(entry, dict) and not prefill_graph_file(manifest, model_dir, prefill):

@@ -474,6 +474,8 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
       ++runs.back().second;
     else
       runs.emplace_back(m, 1);
+  int widest_run = 0;  // sizes the attention's score scratch (decode steps: runs of one)
+  for (const auto& run : runs) widest_run = std::max(widest_run, run.second);
   for (int l = 0; l < L; ++l) {
     d.each_row(rows, [&](int m) {
       // The previous layer's MLP output joins the residual stream here.
@@ -505,7 +507,7 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
     std::atomic<int> next{0};
     d.pool.run([&](int) {
       thread_local std::vector<float> sc, acc;
-      const size_t need = static_cast<size_t>(q4::kMaxRun) * G * ((longest + 15) / 16 * 16);
+      const size_t need = static_cast<size_t>(widest_run) * G * ((longest + 15) / 16 * 16);
       if (sc.size() < need) sc.resize(need);
       if (acc.size() < static_cast<size_t>(q4::kMaxRun) * G * D) acc.resize(q4::kMaxRun * G * D);
       for (int t = next++; t < static_cast<int>(runs.size()) * KVH; t = next++) {

@@ -73,13 +73,24 @@ def test_auto_decodes_natively_and_onnxruntime_opts_out(native: OnnxDecoder, gra
     assert graph.decode_kernel == "onnxruntime"
 
 
+@pytest.fixture(scope="module")
+def mixed(folder: Path) -> OnnxDecoder:
+    """The default: prompts in the native kernels too, float16 KV."""
+    engine = OnnxDecoder(folder, max_slots=SLOTS, max_context=128, threads=2)
+    assert engine.mixed_steps and engine._keys[0].dtype == np.float16
+    return engine
+
+
+@pytest.mark.parametrize("kind", ["native", "mixed"])
 def test_steps_compute_what_the_graph_computes(
-    native: OnnxDecoder, graph: OnnxDecoder, prompts: list[np.ndarray]
+    request: pytest.FixtureRequest, kind: str, graph: OnnxDecoder, prompts: list[np.ndarray]
 ):
-    """Both steps compute the same function; int8 activations round alike but not bit for bit.
-    Fed the graph's greedy tokens (teacher forcing: a close call may flip a token, as between
-    CPUs, and the answers then part), each of 8 steps' logits stay within a small fraction of
-    their ~30 range and nearly every next token agrees."""
+    """Both steps compute the same function; int8 activations round alike but not bit for bit
+    (nor float16 keys and values, where the kernels compute prompts too). Fed the graph's
+    greedy tokens (teacher forcing: a close call may flip a token, as between CPUs, and the
+    answers then part), each of 8 steps' logits stay within a small fraction of their ~30
+    range and nearly every next token agrees."""
+    native: OnnxDecoder = request.getfixturevalue(kind)
     slots = np.arange(len(prompts))
     fed, logits = [], {}
     for name, engine in (("graph", graph), ("native", native)):
@@ -106,7 +117,8 @@ def test_steps_compute_what_the_graph_computes(
 
 def test_a_row_is_the_same_alone_and_in_any_batch(native: OnnxDecoder, prompts: list[np.ndarray]):
     """Bit for bit: logits and the keys and values written, for a slot decoded alone and among
-    eleven rows (a tile call holds 8 rows, so this one falls in the second of two)."""
+    eleven rows (a tile call holds 6 rows, or 8 with AVX2 tiles: this one falls in the second
+    call)."""
     lengths = _fill(native, prompts)
     alone = native.decode(np.array([9]), np.array([42]), np.array([lengths[9]]))
     key = native._keys[5][9, :, lengths[9]].copy()
@@ -361,10 +373,15 @@ def test_a_graph_the_kernels_cannot_compute_decodes_through_onnx_runtime(
     manifest = _tiny_graph(tmp_path, heads, kv_heads, drop)
     if not drop:  # known from the manifest: resources count no native copy
         assert not native_decode.native_decodes(manifest, "auto")
+    # Resources count what the loader will do: no native copy, float32 keys and values.
+    assert not native_decode.native_will_decode(tmp_path, manifest, "auto")
+    assert native_decode.kv_value_bytes(tmp_path, manifest, "auto", "auto") == 4
     assert native_decode.load_native_decode(tmp_path, manifest, "auto", 1) is None
     with pytest.raises(ValueError, match=f"decode_kernel='native' cannot run .*{why}"):
         native_decode.load_native_decode(tmp_path, manifest, "native", 1)
     # The same shapes with a supported grouping load.
     if drop:
         manifest = _tiny_graph(tmp_path, heads, kv_heads)
+        assert native_decode.native_will_decode(tmp_path, manifest, "auto")
+        assert native_decode.kv_value_bytes(tmp_path, manifest, "auto", "auto") == 2
         assert native_decode.load_native_decode(tmp_path, manifest, "auto", 1) is not None

@@ -61,13 +61,15 @@ def test_the_prompt_graph_counts_as_weights_only_where_the_engine_loads_it(
 
 
 @pytest.mark.parametrize(
-    ("decode_kernel", "kernel", "quantization", "counted"),
+    ("decode_kernel", "kernel", "quantization", "graph_problem", "counted"),
     [
-        ("auto", "avx2", "int4", True),
-        ("native", "avx512-vnni", "int4", True),
-        ("onnxruntime", "avx2", "int4", False),
-        ("auto", "", "int4", False),  # no kernel for this CPU: the graph decodes
-        ("auto", "avx2", "int8", False),  # a graph the native step does not read
+        ("auto", "avx2", "int4", None, True),
+        ("native", "avx512-vnni", "int4", None, True),
+        ("onnxruntime", "avx2", "int4", None, False),
+        ("auto", "", "int4", None, False),  # no kernel for this CPU: the graph decodes
+        ("auto", "avx2", "int8", None, False),  # a graph the native step does not read
+        # The graph itself refused at load (its nodes, a missing weight): it decodes, in float32.
+        ("auto", "avx2", "int4", "the graph has no l0.ffn_norm", False),
     ],
 )
 def test_where_the_native_kernels_load_their_copy_counts_instead_of_the_graphs(
@@ -76,6 +78,7 @@ def test_where_the_native_kernels_load_their_copy_counts_instead_of_the_graphs(
     decode_kernel: str,
     kernel: str,
     quantization: str,
+    graph_problem: str | None,
     counted: bool,
 ) -> None:
     from backends import native_decode
@@ -84,6 +87,8 @@ def test_where_the_native_kernels_load_their_copy_counts_instead_of_the_graphs(
     manifest |= {"quantization": quantization, "graph": "gqa-shared-kv", "head_dim": 64}
     (decoder_dir / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(native_decode, "q4_best_kernel", lambda: kernel)
+    # The folder's graph files are stand-ins: what the graph check finds is given here.
+    monkeypatch.setattr(native_decode, "_graph_checks", lambda *_: graph_problem)
     monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: "avx512_vnni")
     config = ModelConfig(name="m", kind="generate", artifact="m", decode_kernel=decode_kernel)
     kv, weights = need(config, decoder_dir)
