@@ -206,13 +206,25 @@ def native_decodes(manifest: dict[str, Any], decode_kernel: str) -> bool:
     )
 
 
+NATIVE_PROMPTS = ("auto", "native")
+"""prefill_graph choices under which prompts run in the native kernels where they decode."""
+
+
+def native_every_step(
+    model_dir: Path, manifest: dict[str, Any], decode_kernel: str, prefill_graph: str
+) -> bool:
+    """Whether an OnnxDecoder with these choices would compute prompts and decode steps in the
+    native kernels (mixed_steps): neither graph loaded, float16 KV."""
+    native_prompts = prefill_graph in NATIVE_PROMPTS
+    return native_prompts and native_will_decode(model_dir, manifest, decode_kernel)
+
+
 def kv_value_bytes(
     model_dir: Path, manifest: dict[str, Any], decode_kernel: str, prefill_graph: str
 ) -> int:
     """Bytes of one key or value element in an OnnxDecoder: 2 where the native kernels would
     compute every step (float16 KV), else 4 (float32, the graphs')."""
-    native_prompts = prefill_graph in ("auto", "native")
-    return 2 if native_prompts and native_will_decode(model_dir, manifest, decode_kernel) else 4
+    return 2 if native_every_step(model_dir, manifest, decode_kernel, prefill_graph) else 4
 
 
 class NativeSteps:

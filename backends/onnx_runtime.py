@@ -27,11 +27,11 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from backends import native_decode
 from backends.artifact import encoder_inputs, read_manifest
 from backends.base import PREFILL_GRAPHS, Capabilities, FloatArray, IntArray
 from backends.cpu import int8_dot_flag
 from backends.kv_pool import SlotKVPool, touched
-from backends.native_decode import NativeSteps, load_native_decode, native_will_decode
 from backends.packed_prefill import PackedPrefill, packed_groups
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def unused_files(
     the decoder's graph too where the native step computes both (it holds a copy instead)."""
     entry = manifest.get("prefill_graph")
     graphs = []
-    if prefill in ("auto", "native") and native_will_decode(model_dir, manifest, decode_kernel):
+    if native_decode.native_every_step(model_dir, manifest, decode_kernel, prefill):
         prefill = "native"
         graphs.append(model_dir / "model.onnx")
     if isinstance(entry, dict) and not prefill_graph_file(manifest, model_dir, prefill):
@@ -181,7 +181,7 @@ class OnnxDecoder(SlotKVPool):
             max_batch=max_slots,
             context_length=max_context,
         )
-        native = load_native_decode(model_dir, manifest, decode_kernel, threads)
+        native = native_decode.load_native_decode(model_dir, manifest, decode_kernel, threads)
         self.decode_kernel = "native" if native else "onnxruntime"
         if prefill_graph == "native" and native is None:
             raise ValueError(
@@ -190,7 +190,7 @@ class OnnxDecoder(SlotKVPool):
             )
         # Prompts in the kernels that decode: one pass over the weights for a step's decode
         # rows and prompt chunks (mixed_steps), every token computed alike.
-        self.mixed_steps = native is not None and prefill_graph in ("auto", "native")
+        self.mixed_steps = native is not None and prefill_graph in native_decode.NATIVE_PROMPTS
         graph = None if self.mixed_steps else _prefill_graph(manifest, model_dir, prefill_graph)
         self.prefill_graph = "native" if self.mixed_steps else "int8" if graph else "model"
         # None where the native kernels compute every step. With two sessions (or the native
@@ -202,10 +202,9 @@ class OnnxDecoder(SlotKVPool):
         self._session = model
         self._num_layers = int(manifest["num_layers"])
         shape = (max_slots, int(manifest["num_kv_heads"]), max_context, int(manifest["head_dim"]))
-        # Touched once here: GQA touches a slot's whole rows on first use, and the first request
-        # in each slot waited for ~94 MB of page faults (SmolLM2, 2,048 tokens: 50-120 ms a slot
-        # here). Half precision where the native kernels compute every step (llama.cpp's default
-        # for KV): half the memory and the long contexts' attention reads. Resident: the budget.
+        # Touched once here, not by each slot's first request (~94 MB of page faults, 50-120 ms a
+        # slot for SmolLM2 at 2,048 tokens). float16 where the native kernels compute every step
+        # (llama.cpp's default for KV): half the memory and of long contexts' attention reads.
         kv = np.float16 if self.mixed_steps else np.float32
         self._keys = [touched(shape, kv) for _ in range(self._num_layers)]
         self._values = [touched(shape, kv) for _ in range(self._num_layers)]
@@ -226,7 +225,9 @@ class OnnxDecoder(SlotKVPool):
         """Tokens computed so far in each slot."""
         self._logits = np.zeros((max_slots, self.vocab_size), np.float32)
         self._native = (
-            NativeSteps(native, self._keys, self._values, self._logits) if native else None
+            native_decode.NativeSteps(native, self._keys, self._values, self._logits)
+            if native
+            else None
         )
         self._ids = np.zeros((max_slots, 1), np.int64)
         self._seqlens = np.zeros(max_slots, np.int32)

@@ -337,13 +337,13 @@ WeightShape q4_weight_shape(const Q4DecoderShape& s, int i) {
 
 std::string q4_best_kernel() {
   __builtin_cpu_init();
+  // x86-64-v3 at least (AVX2, FMA, F16C: every AVX2 and AVX-512 CPU): the attention's clones
+  // and its half-precision keys and values need no other check once a decoder exists.
+  if (!q4::half_kv_supported()) return "";
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni"))
     return "avx512-vnni";
-  // F16C too: half-precision KV (every AVX2 CPU has it; the check keeps the promise explicit).
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      q4::half_kv_supported())
-    return "avx2";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
   return "";
 }
 
@@ -408,7 +408,7 @@ Q4Decoder::Q4Decoder(const Q4DecoderShape& s, const float* cos, const float* sin
     throw std::invalid_argument("Q4Decoder needs 4 * layers + 1 weights (codes and scales)");
   const std::string best = q4_best_kernel();
   const std::string k = kernel.empty() ? best : kernel;
-  if (k.empty()) throw std::invalid_argument("this CPU has neither AVX2 nor AVX-512 VNNI");
+  if (best.empty()) throw std::invalid_argument("this CPU has neither AVX2 nor AVX-512 VNNI");
   if (k != "avx512-vnni" && k != "avx2")
     throw std::invalid_argument("unknown kernel '" + k + "': use avx512-vnni or avx2");
   if (k == "avx512-vnni" && best != "avx512-vnni")
@@ -438,8 +438,6 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
                      const int64_t* slots, const KVBuffers& kv, float* logits,
                      const int64_t* outputs, int num_outputs) {
   Impl& d = *impl_;
-  if (kv.half && !q4::half_kv_supported())
-    throw std::invalid_argument("this CPU has no F16C for half-precision keys and values");
   const Q4DecoderShape& s = d.shape;
   const int H = s.hidden, D = s.head_dim, NH = s.heads, KVH = s.kv_heads, I = s.intermediate;
   const int G = NH / KVH, QKV = (NH + 2 * KVH) * D, L = s.layers, context = kv.context;
@@ -476,18 +474,11 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
       runs.emplace_back(m, 1);
   int widest_run = 0;  // sizes the attention's score scratch (decode steps: runs of one)
   for (const auto& run : runs) widest_run = std::max(widest_run, run.second);
-  for (int l = 0; l < L; ++l) {
-    d.each_row(rows, [&](int m) {
-      // The previous layer's MLP output joins the residual stream here.
-      add_rms_norm_row(h + m * H, l ? tmp + m * H : nullptr, d.norms.data() + 2 * l * H, s.eps,
-                       H, x + m * H);
-      d.quantize(x, m, H);
-    });
-    d.gemm(rows, d.weights[4 * l], qkv);
-    // Every row's keys and values are stored before any row attends: rows of one slot at
-    // consecutive positions (a prompt chunk) see each other's, causally.
+  // One layer's rotary embedding, KV stores and attention over its keys and values (float or
+  // _Float16 buffers). Every row's keys and values are stored before any row attends: rows of
+  // one slot at consecutive positions (a prompt chunk) see each other's, causally.
+  const auto attention = [&](auto* keys, auto* values) {
     const int tasks = rows * KVH;
-    const auto attention = [&](auto* keys, auto* values) {  // float or _Float16 buffers
     d.pool.run([&](int wi) {
       for (int t = wi; t < tasks; t += d.pool.size()) {
         const int m = t / KVH, kh = t % KVH;
@@ -502,8 +493,8 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
         q4::store_kv(values + at, r + (NH + KVH + kh) * D, D);
       }
     });
-    // Attention by runs: rows of one slot at consecutive positions (at most q4::kMaxRun), each
-    // with every KV head, handed out to whichever worker is free.
+    // By runs (rows of one slot at consecutive positions, at most q4::kMaxRun), each with
+    // every KV head, handed out to whichever worker is free.
     std::atomic<int> next{0};
     d.pool.run([&](int) {
       thread_local std::vector<float> sc, acc;
@@ -518,7 +509,15 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
                    acc.data(), attn + static_cast<size_t>(m) * NH * D + kh * G * D, NH * D);
       }
     });
-    };
+  };
+  for (int l = 0; l < L; ++l) {
+    d.each_row(rows, [&](int m) {
+      // The previous layer's MLP output joins the residual stream here.
+      add_rms_norm_row(h + m * H, l ? tmp + m * H : nullptr, d.norms.data() + 2 * l * H, s.eps,
+                       H, x + m * H);
+      d.quantize(x, m, H);
+    });
+    d.gemm(rows, d.weights[4 * l], qkv);
     if (kv.half)
       attention(static_cast<_Float16*>(kv.keys[l]), static_cast<_Float16*>(kv.values[l]));
     else

@@ -43,5 +43,4 @@ __attribute__((always_inline)) inline v16 vexp(v16 x) {
   return y * scale;
 }
 
-
 }  // namespace irouter::q4
