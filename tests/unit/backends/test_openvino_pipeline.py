@@ -238,6 +238,7 @@ async def test_a_burst_arriving_while_idle_starts_in_one_step(
             return getattr(self._pipe, name)
 
     monkeypatch.setattr(engine, "_to_worker", SpacedPipe(engine._to_worker))
+    tries = []
     for _ in range(5):
         await wait_idle(engine)
         sent.clear()
@@ -249,11 +250,17 @@ async def test_a_burst_arriving_while_idle_starts_in_one_step(
         finally:
             engine._observer = None
         assert [tokens for tokens, _ in results] == reference
-        if max(gaps()) < BURST_GAP_S / 2:
-            break
-    else:
-        pytest.fail(f"5 bursts, none with its calls {BURST_GAP_S / 2 * 1000} ms apart")
-    assert steps.batches[0] == len(PROMPTS), (steps.batches[:4], gaps())
+        if max(gaps()) >= BURST_GAP_S / 2:
+            continue
+        # The worker process, too, can be kept off the CPU past a gap while a full run's other
+        # tests use both cores: one try in one step is the behaviour (without gathering, the
+        # first call's step starts before the second call is written, every time).
+        if steps.batches[0] == len(PROMPTS):
+            return
+        tries.append((steps.batches[:4], gaps()))
+    pytest.fail(
+        f"5 bursts, none in one step with its calls {BURST_GAP_S / 2 * 1000} ms apart: {tries}"
+    )
 
 
 async def test_the_event_loop_runs_while_the_pipeline_steps(
