@@ -206,6 +206,7 @@ class DecoderEngine:
         while not self._stopping:
             out: Out = []
             self._drain_inbox(out)
+            scheduler.release_held(out)
             if not scheduler.has_unfinished():
                 self._flush(out)
                 out = []

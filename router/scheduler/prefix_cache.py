@@ -91,6 +91,11 @@ class PrefixCache:
             parent = block
         return path
 
+    def cached_tokens(self, tokens: npt.NDArray[np.int64], num_prompt: int) -> int:
+        """How many of the prompt tokens[:num_prompt] `match` would find cached now (nothing
+        pinned, nothing counted)."""
+        return len(self._walk(tokens, num_prompt - MIN_COMPUTED)) * self.block_size
+
     def match(self, tokens: npt.NDArray[np.int64], num_prompt: int) -> list[int]:
         """Pin and return the blocks of the longest cached prefix of the prompt
         tokens[:num_prompt], leaving at least its last MIN_COMPUTED tokens to compute. `load`

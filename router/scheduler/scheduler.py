@@ -34,6 +34,7 @@ from router.scheduler.detokenizer import Detokenizer, TokenCodec, TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits, error_chunk
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request, RequestStatus
+from router.scheduler.shared_prefix import SharedPrefixes
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class Scheduler:
     ) -> None:
         self.name = name
         self.prefix_cache = prefix_cache
+        self._shared = SharedPrefixes(prefix_cache) if prefix_cache is not None else None
+        """Requests held back until a request ahead of them has cached the prefix they share
+        (shared_prefix.py): in `requests`, not yet in the native core."""
         self.decode_is_prefill = False
         """True where the backend computes a decoded token as a prompt's (`mixed_steps`): a
         finished reply's blocks are then cached as it ends, not only by a fill."""
@@ -130,7 +134,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return self._native.num_waiting
+        return self._native.num_waiting + (len(self._shared) if self._shared else 0)
 
     @property
     def num_running(self) -> int:
@@ -153,10 +157,37 @@ class Scheduler:
         return decoding, fresh
 
     def has_unfinished(self) -> bool:
-        return self._native.has_unfinished()
+        return self._native.has_unfinished() or bool(self._shared)
 
     def add_request(self, req: Request) -> RouterError | None:
-        """Queue `req`; the error that refuses it instead (queue full), or None."""
+        """Queue `req`, or hold it back for a prefix a request ahead of it is computing; the
+        error that refuses it instead (queue full), or None."""
+        if self._shared is not None and self._shared.hold(req, self.requests.values()):
+            # Admission (loop side) bounds what is held with what waits: no queue to check.
+            self._register(req)
+            return None
+        error = self._submit(req)
+        if error is None:
+            self._register(req)
+        return error
+
+    def _register(self, req: Request) -> None:
+        self.requests[req.engine_id] = req
+        self._detok[req.engine_id] = Detokenizer(self._decoder, req.params.stop)
+
+    def release_held(self, out: Out) -> None:
+        """Queue the held requests whose shared prefix is cached now, or will not be (their
+        leader ended or finished its prompt); each is refused instead when the queue is full.
+        The engine thread calls this before each step."""
+        if not self._shared:
+            return
+        for req in self._shared.due():
+            error = self._submit(req)
+            if error is not None:
+                self.fail(req.engine_id, error, out)
+
+    def _submit(self, req: Request) -> RouterError | None:
+        """Into the native core, with its cached prefix pinned; the error that refuses it."""
         cache = self.prefix_cache
         blocks = [] if cache is None else cache.match(req.tokens, req.num_prompt)
         req.prefix_blocks = blocks
@@ -177,14 +208,14 @@ class Scheduler:
                 f"model {self.name!r} queue is full ({self.limits.max_waiting} waiting); "
                 "retry shortly"
             )
-        self.requests[req.engine_id] = req
-        self._detok[req.engine_id] = Detokenizer(self._decoder, req.params.stop)
         return None
 
     def finish_requests(self, engine_ids: Sequence[int], status: RequestStatus) -> None:
         """Forget the requests (unknown ids are ignored); their slots are freed at the next
         step."""
         for engine_id in engine_ids:
+            if self._shared is not None:
+                self._shared.forget(engine_id)
             req = self.requests.pop(engine_id, None)
             self._detok.pop(engine_id, None)
             if req is None:

@@ -111,6 +111,23 @@ async def test_a_shared_system_prompt_is_computed_once_and_changes_no_answer(
     assert _tokens(server, "miss") - misses < 4 * 32
 
 
+async def test_a_burst_sharing_a_prompt_nothing_cached_computes_it_once(
+    stub: tuple[RouterServer, pb_grpc.InferenceServiceStub],
+) -> None:
+    # Nothing has cached this system prompt: the first request computes it, the other three
+    # wait for its blocks (router.scheduler.shared_prefix) instead of computing them beside it.
+    server, client = stub
+    system = SYSTEM.replace("Example Rail", "Example Tram")
+    hits, misses = _tokens(server, "hit"), _tokens(server, "miss")
+    together = await asyncio.gather(
+        *(_complete(client, GEN, [("system", system), ("user", q)]) for q in QUESTIONS)
+    )
+    assert _tokens(server, "hit") - hits >= 3 * 64
+    assert _tokens(server, "miss") - misses < 100 + 3 * 32
+    for question, answer in zip(QUESTIONS, together, strict=True):
+        assert answer == await _complete(client, NO_CACHE, [("system", system), ("user", question)])
+
+
 async def test_a_conversations_next_turn_reuses_its_history_and_its_answers_are_unchanged(
     stub: tuple[RouterServer, pb_grpc.InferenceServiceStub],
 ) -> None:

@@ -1,0 +1,93 @@
+"""Prefixes shared within a burst: a request whose prompt shares blocks not cached yet with a
+request still computing its prompt waits for the cache to hold them, instead of computing them
+again beside it.
+
+The prefix cache (prefix_cache.py) saves a prompt's blocks as its chunks finish, so a request
+that arrives after them skips them. Requests that arrive together find nothing yet: 16 calls
+sharing a system prompt nothing has cached would each compute it, and calls sharing more than
+what is cached (the chat template's turn opening, a common question stem) each compute the
+shared tail. So a request (the follower) whose prompt shares at least one whole block beyond its
+cached prefix with a request still in its prompt (the leader, of the same priority or higher)
+is held back from the native scheduler until the cache holds those blocks, or until the leader
+can no longer give them: it ended, or finished its prompt without saving them (every block
+pinned). The follower then matches the cache as any request does and computes only the rest.
+
+A follower waits for the leader's chunk that covers the shared part, one step when the prompts
+are short; the step it then joins is smaller by the shared part. SGLang's scheduler does the
+same within its waiting queue ("in-batch prefix caching"). Held requests count as waiting; they
+hold no slot and no cache block. An answer never depends on it: the follower's prefix is the
+cache's, computed by a prefill as any cached prefix is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from router.scheduler.prefix_cache import MIN_COMPUTED, PrefixCache
+from router.scheduler.request import Request
+
+
+@dataclass(slots=True)
+class _Held:
+    follower: Request
+    leader: Request
+    end: int
+    """Prompt tokens of the follower it waits to find cached (whole blocks)."""
+
+
+class SharedPrefixes:
+    """Followers held back for their leaders' blocks; used by the engine thread only."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self._cache = cache
+        self._held: dict[int, _Held] = {}
+        """By the follower's engine id, in arrival order."""
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, req: Request, candidates: Iterable[Request]) -> bool:
+        """Hold `req` back when it shares a whole block beyond its cached prefix with one of
+        `candidates` still in its prompt (the longest such share is waited for); False when
+        it should be scheduled now."""
+        size = self._cache.block_size
+        limit = req.num_prompt - MIN_COMPUTED  # what the cache can give it (prefix_cache.match)
+        best: _Held | None = None
+        end = self._cache.cached_tokens(req.tokens, req.num_prompt) + size
+        for other in candidates:
+            if other.num_output or other.priority < req.priority or other.engine_id in self._held:
+                continue
+            n = min(limit, other.num_prompt)
+            if n < end:
+                continue
+            differ = np.flatnonzero(req.tokens[:n] != other.tokens[:n])
+            shared = (int(differ[0]) if differ.size else n) // size * size
+            if shared >= end:
+                best, end = _Held(req, other, shared), shared + size
+        if best is None:
+            return False
+        self._held[req.engine_id] = best
+        return True
+
+    def forget(self, engine_id: int) -> None:
+        """A held request ended (cancelled, failed); unknown ids are ignored."""
+        self._held.pop(engine_id, None)
+
+    def due(self) -> list[Request]:
+        """The followers to schedule now, in arrival order: their leader's blocks are cached,
+        or it can no longer give them (it ended or finished its prompt)."""
+        ready = []
+        for engine_id, held in list(self._held.items()):
+            leader = held.leader
+            if (
+                leader.status.is_finished
+                or leader.num_output
+                or self._cache.cached_tokens(held.follower.tokens, held.follower.num_prompt)
+                >= held.end
+            ):
+                del self._held[engine_id]
+                ready.append(held.follower)
+        return ready
