@@ -49,6 +49,8 @@ def load_artifact(model: ServedModel) -> None:
     model.manifest = read_manifest(model.model_dir)
     model.tokenizer = Tokenizer.from_file(str(model.model_dir / "tokenizer.json"))
     model.max_token_bytes = tokenize.max_token_bytes(model.tokenizer)
+    if model.config.kind == "generate":
+        model.pieces = tokenize.PieceCache.create(model.tokenizer)
     if model.deployment is None:
         return
     if model.config.kind == "embed":

@@ -15,6 +15,7 @@ from router.routing.config import DeploymentConfig, ReplicaConfig
 from router.routing.embedder import RoutedEmbedder
 from router.scheduler.batcher import EncoderBatcher
 from router.scheduler.generation import GenerationEngine
+from router.serving.tokenize import PieceCache
 from router.structured.compiler import GrammarCompiler
 
 
@@ -24,6 +25,8 @@ class ServedModel:
     model_dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     tokenizer: Tokenizer | None = None
+    pieces: PieceCache | None = None
+    """Its prompts' pieces between added tokens, encoded once (router.serving.tokenize)."""
     engine: GenerationEngine | None = None
     batcher: EncoderBatcher | None = None
     remote_embedder: RemoteEmbedder | None = None

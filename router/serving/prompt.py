@@ -100,7 +100,10 @@ def encode(model: ServedModel, text: str) -> list[int]:
     """A rendered prompt's token ids (BOS added when the model wants one). On the loop only for
     short texts; `encode_async` picks."""
     assert model.tokenizer is not None
-    ids = tokenize.encode_text(model.tokenizer, text, add_special_tokens=False).ids
+    if len(text) <= tokenize.OFF_LOOP_CHARS and model.pieces is not None:
+        ids = model.pieces.encode(text)
+    else:
+        ids = tokenize.encode_text(model.tokenizer, text, add_special_tokens=False).ids
     bos = model.manifest.get("bos_token_id")
     if model.manifest.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
         ids.insert(0, int(bos))

@@ -11,7 +11,10 @@ on the process's worker thread (router.offload): big tokenizations queue behind 
 
 from __future__ import annotations
 
+import collections
 import math
+import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -40,6 +43,80 @@ def encode_text(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) ->
     if len(text) <= OFF_LOOP_CHARS:
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+
+class PieceCache:
+    """A rendered prompt's token ids with its pieces between added tokens (a chat template's
+    turn markers) encoded once each and kept: a system prompt, or a conversation's earlier
+    turns, come again call after call. Encoding them was a call's biggest cost on the event
+    loop (py-spy over 16-call bursts sharing a ~300-token system prompt: 27% of the loop's
+    samples; `encode` takes ~380 µs for those 356 tokens, AMD EPYC Zen 4).
+
+    Exact because HF tokenizers splits the same way: it extracts added tokens first, then
+    normalizes, pre-tokenizes and encodes each piece between them on its own. `create` makes
+    one only where that split is plain (no added token strips its neighbours' spaces or
+    matches whole words only, none matched after normalizing, special tokens not encoded as
+    text) and a mixed sample encodes the same both ways; else None, and prompts are encoded
+    whole. Why by hand: the tokenizers library has no cache across calls beyond its BPE word
+    cache, which still pre-tokenizes and merges every call."""
+
+    MAX_CHARS = 1 << 20
+    """Characters of the pieces kept (~40 bytes of ids a token, ~4 characters a token: ~10 MB),
+    least recently used dropped first."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        added = tokenizer.get_added_tokens_decoder()
+        self._tokenizer = tokenizer
+        self._ids = {token.content: i for i, token in added.items()}
+        contents = sorted(self._ids, key=len, reverse=True)  # longest first at one position
+        self._split = re.compile("(" + "|".join(map(re.escape, contents)) + ")")
+        self._pieces: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()  # RAG's fitting tokenizes on the worker thread
+
+    @classmethod
+    def create(cls, tokenizer: Tokenizer) -> PieceCache | None:
+        added = tokenizer.get_added_tokens_decoder().values()
+        if (
+            not added
+            or tokenizer.encode_special_tokens
+            or any(t.lstrip or t.rstrip or t.single_word for t in added)
+            or (tokenizer.normalizer is not None and any(t.normalized for t in added))
+        ):
+            return None
+        cache = cls(tokenizer)
+        markers = sorted(cache._ids)[:4]
+        sample = f"{markers[0]} Héllo  wörld, 12345!\n{markers[-1]}\n\t{''.join(markers)} end "
+        whole = tokenizer.encode(sample, add_special_tokens=False).ids
+        return cache if cache.encode(sample) == whole else None
+
+    def encode(self, text: str) -> list[int]:
+        """`tokenizer.encode(text, add_special_tokens=False).ids`, from kept pieces."""
+        ids: list[int] = []
+        for i, piece in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self._ids[piece])
+            elif piece:
+                with self._lock:
+                    kept = self._pieces.get(piece)
+                    if kept is not None:
+                        self._pieces.move_to_end(piece)
+                if kept is None:
+                    kept = self._tokenizer.encode(piece, add_special_tokens=False).ids
+                    self._keep(piece, kept)
+                ids.extend(kept)
+        return ids
+
+    def _keep(self, piece: str, ids: list[int]) -> None:
+        if len(piece) > self.MAX_CHARS // 4:
+            return
+        with self._lock:
+            if piece in self._pieces:
+                return
+            self._pieces[piece] = ids
+            self._chars += len(piece)
+            while self._chars > self.MAX_CHARS:
+                self._chars -= len(self._pieces.popitem(last=False)[0])
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int:

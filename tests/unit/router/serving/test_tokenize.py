@@ -4,11 +4,12 @@ fit is refused from its size alone."""
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from router.errors import InvalidArgument
 from router.serving import tokenize
@@ -72,3 +73,57 @@ def test_check_fits_refuses_from_the_size_alone() -> None:
     # Multi-byte text: counted in bytes, not characters (334 x 3 bytes > 1000).
     with pytest.raises(InvalidArgument, match="at least 1002 bytes"):
         tokenize.check_fits(["東" * 334], limit_tokens=100, token_bytes=10, what="m", field="f")
+
+
+def _chat_texts(seed: int, count: int) -> list[str]:
+    """Rendered-prompt-like texts: turn markers around varied content, markers inside words
+    and side by side, spaces and newlines at every edge, digits, accents, CJK, emoji."""
+    rng = random.Random(seed)
+    words = ["Hello", " world", "  ", "\n", "\t", "12:05", "naïve", "東京", "🙂", "a", "'s", "?"]
+    markers = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    texts = []
+    for _ in range(count):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            parts.append(rng.choice(markers) if rng.random() < 0.3 else "")
+            parts.append("".join(rng.choice(words) for _ in range(rng.randint(0, 8))))
+        texts.append("".join(parts))
+    return texts
+
+
+def test_the_piece_cache_encodes_as_the_tokenizer_does(model_cache: Path) -> None:
+    tokenizer = Tokenizer.from_file(str(model_cache / GEN / "tokenizer.json"))
+    pieces = tokenize.PieceCache.create(tokenizer)
+    assert pieces is not None
+    system = "You are a helpful assistant. " * 20
+    chats = [
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+        for q in ("Hi!", " Hi!", "Hi!\n", "")
+    ]
+    for text in [*chats, *_chat_texts(0, 300)] * 2:  # each encoded from new pieces, then kept
+        assert pieces.encode(text) == tokenizer.encode(text, add_special_tokens=False).ids, text
+
+
+def test_the_piece_cache_keeps_a_bounded_number_of_characters(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = Tokenizer.from_file(str(model_cache / GEN / "tokenizer.json"))
+    pieces = tokenize.PieceCache.create(tokenizer)
+    assert pieces is not None
+    monkeypatch.setattr(pieces, "MAX_CHARS", 200)
+    for text in _chat_texts(1, 200):
+        assert pieces.encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
+        assert pieces._chars == sum(map(len, pieces._pieces)) <= 200
+
+
+def test_no_piece_cache_where_an_added_token_takes_its_neighbours_spaces(
+    model_cache: Path,
+) -> None:
+    tokenizer = Tokenizer.from_file(str(model_cache / GEN / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken("<|tool|>", lstrip=True)])
+    # Split at the marker, " a" and "b" would lose their space to it: not the same ids.
+    assert tokenize.PieceCache.create(tokenizer) is None
+    tokenizer = Tokenizer.from_file(str(model_cache / GEN / "tokenizer.json"))
+    tokenizer.encode_special_tokens = True  # markers encoded as text: no split at all
+    assert tokenize.PieceCache.create(tokenizer) is None
