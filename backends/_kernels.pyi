@@ -1,4 +1,6 @@
-"""irouter's CPU kernels for the backends: the int4 decoder step."""
+"""
+irouter's CPU kernels for the backends: the int4 decoder step, KV block copies.
+"""
 
 from collections.abc import Sequence
 from typing import Annotated
@@ -29,3 +31,13 @@ class Q4Decoder:
 
     @property
     def kernel(self) -> str: ...
+
+def kv_load_blocks(slot_buffers: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], pool_buffers: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], slot: int, blocks: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)]) -> None:
+    """
+    Copy pool blocks blocks[0..n) into positions 0..n * block_size of `slot` in every slot buffer (slot_buffers[i] from pool_buffers[i]; slot buffers (slots, heads, context, head_dim), pool buffers (blocks, heads, block_size, head_dim), one dtype).
+    """
+
+def kv_save_blocks(slot_buffers: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], pool_buffers: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], slot: int, start: int, blocks: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)]) -> None:
+    """
+    Copy positions start..start + n * block_size of `slot` into pool blocks blocks[0..n) (shapes as kv_load_blocks).
+    """

@@ -132,8 +132,9 @@ class PrefixKVStore(Protocol):
         """Allocate (and touch, so resident memory is what it will be) the block pool."""
         ...
 
-    def save_block(self, block: int, slot: int, start: int) -> None:
-        """Copy positions start..start+block_size of `slot` (computed) into pool `block`."""
+    def save_blocks(self, blocks: Sequence[int], slot: int, start: int) -> None:
+        """Copy positions start..start+len(blocks)*block_size of `slot` (computed) into pool
+        `blocks`, in order."""
         ...
 
     def load_blocks(self, slot: int, blocks: Sequence[int]) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from backends._kernels import kv_load_blocks, kv_save_blocks
+
 KVArray = npt.NDArray[np.floating[Any]]
 """Keys or values: float32 (the graphs'), or float16 where the native kernels compute every step."""
 
@@ -91,39 +93,33 @@ class SlotKVPool:
             raise ValueError(f"block={block} is out of range 0..{len(self._pool_keys[0]) - 1}")
         return int(block)
 
-    def save_block(self, block: int, slot: int, start: int) -> None:
-        slot, block, size = self._check_slot(slot), self._check_block(block), self._block_size
+    def _buffers(self) -> tuple[list[KVArray], list[KVArray]]:
+        """The slot buffers and the pool buffers, in the same order (backends._kernels)."""
+        return [*self._keys, *self._values], [*self._pool_keys, *self._pool_values]
+
+    def _check_blocks(self, blocks: Sequence[int]) -> npt.NDArray[np.int64]:
+        if not self._pool_keys:
+            raise ValueError("no prefix block pool: call open_pool first")
+        return np.asarray([self._check_block(block) for block in blocks], dtype=np.int64)
+
+    def save_blocks(self, blocks: Sequence[int], slot: int, start: int) -> None:
+        slot, index = self._check_slot(slot), self._check_blocks(blocks)
+        end = start + len(blocks) * self._block_size
         with self._lock:
-            if not 0 <= start <= self._lengths[slot] - size:
+            if not 0 <= start <= end <= self._lengths[slot]:
                 raise ValueError(
-                    f"positions {start}..{start + size} of slot {slot} are not all computed "
+                    f"positions {start}..{end} of slot {slot} are not all computed "
                     f"({int(self._lengths[slot])} are)"
                 )
             self._pool_writes += 1
-            for i in range(self._num_layers):
-                self._pool_keys[i][block] = self._keys[i][slot, :, start : start + size]
-                self._pool_values[i][block] = self._values[i][slot, :, start : start + size]
+            kv_save_blocks(*self._buffers(), slot, start, index)
 
     def load_blocks(self, slot: int, blocks: Sequence[int]) -> None:
-        slot = self._check_slot(slot)
-        for block in blocks:
-            self._check_block(block)
+        slot, index = self._check_slot(slot), self._check_blocks(blocks)
         n = len(blocks) * self._block_size
         if n > self.max_context:
             raise ValueError(f"{len(blocks)} blocks hold {n} tokens, beyond max_context")
-        index = np.asarray(blocks, dtype=np.int64)
-        _, kv_heads, _, head_dim = self._keys[0].shape
-        shape = (kv_heads, len(blocks), self._block_size, head_dim)
         with self._lock:
-            for i in range(self._num_layers):
-                for pool, cache in (
-                    (self._pool_keys, self._keys),
-                    (self._pool_values, self._values),
-                ):
-                    # One copy into a [heads, blocks, size, dim] view of the slot's positions
-                    # (reshaping the transposed gather first copied twice: ~10x slower).
-                    np.copyto(
-                        cache[i][slot, :, :n].reshape(shape), pool[i][index].transpose(1, 0, 2, 3)
-                    )
+            kv_load_blocks(*self._buffers(), slot, index)
             self._lengths[slot] = n
             self._loaded[slot] = (self._pool_writes, tuple(int(b) for b in blocks))

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "binding_util.h"
+#include "irouter/kv_blocks.h"
 #include "irouter/q4_decoder.h"
 
 namespace nb = nanobind;
@@ -147,10 +148,84 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
          outputs ? outputs->data() : nullptr, static_cast<int>(wanted));
 }
 
+// KV block copies: every shape and range checked here, so the copies may trust them.
+irouter::KVBlockShape kv_block_shape(const KVList& slot_buffers, const KVList& pool_buffers,
+                                     int64_t slot, int64_t start, In<int64_t> blocks) {
+  if (slot_buffers.empty() || slot_buffers.size() != pool_buffers.size())
+    throw nb::value_error("slot_buffers and pool_buffers must be as many, at least one");
+  const auto& a = slot_buffers[0];
+  const auto& p = pool_buffers[0];
+  if (a.ndim() != 4 || p.ndim() != 4 || p.shape(1) != a.shape(1) || p.shape(3) != a.shape(3))
+    throw nb::value_error(
+        "slot buffers must be (slots, heads, context, head_dim) and pool buffers "
+        "(blocks, heads, block_size, head_dim)");
+  for (size_t i = 0; i < slot_buffers.size(); ++i) {
+    for (const auto* b : {&slot_buffers[i], &pool_buffers[i]}) {
+      const auto& like = b == &slot_buffers[i] ? a : p;
+      if (b->ndim() != 4 || b->dtype() != a.dtype())
+        throw nb::value_error("every buffer must have slot_buffers[0]'s dtype and 4 dimensions");
+      for (size_t d = 0; d < 4; ++d)
+        if (b->shape(d) != like.shape(d))
+          throw nb::value_error("every buffer must have the shape of the first of its list");
+    }
+  }
+  irouter::KVBlockShape s{};
+  s.slots = static_cast<int64_t>(a.shape(0));
+  s.heads = static_cast<int64_t>(a.shape(1));
+  s.context = static_cast<int64_t>(a.shape(2));
+  s.head_dim = static_cast<int64_t>(a.shape(3));
+  s.blocks = static_cast<int64_t>(p.shape(0));
+  s.block_size = static_cast<int64_t>(p.shape(2));
+  s.item_bytes = static_cast<int64_t>(a.itemsize());
+  expect_shape(blocks, "blocks", {-1}, "(n,)");
+  const int64_t n = static_cast<int64_t>(blocks.shape(0));
+  if (slot < 0 || slot >= s.slots)
+    throw nb::value_error(("slot " + std::to_string(slot) + " is out of range").c_str());
+  if (start < 0 || start + n * s.block_size > s.context)
+    throw nb::value_error(("positions " + std::to_string(start) + ".." +
+                           std::to_string(start + n * s.block_size) + " are outside 0.." +
+                           std::to_string(s.context))
+                              .c_str());
+  for (int64_t j = 0; j < n; ++j)
+    if (blocks.data()[j] < 0 || blocks.data()[j] >= s.blocks)
+      throw nb::value_error(
+          ("block " + std::to_string(blocks.data()[j]) + " is out of range").c_str());
+  return s;
+}
+
+void kv_load_blocks(const KVList& slot_buffers, const KVList& pool_buffers, int64_t slot,
+                    In<int64_t> blocks) {
+  const irouter::KVBlockShape s = kv_block_shape(slot_buffers, pool_buffers, slot, 0, blocks);
+  std::vector<void*> to;
+  std::vector<const void*> from;
+  for (size_t i = 0; i < slot_buffers.size(); ++i) {
+    to.push_back(slot_buffers[i].data());
+    from.push_back(pool_buffers[i].data());
+  }
+  nb::gil_scoped_release release;
+  irouter::kv_load_blocks(to, from, s, slot, blocks.data(),
+                          static_cast<int64_t>(blocks.shape(0)));
+}
+
+void kv_save_blocks(const KVList& slot_buffers, const KVList& pool_buffers, int64_t slot,
+                    int64_t start, In<int64_t> blocks) {
+  const irouter::KVBlockShape s =
+      kv_block_shape(slot_buffers, pool_buffers, slot, start, blocks);
+  std::vector<const void*> from;
+  std::vector<void*> to;
+  for (size_t i = 0; i < slot_buffers.size(); ++i) {
+    from.push_back(slot_buffers[i].data());
+    to.push_back(pool_buffers[i].data());
+  }
+  nb::gil_scoped_release release;
+  irouter::kv_save_blocks(from, to, s, slot, start, blocks.data(),
+                          static_cast<int64_t>(blocks.shape(0)));
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, m) {
-  m.doc() = "irouter's CPU kernels for the backends: the int4 decoder step.";
+  m.doc() = "irouter's CPU kernels for the backends: the int4 decoder step, KV block copies.";
   m.def("q4_best_kernel", &irouter::q4_best_kernel,
         "The int4 decode kernel this CPU runs: 'avx512-vnni', 'avx2', or '' (none).");
   nb::class_<irouter::Q4Decoder>(
@@ -169,4 +244,14 @@ NB_MODULE(_kernels, m) {
            "positions); writes its keys and values (float32, or float16: rounded so), and "
            "logits[j] of row outputs[j] (every row's without outputs).")
       .def_prop_ro("kernel", &irouter::Q4Decoder::kernel);
+  // noconvert: a converted copy of a buffer would take the writes.
+  m.def("kv_load_blocks", &kv_load_blocks, "slot_buffers"_a.noconvert(),
+        "pool_buffers"_a.noconvert(), "slot"_a, "blocks"_a,
+        "Copy pool blocks blocks[0..n) into positions 0..n * block_size of `slot` in every "
+        "slot buffer (slot_buffers[i] from pool_buffers[i]; slot buffers (slots, heads, "
+        "context, head_dim), pool buffers (blocks, heads, block_size, head_dim), one dtype).");
+  m.def("kv_save_blocks", &kv_save_blocks, "slot_buffers"_a.noconvert(),
+        "pool_buffers"_a.noconvert(), "slot"_a, "start"_a, "blocks"_a,
+        "Copy positions start..start + n * block_size of `slot` into pool blocks "
+        "blocks[0..n) (shapes as kv_load_blocks).");
 }

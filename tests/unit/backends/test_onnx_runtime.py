@@ -187,8 +187,7 @@ def test_prefix_blocks_loaded_into_another_slot_equal_computing_them(
     assert len(ids) > 17
     want, want_logits = _greedy_solo(engine, 0, ids, 6)
     engine.prefill(0, ids[:16], 0)
-    engine.save_block(3, 0, 0)
-    engine.save_block(1, 0, 8)
+    engine.save_blocks([3, 1], 0, 0)
     engine.release(0)
     engine.prefill(2, _ids(tokenizer, PROMPTS[3]), 0)  # the slot held something else before
     engine.release(2)
@@ -203,7 +202,7 @@ def test_prefix_blocks_loaded_into_another_slot_equal_computing_them(
     assert toks == want
     engine.release(2)
     with pytest.raises(ValueError, match="not all computed"):
-        engine.save_block(0, 2, 0)
+        engine.save_blocks([0], 2, 0)
     with pytest.raises(ValueError, match="block=4 is out of range"):
         engine.load_blocks(2, [4])
     assert engine.kv_bytes_per_token() == 2 * 30 * 3 * 64 * 4

@@ -121,8 +121,7 @@ def test_rows_on_one_loaded_prefix_carry_it_once_and_equal_each_alone(
         packed.release(slot)
     packed.open_pool(num_blocks=8, block_size=size)
     packed.prefill(7, prefix, 0)
-    for block in range(6):
-        packed.save_block(block, 7, block * size)
+    packed.save_blocks(range(6), 7, 0)
     alone = []
     for q in questions:
         packed.load_blocks(0, range(6))
@@ -163,8 +162,7 @@ def test_a_decode_inside_a_loaded_block_unshares_it(packed: OnnxDecoder) -> None
         packed.release(slot)
     packed.open_pool(num_blocks=8, block_size=16)
     packed.prefill(14, prefix, 0)
-    for block in range(6):
-        packed.save_block(block, 14, block * 16)
+    packed.save_blocks(range(6), 14, 0)
     other = (int(prefix[15]) + 1) % 49152
     for slot in (1, 2):
         packed.load_blocks(slot, range(6))

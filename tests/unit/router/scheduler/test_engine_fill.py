@@ -63,9 +63,11 @@ class HashKV:
     def open_pool(self, num_blocks: int, block_size: int) -> None:
         self.pool, self.block_size = np.full((num_blocks, block_size), -1, np.int64), block_size
 
-    def save_block(self, block: int, slot: int, start: int) -> None:
-        assert start + self.block_size <= self.lengths[slot]
-        self.pool[block] = self.kv[slot, start : start + self.block_size]
+    def save_blocks(self, blocks: Sequence[int], slot: int, start: int) -> None:
+        size = self.block_size
+        assert start + len(blocks) * size <= self.lengths[slot]
+        for i, block in enumerate(blocks):
+            self.pool[block] = self.kv[slot, start + i * size : start + (i + 1) * size]
 
     def load_blocks(self, slot: int, blocks: Sequence[int]) -> None:
         n = len(blocks) * self.block_size

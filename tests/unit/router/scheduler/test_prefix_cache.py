@@ -34,10 +34,11 @@ class TokenStore:
         self.slots[slot, : len(tokens)] = tokens
         self.lengths[slot] = len(tokens)
 
-    def save_block(self, block: int, slot: int, start: int) -> None:
-        assert start + B <= self.lengths[slot]
-        self.pool[block] = self.slots[slot, start : start + B]
-        self.saved += 1
+    def save_blocks(self, blocks: Sequence[int], slot: int, start: int) -> None:
+        assert start + len(blocks) * B <= self.lengths[slot]
+        for i, block in enumerate(blocks):
+            self.pool[block] = self.slots[slot, start + i * B : start + (i + 1) * B]
+        self.saved += len(blocks)
 
     def load_blocks(self, slot: int, blocks: Sequence[int]) -> None:
         self.slots[slot, : len(blocks) * B] = self.pool[list(blocks)].reshape(-1)
@@ -149,3 +150,34 @@ def test_a_reused_block_id_never_matches_an_orphaned_child() -> None:
 def test_a_cache_needs_a_block(num_blocks: int) -> None:
     with pytest.raises(ValueError, match="num_blocks"):
         PrefixCache(TokenStore(), num_blocks)
+
+
+def test_a_failed_copy_caches_nothing_and_frees_its_blocks() -> None:
+    cache, store = make(num_blocks=4)
+    a = np.arange(0, 14)
+    store.compute(0, a)
+    cache.save(0, a, 4)  # a0 cached; a1..a2 will be new
+
+    def broken(blocks: Sequence[int], slot: int, start: int) -> None:
+        raise RuntimeError("copy failed")
+
+    store.save_blocks = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        cache.save(0, a, 12)
+    assert cache.cached_blocks == 1 and len(cache.match(a, 14)) == 1
+    assert all(refs == 0 for refs in cache._refs[1:])
+
+
+def test_eviction_frees_a_chain_longer_than_the_recursion_limit() -> None:
+    n = 1500
+    cache, store = make(num_blocks=n)
+    store.slots = np.full((1, (n + 1) * B), -1, np.int64)
+    store.lengths = [0]
+    long = np.arange(n * B + 2) % 1000 + 10
+    store.compute(0, long)
+    cache.save(0, long, n * B)
+    path = cache.match(long, len(long))
+    assert len(path) == cache.cached_blocks == n
+    cache.release(path)
+    cache._evict(path[0])  # the root (least recently used goes first: here its last block)
+    assert cache.cached_blocks == 0 and cache.match(long, len(long)) == []

@@ -1,0 +1,80 @@
+"""The native KV block copies under backends.kv_pool (backends._kernels.kv_load_blocks and
+kv_save_blocks): the same bytes NumPy's indexing would move, and every bad argument refused by
+name before anything is written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backends._kernels import kv_load_blocks, kv_save_blocks
+
+LAYERS, SLOTS, HEADS, CONTEXT, DIM, BLOCKS, SIZE = 3, 4, 3, 40, 8, 12, 4
+
+
+def buffers(dtype: type) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    slots = [
+        rng.standard_normal((SLOTS, HEADS, CONTEXT, DIM)).astype(dtype) for _ in range(2 * LAYERS)
+    ]
+    pool = [
+        rng.standard_normal((BLOCKS, HEADS, SIZE, DIM)).astype(dtype) for _ in range(2 * LAYERS)
+    ]
+    return slots, pool
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_blocks_go_out_of_a_slot_and_into_another_as_numpy_would_move_them(dtype: type) -> None:
+    slots, pool = buffers(dtype)
+    want_pool = [p.copy() for p in pool]
+    blocks = np.array([7, 2, 10], np.int64)
+    kv_save_blocks(slots, pool, 1, 8, blocks)
+    for got, want, slot in zip(pool, want_pool, slots, strict=True):
+        for j, block in enumerate(blocks):
+            want[block] = slot[1, :, 8 + j * SIZE : 8 + (j + 1) * SIZE]
+        np.testing.assert_array_equal(got, want)
+
+    want_slots = [s.copy() for s in slots]
+    order = np.array([10, 7], np.int64)
+    kv_load_blocks(slots, pool, 3, order)
+    for got, want, blocks_of in zip(slots, want_slots, pool, strict=True):
+        want[3, :, : 2 * SIZE] = blocks_of[order].transpose(1, 0, 2, 3).reshape(HEADS, -1, DIM)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, p: (s[:-1], p), "as many"),
+        (lambda s, p: ([], []), "as many"),
+        (lambda s, p: (s, [x.astype(np.float32) for x in p]), "dtype"),
+        (lambda s, p: (s, [x[:, :2] for x in p]), "heads"),
+        (lambda s, p: ([*s[:-1], s[-1][:2]], p), "shape of the first"),
+    ],
+)
+def test_buffers_that_do_not_match_are_refused(change: object, message: str) -> None:
+    slots, pool = buffers(np.float16)
+    before = [s.copy() for s in slots]
+    bad_slots, bad_pool = change(slots, pool)  # type: ignore[operator]
+    with pytest.raises(ValueError, match=message):
+        kv_load_blocks(
+            [np.ascontiguousarray(x) for x in bad_slots],
+            [np.ascontiguousarray(x) for x in bad_pool],
+            0,
+            np.array([0], np.int64),
+        )
+    for got, want in zip(slots, before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_slots_blocks_and_positions_out_of_range_are_refused() -> None:
+    slots, pool = buffers(np.float16)
+    one = np.array([0], np.int64)
+    with pytest.raises(ValueError, match="slot 4 is out of range"):
+        kv_load_blocks(slots, pool, SLOTS, one)
+    with pytest.raises(ValueError, match="block 12 is out of range"):
+        kv_save_blocks(slots, pool, 0, 0, np.array([0, BLOCKS], np.int64))
+    with pytest.raises(ValueError, match=r"positions 38\.\.42 are outside"):
+        kv_save_blocks(slots, pool, 0, CONTEXT - 2, one)
+    with pytest.raises(ValueError, match=r"positions 0\.\.44 are outside"):
+        kv_load_blocks(slots, pool, 0, np.zeros(CONTEXT // SIZE + 1, np.int64))
