@@ -46,7 +46,8 @@ BLOCK_TOKENS = 4
 up to BLOCK_TOKENS - 1 tokens it shares. vLLM pages KV by 16 for its attention kernels; this
 pool is copied into slots, so small blocks cost only bookkeeping (SGLang's radix cache matches
 single tokens). 16 requests sharing a ~300-token system prompt cached by one request first, AMD
-EPYC Zen 4: TTFT max 276-300 ms with blocks of 16, 228-236 with blocks of 4 (medians of 6)."""
+EPYC Zen 4, alternating runs: TTFT max 338-347 ms with blocks of 16, 247-264 with blocks of 4
+(medians of 6 bursts)."""
 
 MIN_COMPUTED = 2
 """Prompt tokens always computed: the last one's logits give the first new token, and the chunk
