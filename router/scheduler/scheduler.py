@@ -378,8 +378,10 @@ class Scheduler:
             if plan.starts[row] >= req.num_prompt:
                 continue  # a generated token (decode): not a prompt block
             if row not in result.errors and req.engine_id in self.requests:
-                end = int(plan.starts[row] + plan.counts[row])
-                self.prefix_cache.save(req.slot, req.tokens, min(end, req.num_prompt))
+                end = min(int(plan.starts[row] + plan.counts[row]), req.num_prompt)
+                self.prefix_cache.save(req.slot, req.tokens, end)
+                if self._shared:
+                    self._shared.computed(req.engine_id, end)
 
     def _update(self, req: Request, token: int) -> Chunk:
         """Append one sampled token; the chunk saying what it means for the caller."""

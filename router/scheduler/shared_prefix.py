@@ -36,6 +36,9 @@ class _Held:
     leader: Request
     end: int
     """Prompt tokens of the follower it waits to find cached (whole blocks)."""
+    leader_computed: int = 0
+    """Prompt tokens the leader has computed (`computed`): the cache is looked at only once
+    they cover `end`, not every step of a long prompt's chunks."""
 
 
 class SharedPrefixes:
@@ -72,6 +75,12 @@ class SharedPrefixes:
         self._held[req.engine_id] = best
         return True
 
+    def computed(self, engine_id: int, end: int) -> None:
+        """Request `engine_id` has computed its prompt up to `end` (a prefill chunk ended)."""
+        for held in self._held.values():
+            if held.leader.engine_id == engine_id:
+                held.leader_computed = end
+
     def forget(self, engine_id: int) -> None:
         """A held request ended (cancelled, failed); unknown ids are ignored."""
         self._held.pop(engine_id, None)
@@ -82,11 +91,14 @@ class SharedPrefixes:
         ready = []
         for engine_id, held in list(self._held.items()):
             leader = held.leader
+            follower = held.follower
             if (
                 leader.status.is_finished
                 or leader.num_output
-                or self._cache.cached_tokens(held.follower.tokens, held.follower.num_prompt)
-                >= held.end
+                or (
+                    held.leader_computed >= held.end
+                    and self._cache.cached_tokens(follower.tokens, follower.num_prompt) >= held.end
+                )
             ):
                 del self._held[engine_id]
                 ready.append(held.follower)
