@@ -177,14 +177,16 @@ irouter::KVBlockShape kv_block_shape(const KVList& slot_buffers, const KVList& p
   s.blocks = static_cast<int64_t>(p.shape(0));
   s.block_size = static_cast<int64_t>(p.shape(2));
   s.item_bytes = static_cast<int64_t>(a.itemsize());
+  if (s.block_size < 1) throw nb::value_error("pool buffers must hold blocks of >= 1 position");
   expect_shape(blocks, "blocks", {-1}, "(n,)");
   const int64_t n = static_cast<int64_t>(blocks.shape(0));
   if (slot < 0 || slot >= s.slots)
     throw nb::value_error(("slot " + std::to_string(slot) + " is out of range").c_str());
-  if (start < 0 || start + n * s.block_size > s.context)
-    throw nb::value_error(("positions " + std::to_string(start) + ".." +
-                           std::to_string(start + n * s.block_size) + " are outside 0.." +
-                           std::to_string(s.context))
+  // Compared without forming start + n * block_size, which a huge start would overflow.
+  if (start < 0 || start > s.context || n > (s.context - start) / s.block_size)
+    throw nb::value_error(("positions from " + std::to_string(start) + ", " +
+                           std::to_string(n) + " blocks of " + std::to_string(s.block_size) +
+                           ", are outside 0.." + std::to_string(s.context))
                               .c_str());
   for (int64_t j = 0; j < n; ++j)
     if (blocks.data()[j] < 0 || blocks.data()[j] >= s.blocks)

@@ -36,8 +36,8 @@ FILL_AFTER_S = 0.05
 throughput in back-to-back calls of 128 tokens)."""
 
 FILL_TOKENS = 16
-"""Tokens of a finished reply computed again per idle step (scheduler.ReplyFill), one cache
-block: a request arriving meanwhile waits for one such chunk (32 tokens took 34-110 ms after
+"""Tokens of a finished reply computed again per idle step (scheduler.ReplyFill), four cache
+blocks: a request arriving meanwhile waits for one such chunk (32 tokens took 34-110 ms after
 pasts of up to 2,000 tokens on 2 AVX-512 cores, the int8 graph)."""
 
 

@@ -8,9 +8,10 @@ sharing a system prompt nothing has cached would each compute it, and calls shar
 what is cached (the chat template's turn opening, a common question stem) each compute the
 shared tail. So a request (the follower) whose prompt shares at least one whole block beyond its
 cached prefix with a request still in its prompt (the leader, of the same priority or higher)
-is held back from the native scheduler until the cache holds those blocks, or until the leader
-can no longer give them: it ended, or finished its prompt without saving them (every block
-pinned). The follower then matches the cache as any request does and computes only the rest.
+is held back from the native scheduler until the leader's chunks have computed those blocks
+(each chunk saves its whole blocks as it finishes), or until the leader can no longer give them:
+it ended, or finished its prompt. The follower then matches the cache as any request does and
+computes only the rest (all of it, where a full pool kept nothing).
 
 A follower waits for the leader's chunk that covers the shared part, one step when the prompts
 are short; the step it then joins is smaller by the shared part. SGLang's scheduler does the
@@ -37,8 +38,9 @@ class _Held:
     end: int
     """Prompt tokens of the follower it waits to find cached (whole blocks)."""
     leader_computed: int = 0
-    """Prompt tokens the leader has computed (`computed`): the cache is looked at only once
-    they cover `end`, not every step of a long prompt's chunks."""
+    """Prompt tokens the leader has computed (`computed`): its chunks save their blocks as they
+    finish, so once this covers `end` the cache holds the share, or could not keep it (a full
+    pool), and the follower waits no longer either way."""
 
 
 class SharedPrefixes:
@@ -86,20 +88,13 @@ class SharedPrefixes:
         self._held.pop(engine_id, None)
 
     def due(self) -> list[Request]:
-        """The followers to schedule now, in arrival order: their leader's blocks are cached,
-        or it can no longer give them (it ended or finished its prompt)."""
+        """The followers to schedule now, in arrival order: their leader has computed the
+        blocks they share (and saved them, where the pool had room), or it can no longer (it
+        ended or finished its prompt)."""
         ready = []
         for engine_id, held in list(self._held.items()):
             leader = held.leader
-            follower = held.follower
-            if (
-                leader.status.is_finished
-                or leader.num_output
-                or (
-                    held.leader_computed >= held.end
-                    and self._cache.cached_tokens(follower.tokens, follower.num_prompt) >= held.end
-                )
-            ):
+            if leader.status.is_finished or leader.num_output or held.leader_computed >= held.end:
                 del self._held[engine_id]
                 ready.append(held.follower)
         return ready

@@ -56,9 +56,10 @@ class PieceCache:
     normalizes, pre-tokenizes and encodes each piece between them on its own. `create` makes
     one only where that split is plain (no added token strips its neighbours' spaces or
     matches whole words only, none matched after normalizing, special tokens not encoded as
-    text) and a mixed sample encodes the same both ways; else None, and prompts are encoded
-    whole. Why by hand: the tokenizers library has no cache across calls beyond its BPE word
-    cache, which still pre-tokenizes and merges every call."""
+    text, no truncation or padding of the whole) and a mixed sample encodes the same both
+    ways; else None, and prompts are encoded whole. Why by hand: the tokenizers library has no
+    cache across calls beyond its BPE word cache, which still pre-tokenizes and merges every
+    call."""
 
     MAX_CHARS = 1 << 20
     """Characters of the pieces kept (~40 bytes of ids a token, ~4 characters a token: ~10 MB),
@@ -80,8 +81,11 @@ class PieceCache:
         if (
             not added
             or tokenizer.encode_special_tokens
-            or any(t.lstrip or t.rstrip or t.single_word for t in added)
-            or (tokenizer.normalizer is not None and any(t.normalized for t in added))
+            or tokenizer.truncation is not None  # of the whole text, not of each piece
+            or tokenizer.padding is not None
+            # HF splits on normalized added tokens in a second pass: overlapping markers would
+            # split differently.
+            or any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added)
         ):
             return None
         cache = cls(tokenizer)

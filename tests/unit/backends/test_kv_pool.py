@@ -74,7 +74,11 @@ def test_slots_blocks_and_positions_out_of_range_are_refused() -> None:
         kv_load_blocks(slots, pool, SLOTS, one)
     with pytest.raises(ValueError, match="block 12 is out of range"):
         kv_save_blocks(slots, pool, 0, 0, np.array([0, BLOCKS], np.int64))
-    with pytest.raises(ValueError, match=r"positions 38\.\.42 are outside"):
+    with pytest.raises(ValueError, match="positions from 38, 1 blocks of 4, are outside"):
         kv_save_blocks(slots, pool, 0, CONTEXT - 2, one)
-    with pytest.raises(ValueError, match=r"positions 0\.\.44 are outside"):
+    with pytest.raises(ValueError, match="positions from 0, 11 blocks of 4, are outside"):
         kv_load_blocks(slots, pool, 0, np.zeros(CONTEXT // SIZE + 1, np.int64))
+    with pytest.raises(ValueError, match="are outside"):  # start + n * 4 would overflow
+        kv_save_blocks(slots, pool, 0, 2**63 - 2, one)
+    with pytest.raises(ValueError, match="blocks of >= 1 position"):
+        kv_load_blocks(slots, [np.zeros((BLOCKS, HEADS, 0, DIM), np.float16)] * len(pool), 0, one)

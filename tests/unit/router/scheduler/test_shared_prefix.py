@@ -19,10 +19,12 @@ SHARED = list(range(10, 22))
 """Three blocks of 4 tokens that the requests below begin with."""
 
 
-def make_scheduler(max_slots: int = 4) -> tuple[Scheduler, PrefixCache, TokenStore]:
+def make_scheduler(
+    max_slots: int = 4, num_blocks: int = 16
+) -> tuple[Scheduler, PrefixCache, TokenStore]:
     store = TokenStore()
-    store.open_pool(16, B)
-    cache = PrefixCache(store, num_blocks=16, block_size=B)
+    store.open_pool(num_blocks, B)
+    cache = PrefixCache(store, num_blocks=num_blocks, block_size=B)
     limits = EngineLimits(max_slots, token_budget=64, max_waiting=8, max_context=64)
     return Scheduler("test", limits, Decoder(), stop_ids=[EOS], prefix_cache=cache), cache, store
 
@@ -150,3 +152,17 @@ def test_held_requests_can_be_cancelled_and_leave_nothing_behind() -> None:
     scheduler.finish_requests([leader.engine_id], RequestStatus.FINISHED_CANCELLED)
     assert not scheduler.has_unfinished()
     assert all(refs == 0 for refs in cache._refs)
+
+
+def test_a_follower_waits_no_longer_than_the_share_where_the_pool_cannot_keep_it() -> None:
+    # A pool of 2 blocks holds 8 of the 12 shared tokens: the follower is released once the
+    # leader's chunks pass the share (after the third 4-token step), not when its prompt ends.
+    scheduler, _, store = make_scheduler(num_blocks=2)
+    leader, follower = request(30, 31, 32, 33, 34, 35), request(40, 41)
+    assert scheduler.add_request(leader) is None and scheduler.add_request(follower) is None
+    steps = [computed(step(scheduler, store, budget=4)[0]) for _ in range(3)]
+    assert steps == [{leader.engine_id: (start, 4)} for start in (0, 4, 8)]
+    assert scheduler.num_waiting == 1  # still held
+    scheduler.release_held([])
+    assert scheduler._shared is not None and len(scheduler._shared) == 0
+    assert len(follower.prefix_blocks) == 2  # what the pool kept: it computes from 8

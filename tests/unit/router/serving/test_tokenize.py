@@ -127,3 +127,16 @@ def test_no_piece_cache_where_an_added_token_takes_its_neighbours_spaces(
     tokenizer = Tokenizer.from_file(str(model_cache / GEN / "tokenizer.json"))
     tokenizer.encode_special_tokens = True  # markers encoded as text: no split at all
     assert tokenize.PieceCache.create(tokenizer) is None
+    # HF splits on normalized added tokens in a second pass: "<tool_call>" is "<tool" then
+    # text for it, "ol_call>" for a single split.
+    tokenizer = Tokenizer.from_file(str(model_cache / GEN / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken("<tool", normalized=True)])
+    tokenizer.add_special_tokens([AddedToken("ol_call>", normalized=False)])
+    assert tokenize.PieceCache.create(tokenizer) is None
+
+
+def test_no_piece_cache_where_the_whole_text_is_truncated(model_cache: Path) -> None:
+    # The embedding model's tokenizer cuts a text at 256 tokens; pieces cut alone would not.
+    tokenizer = Tokenizer.from_file(str(model_cache / "all-minilm-l6-v2" / "tokenizer.json"))
+    assert tokenizer.truncation is not None
+    assert tokenize.PieceCache.create(tokenizer) is None
