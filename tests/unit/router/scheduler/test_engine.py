@@ -33,7 +33,10 @@ class FakeStepEngine:
     """A DecoderStepEngine whose logits always pick NEXT; decoding a slot whose prompt held
     POISON fails (with or without other rows in the batch)."""
 
-    def __init__(self, max_slots: int = 4) -> None:
+    def __init__(self, max_slots: int = 4, step_s: float = 0.0) -> None:
+        self.step_s = step_s
+        """Seconds each decode call takes (a real step's time, for tests that read a stream
+        while it runs)."""
         self.capabilities = Capabilities(
             generate=True,
             embed=False,
@@ -61,6 +64,7 @@ class FakeStepEngine:
     def decode(self, slots: np.ndarray, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         if self.poisoned & {int(s) for s in slots}:
             raise RuntimeError("poisoned slot")
+        time.sleep(self.step_s)
         return self._logits(len(slots))
 
     def release(self, slot: int) -> None:
@@ -170,7 +174,8 @@ async def test_a_burst_arriving_while_idle_starts_in_one_step() -> None:
 
 async def test_gauges_are_zero_once_the_last_stream_is_cancelled() -> None:
     observer = RecordingObserver()
-    engine = make_engine(FakeStepEngine(), observer)
+    # 2 ms steps: instant ones finished all 200 tokens before a loaded loop read the second.
+    engine = make_engine(FakeStepEngine(step_s=0.002), observer)
     try:
         stream = engine.generate(make_request(max_tokens=200, ignore_eos=True))
         await anext(stream)
