@@ -77,6 +77,8 @@ class Request:
     slot_at: float = 0.0
     """time.monotonic() when it first got a slot (0: not yet); admission measures the time from
     there to the first token."""
+    queued_at: float = 0.0
+    """time.monotonic() when the engine took it (Scheduler.add_request)."""
     tokens: npt.NDArray[np.int64] = field(init=False)
     num_tokens: int = field(init=False)
     num_prompt: int = field(init=False)

@@ -99,6 +99,27 @@ def test_num_decoding_counts_what_takes_one_token_a_step_not_prompts_in_prefill(
     assert scheduler.num_decoding == 1
 
 
+def test_a_bursts_first_finishers_are_fresh_until_a_later_prompt_comes() -> None:
+    """StepPacer.budget gives a step the whole budget while every decoding stream has only its
+    first token (a burst's first finishers, the rest of the burst still in its prompts), but
+    not for a prompt queued after they got their slots."""
+    scheduler = make_scheduler(max_slots=4)
+    first, second, late_in_burst = (make_request(n_prompt=4) for _ in range(3))
+    for req in (first, second, late_in_burst):
+        assert scheduler.add_request(req) is None
+    step = scheduler.schedule(budget=8)  # first and second only: the third's prompt waits
+    rows = {req.engine_id: row for row, req in enumerate(step.requests)}
+    assert set(rows) == {first.engine_id, second.engine_id}
+    tokens = {rows[first.engine_id]: 5, rows[second.engine_id]: 5}
+    scheduler.update_from_output(step, RunnerOutput(tokens=tokens))
+    assert scheduler.decoding() == (2, 2)  # the third came with them
+    newcomer = make_request(n_prompt=4)
+    assert scheduler.add_request(newcomer) is None
+    assert scheduler.decoding() == (2, 0)  # the newcomer did not
+    scheduler.finish_requests([newcomer.engine_id], RequestStatus.FINISHED_CANCELLED)
+    assert scheduler.decoding() == (2, 2)
+
+
 def test_max_tokens_ends_the_request_and_its_slot_is_freed_next_step() -> None:
     scheduler = make_scheduler()
     req = make_request(max_tokens=2)
