@@ -56,7 +56,9 @@ class StepPacer:
         `fresh` of the decoding sequences have only their first token. While all of them are so,
         they are a burst's first to finish their prompts, and the rest of the burst, which
         waited as long, gets the whole budget: each stream's second token comes one long step
-        later, instead of the burst's last first tokens several paced steps later."""
+        later, instead of the burst's last first tokens several paced steps later. (A prompt
+        queued after their slots is not of their burst: Scheduler.decoding() then counts none
+        fresh.)"""
         if decoding in (0, fresh) or self._prefill_s is None or not self._decode_s:
             return 0
         size = decoding if 2 * decoding >= running else running
