@@ -14,13 +14,15 @@ Why by hand: the rates are this engine's own, measured per step; no scheduling l
 
 from __future__ import annotations
 
-STEP_FACTOR = 2.5
+STEP_FACTOR = 2.2
 """A paced step may last about this many decode-only steps. Below the goal of 3 because a
 paced step's length varies around its estimate (the prompt's attention grows with its past,
-other threads share the cores): in the arrivals scenario with native decode steps (AMD EPYC
-Zen 4, 30 s runs), 3.0 gave mixed steps a median of 3.05-3.5 decode steps and ITL p99 /
-median 3.63-3.98; 2.5 gave 2.52-2.56 and 2.99-3.03. Mixed steps are ~5% of steps there, so
-the median gap stays a decode-only step."""
+other threads share the cores, and the prefill rate is an average over chunks of every size:
+a 24-token chunk beside 8 decode rows cost ~0.65 ms a token where it said ~0.5). Mixed steps
+are ~5% of steps in the arrivals scenario, so the ITL p99 falls among them and the median
+stays a decode-only step. With native decode steps (AMD EPYC Zen 4, 25 s runs, 5 alternating
+pairs): 2.5 gave ITL p99 / median 2.58 / 3.01 / 2.65 / 3.02 / 3.06, 2.2 gave 2.93 / 2.53 /
+2.48 / 2.74 / 2.53. A prompt arriving while streams decode gets ~20% fewer tokens a step."""
 MIN_PREFILL = 16
 """Prefill tokens a paced step still carries, so that new prompts always progress."""
 ALPHA = 0.2
