@@ -1,6 +1,10 @@
 """The scheduler of the router's own engine: vLLM's v1 contract over the native core.
 
-    add_request(request)                queue a request, or the error that refuses it
+    add_request(request)                queue a request (or hold it while a request ahead of
+                                         it computes a prefix they share: shared_prefix.py),
+                                         or the error that refuses it
+    release_held(out)                    queue the held requests whose wait is over (the engine
+                                         thread, before each step)
     schedule() -> SchedulerOutput        the next step: which requests, in which KV slots, how
                                          many of their tokens to compute
     update_from_output(output, result)   each sampled row's token: stop tokens, stop strings,
