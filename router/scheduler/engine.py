@@ -182,12 +182,12 @@ class DecoderEngine:
         """The first chunk, or ResourceExhausted when the request is still waiting for a slot
         after admission's slot_wait_s: the bound holds even where the expected wait was unknown
         (a burst before any rate was measured) or wrong. A request that has its slot (in
-        prefill) is left to finish."""
+        prefill), or is held while another computes the prefix they share, is left to finish."""
         wait_s = self._admission.slot_wait_s
         try:
             return await asyncio.wait_for(queue.get(), wait_s)
         except TimeoutError:
-            if request.status is not RequestStatus.WAITING:
+            if request.status is not RequestStatus.WAITING or request.held:
                 return await queue.get()
         raise self._admission.timed_out(request.priority)
 

@@ -79,6 +79,9 @@ class Request:
     there to the first token."""
     queued_at: float = 0.0
     """time.monotonic() when the engine took it (Scheduler.add_request)."""
+    held: bool = False
+    """Waiting for a request ahead of it to compute the prefix they share (shared_prefix.py):
+    work is being done for it, so the bound on waiting for a slot does not shed it."""
     tokens: npt.NDArray[np.int64] = field(init=False)
     num_tokens: int = field(init=False)
     num_prompt: int = field(init=False)

@@ -4,13 +4,25 @@ the Scheduler by hand over the TokenStore, whose "KV" is the tokens themselves."
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 from backends.base import SamplingParams
+from router.scheduler.engine import DecoderEngine
 from router.scheduler.generation import EngineLimits
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Priority, Request, RequestStatus
 from router.scheduler.scheduler import Out, RunnerOutput, Scheduler, SchedulerOutput
+from tests.unit.router.scheduler.test_engine_fill import (
+    CONTEXT,
+    Codec,
+    HashKV,
+    ask,
+    reference,
+)
+from tests.unit.router.scheduler.test_engine_fill import (
+    EOS as HASH_EOS,
+)
 from tests.unit.router.scheduler.test_prefix_cache import B, TokenStore
 from tests.unit.router.scheduler.test_scheduler import EOS, Decoder
 
@@ -166,3 +178,21 @@ def test_a_follower_waits_no_longer_than_the_share_where_the_pool_cannot_keep_it
     scheduler.release_held([])
     assert scheduler._shared is not None and len(scheduler._shared) == 0
     assert len(follower.prefix_blocks) == 2  # what the pool kept: it computes from 8
+
+
+async def test_a_held_request_is_not_shed_while_its_leader_computes_the_share() -> None:
+    # Prompt chunks take 40 ms and the leader's 192-token prompt 3 of them under a 64-token
+    # budget; the bound on waiting for a slot is 0.05 s. The follower waits ~120 ms for the
+    # shared 128 tokens: held, it is being served, not queued, and gets its answer.
+    backend = HashKV(slots=2, delay=0.04)
+    limits = EngineLimits(2, 64, 8, CONTEXT, 0.1, 1 << 20)
+    engine = DecoderEngine("held", backend, Codec(), limits, [HASH_EOS])  # type: ignore[arg-type]
+    engine.start()
+    try:
+        shared = [3 + i % 30 for i in range(128)]
+        leader, follower = [*shared, *(3 + i * 7 % 37 for i in range(64))], [*shared, 5, 6, 7]
+        answers = await asyncio.gather(ask(engine, leader, 4), ask(engine, follower, 4))
+        assert answers == [reference(leader, 4), reference(follower, 4)]
+        assert engine.prefix_cache is not None and engine.prefix_cache.hit_tokens >= 128
+    finally:
+        engine.stop()
