@@ -33,10 +33,11 @@ class FakeStepEngine:
     """A DecoderStepEngine whose logits always pick NEXT; decoding a slot whose prompt held
     POISON fails (with or without other rows in the batch)."""
 
-    def __init__(self, max_slots: int = 4, step_s: float = 0.0) -> None:
-        self.step_s = step_s
-        """Seconds each decode call takes (a real step's time, for tests that read a stream
-        while it runs)."""
+    def __init__(self, max_slots: int = 4) -> None:
+        self.gate: threading.Event | None = None
+        """Set to a closed event, decode calls wait for it to open (`blocked` says one is
+        waiting): a test reads the engine's state between two steps."""
+        self.blocked = threading.Event()
         self.capabilities = Capabilities(
             generate=True,
             embed=False,
@@ -64,7 +65,9 @@ class FakeStepEngine:
     def decode(self, slots: np.ndarray, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         if self.poisoned & {int(s) for s in slots}:
             raise RuntimeError("poisoned slot")
-        time.sleep(self.step_s)
+        if self.gate is not None:
+            self.blocked.set()
+            self.gate.wait(timeout=10)
         return self._logits(len(slots))
 
     def release(self, slot: int) -> None:
@@ -174,17 +177,21 @@ async def test_a_burst_arriving_while_idle_starts_in_one_step() -> None:
 
 async def test_gauges_are_zero_once_the_last_stream_is_cancelled() -> None:
     observer = RecordingObserver()
-    # 2 ms steps: instant ones finished all 200 tokens before a loaded loop read the second.
-    engine = make_engine(FakeStepEngine(step_s=0.002), observer)
+    backend = FakeStepEngine()
+    backend.gate = threading.Event()  # the first decode step waits: the request stays running
+    engine = make_engine(backend, observer)
     try:
         stream = engine.generate(make_request(max_tokens=200, ignore_eos=True))
         await anext(stream)
-        await anext(stream)
+        # The next step is under way, so the first one's gauges were reported.
+        assert await asyncio.to_thread(backend.blocked.wait, 10)
         assert observer.last()[2] == 1  # one request running
         await stream.aclose()  # the client went away; no other call comes
+        backend.gate.set()
         await wait_until(lambda: engine.num_active == 0, "the engine dropped the request")
         await wait_until(lambda: observer.last() == (0, 0, 0), "the gauges read idle")
     finally:
+        backend.gate.set()
         engine.stop()
 
 
