@@ -178,7 +178,6 @@ class Scheduler:
         req.queued_at = time.monotonic()
         if self._shared is not None and self._shared.hold(req, self.requests.values()):
             # Admission (loop side) bounds what is held with what waits: no queue to check.
-            req.held = True
             self._register(req)
             return None
         error = self._submit(req)
@@ -197,7 +196,6 @@ class Scheduler:
         if not self._shared:
             return
         for req in self._shared.due():
-            req.held = False
             error = self._submit(req)
             if error is not None:
                 self.fail(req.engine_id, error, out)

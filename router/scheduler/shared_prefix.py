@@ -80,6 +80,7 @@ class SharedPrefixes:
         if best is None:
             return False
         self._held[req.engine_id] = best
+        req.held = True
         return True
 
     def computed(self, engine_id: int, end: int) -> None:
@@ -90,7 +91,9 @@ class SharedPrefixes:
 
     def forget(self, engine_id: int) -> None:
         """A held request ended (cancelled, failed); unknown ids are ignored."""
-        self._held.pop(engine_id, None)
+        held = self._held.pop(engine_id, None)
+        if held is not None:
+            held.follower.held = False
 
     def due(self) -> list[Request]:
         """The followers to schedule now, in arrival order: their leader has computed the
@@ -101,5 +104,6 @@ class SharedPrefixes:
             leader = held.leader
             if leader.status.is_finished or leader.num_output or held.leader_computed >= held.end:
                 del self._held[engine_id]
+                held.follower.held = False
                 ready.append(held.follower)
         return ready
