@@ -36,7 +36,7 @@ class _Held:
     follower: Request
     leader: Request
     end: int
-    """Prompt tokens of the follower it waits to find cached (whole blocks)."""
+    """Prompt tokens of the follower (whole blocks) it waits for the leader to compute."""
     leader_computed: int = 0
     """Prompt tokens the leader has computed (`computed`): its chunks save their blocks as they
     finish, so once this covers `end` the cache holds the share, or could not keep it (a full
