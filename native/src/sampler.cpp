@@ -1,5 +1,7 @@
 #include "irouter/sampler.h"
 
+#include "vector_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -240,7 +242,7 @@ int64_t sample_row(const float* x, int64_t V, const RowParams& p, Workspace& ws)
   }
 
   const float temp = p.temperature;
-  for (int64_t i = 0; i < V; ++i) z[i] = x[i] / temp;
+  sampling::divide(x, V, temp, z);
   if (penalised) apply_penalties(x, z, p, ws, [temp](float v) { return v / temp; });
 
   // Sorted order: z desc, index asc. Only a prefix of it is ever built;
@@ -272,11 +274,7 @@ int64_t sample_row(const float* x, int64_t V, const RowParams& p, Workspace& ws)
   } else {
     const float mf = max_value(z, V);
     if (mf == -std::numeric_limits<float>::infinity()) return 0;
-    const double m = mf;
-    for (int64_t t = 0; t < V; ++t) {
-      e[t] = std::exp(static_cast<double>(z[t]) - m);
-      S += e[t];
-    }
+    S = sampling::exp_sum(z, V, mf, e);
   }
 
   int64_t n_keep = ncand;

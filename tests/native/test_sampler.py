@@ -115,6 +115,18 @@ def test_matches_reference_with_mixed_rows_and_a_large_vocabulary() -> None:
     assert_matches_reference(logits, kwargs)
 
 
+@pytest.mark.parametrize("vocab", [1, 3, 7, 9, 15, 17, 1003])
+@pytest.mark.parametrize("scale", [3.0, 400.0])
+def test_matches_reference_at_any_vocabulary_length_and_spread(vocab: int, scale: float) -> None:
+    # The exponentials run 8 or 4 lanes at a time with a scalar tail; at scale 400 most logits
+    # lie more than 708 below the largest, where an exponential is taken as 0.
+    logits, kwargs = make_batch(np.random.default_rng(vocab), vocab=vocab, scale=scale)
+    kwargs["temperature"] = np.array([0.5, 1, 2, 0.7, 1, 1, 0.3, 1.5], np.float32)
+    kwargs["top_p"] = np.array([1, 0.9, 1, 0.5, 1, 0.99, 1, 0.8], np.float32)
+    kwargs["min_p"] = np.array([0, 0, 0.1, 0, 1e-30, 0, 0, 0], np.float32)
+    assert_matches_reference(logits, kwargs)
+
+
 @pytest.mark.parametrize("params", [{"temperature": 0.0}, {"top_k": 3}, {"top_p": 0.5}, {}])
 def test_ties_break_towards_the_lowest_index(params: dict[str, Any]) -> None:
     rng = np.random.default_rng(3)

@@ -18,8 +18,9 @@
 //  4. Order tokens by z desc, then index asc ("sorted order"). Candidates C:
 //     the first top_k tokens of that order if 0 < top_k < V, else all V.
 //     m = z of the first candidate (float64); if m == -inf, return it.
-//  5. e[t] = exp(float64(z[t]) - m) for t in C (so the first e is 1.0), and
-//     S = sequential float64 sum of e over C in ascending TOKEN INDEX order.
+//  5. e[t] = exp(float64(z[t]) - m) for t in C (so the first e is 1.0; within
+//     1 ULP, and 0 below 2^-1021), and S = float64 sum of e over C (with no
+//     top_k: in 8 or 4 vector lanes over token index order, then the lanes).
 //  6. Keep a prefix of C in sorted order, n_keep = |C| initially:
 //     - top_p < 1: n_keep = 1 + the first j with (sequential float64 sum of
 //       e over the first j+1 sorted candidates) >= float64(top_p) * S;
@@ -40,9 +41,8 @@
 //
 // The draw depends only on the row's own data, seed and step, never on the
 // batch it is in. Native and a NumPy reference that follows these steps agree
-// token for token unless exp() differs in the last bit between libm and
-// NumPy AND a cut (top_p target, min_p threshold or u * T) falls within that
-// rounding of a cumulative sum. Logits must be finite or -inf (no NaN/+inf).
+// token for token unless a cut (top_p target, min_p threshold or u * T) falls
+// within exp()'s and the sums' rounding (~1e-12 relative) of a cumulative sum. Logits must be finite or -inf (no NaN/+inf).
 #pragma once
 
 #include <cstdint>
