@@ -10,7 +10,9 @@ rounding differs from ONNX Runtime's, as ONNX Runtime's own kernels differ betwe
 row's result depends only on that row, never on the batch or the thread count.
 
 `decode_kernel`: 'native' (refused, by name, for a graph or CPU it cannot run), 'onnxruntime',
-or 'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the int4 one it reads.
+'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the int4 one it reads,
+or a tile ('avx2', 'avx512-vnni'): native on that tile, refused where the CPU lacks it. Every
+tile computes the same bits; pinning one measures what another CPU kind would run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from backends._kernels import Q4Decoder, q4_best_kernel
 from backends.base import DECODE_KERNELS
 
 logger = logging.getLogger(__name__)
+
+TILES = ("avx2", "avx512-vnni")
+"""decode_kernel choices that pin the native step's tile (Q4Decoder's kernel names)."""
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 """Each layer's MatMulNBits weights, in the order Q4Decoder takes them (the head comes last)."""
@@ -125,19 +130,16 @@ def load_native_decode(
         raise ValueError(f"decode_kernel={choice!r} is unknown; use one of {list(DECODE_KERNELS)}")
     if choice == "onnxruntime":
         return None
-    kernel = q4_best_kernel()
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    problem = _graph_problem(manifest, graph) or (
-        None if kernel else "this CPU has neither AVX-512 VNNI nor AVX2"
-    )
+    problem = _graph_problem(manifest, graph) or _cpu_problem(choice)
     if problem is None:
         try:
-            decoder = _build(model_dir, manifest, graph, threads)
+            decoder = _build(model_dir, manifest, graph, threads, choice if choice in TILES else "")
         except (KeyError, ValueError) as exc:  # a weight missing, a shape the kernels refuse
             problem = f"{type(exc).__name__}: {exc}"
     if problem is not None:
-        if choice == "native":
-            raise ValueError(f"decode_kernel='native' cannot run {model_dir}: {problem}")
+        if choice != "auto":
+            raise ValueError(f"decode_kernel={choice!r} cannot run {model_dir}: {problem}")
         logger.info("%s: ONNX Runtime decodes (%s)", manifest.get("name"), problem)
         return None
     logger.info(
@@ -148,11 +150,21 @@ def load_native_decode(
     return decoder
 
 
+def _cpu_problem(choice: str) -> str | None:
+    """Why this CPU cannot run the native step `choice` asks for, or None."""
+    best = q4_best_kernel()
+    if not best:
+        return "this CPU has neither AVX-512 VNNI nor AVX2"
+    if choice == "avx512-vnni" and best != "avx512-vnni":
+        return "this CPU has no AVX-512 VNNI"
+    return None  # every CPU with a tile has the AVX2 one
+
+
 def _build(
-    model_dir: Path, manifest: dict[str, Any], graph: onnx.ModelProto, threads: int
+    model_dir: Path, manifest: dict[str, Any], graph: onnx.ModelProto, threads: int, tile: str
 ) -> Q4Decoder:
-    """Q4Decoder over the graph's weights (KeyError for one missing, ValueError for shapes the
-    kernels refuse)."""
+    """Q4Decoder over the graph's weights on `tile` ('' for the CPU's best; KeyError for a
+    weight missing, ValueError for shapes the kernels refuse)."""
     onnx.load_external_data_for_model(graph, str(model_dir))
     weights = {t.name: t for t in graph.graph.initializer}
 
@@ -184,6 +196,7 @@ def _build(
             for n, c in zip(names, codes, strict=True)
         ],
         threads=threads,
+        kernel=tile,
     )
 
 
@@ -201,7 +214,7 @@ def native_decodes(manifest: dict[str, Any], decode_kernel: str) -> bool:
     (from its manifest and the CPU; the graph's own check comes at load)."""
     return (
         decode_kernel != "onnxruntime"
-        and bool(q4_best_kernel())
+        and not _cpu_problem(decode_kernel)
         and not _manifest_problem(manifest)
     )
 

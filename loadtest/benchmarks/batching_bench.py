@@ -27,7 +27,12 @@ Each figure: aggregate tokens/s and time to first token min / median / max; the 
 aggregate as a ratio to the best standalone engine at the same N (goal: >= 1.0 at 16, >= 0.95 of
 the bare loop at 1).
 
-    python -m loadtest.benchmarks.batching_bench [--quick]
+`--decode-kernel avx2` runs the bare native loop and the router's default on the native
+kernels' AVX2 tile (the same bits as the AVX-512 one): the router an AVX2-only host runs,
+against the other engines as this CPU runs them (a harder baseline than that host's: ONNX
+Runtime and OpenVINO keep their AVX-512 code; OpenVINO fails with ONEDNN_MAX_CPU_ISA=AVX2).
+
+    python -m loadtest.benchmarks.batching_bench [--quick] [--decode-kernel avx2]
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import grpc
 import numpy as np
 from tokenizers import Tokenizer
 
+from backends.cpu import cpu_info, int8_dot_flag
 from loadtest.benchmarks.serve_bench import GEN, ROUTER_PIDS, line, router_process
 from router.config_file import load_config
 from router.control import resources
@@ -280,12 +286,23 @@ def report(name: str, n: int, run: Run, baseline: float | None, goal: str = "") 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--decode-kernel",
+        default="auto",
+        choices=["auto", "avx2", "avx512-vnni"],
+        help="the native step's tile for the bare native loop and the router's default run",
+    )
     args = parser.parse_args()
     new = 64 if args.quick else 128
     sizes = (1, 16) if args.quick else (1, 4, 16)
     rounds = 1 if args.quick else 3
     model_dir = load_config(None).model_cache / GEN
-    print(f"# batching benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {new} new tokens", flush=True)
+    print(
+        f"# batching benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {new} new tokens, "
+        f"{cpu_info()[0] or 'CPU unknown'} ({int8_dot_flag() or 'no int8 dot'}), "
+        f"native tile: {args.decode_kernel}",
+        flush=True,
+    )
     best: dict[int, tuple[str, float]] = {}
     standalone: dict[int, Run] = {}
     native: dict[int, Run] = {}
@@ -293,7 +310,7 @@ def main() -> None:
         prompts = prompt_ids(model_dir, n)
         bare = bare_onnx(model_dir, prompts, new, rounds, "onnxruntime")
         report("bare ONNX Runtime batched loop", n, bare, None)
-        native[n] = bare_onnx(model_dir, prompts, new, rounds, "auto")
+        native[n] = bare_onnx(model_dir, prompts, new, rounds, args.decode_kernel)
         report("bare native-decode loop (the router's step)", n, native[n], bare[0], "vs bare loop")
         try:
             ov = openvino_cb(model_dir, prompts, new, rounds)
@@ -305,7 +322,10 @@ def main() -> None:
             if ov[0] > bare[0]:
                 best[n] = ("OpenVINO GenAI CB", ov[0])
         best.setdefault(n, ("bare loop", bare[0]))
-    with router_process() as target:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        router_process(config=pinned_config(Path(tmp), args.decode_kernel)) as target,
+    ):
         loaded = rss_mib(ROUTER_PIDS[target])
         runs = {n: asyncio.run(router_run(target, n, new, rounds)) for n in sizes}
         sampled = asyncio.run(router_run(target, max(sizes), new, rounds, **SAMPLED))
@@ -332,7 +352,9 @@ def main() -> None:
     # the int8 graph; the int8 graph -> the int4 graph).
     other_graph = {"native": "int8", "int8": "model"}.get(default_prefill_graph(model_dir))
     if other_graph:
-        other = variant(f"artifact: {GEN}, prefill_graph: {other_graph}", (top,), new, rounds)
+        pin = f", decode_kernel: {args.decode_kernel}" if args.decode_kernel != "auto" else ""
+        fields = f"artifact: {GEN}, prefill_graph: {other_graph}{pin}"
+        other = variant(fields, (top,), new, rounds)
         report(f"router, prefill_graph: {other_graph}", top, other[top], runs[top][0], "vs default")
     # What the native decode steps change: the same router with ONNX Runtime decoding.
     graph = variant(f"artifact: {GEN}, decode_kernel: onnxruntime", (1, top), new, rounds)
@@ -359,6 +381,19 @@ def main() -> None:
     line("router RSS once loaded", loaded, "MiB")
     line(f"router RSS after N={max(sizes)} runs", after, "MiB", loaded, "vs loaded")
     line("router peak RSS (VmHWM), arrivals included", peak, "MiB", loaded, "vs loaded")
+
+
+def pinned_config(folder: Path, decode_kernel: str) -> Path | None:
+    """None (the built-in defaults) for 'auto'; else a configuration serving the generation
+    model with `decode_kernel` pinned, the one key that differs from its defaults."""
+    if decode_kernel == "auto":
+        return None
+    config = folder / "pinned.yaml"
+    config.write_text(
+        f"models:\n  - {{name: {GEN}, kind: generate, artifact: {GEN}, "
+        f"decode_kernel: {decode_kernel}}}\n"
+    )
+    return config
 
 
 def default_prefill_graph(model_dir: Path) -> str:

@@ -150,19 +150,33 @@ def test_threads_and_kernels_do_not_change_a_result(folder: Path, prompts: list[
 
 
 def _rebuilt(folder: Path, kernel: str, threads: int) -> Q4Decoder:
-    """The same weights on another kernel, through the loader's own reading of the graph."""
-    import backends.native_decode as native_decode
+    """The same weights on another kernel: `decode_kernel` naming the tile."""
+    from backends.artifact import read_manifest
 
-    real = native_decode.Q4Decoder
-    native_decode.Q4Decoder = lambda **kw: real(**kw | {"kernel": kernel})  # type: ignore[misc]
-    try:
-        from backends.artifact import read_manifest
-
-        built = native_decode.load_native_decode(folder, read_manifest(folder), "native", threads)
-    finally:
-        native_decode.Q4Decoder = real  # type: ignore[misc]
+    built = native_decode.load_native_decode(folder, read_manifest(folder), kernel, threads)
     assert built is not None and built.kernel == kernel
     return built
+
+
+def test_decode_kernel_pins_a_tile_or_refuses_it_by_name(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """'avx2' runs wherever a tile does (an AVX2-only host's step, on any CPU); 'avx512-vnni'
+    only where the CPU has it; 'native' and 'auto' take the best."""
+    from backends.artifact import read_manifest
+
+    manifest = read_manifest(folder)
+    engine = _decoder(folder, "avx2")
+    assert engine.decode_kernel == "native" and engine._native.decoder.kernel == "avx2"
+    assert native_decode.native_will_decode(folder, manifest, "avx2")
+    assert _decoder(folder, "auto")._native.decoder.kernel == q4_best_kernel()
+    if q4_best_kernel() == "avx512-vnni":
+        assert _decoder(folder, "avx512-vnni")._native.decoder.kernel == "avx512-vnni"
+    monkeypatch.setattr(native_decode, "q4_best_kernel", lambda: "avx2")  # an AVX2-only CPU
+    assert not native_decode.native_will_decode(folder, manifest, "avx512-vnni")
+    with pytest.raises(ValueError, match=r"'avx512-vnni' cannot run .*no AVX-512 VNNI"):
+        native_decode.load_native_decode(folder, manifest, "avx512-vnni", 1)
+    assert native_decode.native_will_decode(folder, manifest, "avx2")
 
 
 def test_refusals_name_what_is_wrong(
