@@ -74,8 +74,7 @@ class ModelConfig:
     """ONNX Runtime decoders: the graph that computes prompts: 'int8' (the int4 decoder's int8
     graph), 'model' (the decoder's own) or 'auto' (int8 on CPUs with VNNI or AMX)."""
     decode_kernel: str = "auto"
-    """ONNX Runtime decoders' decode steps: 'native' (backends.native_decode), 'onnxruntime',
-    'auto' (native where it runs), or a native tile: 'avx2', 'avx512-vnni' (the same bits)."""
+    """ONNX Runtime decoders' decode steps: one of backends.base.DECODE_KERNELS (documented)."""
     engine_path: str = ""
     """TensorRT-LLM: the model given to tensorrt_llm.LLM (HF checkpoint or engine folder; empty:
     the artifact folder). The artifact still supplies the tokenizer and chat template."""
