@@ -11,8 +11,9 @@ row's result depends only on that row, never on the batch or the thread count.
 
 `decode_kernel`: 'native' (refused, by name, for a graph or CPU it cannot run), 'onnxruntime',
 'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the int4 one it reads,
-or a tile ('avx2', 'avx512-vnni'): native on that tile, refused where the CPU lacks it. Every
-tile computes the same bits; pinning one measures what another CPU kind would run.
+or a tile ('avx2', 'avx512-vnni'): native with that int4 matmul tile, refused where the CPU
+lacks it. Every tile computes the same bits. Only the tile is pinned: the per-row vector code
+(attention, norms, rotary, SiLU) keeps the best clone the CPU runs.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def load_native_decode(
     model_dir: Path, manifest: dict[str, Any], choice: str, threads: int
 ) -> Q4Decoder | None:
     """The native decode step for the decoder in `model_dir`, or None where ONNX Runtime decodes
-    (logged). Raises ValueError for an unknown choice, or 'native' where it cannot run."""
+    (logged). Raises ValueError for an unknown choice, or 'native' or a tile where it cannot
+    run."""
     if choice not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel={choice!r} is unknown; use one of {list(DECODE_KERNELS)}")
     if choice == "onnxruntime":

@@ -54,7 +54,8 @@ def register_cli(
     create.add_argument(
         "--decode-kernel",
         default="",
-        help="onnxruntime replicas' decode steps: auto (default), native or onnxruntime",
+        help="onnxruntime replicas' decode steps: auto (default), native, onnxruntime, or a "
+        "native tile: avx2 or avx512-vnni",
     )
     create.add_argument("--require-auth", action="store_true", help="refuse anonymous callers")
     create.add_argument(

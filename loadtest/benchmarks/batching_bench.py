@@ -27,10 +27,12 @@ Each figure: aggregate tokens/s and time to first token min / median / max; the 
 aggregate as a ratio to the best standalone engine at the same N (goal: >= 1.0 at 16, >= 0.95 of
 the bare loop at 1).
 
-`--decode-kernel avx2` runs the bare native loop and the router's default on the native
-kernels' AVX2 tile (the same bits as the AVX-512 one): the router an AVX2-only host runs,
-against the other engines as this CPU runs them (a harder baseline than that host's: ONNX
-Runtime and OpenVINO keep their AVX-512 code; OpenVINO fails with ONEDNN_MAX_CPU_ISA=AVX2).
+`--decode-kernel avx2` runs the bare native loop and the router's default configuration with
+the native kernels' AVX2 int4 matmul tile (the same bits as the AVX-512 one): the matmuls of
+the router an AVX2-only host runs, most of a step (attention, norms and the sampler keep this
+CPU's best vector code), against the other engines as this CPU runs them (a harder baseline
+than that host's: ONNX Runtime and OpenVINO keep their AVX-512 code; OpenVINO fails with
+ONEDNN_MAX_CPU_ISA=AVX2).
 
     python -m loadtest.benchmarks.batching_bench [--quick] [--decode-kernel avx2]
 """
@@ -206,15 +208,15 @@ def main() -> None:
         after = rss_mib(ROUTER_PIDS[target])
         median, p99 = asyncio.run(arrivals(target, 20.0 if args.quick else 60.0))
         peak = rss_mib(ROUTER_PIDS[target], "VmHWM")
+    pinned = args.decode_kernel != "auto"
+    label = f"router, decode_kernel: {args.decode_kernel}" if pinned else "router default"
     for n, run in runs.items():
         name, rate = best[n]
         goal = "goal >= 0.95 of the bare loop" if n == 1 else "goal >= 1.0"
-        report(f"router default, vs best ({name})", n, run, rate, goal)
-        line(f"  router default ÷ bare native-decode loop, N={n}", run[0] / native[n][0], "x")
+        report(f"{label}, vs best ({name})", n, run, rate, goal)
+        line(f"  {label} ÷ bare native-decode loop, N={n}", run[0] / native[n][0], "x")
     params = ", ".join(f"{k} {v}" for k, v in SAMPLED.items())
-    report(
-        f"router default, sampled ({params})", max(sizes), sampled, runs[max(sizes)][0], "vs greedy"
-    )
+    report(f"{label}, sampled ({params})", max(sizes), sampled, runs[max(sizes)][0], "vs greedy")
     line(
         "8 decoding streams, a 160-token prompt every 2 s: ITL median",
         median * 1000,
@@ -226,7 +228,7 @@ def main() -> None:
     # the int8 graph; the int8 graph -> the int4 graph).
     other_graph = {"native": "int8", "int8": "model"}.get(default_prefill_graph(model_dir))
     if other_graph:
-        pin = f", decode_kernel: {args.decode_kernel}" if args.decode_kernel != "auto" else ""
+        pin = f", decode_kernel: {args.decode_kernel}" if pinned else ""
         fields = f"artifact: {GEN}, prefill_graph: {other_graph}{pin}"
         other = variant(fields, (top,), new, rounds)
         report(f"router, prefill_graph: {other_graph}", top, other[top], runs[top][0], "vs default")
@@ -258,15 +260,17 @@ def main() -> None:
 
 
 def pinned_config(folder: Path, decode_kernel: str) -> Path | None:
-    """None (the built-in defaults) for 'auto'; else a configuration serving the generation
-    model with `decode_kernel` pinned, the one key that differs from its defaults."""
+    """None (the built-in defaults) for 'auto'; else the built-in models (the embedder too, so
+    that memory figures compare) with the generation model's `decode_kernel` pinned."""
     if decode_kernel == "auto":
         return None
+    entries = [
+        f"  - {{name: {m.name}, kind: {m.kind}, artifact: {m.artifact}, backend: {m.backend}"
+        + (f", decode_kernel: {decode_kernel}}}" if m.name == GEN else "}")
+        for m in load_config(None).models
+    ]
     config = folder / "pinned.yaml"
-    config.write_text(
-        f"models:\n  - {{name: {GEN}, kind: generate, artifact: {GEN}, "
-        f"decode_kernel: {decode_kernel}}}\n"
-    )
+    config.write_text("models:\n" + "\n".join(entries) + "\n")
     return config
 
 

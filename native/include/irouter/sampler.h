@@ -18,9 +18,10 @@
 //  4. Order tokens by z desc, then index asc ("sorted order"). Candidates C:
 //     the first top_k tokens of that order if 0 < top_k < V, else all V.
 //     m = z of the first candidate (float64); if m == -inf, return it.
-//  5. e[t] = exp(float64(z[t]) - m) for t in C (so the first e is 1.0; within
-//     1 ULP, and 0 below 2^-1021), and S = float64 sum of e over C (with no
-//     top_k: in 8 or 4 vector lanes over token index order, then the lanes).
+//  5. e[t] = exp(float64(z[t]) - m) for t in C (so the first e is 1.0), and
+//     S = float64 sum of e over C in token index order. With no top_k both
+//     run vectorized (vector_math.h): e within 1 ULP, 0 where z[t] - m < -708,
+//     S summed in lanes; with top_k, libm's exp and a sequential sum.
 //  6. Keep a prefix of C in sorted order, n_keep = |C| initially:
 //     - top_p < 1: n_keep = 1 + the first j with (sequential float64 sum of
 //       e over the first j+1 sorted candidates) >= float64(top_p) * S;
