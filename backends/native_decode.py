@@ -12,8 +12,8 @@ row's result depends only on that row, never on the batch or the thread count.
 `decode_kernel`: 'native' (refused, by name, for a graph or CPU it cannot run), 'onnxruntime',
 'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the int4 one it reads,
 or a tile ('avx2', 'avx512-vnni'): native with that int4 matmul tile, refused where the CPU
-lacks it. Every tile computes the same bits. Only the tile is pinned: the per-row vector code
-(attention, norms, rotary, SiLU) keeps the best clone the CPU runs.
+lacks it. Every tile computes the same bits. 'avx2' also pins the float16 KV's attention and
+stores to their AVX2 code (the same bits); norms, rotary and SiLU keep the clone the CPU loads.
 """
 
 from __future__ import annotations

@@ -92,16 +92,16 @@ IROUTER_CLONES void attend(const float* q, size_t ldq, int R, int G, const float
 }
 
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
-            int p0, float scale, float* sc, float* acc, float* out, size_t ldo) {
-  static const auto chosen = has_v4() ? v4::attend : v3::attend;
-  chosen(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
+            int p0, float scale, float* sc, float* acc, float* out, size_t ldo, bool avx2) {
+  static const auto best = has_v4() ? v4::attend : v3::attend;
+  (avx2 ? v3::attend : best)(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
 }
 
 void store_kv(float* dst, const float* src, int n) { std::memcpy(dst, src, sizeof(float) * n); }
 
-void store_kv(_Float16* dst, const float* src, int n) {
-  static const auto chosen = has_v4() ? v4::store : v3::store;
-  chosen(dst, src, n);
+void store_kv(_Float16* dst, const float* src, int n, bool avx2) {
+  static const auto best = has_v4() ? v4::store : v3::store;
+  (avx2 ? v3::store : best)(dst, src, n);
 }
 
 }  // namespace irouter::q4

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 
 namespace irouter {
 namespace {
@@ -477,7 +478,9 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
   // One layer's rotary embedding, KV stores and attention over its keys and values (float or
   // _Float16 buffers). Every row's keys and values are stored before any row attends: rows of
   // one slot at consecutive positions (a prompt chunk) see each other's, causally.
+  const bool avx2 = d.tiles == kAvx2;  // the AVX2 tile pins the half-precision KV code too
   const auto attention = [&](auto* keys, auto* values) {
+    constexpr bool half = std::is_same_v<std::remove_pointer_t<decltype(keys)>, _Float16>;
     const int tasks = rows * KVH;
     d.pool.run([&](int wi) {
       for (int t = wi; t < tasks; t += d.pool.size()) {
@@ -489,8 +492,13 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
         for (int g = 0; g < G; ++g) rope(r + (kh * G + g) * D, c, sn);
         rope(r + (NH + kh) * D, c, sn);
         const size_t at = ((static_cast<size_t>(slots[m]) * KVH + kh) * context + p) * D;
-        q4::store_kv(keys + at, r + (NH + kh) * D, D);
-        q4::store_kv(values + at, r + (NH + KVH + kh) * D, D);
+        if constexpr (half) {
+          q4::store_kv(keys + at, r + (NH + kh) * D, D, avx2);
+          q4::store_kv(values + at, r + (NH + KVH + kh) * D, D, avx2);
+        } else {
+          q4::store_kv(keys + at, r + (NH + kh) * D, D);
+          q4::store_kv(values + at, r + (NH + KVH + kh) * D, D);
+        }
       }
     });
     // By runs (rows of one slot at consecutive positions, at most q4::kMaxRun), each with
@@ -504,9 +512,15 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
       for (int t = next++; t < static_cast<int>(runs.size()) * KVH; t = next++) {
         const int m = runs[t / KVH].first, R = runs[t / KVH].second, kh = t % KVH;
         const size_t base = (static_cast<size_t>(slots[m]) * KVH + kh) * context * D;
-        q4::attend(qkv + static_cast<size_t>(m) * QKV + kh * G * D, QKV, R, G, keys + base,
-                   values + base, static_cast<int>(positions[m]), scale, sc.data(),
-                   acc.data(), attn + static_cast<size_t>(m) * NH * D + kh * G * D, NH * D);
+        const float* q = qkv + static_cast<size_t>(m) * QKV + kh * G * D;
+        float* out = attn + static_cast<size_t>(m) * NH * D + kh * G * D;
+        const int p0 = static_cast<int>(positions[m]);
+        if constexpr (half)
+          q4::attend(q, QKV, R, G, keys + base, values + base, p0, scale, sc.data(), acc.data(),
+                     out, NH * D, avx2);
+        else
+          q4::attend(q, QKV, R, G, keys + base, values + base, p0, scale, sc.data(), acc.data(),
+                     out, NH * D);
       }
     });
   };

@@ -149,6 +149,27 @@ def test_threads_and_kernels_do_not_change_a_result(folder: Path, prompts: list[
         np.testing.assert_array_equal(other, results[0])
 
 
+def test_the_avx2_pin_computes_prompts_and_half_precision_kv_to_the_same_bits(
+    folder: Path, prompts: list[np.ndarray]
+):
+    """With float16 KV (the default, prompts in the kernels), 'avx2' runs the AVX2 tile and the
+    x86-64-v3 attention and KV stores even on an AVX-512 CPU: the same logits and KV as the
+    CPU's best, so an AVX2-only host answers as an AVX-512 one does."""
+    engines = [
+        OnnxDecoder(folder, max_slots=4, max_context=128, prefill_graph="native", decode_kernel=k)
+        for k in ("avx2", "auto")
+    ]
+    results = []
+    for engine in engines:
+        assert engine.mixed_steps and engine._keys[0].dtype == np.float16
+        first = [engine.prefill(slot, ids, 0) for slot, ids in enumerate(prompts)]
+        lengths = np.array([p.size for p in prompts])
+        step = engine.decode(np.arange(len(prompts)), np.array([5, 6, 7, 8]), lengths)
+        results.append((np.stack(first), step, engine._keys[7].copy(), engine._values[29].copy()))
+    for got, want in zip(results[0], results[1], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def _rebuilt(folder: Path, kernel: str, threads: int) -> Q4Decoder:
     """The same weights on another kernel: `decode_kernel` naming the tile."""
     from backends.artifact import read_manifest
