@@ -40,7 +40,7 @@ void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _
             int p0, float scale, float* sc, float* acc, float* out, size_t ldo) {
   attend_kv<Halves>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
 }
-void store(_Float16* dst, const float* src, int n) {
+void store_half(_Float16* dst, const float* src, int n) {
   for (int i = 0; i < n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
                         _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
@@ -51,22 +51,69 @@ void store(_Float16* dst, const float* src, int n) {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace v3 {
+// GCC has no 16-float register below AVX-512 and keeps each GCC v16 in memory here, worked on
+// piece by piece: the attention ran ~11x slower than under v4 (BENCHMARKS.md, 2026-12-07). So
+// the templates are instantiated here over a pair of 8-float registers; each lane does the same
+// operations as v4's, so the results are the same bits (tests).
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+struct v16 {
+  v8 l, h;
+  float operator[](int i) const { return i < 8 ? l[i] : h[i - 8]; }
+  float& operator[](int i) { return reinterpret_cast<float*>(this)[i]; }  // vectors alias floats
+};
+#define IROUTER_V3_AI __attribute__((always_inline)) inline
+IROUTER_V3_AI v16 operator+(v16 a, v16 b) { return {a.l + b.l, a.h + b.h}; }
+IROUTER_V3_AI v16 operator*(v16 a, v16 b) { return {a.l * b.l, a.h * b.h}; }
+IROUTER_V3_AI v16 operator+(v16 a, float b) { return {a.l + b, a.h + b}; }
+IROUTER_V3_AI v16 operator-(v16 a, float b) { return {a.l - b, a.h - b}; }
+IROUTER_V3_AI v16 operator*(v16 a, float b) { return {a.l * b, a.h * b}; }
+IROUTER_V3_AI v16 operator*(float a, v16 b) { return {a * b.l, a * b.h}; }
+IROUTER_V3_AI v16& operator+=(v16& a, v16 b) { return a = a + b; }
+IROUTER_V3_AI v16 load(const float* p) {
+  return {*reinterpret_cast<const v8u*>(p), *reinterpret_cast<const v8u*>(p + 8)};
+}
+IROUTER_V3_AI void store(float* p, v16 v) {
+  *reinterpret_cast<v8u*>(p) = v.l;
+  *reinterpret_cast<v8u*>(p + 8) = v.h;
+}
+IROUTER_V3_AI v16 vexp(v16 x) { return {vexp_lanes<v8, v8i>(x.l), vexp_lanes<v8, v8i>(x.h)}; }
+IROUTER_V3_AI v16 vmax(v16 a, v16 b) { return {a.l > b.l ? a.l : b.l, a.h > b.h ? a.h : b.h}; }
+// The butterfly's levels (q4_attention_kernel.inc) on the halves: lane i of the result adds the
+// same two values as there.
+IROUTER_V3_AI v8 pairs(v8 a, v8 b, int level) {
+  switch (level) {
+    case 2:
+      return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+             __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    case 3:
+      return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) +
+             __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+    default:
+      return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
+             __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+  }
+}
+IROUTER_V3_AI v16 level1(v16 x, v16 y) { return {x.l + x.h, y.l + y.h}; }
+IROUTER_V3_AI v16 level2(v16 x, v16 y) { return {pairs(x.l, x.h, 2), pairs(y.l, y.h, 2)}; }
+IROUTER_V3_AI v16 level3(v16 x, v16 y) { return {pairs(x.l, x.h, 3), pairs(y.l, y.h, 3)}; }
+IROUTER_V3_AI v16 level4(v16 x, v16 y) { return {pairs(x.l, x.h, 4), pairs(y.l, y.h, 4)}; }
+#undef IROUTER_V3_AI
+#define IROUTER_Q4_LEVELS
 struct Halves {
   __attribute__((always_inline)) static inline v16 load(const _Float16* p) {
-    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-    v16 r;
-    std::memcpy(&r, &lo, 32);
-    std::memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
-    return r;
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
   }
 };
 #include "q4_attention_kernel.inc"
+#undef IROUTER_Q4_LEVELS
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
             int p0, float scale, float* sc, float* acc, float* out, size_t ldo) {
   attend_kv<Halves>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
 }
-void store(_Float16* dst, const float* src, int n) {
+void store_half(_Float16* dst, const float* src, int n) {
   for (int i = 0; i < n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
@@ -100,8 +147,8 @@ void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _
 void store_kv(float* dst, const float* src, int n) { std::memcpy(dst, src, sizeof(float) * n); }
 
 void store_kv(_Float16* dst, const float* src, int n, bool avx2) {
-  static const auto best = has_v4() ? v4::store : v3::store;
-  (avx2 ? v3::store : best)(dst, src, n);
+  static const auto best = has_v4() ? v4::store_half : v3::store_half;
+  (avx2 ? v3::store_half : best)(dst, src, n);
 }
 
 }  // namespace irouter::q4

@@ -1,5 +1,7 @@
 // The Q4 decoder's per-row vector code: GCC vector types (one v16 is a zmm register where the
-// CPU has AVX-512, two ymm under AVX2) and the helpers every clone of its callers inlines.
+// CPU has AVX-512; below it GCC keeps a v16 in memory and works on it piece by piece, so the
+// attention's x86-64-v3 code uses a pair of 8-float registers instead: q4_attention.cpp) and
+// the helpers every clone of its callers inlines.
 #pragma once
 
 #include <cstring>
@@ -24,23 +26,29 @@ __attribute__((always_inline)) inline void store(float* p, v16 v) {
 }
 
 // exp, Cephes' single-precision polynomial (~1 ulp); inlined into each clone of its callers.
-__attribute__((always_inline)) inline v16 vexp(v16 x) {
-  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.3f;
+// V: a GCC float vector, VI: the int vector of its width.
+template <class V, class VI>
+__attribute__((always_inline)) inline V vexp_lanes(V x) {
+  const V lo = V{} - 87.3f, hi = V{} + 88.3f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  v16 fx = x * 1.44269504088896341f + 0.5f;
-  v16 fn = __builtin_convertvector(__builtin_convertvector(fx, v16i), v16);
+  V fx = x * 1.44269504088896341f + 0.5f;
+  V fn = __builtin_convertvector(__builtin_convertvector(fx, VI), V);
   fn = fn > fx ? fn - 1.f : fn;  // floor
-  const v16i n = __builtin_convertvector(fn, v16i);
+  const VI n = __builtin_convertvector(fn, VI);
   x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  const v16 z = x * x;
-  const v16 y = (((((1.9875691500E-4f * x + 1.3981999507E-3f) * x + 8.3334519073E-3f) * x +
-                   4.1665795894E-2f) * x + 1.6666665459E-1f) * x + 5.0000001201E-1f) * z +
-                x + 1.f;
-  const v16i e = (n + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &e, 64);
+  const V z = x * x;
+  const V y = (((((1.9875691500E-4f * x + 1.3981999507E-3f) * x + 8.3334519073E-3f) * x +
+                  4.1665795894E-2f) * x + 1.6666665459E-1f) * x + 5.0000001201E-1f) * z +
+              x + 1.f;
+  const VI e = (n + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &e, sizeof(V));
   return y * scale;
 }
+__attribute__((always_inline)) inline v16 vexp(v16 x) { return vexp_lanes<v16, v16i>(x); }
+
+// The larger of each lane (b's where they are equal).
+__attribute__((always_inline)) inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
 
 }  // namespace irouter::q4
