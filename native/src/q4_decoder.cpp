@@ -244,71 +244,123 @@ using q4::v16i;
 using q4::vexp;
 
 
-IROUTER_CLONES void quantize_row(const float* x, int K, int8_t* q, float* s, int32_t* sum8) {
-  typedef signed char v16c __attribute__((vector_size(16)));
+// Written over W-float GCC vectors and compiled for x86-64-v4 (W = 16) and v3 (W = 8): below
+// AVX-512 GCC keeps a 16-float vector in memory, and these ran 6-8x slower there (BENCHMARKS.md,
+// 2026-12-07). Every lane does the same operations at either width, and the sums keep the
+// 16-lane order, so both give the same bits.
+template <int W>
+struct Lanes {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef float fu __attribute__((vector_size(4 * W), aligned(4)));
+  typedef int i __attribute__((vector_size(4 * W)));
+  typedef signed char c __attribute__((vector_size(W)));
+  static f load(const float* p) { return *reinterpret_cast<const fu*>(p); }
+  static void store(float* p, f v) { *reinterpret_cast<fu*>(p) = v; }
+};
+
+// Lane 0 of v after halving steps that combine each lane with another by `op`, so it holds
+// op over all lanes (for max and integer sums: exact in any order).
+template <int W, class V, class Op>
+__attribute__((always_inline)) inline auto fold_lanes(V v, Op op) {
+  if constexpr (W == 16) {
+    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  } else {
+    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+  }
+  return v[0];
+}
+
+template <int W>
+__attribute__((always_inline)) inline void quantize_row_t(const float* x, int K, int8_t* q,
+                                                          float* s, int32_t* sum8) {
+  using L = Lanes<W>;
+  constexpr int N = 32 / W;  // vectors a block
   for (int b = 0; b < K / 32; ++b) {
-    const v16 a0 = q4::load(x + b * 32), a1 = q4::load(x + b * 32 + 16);
-    v16 m = a0 < 0 ? -a0 : a0;
-    const v16 m1 = a1 < 0 ? -a1 : a1;
-    m = m > m1 ? m : m1;
-    m = m > 0 ? m : v16{};  // a block of zeros (either sign) has maximum +0
-    // Halving shuffles leave the maximum of the 16 lanes in lane 0 (exact in any order).
-    v16 h = __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    m = m > h ? m : h;
-    h = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    m = m > h ? m : h;
-    h = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    m = m > h ? m : h;
-    h = __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    m = m > h ? m : h;
-    const float mx = m[0];
+    typename L::f a[N], m = {};
+    for (int k = 0; k < N; ++k) {
+      a[k] = L::load(x + b * 32 + k * W);
+      const typename L::f v = a[k] < 0 ? -a[k] : a[k];
+      m = k ? (m > v ? m : v) : v;
+    }
+    m = m > 0 ? m : typename L::f{};  // a block of zeros (either sign) has maximum +0
+    const float mx = fold_lanes<W>(m, [](auto x, auto y) { return x > y ? x : y; });
     const float inv = mx > 0 ? 127.f / mx : 0.f;
-    v16 r0 = a0 * inv, r1 = a1 * inv;
-    r0 += r0 < 0 ? -0.5f : 0.5f;  // round half away from zero
-    r1 += r1 < 0 ? -0.5f : 0.5f;
-    const v16i i0 = __builtin_convertvector(r0, v16i), i1 = __builtin_convertvector(r1, v16i);
-    const v16c c0 = __builtin_convertvector(i0, v16c), c1 = __builtin_convertvector(i1, v16c);
-    std::memcpy(q + b * 32, &c0, 16);
-    std::memcpy(q + b * 32 + 16, &c1, 16);
-    v16i t = i0 + i1;  // integer sums: exact in any order
-    v16i u = __builtin_shufflevector(t, t, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    t += u;
-    u = __builtin_shufflevector(t, t, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    t += u;
-    u = __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    t += u;
+    typename L::i t = {};  // integer sums: exact in any order
+    for (int k = 0; k < N; ++k) {
+      typename L::f r = a[k] * inv;
+      r += r < 0 ? -0.5f : 0.5f;  // round half away from zero
+      const typename L::i n = __builtin_convertvector(r, typename L::i);
+      const typename L::c c = __builtin_convertvector(n, typename L::c);
+      std::memcpy(q + b * 32 + k * W, &c, W);
+      t += n;
+    }
     s[b] = mx / 127.f;
-    sum8[b] = 8 * (t[0] + t[1]);
+    sum8[b] = 8 * fold_lanes<W>(t, [](auto x, auto y) { return x + y; });
   }
 }
 
 // out = x (+ add, stored back into x) normalised by its root mean square, times w.
-IROUTER_CLONES void add_rms_norm_row(float* x, const float* add, const float* w, float eps, int H,
-                                     float* out) {
-  v16 ss = {};  // 16 partial sums of squares (H is a multiple of 32), then their lanes in order
-  for (int i = 0; i < H; i += 16) {
-    v16 v = q4::load(x + i);
-    if (add) {
-      v += q4::load(add + i);
-      q4::store(x + i, v);
+template <int W>
+__attribute__((always_inline)) inline void add_rms_norm_row_t(float* x, const float* add,
+                                                              const float* w, float eps, int H,
+                                                              float* out) {
+  using L = Lanes<W>;
+  constexpr int N = 16 / W;
+  typename L::f ss[N] = {};  // 16 partial sums of squares (H is a multiple of 32), then in order
+  for (int i = 0; i < H; i += 16)
+    for (int k = 0; k < N; ++k) {
+      typename L::f v = L::load(x + i + k * W);
+      if (add) {
+        v += L::load(add + i + k * W);
+        L::store(x + i + k * W, v);
+      }
+      ss[k] += v * v;
     }
-    ss += v * v;
-  }
   float total = 0;
-  for (int i = 0; i < 16; ++i) total += ss[i];
+  for (int k = 0; k < N; ++k)
+    for (int j = 0; j < W; ++j) total += ss[k][j];
   const float r = 1.f / std::sqrt(total / H + eps);
   for (int i = 0; i < H; ++i) out[i] = x[i] * r * w[i];
 }
 
-IROUTER_CLONES void silu_mul_row(const float* gate, const float* up, int I, float* out) {
-  for (int i = 0; i < I; i += 16) {
-    v16 g, u;
-    std::memcpy(&g, gate + i, 64);
-    std::memcpy(&u, up + i, 64);
-    const v16 r = g / (1.f + vexp(-g)) * u;
-    std::memcpy(out + i, &r, 64);
+template <int W>
+__attribute__((always_inline)) inline void silu_mul_row_t(const float* gate, const float* up,
+                                                          int I, float* out) {
+  using L = Lanes<W>;
+  for (int i = 0; i < I; i += W) {
+    const typename L::f g = L::load(gate + i), u = L::load(up + i);
+    L::store(out + i, g / (1.f + q4::vexp_lanes<typename L::f, typename L::i>(-g)) * u);
   }
 }
+
+struct RowCode {
+  void (*quantize_row)(const float*, int, int8_t*, float*, int32_t*);
+  void (*add_rms_norm_row)(float*, const float*, const float*, float, int, float*);
+  void (*silu_mul_row)(const float*, const float*, int, float*);
+};
+
+#define IROUTER_ROW_CODE(TARGET, W, NAME)                                                      \
+  __attribute__((target(TARGET))) void quantize_row_##NAME(const float* x, int K, int8_t* q,  \
+                                                          float* s, int32_t* sum8) {          \
+    quantize_row_t<W>(x, K, q, s, sum8);                                                      \
+  }                                                                                           \
+  __attribute__((target(TARGET))) void add_rms_norm_row_##NAME(                               \
+      float* x, const float* add, const float* w, float eps, int H, float* out) {             \
+    add_rms_norm_row_t<W>(x, add, w, eps, H, out);                                            \
+  }                                                                                           \
+  __attribute__((target(TARGET))) void silu_mul_row_##NAME(const float* gate, const float* up, \
+                                                          int I, float* out) {                \
+    silu_mul_row_t<W>(gate, up, I, out);                                                      \
+  }                                                                                           \
+  const RowCode kRows_##NAME = {quantize_row_##NAME, add_rms_norm_row_##NAME, silu_mul_row_##NAME};
+IROUTER_ROW_CODE("arch=x86-64-v4", 16, v4)
+IROUTER_ROW_CODE("arch=x86-64-v3", 8, v3)
+#undef IROUTER_ROW_CODE
 
 // Rotate-half rotary embedding of one head (D = 64) at the position of c/s.
 IROUTER_CLONES void rope(float* v, const float* c, const float* s) {
@@ -352,6 +404,7 @@ struct Q4Decoder::Impl {
   Q4DecoderShape shape;
   std::string kernel;
   const Tile* tiles = nullptr;
+  const RowCode* rows = nullptr;  // x86-64-v3 code where the AVX2 tile runs, else v4
   int tile_rows = 0;  // rows a tile call takes
   std::vector<float> cos, sin, embedding, norms;
   std::vector<Weight> weights;
@@ -361,7 +414,7 @@ struct Q4Decoder::Impl {
   Impl(int threads) : pool(threads) {}
 
   void quantize(const float* src, int m, int K) {
-    quantize_row(src + static_cast<size_t>(m) * K, K, qa.q.data() + static_cast<size_t>(m) * K,
+    rows->quantize_row(src + static_cast<size_t>(m) * K, K, qa.q.data() + static_cast<size_t>(m) * K,
                  qa.s.data() + static_cast<size_t>(m) * (K / 32),
                  qa.sum8.data() + static_cast<size_t>(m) * (K / 32));
   }
@@ -419,6 +472,8 @@ Q4Decoder::Q4Decoder(const Q4DecoderShape& s, const float* cos, const float* sin
   d.kernel = k;
   d.tiles = k == "avx2" ? kAvx2 : kVnni;
   d.tile_rows = k == "avx2" ? kAvx2Rows : kVnniRows;
+  // The AVX2 tile pins the per-row code to x86-64-v3 too (the same bits), as an AVX2 host runs.
+  d.rows = k == "avx2" || !__builtin_cpu_supports("x86-64-v4") ? &kRows_v3 : &kRows_v4;
   const size_t half = static_cast<size_t>(s.rope_positions) * s.head_dim / 2;
   d.cos.assign(cos, cos + half);
   d.sin.assign(sin, sin + half);
@@ -527,7 +582,7 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
   for (int l = 0; l < L; ++l) {
     d.each_row(rows, [&](int m) {
       // The previous layer's MLP output joins the residual stream here.
-      add_rms_norm_row(h + m * H, l ? tmp + m * H : nullptr, d.norms.data() + 2 * l * H, s.eps,
+      d.rows->add_rms_norm_row(h + m * H, l ? tmp + m * H : nullptr, d.norms.data() + 2 * l * H, s.eps,
                        H, x + m * H);
       d.quantize(x, m, H);
     });
@@ -539,13 +594,13 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
     d.each_row(rows, [&](int m) { d.quantize(attn, m, NH * D); });
     d.gemm(rows, d.weights[4 * l + 1], tmp);
     d.each_row(rows, [&](int m) {
-      add_rms_norm_row(h + m * H, tmp + m * H, d.norms.data() + (2 * l + 1) * H, s.eps, H,
+      d.rows->add_rms_norm_row(h + m * H, tmp + m * H, d.norms.data() + (2 * l + 1) * H, s.eps, H,
                        x + m * H);
       d.quantize(x, m, H);
     });
     d.gemm(rows, d.weights[4 * l + 2], gate_up);
     d.each_row(rows, [&](int m) {
-      silu_mul_row(gate_up + m * 2 * I, gate_up + m * 2 * I + I, I, act + m * I);
+      d.rows->silu_mul_row(gate_up + m * 2 * I, gate_up + m * 2 * I + I, I, act + m * I);
       d.quantize(act, m, I);
     });
     d.gemm(rows, d.weights[4 * l + 3], tmp);
@@ -554,7 +609,7 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
   const int k = outputs ? num_outputs : rows;
   d.each_row(k, [&](int j) {
     const int m = outputs ? static_cast<int>(outputs[j]) : j;
-    add_rms_norm_row(h + m * H, tmp + m * H, d.norms.data() + 2 * L * H, s.eps, H, x + j * H);
+    d.rows->add_rms_norm_row(h + m * H, tmp + m * H, d.norms.data() + 2 * L * H, s.eps, H, x + j * H);
     d.quantize(x, j, H);
   });
   if (k) d.gemm(k, d.weights[4 * L], logits);
