@@ -29,7 +29,7 @@ the native decode step's kernels, backends.native_decode)."""
 DECODE_KERNELS: tuple[str, ...] = ("auto", "native", "onnxruntime", "avx2", "avx512-vnni")
 """ONNX Runtime decoders: what computes decode steps ('native': backends.native_decode on the
 CPU's best int4 matmul tile; 'avx2' or 'avx512-vnni': native on that tile, the same bits; on
-an AVX-512 host 'avx2' measures the matmuls and attention an AVX2-only host runs)."""
+an AVX-512 host 'avx2' measures the decode step an AVX2-only host runs)."""
 BURST_GAP_S = 0.003
 """Woken from idle, an engine waits this long for another call before its first step..."""
 BURST_WINDOW_S = 0.025

@@ -12,8 +12,9 @@ row's result depends only on that row, never on the batch or the thread count.
 `decode_kernel`: 'native' (refused, by name, for a graph or CPU it cannot run), 'onnxruntime',
 'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the int4 one it reads,
 or a tile ('avx2', 'avx512-vnni'): native with that int4 matmul tile, refused where the CPU
-lacks it. Every tile computes the same bits. 'avx2' also pins the float16 KV's attention and
-stores to their AVX2 code (the same bits); norms, rotary and SiLU keep the clone the CPU loads.
+lacks it. Every tile computes the same bits. 'avx2' also pins the step's other vector code
+(float16 attention, KV stores, norms, SiLU, activation quantization) to its AVX2 build, again
+the same bits; only the rotary embedding keeps the clone the CPU loads.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ aggregate as a ratio to the best standalone engine at the same N (goal: >= 1.0 a
 the bare loop at 1).
 
 `--decode-kernel avx2` runs the bare native loop and the router's default configuration with
-the native kernels' AVX2 int4 matmul tile and attention (the same bits as the AVX-512 code):
-what the router an AVX2-only host runs, but for norms, rotary, SiLU and the sampler (this
-CPU's best vector code), against the other engines as this CPU runs them (a harder baseline
+the native kernels' AVX2 code (int4 matmul tile, attention, norms, SiLU; the same bits as the
+AVX-512 code): the decode step an AVX2-only host runs (the sampler keeps this CPU's best
+vector code), against the other engines as this CPU runs them (a harder baseline
 than that host's: ONNX Runtime and OpenVINO keep their AVX-512 code; OpenVINO fails with
 ONEDNN_MAX_CPU_ISA=AVX2).
 
