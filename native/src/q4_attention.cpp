@@ -121,11 +121,6 @@ void store_half(_Float16* dst, const float* src, int n) {
 }  // namespace v3
 #pragma GCC pop_options
 
-bool has_v4() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("x86-64-v4");
-}
-
 }  // namespace
 
 bool half_kv_supported() {
@@ -140,15 +135,13 @@ IROUTER_CLONES void attend(const float* q, size_t ldq, int R, int G, const float
 
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
             int p0, float scale, float* sc, float* acc, float* out, size_t ldo, bool avx2) {
-  static const auto best = has_v4() ? v4::attend : v3::attend;
-  (avx2 ? v3::attend : best)(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
+  (avx2 ? v3::attend : v4::attend)(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
 }
 
 void store_kv(float* dst, const float* src, int n) { std::memcpy(dst, src, sizeof(float) * n); }
 
 void store_kv(_Float16* dst, const float* src, int n, bool avx2) {
-  static const auto best = has_v4() ? v4::store_half : v3::store_half;
-  (avx2 ? v3::store_half : best)(dst, src, n);
+  (avx2 ? v3::store_half : v4::store_half)(dst, src, n);
 }
 
 }  // namespace irouter::q4

@@ -16,8 +16,8 @@ constexpr int kMaxRun = 32;
 // order whatever R is, so a row's result never depends on the rows beside it.
 // sc: R * G * stride floats (stride: p0 + R rounded up to 16); acc: R * G * 64 floats.
 // K and V in float or half precision (the decoder's KV dtype; half needs half_kv_supported()).
-// Half-precision K and V: `avx2` runs the x86-64-v3 (AVX2) code even where the CPU has AVX-512
-// (the decoder's AVX2 tile pins it; the same bits either way).
+// Half-precision K and V: `avx2` runs the x86-64-v3 (AVX2) build, else the x86-64-v4 one, which
+// the CPU must run (the caller chooses once; both give the same bits).
 void attend(const float* q, size_t ldq, int R, int G, const float* K, const float* V, int p0,
             float scale, float* sc, float* acc, float* out, size_t ldo);
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
@@ -28,6 +28,6 @@ bool half_kv_supported();
 
 // dst[0..n) = src[0..n) (n a multiple of 16), rounded to the KV dtype (to nearest even).
 void store_kv(float* dst, const float* src, int n);
-void store_kv(_Float16* dst, const float* src, int n, bool avx2);
+void store_kv(_Float16* dst, const float* src, int n, bool avx2);  // avx2: as attend's
 
 }  // namespace irouter::q4

@@ -404,7 +404,10 @@ struct Q4Decoder::Impl {
   Q4DecoderShape shape;
   std::string kernel;
   const Tile* tiles = nullptr;
-  const RowCode* rows = nullptr;  // x86-64-v3 code where the AVX2 tile runs, else v4
+  // The x86-64-v3 (AVX2) build of the per-row and attention code, where the AVX2 tile runs (as
+  // an AVX2 host does; the same bits) or the CPU lacks x86-64-v4; else the v4 build.
+  bool v3 = false;
+  const RowCode* rows = nullptr;
   int tile_rows = 0;  // rows a tile call takes
   std::vector<float> cos, sin, embedding, norms;
   std::vector<Weight> weights;
@@ -472,8 +475,8 @@ Q4Decoder::Q4Decoder(const Q4DecoderShape& s, const float* cos, const float* sin
   d.kernel = k;
   d.tiles = k == "avx2" ? kAvx2 : kVnni;
   d.tile_rows = k == "avx2" ? kAvx2Rows : kVnniRows;
-  // The AVX2 tile pins the per-row code to x86-64-v3 too (the same bits), as an AVX2 host runs.
-  d.rows = k == "avx2" || !__builtin_cpu_supports("x86-64-v4") ? &kRows_v3 : &kRows_v4;
+  d.v3 = k == "avx2" || !__builtin_cpu_supports("x86-64-v4");
+  d.rows = d.v3 ? &kRows_v3 : &kRows_v4;
   const size_t half = static_cast<size_t>(s.rope_positions) * s.head_dim / 2;
   d.cos.assign(cos, cos + half);
   d.sin.assign(sin, sin + half);
@@ -533,7 +536,6 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
   // One layer's rotary embedding, KV stores and attention over its keys and values (float or
   // _Float16 buffers). Every row's keys and values are stored before any row attends: rows of
   // one slot at consecutive positions (a prompt chunk) see each other's, causally.
-  const bool avx2 = d.tiles == kAvx2;  // the AVX2 tile pins the half-precision KV code too
   const auto attention = [&](auto* keys, auto* values) {
     constexpr bool half = std::is_same_v<std::remove_pointer_t<decltype(keys)>, _Float16>;
     const int tasks = rows * KVH;
@@ -548,8 +550,8 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
         rope(r + (NH + kh) * D, c, sn);
         const size_t at = ((static_cast<size_t>(slots[m]) * KVH + kh) * context + p) * D;
         if constexpr (half) {
-          q4::store_kv(keys + at, r + (NH + kh) * D, D, avx2);
-          q4::store_kv(values + at, r + (NH + KVH + kh) * D, D, avx2);
+          q4::store_kv(keys + at, r + (NH + kh) * D, D, d.v3);
+          q4::store_kv(values + at, r + (NH + KVH + kh) * D, D, d.v3);
         } else {
           q4::store_kv(keys + at, r + (NH + kh) * D, D);
           q4::store_kv(values + at, r + (NH + KVH + kh) * D, D);
@@ -572,7 +574,7 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
         const int p0 = static_cast<int>(positions[m]);
         if constexpr (half)
           q4::attend(q, QKV, R, G, keys + base, values + base, p0, scale, sc.data(), acc.data(),
-                     out, NH * D, avx2);
+                     out, NH * D, d.v3);
         else
           q4::attend(q, QKV, R, G, keys + base, values + base, p0, scale, sc.data(), acc.data(),
                      out, NH * D);
