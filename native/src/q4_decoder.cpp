@@ -183,54 +183,67 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
 }
 
 // AVX2 has no u8 x s8 dot with a 32-bit sum: maddubs (pairs to int16) then madd (to int32).
-// 8 steps x 2 pairs x 15 x 127 = 30,480 fits int16, so the int16 sums do not saturate.
+// 8 steps x 2 pairs x 15 x 127 = 30,480 fits int16, so the int16 sums do not saturate. Both
+// 8-column halves are computed in one pass, so each activation broadcast serves 16 columns, and
+// each 64-byte group of codes gives its low and high nibbles at once.
 template <int MR>
 __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* P, const float* PS, int nb,
                                                    const int8_t* aq, const float* as,
                                                    const int32_t* asum8, int K, float* C,
                                                    int ldc) {
-  constexpr int CH = MR >= 4 ? 1 : 2;
   const __m256i low = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int half = 0; half < 2; ++half) {
-    __m256 acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; ++b) {
-      const uint8_t* p = P + static_cast<size_t>(b) * 256 + half * 32;
-      __m256i w[8];
-      for (int g = 0; g < 4; ++g) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + g * 64));
-        w[g] = _mm256_and_si256(x, low);
-        w[g + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
-      }
-      const __m256 ws = _mm256_loadu_ps(PS + b * 16 + half * 8);
-      __m256i dot[MR][CH];
-      for (int m = 0; m < MR; ++m)
-        for (int c = 0; c < CH; ++c) dot[m][c] = _mm256_setzero_si256();
-      for (int g = 0; g < 8; ++g)
+  __m256 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; ++b) {
+    const uint8_t* p = P + static_cast<size_t>(b) * 256;
+    __m256i dot[MR][2];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + g * 64));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + g * 64 + 32));
+      // Codes 4g..4g+3 of each column (low nibbles), then 4(g+4).. (high), for both halves.
+      const __m256i w[2][2] = {
+          {_mm256_and_si256(x0, low), _mm256_and_si256(x1, low)},
+          {_mm256_and_si256(_mm256_srli_epi16(x0, 4), low),
+           _mm256_and_si256(_mm256_srli_epi16(x1, 4), low)}};
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
           int32_t a4;
-          std::memcpy(&a4, aq + static_cast<size_t>(m) * K + b * 32 + g * 4, 4);
-          dot[m][g % CH] = _mm256_add_epi16(
-              dot[m][g % CH], _mm256_maddubs_epi16(w[g], _mm256_set1_epi32(a4)));
+          std::memcpy(&a4, aq + static_cast<size_t>(m) * K + b * 32 + (g + 4 * h) * 4, 4);
+          const __m256i a = _mm256_set1_epi32(a4);
+          for (int c = 0; c < 2; ++c) {
+            const __m256i d = _mm256_maddubs_epi16(w[h][c], a);
+            dot[m][c] = g == 0 && h == 0 ? d : _mm256_add_epi16(dot[m][c], d);
+            // Integer adds may be reordered, and GCC then computed every product first and
+            // kept them on the stack (~25% slower than this tile). An empty asm needing the
+            // sum in a register here keeps each sum a running one.
+            asm("" : "+x"(dot[m][c]));
+          }
         }
-      for (int m = 0; m < MR; ++m) {
-        __m256i t = _mm256_madd_epi16(dot[m][0], ones);
-        for (int c = 1; c < CH; ++c) t = _mm256_add_epi32(t, _mm256_madd_epi16(dot[m][c], ones));
-        t = _mm256_sub_epi32(t, _mm256_set1_epi32(asum8[m * nb + b]));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t),
-                                 _mm256_mul_ps(ws, _mm256_set1_ps(as[m * nb + b])), acc[m]);
+    }
+    const __m256 ws[2] = {_mm256_loadu_ps(PS + b * 16), _mm256_loadu_ps(PS + b * 16 + 8)};
+    for (int m = 0; m < MR; ++m) {
+      const __m256i z = _mm256_set1_epi32(asum8[m * nb + b]);
+      const __m256 s = _mm256_set1_ps(as[m * nb + b]);
+      for (int c = 0; c < 2; ++c) {
+        const __m256i t = _mm256_sub_epi32(_mm256_madd_epi16(dot[m][c], ones), z);
+        acc[m][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(ws[c], s), acc[m][c]);
       }
     }
-    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(C + static_cast<size_t>(m) * ldc + half * 8, acc[m]);
   }
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < 2; ++c) _mm256_storeu_ps(C + static_cast<size_t>(m) * ldc + c * 8, acc[m][c]);
 }
 
 // Rows a tile call holds in registers: up to 8; measured on a Zen 4 (microbenchmark of the
 // tiles over the step's weight shapes, 592 rows), the VNNI tile ran 5-15% faster with 6 rows a
-// call than with 8 (fewer registers spilled), the AVX2 tile ~15% faster with 8 than with 4-6.
+// call than with 8 (fewer registers spilled). The AVX2 tile (both halves a pass) fills the 16
+// YMM registers at 5 rows; 4 and 5 measured alike, 6 spilled.
 constexpr int kMaxRows = 8;
-constexpr int kVnniRows = 6, kAvx2Rows = 8;
+constexpr int kVnniRows = 6, kAvx2Rows = 4;
 const Tile kVnni[kMaxRows + 1] = {nullptr,      tile_vnni<1>, tile_vnni<2>, tile_vnni<3>,
                                   tile_vnni<4>, tile_vnni<5>, tile_vnni<6>, tile_vnni<7>,
                                   tile_vnni<8>};
