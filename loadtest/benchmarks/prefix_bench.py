@@ -14,7 +14,10 @@ in one router, with the prefix cache on (the default) and off, measured in the s
 - one stream's decode speed with the cache on ÷ off (what looking up and saving costs a request
   that shares nothing).
 
-    python -m loadtest.benchmarks.prefix_bench [--quick]
+`--decode-kernel avx2` computes both models' steps with the native kernels' AVX2 code, as an
+AVX2-only host does (on an AVX-512 machine).
+
+    python -m loadtest.benchmarks.prefix_bench [--quick] [--decode-kernel avx2]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import grpc
 
+from backends.cpu import cpu_info
 from loadtest.benchmarks.batching_bench import rss_mib
 from loadtest.benchmarks.serve_bench import GEN, ROUTER_PIDS, line, router_process
 from router.proto.irouter.v1 import inference_service_pb2 as pb
@@ -67,14 +71,17 @@ models:
     kind: generate
     artifact: {GEN}
     max_queue_wait_s: 0
+    decode_kernel: {{kernel}}
   - name: {UNCACHED}
     kind: generate
     artifact: {GEN}
     max_queue_wait_s: 0
+    decode_kernel: {{kernel}}
     prefix_cache_mb: 0
 """
-"""max_queue_wait_s off: on a slow CPU, 16 uncached 300-token prompts take longer to prefill
-than its 10 s bound, and this measures the cache, not admission."""
+"""`kernel`: the models' decode_kernel. max_queue_wait_s off: on a slow CPU, 16 uncached
+300-token prompts take longer to prefill than its 10 s bound, and this measures the cache, not
+admission."""
 
 
 def _request(model: str, messages: list[tuple[str, str]], max_tokens: int) -> pb.GenerateRequest:
@@ -222,11 +229,21 @@ async def run(target: str, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--decode-kernel",
+        default="auto",
+        choices=["auto", "avx2", "avx512-vnni"],
+        help="the native step's code for both models",
+    )
     args = parser.parse_args()
-    print(f"# prefix-cache benchmark, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    print(
+        f"# prefix-cache benchmark, {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{cpu_info()[0] or 'CPU unknown'}, decode_kernel: {args.decode_kernel}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"
-        config.write_text(CONFIG)
+        config.write_text(CONFIG.format(kernel=args.decode_kernel))
         with router_process(config=config) as target:
             loaded = rss_mib(ROUTER_PIDS[target])
             asyncio.run(run(target, args.quick))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from loadtest.benchmarks.native_reference import sample_reference, uniform_draw
 from router import _native
+from tests.avx2_host import needs_qemu, run_as_avx2_host
 
 # Native and reference may only disagree when a cut lies within exp() rounding
 # of a cumulative sum (see native/include/irouter/sampler.h).
@@ -125,6 +127,48 @@ def test_matches_reference_at_any_vocabulary_length_and_spread(vocab: int, scale
     kwargs["top_p"] = np.array([1, 0.9, 1, 0.5, 1, 0.99, 1, 0.8], np.float32)
     kwargs["min_p"] = np.array([0, 0, 0.1, 0, 1e-30, 0, 0, 0], np.float32)
     assert_matches_reference(logits, kwargs)
+
+
+SAMPLE_EACH = """
+import sys
+import numpy as np
+from router import _native
+
+given = np.load(sys.argv[1])
+batches = sorted({name.split("/")[0] for name in given.files})
+tokens = {}
+for b in batches:
+    kwargs = {n.split("/")[1]: given[n] for n in given.files if n.startswith(b + "/")}
+    tokens[b] = _native.sample(kwargs.pop("logits"), **kwargs)
+np.savez(sys.argv[2], **tokens)
+"""
+
+
+@needs_qemu
+def test_an_avx2_only_cpu_samples_as_the_reference_does(tmp_path: Path) -> None:
+    """The sampler's exponentials 4 lanes at a time (AVX2 + FMA), chosen by the CPU itself where
+    it has no AVX-512 (tests/avx2_host.py), against the same reference as on this machine."""
+    batches = {}
+    for i, (name, scale) in enumerate(
+        [("everything", 3.0), ("temperature", 12.0), ("top_p_and_min_p", 0.5), ("hot", 3.0)]
+    ):
+        rng = np.random.default_rng(i)
+        batches[name] = make_batch(rng, vocab=1003, scale=scale, **PARAMS[name])
+    batches["large"] = make_batch(np.random.default_rng(7), vocab=49152, temperature=0.7, top_p=0.9)
+    np.savez(
+        tmp_path / "given.npz",
+        **{
+            f"{b}/{n}": v
+            for b, (logits, kwargs) in batches.items()
+            for n, v in {"logits": logits, **kwargs}.items()
+        },
+    )
+    run_as_avx2_host(SAMPLE_EACH, str(tmp_path / "given.npz"), str(tmp_path / "tokens.npz"))
+    tokens = np.load(tmp_path / "tokens.npz")
+    for b, (logits, kwargs) in batches.items():
+        want, margins = sample_reference(logits, **kwargs)
+        differ = np.flatnonzero(tokens[b] != want)
+        assert np.all(margins[differ] < ROUNDING_MARGIN), (b, differ, tokens[b], want)
 
 
 @pytest.mark.parametrize("params", [{"temperature": 0.0}, {"top_k": 3}, {"top_p": 0.5}, {}])
