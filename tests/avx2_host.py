@@ -1,16 +1,21 @@
-"""Python code run as on an AVX2-only host, on any x86-64 machine: QEMU's user-mode emulator with
+"""Python code run as on an AVX2-only host, on an x86-64 machine: QEMU's user-mode emulator with
 an AMD EPYC Milan CPU model (CPUID without AVX-512; QEMU's translator has none either, so an
 AVX-512 instruction reached by mistake is an illegal instruction there), and `backends.cpu`
 reading that CPU's /proc/cpuinfo flags (the emulator shows the host's file).
 
     result = run_as_avx2_host("print(1)")
 
-Tests that need it skip where `qemu-x86_64` is not installed (.ci/run installs qemu-user).
+Tests that need it skip where `qemu-x86_64` is not installed (.ci/run installs qemu-user), where
+it does not emulate AVX2 (QEMU before 7.2 drops AVX, AVX2 and FMA from any CPU model: the
+kernels would run their plain x86-64 code and prove nothing), or where the host is not x86-64.
 Code runs ~20x slower there: keep what runs under it small.
 """
 
 from __future__ import annotations
 
+import functools
+import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,7 +29,9 @@ CPU_MODEL = "EPYC-Milan"
 ROOT = Path(__file__).resolve().parents[1]
 
 needs_qemu = pytest.mark.skipif(
-    QEMU is None, reason="qemu-x86_64 is not installed (Debian's qemu-user; .ci/run installs it)"
+    QEMU is None or platform.machine() != "x86_64",
+    reason="qemu-x86_64 is not installed (Debian's qemu-user; .ci/run installs it) or this "
+    "host is not x86-64",
 )
 
 _PRELUDE = """
@@ -38,18 +45,41 @@ _cpu.cpu_info = lambda: (
 """
 
 
-def run_as_avx2_host(code: str, *args: str, timeout: float = 300) -> str:
-    """Runs `code` (a Python program; its arguments in sys.argv[1:]) in this interpreter under
-    the emulated CPU; returns its stdout, or fails the test with its stderr."""
+def _no_core_files() -> None:
+    # An illegal instruction, what these tests catch, would leave QEMU's and the kernel's core
+    # files (hundreds of MB with the models loaded) in the working directory.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _run(code: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     assert QEMU is not None
-    done = subprocess.run(
+    return subprocess.run(
         [QEMU, "-cpu", CPU_MODEL, sys.executable, "-c", _PRELUDE + code, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        preexec_fn=_no_core_files,
     )
-    if done.returncode:
+
+
+@functools.cache
+def _kernel_there() -> subprocess.CompletedProcess[str]:
+    """The native kernels' best int4 tile under the emulated CPU ('avx2' where QEMU emulates
+    it), asked once."""
+    return _run("from backends._kernels import q4_best_kernel; print(q4_best_kernel())", timeout=60)
+
+
+def _checked(done: subprocess.CompletedProcess[str]) -> str:
+    if done.returncode:  # a crash (as an illegal instruction) is a failure, never a skip
         pytest.fail(f"exit status {done.returncode} under {CPU_MODEL}:\n{done.stderr[-4000:]}")
     return done.stdout
+
+
+def run_as_avx2_host(code: str, *args: str, timeout: float = 300) -> str:
+    """Runs `code` (a Python program; its arguments in sys.argv[1:]) in this interpreter under
+    the emulated CPU; returns its stdout, or fails the test with its stderr."""
+    if (kernel := _checked(_kernel_there()).strip()) != "avx2":
+        pytest.skip(f"{QEMU} -cpu {CPU_MODEL} does not emulate AVX2 and FMA (got {kernel!r})")
+    return _checked(_run(code, *args, timeout=timeout))

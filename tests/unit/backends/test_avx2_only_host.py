@@ -49,7 +49,7 @@ print(json.dumps({
 
 def test_an_avx2_only_cpu_decodes_natively_to_the_same_bits(
     prepared_models: dict[str, Path], tmp_path: Path
-):
+) -> None:
     folder = prepared_models["smollm2-135m-instruct"]
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     prompts = [np.array(tokenizer.encode(p).ids, np.int64) for p in PROMPTS]

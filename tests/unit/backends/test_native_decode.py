@@ -117,8 +117,8 @@ def test_steps_compute_what_the_graph_computes(
 
 def test_a_row_is_the_same_alone_and_in_any_batch(native: OnnxDecoder, prompts: list[np.ndarray]):
     """Bit for bit: logits and the keys and values written, for a slot decoded alone and among
-    eleven rows (a tile call holds 6 rows, or 8 with AVX2 tiles: this one falls in the second
-    call)."""
+    eleven rows (a tile call holds 6 rows, or 4 with AVX2 tiles: this one falls in the second
+    call, or the third)."""
     lengths = _fill(native, prompts)
     alone = native.decode(np.array([9]), np.array([42]), np.array([lengths[9]]))
     key = native._keys[5][9, :, lengths[9]].copy()
