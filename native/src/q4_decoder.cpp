@@ -238,18 +238,17 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* P, const float
     for (int c = 0; c < 2; ++c) _mm256_storeu_ps(C + static_cast<size_t>(m) * ldc + c * 8, acc[m][c]);
 }
 
-// Rows a tile call holds in registers: up to 8; measured on a Zen 4 (microbenchmark of the
+// Rows a tile call holds in registers; measured on a Zen 4 (microbenchmark of the
 // tiles over the step's weight shapes, 592 rows), the VNNI tile ran 5-15% faster with 6 rows a
-// call than with 8 (fewer registers spilled). The AVX2 tile (both halves a pass) fills the 16
-// YMM registers at 5 rows; 4 and 5 measured alike, 6 spilled.
-constexpr int kMaxRows = 8;
+// call than with 8 (fewer registers spilled). The AVX2 tile (both halves a pass) keeps its
+// dot sums, codes and a broadcast in the 16 YMM registers up to 5 rows (its float sums go to
+// the stack once a block); 4 and 5 measured alike, 6 spilled. Only the tiles a call can take
+// are built.
 constexpr int kVnniRows = 6, kAvx2Rows = 4;
-const Tile kVnni[kMaxRows + 1] = {nullptr,      tile_vnni<1>, tile_vnni<2>, tile_vnni<3>,
-                                  tile_vnni<4>, tile_vnni<5>, tile_vnni<6>, tile_vnni<7>,
-                                  tile_vnni<8>};
-const Tile kAvx2[kMaxRows + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
-                                  tile_avx2<4>, tile_avx2<5>, tile_avx2<6>, tile_avx2<7>,
-                                  tile_avx2<8>};
+const Tile kVnni[kVnniRows + 1] = {nullptr,      tile_vnni<1>, tile_vnni<2>, tile_vnni<3>,
+                                   tile_vnni<4>, tile_vnni<5>, tile_vnni<6>};
+const Tile kAvx2[kAvx2Rows + 1] = {nullptr, tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
+                                   tile_avx2<4>};
 
 // ---------------------------------------------------------------- per-row vector code
 using q4::v16;
