@@ -67,6 +67,8 @@ from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 
 SAMPLED = {"temperature": 0.7, "top_p": 0.9}
 """A sampled run's parameters (every other run is greedy): what the sampler costs a step."""
+PINNABLE = ("auto", "avx2", "avx512-vnni")
+"""`--decode-kernel`: the native tile the benchmarks pin (the CPU's best by default)."""
 
 
 async def router_run(
@@ -165,7 +167,7 @@ def main() -> None:
     parser.add_argument(
         "--decode-kernel",
         default="auto",
-        choices=["auto", "avx2", "avx512-vnni"],
+        choices=PINNABLE,
         help="the native step's tile for the bare native loop and the router's default run",
     )
     args = parser.parse_args()

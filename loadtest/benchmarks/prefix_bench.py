@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 
 from backends.cpu import cpu_info
-from loadtest.benchmarks.batching_bench import rss_mib
+from loadtest.benchmarks.batching_bench import PINNABLE, rss_mib
 from loadtest.benchmarks.serve_bench import GEN, ROUTER_PIDS, line, router_process
 from router.proto.irouter.v1 import inference_service_pb2 as pb
 from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument(
         "--decode-kernel",
         default="auto",
-        choices=["auto", "avx2", "avx512-vnni"],
+        choices=PINNABLE,
         help="the native step's code for both models",
     )
     args = parser.parse_args()

@@ -4,6 +4,7 @@ graph it replaces, and its independence from the batch, the thread count and the
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from backends import native_decode
 from backends._kernels import Q4Decoder, q4_best_kernel
 from backends.native_decode import NativeSteps
 from backends.onnx_runtime import OnnxDecoder
+from tests.avx2_host import needs_qemu, run_as_avx2_host
 
 pytestmark = pytest.mark.skipif(not q4_best_kernel(), reason="the CPU has no AVX2")
 
@@ -159,15 +161,53 @@ def test_the_avx2_pin_computes_prompts_and_half_precision_kv_to_the_same_bits(
         OnnxDecoder(folder, max_slots=4, max_context=128, prefill_graph="native", decode_kernel=k)
         for k in ("avx2", "auto")
     ]
-    results = []
     for engine in engines:
         assert engine.mixed_steps and engine._keys[0].dtype == np.float16
-        first = [engine.prefill(slot, ids, 0) for slot, ids in enumerate(prompts)]
-        lengths = np.array([p.size for p in prompts])
-        step = engine.decode(np.arange(len(prompts)), np.array([5, 6, 7, 8]), lengths)
-        results.append((np.stack(first), step, engine._keys[7].copy(), engine._values[29].copy()))
-    for got, want in zip(results[0], results[1], strict=True):
+    for got, want in zip(*(_answers(engine, prompts) for engine in engines), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def _answers(engine: OnnxDecoder, prompts: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Each prompt computed in its slot, one decode step of them all, and two layers' KV."""
+    first = np.stack([engine.prefill(slot, ids, 0) for slot, ids in enumerate(prompts)])
+    lengths = np.array([ids.size for ids in prompts])
+    step = engine.decode(np.arange(len(prompts)), np.arange(5, 5 + len(prompts)), lengths)
+    return first, step, engine._keys[7].copy(), engine._values[29].copy()
+
+
+AVX2_HOST = """
+import json, sys
+import numpy as np
+from backends._kernels import q4_best_kernel
+from backends.onnx_runtime import OnnxDecoder
+from tests.unit.backends.test_native_decode import _answers
+
+folder, given, out = sys.argv[1:]
+engine = OnnxDecoder(folder, max_slots=4, max_context=128)  # the defaults choose
+np.savez(out, *_answers(engine, [ids for _, ids in sorted(np.load(given).items())]))
+print(json.dumps({
+    "best": q4_best_kernel(), "tile": engine._native.decoder.kernel,
+    "decode": engine.decode_kernel, "prompts": engine.prefill_graph,
+}))
+"""
+
+
+@needs_qemu
+def test_an_avx2_only_cpu_decodes_natively_to_the_same_bits(
+    folder: Path, prompts: list[np.ndarray], tmp_path: Path
+) -> None:
+    """On an AVX2-only host (emulated: tests/avx2_host.py) the defaults choose the AVX2 tile and
+    native prompts by themselves and give the same bits as 'avx2' here: no AVX-512 instruction
+    is reached where the CPU has none."""
+    np.savez(tmp_path / "prompts.npz", **{f"p{i}": ids for i, ids in enumerate(prompts)})
+    chosen = json.loads(
+        run_as_avx2_host(AVX2_HOST, str(folder), str(tmp_path / "prompts.npz"), str(tmp_path / "a"))
+    )
+    assert chosen == {"best": "avx2", "tile": "avx2", "decode": "native", "prompts": "native"}
+    here = OnnxDecoder(folder, max_slots=4, max_context=128, decode_kernel="avx2")
+    there = np.load(tmp_path / "a.npz")
+    for i, want in enumerate(_answers(here, prompts)):
+        np.testing.assert_array_equal(there[f"arr_{i}"], want)
 
 
 def _rebuilt(folder: Path, kernel: str, threads: int) -> Q4Decoder:
