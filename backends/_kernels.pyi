@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 def q4_best_kernel() -> str:
     """
-    The int4 decode kernel this CPU runs: 'avx512-vnni', 'avx2', or '' (none).
+    The int4 decode kernel this CPU runs: 'amx-int8' (the VNNI tile, and AMX for rows in groups of 16), 'avx512-vnni', 'avx2', or '' (none).
     """
 
 class Q4Decoder:
@@ -21,7 +21,7 @@ class Q4Decoder:
 
     def __init__(self, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, vocab: int, eps: float, cos: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], sin: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], embedding: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], norms: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], codes: Sequence[Annotated[NDArray[numpy.uint8], dict(order='C', device='cpu', writable=False)]], scales: Sequence[Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)]], threads: int, kernel: str = '') -> None:
         """
-        Copies every array. kernel: 'avx512-vnni', 'avx2' or '' for the CPU's best.
+        Copies every array. kernel: 'amx-int8', 'avx512-vnni', 'avx2' or '' for the CPU's best.
         """
 
     def step(self, slots: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], tokens: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], positions: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], keys: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], values: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], logits: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu')], outputs: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)] | None = None) -> None:

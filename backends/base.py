@@ -26,10 +26,18 @@ PRECISIONS: tuple[str, ...] = ("", "f32", "bf16", "f16")
 PREFILL_GRAPHS: tuple[str, ...] = ("auto", "int8", "model", "native")
 """ONNX Runtime decoders: what computes prompts ('model': the decoder's own graph; 'native':
 the native decode step's kernels, backends.native_decode)."""
-DECODE_KERNELS: tuple[str, ...] = ("auto", "native", "onnxruntime", "avx2", "avx512-vnni")
+DECODE_KERNELS: tuple[str, ...] = (
+    "auto",
+    "native",
+    "onnxruntime",
+    "avx2",
+    "avx512-vnni",
+    "amx-int8",
+)
 """ONNX Runtime decoders: what computes decode steps ('native': backends.native_decode on the
-CPU's best int4 matmul tile; 'avx2' or 'avx512-vnni': native on that tile, the same bits; on
-an AVX-512 host 'avx2' measures the decode step an AVX2-only host runs)."""
+CPU's best int4 matmul tile; 'avx2', 'avx512-vnni' or 'amx-int8': native on that tile, the same
+bits; on an AVX-512 host 'avx2' measures the decode step an AVX2-only host runs, on an AMX host
+'avx512-vnni' the one without AMX)."""
 BURST_GAP_S = 0.003
 """Woken from idle, an engine waits this long for another call before its first step..."""
 BURST_WINDOW_S = 0.025

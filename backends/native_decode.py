@@ -11,10 +11,12 @@ row's result depends only on that row, never on the batch or the thread count.
 
 `decode_kernel`: 'native' (refused, by name, for a graph or CPU it cannot run), 'onnxruntime',
 'auto': native where the CPU has AVX-512 VNNI or AVX2 and the graph is the int4 one it reads,
-or a tile ('avx2', 'avx512-vnni'): native with that int4 matmul tile, refused where the CPU
-lacks it. Every tile computes the same bits. 'avx2' also pins the step's other vector code
-(float16 attention, KV stores, norms, SiLU, activation quantization) to its AVX2 build, again
-the same bits; only the rotary embedding keeps the clone the CPU loads.
+or a tile ('avx2', 'avx512-vnni', 'amx-int8'): native with that int4 matmul tile, refused where
+the CPU lacks it ('amx-int8': the VNNI tile, and AMX tiles for rows in groups of 16, where the
+CPU has AMX and Linux grants the process its tile state). Every tile computes the same bits.
+'avx2' also pins the step's other vector code (float16 attention, KV stores, norms, SiLU,
+activation quantization) to its AVX2 build, again the same bits; only the rotary embedding
+keeps the clone the CPU loads.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from backends.base import DECODE_KERNELS
 
 logger = logging.getLogger(__name__)
 
-TILES = ("avx2", "avx512-vnni")
+TILES = ("avx2", "avx512-vnni", "amx-int8")
 """decode_kernel choices that pin the native step's tile (Q4Decoder's kernel names)."""
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -158,8 +160,10 @@ def _cpu_problem(choice: str) -> str | None:
     best = q4_best_kernel()
     if not best:
         return "this CPU has neither AVX-512 VNNI nor AVX2"
-    if choice == "avx512-vnni" and best != "avx512-vnni":
+    if choice == "avx512-vnni" and best not in ("avx512-vnni", "amx-int8"):
         return "this CPU has no AVX-512 VNNI"
+    if choice == "amx-int8" and best != "amx-int8":
+        return "this CPU has no AMX int8 tiles, or Linux grants this process none"
     return None  # every CPU with a tile has the AVX2 one
 
 

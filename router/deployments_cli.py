@@ -55,7 +55,7 @@ def register_cli(
         "--decode-kernel",
         default="",
         help="onnxruntime replicas' decode steps: auto (default), native, onnxruntime, or a "
-        "native tile: avx2 or avx512-vnni",
+        "native tile: avx2, avx512-vnni or amx-int8",
     )
     create.add_argument("--require-auth", action="store_true", help="refuse anonymous callers")
     create.add_argument(

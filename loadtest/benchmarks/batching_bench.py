@@ -67,7 +67,7 @@ from router.proto.irouter.v1 import inference_service_pb2_grpc as pb_grpc
 
 SAMPLED = {"temperature": 0.7, "top_p": 0.9}
 """A sampled run's parameters (every other run is greedy): what the sampler costs a step."""
-PINNABLE = ("auto", "avx2", "avx512-vnni")
+PINNABLE = ("auto", "avx2", "avx512-vnni", "amx-int8")
 """`--decode-kernel`: the native tile the benchmarks pin (the CPU's best by default)."""
 
 

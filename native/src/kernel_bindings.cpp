@@ -229,7 +229,8 @@ void kv_save_blocks(const KVList& slot_buffers, const KVList& pool_buffers, int6
 NB_MODULE(_kernels, m) {
   m.doc() = "irouter's CPU kernels for the backends: the int4 decoder step, KV block copies.";
   m.def("q4_best_kernel", &irouter::q4_best_kernel,
-        "The int4 decode kernel this CPU runs: 'avx512-vnni', 'avx2', or '' (none).");
+        "The int4 decode kernel this CPU runs: 'amx-int8' (the VNNI tile, and AMX for rows in "
+        "groups of 16), 'avx512-vnni', 'avx2', or '' (none).");
   nb::class_<irouter::Q4Decoder>(
       m, "Q4Decoder",
       "A llama decoder's decode step over MatMulNBits int4 weights (native/include/irouter/"
@@ -237,7 +238,8 @@ NB_MODULE(_kernels, m) {
       .def(nb::new_(&make_q4_decoder), "layers"_a, "hidden"_a, "heads"_a, "kv_heads"_a,
            "head_dim"_a, "intermediate"_a, "vocab"_a, "eps"_a, "cos"_a, "sin"_a,
            "embedding"_a, "norms"_a, "codes"_a, "scales"_a, "threads"_a, "kernel"_a = "",
-           "Copies every array. kernel: 'avx512-vnni', 'avx2' or '' for the CPU's best.")
+           "Copies every array. kernel: 'amx-int8', 'avx512-vnni', 'avx2' or '' for the CPU's "
+           "best.")
       // noconvert: a converted copy of a KV buffer or of logits would take the writes.
       .def("step", &q4_step, "slots"_a, "tokens"_a, "positions"_a, "keys"_a.noconvert(),
            "values"_a.noconvert(), "logits"_a.noconvert(), "outputs"_a = nb::none(),

@@ -1,7 +1,9 @@
-// See q4_decoder.h. Kernels: an AVX-512 VNNI and an AVX2 int4 x int8 tile, chosen at run time;
+// See q4_decoder.h. Kernels: an AVX-512 VNNI and an AVX2 int4 x int8 tile, chosen at run time,
+// and AMX for rows in groups of 16 (q4_amx.cpp) where the CPU has it;
 // the rest (norms, rotary, attention, SiLU) in GCC vector code cloned for AVX-512 and AVX2.
 #include "irouter/q4_decoder.h"
 
+#include "q4_amx.h"
 #include "q4_attention.h"
 #include "q4_vector.h"
 
@@ -407,7 +409,7 @@ std::string q4_best_kernel() {
   if (!q4::half_kv_supported()) return "";
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni"))
-    return "avx512-vnni";
+    return q4::amx_usable() ? "amx-int8" : "avx512-vnni";
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
   return "";
 }
@@ -421,6 +423,7 @@ struct Q4Decoder::Impl {
   bool v3 = false;
   const RowCode* rows = nullptr;
   int tile_rows = 0;  // rows a tile call takes
+  bool amx = false;   // rows in groups of 16 on AMX tiles (the rest on the VNNI tile)
   std::vector<float> cos, sin, embedding, norms;
   std::vector<Weight> weights;
   Pool pool;
@@ -437,11 +440,15 @@ struct Q4Decoder::Impl {
   // C[rows, N] = (quantized activations) x w; column tiles split between the workers.
   void gemm(int rows, const Weight& w, float* C) {
     const int nb = w.K / 32, nt = w.N / 16, nw = pool.size();
+    const int groups = amx ? rows / 16 : 0;  // rows [0, 16 groups) on AMX
     pool.run([&](int wi) {
       const int lo = static_cast<int>(static_cast<int64_t>(nt) * wi / nw);
       const int hi = static_cast<int>(static_cast<int64_t>(nt) * (wi + 1) / nw);
+      if (groups && lo < hi)
+        q4::amx_tiles(w.codes.data(), w.scales.data(), nb, lo, hi, groups, qa.q.data(),
+                      qa.s.data(), w.K, C, w.N);
       for (int t = lo; t < hi; ++t)
-        for (int m0 = 0; m0 < rows; m0 += tile_rows) {
+        for (int m0 = groups * 16; m0 < rows; m0 += tile_rows) {
           const int mr = std::min(tile_rows, rows - m0);
           tiles[mr](w.codes.data() + static_cast<size_t>(t) * nb * 256,
                     w.scales.data() + static_cast<size_t>(t) * nb * 16, nb,
@@ -478,15 +485,18 @@ Q4Decoder::Q4Decoder(const Q4DecoderShape& s, const float* cos, const float* sin
   const std::string best = q4_best_kernel();
   const std::string k = kernel.empty() ? best : kernel;
   if (best.empty()) throw std::invalid_argument("this CPU has neither AVX2 nor AVX-512 VNNI");
-  if (k != "avx512-vnni" && k != "avx2")
-    throw std::invalid_argument("unknown kernel '" + k + "': use avx512-vnni or avx2");
-  if (k == "avx512-vnni" && best != "avx512-vnni")
+  if (k != "amx-int8" && k != "avx512-vnni" && k != "avx2")
+    throw std::invalid_argument("unknown kernel '" + k + "': use amx-int8, avx512-vnni or avx2");
+  if (k == "amx-int8" && best != "amx-int8")
+    throw std::invalid_argument("this CPU (or its kernel) gives this process no AMX int8 tiles");
+  if (k == "avx512-vnni" && best == "avx2")
     throw std::invalid_argument("this CPU has no AVX-512 VNNI");
   Impl& d = *impl_;
   d.shape = s;
   d.kernel = k;
   d.tiles = k == "avx2" ? kAvx2 : kVnni;
   d.tile_rows = k == "avx2" ? kAvx2Rows : kVnniRows;
+  d.amx = k == "amx-int8";
   d.v3 = k == "avx2" || !__builtin_cpu_supports("x86-64-v4");
   d.rows = d.v3 ? &kRows_v3 : &kRows_v4;
   const size_t half = static_cast<size_t>(s.rope_positions) * s.head_dim / 2;

@@ -26,7 +26,9 @@ struct Q4DecoderShape {
   float eps = 1e-5f;
 };
 
-// "avx512-vnni" or "avx2" where this CPU runs that kernel, else "" (no kernel: use the graph).
+// The best kernel this CPU runs: "amx-int8" (the VNNI tile, and AMX tiles for rows in groups of
+// 16: the same bits; where Linux grants the process the tile state), "avx512-vnni" or "avx2";
+// else "" (no kernel: use the graph).
 std::string q4_best_kernel();
 
 // (N, K) of weight i of a decoder of this shape: per layer the fused QKV projection, the output
@@ -43,8 +45,9 @@ class Q4Decoder {
   // codes/scales: 4 * layers + 1 MatMulNBits weights, per layer the fused QKV projection
   // (N = (heads + 2 kv_heads) * head_dim), the output projection, the fused gate-up projection
   // (N = 2 * intermediate, gate first) and the down projection, then the LM head; codes
-  // [N, K / 32, 16] bytes, scales [N, K / 32]. Everything is copied. kernel: "avx512-vnni",
-  // "avx2" or "" for the best; throws std::invalid_argument for a kernel this CPU lacks.
+  // [N, K / 32, 16] bytes, scales [N, K / 32]. Everything is copied. kernel: "amx-int8",
+  // "avx512-vnni", "avx2" or "" for the best; throws std::invalid_argument for a kernel this CPU
+  // lacks.
   Q4Decoder(const Q4DecoderShape& shape, const float* cos, const float* sin,
             const float* embedding, const float* norms, const std::vector<const uint8_t*>& codes,
             const std::vector<const float*>& scales, int threads, const std::string& kernel);

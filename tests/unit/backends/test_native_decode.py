@@ -135,7 +135,8 @@ def test_a_row_is_the_same_alone_and_in_any_batch(native: OnnxDecoder, prompts: 
 def test_threads_and_kernels_do_not_change_a_result(folder: Path, prompts: list[np.ndarray]):
     """One thread or two, AVX2 or AVX-512 VNNI tiles (where the CPU has both): the same bits."""
     results = []
-    kernels = ["avx2"] + (["avx512-vnni"] if q4_best_kernel() == "avx512-vnni" else [])
+    vnni = q4_best_kernel() in ("avx512-vnni", "amx-int8")
+    kernels = ["avx2"] + (["avx512-vnni"] if vnni else [])
     for kernel in kernels:
         for threads in (1, 2):
             engine = _decoder(folder, "native", threads)
@@ -165,6 +166,28 @@ def test_the_avx2_pin_computes_prompts_and_half_precision_kv_to_the_same_bits(
         assert engine.mixed_steps and engine._keys[0].dtype == np.float16
     for got, want in zip(*(_answers(engine, prompts) for engine in engines), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(
+    q4_best_kernel() != "amx-int8", reason="the CPU has no AMX int8 tiles, or Linux grants none"
+)
+def test_amx_tiles_compute_the_vnni_tiles_bits(folder: Path, prompts: list[np.ndarray]):
+    """'amx-int8' multiplies rows in groups of 16 on AMX tiles and the rest on the VNNI tile:
+    prompts of 1 to 61 rows (none, one and three groups, with and without a remainder) and a
+    20-row decode step give the VNNI tile's logits and KV bit for bit, on one thread or two."""
+    tokens = np.concatenate(prompts * 4)
+    lengths = [1, 5, 15, 16, 17, 31, 32, 33, 48, 61] + [3 + 4 * i for i in range(10)]
+    ragged = [tokens[i : i + n] for i, n in enumerate(lengths)]
+    answers = []
+    for kernel, threads in (("avx512-vnni", 2), ("amx-int8", 2), ("amx-int8", 1)):
+        engine = OnnxDecoder(
+            folder, max_slots=len(ragged), max_context=128, threads=threads, decode_kernel=kernel
+        )
+        assert engine.mixed_steps and engine._native.decoder.kernel == kernel
+        answers.append(_answers(engine, ragged))
+    for other in answers[1:]:
+        for got, want in zip(other, answers[0], strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def _answers(engine: OnnxDecoder, prompts: list[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -223,7 +246,7 @@ def test_decode_kernel_pins_a_tile_or_refuses_it_by_name(
     folder: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """'avx2' runs wherever a tile does (an AVX2-only host's step, on any CPU); 'avx512-vnni'
-    only where the CPU has it; 'native' and 'auto' take the best."""
+    and 'amx-int8' only where the CPU has them; 'native' and 'auto' take the best."""
     from backends.artifact import read_manifest
 
     manifest = read_manifest(folder)
@@ -231,10 +254,15 @@ def test_decode_kernel_pins_a_tile_or_refuses_it_by_name(
     assert engine.decode_kernel == "native" and engine._native.decoder.kernel == "avx2"
     assert native_decode.native_will_decode(folder, manifest, "avx2")
     assert _decoder(folder, "auto")._native.decoder.kernel == q4_best_kernel()
-    if q4_best_kernel() == "avx512-vnni":
-        assert _decoder(folder, "avx512-vnni")._native.decoder.kernel == "avx512-vnni"
+    beyond_avx2 = {"avx512-vnni": ["avx512-vnni"], "amx-int8": ["avx512-vnni", "amx-int8"]}
+    for tile in beyond_avx2.get(q4_best_kernel(), []):
+        assert _decoder(folder, tile)._native.decoder.kernel == tile
+    monkeypatch.setattr(native_decode, "q4_best_kernel", lambda: "avx512-vnni")  # no AMX
+    with pytest.raises(ValueError, match=r"'amx-int8' cannot run .*no AMX int8 tiles"):
+        native_decode.load_native_decode(folder, manifest, "amx-int8", 1)
     monkeypatch.setattr(native_decode, "q4_best_kernel", lambda: "avx2")  # an AVX2-only CPU
     assert not native_decode.native_will_decode(folder, manifest, "avx512-vnni")
+    assert not native_decode.native_will_decode(folder, manifest, "amx-int8")
     with pytest.raises(ValueError, match=r"'avx512-vnni' cannot run .*no AVX-512 VNNI"):
         native_decode.load_native_decode(folder, manifest, "avx512-vnni", 1)
     assert native_decode.native_will_decode(folder, manifest, "avx2")

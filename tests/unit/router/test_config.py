@@ -109,12 +109,12 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         (
             "models: [{name: a, kind: generate, artifact: x, decode_kernel: gpu}]",
             "models['a'].decode_kernel='gpu': use one of ['auto', 'native', 'onnxruntime', "
-            "'avx2', 'avx512-vnni']",
+            "'avx2', 'avx512-vnni', 'amx-int8']",
         ),
         (
             "models: [{name: a, kind: embed, artifact: x, decode_kernel: native}]",
             "models['a'].decode_kernel='native': use one of ['auto', 'native', 'onnxruntime', "
-            "'avx2', 'avx512-vnni'], "
+            "'avx2', 'avx512-vnni', 'amx-int8'], "
             "for generation models",
         ),
         ("colour: blue", "unknown keys ['colour']"),
