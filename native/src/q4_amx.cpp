@@ -122,10 +122,15 @@ void amx_tiles(const uint8_t* codes, const float* scales, int nb, int t, int t_e
   for (; t < t_end; ++t) {
     const uint8_t* P = codes + static_cast<size_t>(t) * nb * 256;
     for (int b = 0; b < nb; ++b) unpack_block(P + b * 256, unpacked[b].codes);
+    // GCC 12's tile loads are asm without a memory clobber: nothing may move the stores above
+    // past them (group_tile, of another target, is never inlined here; this holds if it were).
+    asm volatile("" : : : "memory");
     for (int g = 0; g < groups; ++g)
-      group_tile(unpacked.data()->codes, scales + static_cast<size_t>(t) * nb * 16, nb,
+      group_tile(reinterpret_cast<const int8_t*>(unpacked.data()),
+                 scales + static_cast<size_t>(t) * nb * 16, nb,
                  aq + static_cast<size_t>(g) * 16 * K, as + g * 16 * nb, K,
-                 C + static_cast<size_t>(g) * 16 * ldc + t * 16, ldc, dots.data()->sums);
+                 C + static_cast<size_t>(g) * 16 * ldc + t * 16, ldc,
+                 reinterpret_cast<int32_t*>(dots.data()));
   }
   if (saved.palette)
     load_config(saved);

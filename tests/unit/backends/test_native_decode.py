@@ -168,9 +168,12 @@ def test_the_avx2_pin_computes_prompts_and_half_precision_kv_to_the_same_bits(
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.skipif(
+needs_amx = pytest.mark.skipif(
     q4_best_kernel() != "amx-int8", reason="the CPU has no AMX int8 tiles, or Linux grants none"
 )
+
+
+@needs_amx
 def test_amx_tiles_compute_the_vnni_tiles_bits(folder: Path, prompts: list[np.ndarray]):
     """'amx-int8' multiplies rows in groups of 16 on AMX tiles and the rest on the VNNI tile:
     prompts of 1 to 61 rows (none, one and three groups, with and without a remainder) and a

@@ -258,8 +258,8 @@ class Deployment(_message.Message):
     decode_kernel: _builtins.str
     """What computes decode steps on its onnxruntime replicas: "auto" (empty: the native int4
     kernels where the CPU and graph allow, else the graph), "native", "onnxruntime", or the
-    native kernels on one tile: "avx2" or "avx512-vnni" (the same bits; refused where the
-    CPU lacks it).
+    native kernels on one tile: "avx2", "avx512-vnni" or "amx-int8" (the same bits; refused
+    where the CPU lacks it).
     """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
