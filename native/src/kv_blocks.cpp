@@ -2,9 +2,16 @@
 #include "irouter/kv_blocks.h"
 
 #include <cstring>
+#include <system_error>
+#include <thread>
 
 namespace irouter {
 namespace {
+
+// A load this large (a 300-token prefix of SmolLM2-135M: ~7 MB) is copied by two threads, half
+// the layers each: one thread's block-sized copies ran at ~7 GB/s where two memcpy threads
+// reach ~18 (Intel Xeon, 2 cores); a thread costs ~50 us to start.
+constexpr size_t kTwoThreadBytes = 1 << 20;
 
 // Bytes from the start of a slot buffer to (slot, head, position); of a pool buffer to
 // (block, head).
@@ -21,15 +28,28 @@ void kv_load_blocks(const std::vector<void*>& slot_buffers,
                     const std::vector<const void*>& pool_buffers, const KVBlockShape& shape,
                     int64_t slot, const int64_t* blocks, int64_t n) {
   const size_t run = static_cast<size_t>(shape.block_size * shape.head_dim * shape.item_bytes);
-  for (size_t i = 0; i < slot_buffers.size(); ++i) {
-    char* dst = static_cast<char*>(slot_buffers[i]);
-    const char* src = static_cast<const char*>(pool_buffers[i]);
-    for (int64_t h = 0; h < shape.heads; ++h) {
-      char* to = dst + slot_offset(shape, slot, h, 0);
-      for (int64_t j = 0; j < n; ++j, to += run)
-        std::memcpy(to, src + block_offset(shape, blocks[j], h), run);
+  const auto copy = [&](size_t first, size_t last) {
+    for (size_t i = first; i < last; ++i) {
+      char* dst = static_cast<char*>(slot_buffers[i]);
+      const char* src = static_cast<const char*>(pool_buffers[i]);
+      for (int64_t h = 0; h < shape.heads; ++h) {
+        char* to = dst + slot_offset(shape, slot, h, 0);
+        for (int64_t j = 0; j < n; ++j, to += run)
+          std::memcpy(to, src + block_offset(shape, blocks[j], h), run);
+      }
     }
+  };
+  const size_t buffers = slot_buffers.size();
+  const size_t bytes = run * static_cast<size_t>(n * shape.heads) * buffers;
+  if (bytes < kTwoThreadBytes || buffers < 2) return copy(0, buffers);
+  std::thread helper;
+  try {
+    helper = std::thread(copy, buffers / 2, buffers);
+  } catch (const std::system_error&) {  // no thread to be had: copy it all here
+    return copy(0, buffers);
   }
+  copy(0, buffers / 2);
+  helper.join();
 }
 
 void kv_save_blocks(const std::vector<const void*>& slot_buffers,
