@@ -2,14 +2,14 @@
 #include "irouter/kv_blocks.h"
 
 #include <cstring>
-#include <system_error>
+#include <exception>
 #include <thread>
 
 namespace irouter {
 namespace {
 
-// A load this large (a 300-token prefix of SmolLM2-135M: ~7 MB) is copied by two threads, half
-// the layers each: one thread's block-sized copies ran at ~7 GB/s where two memcpy threads
+// A load of at least this many bytes (a 300-token prefix of SmolLM2-135M: ~7 MB) is copied by
+// two threads, half the buffers each: one thread's block-sized copies ran at ~7 GB/s where two memcpy threads
 // reach ~18 (Intel Xeon, 2 cores); a thread costs ~50 us to start.
 constexpr size_t kTwoThreadBytes = 1 << 20;
 
@@ -45,7 +45,7 @@ void kv_load_blocks(const std::vector<void*>& slot_buffers,
   std::thread helper;
   try {
     helper = std::thread(copy, buffers / 2, buffers);
-  } catch (const std::system_error&) {  // no thread to be had: copy it all here
+  } catch (const std::exception&) {  // no thread to be had (or its state): copy it all here
     return copy(0, buffers);
   }
   copy(0, buffers / 2);

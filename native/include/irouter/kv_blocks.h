@@ -18,8 +18,8 @@ struct KVBlockShape {
 };
 
 // Pool blocks blocks[0..n) into positions 0..n * block_size of `slot` in every slot buffer
-// (slot_buffers[i] takes pool_buffers[i]); past 1 MB, two threads copy half the buffers each.
-// Shapes and ranges are the caller's to check.
+// (slot_buffers[i] takes pool_buffers[i]); from 1 MiB on, two threads copy half the buffers
+// each, so no two buffers may overlap. Shapes and ranges are the caller's to check.
 void kv_load_blocks(const std::vector<void*>& slot_buffers,
                     const std::vector<const void*>& pool_buffers, const KVBlockShape& shape,
                     int64_t slot, const int64_t* blocks, int64_t n);

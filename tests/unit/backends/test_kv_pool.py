@@ -43,17 +43,17 @@ def test_blocks_go_out_of_a_slot_and_into_another_as_numpy_would_move_them(dtype
 
 
 def test_a_large_load_split_between_two_threads_moves_what_numpy_would() -> None:
-    """Past 1 MB a load is copied by two threads, half the buffers each (an odd count here):
-    every buffer gets its blocks, in order."""
+    """From 1 MiB on a load is copied by two threads, half the buffers each (an odd count
+    here): every buffer gets its blocks, in order."""
     rng = np.random.default_rng(1)
-    shape, blocks = (2, 3, 512, 64), 128
+    shape, blocks = (2, 3, 1024, 64), 256
     slots = [rng.standard_normal(shape).astype(np.float16) for _ in range(7)]
     pool = [rng.standard_normal((blocks, 3, 4, 64)).astype(np.float16) for _ in range(7)]
-    order = rng.permutation(blocks)[:120].astype(np.int64)  # 7 x 3 x 120 x 512 B: 1.3 MB
+    order = rng.permutation(blocks)[:240].astype(np.int64)  # 7 x 3 x 240 x 512 B: 2.6 MB
     want = [s.copy() for s in slots]
     kv_load_blocks(slots, pool, 1, order)
     for got, expected, blocks_of in zip(slots, want, pool, strict=True):
-        expected[1, :, :480] = blocks_of[order].transpose(1, 0, 2, 3).reshape(3, -1, 64)
+        expected[1, :, :960] = blocks_of[order].transpose(1, 0, 2, 3).reshape(3, -1, 64)
         np.testing.assert_array_equal(got, expected)
 
 
