@@ -39,8 +39,8 @@ CPU's best int4 matmul tile; 'avx2', 'avx512-vnni' or 'amx-int8': native on that
 bits; on an AVX-512 host 'avx2' measures the decode step an AVX2-only host runs, on an AMX host
 'avx512-vnni' the one without AMX)."""
 BURST_GAP_S = 0.003
-"""Woken from idle, an in-process engine waits this long for another call before its first
-step (the OpenVINO worker waits its own, backends.openvino.worker.BURST_GAP_S)..."""
+"""Woken from idle, an engine (the OpenVINO worker too) waits this long for another call
+before its first step..."""
 BURST_WINDOW_S = 0.025
 """...and at most this long in all (gather_burst)."""
 

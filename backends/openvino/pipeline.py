@@ -7,10 +7,11 @@ reached 4.8x aggregate throughput at 16 streams where our batched ONNX Runtime l
 
 The pipeline runs in a worker process of its own (worker.py: its step() holds the GIL for the
 whole step, which stopped this process's event loop). Requests and cancellations go to it over
-a pipe; one thread here receives each step's tokens and hands them to the event loop in one
-`call_soon_threadsafe`. A request whose iterator is closed is cancelled in the worker; the
-pipeline frees its blocks at the next step. A worker that dies fails the calls in flight and is
-started again (after RESTART_DELAYS_S): calls made meanwhile are refused, naming why.
+a pipe, written by the thread that sends them (pipe_writer.py); one thread here receives each
+step's tokens and hands them to the event loop in one `call_soon_threadsafe`. A request whose
+iterator is closed is cancelled in the worker; the pipeline frees its blocks at the next step.
+A worker that dies fails the calls in flight and is started again (after RESTART_DELAYS_S):
+calls made meanwhile are refused, naming why.
 
 Weights, precision and the IR cache are in backends/openvino/ir.py: precision='f32' reads
 losslessly re-encoded weights and computes in f32 with an f32 KV cache, and then reproduces the
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -40,6 +40,7 @@ from backends.base import (
 )
 from backends.openvino import worker
 from backends.openvino.engine import check_device, check_precision, compile_properties
+from backends.openvino.pipe_writer import PipeWriter
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ KV_BLOCK_TOKENS = 32
 """Tokens per KV block on CPU (sizes the cache for max_slots sequences of max_context)."""
 STOP_WAIT_S = 10.0
 """How long stop() waits for the worker to exit before killing it."""
-_CLOSE = object()
-"""Ends the sender thread."""
 STOPPED = "the OpenVINO GenAI engine is stopped"
 RESTART_DELAYS_S = (0.5, 2.0, 5.0, 10.0, 30.0)
 """Waits before each try to start a dead worker again; the last repeats."""
@@ -132,7 +131,8 @@ class OpenVinoGenerator:
             scheduler=scheduler,
         )
         started = time.perf_counter()
-        self._process, self._to_worker, self._from_worker = _spawn(setup)
+        self._process, to_worker, self._from_worker = _spawn(setup)
+        self._to_worker = PipeWriter(to_worker)
         logger.info(
             "decoder %s on OpenVINO GenAI %s (worker process %d): %d sequences x %d tokens, %s, "
             "loaded in %.1fs",
@@ -151,13 +151,8 @@ class OpenVinoGenerator:
         self._keys = 0
         self.worker_idle = True
         """The worker said it has nothing left to step (set by the receiving thread)."""
-        self._outgoing: queue.SimpleQueue[worker.Add | int | object | None] = queue.SimpleQueue()
-        """What the sender thread writes to the worker: a write to a full pipe (the worker reads
-        it between steps) must not block the event loop."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._sender = threading.Thread(target=self._send_all, name="openvino-send", daemon=True)
-        self._sender.start()
         self._broken = ""
         """Why calls are refused now (the worker died, is starting again or was stopped)."""
         self._stopped = threading.Event()
@@ -180,15 +175,13 @@ class OpenVinoGenerator:
         """Stop the worker (killed if it has not exited within STOP_WAIT_S) and the threads."""
         with self._swap:  # no new worker after this (a restart under way gives up)
             self._stopped.set()
-        self._outgoing.put(None)  # the worker's stop
-        self._outgoing.put(_CLOSE)  # the sender's
+        self._send(None)  # the worker's stop
         self._process.join(STOP_WAIT_S)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
-        for thread in (self._sender, self._thread):
-            if thread is not None:
-                thread.join(timeout=STOP_WAIT_S)
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_WAIT_S)
         self._thread = None
         self._to_worker.close()
         self._from_worker.close()
@@ -277,15 +270,9 @@ class OpenVinoGenerator:
                 self._send(key)
 
     def _send(self, message: worker.Add | int | None) -> None:
-        self._outgoing.put(message)
-
-    def _send_all(self) -> None:
-        """The sender thread: the queue's messages to the worker, in order."""
-        while (message := self._outgoing.get()) is not _CLOSE:
-            try:
-                self._to_worker.send(message)  # the current worker's (a new one after a restart)
-            except (OSError, ValueError):  # it is gone: the receiver says why and restarts it
-                continue
+        # To the current worker (a new one after a restart); one that is gone drops it: the
+        # receiving thread says why and starts another.
+        self._to_worker.send(message)
 
     def _deliver(self, out: list[tuple[int, GenerationChunk | BaseException]]) -> None:
         for key, item in out:
@@ -326,16 +313,17 @@ class OpenVinoGenerator:
                 continue
             with self._swap:
                 if self._stopped.is_set():  # stop() ran meanwhile: this one is not wanted
-                    to_worker.send(None)
+                    to_worker.send(None)  # (blocking: it reads its pipe until it exits)
                     process.join(STOP_WAIT_S)
                     process.kill()
                     to_worker.close()
                     from_worker.close()
                     return False
                 old = (self._to_worker, self._from_worker)
-                self._process, self._to_worker, self._from_worker = process, to_worker, from_worker
-                for connection in old:
-                    connection.close()
+                self._process, self._from_worker = process, from_worker
+                self._to_worker = PipeWriter(to_worker)
+                old[0].close()
+                old[1].close()
                 self.restarts += 1
                 self._broken = ""
             logger.warning("OpenVINO GenAI worker started again (process %d)", process.pid)

@@ -31,14 +31,6 @@ import openvino_genai as ov_genai
 from backends.base import gather_burst
 from backends.openvino.ir import load_pipeline
 
-BURST_GAP_S = 0.008
-"""The worker's gap in gathering a burst (backends.base.gather_burst), wider than an in-process
-engine's: its calls cross the router's event loop and a pipe, on the cores its own steps take.
-With 3 ms, 16 calls at once (Intel Xeon, 2 cores, 6-round runs) went into two steps in 4 of
-10 rounds: 1-5 calls came, a gap of ~3 ms, the worker stepped, and the rest reached it one
-40 ms step later (the router's TTFT median 115-127 ms against 79-100 in one step). With 8 ms,
-none of 10 split. A lone call's first step starts ~5 ms later."""
-
 _FINISHED = {
     ov_genai.GenerationStatus.FINISHED,
     ov_genai.GenerationStatus.STOP,
@@ -161,7 +153,7 @@ class _Stepper:
             self._take(self._inbox.recv(), out)
             return True
 
-        gather_burst(arrived, BURST_GAP_S)
+        gather_burst(arrived)
 
     def _take(self, message: Add | int | None, out: list[Output]) -> None:
         if message is None:
