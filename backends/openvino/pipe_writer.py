@@ -19,13 +19,16 @@ thread sends cancellations too) write from any thread without blocking.
 
 from __future__ import annotations
 
+import logging
 import os
-import select
+import selectors
 import struct
 import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
+
+logger = logging.getLogger(__name__)
 
 WAIT_WRITABLE_S = 0.1
 """The draining thread's longest wait for room in the pipe before it looks again."""
@@ -92,17 +95,30 @@ class PipeWriter:
             return len(data)
 
     def _drain(self) -> None:
-        while True:
+        try:
+            self._drain_until_closed()
+        except Exception:  # a crash must not leave sends piling up behind a dead thread
+            logger.exception("writing to the OpenVINO GenAI worker failed")
             with self._lock:
-                while not self._pending and not self._closed:
-                    self._more.wait()
-                if self._closed and (not self._pending or time.monotonic() > self._deadline):
-                    self._pending.clear()
-                    self.broken = True  # sends after close() are dropped
-                    return
-                written = self._write(self._pending)
-                del self._pending[:written]
-                if not self._pending:
-                    continue
-            # Outside the lock: sends meanwhile append behind what is pending.
-            select.select([], [self._fd], [], WAIT_WRITABLE_S)
+                self._pending.clear()
+                self.broken = True
+
+    def _drain_until_closed(self) -> None:
+        # A selector, not select.select: that refuses descriptors past 1023, which a busy
+        # router's pipe to a restarted worker can get.
+        with selectors.DefaultSelector() as room:
+            room.register(self._fd, selectors.EVENT_WRITE)
+            while True:
+                with self._lock:
+                    while not self._pending and not self._closed:
+                        self._more.wait()
+                    if self._closed and (not self._pending or time.monotonic() > self._deadline):
+                        self._pending.clear()
+                        self.broken = True  # sends after close() are dropped
+                        return
+                    written = self._write(self._pending)
+                    del self._pending[:written]
+                    if not self._pending:
+                        continue
+                # Outside the lock: sends meanwhile append behind what is pending.
+                room.select(WAIT_WRITABLE_S)

@@ -347,8 +347,8 @@ class OpenVinoGenerator:
             out: list[tuple[int, GenerationChunk | BaseException]] = []
             for key, tokens, reason, error in outputs:
                 if key not in self._queues and reason is None and not error:
-                    # No call waits for it (sent just before a worker died, then to the new
-                    # one; or cancelled while its tokens were on the way): stop it there.
+                    # No call waits for it (cancelled while its tokens were on the way): stop
+                    # it there.
                     self._send(key)
                 if error:
                     out.append((key, RuntimeError(error)))
