@@ -236,11 +236,41 @@ class ModelRunner:
         result.tokens.update((r, t) for r, t in zip(rows, tokens, strict=True) if t >= 0)
 
 
+def _as_block(rows: list[FloatArray]) -> FloatArray:
+    """The rows as one C-contiguous [n, vocab] float32 array: a view where they already lie
+    back to back in one array (a decode step's logits, in order), else a copy. Stacking 16 rows
+    of SmolLM2's 49,152 logits copied 3 MB a step: ~250 us (Intel Xeon), 1-2% of a decode
+    step."""
+    first = rows[0]
+    base = first.base
+    vocab = first.shape[0] if first.ndim == 1 else -1
+    if (
+        vocab > 0
+        and isinstance(base, np.ndarray)
+        and base.dtype == np.float32
+        and base.flags.c_contiguous
+    ):
+        pitch = vocab * base.itemsize
+        start = first.__array_interface__["data"][0]
+        if all(
+            row.base is base
+            and row.dtype == np.float32
+            and row.shape == first.shape
+            and row.flags.c_contiguous
+            and row.__array_interface__["data"][0] == start + k * pitch
+            for k, row in enumerate(rows)
+        ):
+            offset = (start - base.__array_interface__["data"][0]) // base.itemsize
+            flat = base.reshape(-1)  # a view: the base is contiguous
+            return flat[offset : offset + len(rows) * vocab].reshape(len(rows), vocab)
+    return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
+
+
 def sample(reqs: list[Request], logits: list[FloatArray]) -> list[int]:
     """One token per request from its logits row, with its sampling parameters and seed, over
     its token history (penalties): the native sampler, one call for the batch."""
     n = len(reqs)
-    stacked = np.ascontiguousarray(np.stack(logits), dtype=np.float32)
+    stacked = _as_block(logits)
     p = [r.params for r in reqs]
     lengths = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=n)
     offsets = np.zeros(n + 1, dtype=np.int64)

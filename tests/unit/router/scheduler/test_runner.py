@@ -224,3 +224,19 @@ def test_decode_rows_stay_apart_where_the_backend_computes_them_differently() ->
     runner, step = _decoding_and_arriving(engine)
     runner.execute(step)
     assert [c[0] for c in engine.calls] == ["decode", "prefill"]
+
+
+def test_logits_rows_of_one_step_are_sampled_in_place_others_copied() -> None:
+    """A decode step's rows in order are a view of its output (no 3 MB copy a step at 16
+    rows); rows out of order, apart or of several arrays are stacked into a copy."""
+    step = np.arange(5 * VOCAB, dtype=np.float32).reshape(5, VOCAB)
+    block = runner_module._as_block([step[1], step[2], step[3]])
+    assert np.shares_memory(block, step) and block.flags.c_contiguous
+    assert np.array_equal(block, step[1:4])
+    other = step.copy()
+    for rows in ([step[2], step[1]], [step[0], step[2]], [step[0], other[1]]):
+        block = runner_module._as_block(rows)
+        assert not np.shares_memory(block, step) and np.array_equal(block, np.stack(rows))
+    halves = step.astype(np.float64)  # not float32: converted
+    block = runner_module._as_block([halves[0], halves[1]])
+    assert block.dtype == np.float32 and np.array_equal(block, step[:2])
