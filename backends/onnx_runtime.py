@@ -225,7 +225,7 @@ class OnnxDecoder(SlotKVPool):
         """Tokens computed so far in each slot."""
         self._logits = np.zeros((max_slots, self.vocab_size), np.float32)
         self._native = (
-            native_decode.NativeSteps(native, self._keys, self._values, self._logits)
+            native_decode.NativeSteps(native, self._keys, self._values, self.vocab_size)
             if native
             else None
         )

@@ -141,7 +141,7 @@ def test_threads_and_kernels_do_not_change_a_result(folder: Path, prompts: list[
         for threads in (1, 2):
             engine = _decoder(folder, "native", threads)
             engine._native = NativeSteps(
-                _rebuilt(folder, kernel, threads), engine._keys, engine._values, engine._logits
+                _rebuilt(folder, kernel, threads), engine._keys, engine._values, engine.vocab_size
             )
             lengths = _fill(engine, prompts)
             slots = np.array([3, 0, 2])
