@@ -1,5 +1,6 @@
 // Python glue for the C++ core: argument checking that needs array shapes,
-// GIL release around the work, and zero-copy NumPy results. No logic here.
+// GIL release around work long enough to be worth it (not the scheduler's
+// microseconds), and zero-copy NumPy results. No logic here.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>

@@ -4,7 +4,8 @@ For each step: release the KV slots of requests that ended, copy cached prefixes
 of requests admitted with one (prefix_cache.py), decode every generated-token row in one batched
 call, prefill the prompt chunks (in one call where the backend batches prompts), then sample the
 rows whose logits give their next token
-(the native sampler, GIL released, one call for the whole batch; rows with a structured output
+(the native sampler, one call for the whole batch, on the step's logits in place where they
+are its rows in order; the GIL is released for large batches only; rows with a structured output
 draw only what their grammar allows, router.structured.masks). Results come back by row, and
 so do failures: a batched call that raises is retried row by row, so one bad request fails alone
 and the others of the step keep their tokens.
@@ -252,7 +253,8 @@ def _as_block(rows: list[FloatArray]) -> FloatArray:
     ):
         pitch = vocab * base.itemsize
         start = first.__array_interface__["data"][0]
-        if all(
+        origin = base.__array_interface__["data"][0]
+        if (start - origin) % base.itemsize == 0 and all(
             row.base is base
             and row.dtype == np.float32
             and row.shape == first.shape
@@ -260,7 +262,7 @@ def _as_block(rows: list[FloatArray]) -> FloatArray:
             and row.__array_interface__["data"][0] == start + k * pitch
             for k, row in enumerate(rows)
         ):
-            offset = (start - base.__array_interface__["data"][0]) // base.itemsize
+            offset = (start - origin) // base.itemsize
             flat = base.reshape(-1)  # a view: the base is contiguous
             return flat[offset : offset + len(rows) * vocab].reshape(len(rows), vocab)
     return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
