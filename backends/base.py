@@ -45,16 +45,16 @@ BURST_WINDOW_S = 0.025
 """...and at most this long in all (gather_burst)."""
 
 
-def gather_burst(arrived: Callable[[float], bool], gap: float = BURST_GAP_S) -> None:
+def gather_burst(arrived: Callable[[float], bool]) -> None:
     """Woken from idle by a call, let the rest of a burst arrive before the first step: calls
     that come together reach an engine a millisecond or two apart (each is parsed and tokenized
     first), and stepping at once prefilled the first alone while the others waited out its step
     or came in a few at a time beside its decode steps (16 calls at once, AMD EPYC: OpenVINO's
     worker TTFT median 2.0 s, 0.70 s gathered; the router's engine TTFT max 645 ms, 343 ms).
     `arrived(timeout)` waits up to `timeout` seconds for the next call and says whether one
-    came; gathering ends at the first gap of `gap` seconds or after BURST_WINDOW_S."""
+    came; gathering ends at the first gap of BURST_GAP_S or after BURST_WINDOW_S."""
     deadline = time.monotonic() + BURST_WINDOW_S
-    while (left := deadline - time.monotonic()) > 0 and arrived(min(gap, left)):
+    while (left := deadline - time.monotonic()) > 0 and arrived(min(BURST_GAP_S, left)):
         pass
 
 
