@@ -130,6 +130,34 @@ class BatchedPrefill(Protocol):
 
 
 @runtime_checkable
+class PrefixBorrowing(Protocol):
+    """A step engine whose prompt chunks can read their first positions from another slot
+    (optional): a prompt sharing a prefix with one computed in the same call reads it there
+    instead of waiting for it to be cached (router.scheduler.shared_prefix)."""
+
+    borrows_prefixes: bool
+    """Whether prefill_batch takes `prefixes` (False: it refuses them)."""
+
+    def prefill_batch(
+        self,
+        slots: Sequence[int],
+        chunks: Sequence[IntArray],
+        starts: Sequence[int],
+        prefixes: Sequence[tuple[int, int] | None] | None = None,
+    ) -> FloatArray:
+        """BatchedPrefill's call; row i with prefixes[i] = (slot, n) reads positions 0..n-1
+        from that slot (computed there before, or by its rows of this call; n = starts[i]),
+        the same bits as if its own slot held them. The engine copies them into its slot
+        before anything else reads or writes either slot (`settle`)."""
+        ...
+
+    def settle(self) -> None:
+        """Copy now the prefixes read from other slots into the slots that read them (the
+        runner calls this once a step's tokens are delivered, off their first tokens' path)."""
+        ...
+
+
+@runtime_checkable
 class PrefixKVStore(Protocol):
     """A step engine that can keep KV aside for prefix caching (optional): a pool of numbered
     blocks, each `block_size` consecutive positions of one slot's KV, copied out of a slot and

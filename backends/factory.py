@@ -52,7 +52,7 @@ def unloaded_files(
         return []
     if manifest.get("kind") != "decoder":
         return []
-    from backends.onnx_runtime import unused_files
+    from backends.prompt_graphs import unused_files
 
     try:
         return unused_files(manifest, model_dir, prefill_graph, decode_kernel)

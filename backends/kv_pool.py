@@ -52,6 +52,70 @@ class SlotKVPool:
         self._loaded: dict[int, tuple[int, tuple[int, ...]]] = {}
         """Slot -> (pool writes at its load, the blocks loaded into it and not overwritten since):
         slots loaded from the same blocks between two pool writes hold the same tokens there."""
+        self._borrowed: dict[int, tuple[int, int]] = {}
+        """Slot -> (slot, n): its positions 0..n-1 were read from that slot by a prompt chunk
+        (PrefixBorrowing) and are not copied into it yet: `_settle` copies them before any
+        write to either slot, or any read of them, and `settle` once a step is delivered."""
+
+    def _borrowings(
+        self,
+        rows: list[int],
+        starts: list[int],
+        ends: list[int],
+        prefixes: Sequence[tuple[int, int] | None] | None,
+        allowed: bool,
+    ) -> dict[int, tuple[int, int]]:
+        """Slot -> (slot it reads its prefix from, positions): a prefill call's `prefixes`
+        (backends.base.PrefixBorrowing) checked against its rows (slots, chunk starts and ends)
+        and what the lenders hold (under the lock). `allowed`: the engine reads them."""
+        if prefixes is None:
+            return {}
+        if len(prefixes) != len(rows):
+            raise ValueError(f"prefixes has {len(prefixes)} entries for {len(rows)} rows")
+        borrowed: dict[int, tuple[int, int]] = {}
+        for slot, start, prefix in zip(rows, starts, prefixes, strict=True):
+            if prefix is None:
+                continue
+            if not allowed:
+                raise ValueError(
+                    "prefixes are read from other slots only where the native kernels compute "
+                    "every step (prefill_graph: native)"
+                )
+            source, n = self._check_slot(prefix[0]), int(prefix[1])
+            if source == slot or n != start or n < 1:
+                raise ValueError(
+                    f"slot {slot}'s prefix ({source}, {n}) must be another slot's first "
+                    f"positions, up to where its chunk starts ({start})"
+                )
+            borrowed[slot] = (source, n)
+        if any(source in borrowed for source, _ in borrowed.values()):
+            raise ValueError("a slot reading its prefix elsewhere cannot lend one in the same call")
+        after = dict(zip(rows, ends, strict=True))
+        for slot, (source, n) in borrowed.items():
+            holds = max(int(self._lengths[source]), after.get(source, 0))
+            if holds < n:
+                raise ValueError(
+                    f"slot {slot} reads {n} positions from slot {source}, which holds {holds} "
+                    "after this call"
+                )
+        return borrowed
+
+    def _lent(self, borrowed: dict[int, tuple[int, int]]) -> None:
+        """A prefill call computed the rows of `borrowed` (from `_borrowings`; under the lock)."""
+        for slot in borrowed:
+            self._loaded.pop(slot, None)
+        self._borrowed.update(borrowed)
+
+    def settle(self) -> None:
+        with self._lock:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Copy the borrowed prefixes into the slots that read them (under the lock)."""
+        for slot, (source, n) in self._borrowed.items():
+            for buffer in (*self._keys, *self._values):
+                buffer[slot, :, :n] = buffer[source, :, :n]
+        self._borrowed.clear()
 
     def _shared_blocks(self, slot: int, start: int) -> list[tuple[int, int]]:
         """Names of the loaded blocks that begin the past of a prefill of `slot` from `start`
@@ -106,6 +170,8 @@ class SlotKVPool:
         slot, index = self._check_slot(slot), self._check_blocks(blocks)
         end = start + len(blocks) * self._block_size
         with self._lock:
+            if slot in self._borrowed and start < self._borrowed[slot][1]:
+                self._settle()
             if not 0 <= start <= end <= self._lengths[slot]:
                 raise ValueError(
                     f"positions {start}..{end} of slot {slot} are not all computed "
@@ -120,6 +186,7 @@ class SlotKVPool:
         if n > self.max_context:
             raise ValueError(f"{len(blocks)} blocks hold {n} tokens, beyond max_context")
         with self._lock:
+            self._settle()
             kv_load_blocks(*self._buffers(), slot, index)
             self._lengths[slot] = n
             self._loaded[slot] = (self._pool_writes, tuple(int(b) for b in blocks))

@@ -270,8 +270,15 @@ class NativeSteps:
         self.decoder.step(slots, ids, positions, self._keys, self._values, logits)
         return logits
 
-    def prefill(self, slots: list[int], chunks: list[np.ndarray], starts: list[int]) -> np.ndarray:
-        """Each chunk's logits of its last token."""
+    def prefill(
+        self,
+        slots: list[int],
+        chunks: list[np.ndarray],
+        starts: list[int],
+        borrowed: dict[int, tuple[int, int]] | None = None,
+    ) -> np.ndarray:
+        """Each chunk's logits of its last token. `borrowed`: slot -> (slot, n), that slot's
+        chunk reads positions 0..n-1 from the other slot."""
         sizes = np.array([c.size for c in chunks])
         rows = np.repeat(np.array(slots, np.int64), sizes)
         positions = np.concatenate(
@@ -279,7 +286,20 @@ class NativeSteps:
         )
         last = np.cumsum(sizes, dtype=np.int64) - 1
         logits = self._logits(len(chunks))
+        lenders = lengths = None
+        if borrowed:
+            pairs = [borrowed.get(slot, (-1, 0)) for slot in slots]
+            lenders = np.repeat(np.array([p[0] for p in pairs], np.int64), sizes)
+            lengths = np.repeat(np.array([p[1] for p in pairs], np.int64), sizes)
         self.decoder.step(
-            rows, np.concatenate(chunks), positions, self._keys, self._values, logits, last
+            rows,
+            np.concatenate(chunks),
+            positions,
+            self._keys,
+            self._values,
+            logits,
+            last,
+            lenders,
+            lengths,
         )
         return logits

@@ -29,10 +29,10 @@ import onnxruntime as ort
 
 from backends import native_decode
 from backends.artifact import encoder_inputs, read_manifest
-from backends.base import PREFILL_GRAPHS, Capabilities, FloatArray, IntArray
-from backends.cpu import int8_dot_flag
+from backends.base import Capabilities, FloatArray, IntArray
 from backends.kv_pool import SlotKVPool, touched
 from backends.packed_prefill import PackedPrefill, packed_groups
+from backends.prompt_graphs import prompt_graph
 
 logger = logging.getLogger(__name__)
 
@@ -75,67 +75,6 @@ class _Binding:
         else:
             self.io.bind_ortvalue_input(name, value)
         return value
-
-
-def prefill_graph_file(manifest: dict[str, Any], model_dir: Path, prefill: str) -> Path | None:
-    """The graph file that computes prompts, or None for the decoder's own (`prefill`: one of
-    PREFILL_GRAPHS; 'auto' takes the int8 graph where the CPU multiplies int8 natively)."""
-    if prefill not in PREFILL_GRAPHS:
-        raise ValueError(f"prefill_graph={prefill!r} is unknown; use one of {list(PREFILL_GRAPHS)}")
-    entry = manifest.get("prefill_graph")
-    # Only the packed graph (several prompts a call); a folder prepared before it was built
-    # holds a GroupQueryAttention one, one prompt a call: prepare it again.
-    packed = isinstance(entry, dict) and entry.get("attention") == "packed"
-    path = model_dir / str(entry["file"]) if isinstance(entry, dict) and packed else None
-    if prefill in ("model", "native"):
-        return None
-    if path is None or not path.is_file():
-        if prefill == "int8":
-            raise ValueError(
-                f"prefill_graph='int8': {model_dir} has no packed int8 prefill graph (an int4 "
-                "decoder prepared by `irouter models prepare` has one); use 'model' or 'auto'"
-            )
-        return None
-    if prefill == "auto" and int8_dot_flag() is None:
-        return None
-    return path
-
-
-def unused_files(
-    manifest: dict[str, Any], model_dir: Path, prefill: str, decode_kernel: str = "auto"
-) -> list[Path]:
-    """Files of a decoder folder that an OnnxDecoder with `prefill` does not load: the prompt
-    graph (and its weights) where the decoder's own graph or the native step computes prompts;
-    the decoder's graph too where the native step computes both (it holds a copy instead)."""
-    entry = manifest.get("prefill_graph")
-    graphs = []
-    if native_decode.native_every_step(model_dir, manifest, decode_kernel, prefill):
-        prefill = "native"
-        graphs.append(model_dir / "model.onnx")
-    if isinstance(entry, dict) and not prefill_graph_file(manifest, model_dir, prefill):
-        graphs.append(model_dir / str(entry["file"]))
-    return [f for g in graphs for f in (g, g.with_name(g.name + ".data")) if f.is_file()]
-
-
-def _prefill_graph(manifest: dict[str, Any], model_dir: Path, prefill: str) -> Path | None:
-    """prefill_graph_file, logged."""
-    path = prefill_graph_file(manifest, model_dir, prefill)
-    flag = int8_dot_flag()
-    if path is None:
-        if prefill == "auto" and flag is None and manifest.get("prefill_graph"):
-            logger.info(
-                "%s: prompts computed with the decoder's own graph (no VNNI or AMX on this "
-                "CPU; prefill_graph: int8 overrides)",
-                manifest.get("name"),
-            )
-        return None
-    logger.info(
-        "%s: prompts computed with the int8 graph %s (%s; prefill_graph: model overrides)",
-        manifest.get("name"),
-        path.name,
-        f"the CPU has {flag}" if flag else "asked for",
-    )
-    return path
 
 
 class OnnxDecoder(SlotKVPool):
@@ -191,7 +130,7 @@ class OnnxDecoder(SlotKVPool):
         # Prompts in the kernels that decode: one pass over the weights for a step's decode
         # rows and prompt chunks (mixed_steps), every token computed alike.
         self.mixed_steps = native is not None and prefill_graph in native_decode.NATIVE_PROMPTS
-        graph = None if self.mixed_steps else _prefill_graph(manifest, model_dir, prefill_graph)
+        graph = None if self.mixed_steps else prompt_graph(manifest, model_dir, prefill_graph)
         self.prefill_graph = "native" if self.mixed_steps else "int8" if graph else "model"
         # None where the native kernels compute every step. With two sessions (or the native
         # step's threads), each one's threads stop spinning when its call ends: left spinning,
@@ -282,11 +221,22 @@ class OnnxDecoder(SlotKVPool):
         logits: FloatArray = self.prefill_batch([slot], [token_ids], [start])[0]
         return logits
 
+    @property
+    def borrows_prefixes(self) -> bool:
+        """Prompt chunks may read their prefix from another slot (PrefixBorrowing): where the
+        native kernels compute every step."""
+        return self.mixed_steps
+
     def prefill_batch(
-        self, slots: Sequence[int], chunks: Sequence[IntArray], starts: Sequence[int]
+        self,
+        slots: Sequence[int],
+        chunks: Sequence[IntArray],
+        starts: Sequence[int],
+        prefixes: Sequence[tuple[int, int] | None] | None = None,
     ) -> FloatArray:
         """prefill for each row, in one call of the packed int8 graph where it computes the
-        prompts (each row's result as alone); else one call a row."""
+        prompts (each row's result as alone); else one call a row. `prefixes`: see
+        backends.base.PrefixBorrowing (native kernels only)."""
         if not len(slots) == len(chunks) == len(starts) or len(slots) == 0:
             raise ValueError(
                 f"slots, chunks and starts must be equal-length and non-empty, got "
@@ -301,8 +251,11 @@ class OnnxDecoder(SlotKVPool):
         ]
         firsts = [int(start) for start in starts]
         with self._lock:
+            self._settle()
+            ends = [start + chunk.size for start, chunk in zip(firsts, ids, strict=True)]
+            borrowed = self._borrowings(rows, firsts, ends, prefixes, self.mixed_steps)
             for slot, start in zip(rows, firsts, strict=True):
-                if not 0 <= start <= self._lengths[slot]:
+                if not 0 <= start <= self._lengths[slot] and slot not in borrowed:
                     raise ValueError(
                         f"start={start} must be in 0..{int(self._lengths[slot])} (tokens already "
                         f"computed in slot {slot})"
@@ -312,7 +265,7 @@ class OnnxDecoder(SlotKVPool):
             ]
             if self.mixed_steps:
                 assert self._native is not None
-                logits = self._native.prefill(rows, ids, firsts)
+                logits = self._native.prefill(rows, ids, firsts, borrowed)
             elif self._packed is not None:
                 logits = np.empty((len(rows), self.vocab_size), np.float32)
                 for group in packed_groups([c.size for c in ids], firsts):
@@ -329,6 +282,7 @@ class OnnxDecoder(SlotKVPool):
                 )
             for slot, chunk, start in zip(rows, ids, firsts, strict=True):
                 self._lengths[slot] = start + chunk.size
+            self._lent(borrowed)
             return logits
 
     def _check_chunk(self, token_ids: IntArray, start: int) -> npt.NDArray[np.int64]:
@@ -379,6 +333,7 @@ class OnnxDecoder(SlotKVPool):
             bad = int(pos[(pos < 0) | (pos >= self.max_context)][0])
             raise ValueError(f"position {bad} is outside 0..{self.max_context - 1} (max_context)")
         with self._lock:
+            self._settle()
             ahead = pos > self._lengths[slots]
             if ahead.any():
                 i = int(np.argmax(ahead))

@@ -75,7 +75,8 @@ irouter::Q4Decoder* make_q4_decoder(int layers, int hidden, int heads, int kv_he
 void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<int64_t> positions,
              const KVList& keys, const KVList& values,
              nb::ndarray<float, nb::c_contig, nb::device::cpu> logits,
-             std::optional<In<int64_t>> outputs) {
+             std::optional<In<int64_t>> outputs, std::optional<In<int64_t>> prefix_slots,
+             std::optional<In<int64_t>> prefix_lengths) {
   const irouter::Q4DecoderShape& s = d.shape();
   expect_shape(slots, "slots", {-1}, "(n,)");
   const int64_t n = static_cast<int64_t>(slots.shape(0));
@@ -143,9 +144,42 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
                                 .c_str());
     last[slot] = pos;
   }
+  if (prefix_slots.has_value() != prefix_lengths.has_value())
+    throw nb::value_error("prefix_slots and prefix_lengths come together");
+  if (prefix_slots) {
+    expect_shape(*prefix_slots, "prefix_slots", {n}, "like slots");
+    expect_shape(*prefix_lengths, "prefix_lengths", {n}, "like slots");
+    // A slot's rows form one prompt: they must name one prefix (the step reads it by runs).
+    std::vector<std::pair<int64_t, int64_t>> named(num_slots, {-2, 0});
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t slot = slots.data()[r], from = prefix_slots->data()[r];
+      const int64_t length = prefix_lengths->data()[r], pos = positions.data()[r];
+      const std::string row = "row " + std::to_string(r) + ": ";
+      if (from >= 0) {
+        if (from >= static_cast<int64_t>(num_slots) || from == slot)
+          throw nb::value_error((row + "prefix slot " + std::to_string(from) +
+                                 " must be another slot in range").c_str());
+        if (length < 1 || length > pos)
+          throw nb::value_error((row + "prefix length " + std::to_string(length) +
+                                 " must be in 1.." + std::to_string(pos) + " (its position)")
+                                    .c_str());
+      } else if (from != -1) {
+        throw nb::value_error((row + "prefix slot " + std::to_string(from) +
+                               " must be -1 (none) or a slot").c_str());
+      }
+      const std::pair<int64_t, int64_t> mine{from, from >= 0 ? length : 0};
+      if (named[slot].first != -2 && named[slot] != mine)
+        throw nb::value_error(("rows of slot " + std::to_string(slot) +
+                               " must name the same prefix")
+                                  .c_str());
+      named[slot] = mine;
+    }
+  }
   nb::gil_scoped_release release;
   d.step(static_cast<int>(n), tokens.data(), positions.data(), slots.data(), kv, logits.data(),
-         outputs ? outputs->data() : nullptr, static_cast<int>(wanted));
+         outputs ? outputs->data() : nullptr, static_cast<int>(wanted),
+         prefix_slots ? prefix_slots->data() : nullptr,
+         prefix_lengths ? prefix_lengths->data() : nullptr);
 }
 
 // KV block copies: every shape and range checked here, so the copies may trust them.
@@ -243,10 +277,14 @@ NB_MODULE(_kernels, m) {
       // noconvert: a converted copy of a KV buffer or of logits would take the writes.
       .def("step", &q4_step, "slots"_a, "tokens"_a, "positions"_a, "keys"_a.noconvert(),
            "values"_a.noconvert(), "logits"_a.noconvert(), "outputs"_a = nb::none(),
+           "prefix_slots"_a = nb::none(), "prefix_lengths"_a = nb::none(),
            "Row r: tokens[r] at positions[r] of KV slot slots[r] (earlier positions computed "
            "there or by earlier rows: a prompt chunk is rows of one slot at consecutive "
            "positions); writes its keys and values (float32, or float16: rounded so), and "
-           "logits[j] of row outputs[j] (every row's without outputs).")
+           "logits[j] of row outputs[j] (every row's without outputs). Row r with "
+           "prefix_slots[r] >= 0 (-1: none) reads positions 0..prefix_lengths[r]-1 from that "
+           "slot instead of its own (computed there, or by its rows in this call), the same "
+           "bits as if its own held them; a slot's rows name one prefix.")
       .def_prop_ro("kernel", &irouter::Q4Decoder::kernel);
   // noconvert: a converted copy of a buffer would take the writes.
   m.def("kv_load_blocks", &kv_load_blocks, "slot_buffers"_a.noconvert(),

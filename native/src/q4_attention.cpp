@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "q4_vector.h"
 
@@ -37,8 +38,9 @@ struct Halves {
 };
 #include "q4_attention_kernel.inc"
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
-            int p0, float scale, float* sc, float* acc, float* out, size_t ldo) {
-  attend_kv<Halves>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
+            int p0, float scale, float* sc, float* acc, float* out, size_t ldo,
+            const KVPrefix<_Float16>& prefix) {
+  attend_kv<Halves>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo, prefix);
 }
 void store_half(_Float16* dst, const float* src, int n) {
   for (int i = 0; i < n; i += 16)
@@ -110,8 +112,9 @@ struct Halves {
 #include "q4_attention_kernel.inc"
 #undef IROUTER_Q4_LEVELS
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
-            int p0, float scale, float* sc, float* acc, float* out, size_t ldo) {
-  attend_kv<Halves>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
+            int p0, float scale, float* sc, float* acc, float* out, size_t ldo,
+            const KVPrefix<_Float16>& prefix) {
+  attend_kv<Halves>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo, prefix);
 }
 void store_half(_Float16* dst, const float* src, int n) {
   for (int i = 0; i < n; i += 8)
@@ -129,13 +132,15 @@ bool half_kv_supported() {
 }
 
 IROUTER_CLONES void attend(const float* q, size_t ldq, int R, int G, const float* K, const float* V,
-                           int p0, float scale, float* sc, float* acc, float* out, size_t ldo) {
-  generic::attend_kv<Floats>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
+                           int p0, float scale, float* sc, float* acc, float* out, size_t ldo,
+                           const KVPrefix<float>& prefix) {
+  generic::attend_kv<Floats>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo, prefix);
 }
 
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
-            int p0, float scale, float* sc, float* acc, float* out, size_t ldo, bool avx2) {
-  (avx2 ? v3::attend : v4::attend)(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo);
+            int p0, float scale, float* sc, float* acc, float* out, size_t ldo, bool avx2,
+            const KVPrefix<_Float16>& prefix) {
+  (avx2 ? v3::attend : v4::attend)(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo, prefix);
 }
 
 void store_kv(float* dst, const float* src, int n) { std::memcpy(dst, src, sizeof(float) * n); }

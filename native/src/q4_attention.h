@@ -18,10 +18,21 @@ constexpr int kMaxRun = 32;
 // K and V in float or half precision (the decoder's KV dtype; half needs half_kv_supported()).
 // Half-precision K and V: `avx2` runs the x86-64-v3 (AVX2) build, else the x86-64-v4 one, which
 // the CPU must run (the caller chooses once; both give the same bits).
+// `prefix`: positions [0, prefix.length) are read from its K and V instead (another slot that
+// holds the same tokens' keys and values: a prompt sharing them computes only its own rows);
+// the same bits as if K and V held them.
+template <class T>
+struct KVPrefix {
+  const T* K = nullptr;
+  const T* V = nullptr;
+  int length = 0;  // 0: none; at most p0
+};
 void attend(const float* q, size_t ldq, int R, int G, const float* K, const float* V, int p0,
-            float scale, float* sc, float* acc, float* out, size_t ldo);
+            float scale, float* sc, float* acc, float* out, size_t ldo,
+            const KVPrefix<float>& prefix = {});
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
-            int p0, float scale, float* sc, float* acc, float* out, size_t ldo, bool avx2);
+            int p0, float scale, float* sc, float* acc, float* out, size_t ldo, bool avx2,
+            const KVPrefix<_Float16>& prefix = {});
 
 // Whether this CPU reads half-precision KV (x86-64-v3: AVX2 with F16C, or better).
 bool half_kv_supported();

@@ -533,7 +533,8 @@ const Q4DecoderShape& Q4Decoder::shape() const { return impl_->shape; }
 
 void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
                      const int64_t* slots, const KVBuffers& kv, float* logits,
-                     const int64_t* outputs, int num_outputs) {
+                     const int64_t* outputs, int num_outputs, const int64_t* prefix_slots,
+                     const int64_t* prefix_lengths) {
   Impl& d = *impl_;
   const Q4DecoderShape& s = d.shape;
   const int H = s.hidden, D = s.head_dim, NH = s.heads, KVH = s.kv_heads, I = s.intermediate;
@@ -610,12 +611,18 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
         const float* q = qkv + static_cast<size_t>(m) * QKV + kh * G * D;
         float* out = attn + static_cast<size_t>(m) * NH * D + kh * G * D;
         const int p0 = static_cast<int>(positions[m]);
+        using T = std::remove_pointer_t<decltype(keys)>;
+        q4::KVPrefix<T> prefix;
+        if (prefix_slots && prefix_slots[m] >= 0) {
+          const size_t from = (static_cast<size_t>(prefix_slots[m]) * KVH + kh) * context * D;
+          prefix = {keys + from, values + from, static_cast<int>(prefix_lengths[m])};
+        }
         if constexpr (half)
           q4::attend(q, QKV, R, G, keys + base, values + base, p0, scale, sc.data(), acc.data(),
-                     out, NH * D, d.v3);
+                     out, NH * D, d.v3, prefix);
         else
           q4::attend(q, QKV, R, G, keys + base, values + base, p0, scale, sc.data(), acc.data(),
-                     out, NH * D);
+                     out, NH * D, prefix);
       }
     });
   };

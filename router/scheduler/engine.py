@@ -92,6 +92,7 @@ class DecoderEngine:
         self._scheduler = Scheduler(name, limits, decoder, stop_ids, self.prefix_cache)
         self._runner = ModelRunner(name, backend, self.prefix_cache)
         self._scheduler.decode_is_prefill = self._runner.mixed_steps
+        self._scheduler.borrow_prefixes = self._runner.borrows_prefixes
         self._pacer = StepPacer(limits.token_budget)
         self._inbox: collections.deque[tuple[str, Request | int]] = collections.deque()
         self._wake = threading.Event()
@@ -241,6 +242,10 @@ class DecoderEngine:
                 logger.exception("engine %s: step failed; failing its requests", self.name)
                 scheduler.fail_all(Internal(f"model {self.name!r} failed a step"), out)
             self._flush(out)
+            try:  # after the tokens went out: prefixes read from other slots into their own
+                runner.settle()
+            except Exception:  # the backend copies them before its next use of those slots
+                logger.exception("engine %s: copying shared prefixes failed", self.name)
             self._observer.on_step(
                 batch, scheduler.num_waiting, scheduler.num_running, time.perf_counter() - started
             )

@@ -113,6 +113,12 @@ class PrefixCache:
         self.hit_tokens += len(path) * self.block_size
         return path
 
+    def count_shared(self, num_prompt: int, shared: int) -> None:
+        """A prompt found its first `shared` tokens in another request's slot instead (it read
+        them there: shared_prefix.py); counted as a hit, as `match` counts one."""
+        self.queried_tokens += num_prompt
+        self.hit_tokens += shared
+
     def load(self, slot: int, blocks: Sequence[int]) -> None:
         """Copy `blocks` (from `match`) into `slot` as its first computed tokens, and unpin
         them, also when the copy fails."""

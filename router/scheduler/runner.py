@@ -6,9 +6,12 @@ call, prefill the prompt chunks (in one call where the backend batches prompts),
 rows whose logits give their next token
 (the native sampler, one call for the whole batch, on the step's logits in place where they
 are its rows in order; the GIL is released for large batches only; rows with a structured output
-draw only what their grammar allows, router.structured.masks). Results come back by row, and
-so do failures: a batched call that raises is retried row by row, so one bad request fails alone
-and the others of the step keep their tokens.
+draw only what their grammar allows, router.structured.masks). A prompt chunk whose first
+positions another row of the step computes in its own slot (a follower joining its leader:
+shared_prefix.py) reads them there; the backend copies them into its slot once the step is
+delivered (`settle`). Results come back by row, and so do failures: a batched call that raises
+is retried row by row, so one bad request fails alone and the others of the step keep their
+tokens (a follower fails with the leader whose prefix it reads).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import numpy as np
 import numpy.typing as npt
 
-from backends.base import BatchedPrefill, DecoderStepEngine
+from backends.base import BatchedPrefill, DecoderStepEngine, PrefixBorrowing
 from router import _native
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request
@@ -46,11 +49,17 @@ class ModelRunner:
         self.name = name
         self._backend = backend
         self._prefix_cache = prefix_cache
-        self.mixed_steps = bool(getattr(backend, "mixed_steps", False)) and isinstance(
-            backend, BatchedPrefill
-        )
+        # The backend's optional protocols, checked once (a runtime protocol check per step
+        # costs microseconds the one-stream step cannot spare).
+        self._batched = backend if isinstance(backend, BatchedPrefill) else None
+        self._borrower = backend if isinstance(backend, PrefixBorrowing) else None
+        self.mixed_steps = bool(getattr(backend, "mixed_steps", False)) and bool(self._batched)
         """The backend computes decode rows and prompt chunks alike, in one call a step (and a
         decoded token's KV as a prompt's)."""
+        if not (self.mixed_steps and self._borrower and self._borrower.borrows_prefixes):
+            self._borrower = None
+        self.borrows_prefixes = self._borrower is not None
+        """Prompt chunks may read their prefix from another slot (SchedulerOutput.prefixes)."""
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         result = RunnerOutput()
@@ -104,6 +113,27 @@ class ModelRunner:
         self._backend.prefill(slot, tokens[start:end], start)
         self._prefix_cache.save(slot, tokens, end)
 
+    def settle(self) -> None:
+        """Copy the prefixes this step's prompt chunks read from other slots into their own
+        slots (the engine calls this once the step's tokens are delivered; the backend would
+        copy them before its next use of those slots anyway)."""
+        if self._borrower is not None:
+            self._borrower.settle()
+
+    def _prefill_rows(
+        self,
+        slots: list[int],
+        chunks: list[npt.NDArray[np.int64]],
+        starts: list[int],
+        prefixes: list[tuple[int, int] | None],
+    ) -> FloatArray:
+        """One prefill_batch call; with `prefixes` only where a row reads one."""
+        if any(prefixes):
+            assert self._borrower is not None
+            return self._borrower.prefill_batch(slots, chunks, starts, prefixes)
+        assert self._batched is not None
+        return self._batched.prefill_batch(slots, chunks, starts)
+
     def release(self, slots: list[int]) -> None:
         """The KV slots of requests that ended may be reused."""
         for slot in slots:
@@ -121,13 +151,19 @@ class ModelRunner:
         plan = output.plan
         slots = [int(plan.slots[r]) for r in rows]
         ends = [int(plan.starts[r] + plan.counts[r]) for r in rows]
-        starts = [_chunk_start(int(plan.starts[r]), end) for r, end in zip(rows, ends, strict=True)]
+        prefixes = [output.prefixes.get(r) for r in rows]
+        starts = [
+            # A chunk reading its prefix elsewhere starts where the prefix ends (the native
+            # kernels compute a one-token chunk exactly: no token before it again).
+            int(plan.starts[r]) if prefix else _chunk_start(int(plan.starts[r]), end)
+            for r, end, prefix in zip(rows, ends, prefixes, strict=True)
+        ]
         chunks = [
             reqs[r].tokens[start:end] for r, start, end in zip(rows, starts, ends, strict=True)
         ]
-        if len(rows) > 1 and isinstance(self._backend, BatchedPrefill):
+        if len(rows) > 1 and self._batched is not None:
             try:
-                out = self._backend.prefill_batch(slots, chunks, starts)
+                out = self._prefill_rows(slots, chunks, starts, prefixes)
             except Exception:
                 # Find the culprit: one failing request must fail alone, not its whole batch.
                 logger.warning(
@@ -138,13 +174,22 @@ class ModelRunner:
             else:
                 logits.update(zip(rows, out, strict=True))
                 return
-        for row, slot, chunk, start in zip(rows, slots, chunks, starts, strict=True):
+        failed: set[int] = set()  # slots whose chunk failed: no prefix is read from them
+        for row, slot, chunk, start, prefix in zip(
+            rows, slots, chunks, starts, prefixes, strict=True
+        ):
             try:
-                logits[row] = self._backend.prefill(slot, chunk, start)
+                if prefix is not None:
+                    if prefix[0] in failed:
+                        raise RuntimeError(f"the prompt it shares failed in slot {prefix[0]}")
+                    logits[row] = self._prefill_rows([slot], [chunk], [start], [prefix])[0]
+                else:
+                    logits[row] = self._backend.prefill(slot, chunk, start)
             except Exception:
                 req = reqs[row]
                 logger.exception("engine %s: prefill failed for %s", self.name, req.request_id)
                 result.errors[row] = "prefill failed for this request"
+                failed.add(slot)
 
     def _mixed(
         self,
@@ -159,7 +204,6 @@ class ModelRunner:
         the call fails (a failing row then fails alone)."""
         if not self.mixed_steps:
             return False
-        assert isinstance(self._backend, BatchedPrefill)
         plan = output.plan
         rows = [*decode_rows.tolist(), *prefill_rows]
         starts = [int(plan.starts[r]) for r in rows]
@@ -167,8 +211,9 @@ class ModelRunner:
             reqs[r].tokens[start : start + int(plan.counts[r])]
             for r, start in zip(rows, starts, strict=True)
         ]
+        prefixes = [output.prefixes.get(r) for r in rows]
         try:
-            out = self._backend.prefill_batch([int(plan.slots[r]) for r in rows], chunks, starts)
+            out = self._prefill_rows([int(plan.slots[r]) for r in rows], chunks, starts, prefixes)
         except Exception:
             logger.warning(
                 "engine %s: mixed step failed; running its rows apart", self.name, exc_info=True

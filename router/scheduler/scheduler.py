@@ -38,7 +38,7 @@ from router.scheduler.detokenizer import Detokenizer, TokenCodec, TokenDecoder
 from router.scheduler.generation import Chunk, EngineLimits, error_chunk
 from router.scheduler.prefix_cache import PrefixCache
 from router.scheduler.request import Request, RequestStatus
-from router.scheduler.shared_prefix import SharedPrefixes
+from router.scheduler.shared_prefix import Plan, SharedPrefixes
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ Out = list[tuple[int, Chunk]]
 class SchedulerOutput:
     """One step's plan, as the runner executes it."""
 
-    plan: _native.SchedulerOutput
+    plan: _native.SchedulerOutput | Plan
     """Row i: request_ids[i] computes counts[i] tokens from starts[i] in KV slot slots[i];
     sample[i] says whether its logits give the next token."""
     requests: list[Request]
@@ -61,6 +61,9 @@ class SchedulerOutput:
     loads: list[tuple[int, list[int]]] = field(default_factory=list)
     """(row, cached prefix blocks) of requests admitted in this plan with a cached prefix: the
     runner copies the blocks into the row's slot (and unpins them) before computing it."""
+    prefixes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Row -> (slot, n): the row's prompt chunk reads positions 0..n-1 from that slot, whose
+    rows of this step compute them (a follower joining its leader: shared_prefix.py)."""
 
 
 @dataclass(slots=True)
@@ -117,6 +120,9 @@ class Scheduler:
         self.decode_is_prefill = False
         """True where the backend computes a decoded token as a prompt's (`mixed_steps`): a
         finished reply's blocks are then cached as it ends, not only by a fill."""
+        self.borrow_prefixes = False
+        """True where the backend's prompt chunks read a prefix from another slot
+        (backends.base.PrefixBorrowing): held followers then join their leader's step."""
         self.limits = limits
         self._decoder = decoder
         self._stop_ids = frozenset(stop_ids)
@@ -252,7 +258,13 @@ class Scheduler:
 
     def schedule(self, budget: int = 0) -> SchedulerOutput:
         """The next step's plan; `budget` tokens at most (0: the token_budget)."""
-        plan = self._native.schedule(budget=budget)
+        native = self._native.schedule(budget=budget)
+        plan: _native.SchedulerOutput | Plan = native
+        joined: dict[int, tuple[int, int]] = {}
+        if self.borrow_prefixes and self._shared:
+            limit = self.limits.token_budget
+            left = (min(budget, limit) if budget > 0 else limit) - int(native.counts.sum())
+            plan, joined = self._shared.join_leaders(self._native, native, left)
         for engine_id in plan.preempted:
             req = self.requests.get(int(engine_id))
             if req is not None:
@@ -270,7 +282,10 @@ class Scheduler:
             if req.prefix_blocks:  # admitted now: its cached prefix goes into its slot first
                 loads.append((row, req.prefix_blocks))
                 req.prefix_blocks = []
-        return SchedulerOutput(plan, reqs, self.take_freed_slots(), loads)
+        prefixes = {
+            row: joined[req.engine_id] for row, req in enumerate(reqs) if req.engine_id in joined
+        }
+        return SchedulerOutput(plan, reqs, self.take_freed_slots(), loads, prefixes)
 
     def _unpin(self, req: Request) -> None:
         """Release a request's cached prefix blocks that were never copied into a slot."""

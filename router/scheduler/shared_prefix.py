@@ -14,7 +14,14 @@ it ended, or finished its prompt. The follower then matches the cache as any req
 computes only the rest (all of it, where a full pool kept nothing).
 
 A follower waits for the leader's chunk that covers the shared part, one step when the prompts
-are short; the step it then joins is smaller by the shared part. SGLang's scheduler does the
+are short; the step it then joins is smaller by the shared part. Where the step engine can read a
+prompt's first positions from another slot (backends.base.PrefixBorrowing: the native kernels),
+a follower whose leader computes the shared part in the step being planned joins that very step
+instead (Scheduler.schedule): its rows read the shared positions from the leader's slot, which
+holds them once each layer's keys and values are stored, and the engine copies them into the
+follower's slot after the step's tokens are delivered. 16 requests sharing a cached system
+prompt and a question stem one block past it: no lone step for the leader, no loads for the
+others. SGLang's scheduler does the
 same within its waiting queue ("in-batch prefix caching"). Held requests count as waiting; they
 hold no slot and no cache block. An answer never depends on it: the follower's prefix is the
 cache's, computed by a prefill as any cached prefix is.
@@ -26,9 +33,35 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
+from router import _native
 from router.scheduler.prefix_cache import MIN_COMPUTED, PrefixCache
 from router.scheduler.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A native plan with rows appended (followers joining their leaders' step:
+    SharedPrefixes.join_leaders); the same fields as router._native.SchedulerOutput."""
+
+    request_ids: npt.NDArray[np.int64]
+    slots: npt.NDArray[np.int32]
+    starts: npt.NDArray[np.int32]
+    counts: npt.NDArray[np.int32]
+    sample: npt.NDArray[np.uint8]
+    preempted: npt.NDArray[np.int64]
+
+    @classmethod
+    def joined(cls, first: _native.SchedulerOutput, then: _native.SchedulerOutput) -> Plan:
+        return cls(
+            request_ids=np.concatenate([first.request_ids, then.request_ids]),
+            slots=np.concatenate([first.slots, then.slots]),
+            starts=np.concatenate([first.starts, then.starts]),
+            counts=np.concatenate([first.counts, then.counts]),
+            sample=np.concatenate([first.sample, then.sample]),
+            preempted=first.preempted,
+        )
 
 
 @dataclass(slots=True)
@@ -82,6 +115,63 @@ class SharedPrefixes:
         self._held[req.engine_id] = best
         req.held = True
         return True
+
+    def join_leaders(
+        self, native: _native.Scheduler, plan: _native.SchedulerOutput, left: int
+    ) -> tuple[_native.SchedulerOutput | Plan, dict[int, tuple[int, int]]]:
+        """Held followers whose leader computes the shared blocks in `plan` join it, as rows
+        reading those blocks from the leader's slot (the backend's PrefixBorrowing), where the
+        `left` tokens of the step's budget take each one's whole remaining prompt and a slot is
+        free for it, in arrival order; the plan with their rows appended, and engine id ->
+        (leader's slot, tokens shared) of those who joined.
+
+        The native core then holds nothing else to schedule (nothing waiting, every running
+        sequence's rows given: the budget was not spent), so a second plan holds exactly the
+        followers submitted here, each in a free slot with its whole prompt, none preempted."""
+        free = native.num_free_slots
+        if left <= 0 or not free or native.num_waiting:
+            return plan, {}
+        chunks = {  # engine id -> (slot, end of its chunk) of the plan's rows
+            int(engine_id): (int(slot), int(start + count))
+            for engine_id, slot, start, count in zip(
+                plan.request_ids.tolist(),
+                plan.slots.tolist(),
+                plan.starts.tolist(),
+                plan.counts.tolist(),
+                strict=True,
+            )
+        }
+        joined: dict[int, tuple[int, int]] = {}
+        room = left
+        for held in list(self._held.values()):
+            follower, chunk = held.follower, chunks.get(held.leader.engine_id)
+            if chunk is None or chunk[1] < held.end:
+                continue
+            if follower.num_prompt - held.end > room or len(joined) == free:
+                break  # in arrival order: no later follower overtakes this one
+            admitted = native.add_request(
+                request_id=follower.engine_id,
+                num_prompt_tokens=follower.num_prompt,
+                max_new_tokens=follower.params.max_tokens,
+                priority=int(follower.priority),
+                num_cached=held.end,
+            )
+            if not admitted:  # cannot happen with nothing waiting; it then stays held
+                break
+            del self._held[follower.engine_id]
+            follower.held = False
+            self._cache.count_shared(follower.num_prompt, held.end)
+            joined[follower.engine_id] = (chunk[0], held.end)
+            room -= follower.num_prompt - held.end
+        if not joined:
+            return plan, {}
+        then = native.schedule(budget=left)
+        if len(then.preempted) or sorted(then.request_ids.tolist()) != sorted(joined):
+            raise RuntimeError(  # the invariant above broke: fail the step, not its answers
+                f"followers {sorted(joined)} joining their leaders' step were planned as "
+                f"{then.request_ids.tolist()} (preempted {then.preempted.tolist()})"
+            )
+        return Plan.joined(plan, then), joined
 
     def computed(self, engine_id: int, end: int) -> None:
         """Request `engine_id` has computed its prompt up to `end` (a prefill chunk ended)."""

@@ -166,6 +166,21 @@ async def wait_filled(server: RouterServer, seconds: float = 10.0) -> None:
     assert getattr(engine, "pending_fills", 0) == 0
 
 
+def _model(model_cache: Path) -> tuple[Path, Tokenizer, list[int]]:
+    """The generation model's folder, its tokenizer and stop token ids."""
+    model_dir = model_cache / GEN
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return model_dir, tokenizer, [int(i) for i in manifest["stop_token_ids"]]
+
+
+async def _answer(engine: DecoderEngine, prompt: list[int], max_tokens: int) -> list[int]:
+    """The greedy reply's token ids."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    request = Request(f"r{len(prompt)}", next(_engine_ids), prompt, params)
+    return [t async for chunk in engine.generate(request) for t in chunk.token_ids]
+
+
 async def test_a_prompt_ending_in_a_one_token_chunk_leaves_no_inexact_kv_in_the_cache(
     model_cache: Path,
 ) -> None:
@@ -173,21 +188,12 @@ async def test_a_prompt_ending_in_a_one_token_chunk_leaves_no_inexact_kv_in_the_
     # first prompt's last token is a chunk of its own under a 128-token budget: computed alone
     # in the int4 graph it would take another kernel path, and the block holding it, cached
     # with the reply computed after it, would change the next turn's answers.
-    model_dir = model_cache / GEN
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    stops = [
-        int(i) for i in json.loads((model_dir / "manifest.json").read_text())["stop_token_ids"]
-    ]
+    model_dir, tokenizer, stops = _model(model_cache)
 
     def engine(prefix_cache_mb: int) -> DecoderEngine:
         decoder = OnnxDecoder(model_dir, max_slots=2, max_context=512, prefill_graph="model")
         limits = EngineLimits(2, 128, 8, 512, 0.0, prefix_cache_mb << 20)
         return DecoderEngine(f"cache-{prefix_cache_mb}", decoder, tokenizer, limits, stops)
-
-    async def answer(engine: DecoderEngine, prompt: list[int], max_tokens: int) -> list[int]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        request = Request(f"r{len(prompt)}", next(_engine_ids), prompt, params)
-        return [t async for chunk in engine.generate(request) for t in chunk.token_ids]
 
     on, off = engine(16), engine(0)
     on.start()
@@ -195,14 +201,65 @@ async def test_a_prompt_ending_in_a_one_token_chunk_leaves_no_inexact_kv_in_the_
     try:
         text = " ".join(f"Train {i} leaves from platform {i % 7} at {i}:15." for i in range(40))
         first = tokenizer.encode(text).ids[:129]
-        reply = await answer(on, first, 24)
-        assert reply == await answer(off, first, 24)
+        reply = await _answer(on, first, 24)
+        assert reply == await _answer(off, first, 24)
         history = first + tokenizer.encode(tokenizer.decode(reply)).ids
         for question in ("What is a train?", "Tell me more.", "Why?"):
             while on.pending_fills:  # the reply is computed into the cache while idle
                 await asyncio.sleep(0.01)
             prompt = history + tokenizer.encode(question).ids
-            assert await answer(on, prompt, 16) == await answer(off, prompt, 16), question
+            assert await _answer(on, prompt, 16) == await _answer(off, prompt, 16), question
+    finally:
+        on.stop()
+        off.stop()
+
+
+class _Steps:
+    """A StepObserver keeping each step's batch size."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def on_step(self, batch_size: int, waiting: int, running: int, seconds: float) -> None:
+        if batch_size:
+            self.batches.append(batch_size)
+
+    def on_prefix_cache(self, hit_tokens: int, prompt_tokens: int) -> None:
+        return None
+
+    def on_reply_fill(self, tokens: int) -> None:
+        return None
+
+
+async def test_a_burst_sharing_a_prompt_nothing_cached_is_computed_in_one_step(
+    model_cache: Path,
+) -> None:
+    # Where the native kernels compute every step, the requests sharing the leader's prompt
+    # read it from the leader's slot in the leader's own step (router.scheduler.shared_prefix)
+    # instead of waiting a step for the cache; their answers are those of the cache off.
+    model_dir, tokenizer, stops = _model(model_cache)
+    observed = _Steps()
+
+    def engine(prefix_cache_mb: int) -> DecoderEngine:
+        decoder = OnnxDecoder(model_dir, max_slots=4, max_context=512)
+        if not decoder.borrows_prefixes:
+            pytest.skip("the native kernels do not compute every step on this CPU")
+        limits = EngineLimits(4, 512, 8, 512, 0.0, prefix_cache_mb << 20)
+        watch = observed if prefix_cache_mb else None
+        return DecoderEngine(f"burst-{prefix_cache_mb}", decoder, tokenizer, limits, stops, watch)
+
+    on, off = engine(16), engine(0)
+    on.start()
+    off.start()
+    try:
+        system = tokenizer.encode(SYSTEM.replace("Example Rail", "Example Bus")).ids
+        prompts = [system + tokenizer.encode(q).ids for q in QUESTIONS]
+        together = await asyncio.gather(*(_answer(on, p, 12) for p in prompts))
+        assert observed.batches[0] == len(QUESTIONS), observed.batches
+        assert on.prefix_cache is not None
+        assert on.prefix_cache.hit_tokens >= 3 * (len(system) // 4 * 4)
+        for prompt, got in zip(prompts, together, strict=True):
+            assert got == await _answer(off, prompt, 12)
     finally:
         on.stop()
         off.stop()

@@ -69,9 +69,17 @@ class Q4Decoder {
   // half buffers, and read back so by every row alike). Logits [num_outputs, vocab] of rows
   // outputs[0..num_outputs) (nullptr: every row). The caller checks ranges (tokens < vocab,
   // positions < min(context, rope_positions), slots valid, outputs < rows).
+  //
+  // prefix_slots / prefix_lengths (nullptr: none): row r with prefix_slots[r] >= 0 reads
+  // positions [0, prefix_lengths[r]) from that slot instead of its own (which need not hold
+  // them): a prompt sharing its first tokens with another slot's, computed there before or by
+  // that slot's rows of this call, computes only its own rows. The same bits as if its slot
+  // held them. Every row of one slot names the same prefix, and prefix_lengths[r] <=
+  // positions[r] (the caller checks).
   void step(int rows, const int64_t* tokens, const int64_t* positions, const int64_t* slots,
             const KVBuffers& kv, float* logits, const int64_t* outputs = nullptr,
-            int num_outputs = 0);
+            int num_outputs = 0, const int64_t* prefix_slots = nullptr,
+            const int64_t* prefix_lengths = nullptr);
 
   const std::string& kernel() const;
   const Q4DecoderShape& shape() const;

@@ -491,3 +491,117 @@ def test_a_graph_the_kernels_cannot_compute_decodes_through_onnx_runtime(
         assert native_decode.native_will_decode(tmp_path, manifest, "auto")
         assert native_decode.kv_value_bytes(tmp_path, manifest, "auto", "auto") == 2
         assert native_decode.load_native_decode(tmp_path, manifest, "auto", 1) is not None
+
+
+@pytest.fixture(scope="module")
+def borrowing(folder: Path) -> OnnxDecoder:
+    engine = OnnxDecoder(folder, max_slots=4, max_context=256, prefill_graph="native")
+    assert engine.borrows_prefixes
+    return engine
+
+
+@pytest.mark.parametrize("shared", [4, 60, 64, 100, 150])
+def test_a_chunk_reading_its_prefix_from_another_slot_computes_the_same_bits(
+    borrowing: OnnxDecoder, prompts: list[np.ndarray], shared: int
+):
+    """A follower's chunk reads its first `shared` positions from the slot whose rows compute
+    them in the same call (key blocks of 64: the boundary inside one, at one, past one), and
+    gets the logits and keys and values of its own positions that computing its whole prompt
+    in its own slot gives; once settled, its slot holds the prefix too, and decodes on alike."""
+    engine = borrowing
+    lead = np.concatenate([prompts[2]] * 40)[: shared + 10]
+    mine = np.concatenate([lead[:shared], prompts[0], prompts[1]])
+    n = mine.size
+
+    def kv(slot: int, a: int, b: int) -> list[np.ndarray]:
+        return [buf[slot, :, a:b].copy() for buf in (*engine._keys, *engine._values)]
+
+    for slot in range(4):
+        engine.release(slot)
+    alone = engine.prefill(1, mine, 0)
+    logits = engine.prefill_batch([0, 2], [lead, mine[shared:]], [0, shared], [None, (0, shared)])
+    np.testing.assert_array_equal(logits[1], alone)
+    for got, want in zip(kv(2, shared, n), kv(1, shared, n), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Not settled by hand: the decode copies the prefix into slot 2 before it writes there.
+    token, at = prompts[3][:1], np.array([n])
+    np.testing.assert_array_equal(
+        engine.decode(np.array([2]), token, at), engine.decode(np.array([1]), token, at)
+    )
+    for got, want in zip(kv(2, 0, n + 1), kv(1, 0, n + 1), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_prefix_read_elsewhere_is_settled_before_its_lender_is_reused(
+    borrowing: OnnxDecoder, prompts: list[np.ndarray]
+):
+    """The lender's slot released and written again by another prompt from position 0: the
+    follower still gets the prefix as it was (copied before that write)."""
+    engine = borrowing
+    for slot in range(4):
+        engine.release(slot)
+    lead = np.concatenate([prompts[0], prompts[2]])
+    mine = np.concatenate([lead[:12], prompts[1]])
+    engine.prefill(1, mine, 0)
+    engine.prefill_batch([0, 2], [lead, mine[12:]], [0, 12], [None, (0, 12)])
+    engine.release(0)
+    engine.prefill(0, prompts[3], 0)  # slot 0 reused: its first positions overwritten
+    for buf in (*engine._keys, *engine._values):
+        np.testing.assert_array_equal(buf[2, :, : mine.size], buf[1, :, : mine.size])
+
+
+def test_prefixes_are_refused_by_name(
+    borrowing: OnnxDecoder, graph: OnnxDecoder, prompts: list[np.ndarray]
+):
+    engine = borrowing
+    for slot in range(4):
+        engine.release(slot)
+    lead, mine = prompts[2], prompts[0]
+    cases = [
+        ([0, 2], [lead, mine], [0, 3], [None, (0, 4)], "up to where its chunk starts"),
+        ([0, 2], [lead, mine], [0, 2], [None, (2, 2)], "another slot's first positions"),
+        ([0, 2], [lead, mine], [0, 3], [None, (1, 3)], "which holds 0 after this call"),
+        (
+            [3, 0, 2],
+            [lead, mine, mine],
+            [0, 3, 3],
+            [None, (3, 3), (0, 3)],
+            "cannot lend one in the same call",
+        ),
+        ([0, 2], [lead, mine], [0, 3], [None], "1 entries for 2 rows"),
+    ]
+    for slots, chunks, starts, prefixes, why in cases:
+        with pytest.raises(ValueError, match=why):
+            engine.prefill_batch(slots, chunks, starts, prefixes)
+    assert not graph.borrows_prefixes
+    with pytest.raises(ValueError, match="only where the native kernels compute every step"):
+        graph.prefill_batch([0, 2], [lead, mine], [0, 3], [None, (0, 3)])
+    # The step itself checks what it is given, too.
+    steps = engine._native
+    assert steps is not None
+    rows = np.array([0, 2, 2], np.int64)
+    tokens, positions = np.array([5, 6, 7], np.int64), np.array([0, 3, 4], np.int64)
+    logits = np.empty((3, engine.vocab_size), np.float32)
+
+    def step(lenders: list[int] | None, lengths: list[int] | None) -> None:
+        steps.decoder.step(
+            rows,
+            tokens,
+            positions,
+            steps._keys,
+            steps._values,
+            logits,
+            None,
+            None if lenders is None else np.array(lenders, np.int64),
+            None if lengths is None else np.array(lengths, np.int64),
+        )
+
+    for lenders, lengths, why in [
+        ([-1, 0, 0], None, "come together"),
+        ([-1, 0, 0], [0, 4, 4], "prefix length 4 must be in 1..3"),
+        ([-1, 0, 0], [0, 3, 2], "must name the same prefix"),
+        ([-1, 2, 2], [0, 3, 3], "must be another slot in range"),
+        ([-1, -3, -3], [0, 3, 3], "must be -1"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            step(lenders, lengths)

@@ -9,7 +9,7 @@ import pytest
 from model_reference import bert_embeddings
 from tokenizers import Tokenizer
 
-from backends import native_decode, onnx_runtime
+from backends import native_decode, prompt_graphs
 from backends.base import DecoderStepEngine, EncoderEngine, PrefixKVStore
 from backends.onnx_runtime import OnnxDecoder, OnnxEncoder
 
@@ -304,10 +304,10 @@ def test_prefill_graph_is_chosen_by_the_cpu_unless_named(
         assert chosen(prefill_graph="native") == "native"
     # Decoding through the graph, the CPU chooses between the two graphs.
     graph = {"decode_kernel": "onnxruntime"}
-    monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: None)
+    monkeypatch.setattr(prompt_graphs, "int8_dot_flag", lambda: None)
     assert chosen(**graph) == "model"
     assert chosen(prefill_graph="int8", **graph) == "int8"
-    monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: "avx512_vnni")
+    monkeypatch.setattr(prompt_graphs, "int8_dot_flag", lambda: "avx512_vnni")
     assert chosen(**graph) == "int8"
     assert chosen(prefill_graph="model") == "model"
     with pytest.raises(ValueError, match=r"prefill_graph='native' computes prompts in the native"):

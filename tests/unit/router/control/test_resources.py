@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import onnx_runtime
+from backends import prompt_graphs
 from router.config import ModelConfig
 from router.control.resources import need
 
@@ -52,7 +52,7 @@ def test_the_prompt_graph_counts_as_weights_only_where_the_engine_loads_it(
     cpu_flag: str | None,
     counted: bool,
 ) -> None:
-    monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: cpu_flag)
+    monkeypatch.setattr(prompt_graphs, "int8_dot_flag", lambda: cpu_flag)
     config = ModelConfig(name="m", kind="generate", artifact="m", prefill_graph=prefill_graph)
     _, weights = need(config, decoder_dir)
     manifest = (decoder_dir / "manifest.json").stat().st_size
@@ -89,7 +89,7 @@ def test_where_the_native_kernels_load_their_copy_counts_instead_of_the_graphs(
     monkeypatch.setattr(native_decode, "q4_best_kernel", lambda: kernel)
     # The folder's graph files are stand-ins: what the graph check finds is given here.
     monkeypatch.setattr(native_decode, "_graph_checks", lambda *_: graph_problem)
-    monkeypatch.setattr(onnx_runtime, "int8_dot_flag", lambda: "avx512_vnni")
+    monkeypatch.setattr(prompt_graphs, "int8_dot_flag", lambda: "avx512_vnni")
     config = ModelConfig(name="m", kind="generate", artifact="m", decode_kernel=decode_kernel)
     kv, weights = need(config, decoder_dir)
     files = sum(SIZES.values()) + (decoder_dir / "manifest.json").stat().st_size

@@ -14,7 +14,7 @@ from router.scheduler import runner as runner_module
 from router.scheduler.generation import EngineLimits
 from router.scheduler.request import Request
 from router.scheduler.runner import ModelRunner
-from router.scheduler.scheduler import Scheduler, SchedulerOutput
+from router.scheduler.scheduler import Plan, Scheduler, SchedulerOutput
 
 VOCAB = 16
 _ids = itertools.count(1)
@@ -240,3 +240,80 @@ def test_logits_rows_of_one_step_are_sampled_in_place_others_copied() -> None:
     halves = step.astype(np.float64)  # not float32: converted
     block = runner_module._as_block([halves[0], halves[1]])
     assert block.dtype == np.float32 and np.array_equal(block, step[:2])
+
+
+class BorrowingStepEngine(MixedStepEngine):
+    """Its prompt chunks may read a prefix from another slot (backends.base.PrefixBorrowing)."""
+
+    borrows_prefixes = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settled = 0
+
+    def prefill_batch(
+        self,
+        slots: list[int],
+        chunks: list[np.ndarray],
+        starts: list[int],
+        prefixes: list[tuple[int, int] | None] | None = None,
+    ) -> np.ndarray:
+        call = (slots, [c.tolist() for c in chunks], starts, prefixes)
+        self.calls.append(("prefill_batch", call))
+        if self.fail_prefill_slot in slots:
+            raise RuntimeError("bad prompt")
+        logits = np.zeros((len(slots), VOCAB), dtype=np.float32)
+        logits[:, 7] = 9.0
+        return logits
+
+    def settle(self) -> None:
+        self.settled += 1
+
+
+def _leader_and_follower() -> SchedulerOutput:
+    """A leader's 14-token prompt in slot 0 and a follower reading its first 12 there."""
+    shared = list(range(1, 13))
+    reqs = [
+        Request(f"r{i}", i, [*shared, *tail], SamplingParams(max_tokens=4, temperature=0.0))
+        for i, tail in ((next(_ids), [13, 14]), (next(_ids), [14, 15]))
+    ]
+    plan = Plan(
+        request_ids=np.array([r.engine_id for r in reqs], np.int64),
+        slots=np.array([0, 1], np.int32),
+        starts=np.array([0, 12], np.int32),
+        counts=np.array([14, 2], np.int32),
+        sample=np.array([1, 1], np.uint8),
+        preempted=np.array([], np.int64),
+    )
+    return SchedulerOutput(plan, reqs, prefixes={1: (0, 12)})
+
+
+def test_a_chunk_reading_its_prefix_elsewhere_passes_it_and_is_settled_on_request() -> None:
+    engine = BorrowingStepEngine()
+    runner = ModelRunner("t", engine)  # type: ignore[arg-type]
+    assert runner.borrows_prefixes
+    result = runner.execute(_leader_and_follower())
+    chunks = [[*range(1, 13), 13, 14], [14, 15]]
+    assert engine.calls == [("prefill_batch", ([0, 1], chunks, [0, 12], [None, (0, 12)]))]
+    assert result.tokens == {0: 7, 1: 7} and engine.settled == 0
+    runner.settle()
+    assert engine.settled == 1
+    # Without a row reading one, the call is BatchedPrefill's own.
+    engine.calls.clear()
+    step = _leader_and_follower()
+    runner.execute(SchedulerOutput(step.plan, step.requests))
+    assert engine.calls == [("prefill_batch", ([0, 1], [chunks[0], [14, 15]], [0, 12], None))]
+
+
+def test_a_follower_fails_with_the_leader_whose_prefix_it_reads() -> None:
+    engine = BorrowingStepEngine()
+    engine.fail_prefill_slot = 0
+    runner = ModelRunner("t", engine)  # type: ignore[arg-type]
+    result = runner.execute(_leader_and_follower())
+    # The batch failed; row by row the leader fails, and the follower is not computed over a
+    # prefix its slot 0 does not hold.
+    assert [c[0] for c in engine.calls] == ["prefill_batch"]
+    assert result.errors == {
+        0: "prefill failed for this request",
+        1: "prefill failed for this request",
+    }

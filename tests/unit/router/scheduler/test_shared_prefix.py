@@ -32,13 +32,17 @@ SHARED = list(range(10, 22))
 
 
 def make_scheduler(
-    max_slots: int = 4, num_blocks: int = 16
+    max_slots: int = 4, num_blocks: int = 16, borrow: bool = False
 ) -> tuple[Scheduler, PrefixCache, TokenStore]:
+    """`borrow`: the engine's prompt chunks read a prefix from another slot (followers join
+    their leader's step)."""
     store = TokenStore()
     store.open_pool(num_blocks, B)
     cache = PrefixCache(store, num_blocks=num_blocks, block_size=B)
     limits = EngineLimits(max_slots, token_budget=64, max_waiting=8, max_context=64)
-    return Scheduler("test", limits, Decoder(), stop_ids=[EOS], prefix_cache=cache), cache, store
+    scheduler = Scheduler("test", limits, Decoder(), stop_ids=[EOS], prefix_cache=cache)
+    scheduler.borrow_prefixes = borrow
+    return scheduler, cache, store
 
 
 def request(*tail: int, priority: Priority = Priority.NORMAL) -> Request:
@@ -62,6 +66,10 @@ def step(scheduler: Scheduler, store: TokenStore, budget: int = 0) -> tuple[Sche
     for row, blocks in plan.loads:
         scheduler.prefix_cache.load(int(plan.plan.slots[row]), blocks)
     for row, req in enumerate(plan.requests):
+        if row in plan.prefixes:  # read from the lender's slot, which holds it by now
+            lender, n = plan.prefixes[row]
+            assert (store.slots[lender, :n] == req.tokens[:n]).all()
+            store.compute(int(plan.plan.slots[row]), store.slots[lender, :n])
         assert store.lengths[int(plan.plan.slots[row])] >= int(plan.plan.starts[row])
         end = int(plan.plan.starts[row] + plan.plan.counts[row])
         store.compute(int(plan.plan.slots[row]), req.tokens[:end])
@@ -103,6 +111,69 @@ def test_followers_wait_one_step_and_compute_only_what_they_do_not_share() -> No
         follower.engine_id,
         other.engine_id,
     }
+
+
+def test_followers_join_the_leaders_step_where_the_engine_reads_the_share_there() -> None:
+    scheduler, cache, store = make_scheduler(borrow=True)
+    leader, follower, other = request(30, 31), request(40, 41), request(50, 51)
+    for req in (leader, follower, other):
+        assert scheduler.add_request(req) is None
+    plan, out = step(scheduler, store)
+    # One step: the followers compute only their own tokens, reading the 12 shared ones from
+    # the leader's slot (the step helper checks it holds them), and nothing is loaded.
+    assert computed(plan) == {
+        leader.engine_id: (0, 14),
+        follower.engine_id: (12, 2),
+        other.engine_id: (12, 2),
+    }
+    assert not plan.loads
+    assert sorted(plan.prefixes.values()) == [(leader.slot, 12)] * 2
+    assert [plan.requests[row] for row in sorted(plan.prefixes)] == [follower, other]
+    assert cache.hit_tokens == 24 and cache.queried_tokens == 14 * 3
+    assert {engine_id for engine_id, chunk in out if chunk.token_ids} == {
+        leader.engine_id,
+        follower.engine_id,
+        other.engine_id,
+    }
+    assert scheduler._shared is not None and len(scheduler._shared) == 0
+    # They go on as any request: the next step decodes the three.
+    second, _ = step(scheduler, store)
+    assert computed(second) == {r.engine_id: (14, 1) for r in (leader, follower, other)}
+    assert not second.prefixes
+
+
+def test_followers_join_as_far_as_the_budget_and_the_free_slots_go() -> None:
+    # 16 tokens: the leader's 14 leave room for one follower's 2; the other waits for the
+    # cache as before, and is released once the leader's chunk has covered the share.
+    scheduler, _, store = make_scheduler(borrow=True)
+    leader, follower, other = request(30, 31), request(40, 41), request(50, 51)
+    for req in (leader, follower, other):
+        assert scheduler.add_request(req) is None
+    first, _ = step(scheduler, store, budget=16)
+    assert computed(first) == {leader.engine_id: (0, 14), follower.engine_id: (12, 2)}
+    second, _ = step(scheduler, store)
+    assert computed(second)[other.engine_id] == (12, 2)
+    assert not second.prefixes and len(second.loads) == 1  # from the cache, as before
+    # Two slots: the leader's and one follower's.
+    scheduler, _, store = make_scheduler(max_slots=2, borrow=True)
+    leader, follower, other = request(30, 31), request(40, 41), request(50, 51)
+    for req in (leader, follower, other):
+        assert scheduler.add_request(req) is None
+    first, _ = step(scheduler, store)
+    assert set(computed(first)) == {leader.engine_id, follower.engine_id}
+    assert other.held
+
+
+def test_a_leader_whose_chunk_stops_short_of_the_share_is_not_joined() -> None:
+    # A 4-token budget: no step has room past the leader's chunk; the follower is released
+    # once the leader's chunks have covered the share, as without borrowing.
+    scheduler, _, store = make_scheduler(borrow=True)
+    leader, follower = request(30, 31), request(40, 41)
+    assert scheduler.add_request(leader) is None and scheduler.add_request(follower) is None
+    steps = [step(scheduler, store, budget=4)[0] for _ in range(4)]
+    assert [set(computed(s)) for s in steps[:3]] == [{leader.engine_id}] * 3
+    assert computed(steps[3])[follower.engine_id] == (12, 2)
+    assert not any(s.prefixes for s in steps)
 
 
 def test_a_share_shorter_than_a_block_past_the_cache_is_not_waited_for() -> None:
