@@ -572,10 +572,20 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
       runs.emplace_back(m, 1);
   int widest_run = 0;  // sizes the attention's score scratch (decode steps: runs of one)
   for (const auto& run : runs) widest_run = std::max(widest_run, run.second);
+  // The last layer computes past its keys and values only the rows whose logits are asked
+  // for (a prompt chunk's last): the others' attention, MLP and residual feed nothing. Each of
+  // those rows attends alone (a run of one), its result the same bits as in its run; the rows
+  // after the attention are compacted in output order (j: outputs[j]).
+  const int k = outputs ? num_outputs : rows;
+  std::vector<std::pair<int, int>> output_runs;
+  if (k < rows)
+    for (int j = 0; j < k; ++j) output_runs.emplace_back(static_cast<int>(outputs[j]), 1);
   // One layer's rotary embedding, KV stores and attention over its keys and values (float or
   // _Float16 buffers). Every row's keys and values are stored before any row attends: rows of
-  // one slot at consecutive positions (a prompt chunk) see each other's, causally.
-  const auto attention = [&](auto* keys, auto* values) {
+  // one slot at consecutive positions (a prompt chunk) see each other's, causally. `which`:
+  // the runs that attend; `compact`: run i's output goes to row i of attn (else its own rows).
+  const auto attention = [&](auto* keys, auto* values,
+                             const std::vector<std::pair<int, int>>& which, bool compact) {
     constexpr bool half = std::is_same_v<std::remove_pointer_t<decltype(keys)>, _Float16>;
     const int tasks = rows * KVH;
     d.pool.run([&](int wi) {
@@ -605,11 +615,12 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
       const size_t need = static_cast<size_t>(widest_run) * G * ((longest + 15) / 16 * 16);
       if (sc.size() < need) sc.resize(need);
       if (acc.size() < static_cast<size_t>(q4::kMaxRun) * G * D) acc.resize(q4::kMaxRun * G * D);
-      for (int t = next++; t < static_cast<int>(runs.size()) * KVH; t = next++) {
-        const int m = runs[t / KVH].first, R = runs[t / KVH].second, kh = t % KVH;
+      for (int t = next++; t < static_cast<int>(which.size()) * KVH; t = next++) {
+        const int m = which[t / KVH].first, R = which[t / KVH].second, kh = t % KVH;
         const size_t base = (static_cast<size_t>(slots[m]) * KVH + kh) * context * D;
         const float* q = qkv + static_cast<size_t>(m) * QKV + kh * G * D;
-        float* out = attn + static_cast<size_t>(m) * NH * D + kh * G * D;
+        const size_t row = compact ? static_cast<size_t>(t / KVH) : static_cast<size_t>(m);
+        float* out = attn + row * NH * D + kh * G * D;
         const int p0 = static_cast<int>(positions[m]);
         using T = std::remove_pointer_t<decltype(keys)>;
         q4::KVPrefix<T> prefix;
@@ -634,29 +645,35 @@ void Q4Decoder::step(int rows, const int64_t* tokens, const int64_t* positions,
       d.quantize(x, m, H);
     });
     d.gemm(rows, d.weights[4 * l], qkv);
+    const bool pruned = l == L - 1 && k < rows;  // rows j: outputs[j]
+    const int n = pruned ? k : rows;
+    const auto& which = pruned ? output_runs : runs;
     if (kv.half)
-      attention(static_cast<_Float16*>(kv.keys[l]), static_cast<_Float16*>(kv.values[l]));
+      attention(static_cast<_Float16*>(kv.keys[l]), static_cast<_Float16*>(kv.values[l]), which,
+                pruned);
     else
-      attention(static_cast<float*>(kv.keys[l]), static_cast<float*>(kv.values[l]));
-    d.each_row(rows, [&](int m) { d.quantize(attn, m, NH * D); });
-    d.gemm(rows, d.weights[4 * l + 1], tmp);
-    d.each_row(rows, [&](int m) {
-      d.rows->add_rms_norm_row(h + m * H, tmp + m * H, d.norms.data() + (2 * l + 1) * H, s.eps, H,
-                       x + m * H);
-      d.quantize(x, m, H);
+      attention(static_cast<float*>(kv.keys[l]), static_cast<float*>(kv.values[l]), which, pruned);
+    d.each_row(n, [&](int j) { d.quantize(attn, j, NH * D); });
+    d.gemm(n, d.weights[4 * l + 1], tmp);
+    d.each_row(n, [&](int j) {
+      const int m = pruned ? static_cast<int>(outputs[j]) : j;
+      d.rows->add_rms_norm_row(h + m * H, tmp + j * H, d.norms.data() + (2 * l + 1) * H, s.eps, H,
+                       x + j * H);
+      d.quantize(x, j, H);
     });
-    d.gemm(rows, d.weights[4 * l + 2], gate_up);
-    d.each_row(rows, [&](int m) {
-      d.rows->silu_mul_row(gate_up + m * 2 * I, gate_up + m * 2 * I + I, I, act + m * I);
-      d.quantize(act, m, I);
+    d.gemm(n, d.weights[4 * l + 2], gate_up);
+    d.each_row(n, [&](int j) {
+      d.rows->silu_mul_row(gate_up + j * 2 * I, gate_up + j * 2 * I + I, I, act + j * I);
+      d.quantize(act, j, I);
     });
-    d.gemm(rows, d.weights[4 * l + 3], tmp);
+    d.gemm(n, d.weights[4 * l + 3], tmp);
   }
   // Logits of the rows asked for only (a prompt chunk needs its last), compacted in order.
-  const int k = outputs ? num_outputs : rows;
+  const bool compacted = k < rows;  // the last layer's MLP output is by j already
   d.each_row(k, [&](int j) {
     const int m = outputs ? static_cast<int>(outputs[j]) : j;
-    d.rows->add_rms_norm_row(h + m * H, tmp + m * H, d.norms.data() + 2 * L * H, s.eps, H, x + j * H);
+    d.rows->add_rms_norm_row(h + m * H, tmp + (compacted ? j : m) * H, d.norms.data() + 2 * L * H,
+                             s.eps, H, x + j * H);
     d.quantize(x, j, H);
   });
   if (k) d.gemm(k, d.weights[4 * L], logits);
