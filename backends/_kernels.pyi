@@ -41,3 +41,8 @@ def kv_save_blocks(slot_buffers: Sequence[Annotated[NDArray, dict(order='C', dev
     """
     Copy positions start..start + n * block_size of `slot` into pool blocks blocks[0..n) (shapes as kv_load_blocks).
     """
+
+def kv_copy_prefix(buffers: Sequence[Annotated[NDArray, dict(order='C', device='cpu')]], from_slot: int, to: Annotated[NDArray[numpy.int64], dict(order='C', device='cpu', writable=False)], n: int) -> None:
+    """
+    Copy positions 0..n of slot from_slot into the same positions of each slot in `to`, in every slot buffer (slots, heads, context, head_dim), all of one shape and dtype.
+    """

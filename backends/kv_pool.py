@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from backends._kernels import kv_load_blocks, kv_save_blocks
+from backends._kernels import kv_copy_prefix, kv_load_blocks, kv_save_blocks
 
 KVArray = npt.NDArray[np.floating[Any]]
 """Keys or values: float32 (the graphs'), or float16 where the native kernels compute every step."""
@@ -111,10 +111,18 @@ class SlotKVPool:
             self._settle()
 
     def _settle(self) -> None:
-        """Copy the borrowed prefixes into the slots that read them (under the lock)."""
-        for slot, (source, n) in self._borrowed.items():
-            for buffer in (*self._keys, *self._values):
-                buffer[slot, :, :n] = buffer[source, :, :n]
+        """Copy the borrowed prefixes into the slots that read them (under the lock): one
+        call for the slots that read the same positions of one slot (a burst's followers),
+        two threads where it is large (15 followers of a 344-token prefix: ~14 ms in NumPy,
+        one thread)."""
+        if not self._borrowed:
+            return
+        readers: dict[tuple[int, int], list[int]] = {}
+        for slot, prefix in self._borrowed.items():
+            readers.setdefault(prefix, []).append(slot)
+        buffers = [*self._keys, *self._values]
+        for (source, n), slots in readers.items():
+            kv_copy_prefix(buffers, source, np.array(slots, np.int64), n)
         self._borrowed.clear()
 
     def _shared_blocks(self, slot: int, start: int) -> list[tuple[int, int]]:

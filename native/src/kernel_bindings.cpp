@@ -258,6 +258,39 @@ void kv_save_blocks(const KVList& slot_buffers, const KVList& pool_buffers, int6
                           static_cast<int64_t>(blocks.shape(0)));
 }
 
+void kv_copy_prefix(const KVList& buffers, int64_t from, In<int64_t> to, int64_t n) {
+  if (buffers.empty()) throw nb::value_error("buffers must hold at least one slot buffer");
+  const auto& a = buffers[0];
+  if (a.ndim() != 4) throw nb::value_error("slot buffers must be (slots, heads, context, head_dim)");
+  for (const auto& b : buffers) {
+    if (b.ndim() != 4 || b.dtype() != a.dtype())
+      throw nb::value_error("every slot buffer must have buffers[0]'s dtype and 4 dimensions");
+    for (size_t d = 0; d < 4; ++d)
+      if (b.shape(d) != a.shape(d))
+        throw nb::value_error("every slot buffer must have buffers[0]'s shape");
+  }
+  irouter::KVBlockShape s{static_cast<int64_t>(a.shape(0)), static_cast<int64_t>(a.shape(1)),
+                          static_cast<int64_t>(a.shape(2)), static_cast<int64_t>(a.shape(3)),
+                          0, 0, static_cast<int64_t>(a.itemsize())};
+  expect_shape(to, "to", {-1}, "(k,)");
+  const auto slot_ok = [&](int64_t slot) { return 0 <= slot && slot < s.slots; };
+  if (!slot_ok(from))
+    throw nb::value_error(("from=" + std::to_string(from) + " is not a slot").c_str());
+  for (size_t j = 0; j < to.shape(0); ++j)
+    if (!slot_ok(to.data()[j]) || to.data()[j] == from)
+      throw nb::value_error(("to[" + std::to_string(j) + "]=" + std::to_string(to.data()[j]) +
+                             " must be another slot than from")
+                                .c_str());
+  if (n < 0 || n > s.context)
+    throw nb::value_error(("n=" + std::to_string(n) + " must be in 0.." +
+                           std::to_string(s.context) + " (the context)")
+                              .c_str());
+  std::vector<void*> all;
+  for (const auto& b : buffers) all.push_back(b.data());
+  nb::gil_scoped_release release;
+  irouter::kv_copy_prefix(all, s, from, to.data(), static_cast<int64_t>(to.shape(0)), n);
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, m) {
@@ -296,4 +329,8 @@ NB_MODULE(_kernels, m) {
         "pool_buffers"_a.noconvert(), "slot"_a, "start"_a, "blocks"_a,
         "Copy positions start..start + n * block_size of `slot` into pool blocks "
         "blocks[0..n) (shapes as kv_load_blocks).");
+  m.def("kv_copy_prefix", &kv_copy_prefix, "buffers"_a.noconvert(), "from_slot"_a, "to"_a,
+        "n"_a,
+        "Copy positions 0..n of slot from_slot into the same positions of each slot in `to`, "
+        "in every slot buffer (slots, heads, context, head_dim), all of one shape and dtype.");
 }

@@ -22,6 +22,21 @@ inline int64_t block_offset(const KVBlockShape& s, int64_t block, int64_t head) 
   return (block * s.heads + head) * s.block_size * s.head_dim * s.item_bytes;
 }
 
+// copy(first, last) over buffers [first, last): by two threads, half the buffers each, from
+// kTwoThreadBytes on (and where a thread can be had), else by this one.
+template <class Copy>
+void split_buffers(const Copy& copy, size_t buffers, size_t bytes) {
+  if (bytes < kTwoThreadBytes || buffers < 2) return copy(0, buffers);
+  std::thread helper;
+  try {
+    helper = std::thread(copy, buffers / 2, buffers);
+  } catch (const std::exception&) {  // no thread to be had (or its state): copy it all here
+    return copy(0, buffers);
+  }
+  copy(0, buffers / 2);
+  helper.join();
+}
+
 }  // namespace
 
 void kv_load_blocks(const std::vector<void*>& slot_buffers,
@@ -40,16 +55,7 @@ void kv_load_blocks(const std::vector<void*>& slot_buffers,
     }
   };
   const size_t buffers = slot_buffers.size();
-  const size_t bytes = run * static_cast<size_t>(n * shape.heads) * buffers;
-  if (bytes < kTwoThreadBytes || buffers < 2) return copy(0, buffers);
-  std::thread helper;
-  try {
-    helper = std::thread(copy, buffers / 2, buffers);
-  } catch (const std::exception&) {  // no thread to be had (or its state): copy it all here
-    return copy(0, buffers);
-  }
-  copy(0, buffers / 2);
-  helper.join();
+  split_buffers(copy, buffers, run * static_cast<size_t>(n * shape.heads) * buffers);
 }
 
 void kv_save_blocks(const std::vector<const void*>& slot_buffers,
@@ -65,6 +71,22 @@ void kv_save_blocks(const std::vector<const void*>& slot_buffers,
         std::memcpy(dst + block_offset(shape, blocks[j], h), from, run);
     }
   }
+}
+
+void kv_copy_prefix(const std::vector<void*>& buffers, const KVBlockShape& shape, int64_t from,
+                    const int64_t* to, int64_t k, int64_t n) {
+  const size_t run = static_cast<size_t>(n * shape.head_dim * shape.item_bytes);
+  const auto copy = [&](size_t first, size_t last) {
+    for (size_t i = first; i < last; ++i) {
+      char* buffer = static_cast<char*>(buffers[i]);
+      for (int64_t h = 0; h < shape.heads; ++h) {
+        const char* src = buffer + slot_offset(shape, from, h, 0);
+        for (int64_t j = 0; j < k; ++j)
+          std::memcpy(buffer + slot_offset(shape, to[j], h, 0), src, run);
+      }
+    }
+  };
+  split_buffers(copy, buffers.size(), run * static_cast<size_t>(shape.heads * k) * buffers.size());
 }
 
 }  // namespace irouter

@@ -29,4 +29,11 @@ void kv_save_blocks(const std::vector<const void*>& slot_buffers,
                     const std::vector<void*>& pool_buffers, const KVBlockShape& shape,
                     int64_t slot, int64_t start, const int64_t* blocks, int64_t n);
 
+// Positions 0..n of slot `from` into the same positions of slots to[0..k), in every buffer
+// (slot buffers, as above): a prompt chunk read its prefix from another slot and the prefix is
+// settled into its own (backends/kv_pool.py). Two threads as kv_load_blocks. Shapes, ranges
+// and to[i] != from are the caller's to check.
+void kv_copy_prefix(const std::vector<void*>& buffers, const KVBlockShape& shape, int64_t from,
+                    const int64_t* to, int64_t k, int64_t n);
+
 }  // namespace irouter

@@ -1,13 +1,13 @@
-"""The native KV block copies under backends.kv_pool (backends._kernels.kv_load_blocks and
-kv_save_blocks): the same bytes NumPy's indexing would move, and every bad argument refused by
-name before anything is written."""
+"""The native KV block copies under backends.kv_pool (backends._kernels.kv_load_blocks,
+kv_save_blocks and kv_copy_prefix): the same bytes NumPy's indexing would move, and every bad
+argument refused by name before anything is written."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from backends._kernels import kv_load_blocks, kv_save_blocks
+from backends._kernels import kv_copy_prefix, kv_load_blocks, kv_save_blocks
 
 LAYERS, SLOTS, HEADS, CONTEXT, DIM, BLOCKS, SIZE = 3, 4, 3, 40, 8, 12, 4
 
@@ -97,3 +97,36 @@ def test_slots_blocks_and_positions_out_of_range_are_refused() -> None:
         kv_save_blocks(slots, pool, 0, 2**63 - 2, one)
     with pytest.raises(ValueError, match="blocks of >= 1 position"):
         kv_load_blocks(slots, [np.zeros((BLOCKS, HEADS, 0, DIM), np.float16)] * len(pool), 0, one)
+
+
+@pytest.mark.parametrize("shape", [(SLOTS, HEADS, CONTEXT, DIM), (4, 3, 1024, 64)])
+def test_a_prefix_is_copied_into_each_reader_as_numpy_would(shape: tuple[int, ...]) -> None:
+    """Positions 0..n of one slot into the same positions of others, in every buffer (the
+    larger shape: ~2.4 MB, two threads); the rest of every slot untouched."""
+    rng = np.random.default_rng(2)
+    slots = [rng.standard_normal(shape).astype(np.float16) for _ in range(5)]
+    want = [s.copy() for s in slots]
+    n = shape[2] - 3
+    kv_copy_prefix(slots, 2, np.array([0, 3], np.int64), n)
+    for got, expected in zip(slots, want, strict=True):
+        expected[[0, 3], :, :n] = expected[2, :, :n]
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_bad_prefix_copies_are_refused_by_name() -> None:
+    slots, _ = buffers(np.float16)
+    before = [s.copy() for s in slots]
+    to = np.array([1], np.int64)
+    for args, message in [
+        ((slots, SLOTS, to, 4), "from=4 is not a slot"),
+        ((slots, 1, to, 4), r"to\[0\]=1 must be another slot than from"),
+        ((slots, 0, np.array([-1], np.int64), 4), r"to\[0\]=-1 must be another slot"),
+        ((slots, 0, to, CONTEXT + 1), "n=41 must be in 0..40"),
+        (([*slots, np.zeros((SLOTS, HEADS, 4, DIM), np.float16)], 0, to, 4), "0\\]'s shape"),
+        (([*slots[:-1], slots[-1].astype(np.float32)], 0, to, 4), "buffers\\[0\\]'s dtype"),
+        (([], 0, to, 4), "at least one slot buffer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            kv_copy_prefix(*args)
+    for got, want in zip(slots, before, strict=True):
+        np.testing.assert_array_equal(got, want)
