@@ -56,6 +56,9 @@ class SlotKVPool:
         """Slot -> (slot, n): its positions 0..n-1 were read from that slot by a prompt chunk
         (PrefixBorrowing) and are not copied into it yet: `_settle` copies them before any
         write to either slot, or any read of them, and `settle` once a step is delivered."""
+        self._unsettled: set[int] = set()
+        """Slots whose borrowed prefix could not be copied: refused by every call until released
+        or written from position 0 again (their requests fail alone; the others go on)."""
 
     def _borrowings(
         self,
@@ -120,10 +123,23 @@ class SlotKVPool:
         readers: dict[tuple[int, int], list[int]] = {}
         for slot, prefix in self._borrowed.items():
             readers.setdefault(prefix, []).append(slot)
+        self._borrowed.clear()  # a failed copy must not fail every later call too
         buffers = [*self._keys, *self._values]
         for (source, n), slots in readers.items():
-            kv_copy_prefix(buffers, source, np.array(slots, np.int64), n)
-        self._borrowed.clear()
+            try:
+                kv_copy_prefix(buffers, source, np.array(slots, np.int64), n)
+            except Exception:
+                self._unsettled.update(slots)
+                raise
+
+    def _check_settled(self, slots: Sequence[int], starts: Sequence[int] | None = None) -> None:
+        """Refuse slots whose borrowed prefix was lost (unless a prompt rewrites it from 0)."""
+        for i, slot in enumerate(slots):
+            if slot in self._unsettled:
+                if starts is not None and starts[i] == 0:
+                    self._unsettled.discard(slot)
+                    continue
+                raise ValueError(f"slot {slot} lost the prefix it read from another slot")
 
     def _shared_blocks(self, slot: int, start: int) -> list[tuple[int, int]]:
         """Names of the loaded blocks that begin the past of a prefill of `slot` from `start`
@@ -180,6 +196,7 @@ class SlotKVPool:
         with self._lock:
             if slot in self._borrowed and start < self._borrowed[slot][1]:
                 self._settle()
+            self._check_settled([slot])
             if not 0 <= start <= end <= self._lengths[slot]:
                 raise ValueError(
                     f"positions {start}..{end} of slot {slot} are not all computed "
@@ -196,5 +213,6 @@ class SlotKVPool:
         with self._lock:
             self._settle()
             kv_load_blocks(*self._buffers(), slot, index)
+            self._unsettled.discard(slot)
             self._lengths[slot] = n
             self._loaded[slot] = (self._pool_writes, tuple(int(b) for b in blocks))

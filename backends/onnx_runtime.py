@@ -252,6 +252,7 @@ class OnnxDecoder(SlotKVPool):
         firsts = [int(start) for start in starts]
         with self._lock:
             self._settle()
+            self._check_settled(rows, firsts)
             ends = [start + chunk.size for start, chunk in zip(firsts, ids, strict=True)]
             borrowed = self._borrowings(rows, firsts, ends, prefixes, self.mixed_steps)
             for slot, start in zip(rows, firsts, strict=True):
@@ -334,6 +335,7 @@ class OnnxDecoder(SlotKVPool):
             raise ValueError(f"position {bad} is outside 0..{self.max_context - 1} (max_context)")
         with self._lock:
             self._settle()
+            self._check_settled(slots.tolist())
             ahead = pos > self._lengths[slots]
             if ahead.any():
                 i = int(np.argmax(ahead))
@@ -372,6 +374,8 @@ class OnnxDecoder(SlotKVPool):
         with self._lock:
             self._lengths[slot] = 0
             self._loaded.pop(slot, None)
+            self._unsettled.discard(slot)
+            self._borrowed.pop(slot, None)  # its prefix is not needed any more (a lender's is)
 
     def slot_length(self, slot: int) -> int:
         """Tokens computed so far in `slot` (0 after release)."""

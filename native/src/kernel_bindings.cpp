@@ -174,6 +174,13 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
                                   .c_str());
       named[slot] = mine;
     }
+    for (int64_t r = 0; r < n; ++r) {  // a lender holds its own first positions
+      const int64_t from = prefix_slots->data()[r];
+      if (from >= 0 && named[from].first >= 0)
+        throw nb::value_error(("slot " + std::to_string(from) +
+                               " reads its own prefix elsewhere: it cannot lend one")
+                                  .c_str());
+    }
   }
   nb::gil_scoped_release release;
   d.step(static_cast<int>(n), tokens.data(), positions.data(), slots.data(), kv, logits.data(),

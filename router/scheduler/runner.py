@@ -69,6 +69,11 @@ class ModelRunner:
             return result
         if output.loads:
             self._load(output, result)
+        if output.prefixes and result.errors:  # a lender whose load failed lends nothing
+            lost = {int(plan.slots[row]) for row in result.errors}
+            for row, (lender, _) in output.prefixes.items():
+                if lender in lost:
+                    result.errors[row] = "loading the prefix it shares failed"
         logits: dict[int, FloatArray] = {}
         # A row computing a generated token decodes; a row of prompt tokens prefills, also a
         # chunk of one: the decode graph rounds differently from the prompt graph, whose packed

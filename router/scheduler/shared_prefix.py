@@ -49,7 +49,7 @@ class Plan:
     slots: npt.NDArray[np.int32]
     starts: npt.NDArray[np.int32]
     counts: npt.NDArray[np.int32]
-    sample: npt.NDArray[np.uint8]
+    sample: npt.NDArray[np.bool_]
     preempted: npt.NDArray[np.int64]
 
     @classmethod
@@ -149,13 +149,16 @@ class SharedPrefixes:
                 continue
             if follower.num_prompt - held.end > room or len(joined) == free:
                 break  # in arrival order: no later follower overtakes this one
-            admitted = native.add_request(
-                request_id=follower.engine_id,
-                num_prompt_tokens=follower.num_prompt,
-                max_new_tokens=follower.params.max_tokens,
-                priority=int(follower.priority),
-                num_cached=held.end,
-            )
+            try:
+                admitted = native.add_request(
+                    request_id=follower.engine_id,
+                    num_prompt_tokens=follower.num_prompt,
+                    max_new_tokens=follower.params.max_tokens,
+                    priority=int(follower.priority),
+                    num_cached=held.end,
+                )
+            except ValueError:  # a bug: it stays held, and its submission then refuses it alone
+                break
             if not admitted:  # cannot happen with nothing waiting; it then stays held
                 break
             del self._held[follower.engine_id]

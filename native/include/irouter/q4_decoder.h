@@ -68,7 +68,7 @@ class Q4Decoder {
   // consecutive positions); writes its keys and values there (rounded to half precision in
   // half buffers, and read back so by every row alike). Logits [num_outputs, vocab] of rows
   // outputs[0..num_outputs) (nullptr: every row). The caller checks ranges (tokens < vocab,
-  // positions < min(context, rope_positions), slots valid, outputs < rows).
+  // positions < min(context, rope_positions), slots valid, outputs strictly increasing rows).
   //
   // prefix_slots / prefix_lengths (nullptr: none): row r with prefix_slots[r] >= 0 reads
   // positions [0, prefix_lengths[r]) from that slot instead of its own (which need not hold

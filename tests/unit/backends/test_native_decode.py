@@ -13,7 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 from tokenizers import Tokenizer
 
-from backends import native_decode
+from backends import kv_pool, native_decode
 from backends._kernels import Q4Decoder, q4_best_kernel
 from backends.native_decode import NativeSteps
 from backends.onnx_runtime import OnnxDecoder
@@ -510,8 +510,10 @@ def test_a_chunk_reading_its_prefix_from_another_slot_computes_the_same_bits(
     in its own slot gives; once settled, its slot holds the prefix too, and decodes on alike."""
     engine = borrowing
     lead = np.concatenate([prompts[2]] * 40)[: shared + 10]
-    mine = np.concatenate([lead[:shared], prompts[0], prompts[1]])
+    # Its own rows: more than one attention run of 32.
+    mine = np.concatenate([lead[:shared], prompts[0], prompts[1], prompts[3], prompts[0]])
     n = mine.size
+    assert n - shared > 32
 
     def kv(slot: int, a: int, b: int) -> list[np.ndarray]:
         return [buf[slot, :, a:b].copy() for buf in (*engine._keys, *engine._values)]
@@ -519,6 +521,8 @@ def test_a_chunk_reading_its_prefix_from_another_slot_computes_the_same_bits(
     for slot in range(4):
         engine.release(slot)
     alone = engine.prefill(1, mine, 0)
+    for buf in (*engine._keys, *engine._values):
+        buf[2] = np.nan  # whatever the follower's slot held, it is not read
     logits = engine.prefill_batch([0, 2], [lead, mine[shared:]], [0, shared], [None, (0, shared)])
     np.testing.assert_array_equal(logits[1], alone)
     for got, want in zip(kv(2, shared, n), kv(1, shared, n), strict=True):
@@ -548,6 +552,49 @@ def test_a_prefix_read_elsewhere_is_settled_before_its_lender_is_reused(
     engine.prefill(0, prompts[3], 0)  # slot 0 reused: its first positions overwritten
     for buf in (*engine._keys, *engine._values):
         np.testing.assert_array_equal(buf[2, :, : mine.size], buf[1, :, : mine.size])
+
+
+def test_a_borrowed_prefix_is_settled_before_the_pool_saves_or_loads_there(
+    borrowing: OnnxDecoder, prompts: list[np.ndarray]
+):
+    engine = borrowing
+    engine.open_pool(8, 4)
+    for slot in range(4):
+        engine.release(slot)
+    lead = np.concatenate([prompts[0], prompts[2]])
+    mine = np.concatenate([lead[:12], prompts[1]])
+    engine.prefill(1, mine, 0)
+    for buf in (*engine._keys, *engine._values):
+        buf[2] = np.nan
+    engine.prefill_batch([0, 2], [lead, mine[12:]], [0, 12], [None, (0, 12)])
+    engine.save_blocks([0, 1], 2, 4)  # positions 4..12 of slot 2: copied there first
+    engine.load_blocks(3, [0, 1])
+    for buf in (*engine._keys, *engine._values):
+        np.testing.assert_array_equal(buf[3, :, :8], buf[1, :, 4:12])
+
+
+def test_a_prefix_that_could_not_be_copied_fails_its_slot_alone(
+    borrowing: OnnxDecoder, prompts: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+):
+    engine = borrowing
+    for slot in range(4):
+        engine.release(slot)
+    lead, mine = np.concatenate([prompts[0], prompts[2]]), np.concatenate([prompts[0], prompts[1]])
+    engine.prefill_batch([0, 2], [lead, mine[8:]], [0, 8], [None, (0, 8)])
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no memory")
+
+    monkeypatch.setattr(kv_pool, "kv_copy_prefix", broken)
+    with pytest.raises(RuntimeError, match="no memory"):
+        engine.settle()
+    monkeypatch.undo()
+    token = prompts[3][:1]
+    with pytest.raises(ValueError, match="slot 2 lost the prefix it read from another slot"):
+        engine.decode(np.array([2]), token, np.array([mine.size]))
+    engine.decode(np.array([0]), token, np.array([lead.size]))  # the others go on
+    engine.prefill(2, mine, 0)  # written again from 0: usable again
+    engine.decode(np.array([2]), token, np.array([mine.size]))
 
 
 def test_prefixes_are_refused_by_name(
@@ -605,3 +652,7 @@ def test_prefixes_are_refused_by_name(
     ]:
         with pytest.raises(ValueError, match=why):
             step(lenders, lengths)
+    rows, tokens, positions = rows[1:], tokens[1:], np.array([3, 3], np.int64)
+    rows[0] = 0  # slot 0 reads slot 1's first 3 positions, slot 2 reads slot 0's
+    with pytest.raises(ValueError, match="slot 0 reads its own prefix elsewhere: it cannot lend"):
+        step([1, 0], [3, 3])

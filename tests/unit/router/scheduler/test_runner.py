@@ -317,3 +317,60 @@ def test_a_follower_fails_with_the_leader_whose_prefix_it_reads() -> None:
         0: "prefill failed for this request",
         1: "prefill failed for this request",
     }
+
+
+def test_a_follower_runs_alone_with_its_prefix_where_the_batch_fails() -> None:
+    engine = BorrowingStepEngine()
+    batches = engine.prefill_batch
+
+    def only_one_row(slots: list[int], *args: object) -> np.ndarray:
+        if len(slots) > 1:
+            raise RuntimeError("batch too large")
+        return batches(slots, *args)  # type: ignore[arg-type]
+
+    engine.prefill_batch = only_one_row  # type: ignore[method-assign]
+    result = ModelRunner("t", engine).execute(_leader_and_follower())  # type: ignore[arg-type]
+    # The leader alone first (its slot then holds the prefix), then the follower reading it.
+    assert [c[0] for c in engine.calls] == ["prefill", "prefill_batch"]
+    assert engine.calls[-1][1] == ([1], [[14, 15]], [12], [(0, 12)])
+    assert result.tokens == {0: 5, 1: 7} and not result.errors
+
+
+def test_a_follower_of_a_leader_whose_load_failed_fails_before_any_call() -> None:
+    class Cache:
+        def load(self, slot: int, blocks: list[int]) -> None:
+            raise RuntimeError("pool gone")
+
+    engine = BorrowingStepEngine()
+    runner = ModelRunner("t", engine, Cache())  # type: ignore[arg-type]
+    step = _leader_and_follower()
+    loads = [(0, [3])]  # the leader's cached prefix, which fails to load
+    result = runner.execute(SchedulerOutput(step.plan, step.requests, [], loads, step.prefixes))
+    assert result.errors == {
+        0: "loading its cached prefix failed",
+        1: "loading the prefix it shares failed",
+    }
+    assert engine.calls == []
+
+
+def test_a_step_with_decode_rows_passes_the_prefixes_in_its_one_call() -> None:
+    engine = BorrowingStepEngine()
+    step = _leader_and_follower()
+    decoding = Request("d", next(_ids), [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
+    decoding.append(4)
+    plan = step.plan
+    assert isinstance(plan, Plan)
+    with_decode = Plan(
+        request_ids=np.array([decoding.engine_id, *plan.request_ids], np.int64),
+        slots=np.array([2, *plan.slots], np.int32),
+        starts=np.array([3, *plan.starts], np.int32),
+        counts=np.array([1, *plan.counts], np.int32),
+        sample=np.array([True, *plan.sample]),
+        preempted=plan.preempted,
+    )
+    output = SchedulerOutput(with_decode, [decoding, *step.requests], prefixes={2: (0, 12)})
+    result = ModelRunner("t", engine).execute(output)  # type: ignore[arg-type]
+    chunks = [[4], [*range(1, 13), 13, 14], [14, 15]]
+    prefixes = [None, None, (0, 12)]
+    assert engine.calls == [("prefill_batch", ([2, 0, 1], chunks, [3, 0, 12], prefixes))]
+    assert result.tokens == {0: 7, 1: 7, 2: 7}
