@@ -110,6 +110,8 @@ class SlotKVPool:
         self._borrowed.update(borrowed)
 
     def settle(self) -> None:
+        if not self._borrowed:  # every step calls this; most borrow nothing
+            return
         with self._lock:
             self._settle()
 

@@ -335,7 +335,8 @@ class OnnxDecoder(SlotKVPool):
             raise ValueError(f"position {bad} is outside 0..{self.max_context - 1} (max_context)")
         with self._lock:
             self._settle()
-            self._check_settled(slots.tolist())
+            if self._unsettled:  # (a decode step's hot path: usually empty)
+                self._check_settled(slots.tolist())
             ahead = pos > self._lengths[slots]
             if ahead.any():
                 i = int(np.argmax(ahead))
