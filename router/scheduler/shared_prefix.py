@@ -14,17 +14,20 @@ it ended, or finished its prompt. The follower then matches the cache as any req
 computes only the rest (all of it, where a full pool kept nothing).
 
 A follower waits for the leader's chunk that covers the shared part, one step when the prompts
-are short; the step it then joins is smaller by the shared part. Where the step engine can read a
-prompt's first positions from another slot (backends.base.PrefixBorrowing: the native kernels),
-a follower whose leader computes the shared part in the step being planned joins that very step
-instead (Scheduler.schedule): its rows read the shared positions from the leader's slot, which
-holds them once each layer's keys and values are stored, and the engine copies them into the
-follower's slot after the step's tokens are delivered. 16 requests sharing a cached system
-prompt and a question stem one block past it: no lone step for the leader, no loads for the
-others. SGLang's scheduler does the
+are short; the step it then joins is smaller by the shared part. SGLang's scheduler does the
 same within its waiting queue ("in-batch prefix caching"). Held requests count as waiting; they
-hold no slot and no cache block. An answer never depends on it: the follower's prefix is the
-cache's, computed by a prefill as any cached prefix is.
+hold no slot and no cache block.
+
+Where the step engine can read a prompt's first positions from another slot
+(backends.base.PrefixBorrowing: the native kernels), a follower whose leader computes the shared
+part in the step being planned joins that very step instead (join_leaders, from
+Scheduler.schedule): its rows read the shared positions from the leader's slot, which holds them
+once each layer's keys and values are stored, and the engine copies them into the follower's
+slot after the step's tokens are delivered. 16 requests sharing a cached system prompt and a
+question stem one block past it: no lone step for the leader, no loads for the others.
+
+An answer never depends on either: the follower's prefix is the cache's, or the leader's slot's,
+computed by a prefill as any cached prefix is, the same bits.
 """
 
 from __future__ import annotations
