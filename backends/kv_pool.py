@@ -134,8 +134,12 @@ class SlotKVPool:
                 self._unsettled.update(slots)
                 raise
 
-    def _check_settled(self, slots: Sequence[int], starts: Sequence[int] | None = None) -> None:
+    def _check_settled(
+        self, slots: Sequence[int] | npt.NDArray[np.int64], starts: Sequence[int] | None = None
+    ) -> None:
         """Refuse slots whose borrowed prefix was lost (unless a prompt rewrites it from 0)."""
+        if not self._unsettled:  # every step comes here; a lost prefix is an accident
+            return
         for i, slot in enumerate(slots):
             if slot in self._unsettled:
                 if starts is not None and starts[i] == 0:

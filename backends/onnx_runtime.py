@@ -335,8 +335,7 @@ class OnnxDecoder(SlotKVPool):
             raise ValueError(f"position {bad} is outside 0..{self.max_context - 1} (max_context)")
         with self._lock:
             self._settle()
-            if self._unsettled:  # (a decode step's hot path: usually empty)
-                self._check_settled(slots.tolist())
+            self._check_settled(slots)
             ahead = pos > self._lengths[slots]
             if ahead.any():
                 i = int(np.argmax(ahead))

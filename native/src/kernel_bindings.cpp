@@ -154,17 +154,17 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
     for (int64_t r = 0; r < n; ++r) {
       const int64_t slot = slots.data()[r], from = prefix_slots->data()[r];
       const int64_t length = prefix_lengths->data()[r], pos = positions.data()[r];
-      const std::string row = "row " + std::to_string(r) + ": ";
+      const auto row = [r] { return "row " + std::to_string(r) + ": "; };  // on errors only
       if (from >= 0) {
         if (from >= static_cast<int64_t>(num_slots) || from == slot)
-          throw nb::value_error((row + "prefix slot " + std::to_string(from) +
+          throw nb::value_error((row() + "prefix slot " + std::to_string(from) +
                                  " must be another slot in range").c_str());
         if (length < 1 || length > pos)
-          throw nb::value_error((row + "prefix length " + std::to_string(length) +
+          throw nb::value_error((row() + "prefix length " + std::to_string(length) +
                                  " must be in 1.." + std::to_string(pos) + " (its position)")
                                     .c_str());
       } else if (from != -1) {
-        throw nb::value_error((row + "prefix slot " + std::to_string(from) +
+        throw nb::value_error((row() + "prefix slot " + std::to_string(from) +
                                " must be -1 (none) or a slot").c_str());
       }
       const std::pair<int64_t, int64_t> mine{from, from >= 0 ? length : 0};

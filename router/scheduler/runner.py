@@ -157,12 +157,9 @@ class ModelRunner:
         slots = [int(plan.slots[r]) for r in rows]
         ends = [int(plan.starts[r] + plan.counts[r]) for r in rows]
         prefixes = [output.prefixes.get(r) for r in rows]
-        starts = [
-            # A chunk reading its prefix elsewhere starts where the prefix ends (the native
-            # kernels compute a one-token chunk exactly: no token before it again).
-            int(plan.starts[r]) if prefix else _chunk_start(int(plan.starts[r]), end)
-            for r, end, prefix in zip(rows, ends, prefixes, strict=True)
-        ]
+        # (A chunk reading its prefix elsewhere is its whole remaining prompt, two tokens at
+        # least (shared_prefix.join_leaders): _chunk_start leaves it where the prefix ends.)
+        starts = [_chunk_start(int(plan.starts[r]), end) for r, end in zip(rows, ends, strict=True)]
         chunks = [
             reqs[r].tokens[start:end] for r, start, end in zip(rows, starts, ends, strict=True)
         ]

@@ -282,9 +282,11 @@ class Scheduler:
             if req.prefix_blocks:  # admitted now: its cached prefix goes into its slot first
                 loads.append((row, req.prefix_blocks))
                 req.prefix_blocks = []
-        prefixes = {
-            row: joined[req.engine_id] for row, req in enumerate(reqs) if req.engine_id in joined
-        }
+        prefixes = (  # most steps join no one: no pass over the rows then
+            {row: joined[r.engine_id] for row, r in enumerate(reqs) if r.engine_id in joined}
+            if joined
+            else {}
+        )
         return SchedulerOutput(plan, reqs, self.take_freed_slots(), loads, prefixes)
 
     def _unpin(self, req: Request) -> None:
