@@ -25,16 +25,9 @@ __attribute__((always_inline)) inline void store(float* p, v16 v) {
   *reinterpret_cast<v16u*>(p) = v;
 }
 
-// exp, Cephes' single-precision polynomial (~1 ulp); inlined into each clone of its callers.
-// V: a GCC float vector, VI: the int vector of its width.
+// exp's reduction and polynomial for x already clamped, given fn = floor(x * log2(e) + 0.5).
 template <class V, class VI>
-__attribute__((always_inline)) inline V vexp_lanes(V x) {
-  const V lo = V{} - 87.3f, hi = V{} + 88.3f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  V fx = x * 1.44269504088896341f + 0.5f;
-  V fn = __builtin_convertvector(__builtin_convertvector(fx, VI), V);
-  fn = fn > fx ? fn - 1.f : fn;  // floor
+__attribute__((always_inline)) inline V vexp_reduced(V x, V fn) {
   const VI n = __builtin_convertvector(fn, VI);
   x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
   const V z = x * x;
@@ -45,6 +38,19 @@ __attribute__((always_inline)) inline V vexp_lanes(V x) {
   V scale;
   std::memcpy(&scale, &e, sizeof(V));
   return y * scale;
+}
+
+// exp, Cephes' single-precision polynomial (~1 ulp); inlined into each clone of its callers.
+// V: a GCC float vector, VI: the int vector of its width.
+template <class V, class VI>
+__attribute__((always_inline)) inline V vexp_lanes(V x) {
+  const V lo = V{} - 87.3f, hi = V{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  V fx = x * 1.44269504088896341f + 0.5f;
+  V fn = __builtin_convertvector(__builtin_convertvector(fx, VI), V);
+  fn = fn > fx ? fn - 1.f : fn;  // floor
+  return vexp_reduced<V, VI>(x, fn);
 }
 __attribute__((always_inline)) inline v16 vexp(v16 x) { return vexp_lanes<v16, v16i>(x); }
 
