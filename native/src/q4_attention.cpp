@@ -94,18 +94,22 @@ IROUTER_V3_AI v8 vexp8(v8 x) {
 IROUTER_V3_AI v16 vexp(v16 x) { return {vexp8(x.l), vexp8(x.h)}; }
 IROUTER_V3_AI v16 vmax(v16 a, v16 b) { return {a.l > b.l ? a.l : b.l, a.h > b.h ? a.h : b.h}; }
 // The butterfly's levels (q4_attention_kernel.inc) on the halves: lane i of the result adds the
-// same two values as there.
+// same two values as there. Levels 3 and 4 pair lanes within each 128-bit half (vshufps), then
+// put the 64-bit pairs in order (vpermpd): GCC's cross-lane permutes, with their index vectors
+// reloaded, took ~3% longer over a burst follower's run (81.2 against 83.6 us, medians of 6).
 IROUTER_V3_AI v8 pairs(v8 a, v8 b, int level) {
   switch (level) {
     case 2:
       return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
              __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
-    case 3:
-      return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) +
-             __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
-    default:
-      return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
-             __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+    case 3: {  // a0 + a2, a1 + a3, a4 + a6, a5 + a7, then b's
+      const v8 s = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xEE));
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8));
+    }
+    default: {  // a0 + a1, a2 + a3, a4 + a5, a6 + a7, then b's
+      const v8 s = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8));
+    }
   }
 }
 IROUTER_V3_AI v16 level1(v16 x, v16 y) { return {x.l + x.h, y.l + y.h}; }
