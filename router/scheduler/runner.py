@@ -315,9 +315,32 @@ def _as_block(rows: list[FloatArray]) -> FloatArray:
     return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
 
 
+def _plain_greedy(req: Request) -> bool:
+    """Greedy with no penalty and no grammar: the native sampler's choice is the first
+    largest logit, NumPy's argmax."""
+    p = req.params
+    return (
+        p.temperature == 0.0
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and req.grammar is None
+    )
+
+
 def sample(reqs: list[Request], logits: list[FloatArray]) -> list[int]:
     """One token per request from its logits row, with its sampling parameters and seed, over
-    its token history (penalties): the native sampler, one call for the batch."""
+    its token history (penalties): the native sampler, one call for the batch. Plain greedy
+    float32 rows take each row's argmax instead: the same tokens without the history and
+    parameter arrays the native call needs. At one stream that Python ran cold after each step
+    (the weights just streamed through the caches): the engine thread held the GIL ~21% less
+    with this path (py-spy), though tokens a second moved within noise."""
+    if all(_plain_greedy(r) for r in reqs) and all(
+        row.dtype == np.float32 and row.ndim == 1 for row in logits
+    ):
+        picked = [int(row.argmax()) for row in logits]
+        if not any(row[t] != row[t] for row, t in zip(logits, picked, strict=True)):
+            return picked  # (a NaN row goes to the native sampler, as it always did)
     n = len(reqs)
     stacked = _as_block(logits)
     p = [r.params for r in reqs]

@@ -242,6 +242,58 @@ def test_logits_rows_of_one_step_are_sampled_in_place_others_copied() -> None:
     assert block.dtype == np.float32 and np.array_equal(block, step[:2])
 
 
+def test_plain_greedy_rows_take_the_native_samplers_tokens() -> None:
+    """Greedy float32 rows with no penalty or grammar skip the native call: the same first
+    largest logit, ties (+0 and -0 too) and infinities included; a NaN row, a penalty, a
+    sampled row or other rows in the batch send it to the native sampler."""
+    rng = np.random.default_rng(7)
+    rows = [rng.standard_normal(VOCAB).astype(np.float32) for _ in range(6)]
+    rows[1][[3, 9]] = 50.0  # a tie: the first
+    rows[2][:] = 0.0
+    rows[2][4] = -0.0  # +0 and -0 compare equal: the first of them
+    rows[3][[2, 11]] = np.inf
+    rows[4][:] = -np.inf
+    rows[5][6] = np.float32(1e30)
+
+    def reqs(**params: object) -> list[Request]:
+        return [
+            Request(f"r{i}", next(_ids), [1, 2, 3], SamplingParams(**params))  # type: ignore[arg-type]
+            for i in range(len(rows))
+        ]
+
+    greedy = reqs(temperature=0.0)
+    assert all(runner_module._plain_greedy(r) for r in greedy)
+    native_calls = 0
+    real = runner_module._native.sample
+
+    def counted(*args: object, **kwargs: object) -> np.ndarray:
+        nonlocal native_calls
+        native_calls += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    runner_module._native.sample = counted  # type: ignore[assignment]
+    try:
+        fast = runner_module.sample(greedy, rows)
+        assert native_calls == 0
+        # A penalty the native sampler reads as none (1.0 in float32) sends the same rows there.
+        penalised = reqs(temperature=0.0, repetition_penalty=1.0 + 1e-9)
+        assert not runner_module._plain_greedy(penalised[0])
+        native = runner_module.sample(penalised, rows)
+        assert fast == native == [int(np.argmax(r)) for r in rows] and fast[1] == 3
+        assert native_calls == 1
+        nan = [*rows[:1], np.full(VOCAB, np.nan, np.float32)]
+        runner_module.sample(reqs(temperature=0.0)[:2], nan)
+        assert native_calls == 2
+        mixed = reqs(temperature=0.0)[:1] + reqs(temperature=0.7, seed=1)[:1]
+        runner_module.sample(mixed, rows[:2])
+        assert native_calls == 3
+        wide = [r.astype(np.float64) for r in rows[:2]]  # the native call rounds them to float32
+        runner_module.sample(reqs(temperature=0.0)[:2], wide)
+        assert native_calls == 4
+    finally:
+        runner_module._native.sample = real  # type: ignore[assignment]
+
+
 class BorrowingStepEngine(MixedStepEngine):
     """Its prompt chunks may read a prefix from another slot (backends.base.PrefixBorrowing)."""
 
