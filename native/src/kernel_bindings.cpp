@@ -190,6 +190,20 @@ void q4_step(irouter::Q4Decoder& d, In<int64_t> slots, In<int64_t> tokens, In<in
 }
 
 // KV block copies: every shape and range checked here, so the copies may trust them.
+// Every buffer of `list` (the argument `name`) 4-dimensional, with list[0]'s dtype and shape.
+void expect_alike(const KVList& list, const char* name) {
+  const auto& a = list[0];
+  for (const auto& b : list) {
+    if (b.ndim() != 4 || b.dtype() != a.dtype())
+      throw nb::value_error(
+          (std::string("every buffer must have ") + name + "[0]'s dtype and 4 dimensions").c_str());
+    for (size_t d = 0; d < 4; ++d)
+      if (b.shape(d) != a.shape(d))
+        throw nb::value_error((std::string("every buffer must have the shape of the first of its "
+                                           "list (") + name + "[0]'s shape)").c_str());
+  }
+}
+
 irouter::KVBlockShape kv_block_shape(const KVList& slot_buffers, const KVList& pool_buffers,
                                      int64_t slot, int64_t start, In<int64_t> blocks) {
   if (slot_buffers.empty() || slot_buffers.size() != pool_buffers.size())
@@ -200,16 +214,10 @@ irouter::KVBlockShape kv_block_shape(const KVList& slot_buffers, const KVList& p
     throw nb::value_error(
         "slot buffers must be (slots, heads, context, head_dim) and pool buffers "
         "(blocks, heads, block_size, head_dim)");
-  for (size_t i = 0; i < slot_buffers.size(); ++i) {
-    for (const auto* b : {&slot_buffers[i], &pool_buffers[i]}) {
-      const auto& like = b == &slot_buffers[i] ? a : p;
-      if (b->ndim() != 4 || b->dtype() != a.dtype())
-        throw nb::value_error("every buffer must have slot_buffers[0]'s dtype and 4 dimensions");
-      for (size_t d = 0; d < 4; ++d)
-        if (b->shape(d) != like.shape(d))
-          throw nb::value_error("every buffer must have the shape of the first of its list");
-    }
-  }
+  expect_alike(slot_buffers, "slot_buffers");
+  expect_alike(pool_buffers, "pool_buffers");
+  if (p.dtype() != a.dtype())
+    throw nb::value_error("every buffer must have slot_buffers[0]'s dtype and 4 dimensions");
   irouter::KVBlockShape s{};
   s.slots = static_cast<int64_t>(a.shape(0));
   s.heads = static_cast<int64_t>(a.shape(1));
@@ -267,15 +275,8 @@ void kv_save_blocks(const KVList& slot_buffers, const KVList& pool_buffers, int6
 
 void kv_copy_prefix(const KVList& buffers, int64_t from, In<int64_t> to, int64_t n) {
   if (buffers.empty()) throw nb::value_error("buffers must hold at least one slot buffer");
+  expect_alike(buffers, "buffers");
   const auto& a = buffers[0];
-  if (a.ndim() != 4) throw nb::value_error("slot buffers must be (slots, heads, context, head_dim)");
-  for (const auto& b : buffers) {
-    if (b.ndim() != 4 || b.dtype() != a.dtype())
-      throw nb::value_error("every slot buffer must have buffers[0]'s dtype and 4 dimensions");
-    for (size_t d = 0; d < 4; ++d)
-      if (b.shape(d) != a.shape(d))
-        throw nb::value_error("every slot buffer must have buffers[0]'s shape");
-  }
   irouter::KVBlockShape s{static_cast<int64_t>(a.shape(0)), static_cast<int64_t>(a.shape(1)),
                           static_cast<int64_t>(a.shape(2)), static_cast<int64_t>(a.shape(3)),
                           0, 0, static_cast<int64_t>(a.itemsize())};

@@ -13,13 +13,11 @@
 namespace irouter::q4 {
 namespace {
 
-// How keys and values are read: floats as they are; halves widened by F16C's or AVX-512's
-// conversion instructions (GCC 12 converts a _Float16 vector element by element, and target
-// intrinsics cannot be inlined into target-less templates): the half-precision kernels are the
-// same templates compiled again under #pragma GCC target for x86-64-v4 and v3, chosen at load.
-struct Floats {
-  __attribute__((always_inline)) static inline v16 load(const float* p) { return q4::load(p); }
-};
+// How keys and values are read: floats as they are (Floats, q4_attention_kernel.inc); halves
+// widened by F16C's or AVX-512's conversion instructions (GCC 12 converts a _Float16 vector
+// element by element, and target intrinsics cannot be inlined into target-less templates): the
+// half-precision kernels are the same templates compiled again under #pragma GCC target for
+// x86-64-v4 and v3, chosen at load.
 
 namespace generic {
 constexpr bool kWidenRuns = false;
@@ -150,7 +148,7 @@ bool half_kv_supported() {
 IROUTER_CLONES void attend(const float* q, size_t ldq, int R, int G, const float* K, const float* V,
                            int p0, float scale, float* sc, float* acc, float* out, size_t ldo,
                            const KVPrefix<float>& prefix) {
-  generic::attend_kv<Floats>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo, prefix);
+  generic::attend_kv<generic::Floats>(q, ldq, R, G, K, V, p0, scale, sc, acc, out, ldo, prefix);
 }
 
 void attend(const float* q, size_t ldq, int R, int G, const _Float16* K, const _Float16* V,
